@@ -1,0 +1,1 @@
+"""The bridge between Zeek (WebSocket, Broker JSON) and the scorers (ZeroMQ)."""

@@ -1,0 +1,59 @@
+"""The ``iotcls`` command line; each subcommand lives in :mod:`iotcls.commands`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from . import __version__
+
+# name -> (module under iotcls.commands, one-line help). Modules are imported only for the
+# command that runs, so ``iotcls inspect`` does not pay for importing torch.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "extract": ("extract", "turn captures into a dataset file of flow-sequence matrices"),
+    "inspect": ("inspect", "print the flow records the sensor sees in a capture"),
+    "train": ("train", "train a model on a capture set"),
+    "evaluate": ("evaluate", "evaluate a model on a capture set"),
+    "classify": ("classify", "classify the devices in captures and write iot_class.log"),
+    "explain": ("explain", "explain a device's labels (Shapley values over feature groups)"),
+    "serve": ("serve", "run the bridge and scorer processes beside Zeek"),
+    "zeek-install": ("zeek_install", "install the iotcls Zeek scripts into Zeek's site dir"),
+}
+
+
+class CliError(Exception):
+    """A user-facing error: printed as one line, exit status 2."""
+
+
+def build_parser(command: str | None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="iotcls", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"iotcls {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == command:
+            importlib.import_module(f"iotcls.commands.{module}").add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command if command in COMMANDS else None)
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    module = importlib.import_module(f"iotcls.commands.{COMMANDS[args.command][0]}")
+    try:
+        return int(module.run(args) or 0)
+    except CliError as e:
+        print(f"iotcls {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

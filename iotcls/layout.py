@@ -1,0 +1,337 @@
+"""The flow-sequence matrix: column layout, scaling and assembly, declared once.
+
+A matrix holds ``history + 1`` rows: row 0 is the current flow, row ``j`` the device's
+``j``-th previous flow (by window start); rows with no flow are zero. Every row has the same
+columns, in this order (groups name the feature groups used for explanations):
+
+========== ================================= =============================================
+group      columns                           value
+========== ================================= =============================================
+meta       ``rel_time``                      log1p(seconds since this row's start, seen
+                                             from the current flow) / log1p(3600), capped
+meta       ``rip0..rip3``, ``rip_v6``        remote IP: IPv4 octets / 255 (IPv6: first four
+                                             bytes), zero for private remotes; v6 flag
+meta       ``rport``, ``dport``              remote / device port / 65535
+meta       ``tcp``, ``udp``, ``icmp``        protocol one-hot (all zero: other)
+meta       ``bytes``, ``pkts``               log1p(total) / log1p(1e7), log1p / log1p(1e5)
+timing     ``t00..t{P-1}``                   log1p(offset ms) / log1p(window ms)
+sizes      ``s00..``                         IP length / 1500
+directions ``d00..``                         +1 device to remote, -1 to device, 0 no packet
+payload    ``packet`` mode: ``b00_000..``    per packet slot, byte b as (b + 1) / 256, 0 when
+                                             the payload is shorter
+payload    ``stream`` mode: ``c0000..``      the paper's stream: each packet's bytes between
+                                             the delimiters -4 and -8, bytes / 255, padded 0
+========== ================================= =============================================
+
+The layout travels inside every model bundle (``to_dict``/``from_dict``, YAML-safe), and
+:meth:`MatrixLayout.check_compatible` refuses to feed a model data of another layout.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import yaml
+
+from .flowtable import FlowTable
+from .schema import DEFAULT_PACKETS, DEFAULT_WINDOW_S, PRIVATE_NETS, PROTO_ICMP, PROTO_ICMP6
+from .schema import PROTO_TCP, PROTO_UDP
+
+LAYOUT_VERSION = 1
+META_COLUMNS = (
+    "rel_time", "rip0", "rip1", "rip2", "rip3", "rip_v6", "rport", "dport",
+    "tcp", "udp", "icmp", "bytes", "pkts",
+)  # fmt: skip
+GROUPS = ("meta", "timing", "sizes", "directions", "payload")
+STREAM_START = -4.0
+STREAM_END = -8.0
+
+
+class LayoutError(ValueError):
+    pass
+
+
+def _private_mask(ip16: np.ndarray) -> np.ndarray:
+    """Which rows of (n, 16) IPv4-mapped/IPv6 addresses lie in a private network."""
+    v4 = (ip16[:, :10] == 0).all(1) & (ip16[:, 10] == 0xFF) & (ip16[:, 11] == 0xFF)
+    as_int = np.zeros(len(ip16), dtype=object)  # 128-bit integers
+    hi = ip16[:, :8].copy().view(">u8").ravel().astype(object)
+    lo = ip16[:, 8:].copy().view(">u8").ravel().astype(object)
+    as_int = hi * (1 << 64) + lo
+    mask = np.zeros(len(ip16), bool)
+    for net in PRIVATE_NETS:
+        if net.version == 4:
+            base = (0xFFFF << 32) | int(net.network_address)
+            size = 1 << (32 - net.prefixlen)
+            mask |= v4 & (as_int >= base) & (as_int < base + size)
+        else:
+            base = int(net.network_address)
+            size = 1 << (128 - net.prefixlen)
+            mask |= ~v4 & (as_int >= base) & (as_int < base + size)
+    return mask
+
+
+def rel_time(dt: np.ndarray | float) -> np.ndarray:
+    """Scaled age of a history row relative to the current flow (the ``rel_time`` column)."""
+    return np.minimum(np.log1p(np.maximum(dt, 0.0)) / np.log1p(3600.0), 1.0)
+
+
+@dataclass(frozen=True)
+class MatrixLayout:
+    history: int = 5
+    packets: int = DEFAULT_PACKETS
+    payload_mode: str = "packet"  # "packet" | "stream" | "none"
+    payload_bytes: int = 16  # per packet, packet mode
+    stream_bytes: int = 1000  # stream mode
+    window_s: float = DEFAULT_WINDOW_S
+    version: int = LAYOUT_VERSION
+
+    def __post_init__(self) -> None:
+        if self.payload_mode not in ("packet", "stream", "none"):
+            raise LayoutError(f"layout: payload_mode must be packet, stream or none, "
+                              f"not {self.payload_mode!r}")  # fmt: skip
+        for name in ("history", "packets", "payload_bytes", "stream_bytes"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 0:
+                raise LayoutError(f"layout: {name} must be a non-negative integer, not {v!r}")
+        if self.packets < 1:
+            raise LayoutError("layout: packets must be at least 1")
+        if not self.window_s > 0:
+            raise LayoutError(f"layout: window_s must be positive, not {self.window_s!r}")
+
+    # -- presets and serialisation ---------------------------------------------------------
+    @classmethod
+    def preset(cls, name: str) -> "MatrixLayout":
+        if name == "default":
+            return cls()
+        if name == "paper":
+            return cls(history=5, packets=10, payload_mode="stream", stream_bytes=1000)
+        if name == "no-payload":
+            return cls(payload_mode="none")
+        raise LayoutError(f"layout: unknown preset {name!r} (default, paper, no-payload)")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MatrixLayout":
+        if not isinstance(d, dict):
+            raise LayoutError(f"layout: expected a mapping, got {type(d).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise LayoutError(f"layout: unknown keys {sorted(unknown)}")
+        if d.get("version", LAYOUT_VERSION) != LAYOUT_VERSION:
+            raise LayoutError(
+                f"layout: version {d.get('version')} is not supported (this is {LAYOUT_VERSION})"
+            )
+        return cls(**d)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls, text: str) -> "MatrixLayout":
+        try:
+            d = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise LayoutError(f"layout: not valid YAML: {e}") from None
+        return cls.from_dict(d)
+
+    def check_compatible(self, other: "MatrixLayout", what: str = "data") -> None:
+        if self != other:
+            diff = {
+                f.name: (getattr(self, f.name), getattr(other, f.name))
+                for f in fields(self)
+                if getattr(self, f.name) != getattr(other, f.name)
+            }
+            raise LayoutError(f"layout mismatch between model and {what}: {diff}")
+
+    # -- columns -----------------------------------------------------------------------
+    @property
+    def rows(self) -> int:
+        return self.history + 1
+
+    @property
+    def payload_width(self) -> int:
+        if self.payload_mode == "packet":
+            return self.packets * self.payload_bytes
+        if self.payload_mode == "stream":
+            return self.stream_bytes
+        return 0
+
+    @property
+    def width(self) -> int:
+        return len(META_COLUMNS) + 3 * self.packets + self.payload_width
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.rows, self.width)
+
+    def group_slices(self) -> dict[str, slice]:
+        m, p = len(META_COLUMNS), self.packets
+        return {
+            "meta": slice(0, m),
+            "timing": slice(m, m + p),
+            "sizes": slice(m + p, m + 2 * p),
+            "directions": slice(m + 2 * p, m + 3 * p),
+            "payload": slice(m + 3 * p, self.width),
+        }
+
+    def column_names(self) -> list[str]:
+        p = self.packets
+        names = list(META_COLUMNS)
+        names += [f"t{i:02d}" for i in range(p)]
+        names += [f"s{i:02d}" for i in range(p)]
+        names += [f"d{i:02d}" for i in range(p)]
+        if self.payload_mode == "packet":
+            names += [f"b{i:02d}_{j:03d}" for i in range(p) for j in range(self.payload_bytes)]
+        elif self.payload_mode == "stream":
+            names += [f"c{i:04d}" for i in range(self.stream_bytes)]
+        return names
+
+    def required_payload_bytes(self) -> int:
+        """How many payload bytes per packet a sensor must keep for this layout."""
+        if self.payload_mode == "packet":
+            return self.payload_bytes
+        if self.payload_mode == "stream":
+            return max(0, self.stream_bytes - 2)
+        return 0
+
+    # -- encoding ------------------------------------------------------------------------
+    def encode_rows(self, t: FlowTable) -> np.ndarray:
+        """One row per record, ``rel_time`` left zero (it depends on the matrix)."""
+        n, p = len(t), self.packets
+        if t.packets < p:
+            raise LayoutError(f"layout needs {p} packets per flow, the records hold {t.packets}")
+        need = self.required_payload_bytes()
+        if self.payload_mode == "packet" and t.payload_bytes < need:
+            raise LayoutError(
+                f"layout needs {need} payload bytes per packet, the records hold {t.payload_bytes}"
+            )
+        out = np.zeros((n, self.width), np.float32)
+        if n == 0:
+            return out
+        rip = t.remote_ip.astype(np.float32)
+        v4 = (t.remote_ip[:, :10] == 0).all(1) & (t.remote_ip[:, 10:12] == 0xFF).all(1)
+        octets = np.where(v4[:, None], rip[:, 12:16], rip[:, 0:4]) / 255.0
+        octets[_private_mask(t.remote_ip)] = 0.0
+        out[:, 1:5] = octets
+        out[:, 5] = ~v4
+        out[:, 6] = t.remote_port / 65535.0
+        out[:, 7] = t.device_port / 65535.0
+        out[:, 8] = t.proto == PROTO_TCP
+        out[:, 9] = t.proto == PROTO_UDP
+        out[:, 10] = (t.proto == PROTO_ICMP) | (t.proto == PROTO_ICMP6)
+        out[:, 11] = np.log1p(t.total_bytes) / np.log1p(1e7)
+        out[:, 12] = np.log1p(t.total_packets) / np.log1p(1e5)
+        g = self.group_slices()
+        present = np.arange(p)[None, :] < t.n_pkts[:, None]
+        offs_ms = np.clip(t.offsets[:, :p] * 1000.0, 0.0, None)
+        out[:, g["timing"]] = np.log1p(offs_ms) / np.log1p(self.window_s * 1000.0) * present
+        out[:, g["sizes"]] = t.sizes[:, :p] / 1500.0 * present
+        out[:, g["directions"]] = np.where(present, np.where(t.directions[:, :p] == 1, 1, -1), 0)
+        if self.payload_mode == "packet":
+            b = self.payload_bytes
+            pay = t.payload[:, :p, :b].astype(np.float32)
+            filled = np.arange(b)[None, None, :] < t.payload_len[:, :p, None]
+            filled &= present[:, :, None]
+            out[:, g["payload"]] = np.where(filled, (pay + 1.0) / 256.0, 0.0).reshape(n, p * b)
+        elif self.payload_mode == "stream":
+            out[:, g["payload"]] = self._stream(t)
+        return out
+
+    def _stream(self, t: FlowTable) -> np.ndarray:
+        """The paper's payload stream: [-4, bytes..., -8] per packet, then zero padding."""
+        n, p, width = len(t), self.packets, self.stream_bytes
+        plen = np.where(np.arange(p)[None, :] < t.n_pkts[:, None], t.payload_len[:, :p], -2)
+        seg = plen + 2  # delimiters; absent packets (-2) take no room
+        ends = np.cumsum(seg, axis=1)
+        starts = ends - seg
+        pos = np.arange(width)
+        out = np.zeros((n, width), np.float32)
+        for j in range(p):  # p is small; vectorised over records and bytes
+            s, ln = starts[:, j : j + 1], plen[:, j : j + 1]
+            rel = pos[None, :] - s
+            has = ln >= 0
+            out[(rel == 0) & has] = STREAM_START / 255.0
+            out[(rel == ln + 1) & has] = STREAM_END / 255.0
+            inside = (rel >= 1) & (rel <= ln) & has
+            src = np.clip(rel - 1, 0, t.payload_bytes - 1)
+            vals = np.take_along_axis(t.payload[:, j, :], src, axis=1) / 255.0
+            out[inside] = vals[inside]
+        return out
+
+    def assemble(
+        self, rows: np.ndarray, starts: np.ndarray, devices: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Matrices for every record; history is the device's previous records by start.
+
+        Returns ``(matrices, order)``: ``matrices[i]`` belongs to record ``order[i]``
+        (records sorted by device, then start, then input position).
+        """
+        n, k = len(rows), self.history
+        dev_codes = np.unique(devices, return_inverse=True)[1] if n else np.zeros(0, int)
+        order = np.lexsort((np.arange(n), starts, dev_codes))
+        r, s, d = rows[order], starts[order], dev_codes[order]
+        mats = np.zeros((n, k + 1, self.width), np.float32)
+        mats[:, 0] = r
+        for j in range(1, k + 1):
+            src = np.arange(n) - j
+            ok = (src >= 0) & (d[np.maximum(src, 0)] == d)
+            mats[ok, j] = r[src[ok]]
+            mats[ok, j, 0] = rel_time(s[ok] - s[src[ok]])
+        return mats, order
+
+    def matrices(self, t: FlowTable) -> tuple[np.ndarray, np.ndarray]:
+        """Encode and assemble a whole table: ``(matrices, order)`` as in :meth:`assemble`."""
+        return self.assemble(self.encode_rows(t), t.start, t.device_keys())
+
+
+class SequenceAssembler:
+    """Online twin of :meth:`MatrixLayout.assemble` for records arriving one batch at a time.
+
+    Keeps, per device, the ``history`` latest encoded rows by start. A record's history is
+    the device's previous records by (start, arrival) among those seen so far, so a stream
+    fed in start order gives exactly the matrices of the offline path. Devices beyond
+    ``max_devices`` are forgotten least recently used first, which bounds memory.
+    """
+
+    def __init__(self, layout: MatrixLayout, max_devices: int = 100_000):
+        self.layout = layout
+        self.max_devices = max_devices
+        self._seq = 0
+        self._hist: OrderedDict[str, list[tuple[float, int, np.ndarray]]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._hist)
+
+    def add(self, rows: np.ndarray, starts: np.ndarray, devices: list[str]) -> np.ndarray:
+        k = self.layout.history
+        mats = np.zeros((len(rows), k + 1, self.layout.width), np.float32)
+        for i, (row, start, dev) in enumerate(zip(rows, starts, devices)):
+            start = float(start)
+            hist = self._hist.get(dev)
+            if hist is None:
+                hist = self._hist[dev] = []
+                if len(self._hist) > self.max_devices:
+                    self._hist.popitem(last=False)
+            else:
+                self._hist.move_to_end(dev)
+            key = (start, self._seq)
+            self._seq += 1
+            pos = bisect.bisect_left(hist, key, key=lambda e: (e[0], e[1]))
+            mats[i, 0] = row
+            for j in range(1, k + 1):
+                if pos - j < 0:
+                    break
+                prev_start, _, prev_row = hist[pos - j]
+                mats[i, j] = prev_row
+                mats[i, j, 0] = rel_time(start - prev_start)
+            hist.insert(pos, (start, key[1], row))
+            if len(hist) > k:
+                del hist[0]
+        return mats

@@ -1,0 +1,127 @@
+"""The flow record: the one unit that every sensor of iotcls emits.
+
+Both sensors produce it: the pcap reader (:mod:`iotcls.flows`) and the Zeek scripts
+(``zeek-scripts/iotcls``, decoded by :mod:`iotcls.bridge`). Training, evaluation and
+scoring consume it only through :mod:`iotcls.layout`. A field added here must be added to
+the Zeek record ``IoTClass::FlowRecord`` as well; ``SCHEMA_VERSION`` changes with it.
+
+Definition (schema version 1)
+-----------------------------
+* **Key, device-side.** ``(device_ip, device_port, remote_ip, remote_port, proto)``, plus
+  ``device_mac`` when the device is on the sensor's L2 segment. The *device* is the endpoint
+  whose MAC is listed (``--devices``), otherwise the endpoint inside the local networks
+  (``--local-nets``). When both endpoints are devices, the traffic yields two mirrored
+  records, one per device.
+* **Window.** A record covers at most ``window_s`` seconds (60 by default). The first window
+  of a key starts at its first packet; a packet at or after ``start + window_s`` closes the
+  window and starts the next one *at that packet*. A window also ends when the connection
+  ends (Zeek) or the capture ends.
+* **Metadata.** ``start`` (window start, epoch seconds), ``last`` (time of the window's last
+  packet), ``remote_ip`` (raw: private addresses are zeroed by the matrix layout, not here,
+  so the log can still name the peer), ``remote_port``, ``device_port``, ``proto`` (IP
+  protocol number), ``total_bytes`` (sum of IP lengths), ``total_packets``.
+* **First packets.** For the first ``packets`` packets of the window (10 by default):
+  ``offsets`` (seconds since ``start``), ``sizes`` (IP length: IPv4 total length, IPv6
+  payload length + 40, as Zeek reports it), ``directions`` (1 = device to remote,
+  0 = remote to device) and ``payloads`` (the first ``payload_bytes`` bytes of the transport
+  payload: TCP data, UDP data; for other protocols the bytes after the IP header, except ICMP
+  whose payload is empty as in Zeek's view).
+* **Ports.** TCP/UDP ports as on the wire; for ICMP, as Zeek does: the device-side "port" of
+  the originator is the ICMP type and the responder's is the counterpart type or the code;
+  other protocols use port 0.
+* **Connection reference.** ``uid`` (Zeek's connection uid, or a stable synthetic one from
+  the pcap reader) and ``device_is_orig`` (whether the device originated the connection) so
+  that a label can be logged with Zeek's ``id`` fields.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+
+SCHEMA_VERSION = 1
+
+DEFAULT_WINDOW_S = 60.0
+DEFAULT_PACKETS = 10
+DEFAULT_PAYLOAD_BYTES = 64
+
+PROTO_ICMP = 1
+PROTO_TCP = 6
+PROTO_UDP = 17
+PROTO_ICMP6 = 58
+PROTO_NAMES = {PROTO_ICMP: "icmp", PROTO_TCP: "tcp", PROTO_UDP: "udp", PROTO_ICMP6: "icmp"}
+
+DIR_TO_REMOTE = 1
+DIR_TO_DEVICE = 0
+
+# Remote addresses in these networks carry no information across sites and are zeroed in the
+# matrix. The Zeek scripts carry no copy: zeroing happens in Python, on both paths.
+PRIVATE_NETS = tuple(
+    ipaddress.ip_network(n)
+    for n in (
+        "0.0.0.0/8",
+        "10.0.0.0/8",
+        "100.64.0.0/10",
+        "127.0.0.0/8",
+        "169.254.0.0/16",
+        "172.16.0.0/12",
+        "192.168.0.0/16",
+        "::/128",
+        "::1/128",
+        "fc00::/7",
+        "fe80::/10",
+    )
+)
+
+
+def is_private(ip: str) -> bool:
+    addr = ipaddress.ip_address(ip)
+    return any(addr in net for net in PRIVATE_NETS if net.version == addr.version)
+
+
+def proto_name(proto: int) -> str:
+    """Zeek's ``transport_proto`` spelling of an IP protocol number."""
+    return PROTO_NAMES.get(proto, "unknown_transport")
+
+
+@dataclass(slots=True)
+class FlowRecord:
+    device_mac: str
+    device_ip: str
+    device_port: int
+    remote_ip: str
+    remote_port: int
+    proto: int
+    start: float
+    last: float
+    total_bytes: int
+    total_packets: int
+    offsets: list[float] = field(default_factory=list)
+    sizes: list[int] = field(default_factory=list)
+    directions: list[int] = field(default_factory=list)
+    payloads: list[bytes] = field(default_factory=list)
+    uid: str = ""
+    device_is_orig: bool = True
+
+    def __post_init__(self) -> None:
+        n = len(self.offsets)
+        if not (len(self.sizes) == len(self.directions) == len(self.payloads) == n):
+            raise ValueError(
+                f"flow record {self.uid or self.key()}: offsets, sizes, directions and payloads "
+                f"differ in length ({n}, {len(self.sizes)}, {len(self.directions)}, "
+                f"{len(self.payloads)})"
+            )
+
+    def key(self) -> tuple[str, int, str, int, int]:
+        return (self.device_ip, self.device_port, self.remote_ip, self.remote_port, self.proto)
+
+    @property
+    def device(self) -> str:
+        """The device identity used for history: its MAC where known, else its IP."""
+        return self.device_mac or self.device_ip
+
+    def conn_id(self) -> tuple[str, int, str, int]:
+        """Zeek's ``conn_id`` (orig_h, orig_p, resp_h, resp_p) of the connection."""
+        if self.device_is_orig:
+            return (self.device_ip, self.device_port, self.remote_ip, self.remote_port)
+        return (self.remote_ip, self.remote_port, self.device_ip, self.device_port)

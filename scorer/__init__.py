@@ -1,0 +1,1 @@
+"""The scorer: runs the CNN and the trust decision on batches of matrices."""
