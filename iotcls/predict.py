@@ -1,0 +1,117 @@
+"""Labels for matrices: the one place where a model's output becomes a label.
+
+Every consumer (``classify``, ``evaluate``, the scorer beside Zeek) calls
+:meth:`Predictor.predict`. It runs the CNN in batches under :func:`torch.inference_mode`,
+calibrates with the bundle's temperature and attaches the trust fields. Until the trust layer
+(issue 4) takes over :meth:`Predictor.assess`, a label is trusted when its calibrated
+confidence reaches ``threshold``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+
+from .bundle import ModelBundle
+
+DEFAULT_THRESHOLD = 0.5
+REASON_OK = "-"
+REASON_LOW_CONFIDENCE = "low_confidence"
+
+
+@dataclass
+class Predictions:
+    """One entry per input matrix."""
+
+    index: np.ndarray  # (n,) int64: class index
+    label: np.ndarray  # (n,) object: class name
+    probs: np.ndarray  # (n, C) float32: calibrated probabilities
+    confidence: np.ndarray  # (n,) float32: probability of the chosen class
+    trusted: np.ndarray  # (n,) bool
+    reason: np.ndarray  # (n,) object: why not trusted, "-" when trusted
+    top_groups: list[list[str]]  # per entry, the feature groups that drove the label
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def take(self, idx: np.ndarray) -> "Predictions":
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = [v[i] for i in np.asarray(idx)] if isinstance(v, list) else v[idx]
+        return Predictions(**out)
+
+
+@dataclass
+class Assessment:
+    trusted: np.ndarray
+    reason: np.ndarray
+    top_groups: list[list[str]]
+
+
+class Predictor:
+    def __init__(
+        self,
+        bundle: ModelBundle,
+        device: str = "cpu",
+        batch_size: int = 4096,
+        threshold: float | None = None,
+    ):
+        self.bundle = bundle
+        self.device = torch.device(device)
+        self.model = bundle.model.to(self.device).eval()
+        self.batch_size = batch_size
+        self.threshold = (
+            float(bundle.metadata.get("confidence_threshold", DEFAULT_THRESHOLD))
+            if threshold is None
+            else threshold
+        )
+        self.classes = np.array(bundle.classes, dtype=object)
+
+    @property
+    def layout(self):
+        return self.bundle.layout
+
+    def logits(self, matrices: np.ndarray) -> np.ndarray:
+        """Raw (uncalibrated) logits; ``matrices`` may hold fewer rows than the layout's."""
+        x = np.asarray(matrices, dtype=np.float32)
+        if x.ndim != 3 or x.shape[2] != self.layout.width or x.shape[1] > self.layout.rows:
+            raise ValueError(
+                f"matrices of shape {x.shape} do not fit the model's layout "
+                f"(n, <= {self.layout.rows}, {self.layout.width})"
+            )
+        out = np.empty((len(x), len(self.classes)), np.float32)
+        with torch.inference_mode():
+            for s in range(0, len(x), self.batch_size):
+                xb = torch.from_numpy(x[s : s + self.batch_size]).to(self.device)
+                out[s : s + len(xb)] = self.model(xb).float().cpu().numpy()
+        return out
+
+    def calibrate(self, logits: np.ndarray) -> np.ndarray:
+        z = logits / self.bundle.temperature
+        z = z - z.max(axis=1, keepdims=True)
+        e = np.exp(z)
+        return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+
+    def assess(self, matrices: np.ndarray, probs: np.ndarray, index: np.ndarray) -> Assessment:
+        """The trust decision for each label. Issue 4 replaces this confidence threshold."""
+        conf = probs[np.arange(len(index)), index]
+        trusted = conf >= self.threshold
+        reason = np.where(trusted, REASON_OK, REASON_LOW_CONFIDENCE).astype(object)
+        return Assessment(trusted, reason, [[] for _ in range(len(index))])
+
+    def predict(self, matrices: np.ndarray) -> Predictions:
+        probs = self.calibrate(self.logits(matrices))
+        index = probs.argmax(axis=1) if len(probs) else np.zeros(0, np.int64)
+        a = self.assess(matrices, probs, index)
+        return Predictions(
+            index=index.astype(np.int64),
+            label=self.classes[index] if len(index) else np.zeros(0, object),
+            probs=probs,
+            confidence=probs[np.arange(len(index)), index].astype(np.float32),
+            trusted=np.asarray(a.trusted, bool),
+            reason=np.asarray(a.reason, object),
+            top_groups=a.top_groups,
+        )
