@@ -9,6 +9,7 @@ confidence reaches ``threshold``.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -17,8 +18,25 @@ import torch
 from .bundle import ModelBundle
 
 DEFAULT_THRESHOLD = 0.5
+# Below this many matrices the CPU runs on one thread: intra-op parallelism gains nothing on
+# so little work, and when another process holds a core (Zeek beside us) its barriers turn a
+# 0.5 ms forward pass into tens of milliseconds.
+SMALL_BATCH = 64
 REASON_OK = "-"
 REASON_LOW_CONFIDENCE = "low_confidence"
+
+
+@contextmanager
+def _few_threads(active: bool):
+    if not active:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @dataclass
@@ -83,7 +101,7 @@ class Predictor:
                 f"(n, <= {self.layout.rows}, {self.layout.width})"
             )
         out = np.empty((len(x), len(self.classes)), np.float32)
-        with torch.inference_mode():
+        with torch.inference_mode(), _few_threads(len(x) < SMALL_BATCH and self.device.type == "cpu"):
             for s in range(0, len(x), self.batch_size):
                 xb = torch.from_numpy(x[s : s + self.batch_size]).to(self.device)
                 out[s : s + len(xb)] = self.model(xb).float().cpu().numpy()

@@ -1,0 +1,97 @@
+"""The three inference strategies: which evidence a label rests on (docs/strategies.md).
+
+* ``flow``: the current flow alone. The model sees only row 0 of the matrix (the same as the
+  matrix with its history rows zeroed, at a sixth of the cost).
+* ``sequence``: the paper's matrix, the current flow and up to ``history`` previous flows of
+  the same device. A device's first flows have fewer history rows; they are labelled anyway.
+* ``device``: a confidence-weighted vote over the per-sequence labels of the device's most
+  recent ``window`` sequences in the same capture (or sensor session). A label is emitted
+  once at least ``min_votes`` sequences have voted.
+
+Every strategy emits at most one label per flow, at the time the flow's record is complete.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+STRATEGIES = ("flow", "sequence", "device")
+
+
+@dataclass(frozen=True)
+class VoteConfig:
+    window: int = 10  # the device's most recent sequences that vote
+    min_votes: int = 3  # no device label before this many sequences
+
+
+def strategy_input(matrices: np.ndarray, strategy: str) -> np.ndarray:
+    """The part of the matrices the model reads for ``strategy``."""
+    if strategy == "flow":
+        return matrices[:, :1]
+    if strategy in ("sequence", "device"):
+        return matrices
+    raise ValueError(f"unknown strategy {strategy!r} (one of {', '.join(STRATEGIES)})")
+
+
+def group_order(keys: list[np.ndarray], times: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Order entries by group (the tuple of ``keys``) then time; return (order, group id)."""
+    codes = [np.unique(k, return_inverse=True)[1] for k in keys]
+    order = np.lexsort((np.arange(len(times)), times, *reversed(codes)))
+    group = np.zeros(len(times), np.int64)
+    if len(times):
+        combined = np.stack([c[order] for c in codes], axis=1)
+        change = np.any(combined[1:] != combined[:-1], axis=1)
+        group[order] = np.concatenate([[0], np.cumsum(change)])
+    return order, group
+
+
+@dataclass
+class Vote:
+    index: np.ndarray  # (n,) int64 class voted after this sequence, -1 before min_votes
+    confidence: np.ndarray  # (n,) mean calibrated probability of that class over the voters
+    n_votes: np.ndarray  # (n,) how many sequences voted
+
+    @property
+    def emitted(self) -> np.ndarray:
+        return self.index >= 0
+
+
+def device_vote(
+    probs: np.ndarray,
+    groups: np.ndarray,
+    times: np.ndarray,
+    cfg: VoteConfig = VoteConfig(),
+) -> Vote:
+    """The device label after each sequence: each of the group's last ``cfg.window``
+    sequences (by time, the current one included) votes for its label with its confidence.
+
+    ``groups`` identifies the device (and capture); entries are in any order.
+    """
+    n, c = probs.shape
+    if n == 0:
+        return Vote(np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.int64))
+    order = np.lexsort((np.arange(n), times, groups))
+    p = probs[order].astype(np.float64)
+    g = groups[order]
+    top = p.argmax(axis=1)
+    ballots = np.zeros_like(p)
+    ballots[np.arange(n), top] = p[np.arange(n), top]
+    first = np.r_[0, np.flatnonzero(g[1:] != g[:-1]) + 1]  # first entry of each group
+    start = np.repeat(first, np.diff(np.r_[first, n]))
+    pos = np.arange(n) - start  # position within the group
+    lo = np.maximum(start, np.arange(n) - cfg.window + 1)  # window's first entry
+
+    def windowed(a: np.ndarray) -> np.ndarray:
+        cs = np.vstack([np.zeros((1, a.shape[1])), np.cumsum(a, axis=0)])
+        return cs[np.arange(n) + 1] - cs[lo]
+
+    votes, mass = windowed(ballots), windowed(p)
+    n_votes = np.minimum(pos + 1, cfg.window)
+    winner = votes.argmax(axis=1)
+    conf = mass[np.arange(n), winner] / n_votes
+    winner = np.where(n_votes >= cfg.min_votes, winner, -1)
+    out = Vote(np.empty(n, np.int64), np.empty(n, np.float32), np.empty(n, np.int64))
+    out.index[order], out.confidence[order], out.n_votes[order] = winner, conf, n_votes
+    return out

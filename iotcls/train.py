@@ -1,0 +1,268 @@
+"""Training: a split by capture file, the training loop, early stopping and calibration.
+
+Flows of one capture are strongly correlated (same device session, same servers, same
+timing), so a split by flow would leak; the split is by capture file, stratified by label
+and seeded, and it is stored in the bundle so that ``evaluate`` scores held-out files only.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .bundle import ModelBundle
+from .layout import MatrixLayout
+from .model import IoTCNN, ModelConfig, count_flops, count_parameters
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    epochs: int = 30
+    patience: int = 5  # epochs without a better validation macro-F1
+    batch_size: int = 256
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    history_dropout: float = 0.3  # share of training matrices whose history is cut short
+    class_weight_power: float = 0.5  # loss weight of a class ~ count ** -power
+    max_per_capture: int = 0  # cap on matrices per capture file (0: all)
+    threads: int = 0  # torch threads (0: torch's choice)
+    model: dict = field(default_factory=dict)  # ModelConfig overrides
+
+
+@dataclass
+class Split:
+    """Capture ids of each part; a capture belongs to exactly one part."""
+
+    train: list[str]
+    val: list[str]
+    test: list[str]
+
+    def part_of(self, captures: np.ndarray) -> np.ndarray:
+        """Per entry: 0 train, 1 val, 2 test, -1 none."""
+        out = np.full(len(captures), -1, np.int8)
+        for i, ids in enumerate((self.train, self.val, self.test)):
+            out[np.isin(captures, np.array(ids, dtype=object))] = i
+        return out
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def split_captures(
+    captures: np.ndarray, labels: np.ndarray, seed: int, val: float, test: float
+) -> Split:
+    """Per label, shuffle its capture files (seeded) and deal them into train/val/test.
+
+    A label with at least three files gets at least one validation and one test file; with
+    two, one train and one test file; with one, a train file only. A capture's label is that
+    of its labelled flows (the label of the capture's device).
+    """
+    pairs = sorted({(str(c), str(l)) for c, l in zip(captures, labels)})
+    by_label: dict[str, list[str]] = {}
+    for c, l in pairs:
+        by_label.setdefault(l, []).append(c)
+    rng = np.random.default_rng(seed)
+    parts: dict[str, list[str]] = {s: [] for s in SPLITS}
+    for label in sorted(by_label):
+        files = list(by_label[label])
+        rng.shuffle(files)
+        n = len(files)
+        n_test = max(1, round(test * n)) if n >= 2 else 0
+        n_val = max(1, round(val * n)) if n >= 3 else 0
+        parts["test"] += files[:n_test]
+        parts["val"] += files[n_test : n_test + n_val]
+        parts["train"] += files[n_test + n_val :]
+    return Split(**{k: sorted(v) for k, v in parts.items()})
+
+
+def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> float:
+    """Macro-F1 over the classes present in ``y_true`` or ``y_pred``."""
+    cm = np.bincount(y_true * n_classes + y_pred, minlength=n_classes * n_classes)
+    cm = cm.reshape(n_classes, n_classes).astype(np.float64)
+    tp = np.diag(cm)
+    support, predicted = cm.sum(1), cm.sum(0)
+    present = (support + predicted) > 0
+    f1 = np.where(support + predicted > 0, 2 * tp / np.maximum(support + predicted, 1), 0.0)
+    return float(f1[present].mean()) if present.any() else 0.0
+
+
+def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
+    """Temperature minimising the validation negative log-likelihood (Guo et al. 2017)."""
+    if len(y) == 0:
+        return 1.0
+    z = torch.from_numpy(logits).double()
+    t = torch.from_numpy(y).long()
+    log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([log_t], lr=0.1, max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(z / log_t.exp(), t)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    temp = log_t.exp().item()
+    return temp if math.isfinite(temp) and 0.01 < temp < 100 else 1.0
+
+
+def cut_history(x: torch.Tensor, share: float, gen: torch.Generator) -> torch.Tensor:
+    """Zero the history beyond a random length for ``share`` of the matrices.
+
+    A device's first flows come with little or no history, and the per-flow strategy reads
+    the current flow alone; training on such matrices too keeps both accurate.
+    """
+    if share <= 0 or x.shape[1] < 2:
+        return x
+    b, r = x.shape[:2]
+    cut = torch.rand(b, generator=gen) < share
+    keep = torch.randint(1, r, (b,), generator=gen)  # rows kept: 1 .. r-1
+    keep = torch.where(cut, keep, torch.full_like(keep, r))
+    mask = torch.arange(r)[None, :] < keep[:, None]
+    return x * mask[:, :, None].to(x.dtype)
+
+
+def _logits(model: IoTCNN, x: np.ndarray, batch: int = 4096) -> np.ndarray:
+    model.eval()
+    out = []
+    with torch.inference_mode():
+        for s in range(0, len(x), batch):
+            out.append(model(torch.from_numpy(x[s : s + batch])).numpy())
+    return np.concatenate(out) if out else np.zeros((0, model.cfg.n_classes), np.float32)
+
+
+def cap_per_capture(captures: np.ndarray, limit: int, rng: np.random.Generator) -> np.ndarray:
+    """Indices keeping at most ``limit`` entries per capture (a seeded random subset)."""
+    idx = np.arange(len(captures))
+    if limit <= 0:
+        return idx
+    keep = []
+    for c in np.unique(captures):
+        members = idx[captures == c]
+        if len(members) > limit:
+            members = np.sort(rng.choice(members, limit, replace=False))
+        keep.append(members)
+    return np.sort(np.concatenate(keep)) if keep else idx
+
+
+def train(
+    matrices: np.ndarray,
+    labels: np.ndarray,
+    captures: np.ndarray,
+    layout: MatrixLayout,
+    cfg: TrainConfig = TrainConfig(),
+    classes: list[str] | None = None,
+    metadata: dict | None = None,
+    progress: bool = True,
+    log=print,
+) -> ModelBundle:
+    """Train a CNN on labelled matrices; ``labels`` are class names, ``captures`` capture ids.
+
+    Returns the bundle with the split, the validation figures and the temperature.
+    """
+    t0 = time.time()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    labels = np.asarray(labels, dtype=object)
+    captures = np.asarray(captures, dtype=object)
+    classes = sorted(set(labels.tolist())) if classes is None else list(classes)
+    if len(classes) < 2:
+        raise ValueError(f"training needs at least two labels, found {len(classes)}")
+    y = np.searchsorted(np.array(classes, dtype=object), labels).astype(np.int64)
+    split = split_captures(captures, labels, cfg.seed, cfg.val_fraction, cfg.test_fraction)
+    part = split.part_of(captures)
+    rng = np.random.default_rng(cfg.seed)
+    tr = np.flatnonzero(part == 0)
+    tr = tr[cap_per_capture(captures[tr], cfg.max_per_capture, rng)]
+    va = np.flatnonzero(part == 1)
+    log(
+        f"split by capture file (seed {cfg.seed}): {len(split.train)} train, {len(split.val)} "
+        f"validation, {len(split.test)} test files; {len(tr)} / {len(va)} / "
+        f"{int((part == 2).sum())} matrices"
+    )
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    mcfg = ModelConfig.from_layout(layout, len(classes), **cfg.model)
+    model = IoTCNN(mcfg)
+    counts = np.bincount(y[tr], minlength=len(classes)).astype(np.float64)
+    w = np.where(counts > 0, np.maximum(counts, 1) ** -cfg.class_weight_power, 0.0)
+    w = w / (w[y[tr]].mean() if len(tr) else 1.0)
+    weight = torch.tensor(w, dtype=torch.float32)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = max(1, math.ceil(len(tr) / cfg.batch_size))
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=0.15
+    )
+    x_tr = torch.from_numpy(np.ascontiguousarray(matrices[tr]))
+    y_tr = torch.from_numpy(y[tr])
+    x_va, y_va = np.ascontiguousarray(matrices[va]), y[va]
+    best = (-1.0, -math.inf)
+    best_state, best_epoch, history = None, 0, []
+    for epoch in range(1, cfg.epochs + 1):
+        model.train()
+        perm = torch.randperm(len(tr), generator=gen)
+        total, seen = 0.0, 0
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{cfg.epochs}",
+                   disable=not progress, leave=False, unit="batch")  # fmt: skip
+        for step in bar:
+            idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+            xb = cut_history(x_tr[idx], cfg.history_dropout, gen)
+            loss = F.cross_entropy(model(xb), y_tr[idx], weight=weight)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += loss.item() * len(idx)
+            seen += len(idx)
+            if step % 20 == 0:
+                bar.set_postfix(loss=f"{total / max(seen, 1):.4f}")
+        bar.close()
+        if len(va):
+            lv = _logits(model, x_va)
+            val_loss = float(F.cross_entropy(torch.from_numpy(lv), torch.from_numpy(y_va)))
+            val_f1 = macro_f1(y_va, lv.argmax(1), len(classes))
+        else:  # no validation files: keep the last epoch
+            val_loss, val_f1 = -total / max(seen, 1), 0.0
+        history.append({"epoch": epoch, "train_loss": round(total / max(seen, 1), 5),
+                        "val_loss": round(val_loss, 5), "val_macro_f1": round(val_f1, 5)})  # fmt: skip
+        log(f"epoch {epoch:2d}: train loss {total / max(seen, 1):.4f}  val loss {val_loss:.4f}  "
+            f"val macro-F1 {val_f1:.4f}")  # fmt: skip
+        if (val_f1, -val_loss) > best:
+            best, best_epoch = (val_f1, -val_loss), epoch
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        elif epoch - best_epoch >= cfg.patience:
+            log(f"early stop: no better validation macro-F1 since epoch {best_epoch}")
+            break
+    model.load_state_dict(best_state)
+    model.eval()
+    temperature = fit_temperature(_logits(model, x_va), y_va) if len(va) else 1.0
+    meta = dict(metadata or {})
+    meta.update(
+        {
+            "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "train_seconds": round(time.time() - t0, 1),
+            "train_config": asdict(cfg),
+            "split": split.to_dict(),
+            "matrices": {"train": int(len(tr)), "val": int(len(va)),
+                         "test": int((part == 2).sum())},  # fmt: skip
+            "best_epoch": best_epoch,
+            "val_macro_f1": round(best[0], 5),
+            "history": history,
+            "parameters": count_parameters(model),
+            "flops": {"sequence": count_flops(model), "flow": count_flops(model, rows=1)},
+        }
+    )
+    log(f"best epoch {best_epoch}: val macro-F1 {best[0]:.4f}; temperature {temperature:.3f}")
+    return ModelBundle(model=model, layout=layout, classes=classes, temperature=temperature,
+                       metadata=meta)  # fmt: skip
