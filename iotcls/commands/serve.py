@@ -1,0 +1,93 @@
+"""``iotcls serve``: the bridge and its scorer processes, running beside Zeek.
+
+One process is the bridge: it connects to Zeek's WebSocket API, turns IoTClass::flow events
+into flow-sequence matrices, hands them to scorers over ZeroMQ, and sends the labels back to
+Zeek (which writes iot_class.log). It also starts ``scorers.count`` local scorer processes and
+restarts them if they die. ``--scorer-only`` runs just a scorer, for another machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from ..cli import CliError
+from ..config import DEFAULT_YAML, DEVICES, Config, ConfigError, load, override
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", help="YAML configuration (see --print-config)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the default configuration, with comments, and exit")  # fmt: skip
+    p.add_argument("--scorers", type=int, metavar="N", help="scorer processes to start")
+    p.add_argument("--model", metavar="PATH", help="model bundle (default: the bundled model)")
+    p.add_argument("--device", choices=DEVICES, help="where scorers run the model")
+    p.add_argument("--scorer-only", action="store_true",
+                   help="run one scorer that connects to a bridge (see --connect)")  # fmt: skip
+    p.add_argument("--connect", metavar="ADDR",
+                   help="bridge address for --scorer-only, e.g. tcp://bridge:27760")  # fmt: skip
+    p.add_argument("--name", help="scorer name (--scorer-only; default: host:pid)")
+    p.add_argument("--log-level", default="info",
+                   choices=("debug", "info", "warning", "error"), help="default: info")  # fmt: skip
+    p.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
+
+
+def configure(args: argparse.Namespace) -> Config:
+    try:
+        cfg = load(args.config)
+        if args.scorers is not None:
+            override(cfg, "scorers.count", args.scorers, "--scorers")
+        if args.model is not None:
+            override(cfg, "scorers.model", args.model, "--model")
+        if args.device is not None:
+            override(cfg, "scorers.device", args.device, "--device")
+    except ConfigError as e:
+        raise CliError(str(e)) from None
+    return cfg
+
+
+def setup_logging(level: str, who: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format=f"%(asctime)s {who} %(levelname)s %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.print_config:
+        sys.stdout.write(DEFAULT_YAML)
+        return 0
+    cfg = configure(args)
+    if args.scorer_only:
+        return _run_scorer(args, cfg)
+    if args.connect or args.name:
+        raise CliError("--connect and --name go with --scorer-only")
+    setup_logging(args.log_level, "iotcls-serve")
+    from ..bridge.serving import Service
+
+    try:
+        return asyncio.run(Service(cfg, args.config, args.log_level).run())
+    except OSError as e:
+        raise CliError(str(e)) from None
+
+
+def _run_scorer(args: argparse.Namespace, cfg: Config) -> int:
+    import os
+    import socket
+
+    from ..scorer.service import ScorerSettings, serve_scorer
+
+    if not args.connect:
+        raise CliError("--scorer-only needs --connect ADDR (the bridge's scorer address)")
+    name = args.name or f"{socket.gethostname()}:{os.getpid()}"
+    setup_logging(args.log_level, f"iotcls-{name}")
+    s = cfg.scorers
+    settings = ScorerSettings(
+        connect=args.connect, name=name, batch_size=s.batch_size, max_wait_ms=s.max_wait_ms,
+        heartbeat_s=s.heartbeat_s, parent_pid=args.parent_pid,
+    )  # fmt: skip
+    return serve_scorer(s.model, s.device, s.threads, settings)

@@ -1,0 +1,298 @@
+"""The ``iotcls serve`` configuration: one YAML file, every key optional.
+
+The defaults live in the dataclasses below and, with their comments, in :data:`DEFAULT_YAML`
+(what ``iotcls serve --print-config`` prints); a test keeps the two equal. A wrong value is a
+:class:`ConfigError` whose message is one line naming the file and the dotted key, so an
+operator can fix the file without reading a traceback.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+SHED_POLICIES = ("labelled-first", "oldest", "newest")
+LOG_POLICIES = ("changes", "all")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    """A one-line, user-facing configuration error."""
+
+
+@dataclass
+class ZeekConfig:
+    url: str = "ws://127.0.0.1:27759/v1/messages/json"
+    topics: list[str] = field(default_factory=lambda: ["zeek/iotcls/flows"])
+    label_topic: str = "zeek/iotcls/labels"
+    reconnect_max_s: float = 5.0
+
+
+@dataclass
+class BridgeConfig:
+    bind: list[str] = field(default_factory=lambda: ["tcp://127.0.0.1:27760"])
+    queue_records: int = 20_000
+    inflight_per_scorer: int = 2
+    scorer_timeout_s: float = 10.0
+    max_attempts: int = 3
+    shed_policy: str = "labelled-first"
+    recent_label_s: float = 300.0
+    max_devices: int = 100_000
+    shutdown_timeout_s: float = 10.0
+
+
+@dataclass
+class ScorersConfig:
+    count: int = 1
+    model: str = ""
+    device: str = "auto"
+    batch_size: int = 256
+    max_wait_ms: float = 2.0
+    threads: int = 1
+    heartbeat_s: float = 1.0
+    restart_backoff_s: float = 1.0
+
+
+@dataclass
+class LogConfig:
+    policy: str = "changes"
+    interval_s: float = 300.0
+
+
+@dataclass
+class MetricsConfig:
+    enabled: bool = False
+    address: str = "127.0.0.1"
+    port: int = 9464
+
+
+@dataclass
+class Config:
+    zeek: ZeekConfig = field(default_factory=ZeekConfig)
+    bridge: BridgeConfig = field(default_factory=BridgeConfig)
+    scorers: ScorersConfig = field(default_factory=ScorersConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+    def to_dict(self) -> dict:
+        return {f.name: _section_dict(getattr(self, f.name)) for f in fields(self)}
+
+
+def _section_dict(section: Any) -> dict:
+    return {f.name: _copy(getattr(section, f.name)) for f in fields(section)}
+
+
+def _copy(v: Any) -> Any:
+    return list(v) if isinstance(v, list) else v
+
+
+DEFAULT_YAML = """\
+# iotcls serve configuration. Every key is optional; the values shown are the defaults.
+# Use it with: iotcls serve --config FILE
+
+zeek:
+  # Zeek's WebSocket API (Cluster::listen_websocket). The bridge connects, subscribes, and
+  # reconnects with backoff when Zeek restarts.
+  url: ws://127.0.0.1:27759/v1/messages/json
+  # Topic prefixes to subscribe to; the iotcls Zeek scripts publish IoTClass::flow there.
+  topics: [zeek/iotcls/flows]
+  # Topic the label events are published on; the iotcls Zeek scripts subscribe to it.
+  label_topic: zeek/iotcls/labels
+  # Longest wait between two reconnection attempts, seconds.
+  reconnect_max_s: 5.0
+
+bridge:
+  # ZeroMQ addresses the bridge binds; scorer processes connect to one of them. Localhost by
+  # default. To accept scorers on other machines (a GPU host) bind e.g. tcp://0.0.0.0:27760
+  # and start them there with: iotcls serve --scorer-only --connect tcp://BRIDGE:27760
+  # A port of * picks a free one.
+  bind: [tcp://127.0.0.1:27760]
+  # Records waiting for a scorer, at most; beyond this, records are shed (see shed_policy).
+  queue_records: 20000
+  # Batches a scorer may hold at once (its credit): 2 lets it score one while the next waits.
+  inflight_per_scorer: 2
+  # A scorer silent this long (no reply, no heartbeat) is presumed dead; its batches are re-sent.
+  scorer_timeout_s: 10.0
+  # Times a record is sent to a scorer before it is shed as scorer_failed (a poison batch
+  # must not kill every scorer in turn).
+  max_attempts: 3
+  # Which records to shed when the queue is full:
+  #   labelled-first  the oldest waiting record of a device that already has a recent label,
+  #                   else the oldest waiting record (new devices get their first label first)
+  #   oldest          the oldest waiting record
+  #   newest          the arriving record (tail drop)
+  shed_policy: labelled-first
+  # "Recent label" for labelled-first: a label sent for the device within this many seconds.
+  recent_label_s: 300.0
+  # Devices whose flow history (and label state) is kept; least recently seen are forgotten.
+  max_devices: 100000
+  # On SIGINT/SIGTERM, how long to finish in-flight work before shedding it as shutdown.
+  shutdown_timeout_s: 10.0
+
+scorers:
+  # Scorer processes started by iotcls serve (--scorers N overrides). 0: remote scorers only.
+  count: 1
+  # Model bundle; empty: the default model bundled with iotcls.
+  model: ""
+  # cpu, cuda, or auto (cuda when available).
+  device: auto
+  # Matrices scored in one forward pass, at most.
+  batch_size: 256
+  # How long a scorer waits for more work to fill a batch, milliseconds.
+  max_wait_ms: 2.0
+  # Torch CPU threads per scorer process.
+  threads: 1
+  # Seconds between a scorer's heartbeats while idle.
+  heartbeat_s: 1.0
+  # Wait before restarting a scorer process that died (doubles on repeated deaths, max 30 s).
+  restart_backoff_s: 1.0
+
+log:
+  # Which labels go back to Zeek (and so into iot_class.log):
+  #   changes  a device's first label, every change of its label or trust, and otherwise at
+  #            most one label per device every interval_s
+  #   all      every scored record
+  policy: changes
+  interval_s: 300.0
+
+metrics:
+  # Prometheus endpoint (http://ADDRESS:PORT/metrics), off by default.
+  enabled: false
+  address: 127.0.0.1
+  port: 9464
+"""
+
+
+def _fail(source: str, key: str, msg: str) -> ConfigError:
+    return ConfigError(f"{source}: {key}: {msg}")
+
+
+def _check_value(source: str, key: str, default: Any, v: Any) -> Any:
+    """Coerces ``v`` to the type of ``default`` or fails naming the key."""
+    if isinstance(default, bool):
+        if not isinstance(v, bool):
+            raise _fail(source, key, f"must be true or false, not {v!r}")
+        return v
+    if isinstance(default, int):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise _fail(source, key, f"must be an integer, not {v!r}")
+        return v
+    if isinstance(default, float):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise _fail(source, key, f"must be a number, not {v!r}")
+        return float(v)
+    if isinstance(default, str):
+        if v is None:
+            return ""
+        if not isinstance(v, str):
+            raise _fail(source, key, f"must be a string, not {v!r}")
+        return v
+    if isinstance(default, list):
+        if isinstance(v, str):
+            v = [v]
+        if not isinstance(v, list) or not v or not all(isinstance(x, str) and x for x in v):
+            raise _fail(source, key, f"must be a non-empty list of strings, not {v!r}")
+        return list(v)
+    raise AssertionError(f"unhandled config type for {key}")  # pragma: no cover
+
+
+def validate(cfg: Config, source: str = "config") -> Config:
+    """Range and choice checks that types alone do not express."""
+
+    def need(ok: bool, key: str, msg: str) -> None:
+        if not ok:
+            raise _fail(source, key, msg)
+
+    z, b, s, lg, m = cfg.zeek, cfg.bridge, cfg.scorers, cfg.log, cfg.metrics
+    need(z.url.startswith(("ws://", "wss://")), "zeek.url", f"must be a ws:// or wss:// URL, not {z.url!r}")
+    need(z.reconnect_max_s > 0, "zeek.reconnect_max_s", "must be positive")
+    for a in b.bind:
+        need(a.startswith(("tcp://", "ipc://", "inproc://")), "bridge.bind",
+             f"{a!r} is not a ZeroMQ address (tcp://HOST:PORT or ipc://PATH)")  # fmt: skip
+    need(b.queue_records >= 1, "bridge.queue_records", "must be at least 1")
+    need(b.inflight_per_scorer >= 1, "bridge.inflight_per_scorer", "must be at least 1")
+    need(b.scorer_timeout_s > 0, "bridge.scorer_timeout_s", "must be positive")
+    need(b.max_attempts >= 1, "bridge.max_attempts", "must be at least 1")
+    need(b.shed_policy in SHED_POLICIES, "bridge.shed_policy",
+         f"must be one of {', '.join(SHED_POLICIES)}, not {b.shed_policy!r}")  # fmt: skip
+    need(b.recent_label_s >= 0, "bridge.recent_label_s", "must not be negative")
+    need(b.max_devices >= 1, "bridge.max_devices", "must be at least 1")
+    need(b.shutdown_timeout_s >= 0, "bridge.shutdown_timeout_s", "must not be negative")
+    need(s.count >= 0, "scorers.count", "must not be negative")
+    need(s.device in DEVICES, "scorers.device",
+         f"must be one of {', '.join(DEVICES)}, not {s.device!r}")  # fmt: skip
+    need(s.batch_size >= 1, "scorers.batch_size", "must be at least 1")
+    need(s.max_wait_ms >= 0, "scorers.max_wait_ms", "must not be negative")
+    need(s.threads >= 1, "scorers.threads", "must be at least 1")
+    need(s.heartbeat_s > 0, "scorers.heartbeat_s", "must be positive")
+    need(s.heartbeat_s < b.scorer_timeout_s, "scorers.heartbeat_s",
+         f"must be shorter than bridge.scorer_timeout_s ({b.scorer_timeout_s})")  # fmt: skip
+    need(s.restart_backoff_s >= 0, "scorers.restart_backoff_s", "must not be negative")
+    need(lg.policy in LOG_POLICIES, "log.policy",
+         f"must be one of {', '.join(LOG_POLICIES)}, not {lg.policy!r}")  # fmt: skip
+    need(lg.interval_s >= 0, "log.interval_s", "must not be negative")
+    need(0 < m.port < 65536, "metrics.port", f"must be a TCP port (1-65535), not {m.port}")
+    return cfg
+
+
+def from_dict(d: Any, source: str = "config") -> Config:
+    """A :class:`Config` from parsed YAML; missing keys keep their defaults."""
+    cfg = Config()
+    if d is None:
+        return validate(cfg, source)
+    if not isinstance(d, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(d).__name__}")
+    sections = {f.name for f in fields(cfg)}
+    for name, values in d.items():
+        if name not in sections:
+            raise _fail(source, str(name), f"unknown section (known: {', '.join(sorted(sections))})")
+        section = getattr(cfg, name)
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise _fail(source, name, f"must be a mapping, not {values!r}")
+        known = {f.name: f for f in fields(section)}
+        for key, v in values.items():
+            dotted = f"{name}.{key}"
+            if key not in known:
+                raise _fail(source, dotted, f"unknown key (known: {', '.join(sorted(known))})")
+            setattr(section, key, _check_value(source, dotted, getattr(section, key), v))
+    return validate(cfg, source)
+
+
+def loads(text: str, source: str = "config") -> Config:
+    try:
+        d = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}" if where is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{source}: not valid YAML{at}: {problem}") from None
+    return from_dict(d, source)
+
+
+def load(path: str | Path | None) -> Config:
+    """The configuration in ``path``, or the defaults when ``path`` is None."""
+    if path is None:
+        return Config()
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read config: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p}: config is not UTF-8 text") from None
+    return loads(text, str(p))
+
+
+def override(cfg: Config, dotted: str, value: Any, source: str = "command line") -> None:
+    """Sets one key (``scorers.count``) with the same checks as the file."""
+    name, _, key = dotted.partition(".")
+    section = getattr(cfg, name)
+    assert is_dataclass(section)
+    setattr(section, key, _check_value(source, dotted, getattr(section, key), value))
+    validate(cfg, source)

@@ -1,0 +1,294 @@
+"""The scorer process: takes matrix batches from the bridge over ZeroMQ and answers with labels.
+
+A scorer is a DEALER socket *connected* to the bridge's ROUTER, so scorers can run anywhere
+the bridge's address reaches (``iotcls serve --scorer-only --connect tcp://bridge:27760`` on
+a GPU host) and the bridge never needs to know where they are. It introduces itself with a
+``hello`` naming its model and matrix layout; the bridge refuses a scorer whose layout differs
+from its own, since its matrices would be silently misread.
+
+Batching: requests queue up while the model runs; the next forward pass takes queued requests
+up to ``batch_size`` matrices, waiting at most ``max_wait_ms`` after the first one for more to
+arrive. Labels (with confidence, trust decision and explanation) come from
+:class:`iotcls.predict.Predictor`, the same code ``iotcls classify`` uses.
+
+The loop is single-threaded on purpose: the model call holds the CPU anyway, and one thread
+means no locking around the socket. Anything that is not a valid message is logged, counted
+and dropped; the scorer keeps serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket as pysocket
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import zmq
+
+from iotcls import wire
+from iotcls.layout import MatrixLayout
+
+log = logging.getLogger("iotcls.scorer")
+
+EXIT_OK = 0
+EXIT_REJECTED = 3  # the bridge refused this scorer: restarting it would not help
+
+
+class Model(Protocol):
+    """What the scorer needs from a model: :class:`iotcls.predict.Predictor` provides it."""
+
+    @property
+    def layout(self) -> MatrixLayout: ...
+
+    def predict(self, matrices: np.ndarray): ...
+
+
+@dataclass
+class ScorerSettings:
+    connect: str
+    name: str
+    batch_size: int = 256
+    max_wait_ms: float = 2.0
+    heartbeat_s: float = 1.0
+    parent_pid: int | None = None  # exit when this process is gone (a local scorer's bridge)
+
+
+@dataclass
+class ScorerStats:
+    batches: int = 0
+    matrices: int = 0
+    requests: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` is CUDA when torch sees a GPU; asking for CUDA without one is an error."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device cuda was asked for, but torch sees no CUDA device")
+    return device
+
+
+def load_model(path: str, device: str, threads: int, batch_size: int):
+    """The bundle at ``path`` (the bundled default model when empty) as a Predictor."""
+    import torch
+
+    from iotcls.bundle import ModelBundle
+    from iotcls.predict import Predictor
+
+    torch.set_num_threads(threads)
+    bundle = ModelBundle.load(path or None)
+    return Predictor(bundle, device=resolve_device(device), batch_size=batch_size)
+
+
+def model_name(model) -> str:
+    bundle = getattr(model, "bundle", None)
+    return getattr(bundle, "name", None) or type(model).__name__
+
+
+class Scorer:
+    def __init__(self, model: Model, settings: ScorerSettings, ctx: zmq.Context | None = None):
+        self.model = model
+        self.s = settings
+        self.model_id = model_name(model)
+        self.device = str(getattr(model, "device", "cpu"))
+        self.stats = ScorerStats()
+        self._ctx = ctx or zmq.Context.instance()
+        self._sock: zmq.Socket | None = None
+        self._queue: deque[tuple[float, wire.Request]] = deque()
+        self._welcomed = False
+        self._stopping = False
+        self._exit_code = EXIT_OK
+        self._last_sent = 0.0
+        self._last_hello = 0.0
+        self._layout = model.layout.to_dict()
+
+    # -- socket ---------------------------------------------------------------------------
+    def _open(self) -> zmq.Socket:
+        s = self._ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.ROUTING_ID, self.s.name.encode())
+        s.setsockopt(zmq.LINGER, 2000)
+        s.setsockopt(zmq.RCVHWM, 0)  # the bridge's credit bounds what it sends us
+        s.connect(self.s.connect)
+        return s
+
+    def _send(self, msg: wire.Message) -> None:
+        assert self._sock is not None
+        try:
+            self._sock.send(wire.encode(msg), zmq.NOBLOCK)
+        except zmq.Again:  # no bridge yet and the pipe is full: the next heartbeat retries
+            log.debug("send to bridge would block, dropped %s", type(msg).__name__)
+        self._last_sent = time.monotonic()
+
+    def _hello(self) -> None:
+        self._send(wire.Hello(
+            name=self.s.name, pid=os.getpid(), host=pysocket.gethostname(), model=self.model_id,
+            layout=self._layout, device=self.device, batch_size=self.s.batch_size,
+        ))  # fmt: skip
+        self._last_hello = time.monotonic()
+
+    def _reject_garbage(self, kind: str, why: str) -> None:
+        self.stats.rejected[kind] = self.stats.rejected.get(kind, 0) + 1
+        n = self.stats.rejected[kind]
+        if n <= 10 or n % 1000 == 0:
+            log.warning("scorer %s: rejected a message from the bridge (%s, %d so far): %s",
+                        self.s.name, kind, n, why)  # fmt: skip
+
+    def _receive(self, timeout_ms: float) -> None:
+        """Waits up to ``timeout_ms`` for a message, then takes everything already queued."""
+        assert self._sock is not None
+        if not self._sock.poll(max(0, int(timeout_ms)), zmq.POLLIN):
+            return
+        while True:
+            try:
+                data = self._sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                msg = wire.decode(data)
+            except wire.WireError as e:
+                self._reject_garbage(e.kind, str(e))
+                continue
+            self._handle(msg)
+
+    def _handle(self, msg: wire.Message) -> None:
+        if isinstance(msg, wire.Request):
+            self._queue.append((time.monotonic(), msg))
+        elif isinstance(msg, wire.Welcome):
+            if not self._welcomed:
+                log.info("scorer %s: accepted by the bridge at %s (credit %d)",
+                         self.s.name, self.s.connect, msg.credit)  # fmt: skip
+            self._welcomed = True
+        elif isinstance(msg, wire.Reject):
+            if msg.reason.startswith(wire.REHELLO):
+                self._welcomed = False
+                self._hello()
+                return
+            log.error("scorer %s: the bridge at %s refused this scorer: %s",
+                      self.s.name, self.s.connect, msg.reason)  # fmt: skip
+            self._stopping, self._exit_code = True, EXIT_REJECTED
+        elif isinstance(msg, wire.Stop):
+            self._stopping = True
+        else:
+            self._reject_garbage("unexpected", f"a {type(msg).__name__} message")
+
+    # -- scoring --------------------------------------------------------------------------
+    def _take_batch(self) -> list[wire.Request]:
+        """Queued requests for one forward pass: at least one, at most batch_size matrices."""
+        first_at = self._queue[0][0]
+        deadline = first_at + self.s.max_wait_ms / 1000.0
+        while sum(len(r.refs) for _, r in self._queue) < self.s.batch_size and not self._stopping:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            n_before = len(self._queue)
+            self._receive(left * 1000.0)
+            if len(self._queue) == n_before and time.monotonic() >= deadline:
+                break
+        taken, total = [], 0
+        while self._queue:
+            n = len(self._queue[0][1].refs)
+            if taken and total + n > self.s.batch_size:
+                break
+            taken.append(self._queue.popleft()[1])
+            total += n
+        return taken
+
+    def _score(self, requests: list[wire.Request]) -> None:
+        t0 = time.perf_counter()
+        shapes = {r.matrices.shape[1:] for r in requests}
+        if len(shapes) != 1:
+            for r in requests:
+                self._send(wire.Failure(r.batch, f"mixed matrix shapes in one batch: {shapes}"))
+            return
+        x = np.concatenate([r.matrices for r in requests]) if len(requests) > 1 else \
+            requests[0].matrices.copy()  # fmt: skip
+        try:
+            p = self.model.predict(x)
+        except Exception as e:  # a bad batch must not take the scorer down; the bridge decides
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            log.error("scorer %s: scoring %d matrices failed: %s", self.s.name, len(x), msg)
+            for r in requests:
+                self._send(wire.Failure(r.batch, msg))
+            return
+        ms = (time.perf_counter() - t0) * 1000.0
+        labels = [str(v) for v in p.label]
+        conf = np.asarray(p.confidence, np.float64).tolist()
+        trusted = np.asarray(p.trusted, bool).tolist()
+        reason = [str(v) for v in p.reason]
+        groups = [list(map(str, g)) for g in p.top_groups]
+        s = 0
+        for r in requests:
+            n = len(r.refs)
+            self._send(wire.Reply(
+                batch=r.batch, labels=labels[s : s + n], confidence=conf[s : s + n],
+                trusted=trusted[s : s + n], reason=reason[s : s + n],
+                top_groups=groups[s : s + n], model=self.model_id, score_ms=ms,
+            ))  # fmt: skip
+            s += n
+        self.stats.batches += 1
+        self.stats.matrices += len(x)
+        self.stats.requests += len(requests)
+
+    # -- main loop ------------------------------------------------------------------------
+    def _parent_gone(self) -> bool:
+        return self.s.parent_pid is not None and os.getppid() != self.s.parent_pid
+
+    def run(self) -> int:
+        """Serves until told to stop (bridge ``stop``, SIGTERM/SIGINT, or the parent died)."""
+        self._sock = self._open()
+        self._hello()
+        try:
+            while True:
+                if self._stopping and not self._queue:
+                    break
+                if self._queue:
+                    self._score(self._take_batch())
+                    self._receive(0)
+                    continue
+                self._receive(self.s.heartbeat_s * 1000.0 / 2)
+                now = time.monotonic()
+                if self._parent_gone():
+                    log.warning("scorer %s: parent process gone, exiting", self.s.name)
+                    break
+                if not self._welcomed and now - self._last_hello >= self.s.heartbeat_s * 2:
+                    self._hello()  # the bridge may not have been up: say hello again
+                elif now - self._last_sent >= self.s.heartbeat_s:
+                    self._send(wire.Heartbeat())
+            if self._exit_code == EXIT_OK:
+                self._send(wire.Bye("stopping"))
+        finally:
+            self._sock.close()
+        return self._exit_code
+
+    def stop(self) -> None:
+        """Finish queued work, then leave (safe from a signal handler)."""
+        self._stopping = True
+
+
+
+def serve_scorer(
+    model_path: str, device: str, threads: int, settings: ScorerSettings
+) -> int:
+    """The body of ``iotcls serve --scorer-only``: load the model, serve until stopped."""
+    try:
+        model = load_model(model_path, device, threads, settings.batch_size)
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"iotcls scorer {settings.name}: error: {msg}", file=sys.stderr)
+        return 2
+    scorer = Scorer(model, settings)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: scorer.stop())
+    log.info("scorer %s: model %s on %s, connecting to %s",
+             settings.name, scorer.model_id, scorer.device, settings.connect)  # fmt: skip
+    return scorer.run()

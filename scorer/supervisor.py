@@ -1,0 +1,133 @@
+"""Starts the local scorer processes of ``iotcls serve`` and restarts the ones that die.
+
+Each scorer is a child process (``iotcls serve --scorer-only``) in its own session, so a
+terminal's Ctrl-C reaches only the bridge, which then drains and stops the scorers in order.
+A child that exits unasked is reported to the dispatcher at once (its in-flight batches are
+re-sent without waiting for a timeout) and started again after a backoff that doubles while
+it keeps dying young. A scorer the bridge refused (exit status 3) is not restarted: it would
+be refused again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from .service import EXIT_REJECTED
+
+log = logging.getLogger("iotcls.supervisor")
+
+MAX_BACKOFF_S = 30.0
+YOUNG_S = 10.0  # a scorer that dies younger than this doubles the backoff
+
+
+@dataclass
+class _Slot:
+    index: int
+    generation: int = 0
+    proc: asyncio.subprocess.Process | None = None
+    name: str = ""
+    task: asyncio.Task | None = None
+
+
+class Supervisor:
+    def __init__(
+        self,
+        count: int,
+        command: Callable[[str], list[str]],
+        on_exit: Callable[[str, str], None],
+        backoff_s: float = 1.0,
+        on_restart: Callable[[], None] | None = None,
+    ):
+        """``command(name)`` is the argv of scorer ``name``; ``on_exit(name, why)`` is called
+        when one exits unasked."""
+        self.command, self.on_exit, self.backoff_s = command, on_exit, backoff_s
+        self.on_restart = on_restart
+        self.slots = [_Slot(i) for i in range(count)]
+        self._stopping = False
+
+    def start(self) -> None:
+        for slot in self.slots:
+            slot.task = asyncio.create_task(self._keep(slot), name=f"scorer-{slot.index}")
+
+    @property
+    def pids(self) -> dict[str, int]:
+        return {s.name: s.proc.pid for s in self.slots if s.proc and s.proc.returncode is None}
+
+    async def _keep(self, slot: _Slot) -> None:
+        backoff = self.backoff_s
+        while not self._stopping:
+            slot.generation += 1
+            slot.name = f"scorer-{slot.index}.{slot.generation}"
+            argv = self.command(slot.name)
+            started = time.monotonic()
+            try:
+                slot.proc = await asyncio.create_subprocess_exec(
+                    *argv, stdin=asyncio.subprocess.DEVNULL, start_new_session=True
+                )
+            except OSError as e:
+                log.error("cannot start scorer %s: %s", slot.name, e)
+                rc = None
+            else:
+                rc = await slot.proc.wait()
+            if self._stopping:
+                return
+            why = f"process exited with status {rc}" if rc is not None and rc >= 0 else \
+                f"process killed by signal {-rc}" if rc is not None else "process did not start"  # fmt: skip
+            self.on_exit(slot.name, why)
+            if rc == EXIT_REJECTED:
+                log.error("scorer %s was refused by the bridge; not restarting it", slot.name)
+                return
+            if time.monotonic() - started >= YOUNG_S:
+                backoff = self.backoff_s  # it ran a while: not a crash loop
+            wait, backoff = backoff, min(MAX_BACKOFF_S, max(backoff, 0.1) * 2)
+            log.warning("scorer %s: %s; restarting in %.1f s", slot.name, why, wait)
+            await asyncio.sleep(wait)
+            if self.on_restart:
+                self.on_restart()
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Waits for the scorers to exit (the bridge has asked them to), then terminates."""
+        self._stopping = True
+        procs = [s.proc for s in self.slots if s.proc and s.proc.returncode is None]
+        deadline = time.monotonic() + timeout
+        for sig in (None, signal.SIGTERM, signal.SIGKILL):
+            for p in procs:
+                if sig is not None and p.returncode is None:
+                    try:
+                        p.send_signal(sig)
+                    except ProcessLookupError:
+                        pass
+            waits = [asyncio.wait_for(p.wait(), max(0.1, deadline - time.monotonic()))
+                     for p in procs if p.returncode is None]  # fmt: skip
+            if not waits:
+                break
+            await asyncio.gather(*waits, return_exceptions=True)
+            deadline = time.monotonic() + 2.0
+        for s in self.slots:
+            if s.task and not s.task.done():
+                s.task.cancel()
+        await asyncio.gather(*(s.task for s in self.slots if s.task), return_exceptions=True)
+
+
+def scorer_command(
+    connect: str, config: str | None, model: str | None, device: str | None,
+    log_level: str, extra: list[str] | None = None,
+) -> Callable[[str], list[str]]:  # fmt: skip
+    """The argv factory for local scorers: the same config file and overrides as the bridge."""
+    base = [sys.executable, "-m", "iotcls", "serve", "--scorer-only", "--connect", connect,
+            "--parent-pid", str(os.getpid()), "--log-level", log_level]  # fmt: skip
+    if config:
+        base += ["--config", config]
+    if model:
+        base += ["--model", model]
+    if device:
+        base += ["--device", device]
+    base += extra or []
+    return lambda name: [*base, "--name", name]

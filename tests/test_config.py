@@ -1,0 +1,94 @@
+"""The serve configuration: defaults, the commented YAML, and one-line errors."""
+
+import subprocess
+import sys
+from dataclasses import fields
+
+import pytest
+import yaml
+
+from iotcls import config as c
+
+
+def test_default_yaml_is_exactly_the_defaults():
+    assert c.loads(c.DEFAULT_YAML) == c.Config()
+    # every key of every section is spelled out in the printed file
+    d = yaml.safe_load(c.DEFAULT_YAML)
+    assert d == c.Config().to_dict()
+    for section in fields(c.Config):
+        for f in fields(getattr(c.Config(), section.name)):
+            assert f.name in d[section.name]
+
+
+def test_print_config_prints_the_commented_default():
+    out = subprocess.run(
+        [sys.executable, "-m", "iotcls", "serve", "--print-config"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert out.stdout == c.DEFAULT_YAML
+    assert out.stdout.count("\n  # ") >= 20  # commented, key by key
+
+
+def test_partial_file_keeps_other_defaults(tmp_path):
+    p = tmp_path / "serve.yaml"
+    p.write_text("scorers:\n  count: 2\n  max_wait_ms: 5\nbridge:\n  bind: tcp://0.0.0.0:9000\n")
+    cfg = c.load(p)
+    assert cfg.scorers.count == 2 and cfg.scorers.max_wait_ms == 5.0
+    assert isinstance(cfg.scorers.max_wait_ms, float)
+    assert cfg.bridge.bind == ["tcp://0.0.0.0:9000"]
+    assert cfg.bridge.queue_records == 20_000 and cfg.zeek == c.ZeekConfig()
+    assert c.loads("") == c.Config() and c.loads("log:\n") == c.Config()
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("scorers: {count: two}", "scorers.count: must be an integer, not 'two'"),
+        ("scorers: {count: true}", "scorers.count: must be an integer, not True"),
+        ("scorers: {count: -1}", "scorers.count: must not be negative"),
+        ("scorers: {device: gpu}", "scorers.device: must be one of auto, cpu, cuda, not 'gpu'"),
+        ("scorers: {max_wait_ms: .inf}", "scorers.max_wait_ms: must be a number, not inf"),
+        ("scorers: {heartbeat_s: 20}", "scorers.heartbeat_s: must be shorter than bridge.scorer_timeout_s (10.0)"),
+        ("bridge: {queue_records: 0}", "bridge.queue_records: must be at least 1"),
+        ("bridge: {shed_policy: random}", "bridge.shed_policy: must be one of labelled-first, oldest, newest, not 'random'"),
+        ("bridge: {bind: [localhost:1]}", "bridge.bind: 'localhost:1' is not a ZeroMQ address"),
+        ("bridge: {bind: []}", "bridge.bind: must be a non-empty list of strings, not []"),
+        ("bridge: {queue: 5}", "bridge.queue: unknown key (known: bind,"),
+        ("scorer: {count: 1}", "scorer: unknown section (known: bridge, log, metrics, scorers, zeek)"),
+        ("zeek: {url: http://x}", "zeek.url: must be a ws:// or wss:// URL, not 'http://x'"),
+        ("log: {policy: sometimes}", "log.policy: must be one of changes, all, not 'sometimes'"),
+        ("metrics: {enabled: yes please}", "metrics.enabled: must be true or false, not 'yes please'"),
+        ("metrics: {port: 70000}", "metrics.port: must be a TCP port (1-65535), not 70000"),
+        ("metrics: 3", "metrics: must be a mapping, not 3"),
+        ("- a\n- b", "expected a mapping of sections, got list"),
+        ("zeek: [1", "not valid YAML at line 1"),
+    ],
+)  # fmt: skip
+def test_bad_values_are_one_line_errors_naming_file_and_key(tmp_path, text, message):
+    p = tmp_path / "serve.yaml"
+    p.write_text(text)
+    with pytest.raises(c.ConfigError) as e:
+        c.load(p)
+    msg = str(e.value)
+    assert msg.startswith(f"{p}: ") and message in msg and "\n" not in msg
+
+
+def test_unreadable_file(tmp_path):
+    with pytest.raises(c.ConfigError, match="cannot read config: No such file"):
+        c.load(tmp_path / "missing.yaml")
+    p = tmp_path / "latin1.yaml"
+    p.write_bytes(b"zeek: {url: \xff}")
+    with pytest.raises(c.ConfigError, match="not UTF-8"):
+        c.load(p)
+
+
+def test_cli_reports_config_errors_in_one_line(tmp_path):
+    p = tmp_path / "serve.yaml"
+    p.write_text("bridge:\n  max_attempts: 0\n")
+    out = subprocess.run([sys.executable, "-m", "iotcls", "serve", "--config", str(p)],
+                         capture_output=True, text=True)  # fmt: skip
+    assert out.returncode == 2
+    assert out.stderr == f"iotcls serve: error: {p}: bridge.max_attempts: must be at least 1\n"
+    out = subprocess.run([sys.executable, "-m", "iotcls", "serve", "--scorers", "-2"],
+                         capture_output=True, text=True)  # fmt: skip
+    assert out.stderr == "iotcls serve: error: --scorers: scorers.count: must not be negative\n"

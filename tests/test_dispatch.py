@@ -1,0 +1,375 @@
+"""The dispatcher over real ZeroMQ sockets, with real scorers (threads and processes)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import msgpack
+import numpy as np
+import pytest
+import torch
+import zmq
+
+from iotcls import wire
+from iotcls.bridge.dispatch import Dispatcher, LabelPolicy, Outcome
+from iotcls.bundle import ModelBundle
+from iotcls.config import Config
+from iotcls.layout import MatrixLayout
+from iotcls.model import IoTCNN, ModelConfig
+from iotcls.predict import Predictor
+from iotcls.scorer.service import Scorer, ScorerSettings
+
+LAYOUT = MatrixLayout(history=2, packets=4, payload_bytes=4)
+CLASSES = ["cam", "plug", "hub"]
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    torch.manual_seed(3)
+    cfg = ModelConfig.from_layout(LAYOUT, 3, packet_dim=8, meta_dim=8, row_dim=8, hidden=8)
+    b = ModelBundle(model=IoTCNN(cfg).eval(), layout=LAYOUT, classes=CLASSES)
+    return str(b.save(tmp_path_factory.mktemp("model") / "m.pt"))
+
+
+def config(**bridge) -> Config:
+    cfg = Config()
+    cfg.bridge.bind = ["tcp://127.0.0.1:*"]
+    cfg.log.policy = "all"
+    for k, v in bridge.items():
+        setattr(cfg.bridge, k, v)
+    return cfg
+
+
+def matrices(n: int, seed: int = 0) -> np.ndarray:
+    m = np.random.default_rng(seed).random((n, *LAYOUT.shape), dtype=np.float32)
+    return m
+
+
+def run(coro, timeout: float = 40.0):
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+async def until(cond, timeout: float = 15.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+class ThreadScorer:
+    """A real scorer (real DEALER socket, real model) on a thread of the test process."""
+
+    def __init__(self, model_path: str, addr: str, name: str, **kw):
+        self.scorer = Scorer(Predictor(ModelBundle.load(model_path)), ScorerSettings(addr, name, **kw))
+        self.thread = threading.Thread(target=self.scorer.run, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.scorer.stop()
+        self.thread.join(10)
+
+
+def scorer_process(model_path: str, addr: str, name: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "iotcls", "serve", "--scorer-only", "--connect", addr,
+         "--name", name, "--model", model_path, "--device", "cpu", "--log-level", "warning"],
+        start_new_session=True,
+    )  # fmt: skip
+
+
+# -- labels ------------------------------------------------------------------------------
+def test_labels_match_the_predictor_exactly(model_path):
+    """Records split over batches and a scorer process come back as the offline labels."""
+    m = matrices(300)
+    expected = Predictor(ModelBundle.load(model_path)).predict(m)
+    out: list[Outcome] = []
+
+    async def main():
+        d = Dispatcher(config(), LAYOUT, out.extend)
+        (addr,) = await d.start()
+        proc = scorer_process(model_path, addr, "p0")
+        try:
+            await until(lambda: d.scorers == ["p0"], 30, "the scorer to connect")
+            for s in range(0, 300, 7):  # many small submits: batches form by credit
+                d.submit(m[s : s + 7], [f"d{i % 5}" for i in range(s, min(s + 7, 300))],
+                         list(range(s, min(s + 7, 300))))  # fmt: skip
+                await asyncio.sleep(0)
+            assert await d.drain(20) == 0
+            await d.stop_scorers()
+            assert proc.wait(10) == 0
+        finally:
+            proc.kill()
+            await d.close()
+        return d
+
+    d = run(main())
+    assert sorted(o.ctx for o in out) == list(range(300))
+    by = {o.ctx: o for o in out}
+    assert [by[i].label for i in range(300)] == list(expected.label)
+    np.testing.assert_allclose([by[i].confidence for i in range(300)], expected.confidence,
+                               rtol=1e-6)  # fmt: skip
+    assert [by[i].trusted for i in range(300)] == list(expected.trusted)
+    assert all(o.shed is None and o.send for o in out)
+    assert d.metrics.records_in == 300 and d.metrics.labelled == 300
+    assert d.metrics.shed_total == 0 and d.metrics.batch_size.count == d.metrics.batches_sent
+
+
+def test_killed_scorer_loses_nothing(model_path):
+    """SIGKILL a scorer process holding batches: they are re-sent, each record labelled once."""
+    cfg = config(scorer_timeout_s=2.0)
+    n = 4000
+    m = matrices(n, seed=1)
+    out: list[Outcome] = []
+
+    async def main():
+        d = Dispatcher(cfg, LAYOUT, out.extend)
+        (addr,) = await d.start()
+        victim = scorer_process(model_path, addr, "victim")
+        helper = ThreadScorer(model_path, addr, "helper", batch_size=64)
+        try:
+            await until(lambda: sorted(d.scorers) == ["helper", "victim"], 30, "both scorers")
+            killed_with = 0
+            for s in range(0, n, 50):
+                d.submit(m[s : s + 50], ["dev"] * 50, list(range(s, s + 50)))
+                await asyncio.sleep(0.002)
+                if s >= n // 2 and not killed_with:
+                    vic = d._scorers.get(b"victim")
+                    if vic is not None and vic.inflight:
+                        killed_with = sum(len(b.items) for b in vic.inflight.values())
+                        os.kill(victim.pid, signal.SIGKILL)
+            assert killed_with > 0, "the victim never held a batch"
+            # no supervisor here: the dispatcher notices by the victim's silence
+            assert await d.drain(30) == 0
+        finally:
+            victim.kill()
+            helper.stop()
+            await d.close()
+        return d, killed_with
+
+    d, killed_with = run(main(), 60)
+    assert sorted(o.ctx for o in out) == list(range(n))  # every record exactly once
+    assert all(o.label is not None for o in out)
+    assert d.metrics.scorers_lost >= 1 and d.metrics.batches_resent >= 1
+    assert d.metrics.labelled == n and d.metrics.shed_total == 0
+
+
+def test_supervisor_notice_resends_at_once(model_path):
+    """scorer_lost() (what the supervisor calls) re-sends without waiting for a timeout."""
+    cfg = config(scorer_timeout_s=60.0)
+    out: list[Outcome] = []
+
+    async def main():
+        d = Dispatcher(cfg, LAYOUT, out.extend)
+        (addr,) = await d.start()
+        # a scorer that takes work and never answers: a raw DEALER saying hello
+        ctx = zmq.Context.instance()
+        mute = ctx.socket(zmq.DEALER)
+        mute.setsockopt(zmq.ROUTING_ID, b"mute")
+        mute.connect(addr)
+        mute.send(wire.encode(wire.Hello("mute", 1, "h", "m", LAYOUT.to_dict(), "cpu", 16)))
+        await until(lambda: d.scorers == ["mute"], 10, "hello")
+        d.submit(matrices(40), ["a"] * 40, list(range(40)))
+        await until(lambda: d.inflight == 32, 5, "two batches in flight")
+        assert d.pending == 8
+        helper = ThreadScorer(model_path, addr, "helper")
+        try:
+            await until(lambda: "helper" in d.scorers, 10, "helper")
+            await until(lambda: len(out) == 8, 10, "the queued 8 labelled")
+            assert d.scorer_lost("mute", "process exited with status -9")
+            assert not d.scorer_lost("mute", "again")
+            await until(lambda: len(out) == 40, 10, "the re-sent 32")
+        finally:
+            helper.stop()
+            mute.close(0)
+            await d.close()
+        return d
+
+    d = run(main())
+    assert sorted(o.ctx for o in out) == list(range(40))
+    assert d.metrics.batches_resent == 2 and d.metrics.scorers_lost == 1
+
+
+# -- shed policy -------------------------------------------------------------------------
+def _shed_run(policy: str, labelled_devices: set[str], devices: list[str], queue: int):
+    out: list[Outcome] = []
+
+    async def main():
+        d = Dispatcher(config(queue_records=queue, shed_policy=policy), LAYOUT, out.extend)
+        await d.start()  # no scorer: everything waits, the queue overflows
+        for dev in labelled_devices:
+            d.policy.decide(dev, "cam", True, time.monotonic())
+        d.submit(matrices(len(devices)), devices, list(range(len(devices))))
+        pending = [it.ctx for it in d._take(d.pending)]
+        await d.close()
+        return d, pending
+
+    d, pending = run(main())
+    return {o.ctx: o.shed for o in out}, pending, d
+
+
+def test_shed_labelled_first():
+    devs = ["new1", "old", "new2", "old", "new3", "old", "new4"]
+    shed, pending, d = _shed_run("labelled-first", {"old"}, devs, queue=4)
+    # 7 records, room for 4: the three records of the labelled device go first
+    assert shed == {1: "queue_full_labelled", 3: "queue_full_labelled", 5: "queue_full_labelled"}
+    assert pending == [0, 2, 4, 6]
+    assert d.metrics.shed == {"queue_full_labelled": 3}
+
+
+def test_shed_labelled_first_falls_back_to_oldest():
+    devs = ["a", "b", "old", "c", "d", "e"]
+    shed, pending, d = _shed_run("labelled-first", {"old"}, devs, queue=3)
+    assert shed == {2: "queue_full_labelled", 0: "queue_full", 1: "queue_full"}
+    assert pending == [3, 4, 5]
+    assert d.metrics.shed == {"queue_full_labelled": 1, "queue_full": 2}
+
+
+def test_shed_oldest_and_newest():
+    devs = ["a", "old", "b", "old", "c"]
+    shed, pending, _ = _shed_run("oldest", {"old"}, devs, queue=2)
+    assert shed == {0: "queue_full", 1: "queue_full", 2: "queue_full"} and pending == [3, 4]
+    shed, pending, _ = _shed_run("newest", {"old"}, devs, queue=2)
+    assert shed == {2: "queue_full", 3: "queue_full", 4: "queue_full"} and pending == [0, 1]
+
+
+def test_label_policy_changes_and_interval():
+    p = LabelPolicy("changes", interval_s=10.0, max_devices=2)
+    assert p.decide("a", "cam", True, 0.0)  # first label
+    assert not p.decide("a", "cam", True, 1.0)  # unchanged
+    assert p.decide("a", "plug", True, 2.0)  # label changed
+    assert p.decide("a", "plug", False, 3.0)  # trust changed
+    assert not p.decide("a", "plug", False, 12.9)
+    assert p.decide("a", "plug", False, 13.0)  # interval since the last one sent
+    assert p.recently_labelled("a", 14.0, 5.0) and not p.recently_labelled("a", 20.0, 5.0)
+    p.decide("b", "cam", True, 0.0)
+    p.decide("c", "cam", True, 0.0)  # "a" is the least recently seen: forgotten
+    assert len(p) == 2 and not p.recently_labelled("a", 14.0, 100.0)
+    assert p.decide("a", "plug", False, 14.0)  # forgotten: a first label again
+    every = LabelPolicy("all", interval_s=10.0, max_devices=10)
+    assert all(every.decide("a", "cam", True, t) for t in (0.0, 0.1, 0.2))
+
+
+def test_max_attempts_sheds_a_poison_batch(model_path):
+    """A batch whose scorers keep vanishing is shed as scorer_failed after max_attempts."""
+    out: list[Outcome] = []
+
+    async def main():
+        d = Dispatcher(config(max_attempts=2), LAYOUT, out.extend)
+        (addr,) = await d.start()
+        d.submit(matrices(5), ["a"] * 5, list(range(5)))
+        ctx = zmq.Context.instance()
+        for k in range(2):
+            s = ctx.socket(zmq.DEALER)
+            name = f"doomed{k}"
+            s.setsockopt(zmq.ROUTING_ID, name.encode())
+            s.connect(addr)
+            s.send(wire.encode(wire.Hello(name, 1, "h", "m", LAYOUT.to_dict(), "cpu", 16)))
+            await until(lambda: d.inflight == 5, 10, "the batch in flight")
+            d.scorer_lost(name, "process killed by signal 9")
+            s.close(0)
+        await d.close()
+        return d
+
+    d = run(main())
+    assert sorted(o.ctx for o in out) == list(range(5))
+    assert {o.shed for o in out} == {"scorer_failed"}
+    assert d.metrics.shed == {"scorer_failed": 5}
+
+
+# -- garbage and strangers ---------------------------------------------------------------
+def test_garbage_on_the_scorer_socket(model_path, caplog):
+    """Garbage from every kind of peer is refused, counted and logged; scoring goes on."""
+    out: list[Outcome] = []
+    caplog.set_level("WARNING", logger="iotcls.bridge.dispatch")
+
+    async def main():
+        d = Dispatcher(config(), LAYOUT, out.extend)
+        (addr,) = await d.start()
+        port = int(addr.rsplit(":", 1)[1])
+        ctx = zmq.Context.instance()
+        bad = ctx.socket(zmq.DEALER)
+        bad.setsockopt(zmq.ROUTING_ID, b"bad")
+        bad.connect(addr)
+        bad.send(b"\xc1\xc1 not msgpack")
+        bad.send(msgpack.packb({"v": 99, "t": "hello"}))
+        bad.send(msgpack.packb({"v": 1, "t": "rep", "id": 1}))
+        bad.send_multipart([b"two", b"frames"])
+        bad.send(wire.encode(wire.Heartbeat()))  # before hello
+        bad.send(wire.encode(wire.Hello("bad", 1, "h", "m", {"history": 9}, "cpu", 8)))
+        req = ctx.socket(zmq.REQ)  # a REQ peer adds an empty delimiter frame
+        req.connect(addr)
+        req.send(b"hello?")
+        raw = socket.create_connection(("127.0.0.1", port))  # not even ZMTP: a web client
+        raw.sendall(b"GET /metrics HTTP/1.1\r\nHost: bridge\r\n\r\n")
+        await until(lambda: d.metrics.rejected.get(("zmq", "incompatible_scorer")) == 1, 10,
+                    "the incompatible hello")  # fmt: skip
+        assert bad.poll(5000)
+        assert wire.decode(bad.recv()) == wire.Reject(f"{wire.REHELLO}: say hello first")
+        assert bad.poll(5000)
+        reject = wire.decode(bad.recv())
+        assert isinstance(reject, wire.Reject) and "layout differs" in reject.reason
+        good = ThreadScorer(model_path, addr, "good")
+        try:
+            d.submit(matrices(20), ["a"] * 20, list(range(20)))
+            assert await d.drain(20) == 0
+        finally:
+            good.stop()
+            for s in (bad, req):
+                s.close(0)
+            raw.close()
+            await d.close()
+        return d
+
+    d = run(main())
+    assert sorted(o.ctx for o in out) == list(range(20)) and all(o.label for o in out)
+    assert d.metrics.rejected == {
+        ("zmq", "malformed"): 4,  # not msgpack, reply without fields, 2 frames, REQ delimiter
+        ("zmq", "version"): 1,
+        ("zmq", "unknown_scorer"): 1,
+        ("zmq", "incompatible_scorer"): 1,
+    }
+    text = caplog.text
+    assert "not msgpack" in text and "wire version 99" in text and "frames after the identity" in text
+    assert "refused scorer bad" in text and "matrix layout differs" in text
+
+
+def test_scorer_survives_garbage_from_a_fake_bridge(model_path, caplog):
+    """A scorer that gets garbage from its bridge logs it and keeps serving."""
+    caplog.set_level("WARNING", logger="iotcls.scorer")
+    ctx = zmq.Context.instance()
+    router = ctx.socket(zmq.ROUTER)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    s = ThreadScorer(model_path, f"tcp://127.0.0.1:{port}", "s", max_wait_ms=0)
+    try:
+        assert router.poll(20000)
+        ident, data = router.recv_multipart()
+        hello = wire.decode(data)
+        assert isinstance(hello, wire.Hello) and hello.layout == LAYOUT.to_dict()
+        router.send_multipart([ident, wire.encode(wire.Welcome(2, 1.0))])
+        for junk in (b"junk", msgpack.packb({"v": 7, "t": "req"}), wire.encode(wire.Heartbeat())):
+            router.send_multipart([ident, junk])
+        m = matrices(3)
+        router.send_multipart([ident, wire.encode(wire.Request(5, m, [1, 2, 3]))])
+        deadline = time.monotonic() + 20
+        reply = None
+        while time.monotonic() < deadline and reply is None:
+            if router.poll(1000):
+                msg = wire.decode(router.recv_multipart()[1])
+                if isinstance(msg, wire.Reply):
+                    reply = msg
+        assert reply is not None and reply.batch == 5 and len(reply) == 3
+        expected = Predictor(ModelBundle.load(model_path)).predict(m)
+        assert reply.labels == list(expected.label)
+        assert s.scorer.stats.rejected == {"malformed": 1, "version": 1, "unexpected": 1}
+    finally:
+        s.stop()
+        router.close(0)
+    assert "not msgpack" in caplog.text and "wire version 7" in caplog.text
