@@ -1,0 +1,648 @@
+"""Packets into flow records (:class:`~iotcls.flowtable.FlowTable`), the pcap sensor's half.
+
+The record is defined in :mod:`iotcls.schema`; this module builds it from
+:class:`~iotcls.pcap.PacketBatch` chunks without a per-packet Python loop:
+
+1. **Devices.** :class:`DeviceSelector` marks, per packet, whether the source and/or the
+   destination is a device (MAC listed, else address inside the local networks). A packet
+   becomes one *entry* per device side: device-to-device traffic gives two mirrored entries.
+2. **Keys.** An entry's device-side key (device MAC, device IP/port, remote IP/port, protocol)
+   is hashed to 64 bits; one sort groups the entries by key, in file order within a key.
+   Groups are verified field by field, so a hash collision can never merge two keys.
+3. **Windows.** A window starts at a key's first packet; the first packet at or after
+   ``start + window_s`` starts the next one. Window heads are found for all keys at once by
+   ``searchsorted`` rounds over a per-key running maximum of time (one round per window of the
+   longest key, not per packet).
+4. **Streaming.** Windows still open at the end of a chunk are carried to the next chunk as
+   one aggregate row each (start, totals, first packets), so memory depends on the number of
+   live keys, not on the capture's length. A window is emitted once a later window of its key
+   started, or once the capture's time passed ``start + window_s``, or at the end.
+5. **Connections.** A key's connection continues across windows until it is idle longer than
+   Zeek's inactivity timeout (TCP 5 min, others 1 min). Its synthetic ``uid`` ("C" + 17 base62
+   characters) hashes the unordered 5-tuple and the connection's first packet time, so both
+   mirrored records of a device-to-device connection carry the same uid, and runs agree.
+   ``device_is_orig`` says whether the device sent the connection's first packet.
+
+Time is kept as integer nanoseconds inside, so the 60 s boundary is exact for usec and nsec
+captures; records carry float seconds as the schema says.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .flowtable import FlowTable
+from .pcap import DEFAULT_CHUNK_BYTES, CaptureReader, PacketBatch, ReadStats, int_to_mac
+from .pcap import mac_to_int
+from .schema import DEFAULT_PACKETS, DEFAULT_PAYLOAD_BYTES, DEFAULT_WINDOW_S, PROTO_TCP
+
+NS = 1_000_000_000
+TCP_TIMEOUT_NS = 300 * NS  # Zeek's tcp_inactivity_timeout
+OTHER_TIMEOUT_NS = 60 * NS  # udp/icmp inactivity timeouts
+_U64 = np.uint64
+_MASK64 = (1 << 64) - 1
+_BASE62 = np.frombuffer(
+    b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz", np.uint8
+)
+_UID_SEEDS = (0x243F6A8885A308D3, 0x13198A2E03707344)
+
+
+# --------------------------------------------------------------------------------------------
+# device selection
+
+
+def _ip_halves(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> tuple[int, int]:
+    v = int(ip) | (0xFFFF << 32) if ip.version == 4 else int(ip)
+    return v >> 64, v & _MASK64
+
+
+@dataclass(frozen=True)
+class DeviceSelector:
+    """Which packet endpoints are devices: a listed MAC, or an address in a local network."""
+
+    macs: tuple[int, ...] = ()
+    nets: tuple[str, ...] = ()
+
+    @classmethod
+    def from_lists(
+        cls, macs: Iterable[str] | None = None, nets: Iterable[str] | None = None
+    ) -> "DeviceSelector":
+        """Raises ValueError naming the bad MAC or CIDR."""
+        m = tuple(sorted({mac_to_int(x) for x in (macs or ()) if x.strip()}))
+        n = []
+        for cidr in nets or ():
+            cidr = cidr.strip()
+            if not cidr:
+                continue
+            try:
+                n.append(str(ipaddress.ip_network(cidr, strict=False)))
+            except ValueError:
+                raise ValueError(f"not a network (CIDR): {cidr!r}") from None
+        return cls(m, tuple(n))
+
+    def __bool__(self) -> bool:
+        return bool(self.macs or self.nets)
+
+    @property
+    def mac_strings(self) -> list[str]:
+        return [int_to_mac(m) for m in self.macs]
+
+    def _in_nets(self, hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
+        inside = np.zeros(len(hi), bool)
+        excluded = np.zeros(len(hi), bool)
+        for cidr in self.nets:
+            net = ipaddress.ip_network(cidr)
+            bits = net.prefixlen + (96 if net.version == 4 else 0)
+            mask = ((1 << bits) - 1) << (128 - bits) if bits else 0
+            nh, nl = _ip_halves(net.network_address)
+            inside |= ((hi & _U64(mask >> 64)) == _U64(nh)) & ((lo & _U64(mask & _MASK64)) == _U64(nl))
+            if net.version == 4 and net.prefixlen <= 30:  # directed broadcast: not a device
+                bh, bl = _ip_halves(net.broadcast_address)
+                excluded |= (hi == _U64(bh)) & (lo == _U64(bl))
+        v4 = (hi == 0) & ((lo >> 32) == 0xFFFF)
+        a4 = lo & _U64(0xFFFFFFFF)
+        excluded |= v4 & ((a4 >> 28) == 0xE)  # 224.0.0.0/4 multicast
+        excluded |= v4 & (a4 == 0xFFFFFFFF)
+        excluded |= ~v4 & ((hi >> 56) == 0xFF)  # ff00::/8 multicast
+        return inside & ~excluded
+
+    def sides(self, b: PacketBatch) -> tuple[np.ndarray, np.ndarray]:
+        """(source is a device, destination is a device) per packet."""
+        src = np.zeros(len(b), bool)
+        dst = np.zeros(len(b), bool)
+        if self.macs:
+            macs = np.array(self.macs, np.uint64)
+            src |= np.isin(b.src_mac, macs)
+            dst |= np.isin(b.dst_mac, macs)
+        if self.nets:
+            src |= self._in_nets(b.src_hi, b.src_lo)
+            dst |= self._in_nets(b.dst_hi, b.dst_lo)
+        return src, dst
+
+
+# --------------------------------------------------------------------------------------------
+# hashing and uids
+
+
+def _hash(cols: Iterable[np.ndarray], seed: int) -> np.ndarray:
+    """64-bit hash of equal-length integer columns (splitmix64-style mixing)."""
+    h = None
+    for c in cols:
+        c = c.astype(np.uint64, copy=False)
+        h = (c ^ _U64(seed)) if h is None else (h ^ c)
+        h = h * _U64(0x9E3779B97F4A7C15)
+        h ^= h >> _U64(32)
+    assert h is not None
+    h ^= h >> _U64(30)
+    h *= _U64(0xBF58476D1CE4E5B9)
+    h ^= h >> _U64(27)
+    h *= _U64(0x94D049BB133111EB)
+    h ^= h >> _U64(31)
+    return h
+
+
+def make_uids(
+    a_hi: np.ndarray, a_lo: np.ndarray, a_port: np.ndarray, b_hi: np.ndarray,
+    b_lo: np.ndarray, b_port: np.ndarray, proto: np.ndarray, first_ns: np.ndarray,
+) -> np.ndarray:  # fmt: skip
+    """Zeek-like connection uids: "C" + 17 base62 characters, from the unordered 5-tuple
+    (endpoints a, b in any order) and the connection's first packet time."""
+    n = len(a_hi)
+    swap = (a_hi > b_hi) | (a_hi == b_hi) & ((a_lo > b_lo) | (a_lo == b_lo) & (a_port > b_port))
+    cols = [
+        np.where(swap, b_hi, a_hi), np.where(swap, b_lo, a_lo), np.where(swap, b_port, a_port),
+        np.where(swap, a_hi, b_hi), np.where(swap, a_lo, b_lo), np.where(swap, a_port, b_port),
+        proto, first_ns,
+    ]  # fmt: skip
+    out = np.empty((n, 18), np.uint8)
+    out[:, 0] = ord("C")
+    col = 1
+    for seed, digits in zip(_UID_SEEDS, (10, 7)):
+        x = _hash(cols, seed)
+        for _ in range(digits):
+            out[:, col] = _BASE62[(x % _U64(62)).astype(np.intp)]
+            x //= _U64(62)
+            col += 1
+    return out.view("S18").ravel().astype("U18").astype(object)
+
+
+def _to16(hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
+    return np.stack([hi, lo], 1).astype(">u8").view(np.uint8).reshape(len(hi), 16)
+
+
+def _macs_to_str(macs: np.ndarray) -> np.ndarray:
+    out = np.full(len(macs), "", dtype=object)
+    if len(macs):
+        uniq, inv = np.unique(macs, return_inverse=True)
+        names = np.array([int_to_mac(int(m)) if m else "" for m in uniq], dtype=object)
+        out = names[inv]
+    return out
+
+
+def _ip16_to_str(hi: int, lo: int) -> str:
+    v = (int(hi) << 64) | int(lo)
+    if v >> 32 == 0xFFFF:
+        return str(ipaddress.IPv4Address(v & 0xFFFFFFFF))
+    return str(ipaddress.IPv6Address(v))
+
+
+# --------------------------------------------------------------------------------------------
+# the builder
+
+
+_KEY_FIELDS = ("dev_mac", "dev_hi", "dev_lo", "rem_hi", "rem_lo", "dev_port", "rem_port", "proto")
+
+
+@dataclass
+class _Open:
+    """Windows still open after a chunk: one aggregate row each, sorted by key hash."""
+
+    h: np.ndarray
+    key: dict[str, np.ndarray]
+    start: np.ndarray
+    last: np.ndarray
+    nbytes: np.ndarray
+    npkts: np.ndarray
+    nfirst: np.ndarray
+    f_t: np.ndarray  # (m, P) int64 ns
+    f_size: np.ndarray  # (m, P) int32
+    f_dir: np.ndarray  # (m, P) int8
+    f_pay: np.ndarray  # (m, P, B) uint8
+    f_plen: np.ndarray  # (m, P) int32
+    cstart: np.ndarray  # connection first packet, ns
+    dorig: np.ndarray  # bool
+
+    def __len__(self) -> int:
+        return len(self.h)
+
+    @classmethod
+    def empty(cls, packets: int, payload_bytes: int) -> "_Open":
+        i = np.zeros(0, np.int64)
+        u = np.zeros(0, np.uint64)
+        return cls(
+            h=u, key={k: (u if k in ("dev_mac", "dev_hi", "dev_lo", "rem_hi", "rem_lo") else i)
+                      for k in _KEY_FIELDS},
+            start=i, last=i, nbytes=i, npkts=i, nfirst=i,
+            f_t=np.zeros((0, packets), np.int64), f_size=np.zeros((0, packets), np.int32),
+            f_dir=np.zeros((0, packets), np.int8),
+            f_pay=np.zeros((0, packets, payload_bytes), np.uint8),
+            f_plen=np.zeros((0, packets), np.int32), cstart=i, dorig=np.zeros(0, bool),
+        )  # fmt: skip
+
+
+@dataclass
+class BuilderStats:
+    device_packets: int = 0  # entries: packets seen from a device's side (mirrored twice)
+    device_bytes: int = 0
+    records: int = 0
+
+
+class FlowBuilder:
+    """Feed :class:`PacketBatch` chunks in file order; get closed records back.
+
+    ``add(batch)`` returns the records that the batch closed, ``finish()`` the rest.
+    ``device_first_seen`` maps a device (MAC, else IP) to its first packet time.
+    """
+
+    def __init__(
+        self,
+        selector: DeviceSelector,
+        window_s: float = DEFAULT_WINDOW_S,
+        packets: int = DEFAULT_PACKETS,
+        payload_bytes: int = DEFAULT_PAYLOAD_BYTES,
+    ):
+        if not window_s > 0:
+            raise ValueError(f"window must be positive, not {window_s!r}")
+        if packets < 1 or payload_bytes < 0:
+            raise ValueError("packets must be at least 1 and payload bytes not negative")
+        self.selector = selector
+        self.window_ns = int(round(window_s * NS))
+        self.packets = int(packets)
+        self.payload_bytes = int(payload_bytes)
+        self.stats = BuilderStats()
+        self._open = _Open.empty(self.packets, self.payload_bytes)
+        # connection state per key: hash, last packet, connection start, device is orig
+        self._kt_h = np.zeros(0, np.uint64)
+        self._kt_last = np.zeros(0, np.int64)
+        self._kt_cstart = np.zeros(0, np.int64)
+        self._kt_dorig = np.zeros(0, bool)
+        self._tmax = np.iinfo(np.int64).min
+        self._first_seen: dict[tuple[int, int, int], int] = {}
+        self._seed = 0x5EED
+
+    # -- public -----------------------------------------------------------------------
+    @property
+    def device_first_seen(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for (mac, hi, lo), t in self._first_seen.items():
+            name = int_to_mac(mac) if mac else _ip16_to_str(hi, lo)
+            out[name] = min(out.get(name, np.inf), t / NS)
+        return out
+
+    def add(self, b: PacketBatch) -> FlowTable:
+        if len(b):
+            self._tmax = max(self._tmax, int(b.ts_ns.max()))
+        return self._step(b, final=False)
+
+    def finish(self) -> FlowTable:
+        return self._step(PacketBatch.empty(), final=True)
+
+    # -- internals --------------------------------------------------------------------
+    def _entries(self, b: PacketBatch) -> tuple[np.ndarray, np.ndarray]:
+        """(packet index, direction) of each device-side entry, in file order."""
+        sd, dd = self.selector.sides(b)
+        i1 = np.flatnonzero(sd)
+        i2 = np.flatnonzero(dd)
+        if not len(i2):
+            return i1, np.ones(len(i1), np.int8)
+        if not len(i1):
+            return i2, np.zeros(len(i2), np.int8)
+        pk = np.concatenate([i1, i2])
+        d = np.concatenate([np.ones(len(i1), np.int8), np.zeros(len(i2), np.int8)])
+        o = np.argsort(pk, kind="stable")
+        return pk[o], d[o]
+
+    def _step(self, b: PacketBatch, final: bool) -> FlowTable:
+        P, B, W = self.packets, self.payload_bytes, self.window_ns
+        ow = self._open
+        pk, d = self._entries(b)
+        e = len(pk)
+        self.stats.device_packets += e
+        if e:
+            self.stats.device_bytes += int(b.ip_len[pk].sum())
+        if e == 0 and len(ow) == 0:
+            return FlowTable.empty(P, B)
+        out_dir = d.astype(bool)
+        key = {
+            "dev_mac": np.where(out_dir, b.src_mac[pk], b.dst_mac[pk]),
+            "dev_hi": np.where(out_dir, b.src_hi[pk], b.dst_hi[pk]),
+            "dev_lo": np.where(out_dir, b.src_lo[pk], b.dst_lo[pk]),
+            "rem_hi": np.where(out_dir, b.dst_hi[pk], b.src_hi[pk]),
+            "rem_lo": np.where(out_dir, b.dst_lo[pk], b.src_lo[pk]),
+            "dev_port": np.where(out_dir, b.sport[pk], b.dport[pk]),
+            "rem_port": np.where(out_dir, b.dport[pk], b.sport[pk]),
+            "proto": b.proto[pk],
+        }
+        if self.selector.nets and not self.selector.macs:
+            # local-nets mode: the device's own frame MAC where the link layer has one, but
+            # never a group address (a broadcast DHCP answer must not make a second key)
+            m = key["dev_mac"]
+            key["dev_mac"] = np.where((m >> _U64(40)) & _U64(1), _U64(0), m)
+        v = len(ow)
+        # merged rows: the open windows first (their aggregate rows), then the entries
+        allkey = {k: np.concatenate([ow.key[k], key[k]]) for k in _KEY_FIELDS}
+        ts = b.ts_ns[pk]
+        t = np.concatenate([ow.start, ts])
+        tl = np.concatenate([ow.last, ts])
+        nb = np.concatenate([ow.nbytes, b.ip_len[pk]])
+        n = v + e
+        while True:
+            eh = self._key_hash({k: a[v:] for k, a in allkey.items()})
+            h = np.concatenate([ow.h, eh])
+            o = _group_order(h)
+            H = h[o]
+            gflag = np.empty(n, bool)
+            gflag[0] = True
+            np.not_equal(H[1:], H[:-1], out=gflag[1:])
+            same = ~gflag[1:]
+            if all(np.array_equal(allkey[k][o][1:][same], allkey[k][o][:-1][same])
+                   for k in _KEY_FIELDS):  # fmt: skip
+                break
+            # a 64-bit collision between two different keys: rehash with another seed (the
+            # connection table is keyed by the old hashes and starts afresh)
+            self._seed += 1
+            ow.h = self._key_hash(ow.key)
+            self._kt_h = self._kt_h[:0]
+            for name in ("_kt_last", "_kt_cstart", "_kt_dorig"):
+                setattr(self, name, getattr(self, name)[:0])
+        T = t[o]
+        gs = np.flatnonzero(gflag)
+        gid = np.cumsum(gflag) - 1
+        heads = _window_heads(T, gid, gs, W)
+        hidx = np.flatnonzero(heads)
+        nw = len(hidx)
+        wid = np.cumsum(heads) - 1
+        is_v = o < v
+        w_src = o[hidx]  # merged-row index of each window's head
+        w_start = T[hidx]
+        w_last = np.maximum.reduceat(tl[o], hidx)
+        w_bytes = np.add.reduceat(nb[o], hidx)
+        w_rows = np.diff(np.append(hidx, n))
+        w_vhead = is_v[hidx]
+        w_vid = np.where(w_vhead, w_src, 0)
+        w_pkts = w_rows - w_vhead + np.where(w_vhead, ow.npkts[w_vid] if v else 0, 0)
+        base = np.where(w_vhead, (ow.nfirst[w_vid] if v else 0) - 1, 0)
+        w_nfirst = np.minimum(P, w_rows - w_vhead + np.where(w_vhead, base + 1, 0))
+        w_group = gid[hidx]
+        w_islast = np.append(w_group[1:] != w_group[:-1], True)
+        w_gfirst = np.insert(w_group[1:] != w_group[:-1], 0, True)
+
+        # first packets: open windows' stored ones, then the entries ranked after them
+        f_t = np.zeros((nw, P), np.int64)
+        f_size = np.zeros((nw, P), np.int32)
+        f_dir = np.zeros((nw, P), np.int8)
+        f_pay = np.zeros((nw, P, B), np.uint8)
+        f_plen = np.zeros((nw, P), np.int32)
+        if v:
+            wv = np.flatnonzero(w_vhead)
+            src = w_vid[wv]
+            f_t[wv], f_size[wv], f_dir[wv] = ow.f_t[src], ow.f_size[src], ow.f_dir[src]
+            f_pay[wv], f_plen[wv] = ow.f_pay[src], ow.f_plen[src]
+        rank = np.arange(n) - hidx[wid] + base[wid]
+        sel = np.flatnonzero(~is_v & (rank < P))
+        if len(sel):
+            sw, sr = wid[sel], rank[sel]
+            ei = o[sel] - v  # entry index
+            pki = pk[ei]
+            f_t[sw, sr] = ts[ei]
+            f_size[sw, sr] = b.ip_len[pki]
+            f_dir[sw, sr] = d[ei]
+            if B:
+                pay, plen = b.payload(pki, B)
+                f_pay[sw, sr] = pay
+                f_plen[sw, sr] = plen
+
+        # connections: continue an open window's, a known key's (if not idle too long), or
+        # the previous window's; otherwise the head packet starts a new one
+        proto_w = allkey["proto"][w_src]
+        timeout = np.where(proto_w == PROTO_TCP, TCP_TIMEOUT_NS, OTHER_TIMEOUT_NS)
+        prev_last = np.full(nw, np.iinfo(np.int64).min // 2, np.int64)
+        prev_last[1:] = np.where(w_gfirst[1:], prev_last[1:], w_last[:-1])
+        gh = H[gs]
+        kt_pos = np.searchsorted(self._kt_h, gh)
+        kt_found = kt_pos < len(self._kt_h)
+        kt_found[kt_found] = self._kt_h[kt_pos[kt_found]] == gh[kt_found]
+        wf = np.flatnonzero(w_gfirst & ~w_vhead)
+        g_of_wf = w_group[wf]
+        known = kt_found[g_of_wf]
+        prev_last[wf[known]] = self._kt_last[kt_pos[g_of_wf[known]]]
+        new_conn = ~w_vhead & (w_start - prev_last > timeout)
+        w_cstart = np.zeros(nw, np.int64)
+        w_dorig = np.zeros(nw, bool)
+        if v:
+            w_cstart[w_vhead] = ow.cstart[w_vid[w_vhead]]
+            w_dorig[w_vhead] = ow.dorig[w_vid[w_vhead]]
+        from_kt = wf[known & ~new_conn[wf]]
+        kp = kt_pos[w_group[from_kt]]
+        w_cstart[from_kt] = self._kt_cstart[kp]
+        w_dorig[from_kt] = self._kt_dorig[kp]
+        w_cstart[new_conn] = w_start[new_conn]
+        head_entry = np.maximum(w_src - v, 0)
+        w_dorig[new_conn] = d[head_entry[new_conn]] == 1 if e else False
+        defined = w_vhead | new_conn | w_gfirst
+        fill = np.maximum.accumulate(np.where(defined, np.arange(nw), 0))
+        w_cstart = w_cstart[fill]
+        w_dorig = w_dorig[fill]
+
+        # which windows are done
+        closed = ~w_islast | final | (w_start + W <= self._tmax)
+        keep = np.flatnonzero(w_islast & ~closed)
+        self._open = _Open(
+            h=H[hidx[keep]],
+            key={k: allkey[k][w_src[keep]] for k in _KEY_FIELDS},
+            start=w_start[keep], last=w_last[keep], nbytes=w_bytes[keep],
+            npkts=w_pkts[keep], nfirst=w_nfirst[keep], f_t=f_t[keep], f_size=f_size[keep],
+            f_dir=f_dir[keep], f_pay=f_pay[keep], f_plen=f_plen[keep],
+            cstart=w_cstart[keep], dorig=w_dorig[keep],
+        )  # fmt: skip
+        self._update_keys(gh, w_last[w_islast], w_cstart[w_islast], w_dorig[w_islast],
+                          kt_pos, kt_found, final)  # fmt: skip
+        self._note_first_seen(allkey, o, gs, T)
+        cw = np.flatnonzero(closed)
+        cw = cw[np.argsort(w_start[cw], kind="stable")]
+        return self._table(cw, allkey, w_src, w_start, w_last, w_bytes, w_pkts, w_nfirst,
+                           f_t, f_size, f_dir, f_pay, f_plen, w_cstart, w_dorig)  # fmt: skip
+
+    def _key_hash(self, key: dict[str, np.ndarray]) -> np.ndarray:
+        ports = (key["dev_port"].astype(np.uint64) << _U64(24)) | (
+            key["rem_port"].astype(np.uint64) << _U64(8)) | key["proto"].astype(np.uint64)
+        return _hash([key["dev_mac"], key["dev_hi"], key["dev_lo"], key["rem_hi"],
+                      key["rem_lo"], ports], self._seed)  # fmt: skip
+
+    def _update_keys(self, gh, g_last, g_cstart, g_dorig, kt_pos, kt_found, final) -> None:
+        if final:
+            self._kt_h = np.zeros(0, np.uint64)
+            return
+        stale = np.zeros(len(self._kt_h), bool)
+        stale[kt_pos[kt_found]] = True  # replaced by this batch's state
+        keep = ~stale & (self._kt_last >= self._tmax - TCP_TIMEOUT_NS)
+        h = np.concatenate([self._kt_h[keep], gh])
+        o = np.argsort(h, kind="stable")
+        self._kt_h = h[o]
+        self._kt_last = np.concatenate([self._kt_last[keep], g_last])[o]
+        self._kt_cstart = np.concatenate([self._kt_cstart[keep], g_cstart])[o]
+        self._kt_dorig = np.concatenate([self._kt_dorig[keep], g_dorig])[o]
+
+    def _note_first_seen(self, allkey, o, gs, T) -> None:
+        if not len(gs):
+            return
+        src = o[gs]
+        mac = allkey["dev_mac"][src]
+        hi = np.where(mac == 0, allkey["dev_hi"][src], _U64(0))
+        lo = np.where(mac == 0, allkey["dev_lo"][src], _U64(0))
+        first = np.minimum.reduceat(T, gs)
+        dh = _hash([mac, hi, lo], 0)
+        uniq, idx, inv = np.unique(dh, return_index=True, return_inverse=True)
+        mins = np.full(len(uniq), np.iinfo(np.int64).max, np.int64)
+        np.minimum.at(mins, inv.ravel(), first)
+        fs = self._first_seen
+        for m, a, c, t in zip(mac[idx].tolist(), hi[idx].tolist(), lo[idx].tolist(),
+                              mins.tolist()):  # fmt: skip
+            if t < fs.get((m, a, c), t + 1):
+                fs[(m, a, c)] = t
+
+    def _table(self, cw, allkey, w_src, w_start, w_last, w_bytes, w_pkts, w_nfirst,
+               f_t, f_size, f_dir, f_pay, f_plen, w_cstart, w_dorig) -> FlowTable:  # fmt: skip
+        m = len(cw)
+        P, B = self.packets, self.payload_bytes
+        if m == 0:
+            return FlowTable.empty(P, B)
+        self.stats.records += m
+        src = w_src[cw]
+        k = {name: allkey[name][src] for name in _KEY_FIELDS}
+        start = w_start[cw]
+        nf = w_nfirst[cw]
+        present = np.arange(P)[None, :] < nf[:, None]
+        offs = np.where(present, (f_t[cw] - start[:, None]) / NS, 0.0)
+        cstart = w_cstart[cw]
+        uid = make_uids(k["dev_hi"], k["dev_lo"], k["dev_port"], k["rem_hi"], k["rem_lo"],
+                        k["rem_port"], k["proto"], cstart)  # fmt: skip
+        return FlowTable(
+            device_mac=_macs_to_str(k["dev_mac"]),
+            device_ip=_to16(k["dev_hi"], k["dev_lo"]),
+            remote_ip=_to16(k["rem_hi"], k["rem_lo"]),
+            device_port=k["dev_port"].astype(np.int32),
+            remote_port=k["rem_port"].astype(np.int32),
+            proto=k["proto"].astype(np.int16),
+            start=start / NS,
+            last=w_last[cw] / NS,
+            total_bytes=w_bytes[cw].astype(np.int64),
+            total_packets=w_pkts[cw].astype(np.int64),
+            n_pkts=nf.astype(np.int16),
+            offsets=offs,
+            sizes=np.where(present, f_size[cw], 0).astype(np.int32),
+            directions=np.where(present, f_dir[cw], 0).astype(np.int8),
+            payload=f_pay[cw],
+            payload_len=np.where(present, f_plen[cw], 0).astype(np.int32),
+            uid=uid,
+            device_is_orig=w_dorig[cw].copy(),
+        )
+
+
+def _group_order(h: np.ndarray) -> np.ndarray:
+    """Sort order grouping equal hashes, keeping input order within a group.
+
+    The usual case sorts one unique 64-bit value per row (top 40 hash bits, then the row
+    number): a quicksort, three times faster than a stable sort. If two different hashes
+    share their top 40 bits, the full stable sort runs instead."""
+    n = len(h)
+    if n < (1 << 24):
+        comp = (h & _U64(~((1 << 24) - 1) & _MASK64)) | np.arange(n, dtype=np.uint64)
+        o = np.argsort(comp)
+        hs = h[o]
+        top = comp[o] >> _U64(24)
+        if np.array_equal(hs[1:] != hs[:-1], top[1:] != top[:-1]):
+            return o
+    return np.argsort(h, kind="stable")
+
+
+def _window_heads(T: np.ndarray, gid: np.ndarray, gs: np.ndarray, W: int) -> np.ndarray:
+    """Rows that start a window: a group's first row, then the first row at or after the
+    current window's start + W, in rounds over all groups at once.
+
+    Within a group the search runs over the running maximum of time, offset by the group's
+    rank so that one ``searchsorted`` over the whole array stays inside each group."""
+    n = len(T)
+    heads = np.zeros(n, bool)
+    if n == 0:
+        return heads
+    heads[gs] = True
+    ge = np.append(gs[1:], n)
+    tmin = int(T.min())
+    span = int(T.max()) - tmin + W + 1
+    per_block = max(1, (1 << 62) // span)
+    for b0 in range(0, len(gs), per_block):
+        g0, g1 = b0, min(len(gs), b0 + per_block)
+        r0, r1 = int(gs[g0]), int(ge[g1 - 1])
+        rel = (gid[r0:r1] - g0).astype(np.int64) * span + (T[r0:r1] - tmin)
+        C = np.maximum.accumulate(rel)
+        p = gs[g0:g1] - r0
+        end = ge[g0:g1] - r0
+        g = np.arange(g1 - g0, dtype=np.int64)
+        # groups that fit in one window need no search at all
+        last_c = C[end - 1] - g * span
+        live = last_c >= (T[r0 + p] - tmin) + W
+        p, end, g = p[live], end[live], g[live]
+        while len(p):
+            thr = g * span + (T[r0 + p] - tmin) + W
+            nxt = np.searchsorted(C, thr, side="left")
+            ok = nxt < end
+            p, end, g = nxt[ok], end[ok], g[ok]
+            heads[r0 + p] = True
+    return heads
+
+
+# --------------------------------------------------------------------------------------------
+# whole captures
+
+
+@dataclass
+class CaptureFlows:
+    """Everything the sensor learnt from one capture."""
+
+    table: FlowTable
+    stats: ReadStats
+    builder: BuilderStats
+    device_first_seen: dict[str, float] = field(default_factory=dict)
+    error: str = ""  # non-empty: the file could not be read at all
+
+
+def iter_capture_flows(
+    path: str | Path,
+    selector: DeviceSelector,
+    window_s: float = DEFAULT_WINDOW_S,
+    packets: int = DEFAULT_PACKETS,
+    payload_bytes: int = DEFAULT_PAYLOAD_BYTES,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> Iterator[tuple[FlowTable, CaptureReader, FlowBuilder]]:
+    """Stream a capture's records chunk by chunk (bounded memory); raises PcapError."""
+    reader = CaptureReader(path, chunk_bytes)
+    builder = FlowBuilder(selector, window_s, packets, payload_bytes)
+    for batch in reader.batches():
+        t = builder.add(batch)
+        if len(t):
+            yield t, reader, builder
+    yield builder.finish(), reader, builder
+
+
+def capture_flows(
+    path: str | Path,
+    selector: DeviceSelector,
+    window_s: float = DEFAULT_WINDOW_S,
+    packets: int = DEFAULT_PACKETS,
+    payload_bytes: int = DEFAULT_PAYLOAD_BYTES,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> CaptureFlows:
+    """All records of one capture, ordered by window start. Never raises for a bad file:
+    ``error`` says why nothing could be read, ``stats.warnings`` what went wrong later."""
+    from .pcap import PcapError
+
+    reader = CaptureReader(path, chunk_bytes)
+    builder = FlowBuilder(selector, window_s, packets, payload_bytes)
+    tables = []
+    error = ""
+    try:
+        for batch in reader.batches():
+            tables.append(builder.add(batch))
+    except PcapError as e:
+        error = str(e)
+    tables.append(builder.finish())
+    t = FlowTable.concat(tables, packets, payload_bytes)
+    if len(t):
+        t = t.take(np.argsort(t.start, kind="stable"))
+    return CaptureFlows(t, reader.stats, builder.stats, builder.device_first_seen, error)
