@@ -49,6 +49,7 @@ _MASK64 = (1 << 64) - 1
 _BASE62 = np.frombuffer(
     b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz", np.uint8
 )
+_BASE62_PAIRS = np.stack(np.meshgrid(_BASE62, _BASE62, indexing="ij"), -1).reshape(-1, 2)
 _UID_SEEDS = (0x243F6A8885A308D3, 0x13198A2E03707344)
 
 
@@ -162,12 +163,15 @@ def make_uids(
     out = np.empty((n, 18), np.uint8)
     out[:, 0] = ord("C")
     col = 1
-    for seed, digits in zip(_UID_SEEDS, (10, 7)):
+    for seed, pairs in zip(_UID_SEEDS, (5, 4)):  # 62**10 < 2**64 > 62**8: 10 + 7 digits
         x = _hash(cols, seed)
-        for _ in range(digits):
-            out[:, col] = _BASE62[(x % _U64(62)).astype(np.intp)]
-            x //= _U64(62)
-            col += 1
+        for _ in range(pairs):
+            if col == 17:  # the last digit alone
+                out[:, col] = _BASE62[(x % _U64(62)).astype(np.intp)]
+                break
+            out[:, col : col + 2] = _BASE62_PAIRS[(x % _U64(3844)).astype(np.intp)]
+            x //= _U64(3844)
+            col += 2
     return out.view("S18").ravel().astype("U18").astype(object)
 
 
@@ -203,6 +207,7 @@ class _Open:
     """Windows still open after a chunk: one aggregate row each, sorted by key hash."""
 
     h: np.ndarray
+    h2: np.ndarray  # second, independent hash
     key: dict[str, np.ndarray]
     start: np.ndarray
     last: np.ndarray
@@ -225,7 +230,7 @@ class _Open:
         i = np.zeros(0, np.int64)
         u = np.zeros(0, np.uint64)
         return cls(
-            h=u, key={k: (u if k in ("dev_mac", "dev_hi", "dev_lo", "rem_hi", "rem_lo") else i)
+            h=u, h2=u, key={k: (u if k in ("dev_mac", "dev_hi", "dev_lo", "rem_hi", "rem_lo") else i)
                       for k in _KEY_FIELDS},
             start=i, last=i, nbytes=i, npkts=i, nfirst=i,
             f_t=np.zeros((0, packets), np.int64), f_size=np.zeros((0, packets), np.int32),
@@ -342,21 +347,22 @@ class FlowBuilder:
         nb = np.concatenate([ow.nbytes, b.ip_len[pk]])
         n = v + e
         while True:
-            eh = self._key_hash({k: a[v:] for k, a in allkey.items()})
-            h = np.concatenate([ow.h, eh])
+            # two independent 64-bit hashes: the first groups, the second proves the groups
+            # (different keys agreeing on both is a 2**-128 event); if it ever happens, all
+            # hashes change seed and the connection table starts afresh
+            ekey = {k: a[v:] for k, a in allkey.items()}
+            h = np.concatenate([ow.h, self._key_hash(ekey, self._seed)])
             o = _group_order(h)
             H = h[o]
             gflag = np.empty(n, bool)
             gflag[0] = True
             np.not_equal(H[1:], H[:-1], out=gflag[1:])
-            same = ~gflag[1:]
-            if all(np.array_equal(allkey[k][o][1:][same], allkey[k][o][:-1][same])
-                   for k in _KEY_FIELDS):  # fmt: skip
+            h2 = np.concatenate([ow.h2, self._key_hash(ekey, ~self._seed & _MASK64)])[o]
+            if not (h2[1:] != h2[:-1])[~gflag[1:]].any():
                 break
-            # a 64-bit collision between two different keys: rehash with another seed (the
-            # connection table is keyed by the old hashes and starts afresh)
             self._seed += 1
-            ow.h = self._key_hash(ow.key)
+            ow.h = self._key_hash(ow.key, self._seed)
+            ow.h2 = self._key_hash(ow.key, ~self._seed & _MASK64)
             self._kt_h = self._kt_h[:0]
             for name in ("_kt_last", "_kt_cstart", "_kt_dorig"):
                 setattr(self, name, getattr(self, name)[:0])
@@ -444,6 +450,7 @@ class FlowBuilder:
         keep = np.flatnonzero(w_islast & ~closed)
         self._open = _Open(
             h=H[hidx[keep]],
+            h2=h2[hidx[keep]],
             key={k: allkey[k][w_src[keep]] for k in _KEY_FIELDS},
             start=w_start[keep], last=w_last[keep], nbytes=w_bytes[keep],
             npkts=w_pkts[keep], nfirst=w_nfirst[keep], f_t=f_t[keep], f_size=f_size[keep],
@@ -458,11 +465,12 @@ class FlowBuilder:
         return self._table(cw, allkey, w_src, w_start, w_last, w_bytes, w_pkts, w_nfirst,
                            f_t, f_size, f_dir, f_pay, f_plen, w_cstart, w_dorig)  # fmt: skip
 
-    def _key_hash(self, key: dict[str, np.ndarray]) -> np.ndarray:
+    @staticmethod
+    def _key_hash(key: dict[str, np.ndarray], seed: int) -> np.ndarray:
         ports = (key["dev_port"].astype(np.uint64) << _U64(24)) | (
             key["rem_port"].astype(np.uint64) << _U64(8)) | key["proto"].astype(np.uint64)
         return _hash([key["dev_mac"], key["dev_hi"], key["dev_lo"], key["rem_hi"],
-                      key["rem_lo"], ports], self._seed)  # fmt: skip
+                      key["rem_lo"], ports], seed)  # fmt: skip
 
     def _update_keys(self, gh, g_last, g_cstart, g_dorig, kt_pos, kt_found, final) -> None:
         if final:

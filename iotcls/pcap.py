@@ -147,11 +147,14 @@ class PacketBatch:
         out = np.zeros((len(idx), nbytes), np.uint8)
         if len(idx) == 0 or nbytes == 0:
             return out, lens.astype(np.int32)
-        k = min(nbytes, int(lens.max()) if len(lens) else 0)
+        k = min(nbytes, int(lens.max()))
         if k == 0:
             return out, lens.astype(np.int32)
-        pos = np.minimum(self.pay_off[idx][:, None] + np.arange(k), len(self.buf) - 1)
-        out[:, :k] = np.where(np.arange(k)[None, :] < lens[:, None], self.buf[pos], 0)
+        rows = _rows(self.buf, self.pay_off[idx], k)
+        out[:, :k] = rows
+        short = np.flatnonzero(lens < k)  # zero what lies beyond each payload
+        if len(short):
+            out[short] *= np.arange(nbytes)[None, :] < lens[short, None]
         return out, lens.astype(np.int32)
 
     @classmethod
@@ -496,7 +499,9 @@ class CaptureReader:
             scap = np.minimum(sorig, sh[:, 1] - 16)
             # no timestamp: a simple packet takes the time of the packet before it
             prev = np.searchsorted(eo, so) - 1
-            sts = np.where(prev >= 0, ts[np.maximum(prev, 0)], last_ts)
+            sts = np.full(len(so), last_ts, np.int64)
+            if len(eo):
+                sts = np.where(prev >= 0, ts[np.maximum(prev, 0)], last_ts)
             order = np.argsort(np.concatenate([eo, so]), kind="stable")
             data = np.concatenate([eo + 28, so + 12])[order]
             rec = np.concatenate([eo, so])[order]
