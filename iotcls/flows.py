@@ -175,6 +175,13 @@ def make_uids(
     return out.view("S18").ravel().astype("U18").astype(object)
 
 
+def ns_to_s(ns: np.ndarray) -> np.ndarray:
+    """Float seconds as Zeek forms them (seconds + fraction), not ns / 1e9 (which rounds the
+    nanosecond count to 53 bits first)."""
+    ns = np.asarray(ns, np.int64)
+    return (ns // NS).astype(np.float64) + (ns % NS) / 1e9
+
+
 def _to16(hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
     return np.stack([hi, lo], 1).astype(">u8").view(np.uint8).reshape(len(hi), 16)
 
@@ -286,7 +293,7 @@ class FlowBuilder:
         out: dict[str, float] = {}
         for (mac, hi, lo), t in self._first_seen.items():
             name = int_to_mac(mac) if mac else _ip16_to_str(hi, lo)
-            out[name] = min(out.get(name, np.inf), t / NS)
+            out[name] = min(out.get(name, np.inf), float(ns_to_s(np.array([t]))[0]))
         return out
 
     def add(self, b: PacketBatch) -> FlowTable:
@@ -527,8 +534,8 @@ class FlowBuilder:
             device_port=k["dev_port"].astype(np.int32),
             remote_port=k["rem_port"].astype(np.int32),
             proto=k["proto"].astype(np.int16),
-            start=start / NS,
-            last=w_last[cw] / NS,
+            start=ns_to_s(start),
+            last=ns_to_s(w_last[cw]),
             total_bytes=w_bytes[cw].astype(np.int64),
             total_packets=w_pkts[cw].astype(np.int64),
             n_pkts=nf.astype(np.int16),
