@@ -148,7 +148,14 @@ class IoTCNN(nn.Module):
                 f"{self.cfg.width} columns, got {r} x {w}"
             )
         mask = (x != 0).any(dim=2).unsqueeze(1).to(x.dtype)  # (B, 1, R): which rows hold a flow
-        h = self.flow(x.reshape(b * r, w)).view(b, r, -1).transpose(1, 2) * mask  # (B, D, R)
+        return self.sequence_head(self.flow(x.reshape(b * r, w)).view(b, r, -1), mask)
+
+    # issue 4 (trust): the inter-flow stage on its own, so that exact Shapley values
+    # (iotcls.trust.shapley) encode each masked variant of a row once, not once per coalition.
+    def sequence_head(self, rows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Inter-flow stage: row vectors ``(B, R, row_dim)`` and row presence ``(B, 1, R)``
+        -> logits."""
+        h = rows.transpose(1, 2) * mask  # (B, D, R)
         h = (h + F.gelu(self.seq_conv(h))) * mask
         present = mask.sum(dim=2).clamp_min(1.0)
         mean = h.sum(dim=2) / present
