@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
@@ -78,6 +79,18 @@ class ServeMetrics:
     batch_size: Histogram = field(default_factory=lambda: Histogram(BATCH_BUCKETS))
     score_ms: Histogram = field(default_factory=lambda: Histogram(
         tuple(b * 1000 for b in LATENCY_BUCKETS_S)))  # fmt: skip
+    # counters kept elsewhere (the Zeek client's), read when reported
+    rejected_sources: list[Callable[[], dict[tuple[str, str], int]]] = field(default_factory=list)
+
+    def count_restart(self) -> None:
+        self.scorer_restarts += 1
+
+    def all_rejected(self) -> dict[tuple[str, str], int]:
+        out = dict(self.rejected)
+        for source in self.rejected_sources:
+            for k, v in source().items():
+                out[k] = out.get(k, 0) + v
+        return out
 
     def add_shed(self, reason: str, n: int = 1) -> None:
         self.shed[reason] = self.shed.get(reason, 0) + n
@@ -94,7 +107,7 @@ class ServeMetrics:
     def summary(self) -> str:
         """One line for the log: what came in, what went out, what was dropped and why."""
         shed = ",".join(f"{k}:{v}" for k, v in sorted(self.shed.items())) or "none"
-        rej = ",".join(f"{s}/{k}:{v}" for (s, k), v in sorted(self.rejected.items())) or "none"
+        rej = ",".join(f"{s}/{k}:{v}" for (s, k), v in sorted(self.all_rejected().items())) or "none"
         p99 = self.latency.quantile(0.99)
         return (
             f"records_in={self.records_in} labelled={self.labelled} "
@@ -155,7 +168,7 @@ class _Collector:
         yield shed
         rej = CounterMetricFamily("iotcls_messages_rejected",
                                   "Messages rejected, by socket and kind", labels=["socket", "kind"])  # fmt: skip
-        for (sock, kind), v in sorted(m.rejected.items()):
+        for (sock, kind), v in sorted(m.all_rejected().items()):
             rej.add_metric([sock, kind], v)
         yield rej
         yield GaugeMetricFamily("iotcls_queue_depth", "Records waiting for a scorer", value=m.queue_depth)

@@ -2,18 +2,20 @@
 
 Pieces and who owns what:
 
-* the Zeek side (:mod:`iotcls.bridge.zeek_ws`, :mod:`iotcls.bridge.records`): the WebSocket
-  connection with its handshake and reconnects, decoding ``IoTClass::flow`` events into
-  :class:`~iotcls.schema.FlowRecord` and encoding label events;
-* the intake (here): records -> rows -> flow-sequence matrices, with the same
-  :class:`~iotcls.layout.SequenceAssembler` as every other path, so the matrices are the ones
-  ``iotcls classify`` builds;
-* the :class:`~iotcls.bridge.dispatch.Dispatcher`: bounded queue, scorers, shed policy;
-* the :class:`~iotcls.scorer.supervisor.Supervisor`: the local scorer processes.
+* :class:`~iotcls.bridge.zeek_ws.ZeekClient`: the WebSocket session (handshake, reconnects,
+  lenient frames);
+* :class:`~iotcls.bridge.core.Bridge`: decoding ``IoTClass::flow``, matrix assembly with the
+  pcap path's code, hello/welcome, the offline hold and ``drain``, label events; here it is
+  :class:`ServeBridge`, which lets batches be scored concurrently;
+* :class:`DispatchScorer`: the Bridge's scorer, backed by the
+  :class:`~iotcls.bridge.dispatch.Dispatcher` (bounded queue, shed policy, log policy,
+  scorer processes over ZeroMQ);
+* :class:`~iotcls.scorer.supervisor.Supervisor`: the local scorer processes.
 
-Shutdown (SIGINT/SIGTERM): stop taking records from Zeek, let the dispatcher finish what is
-queued and in flight (``bridge.shutdown_timeout_s``), send those labels, stop the scorers,
-print the summary line.
+Shutdown (SIGINT/SIGTERM): stop taking records from Zeek (later ones are counted as shed for
+``shutdown``), hand what the Bridge holds to the dispatcher, let it finish what is queued and
+in flight (``bridge.shutdown_timeout_s``), send those labels, stop the scorers, close the
+connection to Zeek, print the summary line.
 """
 
 from __future__ import annotations
@@ -22,38 +24,140 @@ import asyncio
 import logging
 import signal
 import time
+from typing import Any
+
 import numpy as np
 
 from iotcls.config import Config
 from iotcls.flowtable import FlowTable
-from iotcls.layout import MatrixLayout, SequenceAssembler
-from iotcls.schema import FlowRecord
 
+from . import records as rc
+from .core import Bridge
 from .dispatch import Dispatcher, Outcome
 from .metrics import PrometheusExporter, ServeMetrics
 
 log = logging.getLogger("iotcls.serve")
 
+STRATEGY = "sequence"
 
-class Intake:
-    """Flow records -> matrices (one per record, in arrival order) -> the dispatcher."""
 
-    def __init__(self, layout: MatrixLayout, dispatcher: Dispatcher, max_devices: int):
-        self.layout = layout
+class _Group:
+    """The outcomes of one scoring call, gathered until every record has one."""
+
+    __slots__ = ("verdicts", "flows", "left", "done")
+
+    def __init__(self, n: int, flows: list[int], done: asyncio.Future):
+        self.verdicts: list[rc.Verdict | None] = [None] * n
+        self.flows, self.left, self.done = flows, n, done
+
+
+class DispatchScorer:
+    """The Bridge's scorer: ``await scorer(matrices, table)`` -> one verdict per matrix.
+
+    A verdict is None when the record was shed (see the dispatcher) or when the log policy
+    keeps its label from Zeek; the dispatcher's metrics tell the two apart.
+    """
+
+    def __init__(self, dispatcher: Dispatcher):
         self.dispatcher = dispatcher
-        self.assembler = SequenceAssembler(layout, max_devices=max_devices)
-        self._payload_bytes = max(1, layout.required_payload_bytes())
 
-    def add(self, records: list[FlowRecord]) -> None:
-        """Each record's outcome carries ``(record, n_flows)`` as its context."""
-        if not records:
+    async def __call__(self, matrices: np.ndarray, table: FlowTable) -> list[rc.Verdict | None]:
+        n = len(matrices)
+        if n == 0:
+            return []
+        flows = np.any(matrices != 0, axis=2).sum(axis=1).tolist()  # rows holding a flow
+        group = _Group(n, flows, asyncio.get_running_loop().create_future())
+        self.dispatcher.submit(matrices, list(table.device_keys()), [(group, i) for i in range(n)])
+        return await group.done
+
+    @staticmethod
+    def deliver(outcomes: list[Outcome]) -> None:
+        """The dispatcher's callback: fills in verdicts, completes finished calls."""
+        for o in outcomes:
+            group, i = o.ctx
+            if o.shed is None and o.send:
+                group.verdicts[i] = rc.Verdict(
+                    label=o.label, confidence=o.confidence, strategy=STRATEGY,
+                    n_flows=group.flows[i], trusted=o.trusted, reason=o.reason or "-",
+                    top_groups=o.top_groups, model=o.model,
+                )  # fmt: skip
+            group.left -= 1
+            if group.left == 0 and not group.done.done():
+                group.done.set_result(group.verdicts)
+
+
+class ServeBridge(Bridge):
+    """A :class:`Bridge` whose batches do not wait for each other's labels.
+
+    The base class awaits each batch's verdicts before taking the next one, which leaves all
+    but one scorer idle. Here each batch is scored in its own task; matrices are still
+    assembled in arrival order (a task assembles before its first await, and tasks start in
+    creation order). Offline, the held records are scored batch after batch, as the base class
+    does, and ``drained`` is sent only when every earlier batch is done.
+    """
+
+    def __init__(self, *args: Any, metrics: ServeMetrics, **kw: Any):
+        super().__init__(*args, **kw)
+        self.metrics = metrics
+        self._tasks: set[asyncio.Task] = set()
+        self._inline = 0
+        self._paused = False
+
+    async def process(self, batch: list) -> int:
+        if self._inline or not batch:
+            return await super().process(batch)
+        task = asyncio.create_task(super().process(batch))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return 0
+
+    async def settle(self) -> None:
+        """Waits for every batch being scored."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    async def _drain(self, d: Any) -> None:
+        await self.settle()
+        self._inline += 1
+        try:
+            await super()._drain(d)
+        finally:
+            self._inline -= 1
+
+    def _add(self, rec: Any) -> None:
+        if self._paused:  # shutting down: counted, not taken
+            self.metrics.records_in += 1
+            self.metrics.add_shed("shutdown")
             return
-        t = FlowTable.from_records(records, self.layout.packets, self._payload_bytes)
-        rows = self.layout.encode_rows(t)
-        devices = [r.device for r in records]
-        mats = self.assembler.add(rows, t.start, devices)
-        flows = np.any(mats != 0, axis=2).sum(axis=1).tolist()  # rows holding a flow
-        self.dispatcher.submit(mats, devices, list(zip(records, flows)))
+        super()._add(rec)
+
+    def pause(self) -> None:
+        self._paused = True
+
+    async def hand_over(self, timeout: float) -> None:
+        """Shutdown: moves every record the Bridge still holds on to the dispatcher."""
+        deadline = time.monotonic() + timeout
+        while not self._queue.empty() and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        held, self._held = self._held, []
+        if held:
+            log.info("scoring %d records held for an offline drain", len(held))
+            held.sort(key=lambda r: r.start)
+            for i in range(0, len(held), self.batch_size):
+                await self.process(held[i : i + self.batch_size])
+        await asyncio.sleep(0)  # let the new tasks assemble and submit
+
+
+def _client_rejections(client: Any, bridge: Bridge) -> dict[tuple[str, str], int]:
+    """What the Zeek side refused, as metrics counters."""
+    s, b = client.stats, bridge.stats
+    out = {("websocket", "malformed"): s.malformed, ("websocket", "unexpected"): s.unexpected,
+           ("websocket", "handler_error"): s.handler_errors,
+           ("websocket", "bad_flow_record"): b.bad_records,
+           ("websocket", "unexpected_event"): b.other_events}  # fmt: skip
+    for code, n in s.zeek_errors.items():
+        out[("zeek", code)] = n
+    return {k: v for k, v in out.items() if v}
 
 
 class Service:
@@ -64,35 +168,41 @@ class Service:
         self.metrics = ServeMetrics()
         self._stop = asyncio.Event()
 
-    def _load_model(self):
-        from iotcls.bundle import ModelBundle
-
-        return ModelBundle.load(self.cfg.scorers.model or None)
-
     async def run(self) -> int:
+        from iotcls.bundle import ModelBundle
         from iotcls.scorer.supervisor import Supervisor, scorer_command
 
-        from .zeek_side import ZeekSide
+        from .zeek_ws import ZeekClient
 
         cfg = self.cfg
-        bundle = self._load_model()
+        bundle = ModelBundle.load(cfg.scorers.model or None)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._stop.set)
-        zeek: ZeekSide | None = None
 
-        def deliver(outcomes: list[Outcome]) -> None:
-            if zeek is not None:
-                zeek.send_labels([o for o in outcomes if o.shed is None and o.send])
-
-        dispatcher = Dispatcher(cfg, bundle.layout, deliver, self.metrics, model_id=bundle.name)
+        dispatcher = Dispatcher(cfg, bundle.layout, DispatchScorer.deliver, self.metrics,
+                                model_id=bundle.name)  # fmt: skip
         endpoints = await dispatcher.start()
+        client: ZeekClient | None = None
+
+        async def send(frame: bytes) -> None:
+            assert client is not None
+            await client.send(frame)
+
+        bridge = ServeBridge(
+            bundle.layout, DispatchScorer(dispatcher), send, metrics=self.metrics,
+            labels_topic=cfg.zeek.label_topic, name="iotcls-serve",
+            batch_size=cfg.scorers.batch_size, max_delay_s=0.0,
+            max_devices=cfg.bridge.max_devices,
+        )  # fmt: skip
+        client = ZeekClient(
+            cfg.zeek.url, cfg.zeek.topics, on_message=bridge.on_message, on_raw=bridge.on_raw,
+            on_connect=bridge.on_connect, reconnect_max_s=cfg.zeek.reconnect_max_s,
+        )  # fmt: skip
+        self.metrics.rejected_sources.append(lambda: _client_rejections(client, bridge))
         exporter = None
         if cfg.metrics.enabled:
             exporter = PrometheusExporter(self.metrics, cfg.metrics.address, cfg.metrics.port)
-        intake = Intake(bundle.layout, dispatcher, cfg.bridge.max_devices)
-        zeek = ZeekSide(cfg.zeek, intake.add, self.metrics, bundle.layout,
-                        is_idle=lambda: dispatcher.pending == 0 and dispatcher.inflight == 0)
         connect = endpoints[0].replace("tcp://0.0.0.0:", "tcp://127.0.0.1:")
         supervisor = Supervisor(
             cfg.scorers.count,
@@ -100,8 +210,7 @@ class Service:
                            cfg.scorers.device, self.log_level),  # fmt: skip
             on_exit=dispatcher.scorer_lost,
             backoff_s=cfg.scorers.restart_backoff_s,
-            on_restart=lambda: setattr(self.metrics, "scorer_restarts",
-                                       self.metrics.scorer_restarts + 1),  # fmt: skip
+            on_restart=self.metrics.count_restart,
         )
         supervisor.start()
         print(
@@ -112,23 +221,33 @@ class Service:
             + (f"http://{cfg.metrics.address}:{exporter.port}/metrics" if exporter else "off"),
             flush=True,
         )
-        zeek_task = asyncio.create_task(zeek.run(), name="zeek")
-        stop_task = asyncio.create_task(self._stop.wait())
-        await asyncio.wait({zeek_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+        tasks = {asyncio.create_task(client.run(), name="zeek"),
+                 asyncio.create_task(bridge.run(), name="bridge")}  # fmt: skip
+        stop = asyncio.create_task(self._stop.wait())
+        await asyncio.wait({*tasks, stop}, return_when=asyncio.FIRST_COMPLETED)
+        for t in tasks:
+            if t.done() and t.exception():
+                log.error("%s stopped: %s", t.get_name(), t.exception())
         t0 = time.monotonic()
+        bridge.pause()
+        await bridge.hand_over(cfg.bridge.shutdown_timeout_s)
         log.info("stopping: finishing %d queued and %d in-flight records",
                  dispatcher.pending, dispatcher.inflight)  # fmt: skip
-        zeek.pause()  # no new records; labels still go out
         await dispatcher.drain(cfg.bridge.shutdown_timeout_s)
-        await zeek.flush()
+        try:
+            await asyncio.wait_for(bridge.settle(), 10.0)  # their label events go out
+        except asyncio.TimeoutError:
+            log.warning("shutdown: label events still being sent after 10 s")
         await dispatcher.stop_scorers()
         await supervisor.stop()
-        await zeek.close()
-        zeek_task.cancel()
-        await asyncio.gather(zeek_task, return_exceptions=True)
+        client.stop()
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         await dispatcher.close()
         if exporter:
             exporter.close()
         print(f"iotcls serve: stopped in {time.monotonic() - t0:.1f} s: {self.metrics.summary()}",
               flush=True)  # fmt: skip
         return 0
+
