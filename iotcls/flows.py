@@ -45,6 +45,7 @@ NS = 1_000_000_000
 TCP_TIMEOUT_NS = 300 * NS  # Zeek's tcp_inactivity_timeout
 OTHER_TIMEOUT_NS = 60 * NS  # udp/icmp inactivity timeouts
 _U64 = np.uint64
+_NEVER = -(1 << 62)  # a time before any packet
 _MASK64 = (1 << 64) - 1
 _BASE62 = np.frombuffer(
     b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz", np.uint8
@@ -94,36 +95,44 @@ class DeviceSelector:
         return [int_to_mac(m) for m in self.macs]
 
     def _in_nets(self, hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
+        v4 = (hi == 0) & ((lo >> _U64(32)) == _U64(0xFFFF))
+        a4 = lo.astype(np.uint32)  # the IPv4 address of mapped addresses
+        all4 = bool(v4.all())
         inside = np.zeros(len(hi), bool)
-        excluded = np.zeros(len(hi), bool)
+        # multicast and limited broadcast are never devices
+        excluded = ((a4 >> 28) == 0xE) | (a4 == 0xFFFFFFFF)
+        if not all4:
+            excluded &= v4
+            excluded |= ~v4 & ((hi >> _U64(56)) == _U64(0xFF))  # ff00::/8
         for cidr in self.nets:
             net = ipaddress.ip_network(cidr)
-            bits = net.prefixlen + (96 if net.version == 4 else 0)
-            mask = ((1 << bits) - 1) << (128 - bits) if bits else 0
-            nh, nl = _ip_halves(net.network_address)
-            inside |= ((hi & _U64(mask >> 64)) == _U64(nh)) & ((lo & _U64(mask & _MASK64)) == _U64(nl))
-            if net.version == 4 and net.prefixlen <= 30:  # directed broadcast: not a device
-                bh, bl = _ip_halves(net.broadcast_address)
-                excluded |= (hi == _U64(bh)) & (lo == _U64(bl))
-        v4 = (hi == 0) & ((lo >> 32) == 0xFFFF)
-        a4 = lo & _U64(0xFFFFFFFF)
-        excluded |= v4 & ((a4 >> 28) == 0xE)  # 224.0.0.0/4 multicast
-        excluded |= v4 & (a4 == 0xFFFFFFFF)
-        excluded |= ~v4 & ((hi >> 56) == 0xFF)  # ff00::/8 multicast
+            if net.version == 4:
+                mask = np.uint32(((1 << net.prefixlen) - 1) << (32 - net.prefixlen))
+                hit = (a4 & mask) == np.uint32(int(net.network_address))
+                inside |= hit if all4 else hit & v4
+                if net.prefixlen <= 30:  # directed broadcast: not a device
+                    excluded |= a4 == np.uint32(int(net.broadcast_address))
+            elif not all4:
+                bits = net.prefixlen
+                mask = ((1 << bits) - 1) << (128 - bits) if bits else 0
+                nh, nl = _ip_halves(net.network_address)
+                inside |= ~v4 & ((hi & _U64(mask >> 64)) == _U64(nh)) & (
+                    (lo & _U64(mask & _MASK64)) == _U64(nl))
         return inside & ~excluded
 
     def sides(self, b: PacketBatch) -> tuple[np.ndarray, np.ndarray]:
         """(source is a device, destination is a device) per packet."""
-        src = np.zeros(len(b), bool)
-        dst = np.zeros(len(b), bool)
         if self.macs:
-            macs = np.array(self.macs, np.uint64)
-            src |= np.isin(b.src_mac, macs)
-            dst |= np.isin(b.dst_mac, macs)
+            macs = np.array(self.macs, np.uint64)  # sorted
+            src = macs[np.minimum(np.searchsorted(macs, b.src_mac), len(macs) - 1)] == b.src_mac
+            dst = macs[np.minimum(np.searchsorted(macs, b.dst_mac), len(macs) - 1)] == b.dst_mac
+            if self.nets:
+                src |= self._in_nets(b.src_hi, b.src_lo)
+                dst |= self._in_nets(b.dst_hi, b.dst_lo)
+            return src, dst
         if self.nets:
-            src |= self._in_nets(b.src_hi, b.src_lo)
-            dst |= self._in_nets(b.dst_hi, b.dst_lo)
-        return src, dst
+            return self._in_nets(b.src_hi, b.src_lo), self._in_nets(b.dst_hi, b.dst_lo)
+        return np.zeros(len(b), bool), np.zeros(len(b), bool)
 
 
 # --------------------------------------------------------------------------------------------
@@ -283,7 +292,7 @@ class FlowBuilder:
         self._kt_last = np.zeros(0, np.int64)
         self._kt_cstart = np.zeros(0, np.int64)
         self._kt_dorig = np.zeros(0, bool)
-        self._tmax = np.iinfo(np.int64).min
+        self._tmax = _NEVER
         self._first_seen: dict[tuple[int, int, int], int] = {}
         self._seed = 0x5EED
 
@@ -296,28 +305,28 @@ class FlowBuilder:
             out[name] = min(out.get(name, np.inf), float(ns_to_s(np.array([t]))[0]))
         return out
 
-    def add(self, b: PacketBatch) -> FlowTable:
+    def add(self, b: PacketBatch, last: bool = False) -> FlowTable:
+        """Records closed by this batch; ``last=True`` also closes the rest (as ``finish``)."""
         if len(b):
             self._tmax = max(self._tmax, int(b.ts_ns.max()))
-        return self._step(b, final=False)
+        return self._step(b, final=last)
 
     def finish(self) -> FlowTable:
         return self._step(PacketBatch.empty(), final=True)
 
     # -- internals --------------------------------------------------------------------
     def _entries(self, b: PacketBatch) -> tuple[np.ndarray, np.ndarray]:
-        """(packet index, direction) of each device-side entry, in file order."""
+        """(packet index, direction) of each device-side entry, in file order; a packet
+        between two devices gives two entries (source side first)."""
         sd, dd = self.selector.sides(b)
-        i1 = np.flatnonzero(sd)
-        i2 = np.flatnonzero(dd)
-        if not len(i2):
-            return i1, np.ones(len(i1), np.int8)
-        if not len(i1):
-            return i2, np.zeros(len(i2), np.int8)
-        pk = np.concatenate([i1, i2])
-        d = np.concatenate([np.ones(len(i1), np.int8), np.zeros(len(i2), np.int8)])
-        o = np.argsort(pk, kind="stable")
-        return pk[o], d[o]
+        pk = np.flatnonzero(sd | dd)
+        d = sd[pk].view(np.int8)
+        both = np.flatnonzero(sd & dd)
+        if len(both):
+            at = np.searchsorted(pk, both, side="right")
+            pk = np.insert(pk, at, both)
+            d = np.insert(d, at, np.zeros(len(both), np.int8))
+        return pk, d
 
     def _step(self, b: PacketBatch, final: bool) -> FlowTable:
         P, B, W = self.packets, self.payload_bytes, self.window_ns
@@ -424,7 +433,7 @@ class FlowBuilder:
         # the previous window's; otherwise the head packet starts a new one
         proto_w = allkey["proto"][w_src]
         timeout = np.where(proto_w == PROTO_TCP, TCP_TIMEOUT_NS, OTHER_TIMEOUT_NS)
-        prev_last = np.full(nw, np.iinfo(np.int64).min // 2, np.int64)
+        prev_last = np.full(nw, _NEVER, np.int64)
         prev_last[1:] = np.where(w_gfirst[1:], prev_last[1:], w_last[:-1])
         gh = H[gs]
         kt_pos = np.searchsorted(self._kt_h, gh)
@@ -474,10 +483,26 @@ class FlowBuilder:
 
     @staticmethod
     def _key_hash(key: dict[str, np.ndarray], seed: int) -> np.ndarray:
+        """A key's hash depends on its own fields only (open windows and the connection
+        table keep hashes across chunks): IPv4 keys pack both addresses into one word."""
         ports = (key["dev_port"].astype(np.uint64) << _U64(24)) | (
             key["rem_port"].astype(np.uint64) << _U64(8)) | key["proto"].astype(np.uint64)
-        return _hash([key["dev_mac"], key["dev_hi"], key["dev_lo"], key["rem_hi"],
-                      key["rem_lo"], ports], seed)  # fmt: skip
+        dh, dl, rh, rl = key["dev_hi"], key["dev_lo"], key["rem_hi"], key["rem_lo"]
+        top = _U64(0xFFFF)
+        v4 = (dh == 0) & (rh == 0) & ((dl >> _U64(32)) == top) & ((rl >> _U64(32)) == top)
+        mac = key["dev_mac"]
+
+        def four(i):
+            both = (dl[i] << _U64(32)) | (rl[i] & _U64(0xFFFFFFFF))
+            return _hash([mac[i], both, ports[i]], seed ^ 0x4444)
+
+        if v4.all():
+            return four(slice(None))
+        h = _hash([mac, dh, dl, rh, rl, ports], seed)
+        if v4.any():
+            i = np.flatnonzero(v4)
+            h[i] = four(i)
+        return h
 
     def _update_keys(self, gh, g_last, g_cstart, g_dorig, kt_pos, kt_found, final) -> None:
         if final:
@@ -503,7 +528,7 @@ class FlowBuilder:
         first = np.minimum.reduceat(T, gs)
         dh = _hash([mac, hi, lo], 0)
         uniq, idx, inv = np.unique(dh, return_index=True, return_inverse=True)
-        mins = np.full(len(uniq), np.iinfo(np.int64).max, np.int64)
+        mins = np.full(len(uniq), -_NEVER, np.int64)
         np.minimum.at(mins, inv.ravel(), first)
         fs = self._first_seen
         for m, a, c, t in zip(mac[idx].tolist(), hi[idx].tolist(), lo[idx].tolist(),
@@ -617,6 +642,17 @@ class CaptureFlows:
     error: str = ""  # non-empty: the file could not be read at all
 
 
+def _with_last(batches: Iterator[PacketBatch]) -> Iterator[tuple[PacketBatch, bool]]:
+    """(batch, is it the last) with one batch of lookahead: a small capture costs one step."""
+    prev = None
+    for b in batches:
+        if prev is not None:
+            yield prev, False
+        prev = b
+    if prev is not None:
+        yield prev, True
+
+
 def iter_capture_flows(
     path: str | Path,
     selector: DeviceSelector,
@@ -628,11 +664,14 @@ def iter_capture_flows(
     """Stream a capture's records chunk by chunk (bounded memory); raises PcapError."""
     reader = CaptureReader(path, chunk_bytes)
     builder = FlowBuilder(selector, window_s, packets, payload_bytes)
-    for batch in reader.batches():
-        t = builder.add(batch)
-        if len(t):
+    done = False
+    for batch, last in _with_last(reader.batches()):
+        t = builder.add(batch, last)
+        done = last
+        if len(t) or last:
             yield t, reader, builder
-    yield builder.finish(), reader, builder
+    if not done:
+        yield builder.finish(), reader, builder
 
 
 def capture_flows(
@@ -651,13 +690,16 @@ def capture_flows(
     builder = FlowBuilder(selector, window_s, packets, payload_bytes)
     tables = []
     error = ""
+    done = False
     try:
-        for batch in reader.batches():
-            tables.append(builder.add(batch))
+        for batch, last in _with_last(reader.batches()):
+            tables.append(builder.add(batch, last))
+            done = last
     except PcapError as e:
         error = str(e)
-    tables.append(builder.finish())
+    if not done:
+        tables.append(builder.finish())
     t = FlowTable.concat(tables, packets, payload_bytes)
-    if len(t):
+    if len(t) > 1 and (np.diff(t.start) < 0).any():
         t = t.take(np.argsort(t.start, kind="stable"))
     return CaptureFlows(t, reader.stats, builder.stats, builder.device_first_seen, error)

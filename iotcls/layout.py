@@ -56,21 +56,16 @@ class LayoutError(ValueError):
 
 def _private_mask(ip16: np.ndarray) -> np.ndarray:
     """Which rows of (n, 16) IPv4-mapped/IPv6 addresses lie in a private network."""
-    v4 = (ip16[:, :10] == 0).all(1) & (ip16[:, 10] == 0xFF) & (ip16[:, 11] == 0xFF)
-    as_int = np.zeros(len(ip16), dtype=object)  # 128-bit integers
-    hi = ip16[:, :8].copy().view(">u8").ravel().astype(object)
-    lo = ip16[:, 8:].copy().view(">u8").ravel().astype(object)
-    as_int = hi * (1 << 64) + lo
+    halves = np.ascontiguousarray(ip16, dtype=np.uint8).view(">u8").astype(np.uint64)
+    hi, lo = halves[:, 0], halves[:, 1]
     mask = np.zeros(len(ip16), bool)
     for net in PRIVATE_NETS:
-        if net.version == 4:
-            base = (0xFFFF << 32) | int(net.network_address)
-            size = 1 << (32 - net.prefixlen)
-            mask |= v4 & (as_int >= base) & (as_int < base + size)
-        else:
-            base = int(net.network_address)
-            size = 1 << (128 - net.prefixlen)
-            mask |= ~v4 & (as_int >= base) & (as_int < base + size)
+        bits = net.prefixlen + (96 if net.version == 4 else 0)
+        base = int(net.network_address) | ((0xFFFF << 32) if net.version == 4 else 0)
+        m = ((1 << bits) - 1) << (128 - bits) if bits else 0
+        m_hi, m_lo = np.uint64(m >> 64), np.uint64(m & ((1 << 64) - 1))
+        b_hi, b_lo = np.uint64(base >> 64), np.uint64(base & ((1 << 64) - 1))
+        mask |= ((hi & m_hi) == b_hi) & ((lo & m_lo) == b_lo)
     return mask
 
 
@@ -279,11 +274,11 @@ class MatrixLayout:
         r, s, d = rows[order], starts[order], dev_codes[order]
         mats = np.zeros((n, k + 1, self.width), np.float32)
         mats[:, 0] = r
-        for j in range(1, k + 1):
-            src = np.arange(n) - j
-            ok = (src >= 0) & (d[np.maximum(src, 0)] == d)
-            mats[ok, j] = r[src[ok]]
-            mats[ok, j, 0] = rel_time(s[ok] - s[src[ok]])
+        for j in range(1, min(k, n - 1) + 1):  # row j of record i: record i - j, same device
+            mats[j:, j] = r[:-j]
+            mats[j:, j, 0] = rel_time(s[j:] - s[:-j])
+            other = np.flatnonzero(d[j:] != d[:-j]) + j
+            mats[other, j] = 0.0
         return mats, order
 
     def matrices(self, t: FlowTable) -> tuple[np.ndarray, np.ndarray]:

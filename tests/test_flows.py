@@ -236,3 +236,13 @@ def test_real_split_and_mirrored_records_happen():
                 assert (a[0], a[1], a[2], a[3]) == (b[2], b[3], b[0], b[1])
                 mirrored += 1
     assert split > 0 and mirrored > 0
+
+
+def test_keys_survive_chunks_that_change_address_family(tmp_path):
+    """An IPv4 flow's window stays one record when a chunk in its middle holds IPv6."""
+    v6 = (T0 + 1, g.ether(DEV, GW, g.ipv6("fe80::1", "2001:db8::1", 17, g.udp(1, 2, b"x"))))
+    pk = [up(T0, b"a")] + [v6] * 60 + [up(T0 + 2, b"b")]
+    p = g.write_pcap(tmp_path / "mix.pcap", pk)
+    cf = capture_flows(p, DeviceSelector.from_lists([DEV]), chunk_bytes=4096)
+    t = cf.table.take(cf.table.proto == 6)
+    assert len(t) == 1 and t.total_packets.tolist() == [2]
