@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, fields
+from functools import lru_cache
+from itertools import chain
 
 import numpy as np
 
@@ -22,6 +24,16 @@ def ip_to_bytes(ip: str) -> bytes:
     if addr.version == 4:
         return b"\x00" * 10 + b"\xff\xff" + addr.packed
     return addr.packed
+
+
+@lru_cache(maxsize=65536)
+def _ip16(ip: str) -> bytes:
+    return ip_to_bytes(ip)
+
+
+def _ips16(ips: list[str]) -> np.ndarray:
+    """(n, 16) uint8 addresses; the same few addresses recur, so their parse is cached."""
+    return np.frombuffer(b"".join([_ip16(ip) for ip in ips]), np.uint8).reshape(len(ips), 16)
 
 
 def bytes_to_ip(b: bytes) -> str:
@@ -95,31 +107,47 @@ class FlowTable:
     def from_records(
         cls, records: list[FlowRecord], packets: int, payload_bytes: int
     ) -> "FlowTable":
-        """Records with more packets or payload than the table holds are truncated."""
-        t = cls.allocate(len(records), packets, payload_bytes)
-        for i, r in enumerate(records):
-            t.device_mac[i] = r.device_mac
-            t.device_ip[i] = np.frombuffer(ip_to_bytes(r.device_ip), np.uint8)
-            t.remote_ip[i] = np.frombuffer(ip_to_bytes(r.remote_ip), np.uint8)
-            k = min(len(r.offsets), packets)
-            t.n_pkts[i] = k
-            t.offsets[i, :k] = r.offsets[:k]
-            t.sizes[i, :k] = r.sizes[:k]
-            t.directions[i, :k] = r.directions[:k]
-            for j, p in enumerate(r.payloads[:k]):
-                p = p[:payload_bytes]
-                t.payload[i, j, : len(p)] = np.frombuffer(p, np.uint8)
-                t.payload_len[i, j] = len(p)
-            t.uid[i] = r.uid
-        if records:
-            t.device_port[:] = [r.device_port for r in records]
-            t.remote_port[:] = [r.remote_port for r in records]
-            t.proto[:] = [r.proto for r in records]
-            t.start[:] = [r.start for r in records]
-            t.last[:] = [r.last for r in records]
-            t.total_bytes[:] = [r.total_bytes for r in records]
-            t.total_packets[:] = [r.total_packets for r in records]
-            t.device_is_orig[:] = [r.device_is_orig for r in records]
+        """Records with more packets or payload than the table holds are truncated.
+
+        One Python pass gathers the per-packet lists, numpy scatters them: the bridge turns
+        every record Zeek sends into a table here, tens of thousands a second.
+        """
+        n = len(records)
+        t = cls.allocate(n, packets, payload_bytes)
+        if n == 0:
+            return t
+        t.device_mac[:] = [r.device_mac for r in records]
+        t.uid[:] = [r.uid for r in records]
+        t.device_ip[:] = _ips16([r.device_ip for r in records])
+        t.remote_ip[:] = _ips16([r.remote_ip for r in records])
+        ks = np.array([min(len(r.offsets), packets) for r in records], np.int64)
+        t.n_pkts[:] = ks
+        total = int(ks.sum())
+        if total:
+            rows = np.repeat(np.arange(n), ks)
+            cols = np.arange(total) - np.repeat(np.cumsum(ks) - ks, ks)
+            cut = slice(0, packets)
+            t.offsets[rows, cols] = list(chain.from_iterable(r.offsets[cut] for r in records))
+            t.sizes[rows, cols] = list(chain.from_iterable(r.sizes[cut] for r in records))
+            t.directions[rows, cols] = list(
+                chain.from_iterable(r.directions[cut] for r in records)
+            )
+            pays = [p[:payload_bytes] for r in records for p in r.payloads[cut]]
+            lens = np.fromiter(map(len, pays), np.int64, total)
+            t.payload_len[rows, cols] = lens
+            nbytes = int(lens.sum())
+            if nbytes:
+                base = np.repeat((rows * packets + cols) * payload_bytes, lens)
+                within = np.arange(nbytes) - np.repeat(np.cumsum(lens) - lens, lens)
+                t.payload.reshape(-1)[base + within] = np.frombuffer(b"".join(pays), np.uint8)
+        t.device_port[:] = [r.device_port for r in records]
+        t.remote_port[:] = [r.remote_port for r in records]
+        t.proto[:] = [r.proto for r in records]
+        t.start[:] = [r.start for r in records]
+        t.last[:] = [r.last for r in records]
+        t.total_bytes[:] = [r.total_bytes for r in records]
+        t.total_packets[:] = [r.total_packets for r in records]
+        t.device_is_orig[:] = [r.device_is_orig for r in records]
         return t
 
     def record(self, i: int) -> FlowRecord:
