@@ -1,0 +1,512 @@
+"""Flow records in, labels out: the iotcls events on Zeek's WebSocket API.
+
+Zeek (``zeek-scripts/iotcls/main.zeek``) publishes each ended window as
+``IoTClass::flow(rec: IoTClass::FlowRecord)``; the record travels as a Broker vector of its
+16 fields in :class:`iotcls.schema.FlowRecord` order. :func:`flow_record` reads it with a fast
+path specialised to exactly that shape (one pass over the parsed JSON, no generic decoding);
+anything unexpected falls back to :func:`flow_record_generic`, which goes through the full
+codec and names the offending field. Tests check that both agree.
+
+Times. Zeek's packet times are whole microseconds (libpcap) and the wire keeps them: ``start``
+and ``last`` are reals printed with six decimals, offsets are intervals in (truncated)
+nanoseconds of a difference of doubles. Both are rounded back to whole microseconds here and
+turned into floats exactly as iotcls.flows forms them (:func:`us_to_time`,
+:func:`us_to_offset`), so the same packets give the same floats on both sensors.
+
+Labels go back as ``IoTClass::label(l: IoTClass::Label)``, built from a
+:class:`iotcls.logschema.LogEntry` (:func:`label_message`); the record's fields are those of
+iot_class.log with the connection id flattened and ``ts`` a real (µs kept).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from iotcls.logschema import LogEntry
+from iotcls.schema import FlowRecord, proto_name
+
+from . import broker_json as bj
+
+FLOW_EVENT = "IoTClass::flow"
+WELCOME_EVENT = "IoTClass::welcome"
+DRAIN_EVENT = "IoTClass::drain"
+HELLO_EVENT = "IoTClass::hello"
+LABEL_EVENT = "IoTClass::label"
+DRAINED_EVENT = "IoTClass::drained"
+
+# IoTClass::FlowRecord, in order: (field, Broker @data-type). Field names are those of
+# iotcls.schema.FlowRecord (a test checks both and the Zeek record).
+FLOW_FIELDS: tuple[tuple[str, str], ...] = (
+    ("device_mac", "string"),
+    ("device_ip", "address"),
+    ("device_port", "count"),
+    ("remote_ip", "address"),
+    ("remote_port", "count"),
+    ("proto", "count"),
+    ("start", "real"),
+    ("last", "real"),
+    ("total_bytes", "count"),
+    ("total_packets", "count"),
+    ("offsets", "vector"),  # of timespan
+    ("sizes", "vector"),  # of count
+    ("directions", "vector"),  # of count
+    ("payloads", "vector"),  # of string (hex)
+    ("uid", "string"),
+    ("device_is_orig", "boolean"),
+)
+FLOW_TYPES = tuple(t for _, t in FLOW_FIELDS)
+
+# IoTClass::Label, in order: (field, Broker @data-type).
+LABEL_FIELDS: tuple[tuple[str, str], ...] = (
+    ("ts", "real"),
+    ("uid", "string"),
+    ("orig_h", "address"),
+    ("orig_p", "port"),
+    ("resp_h", "address"),
+    ("resp_p", "port"),
+    ("device_mac", "string"),
+    ("device_ip", "address"),
+    ("label", "string"),
+    ("confidence", "real"),
+    ("strategy", "string"),
+    ("n_flows", "count"),
+    ("trusted", "boolean"),
+    ("reason", "string"),
+    ("top_groups", "vector"),  # of string
+    ("model", "string"),
+)
+
+
+class RecordError(ValueError):
+    """An IoTClass event that does not have the declared shape; the message says where."""
+
+
+def us_to_time(us: int) -> float:
+    """An absolute time in whole microseconds to float seconds as Zeek forms it from a pcap
+    header (``tv_sec + tv_usec / 1e6``), which is also how iotcls.flows forms ``start``."""
+    sec, usec = divmod(us, 1_000_000)
+    return sec + usec / 1e6
+
+
+def us_to_offset(us: int) -> float:
+    """A time offset in whole microseconds to float seconds as iotcls.flows forms offsets
+    (integer nanoseconds / 1e9)."""
+    return (us * 1000) / 1e9
+
+
+def _time(x: float) -> float:
+    return us_to_time(round(x * 1e6))
+
+
+def _span_ns(s: str) -> int:
+    """Zeek writes offsets in ns, us, ms or s (Broker picks the coarsest exact unit)."""
+    if s[-2:] == "ns":
+        return int(s[:-2])
+    if s[-2:] == "us":
+        return int(s[:-2]) * 1_000
+    if s[-2:] == "ms":
+        return int(s[:-2]) * 1_000_000
+    return bj.Timespan.parse(s).ns
+
+
+def _offset(ns: int) -> float:
+    """Zeek's truncated nanoseconds to the whole microseconds they stand for (half up; a
+    difference of two microsecond times never lies near a half microsecond)."""
+    return ((ns + 500) // 1000 * 1000) / 1e9
+
+
+def event_name(obj: Any) -> str | None:
+    """The event name of a parsed data message, or None if it is no Zeek event."""
+    try:
+        d = obj["data"]
+        if obj["@data-type"] != "vector" or len(d) != 3:
+            return None
+        body = d[2]["data"]
+        name = body[0]
+        return name["data"] if name["@data-type"] == "string" else None
+    except (KeyError, IndexError, TypeError):
+        return None
+
+
+# -- the fast path on raw frames ---------------------------------------------------------------
+# Broker renders an event deterministically (no spaces, "@data-type" before "data"); a frame
+# that matches this pattern exactly is an IoTClass::flow event with plain field values and is
+# read without building the JSON tree. Anything else (escapes in strings, other units, extra
+# fields) does not match and goes through the JSON parser and the generic codec.
+def _node(dtype: bytes, data: bytes) -> bytes:
+    return rb'\{"@data-type":"' + dtype + rb'","data":' + data + rb"\}"
+
+
+_F_MAC = _node(b"string", rb'"([0-9a-f:]*)"')
+_F_UID = _node(b"string", rb'"([0-9A-Za-z_-]*)"')
+_F_ADDR = _node(b"address", rb'"([0-9A-Fa-f.:]{2,45})"')
+_F_COUNT = _node(b"count", rb"(\d{1,19})")
+_F_REAL = _node(b"real", rb"(-?\d{1,20}\.\d{1,20})")
+_F_BOOL = _node(b"boolean", rb"(true|false)")
+_F_VEC = _node(b"vector", rb"\[([^\[\]]*)\]")
+# The only metadata Zeek attaches (with EventMetadata::add_network_timestamp): network time.
+_META_NETWORK_TIME = _node(b"vector", rb"\[" + _node(b"vector", rb"\[" + _node(b"count", b"1")
+                           + b"," + _node(b"timestamp", rb'"[0-9T:.-]{19,30}"') + rb"\]")
+                           + rb"\]")  # fmt: skip
+_FLOW_RE = re.compile(
+    rb'\{"type":"data-message","topic":"((?:[^"\\]|\\.)*)",'
+    + rb'"@data-type":"vector","data":\[' + _node(b"count", b"1") + b"," + _node(b"count", b"1")
+    + rb',\{"@data-type":"vector","data":\[' + _node(b"string", b'"IoTClass::flow"')
+    + rb',\{"@data-type":"vector","data":\[\{"@data-type":"vector","data":\['
+    + b",".join([_F_MAC, _F_ADDR, _F_COUNT, _F_ADDR, _F_COUNT, _F_COUNT, _F_REAL, _F_REAL,
+                 _F_COUNT, _F_COUNT, _F_VEC, _F_VEC, _F_VEC, _F_VEC, _F_UID, _F_BOOL])
+    + rb"\]\}\]\}(?:," + _META_NETWORK_TIME + rb")?\]\}\]\}",
+    re.S,
+)  # fmt: skip
+
+_COUNT_MAX = 2**64 - 1
+_ip_cache: dict[bytes, str] = {}
+_HEX_DIGITS = b"0123456789abcdef"
+
+
+def _split(inner: bytes, dtype: bytes, quoted: bool) -> list[bytes] | None:
+    """The element values of a vector rendered by Broker (``{"@data-type":T,"data":V},...``),
+    or None when *inner* is not exactly that. Splitting on the separator and checking the
+    ends is exact: what lies between separators must then be a bare value, which the
+    caller validates (digits, hex)."""
+    if not inner:
+        return []
+    q = b'"' if quoted else b""
+    head = b'{"@data-type":"' + dtype + b'","data":' + q
+    tail = q + b"}"
+    if not (inner.startswith(head) and inner.endswith(tail)):
+        return None
+    return inner[len(head) : len(inner) - len(tail)].split(tail + b"," + head)
+
+
+def _counts(inner: bytes) -> list[int] | None:
+    vals = _split(inner, b"count", False)
+    if not vals:
+        return vals
+    if not b"".join(vals).isdigit() or not all(vals) or max(map(len, vals)) > 19:
+        return None
+    return list(map(int, vals))
+
+
+def _spans_ns(inner: bytes) -> list[int] | None:
+    vals = _split(inner, b"timespan", True)
+    if not vals:
+        return vals
+    out = []
+    for v in vals:
+        if v[-2:] == b"ns":
+            d, scale = v[:-2], 1
+        elif v[-2:] == b"us":
+            d, scale = v[:-2], 1_000
+        elif v[-2:] == b"ms":
+            d, scale = v[:-2], 1_000_000
+        elif v[-1:] == b"s":
+            d, scale = v[:-1], 1_000_000_000
+        else:
+            return None
+        if not d.isdigit() or len(d) > 19:
+            return None
+        out.append(int(d) * scale)
+    return out
+
+
+def _hexes(inner: bytes) -> list[bytes] | None:
+    vals = _split(inner, b"string", True)
+    if not vals:
+        return vals
+    if b"".join(vals).translate(None, _HEX_DIGITS):
+        return None
+    try:
+        return [bytes.fromhex(v.decode()) for v in vals]
+    except ValueError:  # odd length
+        return None
+
+
+def _ip(raw: bytes) -> str:
+    s = _ip_cache.get(raw)
+    if s is None:
+        s = str(ipaddress.ip_address(raw.decode("ascii")))
+        if len(_ip_cache) >= 65536:
+            _ip_cache.clear()
+        _ip_cache[raw] = s
+    return s
+
+
+def flow_record_raw(raw: bytes) -> FlowRecord | None:
+    """The FlowRecord of a raw ``IoTClass::flow`` frame, or None when the frame is not in
+    the plain shape (then parse it and use :func:`flow_record`)."""
+    m = _FLOW_RE.fullmatch(raw)
+    if m is None:
+        return None
+    (_, mac, dip, dport, rip, rport, proto, start, last, tbytes, tpkts, offs, sizes, dirs, pays,
+     uid, orig) = m.groups()  # fmt: skip
+    off_ns, sizes_i, dirs_i, payloads = _spans_ns(offs), _counts(sizes), _counts(dirs), _hexes(pays)
+    if off_ns is None or sizes_i is None or dirs_i is None or payloads is None:
+        return None
+    ints = [int(dport), int(rport), int(proto), int(tbytes), int(tpkts)]
+    if max(ints) > _COUNT_MAX or (sizes_i and max(sizes_i) > _COUNT_MAX) or \
+            (dirs_i and max(dirs_i) > 1):  # fmt: skip
+        return None
+    try:
+        return FlowRecord(
+            device_mac=mac.decode(), device_ip=_ip(dip), device_port=ints[0],
+            remote_ip=_ip(rip), remote_port=ints[1], proto=ints[2], start=_time(float(start)),
+            last=_time(float(last)), total_bytes=ints[3], total_packets=ints[4],
+            offsets=[((n + 500) // 1000 * 1000) / 1e9 for n in off_ns], sizes=sizes_i,
+            directions=dirs_i,
+            payloads=payloads, uid=uid.decode(), device_is_orig=orig == b"true",
+        )  # fmt: skip
+    except ValueError:  # an address Python does not read, vectors of unequal length
+        return None
+
+
+_ONE = {"@data-type": "count", "data": 1}
+_FLOW_NAME = {"@data-type": "string", "data": FLOW_EVENT}
+
+
+def flow_record(obj: Any) -> FlowRecord:
+    """The FlowRecord of a parsed ``IoTClass::flow`` data message (a direct walk of the JSON
+    tree; falls back to :func:`flow_record_generic` for anything unexpected)."""
+    try:
+        d = obj["data"]
+        body = d[2]["data"]
+        rec = body[1]["data"][0]
+        if (obj["@data-type"] != "vector" or len(d) != 3 or d[0] != _ONE or d[1] != _ONE
+                or d[2]["@data-type"] != "vector" or len(body) not in (2, 3)
+                or body[0] != _FLOW_NAME or body[1]["@data-type"] != "vector"
+                or len(body[1]["data"]) != 1 or rec["@data-type"] != "vector"
+                or not isinstance(obj["topic"], str)):  # fmt: skip
+            raise ValueError
+        if len(body) == 3:  # metadata: let the codec check it
+            raise ValueError
+        f = rec["data"]
+        if len(f) != 16 or tuple(n["@data-type"] for n in f) != FLOW_TYPES:
+            raise ValueError
+        v = [n["data"] for n in f]
+        off, siz, dirs, pay = v[10], v[11], v[12], v[13]
+        offsets = [_offset(_span_ns(n["data"])) for n in off if n["@data-type"] == "timespan"]
+        sizes = [n["data"] for n in siz if n["@data-type"] == "count"]
+        directions = [n["data"] for n in dirs if n["@data-type"] == "count"]
+        payloads = [bytes.fromhex(n["data"]) for n in pay if n["@data-type"] == "string"]
+        if not (len(offsets) == len(off) and len(sizes) == len(siz) and len(directions) == len(dirs)
+                and len(payloads) == len(pay)):  # fmt: skip
+            raise ValueError
+        ints = (v[2], v[4], v[5], v[8], v[9], *sizes, *directions)
+        if not all(type(x) is int and x >= 0 for x in ints):
+            raise ValueError
+        if not (type(v[0]) is str and type(v[14]) is str and type(v[15]) is bool
+                and all(d in (0, 1) for d in directions)):  # fmt: skip
+            raise ValueError
+        return FlowRecord(
+            device_mac=v[0],
+            device_ip=str(ipaddress.ip_address(v[1])),
+            device_port=v[2],
+            remote_ip=str(ipaddress.ip_address(v[3])),
+            remote_port=v[4],
+            proto=v[5],
+            start=_time(v[6]),
+            last=_time(v[7]),
+            total_bytes=v[8],
+            total_packets=v[9],
+            offsets=offsets,
+            sizes=sizes,
+            directions=directions,
+            payloads=payloads,
+            uid=v[14],
+            device_is_orig=v[15],
+        )
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError, OverflowError):
+        return flow_record_generic(obj)
+
+
+def flow_record_generic(obj: Any) -> FlowRecord:
+    """The same through the full codec; raises :class:`RecordError` naming the bad field."""
+    try:
+        msg = bj.decode_message(obj)
+    except bj.BrokerJSONError as e:
+        raise RecordError(f"flow event: {e}") from None
+    ev = bj.decode_event(msg.data) if isinstance(msg, bj.DataMessage) else None
+    if ev is None or ev.name != FLOW_EVENT:
+        raise RecordError(f"not an {FLOW_EVENT} event")
+    if len(ev.args) != 1 or not isinstance(ev.args[0], list):
+        raise RecordError(f"{FLOW_EVENT}: expected one record argument")
+    return record_from_values(ev.args[0])
+
+
+def record_from_values(values: list) -> FlowRecord:
+    """A FlowRecord from the decoded field values of ``IoTClass::FlowRecord``."""
+    if len(values) != len(FLOW_FIELDS):
+        raise RecordError(f"{FLOW_EVENT}: record has {len(values)} fields, expected "
+                          f"{len(FLOW_FIELDS)}")  # fmt: skip
+    addr = (ipaddress.IPv4Address, ipaddress.IPv6Address)
+    expect = {
+        "string": str, "address": addr, "count": bj.Count, "real": float, "boolean": bool,
+        "vector": list,
+    }  # fmt: skip
+    for (name, dtype), v in zip(FLOW_FIELDS, values):
+        if not isinstance(v, expect[dtype]):
+            raise RecordError(f"{FLOW_EVENT}: field {name} must be {dtype}, got {v!r}"[:200])
+    vals = dict(zip((n for n, _ in FLOW_FIELDS), values))
+
+    def items(name: str, kind: type) -> list:
+        xs = vals[name]
+        for i, x in enumerate(xs):
+            if not isinstance(x, kind):
+                raise RecordError(f"{FLOW_EVENT}: {name}[{i}] must be {kind.__name__}, got {x!r}")
+        return xs
+
+    try:
+        payloads = [bytes.fromhex(p) for p in items("payloads", str)]
+    except ValueError:
+        raise RecordError(f"{FLOW_EVENT}: payloads must be hex strings") from None
+    directions = [int(d) for d in items("directions", bj.Count)]
+    if any(d not in (0, 1) for d in directions):
+        raise RecordError(f"{FLOW_EVENT}: directions must be 0 or 1, got {directions}")
+    try:
+        return FlowRecord(
+            device_mac=vals["device_mac"],
+            device_ip=str(vals["device_ip"]),
+            device_port=int(vals["device_port"]),
+            remote_ip=str(vals["remote_ip"]),
+            remote_port=int(vals["remote_port"]),
+            proto=int(vals["proto"]),
+            start=_time(vals["start"]),
+            last=_time(vals["last"]),
+            total_bytes=int(vals["total_bytes"]),
+            total_packets=int(vals["total_packets"]),
+            offsets=[_offset(s.ns) for s in items("offsets", bj.Timespan)],
+            sizes=[int(s) for s in items("sizes", bj.Count)],
+            directions=directions,
+            payloads=payloads,
+            uid=vals["uid"],
+            device_is_orig=vals["device_is_orig"],
+        )
+    except ValueError as e:
+        raise RecordError(f"{FLOW_EVENT}: {e}") from None
+
+
+def flow_values(r: FlowRecord) -> list:
+    """The Broker values Zeek sends for *r*, computed the way Zeek computes them: times as
+    doubles from (sec, usec), offsets as ``t - start`` truncated to nanoseconds (Broker's
+    ``duration_cast``). For tests and benchmarks; the scripts are the real producer."""
+    start_us = round(r.start * 1e6)
+    t0 = us_to_time(start_us)
+    offsets = [bj.Timespan(int((us_to_time(start_us + round(o * 1e6)) - t0) * 1e9))
+               for o in r.offsets]  # fmt: skip
+    return [
+        r.device_mac, ipaddress.ip_address(r.device_ip), bj.Count(r.device_port),
+        ipaddress.ip_address(r.remote_ip), bj.Count(r.remote_port), bj.Count(r.proto),
+        t0, us_to_time(round(r.last * 1e6)), bj.Count(r.total_bytes),
+        bj.Count(r.total_packets), offsets, [bj.Count(s) for s in r.sizes],
+        [bj.Count(d) for d in r.directions], [p.hex() for p in r.payloads], r.uid,
+        bool(r.device_is_orig),
+    ]  # fmt: skip
+
+
+def flow_frame(topic: str, r: FlowRecord) -> bytes:
+    """An ``IoTClass::flow`` frame byte for byte as Zeek sends it (tests, benchmarks)."""
+    return bj.render_zeek(topic, bj.encode_event(FLOW_EVENT, [flow_values(r)]))
+
+
+# -- labels ----------------------------------------------------------------------------------
+_PORT_PROTO = {"tcp": "tcp", "udp": "udp", "icmp": "icmp"}
+
+
+def label_values(e: LogEntry) -> list:
+    """The Broker values of ``IoTClass::Label`` for a log entry."""
+    proto = _PORT_PROTO.get(e.proto, "?")
+    try:
+        return [
+            float(e.ts), e.uid, ipaddress.ip_address(e.orig_h), bj.Port(int(e.orig_p), proto),
+            ipaddress.ip_address(e.resp_h), bj.Port(int(e.resp_p), proto), e.device_mac or "",
+            ipaddress.ip_address(e.device_ip), e.label, float(e.confidence), e.strategy,
+            bj.Count(int(e.n_flows)), bool(e.trusted), e.reason or "-",
+            [str(g) for g in e.top_groups], e.model,
+        ]  # fmt: skip
+    except (ValueError, TypeError) as err:
+        raise RecordError(f"label for {e.uid or e.device_ip}: {err}") from None
+
+
+def label_message(topic: str, e: LogEntry) -> bytes:
+    """The ``IoTClass::label`` frame for one log entry."""
+    return bj.event_message(topic, LABEL_EVENT, [label_values(e)])
+
+
+def hello_message(topic: str, bridge: str, endpoint: str) -> bytes:
+    return bj.event_message(topic, HELLO_EVENT, [bridge, endpoint])
+
+
+def drained_message(topic: str, records: int, labels: int) -> bytes:
+    return bj.event_message(topic, DRAINED_EVENT, [bj.Count(records), bj.Count(labels)])
+
+
+@dataclass
+class Verdict:
+    """What a scorer says about one record (the label fields of iot_class.log)."""
+
+    label: str
+    confidence: float
+    strategy: str = "flow"
+    n_flows: int = 1
+    trusted: bool = True
+    reason: str = "-"
+    top_groups: list[str] = field(default_factory=list)
+    model: str = ""
+
+
+def log_entry(r: FlowRecord, v: Any) -> LogEntry:
+    """The iot_class.log entry of record *r* labelled *v* (a :class:`Verdict` or any object
+    with ``label`` and ``confidence``, optionally the other Verdict fields)."""
+    orig_h, orig_p, resp_h, resp_p = r.conn_id()
+    return LogEntry(
+        ts=r.start, uid=r.uid, orig_h=orig_h, orig_p=orig_p, resp_h=resp_h, resp_p=resp_p,
+        proto=proto_name(r.proto), device_mac=r.device_mac, device_ip=r.device_ip,
+        label=str(v.label), confidence=float(v.confidence),
+        strategy=str(getattr(v, "strategy", "flow")), n_flows=int(getattr(v, "n_flows", 1)),
+        trusted=bool(getattr(v, "trusted", True)), reason=str(getattr(v, "reason", "-") or "-"),
+        top_groups=[str(g) for g in getattr(v, "top_groups", [])],
+        model=str(getattr(v, "model", "")),
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Welcome:
+    """Zeek's capture settings, from ``IoTClass::welcome``."""
+
+    schema_version: int
+    node: str
+    window_s: float
+    packets: int
+    payload_bytes: int
+    offline: bool
+
+
+def control_event(obj: Any) -> bj.Event | None:
+    """A decoded non-flow iotcls event (welcome, drain), or None for anything else."""
+    try:
+        msg = bj.decode_message(obj)
+    except bj.BrokerJSONError:
+        return None
+    return bj.decode_event(msg.data) if isinstance(msg, bj.DataMessage) else None
+
+
+def welcome_from(ev: bj.Event) -> Welcome:
+    a = ev.args
+    types = (bj.Count, str, bj.Timespan, bj.Count, bj.Count, bool)
+    if len(a) != 6 or not all(isinstance(x, t) for x, t in zip(a, types)):
+        raise RecordError(f"{WELCOME_EVENT}: unexpected arguments {list(a)!r}"[:200])
+    return Welcome(int(a[0]), a[1], a[2].seconds, int(a[3]), int(a[4]), a[5])
+
+
+def drain_from(ev: bj.Event) -> int:
+    if len(ev.args) != 1 or not isinstance(ev.args[0], bj.Count):
+        raise RecordError(f"{DRAIN_EVENT}: expected one count, got {list(ev.args)!r}"[:200])
+    return int(ev.args[0])
+
+
+def records_in(objs: Iterable[Any]) -> list[FlowRecord]:
+    """Flow records of several parsed messages (skips other events); for tests and tools."""
+    return [flow_record(o) for o in objs if event_name(o) == FLOW_EVENT]

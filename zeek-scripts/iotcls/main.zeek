@@ -1,0 +1,814 @@
+##! Flow records for IoT device classification, published to the iotcls bridge over Zeek's
+##! WebSocket API; the bridge's labels come back as events and go to ``iot_class.log``.
+##!
+##! Per connection and device side, the script keeps one window of at most
+##! :zeek:see:`IoTClass::window_length` and records its first
+##! :zeek:see:`IoTClass::packets` packets (time offset, IP length, direction, first
+##! :zeek:see:`IoTClass::payload_bytes` payload bytes). A window ends at the first packet at
+##! or after ``start + window_length`` (that packet opens the next window), when the
+##! connection is removed, or when the trace file ends. Each ended window becomes one
+##! :zeek:see:`IoTClass::flow` event per device endpoint (two mirrored events when both
+##! endpoints are devices) on :zeek:see:`IoTClass::records_topic`. The record is defined
+##! once, in iotcls/schema.py; :zeek:type:`IoTClass::FlowRecord` mirrors it field by field.
+##!
+##! Capture mechanism and its cost. Every packet of a device connection reaches one
+##! ``new_packet`` handler that, once the window holds its packets, only compares the
+##! packet's time with the window end and notes it as the window's last; totals come from the ConnSize counters (``c$orig$num_pkts``,
+##! ``num_bytes_ip``) at window boundaries, not from per-packet script arithmetic. Payload
+##! bytes need ``tcp_packet`` and ``udp_contents`` (no threshold event carries them).
+##! ConnThreshold packet/duration thresholds would cost nothing per packet after the first N,
+##! but they cannot tell the time of a window's last packet (``last``) nor the size of the
+##! packet that opens the next window, both of which the record needs exactly; see
+##! docs/zeek.md for the comparison.
+
+@load base/misc/version
+@load base/frameworks/cluster
+@load base/frameworks/input
+@load base/frameworks/logging
+@load base/utils/site
+
+# A standalone Zeek 8.1+ has no cluster backend (CLUSTER_BACKEND_NONE); its WebSocket server
+# then accepts clients but never acknowledges their subscriptions. Load Broker's backend,
+# which every Zeek build has. Load another backend *before* iotcls to use it instead.
+@ifdef ( Cluster::CLUSTER_BACKEND_NONE )
+@if ( Cluster::backend == Cluster::CLUSTER_BACKEND_NONE )
+@load frameworks/cluster/backend/broker
+@endif
+@endif
+
+module IoTClass;
+
+export {
+	## The iot_class.log stream.
+	redef enum Log::ID += { LOG };
+
+	## A default logging policy hook for the stream.
+	global log_policy: Log::PolicyHook;
+
+	## Version of the flow record (iotcls.schema.SCHEMA_VERSION); sent to the bridge in
+	## :zeek:see:`IoTClass::welcome`.
+	const schema_version = 1;
+
+	## Endpoints that are devices, by MAC address (lower case, as Zeek writes
+	## ``l2_addr``: ``"20:f8:5e:ca:91:52"``). An endpoint is a device when its MAC is
+	## listed or its address is in :zeek:see:`IoTClass::device_nets` (as the pcap sensor's
+	## ``--devices`` and ``--local-nets``).
+	option device_macs: set[string] = {};
+
+	## Endpoints inside these networks are devices, except multicast and broadcast
+	## addresses. Empty: use :zeek:see:`Site::local_nets` (looked up at each new
+	## connection, so later changes to it apply).
+	option device_nets: set[subnet] = {};
+
+	## Longest span of one flow record; the schema's ``window_s``.
+	option window_length: interval = 60sec;
+
+	## Packets per window whose timing, size, direction and payload are recorded.
+	option packets: count = 10;
+
+	## Transport payload bytes kept per recorded packet (sent hex-encoded).
+	option payload_bytes: count = 64;
+
+	## Topic the flow records (and :zeek:see:`IoTClass::welcome`,
+	## :zeek:see:`IoTClass::drain`) are published on; the bridge subscribes to it.
+	const records_topic = "zeek/iotcls/flows" &redef;
+
+	## Topic the bridge publishes labels and control events on; the logging node subscribes.
+	const labels_topic = "zeek/iotcls/labels" &redef;
+
+	## Whether the logging node (manager, or a standalone Zeek) starts a WebSocket server.
+	## Where one is already running with the same address, port and default options
+	## (zeekctl's ``UseWebSocket``), Zeek 7.2+ reuses it instead of opening a second one.
+	const websocket_listen = T &redef;
+
+	## Address the WebSocket server listens on.
+	const websocket_address = 127.0.0.1 &redef;
+
+	## Port the WebSocket server listens on (Zeek's and zeekctl's default).
+	const websocket_port = 27759/tcp &redef;
+
+	## Offline (``zeek -r``): hold packet processing until the bridge has said
+	## :zeek:see:`IoTClass::hello`, so that no record is published before anyone listens.
+	const hold_offline = T &redef;
+
+	## Offline: how long (wall clock) to wait for the bridge before processing anyway.
+	const hold_timeout = 30sec &redef;
+
+	## Offline: after the trace ends, how long (wall clock) to wait for
+	## :zeek:see:`IoTClass::drained` before terminating anyway.
+	const drain_timeout = 300sec &redef;
+
+	## One flow record: mirrors ``iotcls.schema.FlowRecord`` field by field. Times are
+	## doubles (Broker's JSON renders a ``time`` with millisecond resolution, a ``double``
+	## with six decimals), offsets are intervals (nanoseconds on the wire), payloads hex.
+	type FlowRecord: record {
+		## MAC of the device endpoint, empty when Zeek saw none.
+		device_mac: string;
+		## Address of the device endpoint.
+		device_ip: addr;
+		## Port of the device endpoint (ICMP: type or code, as in ``conn_id``).
+		device_port: count;
+		## Address of the other endpoint.
+		remote_ip: addr;
+		## Port of the other endpoint.
+		remote_port: count;
+		## IP protocol number (6, 17, 1 or 58).
+		proto: count;
+		## Time of the window's first packet, epoch seconds.
+		start: double;
+		## Time of the window's last packet, epoch seconds.
+		last: double;
+		## Sum of the IP lengths of all the window's packets.
+		total_bytes: count;
+		## Number of the window's packets.
+		total_packets: count;
+		## Per recorded packet: time since ``start``.
+		offsets: vector of interval;
+		## Per recorded packet: IP length (IPv6: payload length + 40).
+		sizes: vector of count;
+		## Per recorded packet: 1 device to remote, 0 remote to device.
+		directions: vector of count;
+		## Per recorded packet: first transport payload bytes, lower-case hex.
+		payloads: vector of string;
+		## The connection's uid.
+		uid: string;
+		## Whether the device originated the connection.
+		device_is_orig: bool;
+	};
+
+	## A label from the bridge: one per classified flow record.
+	type Label: record {
+		## Start of the labelled window, epoch seconds.
+		ts: double;
+		## The connection's uid.
+		uid: string;
+		## The connection's originator address.
+		orig_h: addr;
+		## The connection's originator port.
+		orig_p: port;
+		## The connection's responder address.
+		resp_h: addr;
+		## The connection's responder port.
+		resp_p: port;
+		## MAC of the device, empty when unknown.
+		device_mac: string;
+		## Address of the device.
+		device_ip: addr;
+		## Device type.
+		label: string;
+		## Calibrated probability of the label.
+		confidence: double;
+		## How the label was decided from the device's flows.
+		strategy: string;
+		## Flows the decision used.
+		n_flows: count;
+		## Whether the label passed the trust checks.
+		trusted: bool;
+		## Why it is not trusted; ``-`` when trusted.
+		reason: string;
+		## Feature groups that drove the label.
+		top_groups: vector of string;
+		## Model identifier.
+		model: string;
+	};
+
+	## The columns of iot_class.log (iotcls.logschema.FIELDS; ``iotcls classify`` writes
+	## the same columns).
+	type Info: record {
+		## Start of the labelled window.
+		ts: time &log;
+		## The connection's uid.
+		uid: string &log;
+		## The connection's endpoints.
+		id: conn_id &log;
+		## Transport protocol.
+		proto: transport_proto &log;
+		## MAC of the device, unset when unknown.
+		device_mac: string &log &optional;
+		## Address of the device.
+		device_ip: addr &log;
+		## Device type.
+		label: string &log;
+		## Calibrated probability of the label.
+		confidence: double &log;
+		## How the label was decided from the device's flows.
+		strategy: string &log;
+		## Flows the decision used.
+		n_flows: count &log;
+		## Whether the label passed the trust checks.
+		trusted: bool &log;
+		## Why it is not trusted; unset when trusted.
+		reason: string &log &optional;
+		## Feature groups that drove the label.
+		top_groups: vector of string &log;
+		## Model identifier.
+		model: string &log;
+	};
+
+	## Per-connection capture state (one window; shared by mirrored device sides).
+	type State: record {
+		## Whether the originator is a device.
+		orig_dev: bool;
+		## Whether the responder is a device.
+		resp_dev: bool;
+		## Time of the window's first packet.
+		start: time;
+		## Time of the window's latest packet.
+		last: time;
+		## ConnSize packet count (both directions) before the window's first packet.
+		base_pkts: count &default=0;
+		## ConnSize IP byte count (both directions) before the window's first packet.
+		base_bytes: count &default=0;
+		## Recorded packets: offsets.
+		offsets: vector of interval &default=vector();
+		## Recorded packets: IP lengths.
+		sizes: vector of count &default=vector();
+		## Recorded packets: sent by the originator.
+		from_orig: vector of bool &default=vector();
+		## Recorded packets: payload, hex.
+		payloads: vector of string &default=vector();
+		## Slot whose payload the next tcp_packet/udp_contents fills; -1: none.
+		pay_slot: int &default=-1;
+		## The window was flushed for good (trace end); nothing more to publish.
+		done: bool &default=F;
+	};
+
+	## Zeek to bridge: one ended window of one device endpoint.
+	global flow: event(rec: FlowRecord);
+
+	## Zeek to bridge, in reply to :zeek:see:`IoTClass::hello`: the capture settings.
+	global welcome: event(schema_version: count, node: string,
+	    window_length: interval, packets: count, payload_bytes: count,
+	    offline: bool);
+
+	## Zeek to bridge, offline: the trace has ended and *records* flow records were
+	## published in all; answer with :zeek:see:`IoTClass::drained` once every one of
+	## them is labelled.
+	global drain: event(records: count);
+
+	## Bridge to Zeek: the bridge is connected (*endpoint*: the id from Zeek's ack).
+	global hello: event(bridge: string, endpoint: string);
+
+	## Bridge to Zeek: a label, written to iot_class.log.
+	global label: event(l: Label);
+
+	## Bridge to Zeek: all *records* records received so far are scored and *labels*
+	## label events were sent before this event.
+	global drained: event(records: count, labels: count);
+
+	## Raised for each iot_class.log entry.
+	global log_iot_class: event(rec: Info);
+}
+
+redef record connection += {
+	## iotcls capture state, set for connections with a device endpoint.
+	iotcls: State &optional;
+};
+
+# Payload bytes of UDP packets come only through udp_contents, which needs these.
+redef udp_content_deliver_all_orig = T;
+redef udp_content_deliver_all_resp = T;
+
+type TimerLine: record {
+	s: string;
+};
+
+global wallclock_fired: event(desc: Input::EventDescription, tpe: Input::Event,
+    s: string);
+
+# uid -> conn_id of the connections with capture state, to flush them at trace end.
+global tracked: table[string] of conn_id;
+
+global records_sent: count = 0;
+global labels_logged: count = 0;
+global bridge_up = F;
+global bridge_endpoint = "";
+global held = F;
+global draining = F;
+
+function capture_node(): bool
+	{
+	return ! Cluster::is_enabled()
+	    || Cluster::local_node_type() == Cluster::WORKER;
+	}
+
+function label_node(): bool
+	{
+	return ! Cluster::is_enabled()
+	    || Cluster::local_node_type() == Cluster::MANAGER;
+	}
+
+function node_name(): string
+	{
+	return Cluster::is_enabled() ? Cluster::node : "standalone";
+	}
+
+function publish_flow(rec: FlowRecord)
+	{
+@if ( Version::at_least("7.2.0") )
+	Cluster::publish(records_topic, IoTClass::flow, rec);
+@else
+	Broker::publish(records_topic, IoTClass::flow, rec);
+@endif
+	}
+
+function publish_welcome()
+	{
+@if ( Version::at_least("7.2.0") )
+	Cluster::publish(records_topic, IoTClass::welcome, schema_version, node_name(),
+	    window_length, packets, payload_bytes, reading_traces());
+@else
+	Broker::publish(records_topic, IoTClass::welcome, schema_version, node_name(),
+	    window_length, packets, payload_bytes, reading_traces());
+@endif
+	}
+
+function publish_drain()
+	{
+@if ( Version::at_least("7.2.0") )
+	Cluster::publish(records_topic, IoTClass::drain, records_sent);
+@else
+	Broker::publish(records_topic, IoTClass::drain, records_sent);
+@endif
+	}
+
+function subscribe_labels(): bool
+	{
+@if ( Version::at_least("7.2.0") )
+	return Cluster::subscribe(labels_topic);
+@else
+	return Broker::subscribe(labels_topic);
+@endif
+	}
+
+function listen(): bool
+	{
+@if ( Version::at_least("7.2.2") )
+	return Cluster::listen_websocket([$listen_addr=websocket_address,
+	    $listen_port=websocket_port]);
+@else
+@if ( Version::at_least("7.2.0") )
+	return Cluster::listen_websocket([$listen_host=cat(websocket_address),
+	    $listen_port=websocket_port]);
+@else
+	return Broker::listen_websocket(cat(websocket_address), websocket_port) !=
+	    0/tcp;
+@endif
+@endif
+	}
+
+# Offline, network time stands still while processing is suspended and after the trace
+# ends, so scheduled events would never fire there: wall-clock timeouts run ``sleep`` through
+# the Input framework's raw reader instead.
+function start_wallclock(what: string, after: interval)
+	{
+	local secs = double_to_count(interval_to_double(after));
+	local cmd = fmt("sleep %d && echo %s |", secs, what);
+	local name = fmt("iotcls-%s-timer", what);
+	Input::add_event([$source=cmd, $name=name, $reader=Input::READER_RAW,
+	    $mode=Input::STREAM, $fields=TimerLine, $ev=wallclock_fired,
+	    $want_record=F]);
+	}
+
+function release_hold(why: string)
+	{
+	if ( ! held )
+		return;
+
+	held = F;
+	Reporter::info(fmt("iotcls: %s", why));
+	continue_processing();
+	}
+
+# Group addresses are never devices (iotcls.flows.DeviceSelector does the same).
+const multicast_nets: set[subnet] = {
+	224.0.0.0/4,
+	[ff00::]/8
+};
+const odd_hex: set[string] = {
+	"1",
+	"3",
+	"5",
+	"7",
+	"9",
+	"b",
+	"d",
+	"f"
+};
+
+# Directed broadcast addresses of the IPv4 device networks up to /30.
+global directed_broadcasts: set[addr] = {};
+
+function broadcasts(nets: set[subnet]): set[addr]
+	{
+	local out: set[addr] = {};
+	for ( n in nets )
+		{
+		if ( is_v6_subnet(n) || subnet_width(n) > 30 )
+			next;
+
+		local size = 1;
+		local k = 32 - subnet_width(n);
+		while ( k > 0 )
+			{
+			size = size * 2;
+			--k;
+			}
+		local base = addr_to_counts(subnet_to_addr(n))[0];
+		add out[counts_to_addr(vector(base + size - 1))];
+		}
+	return out;
+	}
+
+function nets_changed(ID: string, new_value: set[subnet]): set[subnet]
+	{
+	if ( ID == "IoTClass::device_nets" )
+		directed_broadcasts = broadcasts(|new_value| > 0 ? new_value :
+		    Site::local_nets);
+	else if ( |device_nets| == 0 )
+		directed_broadcasts = broadcasts(new_value);
+	return new_value;
+	}
+
+function is_device(a: addr, ep: endpoint): bool
+	{
+	if ( ep?$l2_addr && ep$l2_addr in device_macs )
+		return T;
+	if ( a in multicast_nets || a == 255.255.255.255 || a in directed_broadcasts )
+		return F;
+	if ( |device_nets| > 0 )
+		return a in device_nets;
+	return a in Site::local_nets;
+	}
+
+# The device's MAC for the record: empty for a group (multicast/broadcast) MAC.
+function device_mac(ep: endpoint): string
+	{
+	if ( ! ep?$l2_addr || sub_bytes(ep$l2_addr, 2, 1) in odd_hex )
+		return "";
+	return ep$l2_addr;
+	}
+
+function ip_proto(c: connection): count
+	{
+	local tp = get_port_transport_proto(c$id$orig_p);
+	if ( tp == tcp )
+		return 6;
+	if ( tp == udp )
+		return 17;
+	if ( tp == icmp )
+		return is_v6_addr(c$id$orig_h) ? 58 : 1;
+	return 0;
+	}
+
+function conn_pkts(c: connection): count
+	{
+	local n = 0;
+	if ( c$orig?$num_pkts )
+		n += c$orig$num_pkts;
+	if ( c$resp?$num_pkts )
+		n += c$resp$num_pkts;
+	return n;
+	}
+
+function conn_bytes(c: connection): count
+	{
+	local n = 0;
+	if ( c$orig?$num_bytes_ip )
+		n += c$orig$num_bytes_ip;
+	if ( c$resp?$num_bytes_ip )
+		n += c$resp$num_bytes_ip;
+	return n;
+	}
+
+function minus(a: count, b: count): count
+	{
+	return a > b ? a - b : 0;
+	}
+
+function make_record(c: connection, s: State, dev_is_orig: bool,
+    total_pkts: count, total_bytes: count): FlowRecord
+	{
+	local dirs: vector of count = vector();
+	for ( i in s$from_orig )
+		dirs += ( s$from_orig[i] == dev_is_orig ) ? 1 : 0;
+
+	local dev = dev_is_orig ? c$orig : c$resp;
+	return FlowRecord($device_mac=device_mac(dev),
+	    $device_ip=dev_is_orig ? c$id$orig_h : c$id$resp_h,
+	    $device_port=port_to_count(dev_is_orig ? c$id$orig_p : c$id$resp_p),
+	    $remote_ip=dev_is_orig ? c$id$resp_h : c$id$orig_h,
+	    $remote_port=port_to_count(dev_is_orig ? c$id$resp_p : c$id$orig_p),
+	    $proto=ip_proto(c), $start=time_to_double(s$start),
+	    $last=time_to_double(s$last), $total_bytes=total_bytes,
+	    $total_packets=total_pkts, $offsets=s$offsets, $sizes=s$sizes,
+	    $directions=dirs, $payloads=s$payloads, $uid=c$uid,
+	    $device_is_orig=dev_is_orig);
+	}
+
+function emit(c: connection, s: State, total_pkts: count, total_bytes: count)
+	{
+	if ( s$orig_dev )
+		{
+		publish_flow(make_record(c, s, T, total_pkts, total_bytes));
+		++records_sent;
+		}
+	if ( s$resp_dev )
+		{
+		publish_flow(make_record(c, s, F, total_pkts, total_bytes));
+		++records_sent;
+		}
+	}
+
+# Ends the window with everything counted so far (connection end, trace end).
+function flush(c: connection)
+	{
+	local s = c$iotcls;
+	if ( s$done )
+		return;
+
+	emit(c, s, minus(conn_pkts(c), s$base_pkts), minus(conn_bytes(c),
+	    s$base_bytes));
+	s$done = T;
+	}
+
+# The packet at t (IP length ip_len) opens a new window: end the current one without it.
+function roll(c: connection, s: State, t: time, ip_len: count)
+	{
+	# Endpoint counters are stale inside packet events (init-bare.zeek, endpoint): refresh.
+	local now_pkts = 0;
+	local now_bytes = 0;
+	if ( connection_exists(c$id) )
+		{
+		local fresh = lookup_connection(c$id);
+		now_pkts = conn_pkts(fresh);
+		now_bytes = conn_bytes(fresh);
+		}
+
+	local before_pkts = minus(now_pkts, 1);
+	local before_bytes = minus(now_bytes, ip_len);
+	emit(c, s, minus(before_pkts, s$base_pkts), minus(before_bytes, s$base_bytes));
+	s$base_pkts = before_pkts;
+	s$base_bytes = before_bytes;
+	s$start = t;
+	s$offsets = vector();
+	s$sizes = vector();
+	s$from_orig = vector();
+	s$payloads = vector();
+	s$pay_slot = -1;
+	}
+
+function flush_all()
+	{
+	for ( uid, id in tracked )
+		{
+		if ( ! connection_exists(id) )
+			next;
+
+		local c = lookup_connection(id);
+		if ( c?$iotcls && c$uid == uid )
+			flush(c);
+		}
+	}
+
+function finish_offline(path: string)
+	{
+	if ( ! bridge_up )
+		{
+		Reporter::warning(fmt("iotcls: no bridge connected, %d flow records of %s were not classified",
+		    records_sent, path));
+		terminate();
+		return;
+		}
+
+	draining = T;
+	publish_drain();
+	start_wallclock("drain", drain_timeout);
+	}
+
+event zeek_init() &priority=5
+	{
+	Log::create_stream(IoTClass::LOG, [$columns=Info, $ev=log_iot_class,
+	    $path="iot_class", $policy=log_policy]);
+	}
+
+event zeek_init() &priority=-10
+	{
+	directed_broadcasts = broadcasts(|device_nets| > 0 ? device_nets :
+	    Site::local_nets);
+	Option::set_change_handler("IoTClass::device_nets", nets_changed);
+	Option::set_change_handler("Site::local_nets", nets_changed);
+
+	for ( m in device_macs )
+		if ( to_lower(m) != m )
+			Reporter::warning(fmt("iotcls: IoTClass::device_macs entry %s is not lower case and never matches",
+			    m));
+
+	if ( capture_node()
+	    && |device_macs| == 0
+	    && |device_nets| == 0
+	    && |Site::local_nets| == 0 )
+		Reporter::warning("iotcls: no devices configured: set IoTClass::device_nets, IoTClass::device_macs or Site::local_nets");
+
+	if ( ! label_node() )
+		return;
+
+	if ( ! subscribe_labels() )
+		Reporter::error(fmt("iotcls: cannot subscribe to %s", labels_topic));
+
+	if ( websocket_listen && ! listen() )
+		Reporter::error(fmt("iotcls: cannot listen for WebSocket clients on %s:%s",
+		    websocket_address, websocket_port));
+
+	if ( reading_traces() && hold_offline && capture_node() )
+		{
+		held = T;
+		suspend_processing();
+		start_wallclock("hold", hold_timeout);
+		}
+	}
+
+event wallclock_fired(desc: Input::EventDescription, tpe: Input::Event,
+    s: string)
+	{
+	Input::remove(desc$name);
+	if ( s == "hold" && held )
+		release_hold(fmt("no bridge connected within %s, processing continues: flow records published before one connects are lost",
+		    hold_timeout));
+	else if ( s == "drain" && draining )
+		{
+		draining = F;
+		Reporter::warning(fmt("iotcls: bridge did not confirm %d flow records within %s (%d labels logged), terminating",
+		    records_sent, drain_timeout, labels_logged));
+		terminate();
+		}
+	}
+
+event new_connection(c: connection) &priority=5
+	{
+	if ( ! capture_node() )
+		return;
+
+	local om = is_device(c$id$orig_h, c$orig);
+	local rm = is_device(c$id$resp_h, c$resp);
+	if ( ! om && ! rm )
+		return;
+
+	c$iotcls = State($orig_dev=om, $resp_dev=rm, $start=c$start_time,
+	    $last=c$start_time);
+	tracked[c$uid] = c$id;
+	}
+
+event new_packet(c: connection, p: pkt_hdr)
+	{
+	if ( ! c?$iotcls )
+		return;
+
+	local s = c$iotcls;
+	if ( s$done )
+		return;
+
+	local t = network_time();
+	local ip_len = 0;
+	if ( t < s$start + window_length )
+		{
+		s$last = t;
+		if ( |s$sizes| >= packets )
+			{
+			# This packet is not recorded: no payload event may fill a slot for it.
+			s$pay_slot = -1;
+			return;
+			}
+		}
+
+	local from_orig = F;
+	if ( p?$ip )
+		{
+		ip_len = p$ip$len;
+		from_orig = p$ip$src == c$id$orig_h;
+		}
+	else if ( p?$ip6 )
+		{
+		ip_len = p$ip6$len + 40;
+		from_orig = p$ip6$src == c$id$orig_h;
+		}
+
+	if ( t >= s$start + window_length )
+		{
+		roll(c, s, t, ip_len);
+		s$last = t;
+		if ( |s$sizes| >= packets )
+			return;
+		}
+
+	s$offsets += t - s$start;
+	s$sizes += ip_len;
+	s$from_orig += from_orig;
+	s$payloads += "";
+	s$pay_slot = |s$payloads| - 1;
+	}
+
+event tcp_packet(c: connection, is_orig: bool, flags: string, seq: count,
+    ack: count, len: count, payload: string)
+	{
+	if ( ! c?$iotcls || c$iotcls$pay_slot < 0 )
+		return;
+
+	local s = c$iotcls;
+	if ( payload_bytes > 0 && |payload| > 0 )
+		s$payloads[s$pay_slot] = bytestring_to_hexstr(sub_bytes(payload, 1,
+		    payload_bytes));
+	s$pay_slot = -1;
+	}
+
+event udp_contents(u: connection, is_orig: bool, contents: string)
+	{
+	if ( ! u?$iotcls || u$iotcls$pay_slot < 0 )
+		return;
+
+	local s = u$iotcls;
+	if ( payload_bytes > 0 && |contents| > 0 )
+		s$payloads[s$pay_slot] = bytestring_to_hexstr(sub_bytes(contents, 1,
+		    payload_bytes));
+	s$pay_slot = -1;
+	}
+
+event connection_state_remove(c: connection) &priority=-5
+	{
+	if ( ! c?$iotcls )
+		return;
+
+	flush(c);
+	delete tracked[c$uid];
+	}
+
+event Pcap::file_done(path: string)
+	{
+	if ( ! capture_node() )
+		return;
+
+	flush_all();
+	if ( label_node() )
+		finish_offline(path);
+	}
+
+event zeek_done()
+	{
+	if ( capture_node() )
+		flush_all();
+	}
+
+event IoTClass::hello(bridge: string, endpoint: string)
+	{
+	bridge_up = T;
+	bridge_endpoint = endpoint;
+	Reporter::info(fmt("iotcls: bridge %s connected (%s)", bridge, endpoint));
+	publish_welcome();
+	release_hold(fmt("bridge %s connected, processing continues", bridge));
+	}
+
+@if ( Version::at_least("7.2.0") )
+event Cluster::websocket_client_lost(endpoint: Cluster::EndpointInfo,
+    code: count, reason: string)
+	{
+	if ( ! bridge_up || endpoint$id != bridge_endpoint )
+		return;
+
+	bridge_up = F;
+	Reporter::warning(fmt("iotcls: bridge %s disconnected (code %d): labels are lost until it reconnects",
+	    endpoint$id, code));
+	}
+@endif
+
+event IoTClass::label(l: Label)
+	{
+	local info = Info($ts=double_to_time(l$ts), $uid=l$uid, $id=conn_id(
+	    $orig_h=l$orig_h, $orig_p=l$orig_p, $resp_h=l$resp_h,
+	    $resp_p=l$resp_p), $proto=get_port_transport_proto(l$resp_p),
+	    $device_ip=l$device_ip, $label=l$label, $confidence=l$confidence,
+	    $strategy=l$strategy, $n_flows=l$n_flows, $trusted=l$trusted,
+	    $top_groups=l$top_groups, $model=l$model);
+	if ( l$device_mac != "" )
+		info$device_mac = l$device_mac;
+	if ( l$reason != "" && l$reason != "-" )
+		info$reason = l$reason;
+
+	Log::write(IoTClass::LOG, info);
+	++labels_logged;
+	}
+
+event IoTClass::drained(records: count, labels: count)
+	{
+	if ( ! draining )
+		return;
+
+	draining = F;
+	if ( records != records_sent )
+		Reporter::warning(fmt(
+		    "iotcls: published %d flow records, the bridge received %d",
+		    records_sent, records));
+	if ( labels != labels_logged )
+		Reporter::warning(fmt("iotcls: the bridge sent %d labels, %d were logged",
+		    labels, labels_logged));
+	terminate();
+	}
