@@ -19,7 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .model import count_flops
+from .bundle import ModelBundle
+from .dataset import Dataset
+from .model import count_flops, count_parameters
 from .predict import Predictions, Predictor
 from .strategies import STRATEGIES, VoteConfig, device_vote, strategy_input
 from .train import Split, macro_f1
@@ -44,6 +46,17 @@ class EvalData:
     def __len__(self) -> int:
         return len(self.labels)
 
+    @classmethod
+    def from_dataset(cls, ds: Dataset, idx: np.ndarray) -> "EvalData":
+        return cls(
+            matrices=ds.matrices[idx], labels=ds.labels[idx].astype(object),
+            devices=ds.devices[idx].astype(object), captures=ds.captures[idx].astype(object),
+            start=ds.timestamps[idx], last=ds.last[idx],
+            device_first_seen=ds.device_first_seen[idx], total_packets=ds.total_packets[idx],
+            total_bytes=ds.total_bytes[idx], inspected_packets=ds.inspected_packets[idx],
+            inspected_bytes=ds.inspected_bytes[idx],
+        )  # fmt: skip
+
     def take(self, idx: np.ndarray) -> "EvalData":
         return EvalData(**{k: v[idx] for k, v in self.__dict__.items()})
 
@@ -65,7 +78,8 @@ def class_report(y: np.ndarray, pred: np.ndarray, classes: list[str]) -> dict:
         p = tp[i] / predicted[i] if predicted[i] else 0.0
         r = tp[i] / support[i] if support[i] else 0.0
         f = 2 * p * r / (p + r) if p + r else 0.0
-        per_class[c] = {"precision": round(p, 4), "recall": round(r, 4), "f1": round(f, 4),
+        per_class[c] = {"precision": round(float(p), 4), "recall": round(float(r), 4),
+                        "f1": round(float(f), 4),
                         "support": int(support[i])}  # fmt: skip
     return {
         "accuracy": round(float(tp.sum() / max(len(y), 1)), 4),
@@ -248,3 +262,152 @@ def confusion_png(cm: np.ndarray, classes: list[str], path: Path, title: str) ->
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def baseline_figures(
+    bundle: ModelBundle, ds: Dataset, train_idx: np.ndarray, d: EvalData, vote: VoteConfig
+) -> dict:
+    """The random forest on the model's training captures, scored like the CNN."""
+    from .baseline import FEATURES, ForestBaseline, flow_features
+
+    classes = list(bundle.classes)
+    names = np.array(classes, object)
+    rf = ForestBaseline(classes, seed=int(bundle.metadata.get("train_config", {}).get("seed", 0)))
+    rf.fit(flow_features(ds.matrices[train_idx], ds.layout),
+           np.searchsorted(names, ds.labels[train_idx].astype(object)))  # fmt: skip
+    y = np.searchsorted(names, d.labels)
+    feats = flow_features(d.matrices, ds.layout)
+    c0, w0 = time.process_time(), time.perf_counter()
+    probs = rf.predict_proba(feats)
+    cpu, wall = time.process_time() - c0, time.perf_counter() - w0
+    index = probs.argmax(1)
+    everything = np.ones(len(d), bool)
+    out = {"model": "random forest, 100 trees, balanced class weights",
+           "features": list(FEATURES), "train_flows": int(len(train_idx)),
+           "train_seconds": round(rf.train_seconds, 2)}  # fmt: skip
+    flow, _ = strategy_figures("flow", d, y, index, everything, d.last, cpu, wall, 0,
+                               probs.max(1) >= 0.5, classes)  # fmt: skip
+    groups = d.device_groups()
+    v = device_vote(probs, groups, d.start, vote)
+    t = running_max_by_group(d.last, groups, d.start)
+    dev, _ = strategy_figures("device", d, y, v.index, v.emitted, t, cpu, wall, 0,
+                              probs.max(1) >= 0.5, classes)  # fmt: skip
+    for f in (flow, dev):
+        del f["cost"]["flops_per_label"], f["trusted_share"]
+    out["strategies"] = {"flow": flow, "device": dev}
+    return out
+
+
+def evaluate_report(
+    bundle: ModelBundle,
+    ds: Dataset,
+    split: Split | None,
+    use_all: bool = False,
+    baseline: bool = False,
+    vote: VoteConfig = VoteConfig(),
+    out_dir: Path | None = None,
+    predictor: Predictor | None = None,
+) -> dict:
+    """Everything ``iotcls evaluate`` reports, as one JSON-ready dict."""
+    bundle.check_layout(ds.layout, "dataset")
+    predictor = predictor or Predictor(bundle)
+    labels = ds.labels.astype(object)
+    chosen, scope = select_for_evaluation(ds.captures.astype(object), split, use_all)
+    chosen &= labels != ""
+    known = np.isin(labels, np.array(bundle.classes, object))
+    unknown = {str(k): int(v) for k, v in zip(*np.unique(labels[chosen & ~known],
+                                                             return_counts=True))}  # fmt: skip
+    idx = np.flatnonzero(chosen & known)
+    if len(idx) == 0:
+        raise ValueError("nothing to evaluate: no labelled flow of the model's classes"
+                         + (f" (labels unknown to the model: {sorted(unknown)})" if unknown
+                            else ""))  # fmt: skip
+    d = EvalData.from_dataset(ds, idx)
+    figs, reps = evaluate_model(predictor, d, vote)
+    seq = reps["sequence"]
+    classes = list(bundle.classes)
+    caps = np.unique(d.captures)
+    ct = ds.captures_table
+    in_caps = np.isin(ct.ids.astype(object), caps)
+    report = {
+        "model": bundle.name,
+        "accuracy": figs["sequence"]["accuracy"],
+        "macro_f1": figs["sequence"]["macro_f1"],
+        "scope": scope,
+        "data": {
+            "capture_files": int(len(caps)),
+            "flows": int(len(d)),
+            "devices": int(d.device_groups().max() + 1),
+            "labels": int(len(np.unique(d.labels))),
+            "unknown_labels": unknown,
+            "capture_packets": int(ct.packets[in_caps].sum()) if in_caps.any() else None,
+            "capture_bytes": int(ct.bytes[in_caps].sum()) if in_caps.any() else None,
+        },
+        "parameters": count_parameters(bundle.model),
+        "flops": {"sequence": count_flops(bundle.model),
+                  "flow": count_flops(bundle.model, rows=1)},  # fmt: skip
+        "strategies": figs,
+        "per_class": seq["per_class"],
+        "hardest_pairs": hardest_pairs(seq["confusion"], classes),
+    }
+    if in_caps.any() and ct.packets[in_caps].sum():
+        report["data"]["inspected_share_of_all_packets"] = round(
+            float(d.inspected_packets.sum() / ct.packets[in_caps].sum()), 4)
+        report["data"]["inspected_share_of_all_bytes"] = round(
+            float(d.inspected_bytes.sum() / max(ct.bytes[in_caps].sum(), 1)), 4)
+    if baseline:
+        if split is None:
+            raise ValueError("--baseline needs a model trained by iotcls train (with a split)")
+        part = split.part_of(ds.captures.astype(object))
+        train_idx = np.flatnonzero((part == 0) & (labels != "") & known)
+        if len(train_idx) == 0:
+            raise ValueError("--baseline trains on the model's training captures: give the "
+                             "capture set the model was trained on")
+        report["baseline"] = baseline_figures(bundle, ds, train_idx, d, vote)
+    if out_dir is not None:
+        png = confusion_png(seq["confusion"], classes, out_dir / "confusion.png",
+                            f"{bundle.name}: per-sequence labels, {scope}")  # fmt: skip
+        report["confusion_png"] = str(png)
+    return report
+
+
+def format_report(r: dict) -> str:
+    """The report as text: strategies side by side, per class, hardest pairs, baseline."""
+    lines = [
+        f"model {r['model']}: {r['parameters']:,} parameters, "
+        f"{r['flops']['sequence'] / 1e6:.2f} MFLOPs per matrix",
+        f"data: {r['scope']}: {r['data']['capture_files']} capture files, "
+        f"{r['data']['flows']} labelled flows, {r['data']['devices']} devices, "
+        f"{r['data']['labels']} labels",
+    ]
+    if r["data"]["unknown_labels"]:
+        lines.append(f"left out, labels the model does not know: {r['data']['unknown_labels']}")
+    lines += ["", f"{'strategy':<22}{'accuracy':>9}{'macro-F1':>9}{'labels':>8}{'dev cov':>8}"
+              f"{'flow cov':>9}{'1st label s':>12}{'CPU ms/lbl':>11}{'kFLOPs/lbl':>11}"
+              f"{'pkts insp':>10}{'bytes insp':>11}"]  # fmt: skip
+    rows = [(f"CNN {k}", v) for k, v in r["strategies"].items()]
+    if "baseline" in r:
+        rows += [(f"RF baseline {k}", v) for k, v in r["baseline"]["strategies"].items()]
+    for name, s in rows:
+        c, cost, sel = s["coverage"], s["cost"], s["selectivity"]
+        first = c["first_label_s_median"]
+        kflops = cost.get("flops_per_label")
+        lines.append(
+            f"{name:<22}{s['accuracy']:>9.4f}{s['macro_f1']:>9.4f}{s['labels']:>8}"
+            f"{c['devices']:>8.3f}{c['flows']:>9.3f}{'-' if first is None else f'{first:.1f}':>12}"
+            f"{cost['cpu_ms_per_label']:>11.4f}{'-' if kflops is None else f'{kflops / 1e3:.0f}':>11}"
+            f"{sel['packets']:>10.3f}{sel['bytes']:>11.3f}"
+        )  # fmt: skip
+    lines += ["", "per class (sequence strategy):",
+              f"  {'class':<22}{'precision':>10}{'recall':>8}{'F1':>8}{'support':>9}"]  # fmt: skip
+    for c, v in r["per_class"].items():
+        lines.append(f"  {c:<22}{v['precision']:>10.4f}{v['recall']:>8.4f}{v['f1']:>8.4f}"
+                     f"{v['support']:>9}")  # fmt: skip
+    lines += ["", "hardest class pairs (errors both ways / their flows):"]
+    for p in r["hardest_pairs"]:
+        a, b = p["pair"]
+        lines.append(f"  {a} <-> {b}: {p['errors']} errors ({p['a_as_b']} + {p['b_as_a']}), "
+                     f"rate {p['rate']:.3f}")  # fmt: skip
+    if "confusion_png" in r:
+        lines += ["", f"confusion matrix: {r['confusion_png']}"]
+    return "\n".join(lines)

@@ -7,7 +7,8 @@ same columns. The network reads it in two stages, as the paper describes:
    looked up in a small byte embedding. Each packet slot becomes one vector (its timing, size,
    direction and embedded payload bytes), and a 1D convolution runs across the packet slots,
    so the order of packets within the flow counts. Max and mean pooling over the slots, plus
-   a small embedding of the flow metadata, give one vector per flow. In the paper's ``stream``
+   a small embedding of the flow metadata (its remote address octets and port bytes looked up
+   as symbols too), give one vector per flow. In the paper's ``stream``
    layout a strided 1D convolution over the embedded byte stream replaces the per-packet bytes.
 2. **Inter-flow**, across the rows: a 1D convolution over the row vectors (the device's recent
    flows in time order), then pooling that keeps the current flow's vector apart from the
@@ -48,6 +49,7 @@ class ModelConfig:
     row_dim: int = 64  # one flow (row)
     hidden: int = 64  # classifier head
     stream_channels: int = 32  # stream mode convolution
+    meta_symbols: bool = True  # remote IP octets and port bytes also as embedded symbols
     dropout: float = 0.1
 
     @classmethod
@@ -84,6 +86,22 @@ class ModelConfig:
         return N_META + 3 * self.packets + pay
 
 
+META_SYMBOLS = 8  # four remote IP octets, remote port and device port as two bytes each
+
+
+def meta_symbols(meta: torch.Tensor) -> torch.Tensor:
+    """(N, 13) scaled metadata -> (N, 8) byte symbols of the remote IP and the two ports.
+
+    A server address or a port is a name, not a quantity: 443 is not "near" 444. The scaled
+    values stay as inputs too; the symbols let the network recognise exact servers and
+    services (zeroed private addresses become the symbols 0.0.0.0).
+    """
+    octets = torch.round(meta[:, 1:5] * 255.0)
+    ports = torch.round(meta[:, 6:8] * 65535.0)
+    hi = torch.div(ports, 256, rounding_mode="floor")
+    return torch.cat([octets, hi, ports - hi * 256], dim=1).long().clamp_(0, 255)
+
+
 class FlowEncoder(nn.Module):
     """Intra-flow stage: one row of the matrix -> one vector."""
 
@@ -97,6 +115,9 @@ class FlowEncoder(nn.Module):
             self.payload_in = nn.Linear(cfg.payload_bytes * cfg.byte_dim, cfg.packet_dim, bias=False)
         self.packet_conv = nn.Conv1d(cfg.packet_dim, cfg.packet_dim, 3, padding=1)
         self.meta_in = nn.Linear(N_META, cfg.meta_dim)
+        if cfg.meta_symbols:
+            self.meta_emb = nn.Embedding(256, cfg.byte_dim)
+            self.meta_sym_in = nn.Linear(META_SYMBOLS * cfg.byte_dim, cfg.meta_dim, bias=False)
         row_in = cfg.meta_dim + 2 * cfg.packet_dim
         if cfg.payload_mode == "stream" and cfg.stream_bytes > 0:
             c = cfg.stream_channels
@@ -119,7 +140,10 @@ class FlowEncoder(nn.Module):
             h = h + self.payload_in(self.byte_emb(ids.view(n, p, cfg.payload_bytes)).view(n, p, -1))
         h = F.gelu(h).transpose(1, 2)  # (N, D, P)
         h = h + F.gelu(self.packet_conv(h))
-        parts = [F.gelu(self.meta_in(meta)), h.amax(dim=2), h.mean(dim=2)]
+        m = self.meta_in(meta)
+        if cfg.meta_symbols:
+            m = m + self.meta_sym_in(self.meta_emb(meta_symbols(meta)).view(n, -1))
+        parts = [F.gelu(m), h.amax(dim=2), h.mean(dim=2)]
         if cfg.payload_mode == "stream" and cfg.stream_bytes > 0:
             ids = (torch.round(pay * 255.0).long() + STREAM_OFFSET).clamp_(0, STREAM_SYMBOLS - 1)
             s = self.stream_emb(ids).transpose(1, 2)  # (N, E, L)

@@ -114,7 +114,7 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
 
     opt.step(closure)
     temp = log_t.exp().item()
-    return temp if math.isfinite(temp) and 0.01 < temp < 100 else 1.0
+    return min(max(temp, 0.01), 100.0) if math.isfinite(temp) else 1.0
 
 
 def cut_history(x: torch.Tensor, share: float, gen: torch.Generator) -> torch.Tensor:
@@ -176,7 +176,7 @@ def train(
         torch.set_num_threads(cfg.threads)
     labels = np.asarray(labels, dtype=object)
     captures = np.asarray(captures, dtype=object)
-    classes = sorted(set(labels.tolist())) if classes is None else list(classes)
+    classes = sorted(set(labels.tolist()) if classes is None else classes)
     if len(classes) < 2:
         raise ValueError(f"training needs at least two labels, found {len(classes)}")
     y = np.searchsorted(np.array(classes, dtype=object), labels).astype(np.int64)

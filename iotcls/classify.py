@@ -1,0 +1,136 @@
+"""Classify the devices in captures: per-flow labels for ``iot_class.log`` and a summary.
+
+The pcap twin of what the scorer does beside Zeek: read each capture with the sensor, build
+each device's flow-sequence matrices, label them with :class:`~iotcls.predict.Predictor`
+and write one ``iot_class.log`` entry per label (:mod:`iotcls.logschema`). An entry's ``ts``
+is the time its flow record is complete (the window's last packet). A device's history
+restarts with every capture, as a sensor's would.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .dataset import CaptureMatrices
+from .flowtable import bytes_to_ip
+from .logschema import LogEntry
+from .predict import Predictions, Predictor
+from .schema import proto_name
+from .strategies import STRATEGIES, VoteConfig, device_vote, strategy_input
+
+
+@dataclass
+class DeviceSummary:
+    device: str  # MAC, else IP
+    ip: str
+    label: str
+    confidence: float
+    trusted: bool
+    trusted_share: float  # share of the device's labels that are trusted
+    n_labels: int
+    captures: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Classified:
+    """One capture's labels: ``rows`` index the capture's flow table, one per label."""
+
+    capture: CaptureMatrices
+    rows: np.ndarray  # table row of each label
+    pred: Predictions  # per label
+    n_flows: np.ndarray  # flows the label rests on
+    strategy: str
+
+    def entries(self, model: str) -> list[LogEntry]:
+        t = self.capture.table
+        out = []
+        for k, i in enumerate(self.rows.tolist()):
+            orig_h, orig_p, resp_h, resp_p = _conn_id(t, i)
+            out.append(LogEntry(
+                ts=float(t.last[i]), uid=str(t.uid[i]), orig_h=orig_h, orig_p=orig_p,
+                resp_h=resp_h, resp_p=resp_p, proto=proto_name(int(t.proto[i])),
+                device_mac=str(t.device_mac[i]), device_ip=bytes_to_ip(t.device_ip[i].tobytes()),
+                label=str(self.pred.label[k]), confidence=float(self.pred.confidence[k]),
+                strategy=self.strategy, n_flows=int(self.n_flows[k]),
+                trusted=bool(self.pred.trusted[k]), reason=str(self.pred.reason[k]),
+                top_groups=list(self.pred.top_groups[k]), model=model,
+            ))  # fmt: skip
+        return out
+
+
+def _conn_id(t, i: int) -> tuple[str, int, str, int]:
+    dev = (bytes_to_ip(t.device_ip[i].tobytes()), int(t.device_port[i]))
+    rem = (bytes_to_ip(t.remote_ip[i].tobytes()), int(t.remote_port[i]))
+    (oh, op), (rh, rp) = (dev, rem) if t.device_is_orig[i] else (rem, dev)
+    return oh, op, rh, rp
+
+
+def classify_capture(
+    predictor: Predictor, cm: CaptureMatrices, strategy: str, vote: VoteConfig = VoteConfig()
+) -> Classified:
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r} (one of {', '.join(STRATEGIES)})")
+    t, order = cm.table, cm.order
+    pred = predictor.predict(strategy_input(cm.matrices, strategy))
+    rows_present = (cm.matrices != 0).any(axis=2).sum(axis=1)
+    if strategy == "flow":
+        return Classified(cm, order, pred, np.ones(len(order), np.int64), strategy)
+    if strategy == "sequence":
+        return Classified(cm, order, pred, rows_present, strategy)
+    devices = t.device_keys()[order] if len(order) else np.zeros(0, object)
+    groups = np.unique(devices, return_inverse=True)[1] if len(order) else np.zeros(0, int)
+    v = device_vote(pred.probs, groups, t.start[order], vote)
+    keep = np.flatnonzero(v.emitted)
+    voted = pred.take(keep)
+    voted.index = v.index[keep]
+    voted.label = predictor.classes[voted.index]
+    voted.confidence = v.confidence[keep]
+    # until the trust layer decides for votes too: the threshold, on the vote's confidence
+    voted.trusted = voted.confidence >= predictor.threshold
+    voted.reason = np.where(voted.trusted, "-", "low_confidence").astype(object)
+    return Classified(cm, order[keep], voted, v.n_votes[keep], strategy)
+
+
+def summarize(
+    predictor: Predictor, results: list[tuple[CaptureMatrices, Predictions]]
+) -> list[DeviceSummary]:
+    """Per device (across captures), the confidence-weighted vote over all its sequence labels."""
+    per_dev: dict[str, list] = {}
+    for cm, pred in results:
+        t, order = cm.table, cm.order
+        keys = t.device_keys()[order]
+        for k, i in enumerate(order.tolist()):
+            per_dev.setdefault(str(keys[k]), []).append((cm, i, k, pred))
+    out = []
+    for dev, items in per_dev.items():
+        probs = np.stack([p.probs[k] for _, _, k, p in items])
+        trusted = np.array([p.trusted[k] for _, _, k, p in items])
+        starts = np.array([cm.table.start[i] for cm, i, _, _ in items])
+        v = device_vote(probs, np.zeros(len(items), np.int64), starts,
+                        VoteConfig(window=len(items), min_votes=1))  # fmt: skip
+        last = int(np.argmax(starts))
+        cls = int(v.index[last])
+        cm0, i0 = items[0][0], items[0][1]
+        conf = float(v.confidence[last])
+        share = float(trusted.mean())
+        out.append(DeviceSummary(
+            device=dev, ip=bytes_to_ip(cm0.table.device_ip[i0].tobytes()),
+            label=str(predictor.classes[cls]), confidence=conf,
+            trusted=conf >= predictor.threshold and share >= 0.5, trusted_share=share,
+            n_labels=len(items),
+            captures=sorted({cm.spec.capture_id for cm, _, _, _ in items}),
+        ))  # fmt: skip
+    out.sort(key=lambda s: s.device)
+    return out
+
+
+def format_summary(rows: list[DeviceSummary]) -> str:
+    head = f"{'device':<19}{'ip':<17}{'label':<22}{'confidence':>11}{'trusted':>9}{'labels':>8}"
+    lines = [head]
+    for r in rows:
+        trusted = f"{'yes' if r.trusted else 'no'}"
+        lines.append(f"{r.device:<19}{r.ip:<17}{r.label:<22}{r.confidence:>11.3f}"
+                     f"{trusted:>9}{r.n_labels:>8}")  # fmt: skip
+    return "\n".join(lines)

@@ -1,0 +1,71 @@
+"""``iotcls evaluate CAPTURES --model MODEL``: figures of a model on a labelled capture set.
+
+When CAPTURES holds any capture the model was trained or validated on (the usual case:
+the training set itself), only the model's held-out test captures are scored; ``--all``
+scores everything given. See docs/strategies.md for the strategies and metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from ..cli import CliError
+from ._data import load_data
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..capture import add_capture_arguments
+    from ..strategies import VoteConfig
+
+    add_capture_arguments(p)
+    v = VoteConfig()
+    p.add_argument("--model", metavar="MODEL", help="model bundle (default: the shipped model)")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument("--baseline", action="store_true",
+                   help="also train and score a random forest on flow statistics (same split)")
+    p.add_argument("--out", metavar="DIR", default="out/evaluate",
+                   help="where the confusion-matrix PNG and report.json go (default %(default)s)")
+    p.add_argument("--all", action="store_true", dest="use_all",
+                   help="score every capture given, even those the model was trained on")
+    p.add_argument("--vote-window", type=int, default=v.window,
+                   help="device strategy: sequences that vote (default %(default)s)")
+    p.add_argument("--min-votes", type=int, default=v.min_votes,
+                   help="device strategy: sequences before a first label (default %(default)s)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..bundle import BundleError, ModelBundle
+    from ..evaluate import evaluate_report, format_report
+    from ..strategies import VoteConfig
+    from ..train import Split
+
+    try:
+        bundle = ModelBundle.load(args.model)
+    except BundleError as e:
+        raise CliError(str(e)) from None
+    if args.vote_window < 1 or args.min_votes < 1 or args.min_votes > args.vote_window:
+        raise CliError("--vote-window and --min-votes must be >= 1, min-votes <= vote-window")
+    progress = not args.quiet and sys.stderr.isatty()
+    ds = load_data(args, bundle.layout, exact_layout=True, progress=progress)
+    split = bundle.metadata.get("split")
+    split = Split(**split) if split else None
+    try:
+        report = evaluate_report(
+            bundle, ds, split, use_all=args.use_all, baseline=args.baseline,
+            vote=VoteConfig(args.vote_window, args.min_votes), out_dir=Path(args.out),
+        )  # fmt: skip
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    out = Path(args.out)
+    (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(format_report(report))
+    return 0
