@@ -167,23 +167,33 @@ _ip_cache: dict[bytes, str] = {}
 _HEX_DIGITS = b"0123456789abcdef"
 
 
-def _split(inner: bytes, dtype: bytes, quoted: bool) -> list[bytes] | None:
+def _vector_parts(dtype: bytes, quoted: bool) -> tuple[bytes, bytes, bytes]:
+    q = b'"' if quoted else b""
+    head = b'{"@data-type":"' + dtype + b'","data":' + q
+    tail = q + b"}"
+    return head, tail, tail + b"," + head
+
+
+_V_COUNT = _vector_parts(b"count", False)
+_V_SPAN = _vector_parts(b"timespan", True)
+_V_STRING = _vector_parts(b"string", True)
+
+
+def _split(inner: bytes, parts: tuple[bytes, bytes, bytes]) -> list[bytes] | None:
     """The element values of a vector rendered by Broker (``{"@data-type":T,"data":V},...``),
     or None when *inner* is not exactly that. Splitting on the separator and checking the
     ends is exact: what lies between separators must then be a bare value, which the
     caller validates (digits, hex)."""
     if not inner:
         return []
-    q = b'"' if quoted else b""
-    head = b'{"@data-type":"' + dtype + b'","data":' + q
-    tail = q + b"}"
+    head, tail, sep = parts
     if not (inner.startswith(head) and inner.endswith(tail)):
         return None
-    return inner[len(head) : len(inner) - len(tail)].split(tail + b"," + head)
+    return inner[len(head) : len(inner) - len(tail)].split(sep)
 
 
 def _counts(inner: bytes) -> list[int] | None:
-    vals = _split(inner, b"count", False)
+    vals = _split(inner, _V_COUNT)
     if not vals:
         return vals
     if not b"".join(vals).isdigit() or not all(vals) or max(map(len, vals)) > 19:
@@ -192,7 +202,7 @@ def _counts(inner: bytes) -> list[int] | None:
 
 
 def _spans_ns(inner: bytes) -> list[int] | None:
-    vals = _split(inner, b"timespan", True)
+    vals = _split(inner, _V_SPAN)
     if not vals:
         return vals
     out = []
@@ -214,7 +224,7 @@ def _spans_ns(inner: bytes) -> list[int] | None:
 
 
 def _hexes(inner: bytes) -> list[bytes] | None:
-    vals = _split(inner, b"string", True)
+    vals = _split(inner, _V_STRING)
     if not vals:
         return vals
     if b"".join(vals).translate(None, _HEX_DIGITS):

@@ -530,3 +530,20 @@ def test_scorer_failure_and_async_scorers():
         await zeek.stop()
 
     run_async(scenario())
+
+
+def test_native_broker_transport_needs_the_bindings():
+    """The optional native transport runs only with Zeek's Broker bindings; here they are
+    not installed, and it says so in one line instead of failing later."""
+    from iotcls.bridge import broker_native
+
+    try:
+        import broker  # noqa: F401
+
+        has = hasattr(broker, "Endpoint")
+    except ImportError:
+        has = False
+    assert broker_native.available() is has
+    if not has:
+        with pytest.raises(RuntimeError, match=r"Broker Python bindings are not importable"):
+            broker_native.NativeBrokerClient("127.0.0.1", 9999, [FLOWS], on_message=print)

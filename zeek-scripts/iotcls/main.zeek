@@ -12,13 +12,14 @@
 ##! once, in iotcls/schema.py; :zeek:type:`IoTClass::FlowRecord` mirrors it field by field.
 ##!
 ##! Capture mechanism and its cost. Every packet of a device connection reaches one
-##! ``new_packet`` handler that, once the window holds its packets, only compares the
-##! packet's time with the window end and notes it as the window's last; totals come from the ConnSize counters (``c$orig$num_pkts``,
-##! ``num_bytes_ip``) at window boundaries, not from per-packet script arithmetic. Payload
-##! bytes need ``tcp_packet`` and ``udp_contents`` (no threshold event carries them).
-##! ConnThreshold packet/duration thresholds would cost nothing per packet after the first N,
-##! but they cannot tell the time of a window's last packet (``last``) nor the size of the
-##! packet that opens the next window, both of which the record needs exactly; see
+##! ``new_packet`` handler; once the window holds its packets, the handler only compares the
+##! packet's time with the window's end and notes it as the window's last. Totals come from
+##! the ConnSize counters (``c$orig$num_pkts``, ``num_bytes_ip``) when a window ends, not
+##! from per-packet script arithmetic. Payload bytes need ``tcp_packet`` and
+##! ``udp_contents`` (no threshold event carries them). ConnThreshold packet and duration
+##! thresholds would cost nothing per packet after the first N, but they cannot tell the
+##! time of a window's last packet (``last``) nor the size of the packet that opens the next
+##! window, both of which the record needs exactly; see
 ##! docs/zeek.md for the comparison.
 
 @load base/misc/version
@@ -558,7 +559,7 @@ function roll(c: connection, s: State, t: time, ip_len: count)
 	s$pay_slot = -1;
 	}
 
-function flush_all()
+function flush_tracked()
 	{
 	for ( uid, id in tracked )
 		{
@@ -747,7 +748,7 @@ event Pcap::file_done(path: string)
 	if ( ! capture_node() )
 		return;
 
-	flush_all();
+	flush_tracked();
 	if ( label_node() )
 		finish_offline(path);
 	}
@@ -755,7 +756,7 @@ event Pcap::file_done(path: string)
 event zeek_done()
 	{
 	if ( capture_node() )
-		flush_all();
+		flush_tracked();
 	}
 
 event IoTClass::hello(bridge: string, endpoint: string)

@@ -1,0 +1,156 @@
+"""``iotcls zeek-install``: put the iotcls Zeek scripts where ``zeek iotcls`` finds them.
+
+Zeek resolves ``zeek -i eth0 iotcls`` (and ``@load iotcls``) through ZEEKPATH, which always
+holds the site directory (``<prefix>/share/zeek/site``). This command finds that directory
+(``zeek-config --site_dir``, else the ZEEKPATH that ``zeek --help`` prints, else the ZEEKPATH
+environment variable) and installs the scripts there as ``site/iotcls``: copied (default)
+or linked to this installation of iotcls (``--link``: upgrades of iotcls then reach Zeek
+without reinstalling).
+
+The scripts live once in the repository (``zeek-scripts/iotcls``); a wheel ships them as the
+package data of ``iotcls.zeek_scripts`` (a directory mapped in pyproject.toml), an editable
+install or a source checkout reads them where they are (:func:`scripts_dir`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+from .. import __version__
+from ..cli import CliError
+
+PACKAGE = "iotcls"
+MARKER = ".iotcls-install"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--zeek-site", metavar="DIR",
+                   help="Zeek's site directory (default: zeek-config --site_dir, else zeek's "
+                        "ZEEKPATH)")  # fmt: skip
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--copy", dest="mode", action="store_const", const="copy",
+                      help="copy the scripts (default)")  # fmt: skip
+    mode.add_argument("--link", dest="mode", action="store_const", const="link",
+                      help="symlink them to this installation of iotcls")  # fmt: skip
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing site/iotcls that iotcls did not install")  # fmt: skip
+    p.set_defaults(mode="copy")
+
+
+def scripts_dir() -> Path:
+    """The directory holding ``__load__.zeek`` of the iotcls Zeek package."""
+    candidates: list[Path] = []
+    try:
+        spec = importlib.util.find_spec("iotcls.zeek_scripts")
+    except (ModuleNotFoundError, ValueError):
+        spec = None
+    if spec is not None and spec.submodule_search_locations:
+        candidates += [Path(p) / PACKAGE for p in spec.submodule_search_locations]
+    candidates.append(Path(__file__).resolve().parents[2] / "zeek-scripts" / PACKAGE)
+    for d in candidates:
+        if (d / "__load__.zeek").is_file():
+            return d
+    raise CliError("the iotcls Zeek scripts are missing from this installation "
+                   f"(looked in {', '.join(map(str, candidates))})")  # fmt: skip
+
+
+def _run(cmd: list[str]) -> str | None:
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return r.stdout if r.returncode == 0 else (r.stdout or r.stderr)
+
+
+def _site_in(zeekpath: str) -> Path | None:
+    for entry in zeekpath.split(":"):
+        entry = entry.strip()
+        if entry and Path(entry).name == "site":
+            return Path(entry)
+    return None
+
+
+def find_site_dir() -> tuple[Path, str]:
+    """Zeek's site directory and how it was found; CliError when there is no Zeek."""
+    zc = shutil.which("zeek-config")
+    if zc:
+        out = (_run([zc, "--site_dir"]) or "").strip()
+        if out and "\n" not in out:
+            return Path(out), f"{zc} --site_dir"
+    zk = shutil.which("zeek")
+    if zk:
+        m = re.search(r"\$ZEEKPATH\s*\|\s*file search path \((.*)\)", _run([zk, "--help"]) or "")
+        site = _site_in(m.group(1)) if m else None
+        if site:
+            return site, f"the ZEEKPATH of {zk} --help"
+    env = os.environ.get("ZEEKPATH", "")
+    site = _site_in(env)
+    if site:
+        return site, "the ZEEKPATH environment variable"
+    raise CliError("Zeek not found (no zeek-config or zeek on PATH, no site directory in "
+                   "ZEEKPATH); pass --zeek-site DIR, Zeek's share/zeek/site")  # fmt: skip
+
+
+def _ours(target: Path) -> bool:
+    """Whether *target* holds an iotcls install (so it may be replaced without --force)."""
+    if target.is_symlink():
+        return (target.resolve() / "__load__.zeek").is_file() and \
+            "module IoTClass;" in (target.resolve() / "main.zeek").read_text(errors="replace")  # fmt: skip
+    return (target / MARKER).is_file()
+
+
+def install(site: Path, mode: str = "copy", force: bool = False) -> tuple[Path, list[str]]:
+    """Install into *site*/iotcls; returns the target and what was done, one line each."""
+    src = scripts_dir()
+    if not site.is_dir():
+        raise CliError(f"{site} is not a directory")
+    target = site / PACKAGE
+    done = []
+    if target.is_symlink() or target.exists():
+        if not force and not _ours(target):
+            raise CliError(f"{target} exists and was not installed by iotcls; "
+                           "use --force to replace it")  # fmt: skip
+        if target.is_symlink() or target.is_file():
+            target.unlink()
+        else:
+            shutil.rmtree(target)
+        done.append(f"removed the previous {target}")
+    try:
+        if mode == "link":
+            target.symlink_to(src, target_is_directory=True)
+            done.append(f"linked {target} -> {src}")
+        else:
+            target.mkdir()
+            names = sorted(p.name for p in src.glob("*.zeek"))
+            for name in names:
+                shutil.copy2(src / name, target / name)
+            (target / MARKER).write_text(f"iotcls {__version__} from {src}\n")
+            done.append(f"copied {', '.join(names)} from {src} to {target}")
+    except OSError as e:
+        raise CliError(f"cannot install into {target}: {e.strerror or e}") from None
+    return target, done
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.zeek_site:
+        site, how = Path(args.zeek_site).expanduser(), "--zeek-site"
+    else:
+        site, how = find_site_dir()
+    target, done = install(site, args.mode, args.force)
+    print(f"Zeek site directory: {site} (from {how})")
+    for line in done:
+        print(line)
+    print(f"Zeek now finds the package as '{PACKAGE}':\n"
+          f"  zeek -i eth0 {PACKAGE} 'IoTClass::device_nets={{192.168.0.0/16}}'\n"
+          f"  zeek -r capture.pcap {PACKAGE}\n"
+          f"  zeekctl: add '@load {PACKAGE}' to local.zeek, then 'zeekctl deploy'\n"
+          "and run the bridge beside it: iotcls serve")  # fmt: skip
+    if how == "--zeek-site":
+        print(f"(make sure {site} is in Zeek's ZEEKPATH)")
+    return 0
