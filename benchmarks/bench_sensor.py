@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from iotcls.capture import CaptureSpec, sentinel_specs  # noqa: E402
-from iotcls.dataset import capture_matrices  # noqa: E402
+from iotcls.dataset import build_dataset, capture_matrices  # noqa: E402
 from iotcls.flows import DeviceSelector, capture_flows, iter_capture_flows  # noqa: E402
 from iotcls.layout import MatrixLayout  # noqa: E402
 from iotcls.pcap import CaptureReader  # noqa: E402
@@ -180,7 +180,10 @@ def main() -> int:
         line("records", pk, cpu, wall, f"{recs:,} records")
         cpu, wall, rows = timed(lambda: sum(len(capture_matrices(s, layout).matrices)
                                             for s in specs))  # fmt: skip
-        line("records + matrices", pk, cpu, wall, f"{rows:,} labelled matrices")
+        line("records + matrices", pk, cpu, wall, f"{rows:,} labelled matrices, per file")
+        cpu, wall, ds = timed(lambda: build_dataset(specs, layout, progress=False))
+        line("dataset (files grouped)", pk, cpu, wall,
+             f"{len(ds):,} matrices: build_dataset, small files share passes")  # fmt: skip
     else:
         print(f"iot-sentinel: {data} not found, skipped")
 

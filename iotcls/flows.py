@@ -46,6 +46,7 @@ TCP_TIMEOUT_NS = 300 * NS  # Zeek's tcp_inactivity_timeout
 OTHER_TIMEOUT_NS = 60 * NS  # udp/icmp inactivity timeouts
 _U64 = np.uint64
 _NEVER = -(1 << 62)  # a time before any packet
+_MAC48 = (1 << 48) - 1
 _MASK64 = (1 << 64) - 1
 _BASE62 = np.frombuffer(
     b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz", np.uint8
@@ -133,6 +134,36 @@ class DeviceSelector:
         if self.nets:
             return self._in_nets(b.src_hi, b.src_lo), self._in_nets(b.dst_hi, b.dst_lo)
         return np.zeros(len(b), bool), np.zeros(len(b), bool)
+
+
+@dataclass(frozen=True)
+class CaptureSelectors:
+    """Per-capture device MACs for a merged batch (``PacketBatch.cap``), one set of local
+    networks for all."""
+
+    per_capture: tuple[DeviceSelector, ...]
+    nets: tuple[str, ...] = ()
+
+    @property
+    def macs(self) -> bool:
+        return any(s.macs for s in self.per_capture)
+
+    def sides(self, b: PacketBatch) -> tuple[np.ndarray, np.ndarray]:
+        assert b.cap is not None
+        tagged = sorted((i << 48) | m for i, s in enumerate(self.per_capture) for m in s.macs)
+        src = np.zeros(len(b), bool)
+        dst = np.zeros(len(b), bool)
+        if tagged:
+            t = np.array(tagged, np.uint64)
+            top = b.cap.astype(np.uint64) << _U64(48)
+            for side, mac in ((src, b.src_mac), (dst, b.dst_mac)):
+                x = top | mac
+                side |= t[np.minimum(np.searchsorted(t, x), len(t) - 1)] == x
+        if self.nets:
+            net = DeviceSelector((), self.nets)
+            src |= net._in_nets(b.src_hi, b.src_lo)
+            dst |= net._in_nets(b.dst_hi, b.dst_lo)
+        return src, dst
 
 
 # --------------------------------------------------------------------------------------------
@@ -272,7 +303,7 @@ class FlowBuilder:
 
     def __init__(
         self,
-        selector: DeviceSelector,
+        selector: DeviceSelector | CaptureSelectors,
         window_s: float = DEFAULT_WINDOW_S,
         packets: int = DEFAULT_PACKETS,
         payload_bytes: int = DEFAULT_PAYLOAD_BYTES,
@@ -295,14 +326,29 @@ class FlowBuilder:
         self._tmax = _NEVER
         self._first_seen: dict[tuple[int, int, int], int] = {}
         self._seed = 0x5EED
+        # merged captures (PacketBatch.cap): per capture, entries of the last batch, and the
+        # capture index of each record of the last table returned
+        self.cap_device_packets = np.zeros(0, np.int64)
+        self.cap_device_bytes = np.zeros(0, np.float64)
+        self.emitted_caps = np.zeros(0, np.int64)
 
     # -- public -----------------------------------------------------------------------
     @property
     def device_first_seen(self) -> dict[str, float]:
         out: dict[str, float] = {}
+        for by_dev in self.device_first_seen_by_capture().values():
+            for name, t in by_dev.items():
+                out[name] = min(out.get(name, np.inf), t)
+        return out
+
+    def device_first_seen_by_capture(self) -> dict[int, dict[str, float]]:
+        """Capture index (``PacketBatch.cap``, 0 for one capture) -> device -> first packet."""
+        out: dict[int, dict[str, float]] = {}
         for (mac, hi, lo), t in self._first_seen.items():
-            name = int_to_mac(mac) if mac else _ip16_to_str(hi, lo)
-            out[name] = min(out.get(name, np.inf), float(ns_to_s(np.array([t]))[0]))
+            m48 = mac & _MAC48
+            name = int_to_mac(m48) if m48 else _ip16_to_str(hi, lo)
+            d = out.setdefault(mac >> 48, {})
+            d[name] = min(d.get(name, np.inf), float(ns_to_s(np.array([t]))[0]))
         return out
 
     def add(self, b: PacketBatch, last: bool = False) -> FlowTable:
@@ -354,6 +400,14 @@ class FlowBuilder:
             # never a group address (a broadcast DHCP answer must not make a second key)
             m = key["dev_mac"]
             key["dev_mac"] = np.where((m >> _U64(40)) & _U64(1), _U64(0), m)
+        if b.cap is not None:
+            # merged small captures: the capture index rides in the MAC word's top 16 bits,
+            # so keys, devices and connections never meet across captures
+            cap = b.cap[pk]
+            key["dev_mac"] = key["dev_mac"] | (cap.astype(np.uint64) << _U64(48))
+            n_caps = len(getattr(self.selector, "per_capture", ()))
+            self.cap_device_packets = np.bincount(cap, minlength=n_caps)
+            self.cap_device_bytes = np.bincount(cap, weights=b.ip_len[pk], minlength=n_caps)
         v = len(ow)
         # merged rows: the open windows first (their aggregate rows), then the entries
         allkey = {k: np.concatenate([ow.key[k], key[k]]) for k in _KEY_FIELDS}
@@ -366,19 +420,18 @@ class FlowBuilder:
             # two independent 64-bit hashes: the first groups, the second proves the groups
             # (different keys agreeing on both is a 2**-128 event); if it ever happens, all
             # hashes change seed and the connection table starts afresh
-            ekey = {k: a[v:] for k, a in allkey.items()}
-            h = np.concatenate([ow.h, self._key_hash(ekey, self._seed)])
+            e1, e2 = self._key_hashes({k: a[v:] for k, a in allkey.items()}, self._seed)
+            h = np.concatenate([ow.h, e1]) if v else e1
             o = _group_order(h)
             H = h[o]
             gflag = np.empty(n, bool)
             gflag[0] = True
             np.not_equal(H[1:], H[:-1], out=gflag[1:])
-            h2 = np.concatenate([ow.h2, self._key_hash(ekey, ~self._seed & _MASK64)])[o]
+            h2 = (np.concatenate([ow.h2, e2]) if v else e2)[o]
             if not (h2[1:] != h2[:-1])[~gflag[1:]].any():
                 break
             self._seed += 1
-            ow.h = self._key_hash(ow.key, self._seed)
-            ow.h2 = self._key_hash(ow.key, ~self._seed & _MASK64)
+            ow.h, ow.h2 = self._key_hashes(ow.key, self._seed)
             self._kt_h = self._kt_h[:0]
             for name in ("_kt_last", "_kt_cstart", "_kt_dorig"):
                 setattr(self, name, getattr(self, name)[:0])
@@ -401,8 +454,11 @@ class FlowBuilder:
         base = np.where(w_vhead, (ow.nfirst[w_vid] if v else 0) - 1, 0)
         w_nfirst = np.minimum(P, w_rows - w_vhead + np.where(w_vhead, base + 1, 0))
         w_group = gid[hidx]
-        w_islast = np.append(w_group[1:] != w_group[:-1], True)
-        w_gfirst = np.insert(w_group[1:] != w_group[:-1], 0, True)
+        change = w_group[1:] != w_group[:-1]
+        w_islast = np.empty(nw, bool)
+        w_islast[:-1], w_islast[-1] = change, True
+        w_gfirst = np.empty(nw, bool)
+        w_gfirst[1:], w_gfirst[0] = change, True
 
         # first packets: open windows' stored ones, then the entries ranked after them
         f_t = np.zeros((nw, P), np.int64)
@@ -482,27 +538,28 @@ class FlowBuilder:
                            f_t, f_size, f_dir, f_pay, f_plen, w_cstart, w_dorig)  # fmt: skip
 
     @staticmethod
-    def _key_hash(key: dict[str, np.ndarray], seed: int) -> np.ndarray:
-        """A key's hash depends on its own fields only (open windows and the connection
-        table keep hashes across chunks): IPv4 keys pack both addresses into one word."""
+    def _key_hashes(key: dict[str, np.ndarray], seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """Two independent hashes of each key. A key's hashes depend on its own fields only
+        (open windows and the connection table keep them across chunks): IPv4 keys pack both
+        addresses into one word, and hash under other seeds than the six-word form."""
         ports = (key["dev_port"].astype(np.uint64) << _U64(24)) | (
             key["rem_port"].astype(np.uint64) << _U64(8)) | key["proto"].astype(np.uint64)
         dh, dl, rh, rl = key["dev_hi"], key["dev_lo"], key["rem_hi"], key["rem_lo"]
-        top = _U64(0xFFFF)
-        v4 = (dh == 0) & (rh == 0) & ((dl >> _U64(32)) == top) & ((rl >> _U64(32)) == top)
         mac = key["dev_mac"]
-
-        def four(i):
-            both = (dl[i] << _U64(32)) | (rl[i] & _U64(0xFFFFFFFF))
-            return _hash([mac[i], both, ports[i]], seed ^ 0x4444)
-
+        seeds = (seed, ~seed & _MASK64)
+        top, b32 = _U64(0xFFFF), _U64(32)
+        v4 = ((dh | rh) == 0) & ((dl >> b32) == top) & ((rl >> b32) == top)
         if v4.all():
-            return four(slice(None))
-        h = _hash([mac, dh, dl, rh, rl, ports], seed)
+            both = (dl << _U64(32)) | (rl & _U64(0xFFFFFFFF))
+            w = [mac, both, ports]
+            return _hash(w, seeds[0] ^ 0x4444), _hash(w, seeds[1] ^ 0x4444)
+        w = [mac, dh, dl, rh, rl, ports]
+        h1, h2 = _hash(w, seeds[0]), _hash(w, seeds[1])
         if v4.any():
             i = np.flatnonzero(v4)
-            h[i] = four(i)
-        return h
+            w = [mac[i], (dl[i] << _U64(32)) | (rl[i] & _U64(0xFFFFFFFF)), ports[i]]
+            h1[i], h2[i] = _hash(w, seeds[0] ^ 0x4444), _hash(w, seeds[1] ^ 0x4444)
+        return h1, h2
 
     def _update_keys(self, gh, g_last, g_cstart, g_dorig, kt_pos, kt_found, final) -> None:
         if final:
@@ -523,8 +580,9 @@ class FlowBuilder:
             return
         src = o[gs]
         mac = allkey["dev_mac"][src]
-        hi = np.where(mac == 0, allkey["dev_hi"][src], _U64(0))
-        lo = np.where(mac == 0, allkey["dev_lo"][src], _U64(0))
+        no_mac = (mac & _U64(_MAC48)) == 0
+        hi = np.where(no_mac, allkey["dev_hi"][src], _U64(0))
+        lo = np.where(no_mac, allkey["dev_lo"][src], _U64(0))
         first = np.minimum.reduceat(T, gs)
         dh = _hash([mac, hi, lo], 0)
         uniq, idx, inv = np.unique(dh, return_index=True, return_inverse=True)
@@ -552,8 +610,9 @@ class FlowBuilder:
         cstart = w_cstart[cw]
         uid = make_uids(k["dev_hi"], k["dev_lo"], k["dev_port"], k["rem_hi"], k["rem_lo"],
                         k["rem_port"], k["proto"], cstart)  # fmt: skip
+        self.emitted_caps = (k["dev_mac"] >> _U64(48)).astype(np.int64)
         return FlowTable(
-            device_mac=_macs_to_str(k["dev_mac"]),
+            device_mac=_macs_to_str(k["dev_mac"] & _U64(_MAC48)),
             device_ip=_to16(k["dev_hi"], k["dev_lo"]),
             remote_ip=_to16(k["rem_hi"], k["rem_lo"]),
             device_port=k["dev_port"].astype(np.int32),
@@ -703,3 +762,53 @@ def capture_flows(
     if len(t) > 1 and (np.diff(t.start) < 0).any():
         t = t.take(np.argsort(t.start, kind="stable"))
     return CaptureFlows(t, reader.stats, builder.stats, builder.device_first_seen, error)
+
+
+def capture_flows_many(
+    paths: list[str | Path],
+    selectors: list[DeviceSelector],
+    window_s: float = DEFAULT_WINDOW_S,
+    packets: int = DEFAULT_PACKETS,
+    payload_bytes: int = DEFAULT_PAYLOAD_BYTES,
+) -> list[CaptureFlows]:
+    """:func:`capture_flows` for many small captures in one pass of the flow builder (the
+    fixed cost of a pass is most of the cost of a capture of a few hundred packets). Each
+    capture is read whole, so keep them small; all selectors must share their local nets.
+    Gives the same records as one :func:`capture_flows` per capture."""
+    from .pcap import PcapError
+
+    nets = {s.nets for s in selectors}
+    if len(nets) > 1:
+        raise ValueError("capture_flows_many: the captures' local networks differ")
+    readers, errors, batches, caps = [], [], [], []
+    for i, path in enumerate(paths):
+        reader = CaptureReader(path, max(DEFAULT_CHUNK_BYTES, 1 << 30))
+        readers.append(reader)
+        try:
+            for b in reader.batches():
+                batches.append(b)
+                caps.append(i)
+            errors.append("")
+        except PcapError as e:
+            errors.append(str(e))
+    sel = CaptureSelectors(tuple(selectors), next(iter(nets)) if nets else ())
+    builder = FlowBuilder(sel, window_s, packets, payload_bytes)
+    if batches:
+        table = builder.add(PacketBatch.merge(batches, caps), last=True)
+        tcaps = builder.emitted_caps
+    else:
+        table, tcaps = FlowTable.empty(packets, payload_bytes), np.zeros(0, np.int64)
+    order = np.lexsort((table.start, tcaps))  # by capture, then start (stable)
+    table, tcaps = table.take(order), tcaps[order]
+    bounds = np.searchsorted(tcaps, np.arange(len(paths) + 1))
+    first = builder.device_first_seen_by_capture()
+    dev_pk = np.zeros(len(paths), np.int64)
+    dev_by = np.zeros(len(paths), np.int64)
+    dev_pk[: len(builder.cap_device_packets)] = builder.cap_device_packets
+    dev_by[: len(builder.cap_device_bytes)] = builder.cap_device_bytes
+    out = []
+    for i in range(len(paths)):
+        t = table.take(np.arange(bounds[i], bounds[i + 1]))
+        bs = BuilderStats(int(dev_pk[i]), int(dev_by[i]), len(t))
+        out.append(CaptureFlows(t, readers[i].stats, bs, first.get(i, {}), errors[i]))
+    return out

@@ -139,6 +139,7 @@ class PacketBatch:
     l4_len: np.ndarray  # int64 transport payload length per the headers (Zeek's view)
     pay_off: np.ndarray  # int64 offset of the transport payload in ``buf``
     pay_cap: np.ndarray  # int64 payload bytes actually present in the capture
+    cap: np.ndarray | None = None  # int64 capture index, when batches of files are merged
 
     def __len__(self) -> int:
         return len(self.ts_ns)
@@ -169,8 +170,22 @@ class PacketBatch:
         return cls(np.zeros(_PAD, np.uint8), i, i, i, i, u, u, u, u, i, i, u, u, i, i, i)
 
     def take(self, idx: np.ndarray) -> "PacketBatch":
-        kw = {k: getattr(self, k)[idx] for k in self.__dataclass_fields__ if k != "buf"}
+        kw = {k: getattr(self, k)[idx] for k in self.__dataclass_fields__
+              if k != "buf" and getattr(self, k) is not None}  # fmt: skip
         return PacketBatch(buf=self.buf, **kw)
+
+    @classmethod
+    def merge(cls, batches: list["PacketBatch"], caps: list[int]) -> "PacketBatch":
+        """One batch of several files' batches, each packet tagged with its file's ``caps``
+        entry: lets many small captures share one pass of the flow builder."""
+        bufs = [b.buf for b in batches]
+        shift = np.cumsum([0] + [len(x) for x in bufs[:-1]])
+        names = [k for k in cls.__dataclass_fields__ if k not in ("buf", "cap")]
+        kw = {k: np.concatenate([getattr(b, k) for b in batches]) for k in names}
+        kw["pay_off"] = np.concatenate([b.pay_off + s for b, s in zip(batches, shift)])
+        kw["cap"] = np.repeat(np.asarray(caps, np.int64), [len(b) for b in batches])
+        buf = np.concatenate(bufs + [np.zeros(_PAD, np.uint8)])
+        return cls(buf=buf, **kw)
 
 
 # --------------------------------------------------------------------------------------------
