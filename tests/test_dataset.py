@@ -10,7 +10,7 @@ import pytest
 from iotcls import pcapgen as g
 from iotcls.capture import CaptureSpec, sentinel_specs
 from iotcls.dataset import Dataset, DatasetError, build_dataset, capture_matrices
-from iotcls.dataset import sensor_options
+from iotcls.dataset import _dataset_part, sensor_options
 from iotcls.layout import MatrixLayout
 
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "iot-sentinel"
@@ -172,3 +172,32 @@ def test_real_captures_every_flow_of_the_mac_gets_its_label():
         assert (np.diff(t) >= 0).all()
     assert (ds.device_first_seen <= ds.timestamps).all()
     assert (ds.inspected_packets == np.minimum(ds.total_packets, 10)).all()
+
+
+def test_grouped_small_captures_equal_one_by_one(tmp_path):
+    """build_dataset runs small captures through one builder pass; rows must not change."""
+    assert DATA.exists(), f"IoT Sentinel data not found at {DATA} (expected beside the repo)"
+    bad = tmp_path / "bad.pcap"
+    bad.write_bytes(b"not a capture at all, not at all")
+    specs = sentinel_specs(DATA)[::12]
+    specs.insert(3, CaptureSpec(bad, "bad", {"aa:bb:cc:dd:ee:ff": "x"}))
+    grouped = build_dataset(specs, LAYOUT, progress=False)
+    single = Dataset.concat([_dataset_part(capture_matrices(s, LAYOUT), LAYOUT) for s in specs],
+                            LAYOUT)  # fmt: skip
+    assert len(grouped) == len(single) > 300
+    for f in dataclasses.fields(Dataset):
+        if f.name in ("layout", "captures_table"):
+            continue
+        a, b = getattr(grouped, f.name), getattr(single, f.name)
+        assert np.array_equal(a, b, equal_nan=a.dtype.kind == "f"), f.name
+    for f in dataclasses.fields(grouped.captures_table):
+        a, b = getattr(grouped.captures_table, f.name), getattr(single.captures_table, f.name)
+        assert np.array_equal(a, b), f.name
+    assert grouped.captures_table.errors[3].startswith(f"{bad}: not a pcap")
+    # unlabelled, selected by local networks: mirrored device-to-device records too
+    nets = [CaptureSpec(s.pcap, s.capture_id, {}, ("10.0.0.0/8", "192.168.0.0/16"))
+            for s in specs[:12]]  # fmt: skip
+    a = build_dataset(nets, LAYOUT, progress=False)
+    b = Dataset.concat([_dataset_part(capture_matrices(s, LAYOUT), LAYOUT) for s in nets], LAYOUT)
+    assert np.array_equal(a.matrices, b.matrices) and a.uids.tolist() == b.uids.tolist()
+    assert a.devices.tolist() == b.devices.tolist()
