@@ -200,6 +200,14 @@ class Service:
             on_connect=bridge.on_connect, reconnect_max_s=cfg.zeek.reconnect_max_s,
         )  # fmt: skip
         self.metrics.rejected_sources.append(lambda: _client_rejections(client, bridge))
+        self.metrics.gauge_sources += [
+            ("iotcls_decoded_waiting", "Decoded records waiting for matrix assembly",
+             lambda: bridge._queue.qsize()),
+            ("iotcls_batches_scoring", "Batches between assembly and their labels",
+             lambda: len(bridge._tasks)),
+            ("iotcls_zeek_connected", "1 while the WebSocket session to Zeek is up",
+             lambda: float(client.connected.is_set())),
+        ]  # fmt: skip
         exporter = None
         if cfg.metrics.enabled:
             exporter = PrometheusExporter(self.metrics, cfg.metrics.address, cfg.metrics.port)
