@@ -286,6 +286,10 @@ class MatrixLayout:
         return self.assemble(self.encode_rows(t), t.start, t.device_keys())
 
 
+def _start_seq(e: tuple) -> tuple:
+    return e[0], e[1]
+
+
 class SequenceAssembler:
     """Online twin of :meth:`MatrixLayout.assemble` for records arriving one batch at a time.
 
@@ -307,8 +311,15 @@ class SequenceAssembler:
     def add(self, rows: np.ndarray, starts: np.ndarray, devices: list[str]) -> np.ndarray:
         k = self.layout.history
         mats = np.zeros((len(rows), k + 1, self.layout.width), np.float32)
-        for i, (row, start, dev) in enumerate(zip(rows, starts, devices)):
-            start = float(start)
+        if len(rows) == 0:
+            return mats
+        mats[:, 0] = rows
+        # history rows to copy in, gathered first and written with one numpy call each
+        tgt_i: list[int] = []
+        tgt_j: list[int] = []
+        src: list[np.ndarray] = []
+        ages: list[float] = []
+        for i, (start, dev) in enumerate(zip(np.asarray(starts, np.float64).tolist(), devices)):
             hist = self._hist.get(dev)
             if hist is None:
                 hist = self._hist[dev] = []
@@ -318,15 +329,17 @@ class SequenceAssembler:
                 self._hist.move_to_end(dev)
             key = (start, self._seq)
             self._seq += 1
-            pos = bisect.bisect_left(hist, key, key=lambda e: (e[0], e[1]))
-            mats[i, 0] = row
-            for j in range(1, k + 1):
-                if pos - j < 0:
-                    break
+            pos = bisect.bisect_left(hist, key, key=_start_seq)
+            for j in range(1, min(k, pos) + 1):
                 prev_start, _, prev_row = hist[pos - j]
-                mats[i, j] = prev_row
-                mats[i, j, 0] = rel_time(start - prev_start)
-            hist.insert(pos, (start, key[1], row))
+                tgt_i.append(i)
+                tgt_j.append(j)
+                src.append(prev_row)
+                ages.append(start - prev_start)
+            hist.insert(pos, (start, key[1], rows[i]))
             if len(hist) > k:
                 del hist[0]
+        if tgt_i:
+            mats[tgt_i, tgt_j] = np.stack(src)
+            mats[tgt_i, tgt_j, 0] = rel_time(np.array(ages))
         return mats
