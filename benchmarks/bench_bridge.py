@@ -57,8 +57,8 @@ def make_records(base: list[FlowRecord], n: int, devices: int) -> list[FlowRecor
     for i in range(n):
         r = base[i % len(base)]
         d = i % devices
-        out.append(replace(r, device_ip=f"10.{(d >> 8) & 255}.{d & 255}.{(i // devices) % 250 + 1}"
-                           if "." in r.device_ip else r.device_ip,
+        v4 = "." in r.device_ip  # devices keep their address; times move on
+        out.append(replace(r, device_ip=f"10.{(d >> 8) & 255}.{d & 255}.2" if v4 else r.device_ip,
                            device_mac=f"02:00:00:00:{(d >> 8) & 255:02x}:{d & 255:02x}",
                            start=r.start + 3600.0 * (i // len(base)) + 1e-3 * (i % 997),
                            last=r.last + 3600.0 * (i // len(base)) + 1e-3 * (i % 997),

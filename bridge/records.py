@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from binascii import unhexlify
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -205,6 +206,13 @@ def _spans_ns(inner: bytes) -> list[int] | None:
     vals = _split(inner, _V_SPAN)
     if not vals:
         return vals
+    joined = b",".join(vals) + b","
+    if joined.count(b"ns,") == len(vals):  # the usual case: every offset in nanoseconds
+        digits = joined.replace(b"ns,", b",")[:-1]
+        if b",," in b"," + digits + b"," or not digits.replace(b",", b"").isdigit() or \
+                max(map(len, vals)) > 21:  # fmt: skip
+            return None
+        return list(map(int, digits.split(b",")))
     out = []
     for v in vals:
         if v[-2:] == b"ns":
@@ -230,8 +238,8 @@ def _hexes(inner: bytes) -> list[bytes] | None:
     if b"".join(vals).translate(None, _HEX_DIGITS):
         return None
     try:
-        return [bytes.fromhex(v.decode()) for v in vals]
-    except ValueError:  # odd length
+        return list(map(unhexlify, vals))
+    except ValueError:  # odd length (binascii.Error)
         return None
 
 

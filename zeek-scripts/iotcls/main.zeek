@@ -768,17 +768,30 @@ event IoTClass::hello(bridge: string, endpoint: string)
 	release_hold(fmt("bridge %s connected, processing continues", bridge));
 	}
 
-@if ( Version::at_least("7.2.0") )
-event Cluster::websocket_client_lost(endpoint: Cluster::EndpointInfo,
-    code: count, reason: string)
+function bridge_lost(id: string, detail: string)
 	{
-	if ( ! bridge_up || endpoint$id != bridge_endpoint )
+	if ( ! bridge_up || id != bridge_endpoint )
 		return;
 
 	bridge_up = F;
-	Reporter::warning(fmt("iotcls: bridge %s disconnected (code %d): labels are lost until it reconnects",
-	    endpoint$id, code));
+	Reporter::warning(fmt("iotcls: bridge %s disconnected%s: labels are lost until it reconnects",
+	    id, detail));
 	}
+
+# Zeek 7.2.0 raises this event with the endpoint only; 7.2.1 added the close code and reason.
+@if ( Version::at_least("7.2.1") )
+event Cluster::websocket_client_lost(endpoint: Cluster::EndpointInfo,
+    code: count, reason: string)
+	{
+	bridge_lost(endpoint$id, fmt(" (code %d)", code));
+	}
+@else
+@if ( Version::at_least("7.2.0") )
+event Cluster::websocket_client_lost(endpoint: Cluster::EndpointInfo)
+	{
+	bridge_lost(endpoint$id, "");
+	}
+@endif
 @endif
 
 event IoTClass::label(l: Label)
