@@ -283,3 +283,24 @@ def test_mac_helpers():
     assert int_to_mac(0xAABBCC000001) == "aa:bb:cc:00:00:01"
     with pytest.raises(ValueError):
         mac_to_int("aa:bb")
+
+
+def test_pcapng_two_sections_of_different_byte_order_and_small_chunks(tmp_path):
+    a = g.pcapng_bytes([(T0 + i, tcp_frame(), 0) for i in range(30)], interfaces=[(1, 6)])
+    raw = g.ipv4("10.0.0.9", "1.2.3.4", 17, g.udp(7, 8, b"zz"))
+    b = g.pcapng_bytes([(T0 + 100 + i, raw, 0) for i in range(30)], interfaces=[(101, 9)],
+                       big_endian=True)  # fmt: skip
+    p = tmp_path / "two.pcapng"
+    p.write_bytes(a + b)
+    for chunk in (1 << 20, 4096):
+        batches, st = read(p, chunk_bytes=chunk)
+        dport = np.concatenate([x.dport for x in batches]).tolist()
+        assert dport == [443] * 30 + [8] * 30 and st.warnings == [] and st.frames == 60
+    data = bytearray(a)
+    last = len(data) - 92  # the last enhanced packet block: 28 + 60 bytes of frame + 4
+    struct.pack_into("<I", data, last + 4, 7)  # its length: not a multiple of 4
+    p.write_bytes(bytes(data))
+    batches, st = read(p)
+    assert sum(len(x) for x in batches) == 29 and st.truncated
+    assert st.warnings == [f"{p}: byte {last}: pcapng: bad block length 7; stopped reading "
+                           "this file"]  # fmt: skip
