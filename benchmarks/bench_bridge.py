@@ -9,7 +9,8 @@ one core, best of ``--repeat``:
 * decode: bytes -> FlowRecord on the fast path (what the bridge does per frame), and through
   the JSON parser and the generic codec for comparison;
 * decode + assemble: fast decode, then FlowTable.from_records, MatrixLayout.encode_rows and
-  SequenceAssembler in batches of ``--batch`` (the bridge's whole intake).
+  SequenceAssembler in batches of ``--batch`` (the bridge's whole intake);
+* the way back: ``IoTClass::label`` frames encoded from log entries.
 
 Rates are given per CPU second of this process (``time.process_time``) and per wall second;
 on a shared machine the CPU figure is the one that says what one core does. Target: 50,000
@@ -120,11 +121,19 @@ def main() -> int:
         for i in range(0, n, a.batch):
             asm.assemble(recs[i : i + a.batch])
 
+    verdict = rc.Verdict("D-LinkCam", 0.8765, "flow", 3, True, "-", ["payload", "sizes"], "m")
+    entries = [rc.log_entry(r, verdict) for r in recs]
+
+    def labels():
+        for e in entries:
+            rc.label_message("zeek/iotcls/labels", e)
+
     rows = [
         ("decode, fast path", fast, n),
         ("decode, JSON + generic codec", generic, len(sample)),
         ("assemble only (from_records, encode_rows, SequenceAssembler)", assemble_only, n),
         ("decode + assemble (the bridge's intake)", intake, n),
+        ("label events encoded (IoTClass::label frames)", labels, n),
     ]
     results = {}
     for name, fn, count in rows:

@@ -21,8 +21,10 @@ iot_class.log with the connection id flattened and ``ts`` a real (µs kept).
 from __future__ import annotations
 
 import ipaddress
+import json
 import re
 from binascii import unhexlify
+from functools import lru_cache
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -448,9 +450,66 @@ def label_values(e: LogEntry) -> list:
         raise RecordError(f"label for {e.uid or e.device_ip}: {err}") from None
 
 
-def label_message(topic: str, e: LogEntry) -> bytes:
-    """The ``IoTClass::label`` frame for one log entry."""
+def label_message_generic(topic: str, e: LogEntry) -> bytes:
+    """The ``IoTClass::label`` frame through the generic codec (the reference)."""
     return bj.event_message(topic, LABEL_EVENT, [label_values(e)])
+
+
+_LABEL_HEAD = (
+    '{"@data-type":"vector","data":[{"@data-type":"count","data":1},'
+    '{"@data-type":"count","data":1},{"@data-type":"vector","data":['
+    '{"@data-type":"string","data":"IoTClass::label"},{"@data-type":"vector","data":['
+    '{"@data-type":"vector","data":['
+)
+_LABEL_TAIL = "]}]}]}]}}"
+_dumps = json.JSONEncoder(ensure_ascii=False).encode
+
+
+@lru_cache(maxsize=65536)
+def _addr_text(ip: str) -> str:
+    return str(ipaddress.ip_address(ip))
+
+
+def _real(x: float) -> str:
+    return bj._real_text(float(x))
+
+
+def label_message(topic: str, e: LogEntry) -> bytes:
+    """The ``IoTClass::label`` frame for one log entry: the same bytes as
+    :func:`label_message_generic` (a test checks), formatted directly."""
+    proto = _PORT_PROTO.get(e.proto, "?")
+    try:
+        n_flows = int(e.n_flows)
+        orig_p, resp_p = int(e.orig_p), int(e.resp_p)
+        if not (0 <= n_flows <= bj.COUNT_MAX and 0 <= orig_p <= 65535 and 0 <= resp_p <= 65535):
+            raise ValueError("count or port out of range")
+        parts = (
+            '{"@data-type":"real","data":', _real(e.ts),
+            '},{"@data-type":"string","data":', _dumps(e.uid),
+            '},{"@data-type":"address","data":"', _addr_text(e.orig_h),
+            '"},{"@data-type":"port","data":"', f"{orig_p}/{proto}",
+            '"},{"@data-type":"address","data":"', _addr_text(e.resp_h),
+            '"},{"@data-type":"port","data":"', f"{resp_p}/{proto}",
+            '"},{"@data-type":"string","data":', _dumps(e.device_mac or ""),
+            '},{"@data-type":"address","data":"', _addr_text(e.device_ip),
+            '"},{"@data-type":"string","data":', _dumps(e.label),
+            '},{"@data-type":"real","data":', _real(e.confidence),
+            '},{"@data-type":"string","data":', _dumps(e.strategy),
+            '},{"@data-type":"count","data":', str(n_flows),
+            '},{"@data-type":"boolean","data":', "true" if e.trusted else "false",
+            '},{"@data-type":"string","data":', _dumps(e.reason or "-"),
+            '},{"@data-type":"vector","data":[',
+            ",".join('{"@data-type":"string","data":' + _dumps(str(g)) + "}"
+                     for g in e.top_groups),
+            ']},{"@data-type":"string","data":', _dumps(e.model), "}",
+        )  # fmt: skip
+        if not all(isinstance(x, str) for x in (e.uid, e.label, e.strategy, e.model)) or \
+                (e.reason and not isinstance(e.reason, str)):  # fmt: skip
+            raise TypeError("label fields must be strings")
+    except (ValueError, TypeError, bj.BrokerJSONError) as err:
+        raise RecordError(f"label for {e.uid or e.device_ip}: {err}") from None
+    head = '{"type":"data-message","topic":' + _dumps(topic) + "," + _LABEL_HEAD[1:]
+    return (head + "".join(parts) + _LABEL_TAIL[:-1]).encode("utf-8", "surrogateescape")
 
 
 def hello_message(topic: str, bridge: str, endpoint: str) -> bytes:

@@ -547,3 +547,23 @@ def test_native_broker_transport_needs_the_bindings():
     if not has:
         with pytest.raises(RuntimeError, match=r"Broker Python bindings are not importable"):
             broker_native.NativeBrokerClient("127.0.0.1", 9999, [FLOWS], on_message=print)
+
+
+def test_fast_label_encoder_is_byte_identical_to_the_codec():
+    base = rc.log_entry(RECORDS[0], Verdict("Aria", 0.875, n_flows=2, top_groups=["payload"]))
+    variants = [
+        {}, {"confidence": 1e-7, "ts": 1465478143.773797}, {"confidence": 1.0, "n_flows": 0},
+        {"orig_h": "2001:db8::1", "resp_h": "fe80::2", "device_ip": "2001:db8::1",
+         "proto": "icmp", "orig_p": 128, "resp_p": 129},
+        {"proto": "unknown_transport", "orig_p": 0, "resp_p": 0}, {"device_mac": ""},
+        {"reason": "low_confidence", "trusted": False, "top_groups": []},
+        {"label": 'Hüe "Bridge"\\\n\x00', "model": "m\u2603", "strategy": "majority"},
+        {"uid": "C\udc80raw"},  # a string holding a raw byte, as read from Zeek
+    ]  # fmt: skip
+    for change in variants:
+        e = LogEntry(**{**base.__dict__, **change})
+        assert rc.label_message(LABELS, e) == rc.label_message_generic(LABELS, e), change
+    for bad in ({"orig_h": "10.0.0.256"}, {"confidence": float("nan")}, {"n_flows": -1},
+                {"resp_p": 70000}):  # fmt: skip
+        with pytest.raises(rc.RecordError):
+            rc.label_message(LABELS, LogEntry(**{**base.__dict__, **bad}))
