@@ -192,7 +192,7 @@ class Service:
         bridge = ServeBridge(
             bundle.layout, DispatchScorer(dispatcher), send, metrics=self.metrics,
             labels_topic=cfg.zeek.label_topic, name="iotcls-serve",
-            batch_size=cfg.scorers.batch_size, max_delay_s=0.0,
+            batch_size=cfg.scorers.batch_size, max_delay_s=cfg.scorers.max_wait_ms / 1000.0,
             max_devices=cfg.bridge.max_devices,
         )  # fmt: skip
         client = ZeekClient(
