@@ -373,3 +373,13 @@ def test_scorer_survives_garbage_from_a_fake_bridge(model_path, caplog):
         s.stop()
         router.close(0)
     assert "not msgpack" in caplog.text and "wire version 7" in caplog.text
+
+
+def test_batch_buckets():
+    """Forward passes come in a dozen sizes (flat scorer memory), never above batch_size."""
+    from iotcls.scorer.service import bucket
+
+    assert [bucket(n, 256) for n in (1, 3, 5, 17, 33, 100, 129, 200, 256)] == \
+        [1, 4, 8, 32, 48, 128, 192, 256, 256]  # fmt: skip
+    assert bucket(260, 300) == 300 and bucket(600, 256) == 600
+    assert len({bucket(n, 256) for n in range(1, 257)}) == 12

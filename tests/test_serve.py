@@ -370,3 +370,4 @@ def test_remote_scorer_only(tmp_path, model_path):
     serve = run(main(), 120)
     assert "scorer gpu-host" in serve.stderr() and "refused scorer wrong-layout" in serve.stderr()
     assert serve.summary()["labelled"] == "50"
+
