@@ -76,6 +76,7 @@ class Predictor:
         device: str = "cpu",
         batch_size: int = 4096,
         threshold: float | None = None,
+        explain: bool = True,
     ):
         self.bundle = bundle
         self.device = torch.device(device)
@@ -87,6 +88,16 @@ class Predictor:
             else threshold
         )
         self.classes = np.array(bundle.classes, dtype=object)
+        # issue 4 (trust): with a trust state in the bundle, every label's trusted/reason/
+        # top_groups come from iotcls.trust (Shapley values + the fitted decision); the
+        # confidence criterion uses the state's threshold. explain=False keeps labels cheap
+        # (confidence threshold only); assess_subset() then explains the labels to be logged.
+        from .trust.layer import TrustLayer
+
+        self.trust = TrustLayer.from_bundle(bundle, require_state=True)
+        self.explain = explain and self.trust is not None
+        if self.trust is not None and threshold is None:
+            self.threshold = self.trust.state.conf_threshold
 
     @property
     def layout(self):
@@ -121,6 +132,8 @@ class Predictor:
         return Assessment(trusted, reason, [[] for _ in range(len(index))])
 
     def predict(self, matrices: np.ndarray) -> Predictions:
+        if self.explain:  # issue 4 (trust): one batched pass gives the label and its trust
+            return self._predict_explained(matrices)
         probs = self.calibrate(self.logits(matrices))
         index = probs.argmax(axis=1) if len(probs) else np.zeros(0, np.int64)
         a = self.assess(matrices, probs, index)
@@ -133,3 +146,41 @@ class Predictor:
             reason=np.asarray(a.reason, object),
             top_groups=a.top_groups,
         )
+
+    # -- issue 4 (trust) -------------------------------------------------------------------
+    def _predict_explained(self, matrices: np.ndarray) -> Predictions:
+        x = np.asarray(matrices, dtype=np.float32)
+        if x.ndim != 3 or x.shape[2] != self.layout.width or x.shape[1] > self.layout.rows:
+            raise ValueError(
+                f"matrices of shape {x.shape} do not fit the model's layout "
+                f"(n, <= {self.layout.rows}, {self.layout.width})"
+            )
+        with _few_threads(len(x) < SMALL_BATCH and self.device.type == "cpu"):
+            a = self.trust.assess(x)
+        lp = a.log_probs.astype(np.float64)
+        probs = np.exp(lp - lp.max(axis=1, keepdims=True))
+        probs = (probs / probs.sum(axis=1, keepdims=True)).astype(np.float32)
+        d = a.decision
+        index = np.asarray(d.pred, np.int64)
+        return Predictions(
+            index=index,
+            label=self.classes[index] if len(index) else np.zeros(0, object),
+            probs=probs,
+            confidence=probs[np.arange(len(index)), index].astype(np.float32),
+            trusted=np.asarray(d.trusted, bool),
+            reason=np.asarray(d.reason, object),
+            top_groups=d.top_groups,
+        )
+
+    def assess_subset(self, matrices: np.ndarray, pred: Predictions, idx: np.ndarray) -> None:
+        """Explain and decide the trust of the labels ``idx`` only (those to be logged), in
+        place; labels from ``predict`` with ``explain=False`` keep the confidence criterion."""
+        idx = np.asarray(idx, np.int64)
+        if self.trust is None or len(idx) == 0:
+            return
+        a = self.trust.assess(np.asarray(matrices, np.float32)[idx])
+        d = a.decision
+        pred.trusted[idx] = d.trusted
+        pred.reason[idx] = np.asarray(d.reason, object)
+        for j, i in enumerate(idx):
+            pred.top_groups[i] = d.top_groups[j]

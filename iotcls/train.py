@@ -38,6 +38,7 @@ class TrainConfig:
     max_per_capture: int = 0  # cap on matrices per capture file (0: all)
     threads: int = 0  # torch threads (0: torch's choice)
     model: dict = field(default_factory=dict)  # ModelConfig overrides
+    trust: bool = True  # issue 4: fit the trust state (iotcls.trust) on the validation split
 
 
 @dataclass
@@ -264,5 +265,15 @@ def train(
         }
     )
     log(f"best epoch {best_epoch}: val macro-F1 {best[0]:.4f}; temperature {temperature:.3f}")
+    # issue 4 (trust): the trust state, fitted on the validation split (data the model did
+    # not learn from, so its mistakes there are like the ones it will make).
+    trust = None
+    if cfg.trust and len(va):
+        from .trust.layer import fit_state
+
+        state, meta["trust"] = fit_state(model, layout, temperature, classes, x_va, y_va)
+        trust = state.to_dict()
+        log(f"trust state: {meta['trust']['references']} reference explanations from "
+            f"{meta['trust']['labels']} validation labels ({meta['trust']['seconds']:.1f}s)")
     return ModelBundle(model=model, layout=layout, classes=classes, temperature=temperature,
-                       metadata=meta)  # fmt: skip
+                       metadata=meta, trust=trust)  # fmt: skip

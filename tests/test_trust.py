@@ -181,3 +181,194 @@ def test_structured_pass_equals_masked_inputs():
     masks[0, 1, :13] = True
     masks[-1, 1, :13] = False
     assert not GroupShapley(model, names, masks).structured
+
+
+# -- trust decision ------------------------------------------------------------------------
+def clustered_profiles(rng, centers, n_per, spread=0.05):
+    """Values (n, 1 group, 3 classes) around the given centres."""
+    vals, labels = [], []
+    for c, centre in enumerate(centers):
+        vals.append(np.asarray(centre) + spread * rng.standard_normal((n_per, len(centre))))
+        labels.append(np.full(n_per, c))
+    return np.concatenate(vals)[:, None, :], np.concatenate(labels)
+
+
+def fitted_state():
+    rng = np.random.default_rng(0)
+    centers = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]
+    vals, y = clustered_profiles(rng, centers, 60)
+    pred = y.copy()
+    # five flows of x taken for y, explained as y's usually are (near one edge of y's cluster)
+    pred[:5] = 1
+    vals[:5, 0] = [0.0, 1.08, 0.0] + 0.001 * rng.standard_normal((5, 3))
+    cfg = TrustConfig(conf_threshold=0.6, quantile=0.9, k=3, precision_k=5, min_precision=0.5,
+                      max_refs=100, min_refs=6)  # fmt: skip
+    return fit_trust(vals, pred, y, ["a"], ["x", "y", "z"], config=cfg), rng
+
+
+def log_probs_for(pred, conf, n_classes=3):
+    lp = np.full((len(pred), n_classes), np.log((1 - conf[:, None]) / (n_classes - 1)))
+    lp[np.arange(len(pred)), pred] = np.log(conf)
+    return lp
+
+
+def test_fit_and_decide():
+    state, rng = fitted_state()
+    assert state.refs_per_class().tolist() == [55, 60, 0]  # class z was never predicted right
+    assert len(state.refs) == 120 and int(state.ref_correct.sum()) == 115  # 55 + 65 predicted
+    assert np.isnan(float(state.dist_threshold[2]))
+    values = np.array([[1.0, 0.0, 0.0],  # typical of x
+                       [1.0, 0.0, 0.0],  # typical, but unsure
+                       [0.0, 0.0, 1.0],  # x, explained like nothing seen for x
+                       [0.0, 0.95, 0.0],  # typical of y
+                       [0.0, 1.08, 0.0],  # y, explained the way the mistakes were
+                       [0.0, 1.0, 0.0]])[:, None, :]  # predicted z: no profile to compare with
+    pred = np.array([0, 0, 0, 1, 1, 2])
+    conf = np.array([0.95, 0.55, 0.99, 0.9, 0.99, 0.9])
+    d = decide(state, log_probs_for(pred, conf), values)
+    assert d.pred.tolist() == pred.tolist()
+    np.testing.assert_allclose(d.confidence, conf)
+    assert d.reason == ["-", "low_confidence", "atypical_explanation", "-",
+                        "error_like_explanation", "unverified_class"]  # fmt: skip
+    assert d.trusted.tolist() == [True, False, False, True, False, False]
+    assert d.refined(state.classes) == ["x", UNKNOWN, UNKNOWN, "y", UNKNOWN, UNKNOWN]
+    assert d.distance[0] < 1 < d.distance[2] and d.distance[4] < 1
+    assert d.precision[3] == pytest.approx(6 / 7) and d.precision[4] == pytest.approx(1 / 7)
+    # the references' own profiles: about `quantile` of them come out typical
+    vals, y = clustered_profiles(rng, [[1.0, 0.0, 0.0]], 400)
+    d = decide(state, log_probs_for(y, np.full(400, 0.9)), vals)
+    assert 0.8 < d.trusted.mean() < 0.97
+
+
+def test_state_round_trip_through_weights_only_load():
+    state, _ = fitted_state()
+    buf = io.BytesIO()
+    torch.save({"trust": state.to_dict()}, buf)
+    buf.seek(0)
+    loaded = TrustState.from_dict(torch.load(buf, weights_only=True)["trust"])
+    assert loaded.groups == state.groups and loaded.classes == state.classes
+    for name in ("scale", "refs", "ref_pred", "ref_correct", "dist_threshold"):
+        torch.testing.assert_close(getattr(loaded, name), getattr(state, name), equal_nan=True)
+    values = np.random.default_rng(3).standard_normal((20, 1, 3))
+    lp = log_probs_for(np.arange(20) % 3, np.full(20, 0.8))
+    a, b = decide(state, lp, values), decide(loaded, lp, values)
+    assert a.reason == b.reason
+    np.testing.assert_array_equal(a.distance, b.distance)
+
+
+def test_state_rejects_bad_input():
+    state, _ = fitted_state()
+    d = state.to_dict()
+    with pytest.raises(TrustError, match="version"):
+        TrustState.from_dict({**d, "version": 99})
+    with pytest.raises(TrustError, match="malformed"):
+        TrustState.from_dict({k: v for k, v in d.items() if k != "refs"})
+    with pytest.raises(TrustError, match="groups"):
+        TrustState.from_dict({**d, "groups": ["a", "b"]})
+    with pytest.raises(TrustError, match="classes"):
+        decide(state, np.zeros((2, 4)), np.zeros((2, 1, 3)))
+    with pytest.raises(TrustError, match="values"):
+        decide(state, np.zeros((2, 3)), np.zeros((2, 3)))
+
+
+def test_device_vote():
+    pred = np.array([0, 0, 1, 1, 1])
+    conf = np.array([0.9, 0.9, 0.6, 0.6, 0.6])
+    assert device_vote(pred, conf, np.ones(5, bool), 2) == 0  # 1.8 against 1.8: lower index
+    assert device_vote(pred, conf, np.array([1, 1, 1, 1, 0], bool), 2) == 0  # 1.8 vs 1.2
+    assert device_vote(pred, conf, np.array([0, 0, 1, 1, 1], bool), 2) == 1
+    assert device_vote(pred, conf, np.array([0, 0, 0, 1, 1], bool), 2) == -1  # 2/5 trusted
+    assert device_vote(pred, conf, np.zeros(5, bool), 2) == -1
+    assert device_vote(pred[:0], conf[:0], np.zeros(0, bool), 2) == -1
+
+
+def test_windowed_trusted_vote():
+    from iotcls.trust.decision import windowed_trusted_vote
+
+    # two sessions, given out of time order
+    groups = np.array([0, 0, 0, 0, 1, 1, 1, 0])
+    times = np.array([1.0, 2.0, 3.0, 4.0, 1.0, 2.0, 3.0, 5.0])
+    pred = np.array([1, 1, 0, 0, 2, 2, 2, 0])
+    conf = np.array([0.9, 0.9, 0.8, 0.8, 0.9, 0.9, 0.9, 0.99])
+    trusted = np.array([1, 1, 1, 1, 0, 0, 1, 1], bool)
+    idx, emitted = windowed_trusted_vote(pred, conf, trusted, groups, times, 3, window=3,
+                                         min_votes=2)  # fmt: skip
+    assert emitted.tolist() == [False, True, True, True, False, True, True, True]
+    # session 0 windows: {1}, {1,1}, {1,1,0}: 1.8 vs .8 -> 1; {1,0,0}: .9 vs 1.6 -> 0; {0,0,0}
+    # session 1: {2u}, {2u,2u}: none trusted -> unknown; {2u,2u,2}: 1/3 < 0.5 -> unknown
+    assert idx.tolist() == [-1, 1, 1, 0, -1, -1, -1, 0]
+
+
+def test_all_classes_values():
+    torch.manual_seed(0)
+    model = IoTCNN(ModelConfig.from_layout(SMALL, 4)).eval()
+    ex = GroupShapley.for_layout(model, SMALL, temperature=0.8, chunk=200)
+    x = torch.rand(25, *SMALL.shape)
+    e = ex.explain(x, all_classes=True)
+    assert e.all_values.shape == (25, 6, 4)
+    np.testing.assert_allclose(e.all_values[np.arange(25), :, e.target], e.values, atol=1e-5)
+    for c in range(4):  # every class's values are its own exact Shapley values
+        ec = ex.explain(x, target=np.full(25, c))
+        np.testing.assert_allclose(e.all_values[:, :, c], ec.values, atol=1e-5)
+    np.testing.assert_allclose(e.all_values.sum(1), e.log_probs - e.base[None], atol=1e-5)
+
+
+# -- end to end: train (the project's code path), then a device type never seen -------------
+@pytest.fixture(scope="module")
+def trained():
+    from synth_devices import LAYOUT, make_data
+
+    from iotcls.train import Split, TrainConfig, train
+
+    torch.set_num_threads(1)
+    x, y, caps = make_data(["cam", "plug", "hub", "sensor"], 8, seed=0)
+    small = dict(byte_dim=4, packet_dim=16, meta_dim=8, row_dim=16, hidden=16)
+    cfg = TrainConfig(epochs=8, batch_size=64, val_fraction=0.25, test_fraction=0.25,
+                      model=small)  # fmt: skip
+    bundle = train(x, y, caps, LAYOUT, cfg, progress=False, log=lambda m: None)
+    test = Split(**bundle.metadata["split"]).part_of(caps) == 2
+    return bundle, x[test], y[test]
+
+
+def test_training_fits_and_stores_the_trust_state(trained, tmp_path):
+    from iotcls.bundle import ModelBundle
+
+    bundle, _, _ = trained
+    facts = bundle.metadata["trust"]
+    assert facts["fitted_on"] == "validation split" and facts["labels"] == 240
+    assert facts["classes_without_profile"] == []
+    path = bundle.save(tmp_path / "m.pt")
+    raw = torch.load(path, weights_only=True)  # plain tensors, numbers and strings only
+    state = TrustState.from_dict(raw["trust"])
+    assert state.groups == ["meta", "timing", "sizes", "directions", "payload", "history"]
+    assert state.classes == ["cam", "hub", "plug", "sensor"]
+    assert ModelBundle.load(path).trust is not None
+
+
+def test_known_devices_trusted_unseen_device_unknown(trained):
+    from synth_devices import make_data
+
+    from iotcls.predict import Predictor
+
+    bundle, x, y = trained
+    p = Predictor(bundle)
+    known = p.predict(x)
+    assert (known.label == y).mean() >= 0.9
+    assert known.trusted.mean() >= 0.9
+    assert (known.label[known.trusted] == y[known.trusted]).mean() >= 0.95
+    assert all(len(g) == 3 and g[0].split("=")[0] in p.trust.groups for g in known.top_groups)
+    xu, _, _ = make_data(["kettle"], 3, seed=1)  # a type the model never saw
+    unseen = p.predict(xu)
+    assert unseen.confidence.mean() > 0.8  # the model alone is confidently wrong ...
+    assert (~unseen.trusted).mean() >= 0.9  # ... the trust layer withholds the labels
+    assert set(unseen.reason[~unseen.trusted]) <= {"atypical_explanation",
+                                                   "error_like_explanation"}  # fmt: skip
+    # explain=False: the confidence criterion alone, which lets the unseen device through
+    cheap = Predictor(bundle, explain=False).predict(xu)
+    assert cheap.trusted.mean() >= 0.9 and cheap.top_groups[0] == []
+    np.testing.assert_array_equal(cheap.index, unseen.index)
+    np.testing.assert_allclose(cheap.probs, unseen.probs, atol=1e-5)
+    # assess_subset explains only the labels to be logged
+    Predictor(bundle).assess_subset(xu, cheap, np.arange(10))
+    assert cheap.reason[:10].tolist() == unseen.reason[:10].tolist()
+    assert cheap.top_groups[:10] == unseen.top_groups[:10] and cheap.top_groups[10] == []

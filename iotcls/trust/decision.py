@@ -1,16 +1,26 @@
 """The trust decision: is a label backed by the kind of evidence its class is known for?
 
-A label is **trusted** when both hold:
+Each label comes with its *explanation profile*: the group Shapley values of every class's
+calibrated log-probability (:mod:`.shapley`; G groups x C classes, from the same coalitions
+as the label's own explanation), each divided by its spread over the references. All
+classes, not only the predicted one: a flow of an unseen device may push the predicted
+class up as strongly as that class's own flows do, yet push the *other* classes in its own
+way. The references are the labels of the fitting split (the validation split
+during ``iotcls train``: data the model did not learn from), each with its profile, its
+predicted class and whether it was right. A label is **trusted** when all of these hold;
+the first that fails is its ``reason``:
 
-1. its calibrated confidence is at least ``conf_threshold`` (else reason ``low_confidence``);
-2. its *explanation profile* lies near those of correct predictions of the same class, seen
-   at fitting time (else reason ``atypical_explanation``). The profile is the vector of
-   group Shapley values of the predicted class's log-probability, each group divided by
-   its spread over all references; "near" is the distance to the ``k``-th nearest
-   reference profile of the predicted class, compared with the ``quantile`` of the same
-   leave-one-out distance among that class's references. A class with fewer than
-   ``min_refs`` references has no profile to compare with: its labels are untrusted with
-   reason ``unverified_class``.
+1. ``low_confidence``: its calibrated confidence is below ``conf_threshold``.
+2. ``unverified_class``: its class has fewer than ``min_refs`` correct references, so there
+   is nothing to compare its explanation with.
+3. ``atypical_explanation``: its profile is far from every profile of a *correct* reference
+   of the same class: the distance to the ``k``-th nearest one exceeds the ``quantile`` of
+   the same (leave-one-out) distance among those references. This catches traffic the model
+   has no precedent for, such as a device type it never saw.
+4. ``error_like_explanation``: among the ``precision_k`` references of the same predicted
+   class whose profiles are nearest, too few were right: the smoothed share
+   ``(right + 1) / (n + 2)`` is below ``min_precision``. This catches confident labels
+   explained the way the model's mistakes were explained (on classes it confuses).
 
 Nearest neighbours rather than a mean and covariance: a device's flows fall in several
 distinct kinds (DNS, NTP, its cloud session, ...), each with its own explanation, so a
@@ -34,7 +44,8 @@ import torch
 
 UNKNOWN = "unknown"
 TRUST_VERSION = 1
-REASONS = ("-", "low_confidence", "atypical_explanation", "unverified_class")
+REASONS = ("-", "low_confidence", "unverified_class", "atypical_explanation",
+           "error_like_explanation")  # fmt: skip
 
 
 class TrustError(ValueError):
@@ -43,14 +54,20 @@ class TrustError(ValueError):
 
 @dataclass
 class TrustConfig:
-    """Knobs of the fit; the fitted values land in :class:`TrustState`."""
+    """Knobs of the fit; they are stored in the :class:`TrustState` with what was fitted."""
 
     conf_threshold: float = 0.5
-    quantile: float = 0.95
+    quantile: float = 0.99  # of correct references' k-NN distance: "atypical" beyond it
     k: int = 5
-    max_refs: int = 400  # per class, a seeded random subset of the correct predictions
+    precision_k: int = 50  # neighbours for the explanation-conditioned precision
+    min_precision: float = 0.5
+    max_refs: int = 500  # per predicted class, a seeded random subset of the labels
     min_refs: int = 6
     seed: int = 0
+
+
+_FLOATS = ("conf_threshold", "quantile", "min_precision")
+_INTS = ("k", "precision_k", "n_fit")
 
 
 @dataclass
@@ -59,26 +76,31 @@ class TrustState:
     history: str  # how history rows form players, see shapley.feature_groups
     classes: list[str]
     conf_threshold: float
-    k: int
     quantile: float
-    scale: torch.Tensor  # (G,) spread of each group's value over the references
-    refs: torch.Tensor  # (N, G) float32, scaled profiles of correct predictions
-    ref_class: torch.Tensor  # (N,) int64
-    dist_threshold: torch.Tensor  # (C,) float32; +inf never happens, NaN = no profile
+    min_precision: float
+    k: int
+    precision_k: int
+    scale: torch.Tensor  # (G*C,) spread of each value over the correct references
+    refs: torch.Tensor  # (N, G*C): scaled profiles of the references (float16 precision)
+    ref_pred: torch.Tensor  # (N,) int64: their predicted class
+    ref_correct: torch.Tensor  # (N,) bool: whether that prediction was right
+    dist_threshold: torch.Tensor  # (C,) float32; NaN: the class has no profile
     fitted_on: str = ""
     n_fit: int = 0
     version: int = TRUST_VERSION
 
     def to_dict(self) -> dict:
-        return {
-            "version": self.version, "groups": list(self.groups), "history": self.history,
-            "classes": list(self.classes), "conf_threshold": float(self.conf_threshold),
-            "k": int(self.k), "quantile": float(self.quantile),
-            "scale": self.scale.float().contiguous(), "refs": self.refs.float().contiguous(),
-            "ref_class": self.ref_class.long().contiguous(),
+        d = {"version": self.version, "groups": list(self.groups), "history": self.history,
+             "classes": list(self.classes), "fitted_on": self.fitted_on}  # fmt: skip
+        d.update({k: float(getattr(self, k)) for k in _FLOATS})
+        d.update({k: int(getattr(self, k)) for k in _INTS})
+        d.update({
+            "scale": self.scale.float().contiguous(), "refs": self.refs.half().contiguous(),
+            "ref_pred": self.ref_pred.long().contiguous(),
+            "ref_correct": self.ref_correct.bool().contiguous(),
             "dist_threshold": self.dist_threshold.float().contiguous(),
-            "fitted_on": self.fitted_on, "n_fit": int(self.n_fit),
-        }  # fmt: skip
+        })  # fmt: skip
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrustState":
@@ -91,26 +113,31 @@ class TrustState:
             s = cls(
                 groups=[str(g) for g in d["groups"]], history=str(d["history"]),
                 classes=[str(c) for c in d["classes"]],
-                conf_threshold=float(d["conf_threshold"]), k=int(d["k"]),
-                quantile=float(d["quantile"]), scale=torch.as_tensor(d["scale"]).float(),
+                **{k: float(d[k]) for k in _FLOATS}, **{k: int(d[k]) for k in _INTS},
+                scale=torch.as_tensor(d["scale"]).float(),
                 refs=torch.as_tensor(d["refs"]).float(),
-                ref_class=torch.as_tensor(d["ref_class"]).long(),
+                ref_pred=torch.as_tensor(d["ref_pred"]).long(),
+                ref_correct=torch.as_tensor(d["ref_correct"]).bool(),
                 dist_threshold=torch.as_tensor(d["dist_threshold"]).float(),
-                fitted_on=str(d.get("fitted_on", "")), n_fit=int(d.get("n_fit", 0)),
+                fitted_on=str(d.get("fitted_on", "")),
             )  # fmt: skip
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise TrustError(f"trust state: malformed ({type(e).__name__}: {e})") from None
-        g, c = len(s.groups), len(s.classes)
-        if s.scale.shape != (g,) or s.refs.ndim != 2 or s.refs.shape[1] != g:
-            raise TrustError(f"trust state: profiles do not match its {g} groups")
-        if s.ref_class.shape != (len(s.refs),) or s.dist_threshold.shape != (c,):
-            raise TrustError("trust state: reference classes or thresholds have the wrong shape")
-        if len(s.ref_class) and (s.ref_class.min() < 0 or s.ref_class.max() >= c):
+        g, c, n = len(s.groups), len(s.classes), len(s.refs)
+        if s.scale.shape != (g * c,) or s.refs.ndim != 2 or s.refs.shape[1] != g * c:
+            raise TrustError(f"trust state: profiles do not match its {g} groups x {c} classes")
+        if s.ref_pred.shape != (n,) or s.ref_correct.shape != (n,):
+            raise TrustError("trust state: references and their classes differ in length")
+        if s.dist_threshold.shape != (c,):
+            raise TrustError("trust state: thresholds do not match its classes")
+        if n and (s.ref_pred.min() < 0 or s.ref_pred.max() >= c):
             raise TrustError("trust state: a reference names a class outside the model's")
         return s
 
     def refs_per_class(self) -> np.ndarray:
-        return np.bincount(self.ref_class.numpy(), minlength=len(self.classes))
+        """Correct references per class."""
+        ok = self.ref_correct.numpy()
+        return np.bincount(self.ref_pred.numpy()[ok], minlength=len(self.classes))
 
 
 @dataclass
@@ -121,7 +148,8 @@ class TrustDecision:
     confidence: np.ndarray  # (n,) calibrated
     trusted: np.ndarray  # (n,) bool
     reason: list[str]
-    distance: np.ndarray  # (n,) k-NN distance of the profile / class threshold (<=1: typical)
+    distance: np.ndarray  # (n,) k-NN distance / class threshold (<= 1: typical); NaN: none
+    precision: np.ndarray  # (n,) explanation-conditioned precision estimate
     top_groups: list[list[str]] = field(default_factory=list)
 
     def refined(self, classes: list[str]) -> list[str]:
@@ -131,15 +159,23 @@ class TrustDecision:
 
 def _kth_distance(q: torch.Tensor, refs: torch.Tensor, k: int, exclude_self: bool) -> torch.Tensor:
     """Distance from each row of ``q`` to its k-th nearest row of ``refs`` (1-based k)."""
-    if len(refs) == 0 or len(q) == 0:
+    kk = min(k, refs.shape[0] - (1 if exclude_self else 0))
+    if kk < 1 or len(q) == 0:
         return torch.full((len(q),), float("nan"))
     d = torch.cdist(q.double(), refs.double())
     if exclude_self:
         d.fill_diagonal_(float("inf"))
-    kk = min(k, refs.shape[0] - (1 if exclude_self else 0))
-    if kk < 1:
-        return torch.full((len(q),), float("nan"))
     return d.topk(kk, dim=1, largest=False).values[:, -1].float()
+
+
+def _near_precision(q: torch.Tensor, refs: torch.Tensor, correct: torch.Tensor, k: int) -> np.ndarray:
+    """Smoothed share of right predictions among the ``k`` nearest references."""
+    if len(refs) == 0:
+        return np.full(len(q), 0.5)
+    kk = min(k, len(refs))
+    nn = torch.cdist(q.double(), refs.double()).topk(kk, dim=1, largest=False).indices
+    right = correct[nn].sum(1).double()
+    return ((right + 1) / (kk + 2)).numpy()
 
 
 def fit_trust(
@@ -152,45 +188,50 @@ def fit_trust(
     config: TrustConfig | None = None,
     fitted_on: str = "",
 ) -> TrustState:
-    """Fit per-class reference profiles from the Shapley values of labelled predictions.
+    """The trust state from labelled predictions of data the model did not train on.
 
-    ``values`` (n, G) are the group Shapley values of each prediction ``pred``; ``labels``
-    the true classes. Only correct predictions become references.
+    ``values`` (n, G, C) are the group Shapley values of every class for each prediction
+    ``pred``; ``labels`` the true classes.
     """
     cfg = config or TrustConfig()
     values = np.asarray(values, dtype=np.float64)
-    pred, labels = np.asarray(pred), np.asarray(labels)
-    if values.ndim != 2 or values.shape[1] != len(groups):
-        raise TrustError(f"trust fit: values must be (n, {len(groups)}), got {values.shape}")
+    pred, labels = np.asarray(pred, np.int64), np.asarray(labels, np.int64)
+    shape = (len(groups), len(classes))
+    if values.ndim != 3 or values.shape[1:] != shape:
+        raise TrustError(f"trust fit: values must be (n, {shape[0]}, {shape[1]}), "
+                         f"got {values.shape}")  # fmt: skip
+    values = values.reshape(len(values), -1)
     if not (len(values) == len(pred) == len(labels)):
         raise TrustError("trust fit: values, predictions and labels differ in length")
     if not 0 < cfg.quantile <= 1:
         raise TrustError(f"trust fit: quantile must lie in (0, 1], not {cfg.quantile}")
     rng = np.random.default_rng(cfg.seed)
-    ok = pred == labels
-    idx_all: list[np.ndarray] = []
+    keep: list[np.ndarray] = []
     for c in range(len(classes)):
-        idx = np.flatnonzero(ok & (labels == c))
+        idx = np.flatnonzero(pred == c)
         if len(idx) > cfg.max_refs:
             idx = np.sort(rng.choice(idx, cfg.max_refs, replace=False))
-        idx_all.append(idx)
-    idx = np.concatenate(idx_all) if idx_all else np.zeros(0, int)
-    raw = values[idx]
-    scale = raw.std(0) if len(raw) > 1 else np.ones(len(groups))
+        keep.append(idx)
+    idx = np.concatenate(keep) if keep else np.zeros(0, np.int64)
+    raw, ok = values[idx], pred[idx] == labels[idx]
+    scale = raw[ok].std(0) if ok.sum() > 1 else np.ones(values.shape[1])
     scale = np.where(scale > 1e-6, scale, 1.0)
-    refs = torch.from_numpy(raw / scale).float()
-    ref_class = torch.from_numpy(labels[idx].astype(np.int64))
+    refs = torch.from_numpy(raw / scale).half().float()  # stored as float16
+    ref_pred = torch.from_numpy(pred[idx])
+    ref_correct = torch.from_numpy(ok)
     thr = torch.full((len(classes),), float("nan"))
     for c in range(len(classes)):
-        r = refs[ref_class == c]
+        r = refs[(ref_pred == c) & ref_correct]
         if len(r) >= max(cfg.min_refs, cfg.k + 1):
             d = _kth_distance(r, r, cfg.k, exclude_self=True)
             thr[c] = max(float(torch.quantile(d.double(), cfg.quantile)), 1e-6)
     return TrustState(
         groups=list(groups), history=history, classes=list(classes),
-        conf_threshold=float(cfg.conf_threshold), k=int(cfg.k), quantile=float(cfg.quantile),
-        scale=torch.from_numpy(scale).float(), refs=refs, ref_class=ref_class,
-        dist_threshold=thr, fitted_on=fitted_on, n_fit=int(len(values)),
+        conf_threshold=float(cfg.conf_threshold), quantile=float(cfg.quantile),
+        min_precision=float(cfg.min_precision), k=int(cfg.k),
+        precision_k=int(cfg.precision_k), scale=torch.from_numpy(scale).float(), refs=refs,
+        ref_pred=ref_pred, ref_correct=ref_correct, dist_threshold=thr,
+        fitted_on=fitted_on, n_fit=int(len(values)),
     )  # fmt: skip
 
 
@@ -202,35 +243,43 @@ def decide(
     top_groups: list[list[str]] | None = None,
 ) -> TrustDecision:
     """The trust decision for a batch: calibrated log-probabilities (n, C) and the Shapley
-    values (n, G) of the predicted class."""
+    values (n, G, C) of every class."""
     log_probs = np.asarray(log_probs)
     values = np.asarray(values, dtype=np.float64)
     n = len(log_probs)
     if log_probs.ndim != 2 or log_probs.shape[1] != len(state.classes):
         raise TrustError(f"trust: model gives {log_probs.shape[-1]} classes, the trust state "
                          f"was fitted for {len(state.classes)}")  # fmt: skip
-    if values.shape != (n, len(state.groups)):
-        raise TrustError(f"trust: values must be ({n}, {len(state.groups)}), got {values.shape}")
+    shape = (n, len(state.groups), len(state.classes))
+    if values.shape != shape:
+        raise TrustError(f"trust: values must be {shape}, got {values.shape}")
+    values = values.reshape(n, -1)
     pred = log_probs.argmax(1) if pred is None else np.asarray(pred)
     conf = np.exp(log_probs[np.arange(n), pred])
     prof = torch.from_numpy(values / state.scale.double().numpy()).float()
     ratio = np.full(n, np.nan)
+    precision = np.full(n, 0.5)
     for c in np.unique(pred):
         rows = np.flatnonzero(pred == c)
+        of_c = state.ref_pred == int(c)
+        precision[rows] = _near_precision(prof[rows], state.refs[of_c],
+                                          state.ref_correct[of_c], state.precision_k)  # fmt: skip
         thr = float(state.dist_threshold[c])
-        if np.isnan(thr):
-            continue
-        d = _kth_distance(prof[rows], state.refs[state.ref_class == int(c)], state.k, False)
-        ratio[rows] = d.numpy() / thr
-    low = conf < state.conf_threshold
-    no_ref = np.isnan(ratio)
-    atyp = ~no_ref & (ratio > 1.0)
-    reason = np.where(low, "low_confidence",
-                      np.where(no_ref, "unverified_class",
-                               np.where(atyp, "atypical_explanation", "-")))  # fmt: skip
+        if not np.isnan(thr):
+            d = _kth_distance(prof[rows], state.refs[of_c & state.ref_correct], state.k, False)
+            ratio[rows] = d.numpy() / thr
+    reason = np.full(n, "-", dtype=object)
+    for mask, why in reversed([
+        (conf < state.conf_threshold, "low_confidence"),
+        (np.isnan(ratio), "unverified_class"),
+        (ratio > 1.0, "atypical_explanation"),
+        (precision < state.min_precision, "error_like_explanation"),
+    ]):  # fmt: skip
+        reason[mask] = why  # the first failing criterion, in this order, is the reason
     trusted = reason == "-"
     return TrustDecision(pred=pred, confidence=conf, trusted=trusted, reason=reason.tolist(),
-                         distance=ratio, top_groups=top_groups or [])  # fmt: skip
+                         distance=ratio, precision=precision,
+                         top_groups=top_groups or [])  # fmt: skip
 
 
 def device_vote(
@@ -251,3 +300,44 @@ def device_vote(
         return -1
     score = np.bincount(pred[tr], weights=conf[tr], minlength=n_classes)
     return int(score.argmax())
+
+
+def windowed_trusted_vote(
+    pred: np.ndarray,
+    confidence: np.ndarray,
+    trusted: np.ndarray,
+    groups: np.ndarray,
+    times: np.ndarray,
+    n_classes: int,
+    window: int = 10,
+    min_votes: int = 3,
+    min_trusted_share: float = 0.5,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The refined device label after each sequence: :func:`device_vote` over the window of
+    the device's last ``window`` sequences (by time, the current one included; ``groups``
+    names the device session). Returns ``(index, emitted)``: no label before ``min_votes``
+    sequences (``emitted`` False); index -1 with ``emitted`` True is :data:`UNKNOWN`."""
+    pred = np.asarray(pred, np.int64)
+    n = len(pred)
+    if n == 0:
+        return np.zeros(0, np.int64), np.zeros(0, bool)
+    order = np.lexsort((np.arange(n), np.asarray(times), np.asarray(groups)))
+    p, c = pred[order], np.asarray(confidence, np.float64)[order]
+    t, g = np.asarray(trusted, bool)[order], np.asarray(groups)[order]
+    ballots = np.zeros((n, n_classes))
+    ballots[np.arange(n), p] = np.where(t, c, 0.0)
+    first = np.r_[0, np.flatnonzero(g[1:] != g[:-1]) + 1]
+    start = np.repeat(first, np.diff(np.r_[first, n]))
+    lo = np.maximum(start, np.arange(n) - window + 1)
+    cs = np.vstack([np.zeros((1, n_classes)), np.cumsum(ballots, axis=0)])
+    votes = cs[np.arange(n) + 1] - cs[lo]
+    ct = np.r_[0, np.cumsum(t)]
+    n_trusted = ct[np.arange(n) + 1] - ct[lo]
+    n_votes = np.arange(n) - lo + 1
+    winner = votes.argmax(axis=1)
+    unknown = (n_trusted == 0) | (n_trusted < min_trusted_share * n_votes)
+    winner = np.where(unknown, -1, winner)
+    emitted = n_votes >= min_votes
+    index, out_emitted = np.empty(n, np.int64), np.empty(n, bool)
+    index[order], out_emitted[order] = np.where(emitted, winner, -1), emitted
+    return index, out_emitted

@@ -129,6 +129,7 @@ class Explanation:
     log_probs: np.ndarray  # (n, C) calibrated log-probabilities of the full input
     base: np.ndarray  # (C,) calibrated log-probabilities of the all-zero (empty) input
     coalition_values: np.ndarray | None = None  # (n, 2^G) of the target, when asked for
+    all_values: np.ndarray | None = None  # (n, G, C): every class's values, when asked for
 
     def top_groups(self, k: int = 3, digits: int = 2) -> list[list[str]]:
         """Per label, the ``k`` groups of largest |value|, as ``"name=value"`` strings."""
@@ -184,6 +185,13 @@ class GroupShapley:
             self._vcols = torch.from_numpy(plan.variant_cols)
             self._vof = torch.from_numpy(plan.variant_of[1:])
             self._rows_on = torch.from_numpy(plan.rows_on[1:])
+        params = getattr(forward, "parameters", None)
+        first = next(iter(params()), None) if callable(params) else None
+        self.device = first.device if first is not None else torch.device("cpu")
+        if self.device.type != "cpu":
+            for name in ("_cmask", "_vcols", "_vof", "_rows_on"):
+                if hasattr(self, name):
+                    setattr(self, name, getattr(self, name).to(self.device))
 
     @property
     def structured(self) -> bool:
@@ -230,8 +238,8 @@ class GroupShapley:
         v0 = xb[:, 0, None, :] * self._vcols[None]  # (b, V0, W): row-0 variants
         enc0 = model.flow(v0.reshape(-1, width)).view(b, v0.shape[1], -1)
         d = enc0.shape[-1]
-        h = torch.empty((b, k, rows, d))
-        mask = torch.empty((b, k, rows))
+        h = torch.empty((b, k, rows, d), device=xb.device)
+        mask = torch.empty((b, k, rows), device=xb.device)
         h[:, :, 0] = enc0[:, self._vof]
         mask[:, :, 0] = (v0 != 0).any(-1).to(mask.dtype)[:, self._vof]
         if rows > 1:
@@ -245,7 +253,7 @@ class GroupShapley:
         """Log-probabilities of the empty coalition (the all-zero matrix); cached."""
         if self._base is None:
             with torch.inference_mode():
-                self._base = self._logp(torch.zeros((1, *shape)))[0]
+                self._base = self._logp(torch.zeros((1, *shape), device=self.device))[0].cpu()
         return self._base
 
     def explain(
@@ -253,12 +261,14 @@ class GroupShapley:
         x: np.ndarray | torch.Tensor,
         target: np.ndarray | None = None,
         keep_coalitions: bool = False,
+        all_classes: bool = False,
     ) -> Explanation:
         """Shapley values for every matrix of ``x`` (n, rows, width).
 
         ``target`` picks the explained class per matrix; by default the prediction. The full
         input's log-probabilities come with the result, so the caller needs no separate
-        forward pass for the label itself.
+        forward pass for the label itself. ``all_classes`` also returns every class's
+        values (``Explanation.all_values``, (n, G, C)): the same coalitions, no extra pass.
         """
         x = torch.as_tensor(x, dtype=torch.float32)
         if x.ndim != 3 or tuple(x.shape[1:]) != tuple(self._cmask.shape[1:]):
@@ -273,17 +283,22 @@ class GroupShapley:
         tgt = torch.as_tensor(np.asarray(target), dtype=torch.long) if given else \
             torch.empty(n, dtype=torch.long)
         per = max(1, self.chunk // k)  # matrices per forward chunk
+        every = torch.empty((n, len(self.names), c_dim)) if all_classes else None
+        a32 = self._A.float()
         with torch.inference_mode():
             for i in range(0, n, per):
-                xb = x[i : i + per]
+                xb = x[i : i + per].to(self.device)
                 sl = slice(i, i + len(xb))
-                lp = self._coalition_values(xb)
+                lp = self._coalition_values(xb).cpu()
                 full[sl] = lp[:, -1]
                 if not given:
                     tgt[sl] = lp[:, -1].argmax(-1)
                 t = tgt[sl]
                 vals[sl, 1:] = lp.gather(2, t[:, None, None].expand(-1, k, 1))[..., 0].double()
                 vals[sl, 0] = base[t].double()
+                if every is not None:
+                    every[sl] = torch.einsum("nkc,kg->ngc", lp, a32[1:]) + \
+                        torch.outer(a32[0], base)[None]  # fmt: skip
         phi = (vals @ self._A).numpy()
         return Explanation(
             names=list(self.names),
@@ -292,6 +307,7 @@ class GroupShapley:
             log_probs=full.numpy(),
             base=base.numpy(),
             coalition_values=vals.numpy() if keep_coalitions else None,
+            all_values=every.numpy() if every is not None else None,
         )
 
 

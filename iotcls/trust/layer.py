@@ -1,0 +1,119 @@
+"""The trust layer of one model bundle: explain a batch, decide trust, fit the state.
+
+This is what :class:`iotcls.predict.Predictor` calls when the bundle carries a trust state,
+and what training calls to fit one. One batched pass gives, per matrix, the calibrated
+log-probabilities of the full input (so the label itself costs nothing extra), the group
+Shapley values of the predicted class, and the trust decision.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..layout import MatrixLayout
+from .decision import TrustConfig, TrustDecision, TrustError, TrustState, decide, fit_trust
+from .shapley import Explanation, GroupShapley
+
+
+@dataclass
+class Assessed:
+    """A batch through the trust layer: the explanation and the decision."""
+
+    explanation: Explanation
+    decision: TrustDecision
+
+    @property
+    def log_probs(self) -> np.ndarray:
+        return self.explanation.log_probs
+
+
+class TrustLayer:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        layout: MatrixLayout,
+        temperature: float,
+        classes: list[str],
+        state: TrustState | None = None,
+        history: str = "one",
+        top_k: int = 3,
+        chunk: int = 8192,
+    ):
+        if state is not None:
+            history = state.history
+            if list(state.classes) != list(classes):
+
+                raise TrustError("trust state: fitted for other classes than the model's")
+        self.layout, self.classes, self.state, self.top_k = layout, list(classes), state, top_k
+        self.explainer = GroupShapley.for_layout(
+            model, layout, history=history, temperature=temperature, chunk=chunk
+        )
+        if state is not None and state.groups != self.explainer.names:
+
+            raise TrustError(f"trust state: groups {state.groups} do not match the layout's "
+                             f"{self.explainer.names}")  # fmt: skip
+
+    @classmethod
+    def from_bundle(cls, bundle, require_state: bool = False) -> "TrustLayer | None":
+        """The bundle's trust layer; None when it has no trust state (unless required)."""
+        state = TrustState.from_dict(bundle.trust) if bundle.trust else None
+        if state is None and require_state:
+            return None
+        return cls(bundle.model, bundle.layout, bundle.temperature, bundle.classes, state)
+
+    @property
+    def groups(self) -> list[str]:
+        return self.explainer.names
+
+    def full_rows(self, matrices: np.ndarray) -> np.ndarray:
+        """Matrices with fewer rows than the layout's (the per-flow strategy) padded with
+        zero rows: the CNN gives the same output, and the history player gets value 0."""
+        x = np.asarray(matrices, dtype=np.float32)
+        if x.ndim == 3 and x.shape[1] < self.layout.rows:
+            pad = np.zeros((len(x), self.layout.rows - x.shape[1], x.shape[2]), np.float32)
+            x = np.concatenate([x, pad], axis=1)
+        return x
+
+    def explain(self, matrices: np.ndarray) -> Explanation:
+        return self.explainer.explain(self.full_rows(matrices), all_classes=True)
+
+    def assess(self, matrices: np.ndarray) -> Assessed:
+        if self.state is None:
+            raise ValueError("trust layer: no fitted trust state")
+        e = self.explain(matrices)
+        d = decide(self.state, e.log_probs, e.all_values, e.target, e.top_groups(self.top_k))
+        return Assessed(e, d)
+
+
+def fit_state(
+    model: torch.nn.Module,
+    layout: MatrixLayout,
+    temperature: float,
+    classes: list[str],
+    matrices: np.ndarray,
+    labels: np.ndarray,
+    config: TrustConfig | None = None,
+    fitted_on: str = "validation split",
+    history: str = "one",
+) -> tuple[TrustState, dict]:
+    """Fit a trust state on labelled matrices (class indices); returns it and fit facts."""
+    t0 = time.time()
+    layer = TrustLayer(model, layout, temperature, classes, None, history=history)
+    e = layer.explain(matrices)
+    state = fit_trust(e.all_values, e.target, np.asarray(labels), layer.groups, classes,
+                      history=history, config=config, fitted_on=fitted_on)  # fmt: skip
+    per = state.refs_per_class()
+    facts = {
+        "fitted_on": fitted_on,
+        "labels": int(len(matrices)),
+        "references": int(len(state.refs)),
+        "classes_without_profile": [c for c, t in zip(classes, state.dist_threshold.tolist())
+                                    if t != t],  # NaN  # fmt: skip
+        "min_references": int(per.min()) if len(per) else 0,
+        "seconds": round(time.time() - t0, 2),
+    }
+    return state, facts
