@@ -271,7 +271,8 @@ def train(
     if cfg.trust and len(va):
         from .trust.layer import fit_state
 
-        state, meta["trust"] = fit_state(model, layout, temperature, classes, x_va, y_va)
+        state, meta["trust"] = fit_state(model, layout, temperature, classes, x_va, y_va,
+                                         fallback=(matrices[tr], y[tr]))  # fmt: skip
         trust = state.to_dict()
         log(f"trust state: {meta['trust']['references']} reference explanations from "
             f"{meta['trust']['labels']} validation labels ({meta['trust']['seconds']:.1f}s)")

@@ -202,7 +202,7 @@ def fitted_state():
     pred[:5] = 1
     vals[:5, 0] = [0.0, 1.08, 0.0] + 0.001 * rng.standard_normal((5, 3))
     cfg = TrustConfig(conf_threshold=0.6, quantile=0.9, k=3, precision_k=5, min_precision=0.5,
-                      max_refs=100, min_refs=6)  # fmt: skip
+                      prior_strength=2.0, max_refs=100, min_refs=6)  # fmt: skip
     return fit_trust(vals, pred, y, ["a"], ["x", "y", "z"], config=cfg), rng
 
 
@@ -233,7 +233,10 @@ def test_fit_and_decide():
     assert d.trusted.tolist() == [True, False, False, True, False, False]
     assert d.refined(state.classes) == ["x", UNKNOWN, UNKNOWN, "y", UNKNOWN, UNKNOWN]
     assert d.distance[0] < 1 < d.distance[2] and d.distance[4] < 1
-    assert d.precision[3] == pytest.approx(6 / 7) and d.precision[4] == pytest.approx(1 / 7)
+    p0 = 115 / 120  # (right + 2 p0) / (5 + 2) among the 5 nearest references of y
+    assert state.prior_precision == pytest.approx(p0)
+    assert d.precision[3] == pytest.approx((5 + 2 * p0) / 7)
+    assert d.precision[4] == pytest.approx((0 + 2 * p0) / 7)
     # the references' own profiles: about `quantile` of them come out typical
     vals, y = clustered_profiles(rng, [[1.0, 0.0, 0.0]], 400)
     d = decide(state, log_probs_for(y, np.full(400, 0.9)), vals)

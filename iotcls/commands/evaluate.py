@@ -37,6 +37,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-votes", type=int, default=v.min_votes,
                    help="device strategy: sequences before a first label (default %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    # issue 4 (trust): the unseen-device test
+    p.add_argument("--leave-out", action="append", metavar="TYPE", default=[],
+                   help="train without TYPE (repeatable; quick training, the same code path "
+                        "as iotcls train) and report the share of TYPE's labels that come out "
+                        "untrusted/unknown; --model is not used")  # fmt: skip
+    p.add_argument("--epochs", type=int, default=None,
+                   help="--leave-out: training epochs (default 15)")
+    p.add_argument("--seed", type=int, default=0, help="--leave-out: split and training seed")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -45,6 +53,8 @@ def run(args: argparse.Namespace) -> int:
     from ..strategies import VoteConfig
     from ..train import Split
 
+    if args.leave_out:  # issue 4 (trust)
+        return _run_leave_out(args)
     try:
         bundle = ModelBundle.load(args.model)
     except BundleError as e:
@@ -68,4 +78,28 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(report))
     else:
         print(format_report(report))
+    return 0
+
+
+def _run_leave_out(args: argparse.Namespace) -> int:
+    """issue 4 (trust): ``--leave-out TYPE``: see iotcls.trust.evaluation.leave_out."""
+    from ..layout import MatrixLayout
+    from ..train import TrainConfig
+    from ..trust.evaluation import DEFAULT_LEAVE_OUT_EPOCHS, format_leave_out, leave_out
+
+    progress = not args.quiet and sys.stderr.isatty()
+    ds = load_data(args, MatrixLayout(), exact_layout=False, progress=progress)
+    epochs = DEFAULT_LEAVE_OUT_EPOCHS if args.epochs is None else args.epochs
+    if epochs < 1:
+        raise CliError("--epochs must be at least 1")
+    cfg = TrainConfig(seed=args.seed, epochs=epochs)
+    try:
+        rep = leave_out(ds, list(dict.fromkeys(args.leave_out)), cfg, progress=progress,
+                        log=lambda m: print(m, file=sys.stderr))  # fmt: skip
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "leave-out.json").write_text(json.dumps(rep, indent=1) + "\n")
+    print(json.dumps(rep) if args.json else format_leave_out(rep))
     return 0

@@ -18,9 +18,12 @@ the first that fails is its ``reason``:
    the same (leave-one-out) distance among those references. This catches traffic the model
    has no precedent for, such as a device type it never saw.
 4. ``error_like_explanation``: among the ``precision_k`` references of the same predicted
-   class whose profiles are nearest, too few were right: the smoothed share
-   ``(right + 1) / (n + 2)`` is below ``min_precision``. This catches confident labels
-   explained the way the model's mistakes were explained (on classes it confuses).
+   class whose profiles are nearest, too few were right: the share, shrunk towards the
+   share ``p0`` of right references overall, ``(right + m p0) / (n + m)`` with
+   ``m = prior_strength``, is below ``min_precision``. This catches confident labels
+   explained the way the model's mistakes were explained (on classes it confuses); the
+   shrinkage keeps a class with a handful of references (one bad validation capture) from
+   being condemned on that alone.
 
 Nearest neighbours rather than a mean and covariance: a device's flows fall in several
 distinct kinds (DNS, NTP, its cloud session, ...), each with its own explanation, so a
@@ -61,12 +64,13 @@ class TrustConfig:
     k: int = 5
     precision_k: int = 50  # neighbours for the explanation-conditioned precision
     min_precision: float = 0.5
+    prior_strength: float = 3.0  # pseudo-references at the overall precision
     max_refs: int = 500  # per predicted class, a seeded random subset of the labels
     min_refs: int = 6
     seed: int = 0
 
 
-_FLOATS = ("conf_threshold", "quantile", "min_precision")
+_FLOATS = ("conf_threshold", "quantile", "min_precision", "prior_strength", "prior_precision")
 _INTS = ("k", "precision_k", "n_fit")
 
 
@@ -78,6 +82,8 @@ class TrustState:
     conf_threshold: float
     quantile: float
     min_precision: float
+    prior_strength: float
+    prior_precision: float  # p0: share of right predictions among the references
     k: int
     precision_k: int
     scale: torch.Tensor  # (G*C,) spread of each value over the correct references
@@ -168,14 +174,16 @@ def _kth_distance(q: torch.Tensor, refs: torch.Tensor, k: int, exclude_self: boo
     return d.topk(kk, dim=1, largest=False).values[:, -1].float()
 
 
-def _near_precision(q: torch.Tensor, refs: torch.Tensor, correct: torch.Tensor, k: int) -> np.ndarray:
-    """Smoothed share of right predictions among the ``k`` nearest references."""
+def _near_precision(
+    q: torch.Tensor, refs: torch.Tensor, correct: torch.Tensor, k: int, p0: float, m: float
+) -> np.ndarray:
+    """Share of right predictions among the ``k`` nearest references, shrunk towards p0."""
     if len(refs) == 0:
-        return np.full(len(q), 0.5)
+        return np.full(len(q), p0)
     kk = min(k, len(refs))
     nn = torch.cdist(q.double(), refs.double()).topk(kk, dim=1, largest=False).indices
     right = correct[nn].sum(1).double()
-    return ((right + 1) / (kk + 2)).numpy()
+    return ((right + m * p0) / (kk + m)).numpy()
 
 
 def fit_trust(
@@ -228,7 +236,8 @@ def fit_trust(
     return TrustState(
         groups=list(groups), history=history, classes=list(classes),
         conf_threshold=float(cfg.conf_threshold), quantile=float(cfg.quantile),
-        min_precision=float(cfg.min_precision), k=int(cfg.k),
+        min_precision=float(cfg.min_precision), prior_strength=float(cfg.prior_strength),
+        prior_precision=float(ok.mean()) if len(ok) else 0.5, k=int(cfg.k),
         precision_k=int(cfg.precision_k), scale=torch.from_numpy(scale).float(), refs=refs,
         ref_pred=ref_pred, ref_correct=ref_correct, dist_threshold=thr,
         fitted_on=fitted_on, n_fit=int(len(values)),
@@ -258,12 +267,13 @@ def decide(
     conf = np.exp(log_probs[np.arange(n), pred])
     prof = torch.from_numpy(values / state.scale.double().numpy()).float()
     ratio = np.full(n, np.nan)
-    precision = np.full(n, 0.5)
+    precision = np.full(n, state.prior_precision)
     for c in np.unique(pred):
         rows = np.flatnonzero(pred == c)
         of_c = state.ref_pred == int(c)
-        precision[rows] = _near_precision(prof[rows], state.refs[of_c],
-                                          state.ref_correct[of_c], state.precision_k)  # fmt: skip
+        precision[rows] = _near_precision(prof[rows], state.refs[of_c], state.ref_correct[of_c],
+                                          state.precision_k, state.prior_precision,
+                                          state.prior_strength)  # fmt: skip
         thr = float(state.dist_threshold[c])
         if not np.isnan(thr):
             d = _kth_distance(prof[rows], state.refs[of_c & state.ref_correct], state.k, False)

@@ -99,18 +99,46 @@ def fit_state(
     config: TrustConfig | None = None,
     fitted_on: str = "validation split",
     history: str = "one",
+    fallback: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[TrustState, dict]:
-    """Fit a trust state on labelled matrices (class indices); returns it and fit facts."""
+    """Fit a trust state on labelled matrices (class indices); returns it and fit facts.
+
+    ``fallback`` (training matrices and labels): for a class with too few correct
+    references in ``matrices`` (a small class may have a single validation capture, all
+    wrong), its training flows become references too, so its labels are judged against
+    something rather than all refused as ``unverified_class``.
+    """
     t0 = time.time()
+    cfg = config or TrustConfig()
     layer = TrustLayer(model, layout, temperature, classes, None, history=history)
     e = layer.explain(matrices)
-    state = fit_trust(e.all_values, e.target, np.asarray(labels), layer.groups, classes,
-                      history=history, config=config, fitted_on=fitted_on)  # fmt: skip
+    values, pred, y = e.all_values, e.target, np.asarray(labels, np.int64)
+    lacking: list[int] = []
+    if fallback is not None:
+        ok = np.bincount(y[pred == y], minlength=len(classes))
+        lacking = [c for c in range(len(classes)) if ok[c] < max(cfg.min_refs, cfg.k + 1)]
+        fy = np.asarray(fallback[1], np.int64)
+        rng = np.random.default_rng(cfg.seed)
+        pick = []
+        for c in lacking:
+            idx = np.flatnonzero(fy == c)
+            if len(idx) > cfg.max_refs:
+                idx = np.sort(rng.choice(idx, cfg.max_refs, replace=False))
+            pick.append(idx)
+        pick = np.concatenate(pick) if pick else np.zeros(0, np.int64)
+        if len(pick):
+            ef = layer.explain(np.asarray(fallback[0])[pick])
+            values = np.concatenate([values, ef.all_values])
+            pred = np.concatenate([pred, ef.target])
+            y = np.concatenate([y, fy[pick]])
+    state = fit_trust(values, pred, y, layer.groups, classes, history=history, config=cfg,
+                      fitted_on=fitted_on)  # fmt: skip
     per = state.refs_per_class()
     facts = {
         "fitted_on": fitted_on,
         "labels": int(len(matrices)),
         "references": int(len(state.refs)),
+        "training_references_for": [classes[c] for c in lacking],
         "classes_without_profile": [c for c, t in zip(classes, state.dist_threshold.tolist())
                                     if t != t],  # NaN  # fmt: skip
         "min_references": int(per.min()) if len(per) else 0,
