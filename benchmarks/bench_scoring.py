@@ -14,6 +14,7 @@ import json
 import statistics
 import time
 
+import iotcls  # noqa: F401  first: it sets OMP_WAIT_POLICY before torch loads
 import numpy as np
 import torch
 import torch.nn as nn
