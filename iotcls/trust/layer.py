@@ -41,7 +41,7 @@ class TrustLayer:
         state: TrustState | None = None,
         history: str = "one",
         top_k: int = 3,
-        chunk: int = 8192,
+        chunk: int = 4096,
     ):
         if state is not None:
             history = state.history

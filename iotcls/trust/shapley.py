@@ -153,7 +153,7 @@ class GroupShapley:
         names: list[str],
         masks: np.ndarray,
         temperature: float = 1.0,
-        chunk: int = 8192,
+        chunk: int = 4096,
         value: str = "log_prob",
         structured: bool | None = None,
     ):
@@ -204,7 +204,7 @@ class GroupShapley:
         layout: MatrixLayout,
         history: str = "one",
         temperature: float = 1.0,
-        chunk: int = 8192,
+        chunk: int = 4096,
         structured: bool | None = None,
     ) -> "GroupShapley":
         names, masks = feature_groups(layout, history)
