@@ -87,9 +87,19 @@ def classify_capture(
     voted.index = v.index[keep]
     voted.label = predictor.classes[voted.index]
     voted.confidence = v.confidence[keep]
-    # until the trust layer decides for votes too: the threshold, on the vote's confidence
-    voted.trusted = voted.confidence >= predictor.threshold
-    voted.reason = np.where(voted.trusted, "-", "low_confidence").astype(object)
+    # issue 4 (trust): the device label is the vote of the window's trusted labels
+    # (docs/trust.md); too few trusted labels: the all-label vote, untrusted.
+    from .trust.decision import windowed_trusted_vote
+
+    tv, _, tconf = windowed_trusted_vote(pred.index, pred.confidence, pred.trusted, groups,
+                                         t.start[order], len(predictor.classes), vote.window,
+                                         vote.min_votes, with_confidence=True)  # fmt: skip
+    ok = tv[keep] >= 0
+    voted.index = np.where(ok, tv[keep], voted.index)
+    voted.label = predictor.classes[voted.index]
+    voted.confidence = np.where(ok, tconf[keep], voted.confidence).astype(np.float32)
+    voted.trusted = ok
+    voted.reason = np.where(ok, "-", "few_trusted_labels").astype(object)
     return Classified(cm, order[keep], voted, v.n_votes[keep], strategy)
 
 
@@ -115,6 +125,16 @@ def summarize(
         cm0, i0 = items[0][0], items[0][1]
         conf = float(v.confidence[last])
         share = float(trusted.mean())
+        # issue 4 (trust): the label is the vote of the trusted labels when there are enough
+        from .trust.decision import windowed_trusted_vote
+
+        pidx = np.array([p.index[k] for _, _, k, p in items])
+        pconf = np.array([p.confidence[k] for _, _, k, p in items])
+        tv, _, tconf = windowed_trusted_vote(pidx, pconf, trusted, np.zeros(len(items)), starts,
+                                             len(predictor.classes), len(items), 1,
+                                             with_confidence=True)  # fmt: skip
+        if tv[last] >= 0:
+            cls, conf = int(tv[last]), float(tconf[last])
         out.append(DeviceSummary(
             device=dev, ip=bytes_to_ip(cm0.table.device_ip[i0].tobytes()),
             label=str(predictor.classes[cls]), confidence=conf,

@@ -375,3 +375,15 @@ def test_known_devices_trusted_unseen_device_unknown(trained):
     Predictor(bundle).assess_subset(xu, cheap, np.arange(10))
     assert cheap.reason[:10].tolist() == unseen.reason[:10].tolist()
     assert cheap.top_groups[:10] == unseen.top_groups[:10] and cheap.top_groups[10] == []
+
+
+def test_windowed_vote_confidence():
+    from iotcls.trust.decision import windowed_trusted_vote
+
+    pred = np.array([1, 1, 0, 1])
+    conf = np.array([0.9, 0.7, 0.99, 0.5])
+    trusted = np.array([1, 1, 1, 0], bool)
+    idx, emitted, c = windowed_trusted_vote(pred, conf, trusted, np.zeros(4), np.arange(4.0), 2,
+                                            window=4, min_votes=1, with_confidence=True)  # fmt: skip
+    assert idx.tolist() == [1, 1, 1, 1] and emitted.all()  # 1.6 against 0.99
+    np.testing.assert_allclose(c, [0.9, 0.8, 0.8, 0.8])  # mean of the trusted votes for 1

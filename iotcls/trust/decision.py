@@ -322,15 +322,19 @@ def windowed_trusted_vote(
     window: int = 10,
     min_votes: int = 3,
     min_trusted_share: float = 0.5,
-) -> tuple[np.ndarray, np.ndarray]:
+    with_confidence: bool = False,
+):
     """The refined device label after each sequence: :func:`device_vote` over the window of
     the device's last ``window`` sequences (by time, the current one included; ``groups``
     names the device session). Returns ``(index, emitted)``: no label before ``min_votes``
-    sequences (``emitted`` False); index -1 with ``emitted`` True is :data:`UNKNOWN`."""
+    sequences (``emitted`` False); index -1 with ``emitted`` True is :data:`UNKNOWN`.
+    ``with_confidence`` adds a third array: the mean calibrated confidence of the window's
+    trusted labels of the voted class (0 when unknown)."""
     pred = np.asarray(pred, np.int64)
     n = len(pred)
     if n == 0:
-        return np.zeros(0, np.int64), np.zeros(0, bool)
+        empty = (np.zeros(0, np.int64), np.zeros(0, bool))
+        return (*empty, np.zeros(0)) if with_confidence else empty
     order = np.lexsort((np.arange(n), np.asarray(times), np.asarray(groups)))
     p, c = pred[order], np.asarray(confidence, np.float64)[order]
     t, g = np.asarray(trusted, bool)[order], np.asarray(groups)[order]
@@ -350,4 +354,14 @@ def windowed_trusted_vote(
     emitted = n_votes >= min_votes
     index, out_emitted = np.empty(n, np.int64), np.empty(n, bool)
     index[order], out_emitted[order] = np.where(emitted, winner, -1), emitted
-    return index, out_emitted
+    if not with_confidence:
+        return index, out_emitted
+    counts = np.zeros((n, n_classes))
+    counts[np.arange(n), p] = t
+    cc = np.vstack([np.zeros((1, n_classes)), np.cumsum(counts, axis=0)])
+    k = np.maximum(winner, 0)
+    n_win = (cc[np.arange(n) + 1] - cc[lo])[np.arange(n), k]
+    mean = np.where(winner >= 0, votes[np.arange(n), k] / np.maximum(n_win, 1), 0.0)
+    conf = np.empty(n)
+    conf[order] = mean
+    return index, out_emitted, conf
