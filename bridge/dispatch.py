@@ -78,6 +78,7 @@ class Outcome:
     shed: str | None = None
     send: bool = False  # the log policy says: send this label to Zeek
     latency_s: float = 0.0
+    explained: bool = True  # trusted/reason/top_groups are the full trust decision
 
 
 class LabelPolicy:
@@ -98,6 +99,22 @@ class LabelPolicy:
     def recently_labelled(self, device: str, now: float, recent_s: float) -> bool:
         st = self._state.get(device)
         return st is not None and now - st[3] <= recent_s
+
+    def hint(self, device: str, now: float) -> tuple[bool, str, bool]:
+        """``(due, last label sent, its trust)``: due means the next label is sent whatever
+        it is (the device's first, the interval is over, or policy ``all``)."""
+        st = self._state.get(device)
+        if st is None:
+            return True, "", False
+        due = self.policy == "all" or now - st[2] >= self.interval_s
+        return due, st[0], st[1]
+
+    def touch(self, device: str, now: float) -> None:
+        """A label not sent: the device still counts as recently labelled."""
+        st = self._state.get(device)
+        if st is not None:
+            st[3] = now
+            self._state.move_to_end(device)
 
     def decide(self, device: str, label: str, trusted: bool, now: float) -> bool:
         st = self._state.get(device)
@@ -174,6 +191,7 @@ class Dispatcher:
         self._idle = asyncio.Event()
         self._idle.set()
         self._rejected_logged: dict[str, float] = {}
+        self._dev_inflight: dict[str, int] = {}  # device -> its records at scorers
         self.endpoints: list[str] = []
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -317,14 +335,18 @@ class Dispatcher:
             self._batch_id += 1
             bid = self._batch_id
             mats = np.stack([it.matrix for it in items])
+            hints = self._hints(items)
             for it in items:
                 it.attempts += 1
-            data = wire.encode(wire.Request(bid, mats, [it.seq for it in items]))
+            data = wire.encode(wire.Request(bid, mats, [it.seq for it in items], hints))
             if not self._send(sc.name, data):
                 for it in items:
                     it.attempts -= 1  # never reached the scorer
                 self._lose(sc, "unreachable", items)
                 continue
+            inflight = self._dev_inflight
+            for it in items:
+                inflight[it.device] = inflight.get(it.device, 0) + 1
             now = time.monotonic()
             sc.inflight[bid] = _Batch(bid, items, now)
             sc.credit -= 1
@@ -332,6 +354,33 @@ class Dispatcher:
             self.metrics.batches_sent += 1
             self.metrics.batch_size.observe(len(items))
         self._update_gauges()
+
+    def _hints(self, items: list[Item]) -> wire.Hints:
+        """What the log policy knows per record before its label. A record is due (its
+        label will be judged in full) also when another record of its device is at a
+        scorer or earlier in this batch: the last label sent may change before it returns."""
+        now = time.monotonic()
+        due, last, lastt = [], [], []
+        seen: set[str] = set()
+        for it in items:
+            d, lb, tr = self.policy.hint(it.device, now)
+            if it.device in seen or self._dev_inflight.get(it.device):
+                d = True
+            seen.add(it.device)
+            due.append(d)
+            last.append(lb)
+            lastt.append(tr)
+        return wire.Hints(due, last, lastt)
+
+    def _release(self, items: list[Item]) -> None:
+        """Records back from a scorer (answered, or its batch given up on)."""
+        inflight = self._dev_inflight
+        for it in items:
+            n = inflight.get(it.device, 0) - 1
+            if n > 0:
+                inflight[it.device] = n
+            else:
+                inflight.pop(it.device, None)
 
     def _send(self, ident: bytes, data: bytes) -> bool:
         assert self._sock is not None
@@ -390,6 +439,7 @@ class Dispatcher:
             batch = sc.inflight.pop(msg.batch, None)
             if batch is not None:
                 sc.credit += 1
+                self._release(batch.items)
                 log.warning("scorer %s failed a batch of %d: %s", sc.label, len(batch.items), msg.error)
                 self._requeue(batch.items, f"scorer error: {msg.error}")
         elif isinstance(msg, wire.Bye):
@@ -409,7 +459,13 @@ class Dispatcher:
             self.metrics.add_rejected("zmq", "incompatible_scorer")
             self._send(ident, wire.encode(wire.Reject(why)))
             return
-        old = self._scorers.pop(ident, None)
+        old = self._scorers.get(ident)
+        if old is not None and old.hello.pid == h.pid and not old.inflight:
+            # a hello repeated while the scorer waited for our welcome: answer it again
+            old.last_seen = now
+            self._send(ident, wire.encode(wire.Welcome(old.credit, self.cfg.scorers.heartbeat_s)))
+            return
+        self._scorers.pop(ident, None)
         if old is not None and old.inflight:  # it restarted under the same name
             self._lose(old, "said hello again", register=False)
         sc = _Scorer(ident, h, self.b.inflight_per_scorer, max(1, h.batch_size), now)
@@ -432,6 +488,7 @@ class Dispatcher:
             return
         sc.credit += 1
         items = batch.items
+        self._release(items)
         if len(r) != len(items):
             log.warning("scorer %s answered %d labels for a batch of %d; re-sending it",
                         sc.label, len(r), len(items))  # fmt: skip
@@ -439,13 +496,20 @@ class Dispatcher:
             return
         outcomes = []
         sent = 0
+        expl = r.explained
+        policy = self.policy
         for i, it in enumerate(items):
-            send = self.policy.decide(it.device, r.labels[i], r.trusted[i], now)
+            full = expl is None or expl[i]
+            if full:
+                send = policy.decide(it.device, r.labels[i], r.trusted[i], now)
+            else:  # the same label and cheap trust as the last one sent, and not due
+                send = False
+                policy.touch(it.device, now)
             sent += send
             outcomes.append(Outcome(
                 ctx=it.ctx, device=it.device, label=r.labels[i], confidence=float(r.confidence[i]),
                 trusted=r.trusted[i], reason=r.reason[i], top_groups=r.top_groups[i],
-                model=r.model, send=send, latency_s=now - it.arrived,
+                model=r.model, send=send, latency_s=now - it.arrived, explained=full,
             ))  # fmt: skip
         m = self.metrics
         m.labelled += len(items)
@@ -472,6 +536,8 @@ class Dispatcher:
             self._scorers.pop(sc.name, None)
         batches = list(sc.inflight.values())
         sc.inflight.clear()
+        for b in batches:
+            self._release(b.items)
         back = [it for b in batches for it in b.items] + (items or [])
         self.metrics.scorers_lost += 1
         self.metrics.batches_resent += len(batches)
@@ -515,6 +581,7 @@ class Dispatcher:
         left = self._take(self.pending)
         for sc in self._scorers.values():
             for b in sc.inflight.values():
+                self._release(b.items)
                 left.extend(b.items)
             sc.inflight.clear()
         if left:

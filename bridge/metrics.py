@@ -81,7 +81,8 @@ class ServeMetrics:
         tuple(b * 1000 for b in LATENCY_BUCKETS_S)))  # fmt: skip
     # counters kept elsewhere (the Zeek client's), read when reported
     rejected_sources: list[Callable[[], dict[tuple[str, str], int]]] = field(default_factory=list)
-    # gauges read from elsewhere when scraped: (name, help, read)
+    # counters and gauges kept elsewhere, read when scraped: (name, help, read)
+    counter_sources: list[tuple[str, str, Callable[[], float]]] = field(default_factory=list)
     gauge_sources: list[tuple[str, str, Callable[[], float]]] = field(default_factory=list)
 
     def count_restart(self) -> None:
@@ -178,6 +179,8 @@ class _Collector:
         yield GaugeMetricFamily("iotcls_scorers", "Scorers connected", value=m.scorers)
         for name, doc, read in m.gauge_sources:
             yield GaugeMetricFamily(name, doc, value=read())
+        for name, doc, read in m.counter_sources:
+            yield CounterMetricFamily(name, doc, value=read())
         for name, doc, h in (
             ("iotcls_label_latency_seconds", "Record arrival to label sent", m.latency),
             ("iotcls_batch_size", "Records per batch sent to a scorer", m.batch_size),

@@ -207,6 +207,14 @@ class Service:
              lambda: len(bridge._tasks)),
             ("iotcls_zeek_connected", "1 while the WebSocket session to Zeek is up",
              lambda: float(client.connected.is_set())),
+            ("iotcls_zeek_buffered_frames", "Frames held for Zeek while it is unreachable",
+             lambda: client.buffered),
+        ]  # fmt: skip
+        self.metrics.counter_sources += [
+            ("iotcls_zeek_frames_dropped", "Frames for Zeek dropped from a full buffer "
+             "while it was unreachable", lambda: client.stats.dropped),
+            ("iotcls_zeek_reconnects", "WebSocket sessions to Zeek established",
+             lambda: client.stats.connects),
         ]  # fmt: skip
         exporter = None
         if cfg.metrics.enabled:

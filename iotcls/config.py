@@ -18,6 +18,7 @@ import yaml
 SHED_POLICIES = ("labelled-first", "oldest", "newest")
 LOG_POLICIES = ("changes", "all")
 DEVICES = ("auto", "cpu", "cuda")
+EXPLAIN = ("logged", "all", "none")
 
 
 class ConfigError(ValueError):
@@ -53,6 +54,7 @@ class ScorersConfig:
     batch_size: int = 256
     max_wait_ms: float = 2.0
     threads: int = 1
+    explain: str = "logged"
     heartbeat_s: float = 1.0
     restart_backoff_s: float = 1.0
 
@@ -148,6 +150,14 @@ scorers:
   max_wait_ms: 2.0
   # Torch CPU threads per scorer process.
   threads: 1
+  # Which labels get the full trust decision (Shapley values over feature groups, the
+  # fitted trust criteria, top_groups), about 14x the cost of the label itself on a CPU:
+  #   logged  only the labels the log policy sends to Zeek (the others keep the confidence
+  #           criterion and are not sent)
+  #   all     every label
+  #   none    none: trust is the confidence criterion alone
+  # A model bundle without a trust state always uses the confidence criterion.
+  explain: logged
   # Seconds between a scorer's heartbeats while idle.
   heartbeat_s: 1.0
   # Wait before restarting a scorer process that died (doubles on repeated deaths, max 30 s).
@@ -230,6 +240,8 @@ def validate(cfg: Config, source: str = "config") -> Config:
     need(s.batch_size >= 1, "scorers.batch_size", "must be at least 1")
     need(s.max_wait_ms >= 0, "scorers.max_wait_ms", "must not be negative")
     need(s.threads >= 1, "scorers.threads", "must be at least 1")
+    need(s.explain in EXPLAIN, "scorers.explain",
+         f"must be one of {', '.join(EXPLAIN)}, not {s.explain!r}")  # fmt: skip
     need(s.heartbeat_s > 0, "scorers.heartbeat_s", "must be positive")
     need(s.heartbeat_s < b.scorer_timeout_s, "scorers.heartbeat_s",
          f"must be shorter than bridge.scorer_timeout_s ({b.scorer_timeout_s})")  # fmt: skip

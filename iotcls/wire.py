@@ -63,10 +63,23 @@ class Heartbeat:
 
 
 @dataclass
+class Hints:
+    """Per record, what the bridge's log policy knows before the label: whether the label
+    will be sent whatever it is (``due``), else the device's last label sent and its trust.
+    A scorer that explains only the labels to be logged explains a record when it is due or
+    its label or cheap trust decision differs from these."""
+
+    due: list[bool]
+    last_label: list[str]
+    last_trusted: list[bool]
+
+
+@dataclass
 class Request:
     batch: int
     matrices: np.ndarray  # (n, rows, width) float32
     refs: list[int]
+    hints: Hints | None = None
 
 
 @dataclass
@@ -79,6 +92,9 @@ class Reply:
     top_groups: list[list[str]]
     model: str = ""
     score_ms: float = 0.0
+    # per record: whether trusted/reason/top_groups are the full trust decision (None: all
+    # are); the others carry only the confidence criterion
+    explained: list[bool] | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -116,12 +132,16 @@ def encode(msg: Message) -> bytes:
         if m.ndim != 3:
             raise ValueError(f"request matrices must be 3-d, got shape {m.shape}")
         d.update(id=msg.batch, shape=list(m.shape), m=memoryview(m).cast("B"), refs=msg.refs)
+        if msg.hints is not None:
+            d.update(due=msg.hints.due, last=msg.hints.last_label, lastt=msg.hints.last_trusted)
     elif isinstance(msg, Reply):
         d.update(
             id=msg.batch, labels=msg.labels, conf=[float(c) for c in msg.confidence],
             trusted=[bool(x) for x in msg.trusted], reason=msg.reason,
             groups=msg.top_groups, model=msg.model, ms=float(msg.score_ms),
         )  # fmt: skip
+        if msg.explained is not None:
+            d["expl"] = [bool(x) for x in msg.explained]
     elif isinstance(msg, Failure):
         d.update(id=msg.batch, error=msg.error)
     elif isinstance(msg, Hello):
@@ -186,7 +206,11 @@ def decode(data: bytes) -> Message:
             raise WireError(f"req message: {len(raw)} matrix bytes for shape {shape}")
         refs = _list_of(d, "refs", int, n, kind)
         m = np.frombuffer(raw, dtype="<f4").reshape(n, rows, width)
-        return Request(batch, m, refs)
+        hints = None
+        if "due" in d:
+            hints = Hints(_list_of(d, "due", bool, n, kind), _list_of(d, "last", str, n, kind),
+                          _list_of(d, "lastt", bool, n, kind))  # fmt: skip
+        return Request(batch, m, refs, hints)
     if kind == "rep":
         batch = _get(d, "id", int, kind)
         labels = _get(d, "labels", list, kind)
@@ -200,6 +224,7 @@ def decode(data: bytes) -> Message:
             trusted=_list_of(d, "trusted", bool, n, kind),
             reason=_list_of(d, "reason", str, n, kind), top_groups=groups,
             model=_get(d, "model", str, kind), score_ms=float(_get(d, "ms", (float, int), kind)),
+            explained=_list_of(d, "expl", bool, n, kind) if "expl" in d else None,
         )  # fmt: skip
     if kind == "hb":
         return Heartbeat()

@@ -19,6 +19,7 @@ and dropped; the scorer keeps serving.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import socket as pysocket
@@ -57,6 +58,7 @@ class ScorerSettings:
     max_wait_ms: float = 2.0
     heartbeat_s: float = 1.0
     parent_pid: int | None = None  # exit when this process is gone (a local scorer's bridge)
+    explain: str = "logged"  # which labels get the full trust decision: logged, all, none
 
 
 @dataclass
@@ -64,6 +66,7 @@ class ScorerStats:
     batches: int = 0
     matrices: int = 0
     requests: int = 0
+    explained: int = 0  # labels given the full trust decision (mode logged)
     rejected: dict[str, int] = field(default_factory=dict)
 
 
@@ -78,8 +81,12 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def load_model(path: str, device: str, threads: int, batch_size: int):
-    """The bundle at ``path`` (the bundled default model when empty) as a Predictor."""
+def load_model(path: str, device: str, threads: int, batch_size: int, explain: str = "logged"):
+    """The bundle at ``path`` (the bundled default model when empty) as a Predictor.
+
+    With ``explain`` other than ``all`` the Predictor labels cheaply (confidence criterion)
+    and the scorer explains only the labels that will be logged (:meth:`Scorer._explain`).
+    """
     import torch
 
     from iotcls.bundle import ModelBundle
@@ -87,7 +94,8 @@ def load_model(path: str, device: str, threads: int, batch_size: int):
 
     torch.set_num_threads(threads)
     bundle = ModelBundle.load(path or None)
-    return Predictor(bundle, device=resolve_device(device), batch_size=batch_size)
+    return Predictor(bundle, device=resolve_device(device), batch_size=batch_size,
+                     explain=explain == "all")  # fmt: skip
 
 
 def model_name(model) -> str:
@@ -163,7 +171,7 @@ class Scorer:
     def _receive(self, timeout_ms: float) -> None:
         """Waits up to ``timeout_ms`` for a message, then takes everything already queued."""
         assert self._sock is not None
-        if not self._sock.poll(max(0, int(timeout_ms)), zmq.POLLIN):
+        if not self._sock.poll(max(0, math.ceil(timeout_ms)), zmq.POLLIN):
             return
         while True:
             try:
@@ -241,14 +249,21 @@ class Scorer:
             for r in requests:
                 self._send(wire.Failure(r.batch, msg))
             return
+        k = n_total  # the rest is padding
+        try:
+            explained = self._explain(x, p, requests, k)
+        except Exception as e:
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            log.error("scorer %s: explaining labels failed: %s", self.s.name, msg)
+            for r in requests:
+                self._send(wire.Failure(r.batch, msg))
+            return
         ms = (time.perf_counter() - t0) * 1000.0
-        if n_total < len(x):
-            p = p.take(np.arange(n_total))
-        labels = [str(v) for v in p.label]
-        conf = np.asarray(p.confidence, np.float64).tolist()
-        trusted = np.asarray(p.trusted, bool).tolist()
-        reason = [str(v) for v in p.reason]
-        groups = [list(map(str, g)) for g in p.top_groups]
+        labels = [str(v) for v in p.label[:k]]
+        conf = np.asarray(p.confidence[:k], np.float64).tolist()
+        trusted = np.asarray(p.trusted[:k], bool).tolist()
+        reason = [str(v) for v in p.reason[:k]]
+        groups = [list(map(str, g)) for g in p.top_groups[:k]]
         s = 0
         for r in requests:
             n = len(r.refs)
@@ -256,11 +271,40 @@ class Scorer:
                 batch=r.batch, labels=labels[s : s + n], confidence=conf[s : s + n],
                 trusted=trusted[s : s + n], reason=reason[s : s + n],
                 top_groups=groups[s : s + n], model=self.model_id, score_ms=ms,
+                explained=None if explained is None else explained[s : s + n],
             ))  # fmt: skip
             s += n
         self.stats.batches += 1
         self.stats.matrices += n_total
         self.stats.requests += len(requests)
+
+    def _explain(self, x: np.ndarray, p, requests: list[wire.Request], k: int) -> list[bool] | None:
+        """``logged`` mode: the full trust decision for the labels the bridge will send.
+
+        A label needs it when its record is due (see :class:`iotcls.wire.Hints`) or when its
+        label or cheap trust decision differs from the device's last label sent; the others
+        would not be sent, and keep the confidence criterion. Returns which records were
+        explained (None: all trust fields are final, as in modes ``all`` and ``none``).
+        """
+        if self.s.explain != "logged" or getattr(self.model, "trust", None) is None:
+            return None
+        need = np.ones(k, bool)
+        s = 0
+        for r in requests:
+            n = len(r.refs)
+            h = r.hints
+            if h is not None:
+                lab = [str(v) for v in p.label[s : s + n]]
+                tr = np.asarray(p.trusted[s : s + n], bool)
+                need[s : s + n] = np.asarray(h.due, bool) | \
+                    (np.asarray(lab, object) != np.asarray(h.last_label, object)) | \
+                    (tr != np.asarray(h.last_trusted, bool))  # fmt: skip
+            s += n
+        idx = np.flatnonzero(need)
+        if len(idx):
+            self.model.assess_subset(x, p, idx)
+        self.stats.explained += len(idx)
+        return need.tolist()
 
     # -- main loop ------------------------------------------------------------------------
     def _parent_gone(self) -> bool:
@@ -304,7 +348,7 @@ def serve_scorer(
 ) -> int:
     """The body of ``iotcls serve --scorer-only``: load the model, serve until stopped."""
     try:
-        model = load_model(model_path, device, threads, settings.batch_size)
+        model = load_model(model_path, device, threads, settings.batch_size, settings.explain)
     except Exception as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"iotcls scorer {settings.name}: error: {msg}", file=sys.stderr)
@@ -312,6 +356,9 @@ def serve_scorer(
     scorer = Scorer(model, settings)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: scorer.stop())
-    log.info("scorer %s: model %s on %s, connecting to %s",
-             settings.name, scorer.model_id, scorer.device, settings.connect)  # fmt: skip
+    trust = "with a trust state" if getattr(model, "trust", None) is not None else \
+        "without a trust state (confidence criterion)"  # fmt: skip
+    log.info("scorer %s: model %s %s on %s, explaining %s labels, connecting to %s",
+             settings.name, scorer.model_id, trust, scorer.device, settings.explain,
+             settings.connect)  # fmt: skip
     return scorer.run()

@@ -383,3 +383,92 @@ def test_batch_buckets():
         [1, 4, 8, 32, 48, 128, 192, 256, 256]  # fmt: skip
     assert bucket(260, 300) == 300 and bucket(600, 256) == 600
     assert len({bucket(n, 256) for n in range(1, 257)}) == 12
+
+
+# -- trust: explain only what is logged --------------------------------------------------
+@pytest.fixture(scope="module")
+def trust_model_path(tmp_path_factory):
+    """A bundle with a fitted trust state (fitted on the model's own labels of random
+    matrices, so that every class has references)."""
+    from iotcls.trust.layer import fit_state
+
+    torch.manual_seed(4)
+    cfg = ModelConfig.from_layout(LAYOUT, 3, packet_dim=8, meta_dim=8, row_dim=8, hidden=8)
+    b = ModelBundle(model=IoTCNN(cfg).eval(), layout=LAYOUT, classes=CLASSES)
+    x = matrices(600, seed=9)
+    y = Predictor(b).predict(x).index
+    state, _ = fit_state(b.model, LAYOUT, 1.0, CLASSES, x, y)
+    b.trust = state.to_dict()
+    return str(b.save(tmp_path_factory.mktemp("trust") / "t.pt"))
+
+
+def test_logged_mode_explains_exactly_the_labels_sent(trust_model_path):
+    """Mode ``logged``: a device's first label, and a later label that differs, get the full
+    trust decision (equal to Predictor(explain=True)); a repeat of the last label sent is
+    neither explained nor sent."""
+    full = Predictor(ModelBundle.load(trust_model_path))  # explain=True: the reference
+    assert full.explain
+    pool = matrices(200, seed=10)
+    ref = full.predict(pool)
+    first = 0
+    other = int(np.flatnonzero(ref.label != ref.label[first])[0])
+    steps = [first, first, other, other]  # one record of device "d" at a time
+    cfg = config()
+    cfg.log.policy = "changes"
+    out: list[Outcome] = []
+
+    async def main():
+        d = Dispatcher(cfg, LAYOUT, out.extend)
+        (addr,) = await d.start()
+        s = Scorer(Predictor(ModelBundle.load(trust_model_path), explain=False),
+                   ScorerSettings(addr, "t", explain="logged", max_wait_ms=0))  # fmt: skip
+        th = threading.Thread(target=s.run, daemon=True)
+        th.start()
+        try:
+            await until(lambda: d.scorers == ["t"], 20, "the scorer")
+            for k, i in enumerate(steps):
+                d.submit(pool[i : i + 1], ["d"], [k])
+                await until(lambda: len(out) == k + 1, 10, f"outcome {k}")
+        finally:
+            s.stop()
+            th.join(10)
+            await d.close()
+        return d, s
+
+    d, s = run(main())
+    assert [(o.ctx, o.explained, o.send) for o in out] == \
+        [(0, True, True), (1, False, False), (2, True, True), (3, False, False)]  # fmt: skip
+    assert s.stats.explained == 2
+    for o in out:
+        i = steps[o.ctx]
+        assert o.label == ref.label[i]
+        if o.explained:
+            assert (o.trusted, o.reason, o.top_groups) == \
+                (bool(ref.trusted[i]), ref.reason[i], list(ref.top_groups[i]))  # fmt: skip
+    assert d.metrics.labels_sent == 2 and d.metrics.labels_suppressed == 2
+    assert d.metrics.labelled == 4
+
+
+def test_hints_mark_devices_with_records_in_flight():
+    """A record whose device has another record at a scorer (or earlier in its batch) is
+    due: the last label sent may change before it comes back."""
+    out: list[Outcome] = []
+
+    async def main():
+        d = Dispatcher(config(), LAYOUT, out.extend)
+        d.policy = LabelPolicy("changes", 300.0, 100)
+        now = time.monotonic()
+        for dev in ("a", "b", "c"):
+            d.policy.decide(dev, "cam", True, now)
+        from iotcls.bridge.dispatch import Item
+
+        d._dev_inflight = {"c": 1}
+        items = [Item(k, dev, np.zeros(LAYOUT.shape, np.float32), k, now, False)
+                 for k, dev in enumerate(["a", "b", "a", "c", "new"])]  # fmt: skip
+        h = d._hints(items)
+        return h
+
+    h = run(main())
+    assert h.due == [False, False, True, True, True]
+    assert h.last_label == ["cam", "cam", "cam", "cam", ""]
+    assert h.last_trusted == [True, True, True, True, False]

@@ -105,3 +105,18 @@ def test_oversized_message_is_refused_before_parsing(monkeypatch):
     monkeypatch.setattr(wire, "MAX_MESSAGE_BYTES", 1000)
     with pytest.raises(wire.WireError, match="message of 1001 bytes exceeds 1000"):
         wire.decode(b"\0" * 1001)
+
+
+def test_hints_and_explained_round_trip():
+    m = np.zeros((2, 1, 3), np.float32)
+    h = wire.Hints([True, False], ["", "cam"], [False, True])
+    got = wire.decode(wire.encode(wire.Request(3, m, [1, 2], h)))
+    assert got.hints == h
+    assert wire.decode(wire.encode(wire.Request(3, m, [1, 2]))).hints is None
+    r = wire.Reply(3, ["a", "b"], [0.5, 0.5], [True, False], ["-", "x"], [[], []], "m", 1.0,
+                   explained=[True, False])  # fmt: skip
+    assert wire.decode(wire.encode(r)) == r
+    d = msgpack.unpackb(wire.encode(wire.Request(3, m, [1, 2], h)))
+    d["due"] = [True]
+    with pytest.raises(wire.WireError, match="'due' has 1 entries, expected 2"):
+        wire.decode(msgpack.packb(d, use_bin_type=True))

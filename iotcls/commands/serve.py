@@ -88,6 +88,6 @@ def _run_scorer(args: argparse.Namespace, cfg: Config) -> int:
     s = cfg.scorers
     settings = ScorerSettings(
         connect=args.connect, name=name, batch_size=s.batch_size, max_wait_ms=s.max_wait_ms,
-        heartbeat_s=s.heartbeat_s, parent_pid=args.parent_pid,
+        heartbeat_s=s.heartbeat_s, parent_pid=args.parent_pid, explain=s.explain,
     )  # fmt: skip
     return serve_scorer(s.model, s.device, s.threads, settings)
