@@ -191,7 +191,6 @@ class Dispatcher:
         self._idle = asyncio.Event()
         self._idle.set()
         self._rejected_logged: dict[str, float] = {}
-        self._dev_inflight: dict[str, int] = {}  # device -> its records at scorers
         self.endpoints: list[str] = []
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -344,9 +343,6 @@ class Dispatcher:
                     it.attempts -= 1  # never reached the scorer
                 self._lose(sc, "unreachable", items)
                 continue
-            inflight = self._dev_inflight
-            for it in items:
-                inflight[it.device] = inflight.get(it.device, 0) + 1
             now = time.monotonic()
             sc.inflight[bid] = _Batch(bid, items, now)
             sc.credit -= 1
@@ -356,31 +352,19 @@ class Dispatcher:
         self._update_gauges()
 
     def _hints(self, items: list[Item]) -> wire.Hints:
-        """What the log policy knows per record before its label. A record is due (its
-        label will be judged in full) also when another record of its device is at a
-        scorer or earlier in this batch: the last label sent may change before it returns."""
+        """What the log policy knows per record before its label (see :class:`wire.Hints`).
+
+        The hint may be stale by the time the label comes back (another record of the
+        device was labelled meanwhile); a label the scorer did not explain is then simply
+        not sent, and the device's next record is judged against the newer label."""
         now = time.monotonic()
         due, last, lastt = [], [], []
-        seen: set[str] = set()
         for it in items:
             d, lb, tr = self.policy.hint(it.device, now)
-            if it.device in seen or self._dev_inflight.get(it.device):
-                d = True
-            seen.add(it.device)
             due.append(d)
             last.append(lb)
             lastt.append(tr)
         return wire.Hints(due, last, lastt)
-
-    def _release(self, items: list[Item]) -> None:
-        """Records back from a scorer (answered, or its batch given up on)."""
-        inflight = self._dev_inflight
-        for it in items:
-            n = inflight.get(it.device, 0) - 1
-            if n > 0:
-                inflight[it.device] = n
-            else:
-                inflight.pop(it.device, None)
 
     def _send(self, ident: bytes, data: bytes) -> bool:
         assert self._sock is not None
@@ -439,7 +423,6 @@ class Dispatcher:
             batch = sc.inflight.pop(msg.batch, None)
             if batch is not None:
                 sc.credit += 1
-                self._release(batch.items)
                 log.warning("scorer %s failed a batch of %d: %s", sc.label, len(batch.items), msg.error)
                 self._requeue(batch.items, f"scorer error: {msg.error}")
         elif isinstance(msg, wire.Bye):
@@ -488,7 +471,6 @@ class Dispatcher:
             return
         sc.credit += 1
         items = batch.items
-        self._release(items)
         if len(r) != len(items):
             log.warning("scorer %s answered %d labels for a batch of %d; re-sending it",
                         sc.label, len(r), len(items))  # fmt: skip
@@ -512,6 +494,7 @@ class Dispatcher:
                 model=r.model, send=send, latency_s=now - it.arrived, explained=full,
             ))  # fmt: skip
         m = self.metrics
+        m.labels_explained += len(items) if expl is None else sum(expl)
         m.labelled += len(items)
         m.labels_sent += sent
         m.labels_suppressed += len(items) - sent
@@ -536,8 +519,6 @@ class Dispatcher:
             self._scorers.pop(sc.name, None)
         batches = list(sc.inflight.values())
         sc.inflight.clear()
-        for b in batches:
-            self._release(b.items)
         back = [it for b in batches for it in b.items] + (items or [])
         self.metrics.scorers_lost += 1
         self.metrics.batches_resent += len(batches)
@@ -581,7 +562,6 @@ class Dispatcher:
         left = self._take(self.pending)
         for sc in self._scorers.values():
             for b in sc.inflight.values():
-                self._release(b.items)
                 left.extend(b.items)
             sc.inflight.clear()
         if left:

@@ -66,6 +66,7 @@ class ServeMetrics:
     labels_sent: int = 0  # label events sent to Zeek (log policy)
     labels_suppressed: int = 0  # scored, not sent by the log policy
     labels_dropped: int = 0  # label events dropped on the way to Zeek (its queue was full)
+    labels_explained: int = 0  # labels with the full trust decision (scorers.explain)
     shed: dict[str, int] = field(default_factory=dict)
     rejected: dict[tuple[str, str], int] = field(default_factory=dict)  # (socket, kind)
     batches_sent: int = 0
@@ -115,7 +116,7 @@ class ServeMetrics:
         return (
             f"records_in={self.records_in} labelled={self.labelled} "
             f"labels_sent={self.labels_sent} suppressed={self.labels_suppressed} "
-            f"labels_dropped={self.labels_dropped} "
+            f"labels_dropped={self.labels_dropped} explained={self.labels_explained} "
             f"shed={self.shed_total} ({shed}) pending={self.queue_depth + self.inflight} "
             f"rejected=({rej}) resent_batches={self.batches_resent} "
             f"scorers_lost={self.scorers_lost} latency_p99<={p99 * 1000:.1f}ms"
@@ -158,6 +159,8 @@ class _Collector:
              m.labels_suppressed),
             ("iotcls_labels_dropped", "Label events dropped on the way to Zeek",
              m.labels_dropped),
+            ("iotcls_labels_explained", "Labels given the full trust decision",
+             m.labels_explained),
             ("iotcls_batches_sent", "Batches sent to scorers", m.batches_sent),
             ("iotcls_batches_resent", "Batches re-sent after a scorer was lost",
              m.batches_resent),

@@ -283,7 +283,7 @@ class Scorer:
 
         A label needs it when its record is due (see :class:`iotcls.wire.Hints`) or when its
         label or cheap trust decision differs from the device's last label sent; the others
-        would not be sent, and keep the confidence criterion. Returns which records were
+        are not sent, and keep the confidence criterion. Returns which records were
         explained (None: all trust fields are final, as in modes ``all`` and ``none``).
         """
         if self.s.explain != "logged" or getattr(self.model, "trust", None) is None:

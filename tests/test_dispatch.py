@@ -449,26 +449,23 @@ def test_logged_mode_explains_exactly_the_labels_sent(trust_model_path):
     assert d.metrics.labelled == 4
 
 
-def test_hints_mark_devices_with_records_in_flight():
-    """A record whose device has another record at a scorer (or earlier in its batch) is
-    due: the last label sent may change before it comes back."""
-    out: list[Outcome] = []
+def test_hints_say_what_the_policy_knows():
+    """Per record: due (first label of the device, or the interval is over), else the last
+    label sent and its trust."""
+    from iotcls.bridge.dispatch import Item
 
     async def main():
-        d = Dispatcher(config(), LAYOUT, out.extend)
+        d = Dispatcher(config(), LAYOUT, lambda o: None)
         d.policy = LabelPolicy("changes", 300.0, 100)
         now = time.monotonic()
-        for dev in ("a", "b", "c"):
-            d.policy.decide(dev, "cam", True, now)
-        from iotcls.bridge.dispatch import Item
-
-        d._dev_inflight = {"c": 1}
+        d.policy.decide("a", "cam", True, now)
+        d.policy.decide("b", "plug", False, now)
+        d.policy.decide("old", "hub", True, now - 301.0)
         items = [Item(k, dev, np.zeros(LAYOUT.shape, np.float32), k, now, False)
-                 for k, dev in enumerate(["a", "b", "a", "c", "new"])]  # fmt: skip
-        h = d._hints(items)
-        return h
+                 for k, dev in enumerate(["a", "b", "old", "new"])]  # fmt: skip
+        return d._hints(items)
 
     h = run(main())
-    assert h.due == [False, False, True, True, True]
-    assert h.last_label == ["cam", "cam", "cam", "cam", ""]
-    assert h.last_trusted == [True, True, True, True, False]
+    assert h.due == [False, False, True, True]
+    assert h.last_label == ["cam", "plug", "hub", ""]
+    assert h.last_trusted == [True, False, True, False]
