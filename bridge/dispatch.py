@@ -79,6 +79,9 @@ class Outcome:
     send: bool = False  # the log policy says: send this label to Zeek
     latency_s: float = 0.0
     explained: bool = True  # trusted/reason/top_groups are the full trust decision
+    # filled in by the consumer, so that an outcome serves as a label verdict as it is
+    strategy: str = "sequence"
+    n_flows: int = 0
 
 
 class LabelPolicy:

@@ -31,7 +31,6 @@ import numpy as np
 from iotcls.config import Config
 from iotcls.flowtable import FlowTable
 
-from . import records as rc
 from .core import Bridge
 from .dispatch import Dispatcher, Outcome
 from .metrics import PrometheusExporter, ServeMetrics
@@ -47,12 +46,13 @@ class _Group:
     __slots__ = ("verdicts", "flows", "left", "done")
 
     def __init__(self, n: int, flows: list[int], done: asyncio.Future):
-        self.verdicts: list[rc.Verdict | None] = [None] * n
+        self.verdicts: list[Outcome | None] = [None] * n
         self.flows, self.left, self.done = flows, n, done
 
 
 class DispatchScorer:
-    """The Bridge's scorer: ``await scorer(matrices, table)`` -> one verdict per matrix.
+    """The Bridge's scorer: ``await scorer(matrices, table)`` -> one verdict per matrix (an
+    :class:`Outcome`, which has the fields of :class:`~iotcls.bridge.records.Verdict`).
 
     A verdict is None when the record was shed (see the dispatcher) or when the log policy
     keeps its label from Zeek; the dispatcher's metrics tell the two apart.
@@ -61,7 +61,7 @@ class DispatchScorer:
     def __init__(self, dispatcher: Dispatcher):
         self.dispatcher = dispatcher
 
-    async def __call__(self, matrices: np.ndarray, table: FlowTable) -> list[rc.Verdict | None]:
+    async def __call__(self, matrices: np.ndarray, table: FlowTable) -> list[Outcome | None]:
         n = len(matrices)
         if n == 0:
             return []
@@ -75,12 +75,9 @@ class DispatchScorer:
         """The dispatcher's callback: fills in verdicts, completes finished calls."""
         for o in outcomes:
             group, i = o.ctx
-            if o.shed is None and o.send:
-                group.verdicts[i] = rc.Verdict(
-                    label=o.label, confidence=o.confidence, strategy=STRATEGY,
-                    n_flows=group.flows[i], trusted=o.trusted, reason=o.reason or "-",
-                    top_groups=o.top_groups, model=o.model,
-                )  # fmt: skip
+            if o.shed is None and o.send:  # the outcome is the verdict (records.Verdict's fields)
+                o.strategy, o.n_flows = STRATEGY, group.flows[i]
+                group.verdicts[i] = o
             group.left -= 1
             if group.left == 0 and not group.done.done():
                 group.done.set_result(group.verdicts)

@@ -19,7 +19,6 @@ import numpy as np
 import pytest
 import torch
 import zmq
-from websockets.asyncio.client import connect
 
 from iotcls.bridge import records as rec
 from iotcls.bundle import ModelBundle
