@@ -166,13 +166,14 @@ class Service:
         self._stop = asyncio.Event()
 
     async def run(self) -> int:
-        from iotcls.bundle import ModelBundle
         from iotcls.scorer.supervisor import Supervisor, scorer_command
 
         from .zeek_ws import ZeekClient
 
+        from iotcls.scorer.service import load_bundle
+
         cfg = self.cfg
-        bundle = ModelBundle.load(cfg.scorers.model or None)
+        bundle = load_bundle(cfg.scorers.model)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._stop.set)

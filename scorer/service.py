@@ -81,6 +81,20 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def load_bundle(path: str):
+    """The model bundle (the bundled default when ``path`` is empty); any failure to read
+    it is a :class:`~iotcls.bundle.BundleError` naming the file."""
+    from iotcls.bundle import BundleError, ModelBundle, default_model_path
+
+    try:
+        return ModelBundle.load(path or None)
+    except BundleError:
+        raise
+    except Exception as e:  # a file torch cannot make sense of fails in many ways
+        where = path or default_model_path()
+        raise BundleError(f"{where}: not a readable model file ({type(e).__name__}: {e})"[:300]) from None
+
+
 def load_model(path: str, device: str, threads: int, batch_size: int, explain: str = "logged"):
     """The bundle at ``path`` (the bundled default model when empty) as a Predictor.
 
@@ -89,11 +103,10 @@ def load_model(path: str, device: str, threads: int, batch_size: int, explain: s
     """
     import torch
 
-    from iotcls.bundle import ModelBundle
     from iotcls.predict import Predictor
 
     torch.set_num_threads(threads)
-    bundle = ModelBundle.load(path or None)
+    bundle = load_bundle(path)
     return Predictor(bundle, device=resolve_device(device), batch_size=batch_size,
                      explain=explain == "all")  # fmt: skip
 

@@ -92,3 +92,14 @@ def test_cli_reports_config_errors_in_one_line(tmp_path):
     out = subprocess.run([sys.executable, "-m", "iotcls", "serve", "--scorers", "-2"],
                          capture_output=True, text=True)  # fmt: skip
     assert out.stderr == "iotcls serve: error: --scorers: scorers.count: must not be negative\n"
+
+
+def test_unusable_model_is_a_one_line_error(tmp_path):
+    bad = tmp_path / "model.pt"
+    bad.write_text("not a model\n")
+    for extra in ([], ["--scorer-only", "--connect", "tcp://127.0.0.1:9", "--name", "s"]):
+        out = subprocess.run([sys.executable, "-m", "iotcls", "serve", "--model", str(bad), *extra],
+                             capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert out.returncode == 2
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1 and f"{bad}: not a readable model file" in lines[0], out.stderr

@@ -68,10 +68,11 @@ def run(args: argparse.Namespace) -> int:
         raise CliError("--connect and --name go with --scorer-only")
     setup_logging(args.log_level, "iotcls-serve")
     from ..bridge.serving import Service
+    from ..bundle import BundleError
 
     try:
         return asyncio.run(Service(cfg, args.config, args.log_level).run())
-    except OSError as e:
+    except (OSError, BundleError) as e:
         raise CliError(str(e)) from None
 
 
