@@ -102,4 +102,4 @@ def test_unusable_model_is_a_one_line_error(tmp_path):
                              capture_output=True, text=True, timeout=60)  # fmt: skip
         assert out.returncode == 2
         lines = out.stderr.strip().splitlines()
-        assert len(lines) == 1 and f"{bad}: not a readable model file" in lines[0], out.stderr
+        assert len(lines) == 1 and f"error: {bad}: " in lines[0], out.stderr
