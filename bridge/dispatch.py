@@ -462,8 +462,8 @@ class Dispatcher:
         if self.model_id and h.model != self.model_id:
             log.warning("scorer %s runs model %s, the bridge loaded %s (same layout: accepted)",
                         sc.label, h.model, self.model_id)  # fmt: skip
-        log.info("scorer %s connected: model %s on %s, batch size %d",
-                 sc.label, h.model, h.device, sc.batch_size)  # fmt: skip
+        log.info("scorer %s connected: model %s on %s, batch size %d, explains %s labels",
+                 sc.label, h.model, h.device, sc.batch_size, h.explain)  # fmt: skip
         self._update_gauges()
         self._schedule_flush()
 
@@ -497,7 +497,8 @@ class Dispatcher:
                 model=r.model, send=send, latency_s=now - it.arrived, explained=full,
             ))  # fmt: skip
         m = self.metrics
-        m.labels_explained += len(items) if expl is None else sum(expl)
+        mode = sc.hello.explain
+        m.labels_explained += sum(expl) if expl is not None else len(items) if mode == "all" else 0
         m.labelled += len(items)
         m.labels_sent += sent
         m.labels_suppressed += len(items) - sent

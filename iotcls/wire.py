@@ -44,6 +44,7 @@ class Hello:
     layout: dict
     device: str
     batch_size: int
+    explain: str = "none"  # which labels get the full trust decision: all, logged, none
 
 
 @dataclass
@@ -146,7 +147,8 @@ def encode(msg: Message) -> bytes:
         d.update(id=msg.batch, error=msg.error)
     elif isinstance(msg, Hello):
         d.update(name=msg.name, pid=msg.pid, host=msg.host, model=msg.model,
-                 layout=msg.layout, device=msg.device, batch=msg.batch_size)  # fmt: skip
+                 layout=msg.layout, device=msg.device, batch=msg.batch_size,
+                 explain=msg.explain)  # fmt: skip
     elif isinstance(msg, Welcome):
         d.update(credit=msg.credit, hb=msg.heartbeat_s)
     elif isinstance(msg, (Reject, Bye)):
@@ -234,6 +236,7 @@ def decode(data: bytes) -> Message:
             host=_get(d, "host", str, kind), model=_get(d, "model", str, kind),
             layout=_get(d, "layout", dict, kind), device=_get(d, "device", str, kind),
             batch_size=_get(d, "batch", int, kind),
+            explain=_get(d, "explain", str, kind) if "explain" in d else "none",
         )  # fmt: skip
     if kind == "welcome":
         return Welcome(_get(d, "credit", int, kind), float(_get(d, "hb", (float, int), kind)))

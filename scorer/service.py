@@ -149,6 +149,8 @@ class Scorer:
         self._last_sent = 0.0
         self._last_hello = 0.0
         self._layout = model.layout.to_dict()
+        # what this scorer actually does: without a trust state, the confidence criterion
+        self.explain_mode = settings.explain if getattr(model, "trust", None) is not None else "none"
 
     # -- socket ---------------------------------------------------------------------------
     def _open(self) -> zmq.Socket:
@@ -171,6 +173,7 @@ class Scorer:
         self._send(wire.Hello(
             name=self.s.name, pid=os.getpid(), host=pysocket.gethostname(), model=self.model_id,
             layout=self._layout, device=self.device, batch_size=self.s.batch_size,
+            explain=self.explain_mode,
         ))  # fmt: skip
         self._last_hello = time.monotonic()
 

@@ -446,7 +446,7 @@ def test_logged_mode_explains_exactly_the_labels_sent(trust_model_path):
             assert (o.trusted, o.reason, o.top_groups) == \
                 (bool(ref.trusted[i]), ref.reason[i], list(ref.top_groups[i]))  # fmt: skip
     assert d.metrics.labels_sent == 2 and d.metrics.labels_suppressed == 2
-    assert d.metrics.labelled == 4
+    assert d.metrics.labelled == 4 and d.metrics.labels_explained == 2
 
 
 def test_hints_say_what_the_policy_knows():
