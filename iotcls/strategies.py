@@ -4,9 +4,10 @@
   matrix with its history rows zeroed, at a sixth of the cost).
 * ``sequence``: the paper's matrix, the current flow and up to ``history`` previous flows of
   the same device. A device's first flows have fewer history rows; they are labelled anyway.
-* ``device``: a confidence-weighted vote over the per-sequence labels of the device's most
-  recent ``window`` sequences in the same capture (or sensor session). A label is emitted
-  once at least ``min_votes`` sequences have voted.
+* ``device``: a confidence-weighted (soft) vote over the device's most recent ``window``
+  sequences in the same capture (or sensor session): each sequence votes for every class with
+  its calibrated probability, so a sequence torn between two classes moves neither much and
+  a confident one decides. A label is emitted once at least ``min_votes`` sequences voted.
 
 Every strategy emits at most one label per flow, at the time the flow's record is complete.
 """
@@ -22,7 +23,7 @@ STRATEGIES = ("flow", "sequence", "device")
 
 @dataclass(frozen=True)
 class VoteConfig:
-    window: int = 10  # the device's most recent sequences that vote
+    window: int = 30  # the device's most recent sequences that vote
     min_votes: int = 3  # no device label before this many sequences
 
 
@@ -64,8 +65,9 @@ def device_vote(
     times: np.ndarray,
     cfg: VoteConfig = VoteConfig(),
 ) -> Vote:
-    """The device label after each sequence: each of the group's last ``cfg.window``
-    sequences (by time, the current one included) votes for its label with its confidence.
+    """The device label after each sequence: the class with the largest summed calibrated
+    probability over the group's last ``cfg.window`` sequences (by time, the current one
+    included); its confidence is that sum over the number of voters.
 
     ``groups`` identifies the device (and capture); entries are in any order.
     """
@@ -75,22 +77,14 @@ def device_vote(
     order = np.lexsort((np.arange(n), times, groups))
     p = probs[order].astype(np.float64)
     g = groups[order]
-    top = p.argmax(axis=1)
-    ballots = np.zeros_like(p)
-    ballots[np.arange(n), top] = p[np.arange(n), top]
     first = np.r_[0, np.flatnonzero(g[1:] != g[:-1]) + 1]  # first entry of each group
     start = np.repeat(first, np.diff(np.r_[first, n]))
-    pos = np.arange(n) - start  # position within the group
-    lo = np.maximum(start, np.arange(n) - cfg.window + 1)  # window's first entry
-
-    def windowed(a: np.ndarray) -> np.ndarray:
-        cs = np.vstack([np.zeros((1, a.shape[1])), np.cumsum(a, axis=0)])
-        return cs[np.arange(n) + 1] - cs[lo]
-
-    votes, mass = windowed(ballots), windowed(p)
-    n_votes = np.minimum(pos + 1, cfg.window)
+    lo = np.maximum(start, np.arange(n) - cfg.window + 1)  # the window's first entry
+    cs = np.vstack([np.zeros((1, c)), np.cumsum(p, axis=0)])
+    votes = cs[np.arange(n) + 1] - cs[lo]  # summed probabilities over the window
+    n_votes = np.arange(n) - lo + 1
     winner = votes.argmax(axis=1)
-    conf = mass[np.arange(n), winner] / n_votes
+    conf = votes[np.arange(n), winner] / n_votes
     winner = np.where(n_votes >= cfg.min_votes, winner, -1)
     out = Vote(np.empty(n, np.int64), np.empty(n, np.float32), np.empty(n, np.int64))
     out.index[order], out.confidence[order], out.n_votes[order] = winner, conf, n_votes

@@ -17,7 +17,7 @@ def probs_of(rows):
     return np.array(rows, dtype=np.float64)
 
 
-def test_device_vote_is_confidence_weighted_over_a_window():
+def test_device_vote_sums_probabilities_over_a_window():
     # one device, five sequences in time order (given shuffled)
     p = probs_of([[0.9, 0.1], [0.4, 0.6], [0.45, 0.55], [0.3, 0.7], [0.8, 0.2]])
     times = np.array([0.0, 1.0, 2.0, 3.0, 4.0])
@@ -26,11 +26,11 @@ def test_device_vote_is_confidence_weighted_over_a_window():
     inv = np.argsort(perm)
     idx, conf, n = v.index[inv], v.confidence[inv], v.n_votes[inv]
     assert n.tolist() == [1, 2, 3, 3, 3]
-    # t0: one vote, below min_votes; t1: 0.9 for class 0 vs 0.6 for class 1 -> 0
-    # t2: 0.9 vs 0.6 + 0.55 -> 1; t3 (window t1..t3): 0 vs 1.85 -> 1; t4: 0.8 vs 1.25 -> 1
-    assert idx.tolist() == [-1, 0, 1, 1, 1]
-    assert conf[1] == pytest.approx((0.9 + 0.4) / 2)
-    assert conf[4] == pytest.approx((0.55 + 0.7 + 0.2) / 3)
+    # t0: one vote, below min_votes; t1: 1.3 vs 0.7; t2: 1.75 vs 1.25;
+    # t3 (window t1..t3): 1.15 vs 1.85; t4 (t2..t4): 1.55 vs 1.45
+    assert idx.tolist() == [-1, 0, 0, 1, 0]
+    assert conf[1] == pytest.approx(1.3 / 2) and conf[3] == pytest.approx(1.85 / 3)
+    assert conf[4] == pytest.approx(1.55 / 3)
     assert v.emitted[inv].tolist() == [False, True, True, True, True]
 
 
