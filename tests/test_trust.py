@@ -387,3 +387,29 @@ def test_windowed_vote_confidence():
                                             window=4, min_votes=1, with_confidence=True)  # fmt: skip
     assert idx.tolist() == [1, 1, 1, 1] and emitted.all()  # 1.6 against 0.99
     np.testing.assert_allclose(c, [0.9, 0.8, 0.8, 0.8])  # mean of the trusted votes for 1
+
+
+def test_leave_out_reports_the_unseen_type():
+    from types import SimpleNamespace
+
+    from synth_devices import LAYOUT, make_data
+
+    from iotcls.train import TrainConfig
+    from iotcls.trust.evaluation import format_leave_out, leave_out
+
+    x, y, caps = make_data(["cam", "plug", "hub", "sensor", "kettle"], 8, seed=0)
+    ds = SimpleNamespace(matrices=x, labels=y.astype(str), captures=caps.astype(str),
+                         devices=np.array([c.split("/")[0] for c in caps]),
+                         timestamps=np.arange(len(y), dtype=float), layout=LAYOUT)  # fmt: skip
+    small = dict(byte_dim=4, packet_dim=16, meta_dim=8, row_dim=16, hidden=16)
+    cfg = TrainConfig(epochs=8, batch_size=64, val_fraction=0.25, test_fraction=0.25,
+                      model=small)  # fmt: skip
+    rep = leave_out(ds, ["kettle"], cfg, log=lambda m: None)
+    k = rep["types"]["kettle"]
+    assert k["labels"] == 240 and k["untrusted_share"] >= 0.9
+    assert k["untrusted_share"] > k["confidence_only_untrusted_share"]
+    assert k["device_unknown_share"] >= 0.9
+    assert k["known_types_test"]["trust"]["coverage"] >= 0.85
+    assert "kettle" in format_leave_out(rep)
+    with pytest.raises(ValueError, match="no flows labelled"):
+        leave_out(ds, ["toaster"], cfg)
