@@ -87,8 +87,8 @@ def refinement_report(
     cal = reliability_bins(confidence, correct)
     out = {
         "rows": rows,
-        "high_conf_error_cut": round(before / after, 2) if after else (None if before == 0
-                                                                       else float("inf")),
+        # before / after; None when none are left (JSON has no infinity): see the counts
+        "high_conf_error_cut": round(before / after, 2) if after else None,
         "macro_f1_gain_points": round(100 * (rows["trust"]["macro_f1_trusted"]
                                              - rows["raw"]["macro_f1_all"]), 2),
         "reasons": dict(Counter(str(r) for r in reasons)),
@@ -116,8 +116,10 @@ def format_refinement(rep: dict, title: str = "trust refinement (per-sequence la
                      f"{r['macro_f1_trusted']:16.4f} {r['macro_f1_refined']:8.4f} "
                      f"{hc['count']:15d} {hc['rate']:8.4f}")  # fmt: skip
     cut = rep["high_conf_error_cut"]
-    cut_s = "n/a (none before)" if cut is None else ("all removed" if cut == float("inf")
-                                                     else f"{cut:.2f}x")  # fmt: skip
+    if cut is None:
+        cut_s = "all removed" if rows["raw"]["high_conf_errors"]["count"] else "none before"
+    else:
+        cut_s = f"{cut:.2f}x"
     lines.append(f"  high-confidence (>= {HIGH_CONFIDENCE}) errors cut: {cut_s}; macro-F1 "
                  f"trusted - all: {rep['macro_f1_gain_points']:+.2f} points")  # fmt: skip
     cal = rep["calibration"]
