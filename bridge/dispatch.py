@@ -49,7 +49,9 @@ SHED_QUEUE_FULL = "queue_full"
 SHED_QUEUE_FULL_LABELLED = "queue_full_labelled"
 SHED_SCORER_FAILED = "scorer_failed"
 SHED_SHUTDOWN = "shutdown"
-SHED_REASONS = (SHED_QUEUE_FULL, SHED_QUEUE_FULL_LABELLED, SHED_SCORER_FAILED, SHED_SHUTDOWN)
+SHED_LABEL_BACKLOG = "label_backlog"  # counted by the bridge, before the dispatcher
+SHED_REASONS = (SHED_QUEUE_FULL, SHED_QUEUE_FULL_LABELLED, SHED_SCORER_FAILED, SHED_SHUTDOWN,
+                SHED_LABEL_BACKLOG)  # fmt: skip
 
 
 @dataclass(slots=True)

@@ -32,7 +32,7 @@ from iotcls.config import Config
 from iotcls.flowtable import FlowTable
 
 from .core import Bridge
-from .dispatch import Dispatcher, Outcome
+from .dispatch import SHED_LABEL_BACKLOG, SHED_SHUTDOWN, Dispatcher, Outcome
 from .metrics import PrometheusExporter, ServeMetrics
 
 log = logging.getLogger("iotcls.serve")
@@ -93,10 +93,12 @@ class ServeBridge(Bridge):
     does, and ``drained`` is sent only when every earlier batch is done.
     """
 
-    def __init__(self, *args: Any, metrics: ServeMetrics, **kw: Any):
+    def __init__(self, *args: Any, metrics: ServeMetrics, max_live_records: int, **kw: Any):
         super().__init__(*args, **kw)
         self.metrics = metrics
+        self.max_live_records = max_live_records
         self._tasks: set[asyncio.Task] = set()
+        self._task_records = 0  # records in batches between assembly and their last label sent
         self._inline = 0
         self._paused = False
 
@@ -105,8 +107,21 @@ class ServeBridge(Bridge):
             return await super().process(batch)
         task = asyncio.create_task(super().process(batch))
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        n = len(batch)
+        self._task_records += n
+
+        def done(t: asyncio.Task) -> None:
+            self._tasks.discard(t)
+            self._task_records -= n
+
+        task.add_done_callback(done)
         return 0
+
+    @property
+    def live_records(self) -> int:
+        """Records decoded and not yet done (waiting for assembly, a scorer, or their label
+        event to be handed to the connection); the offline hold is not counted."""
+        return self._queue.qsize() + self._task_records
 
     async def settle(self) -> None:
         """Waits for every batch being scored."""
@@ -124,7 +139,13 @@ class ServeBridge(Bridge):
     def _add(self, rec: Any) -> None:
         if self._paused:  # shutting down: counted, not taken
             self.metrics.records_in += 1
-            self.metrics.add_shed("shutdown")
+            self.metrics.add_shed(SHED_SHUTDOWN)
+            return
+        if not self.offline and self.live_records >= self.max_live_records:
+            # labels are made faster than Zeek takes them (the dispatcher's queue bounds
+            # the rest): shed at the door, or memory grows with the label backlog
+            self.metrics.records_in += 1
+            self.metrics.add_shed(SHED_LABEL_BACKLOG)
             return
         super()._add(rec)
 
@@ -191,7 +212,7 @@ class Service:
             bundle.layout, DispatchScorer(dispatcher), send, metrics=self.metrics,
             labels_topic=cfg.zeek.label_topic, name="iotcls-serve",
             batch_size=cfg.scorers.batch_size, max_delay_s=cfg.scorers.max_wait_ms / 1000.0,
-            max_devices=cfg.bridge.max_devices,
+            max_devices=cfg.bridge.max_devices, max_live_records=2 * cfg.bridge.queue_records,
         )  # fmt: skip
         client = ZeekClient(
             cfg.zeek.url, cfg.zeek.topics, on_message=bridge.on_message, on_raw=bridge.on_raw,
@@ -203,6 +224,8 @@ class Service:
              lambda: bridge._queue.qsize()),
             ("iotcls_batches_scoring", "Batches between assembly and their labels",
              lambda: len(bridge._tasks)),
+            ("iotcls_live_records", "Records decoded and not yet done (bound: 2 x "
+             "bridge.queue_records)", lambda: bridge.live_records),
             ("iotcls_zeek_connected", "1 while the WebSocket session to Zeek is up",
              lambda: float(client.connected.is_set())),
             ("iotcls_zeek_buffered_frames", "Frames held for Zeek while it is unreachable",
@@ -235,8 +258,8 @@ class Service:
             + (f"http://{cfg.metrics.address}:{exporter.port}/metrics" if exporter else "off"),
             flush=True,
         )
-        tasks = {asyncio.create_task(client.run(), name="zeek"),
-                 asyncio.create_task(bridge.run(), name="bridge")}  # fmt: skip
+        zeek_task = asyncio.create_task(client.run(), name="zeek")
+        tasks = {zeek_task, asyncio.create_task(bridge.run(), name="bridge")}
         stop = asyncio.create_task(self._stop.wait())
         await asyncio.wait({*tasks, stop}, return_when=asyncio.FIRST_COMPLETED)
         for t in tasks:
@@ -254,7 +277,13 @@ class Service:
             log.warning("shutdown: label events still being sent after 10 s")
         await dispatcher.stop_scorers()
         await supervisor.stop()
+        # closing the WebSocket waits for Zeek's close frame, which comes after Zeek has read
+        # every label sent before ours: only then are they delivered
         client.stop()
+        try:
+            await asyncio.wait_for(asyncio.shield(zeek_task), 15.0)
+        except (asyncio.TimeoutError, Exception):
+            log.warning("shutdown: Zeek did not close the connection in 15 s")
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

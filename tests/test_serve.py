@@ -370,3 +370,42 @@ def test_remote_scorer_only(tmp_path, model_path):
     assert "scorer gpu-host" in serve.stderr() and "refused scorer wrong-layout" in serve.stderr()
     assert serve.summary()["labelled"] == "50"
 
+
+
+def test_a_zeek_that_does_not_read_labels_cannot_grow_memory(tmp_path, model_path):
+    """Zeek stops reading (labels back up over TCP): records beyond the bound are shed as
+    label_backlog, counted; once Zeek reads again, every labelled record's label arrives."""
+    records = synthetic_records(6000, devices=100, seed=8)
+
+    async def main():
+        zeek = await FakeZeek().start()
+        zeek.rcvbuf = 4096
+        serve = Serve(tmp_path, zeek, model_path, bridge__queue_records=200).start()
+        try:
+            await serve.ready()
+            zeek.reading.clear()
+            for r in records:
+                await zeek.publish_flow(r)
+            await until(lambda: serve.metrics()["iotcls_records_in_total"] == 6000, 30,
+                        "all records in")  # fmt: skip
+            m = serve.metrics()
+            assert m["iotcls_live_records"] <= 400 + 256  # + one batch being filled
+            for c in zeek._clients:  # read again, at full speed
+                c.ws.transport.get_extra_info("socket").setsockopt(
+                    socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)  # fmt: skip
+            zeek.reading.set()
+            await until(lambda: serve.metrics()["iotcls_live_records"] == 0, 30, "the backlog sent")
+            rc = await serve.stop()
+        finally:
+            zeek.reading.set()
+            serve.kill()
+            await zeek.close()
+        return zeek, serve, m, rc
+
+    zeek, serve, m, rc = run(main(), 90)
+    assert rc == 0
+    s = serve.summary()
+    shed = int(re.search(r"label_backlog:(\d+)", serve.stdout()).group(1))
+    assert shed > 0 and m['iotcls_records_shed_total{reason="label_backlog"}'] > 0
+    assert int(s["records_in"]) == 6000 == int(s["labelled"]) + int(s["shed"])
+    assert len(zeek.labels) == int(s["labelled"])  # every label made was delivered

@@ -138,6 +138,11 @@ class FakeZeek:
         self._clients: list[_Client] = []
         self._server = None
         self.bridge_connected = asyncio.Event()
+        # cleared: stop reading what clients send (a Zeek too busy to take labels); TCP then
+        # pushes back on the client
+        self.reading = asyncio.Event()
+        self.reading.set()
+        self.rcvbuf: int | None = None  # SO_RCVBUF for new connections (backpressure tests)
 
     @property
     def url(self) -> str:
@@ -222,8 +227,14 @@ class FakeZeek:
             await ws.close(1008, f"Invalid URI - use {PATH}")
             return
         self._clients.append(c)
+        if self.rcvbuf is not None:
+            import socket
+
+            sock = ws.transport.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.rcvbuf)
         try:
             async for raw in ws:
+                await self.reading.wait()
                 if c.topics is None:
                     await self._subscribe(c, raw)
                 else:
