@@ -5,6 +5,8 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 SAMPLE := iotcls/data/sample.pcap
+# The sample's devices, by MAC, from the CSV shipped beside it.
+SAMPLE_DEVICES = $(shell tail -n +2 iotcls/data/sample-devices.csv | cut -d, -f1 | paste -sd, -)
 
 $(BIN)/iotcls: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -15,7 +17,7 @@ $(BIN)/iotcls: pyproject.toml
 
 .PHONY: run test bench
 run: $(BIN)/iotcls
-	$(BIN)/iotcls extract $(SAMPLE) --local-nets 10.0.0.0/8,192.168.0.0/16 -o out/sample-dataset.npz
+	$(BIN)/iotcls classify $(SAMPLE) --devices $(SAMPLE_DEVICES) -o out
 
 test: $(BIN)/iotcls
 	$(BIN)/python -m pytest -q
