@@ -3,6 +3,8 @@ labels back, with the real bridge and scorer processes in between.
 
 Phases (each starts a fresh ``iotcls serve``):
 
+0. the scorer tier alone: the dispatcher and 1, then 2, scorer processes, fed matrices
+   directly (no WebSocket, no decoding), to show how scorers scale;
 1. capacity with 1 scorer, then with 2: closed loop (``--window`` records outstanding), the
    highest sustained label rate; their ratio is the scaling figure;
 2. sustained load: open loop at ``--rate`` records/s for ``--duration`` seconds with
@@ -207,6 +209,52 @@ async def default_deployment(zeek, cfg, model, args) -> None:
     print(f"  serve: {serve.summary}", flush=True)
 
 
+async def scorer_tier(model: str, n: int, seconds: float, tmp: Path) -> float:
+    """Matrices/s through the dispatcher and ``n`` scorer processes alone (no WebSocket, no
+    decoding): what the scorer tier can do, and how it scales."""
+    import numpy as np
+
+    from iotcls.bridge.dispatch import Dispatcher
+    from iotcls.config import Config
+    from iotcls.scorer.service import load_bundle
+
+    lay = load_bundle(model).layout
+    cfg = Config()
+    cfg.bridge.bind = ["tcp://127.0.0.1:*"]
+    cfg.log.policy = "all"
+    done = [0]
+    d = Dispatcher(cfg, lay, lambda outs: done.__setitem__(0, done[0] + len(outs)))
+    (addr,) = await d.start()
+    scfg = tmp / "tier.yaml"
+    scfg.write_text("scorers: {explain: none, threads: 1}\n")  # as phases 1 and 2
+    procs = [await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "iotcls", "serve", "--scorer-only", "--connect", addr,
+        "--name", f"tier{i}", "--model", model, "--device", "cpu", "--log-level", "warning",
+        "--config", str(scfg)) for i in range(n)]  # fmt: skip
+    while len(d.scorers) < n:
+        await asyncio.sleep(0.05)
+    m = np.random.default_rng(0).random((100, *lay.shape), dtype=np.float32)
+    devs = [f"d{i}" for i in range(100)]
+    sent, t0, rate = 0, time.monotonic(), 0.0
+    while True:
+        el = time.monotonic() - t0
+        if el >= seconds:
+            rate = done[0] / el
+            break
+        if sent - done[0] < 4000:
+            d.submit(m, devs, range(100))
+            sent += 100
+            await asyncio.sleep(0)
+        else:
+            await asyncio.sleep(0.001)
+    await d.drain(30)
+    await d.stop_scorers()
+    for p in procs:
+        await p.wait()
+    await d.close()
+    return rate
+
+
 async def main(args) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     model, what = model_path(args.model, tmp)
@@ -215,6 +263,12 @@ async def main(args) -> int:
     zeek = await FakeZeek(strict=False, payload_bytes=64).start()
     gen = LoadGen(zeek, synthetic_records(args.templates, devices=args.devices, seed=1))
     cfg = tmp / "serve.yaml"
+    if not args.skip_tier:
+        tier = {n: await scorer_tier(model, n, args.capacity_s, tmp) for n in (1, 2)}
+        print(f"scorer tier alone (dispatcher + scorer processes, no WebSocket): 1 scorer "
+              f"{tier[1]:.0f} matrices/s, 2 scorers {tier[2]:.0f}: ratio {tier[2] / tier[1]:.2f} "
+              f"(explain none)",
+              flush=True)  # fmt: skip
     if not args.skip_capacity:
         print("capacity (closed loop, log.policy all, explain none):", flush=True)
         rates = {n: await capacity(zeek, gen, cfg, model, n, args) for n in (1, 2)}
@@ -236,6 +290,7 @@ def parse(argv=None):
     p.add_argument("--scorers", type=int, default=1, help="scorers in phases 2 and 3")
     p.add_argument("--capacity-s", type=float, default=8.0, help="each capacity phase, seconds")
     p.add_argument("--default-s", type=float, default=15.0, help="phase 3, seconds")
+    p.add_argument("--skip-tier", action="store_true")
     p.add_argument("--skip-capacity", action="store_true")
     p.add_argument("--skip-sustained", action="store_true")
     p.add_argument("--skip-default", action="store_true")
