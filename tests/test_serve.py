@@ -409,3 +409,34 @@ def test_a_zeek_that_does_not_read_labels_cannot_grow_memory(tmp_path, model_pat
     assert shed > 0 and m['iotcls_records_shed_total{reason="label_backlog"}'] > 0
     assert int(s["records_in"]) == 6000 == int(s["labelled"]) + int(s["shed"])
     assert len(zeek.labels) == int(s["labelled"])  # every label made was delivered
+
+
+def test_offline_trace_is_held_until_drain(tmp_path, model_path):
+    """A Zeek reading a trace (welcome says offline): records are held until its drain, then
+    scored in start order, all labels sent before ``drained`` (the classify path's labels)."""
+    records = synthetic_records(120, devices=6, seed=9)
+    shuffled = records[::2] + records[1::2]  # arrival order is not start order
+
+    async def main():
+        zeek = await FakeZeek(offline=True).start()
+        serve = Serve(tmp_path, zeek, model_path).start()
+        try:
+            await serve.ready()
+            await asyncio.sleep(0.2)  # the welcome reaches the bridge
+            for r in shuffled:
+                await zeek.publish_flow(r)
+            await asyncio.sleep(0.5)
+            assert zeek.labels == []  # held
+            await zeek.send_drain(120)
+            await until(lambda: zeek.stats.drained, 20, "drained")
+            n_at_drained = len(zeek.labels)
+            assert await serve.stop() == 0
+        finally:
+            serve.kill()
+            await zeek.close()
+        return zeek, n_at_drained
+
+    zeek, n_at_drained = run(main())
+    assert zeek.stats.drained == [(120, 120)] and n_at_drained == 120
+    want = expected_labels(records, model_path)
+    assert {lb.uid: lb.fields["label"] for lb in zeek.labels} == {u: w[0] for u, w in want.items()}
