@@ -34,6 +34,7 @@ class TrainConfig:
     lr: float = 3e-3
     weight_decay: float = 1e-4
     history_dropout: float = 0.3  # share of training matrices whose history is cut short
+    flow_loss: float = 0.0  # weight of a second loss on the current flow alone (row 0)
     class_weight_power: float = 0.5  # loss weight of a class ~ count ** -power
     max_per_capture: int = 0  # cap on matrices per capture file (0: all)
     threads: int = 0  # torch threads (0: torch's choice)
@@ -220,6 +221,9 @@ def train(
             idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
             xb = cut_history(x_tr[idx], cfg.history_dropout, gen)
             loss = F.cross_entropy(model(xb), y_tr[idx], weight=weight)
+            if cfg.flow_loss > 0:  # the per-flow strategy's input: one row, a sixth the cost
+                flow = F.cross_entropy(model(xb[:, :1]), y_tr[idx], weight=weight)
+                loss = loss + cfg.flow_loss * flow
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -148,7 +148,7 @@ def test_load_errors(tmp_path, captures):
 def test_sensor_options_follow_the_layout():
     lay, w, p, pb = sensor_options(MatrixLayout.preset("paper"), None, None, None)
     assert (w, p, pb) == (60.0, 10, 998) and lay == MatrixLayout.preset("paper")
-    lay, w, p, pb = sensor_options(MatrixLayout(), 30, 5, 4)
+    lay, w, p, pb = sensor_options(MatrixLayout(payload_bytes=16), 30, 5, 4)
     assert (lay.window_s, lay.packets, w, p, pb) == (30.0, 5, 30.0, 5, 16)
 
 
