@@ -29,6 +29,7 @@ from iotcls.layout import MatrixLayout, SequenceAssembler
 from iotcls.schema import SCHEMA_VERSION, FlowRecord
 
 from . import broker_json as bj
+from . import flowbatch as fb
 from . import records as rc
 
 if TYPE_CHECKING:
@@ -53,7 +54,14 @@ class FlowAssembler:
 
     def assemble(self, records: list[FlowRecord]) -> tuple[np.ndarray, FlowTable]:
         """Matrices for *records*, in the given order (feed them in start order)."""
-        t = self.table(records)
+        return self.assemble_table(self.table(records))
+
+    def decode(self, items: Sequence[Any]) -> fb.Decoded:
+        """FlowRecords and :class:`~iotcls.bridge.flowbatch.RawFlow` frames to one table."""
+        return fb.decode_batch(items, self.layout.packets, self.payload_bytes)
+
+    def assemble_table(self, t: FlowTable) -> tuple[np.ndarray, FlowTable]:
+        """Matrices for the rows of *t*, in row order."""
         rows = self.layout.encode_rows(t)
         mats = self.seq.add(rows, t.start, list(t.device_keys()))
         return mats, t
@@ -119,14 +127,15 @@ class Bridge:
         await self._send(rc.hello_message(self.labels_topic, self.name, ack.endpoint))
 
     def on_raw(self, raw: bytes) -> bool:
-        """The fast path: a flow record straight from the frame's bytes (True: consumed)."""
-        rec = rc.flow_record_raw(raw)
-        if rec is None:
+        """The fast path: a frame in the plain ``IoTClass::flow`` shape is queued as it is
+        and decoded with its batch (True: consumed); others are parsed as JSON."""
+        item = fb.match_flow(raw)
+        if item is None:
             return False
-        self._add(rec)
+        self._add(item)
         return True
 
-    def _add(self, rec: FlowRecord) -> None:
+    def _add(self, rec: FlowRecord | fb.RawFlow) -> None:
         self.stats.records += 1
         self.session_records += 1
         self.idle.clear()
@@ -232,30 +241,44 @@ class Bridge:
                                             self.session_labels))  # fmt: skip
         log.info("drained: %d records, %d labels", self.session_records, self.session_labels)
 
-    async def process(self, batch: list[FlowRecord]) -> int:
+    async def process(self, batch: list[FlowRecord | fb.RawFlow]) -> int:
         """Assemble, score and send labels for *batch*; returns the labels sent."""
         if not batch:
             return 0
-        batch = sorted(batch, key=lambda r: r.start)
-        mats, table = self.assembler.assemble(batch)
+        dec = self.assembler.decode(batch)
+        if dec.errors:
+            n_bad = len(dec.errors)
+            self.stats.records -= n_bad
+            self.session_records -= n_bad
+            self.stats.bad_records += n_bad
+            self._warn_once("bad", f"skipped undecodable flow records, first: {dec.errors[0][1]}")
+        table = dec.table
+        if not len(table):
+            return 0
+        order = np.argsort(table.start, kind="stable")  # start order; arrival breaks ties
+        if np.any(order != np.arange(len(order))):
+            table = table.take(order)
+        mats, table = self.assembler.assemble_table(table)
+        n = len(table)
         try:
             verdicts = await self._score(mats, table)
-            if len(verdicts) != len(batch):
-                raise ValueError(f"{len(verdicts)} verdicts for {len(batch)} records")
+            if len(verdicts) != n:
+                raise ValueError(f"{len(verdicts)} verdicts for {n} records")
         except asyncio.CancelledError:
             raise
         except Exception as e:
             self.stats.scorer_failures += 1
-            self.stats.unlabelled += len(batch)
-            log.error("scorer failed on %d records: %s: %s", len(batch), type(e).__name__, e)
+            self.stats.unlabelled += n
+            log.error("scorer failed on %d records: %s: %s", n, type(e).__name__, e)
             return 0
-        self.stats.scored += len(batch)
+        self.stats.scored += n
         sent = 0
-        for rec, v in zip(batch, verdicts):
+        for i, v in enumerate(verdicts):
             if v is None:
                 self.stats.unlabelled += 1
                 continue
             try:
+                rec = fb.head_record(table, i)
                 frame = rc.label_message(self.labels_topic, rc.log_entry(rec, v))
             except (rc.RecordError, bj.BrokerJSONError, ValueError, TypeError,
                     AttributeError) as e:  # fmt: skip

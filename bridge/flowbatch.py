@@ -1,0 +1,363 @@
+"""Many ``IoTClass::flow`` frames straight into one :class:`~iotcls.flowtable.FlowTable`.
+
+The bridge's intake is bound by per-record Python: one regex match per frame is unavoidable
+(it is what proves a frame has the plain shape), everything after it is done here for a whole
+batch at once. The vectors of all records are joined into one byte string, Broker's
+per-element wrapping is stripped with a few ``bytes.replace`` calls, and numbers and hex
+payloads are read with numpy. Each step checks the text is exactly what Broker renders; when
+anything in a batch is not (an escape, another time unit, a value out of the table's range),
+the whole batch is decoded record by record with :func:`records.flow_record_raw` and, where
+that declines, the JSON parser and the generic codec, so the result is always the one the
+generic path gives (tests check both on real and on mutated frames).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Sequence
+
+
+import numpy as np
+
+from iotcls.flowtable import FlowTable, _ips16, bytes_to_ip
+from iotcls.schema import FlowRecord
+
+from . import broker_json as bj
+from . import records as rc
+
+
+class RawFlow:
+    """A frame that matched the plain ``IoTClass::flow`` shape, not decoded yet."""
+
+    __slots__ = ("raw", "groups")
+
+    def __init__(self, raw: bytes, groups: tuple):
+        self.raw, self.groups = raw, groups
+
+    @property
+    def start(self) -> float:
+        """The decoded window start (what held records are ordered by)."""
+        try:
+            return rc._time(float(self.groups[7]))
+        except (ValueError, OverflowError):
+            return float("inf")  # decoding will reject it
+
+
+def match_flow(raw: bytes) -> RawFlow | None:
+    """The frame as a :class:`RawFlow`, or None when it is not in the plain shape (parse it
+    as JSON then). Costs one regex match: the rest is done per batch."""
+    m = _BATCH_RE.fullmatch(raw)
+    return None if m is None else RawFlow(raw, m.groups())
+
+
+@dataclass
+class Decoded:
+    """A batch decoded: the table of the items that decoded (in item order), which items
+    those are, and an error message per item that did not."""
+
+    table: FlowTable
+    index: list[int]
+    errors: list[tuple[int, str]]
+
+
+def decode_batch(items: Sequence[Any], packets: int, payload_bytes: int) -> Decoded:
+    """FlowRecords and RawFlows, in order, to one FlowTable (records truncated to the
+    table's packets and payload bytes, as :meth:`FlowTable.from_records` does)."""
+    raws = [i for i, x in enumerate(items) if isinstance(x, RawFlow)]
+    if len(raws) == len(items) and items:
+        t = _fast_table([x.groups for x in items], packets, payload_bytes)
+        if t is not None:
+            return Decoded(t, list(range(len(items))), [])
+    recs: list[FlowRecord] = []
+    index: list[int] = []
+    errors: list[tuple[int, str]] = []
+    for i, x in enumerate(items):
+        if isinstance(x, RawFlow):
+            try:
+                x = slow_record(x.raw)
+            except rc.RecordError as e:
+                errors.append((i, str(e)))
+                continue
+        recs.append(x)
+        index.append(i)
+    try:
+        table = FlowTable.from_records(recs, packets, payload_bytes)
+    except (OverflowError, ValueError):  # a value the table cannot hold: find it
+        keep_recs, keep_idx = [], []
+        for i, r in zip(index, recs):
+            try:
+                FlowTable.from_records([r], packets, payload_bytes)
+            except (OverflowError, ValueError) as e:
+                errors.append((i, f"{rc.FLOW_EVENT}: {e}"))
+                continue
+            keep_recs.append(r)
+            keep_idx.append(i)
+        table, index = FlowTable.from_records(keep_recs, packets, payload_bytes), keep_idx
+        errors.sort()
+    return Decoded(table, index, errors)
+
+
+def slow_record(raw: bytes) -> FlowRecord:
+    """One frame the exact way: the raw fast path, else JSON and the codec (may raise
+    :class:`records.RecordError`)."""
+    rec = rc.flow_record_raw(raw)
+    if rec is not None:
+        return rec
+    try:
+        obj, _ = bj.parse_frame(raw)
+    except (ValueError, bj.BrokerJSONError) as e:
+        raise rc.RecordError(f"{rc.FLOW_EVENT}: unreadable frame: {e}") from None
+    return rc.flow_record(obj)
+
+
+# -- the batch path ----------------------------------------------------------------------------
+# The plain shape again, but each vector captured without its first element's head and its
+# last element's tail (None: an empty vector): what is left between elements is exactly
+# Broker's separator, which one replace per batch turns into one byte.
+def _vec(head: bytes, tail: bytes) -> bytes:
+    return rb'\{"@data-type":"vector","data":\[(?:' + re.escape(head) + rb"([^\[\]]*)" + \
+        re.escape(tail) + rb")?\]\}"  # fmt: skip
+
+
+_H_SPAN, _H_COUNT, _H_STRING = (b'{"@data-type":"%s","data":' % t for t in (b"timespan", b"count",
+                                                                             b"string"))  # fmt: skip
+_BATCH_RE = re.compile(
+    rc._FLOW_RE.pattern.replace(
+        b",".join([rc._F_VEC] * 4),
+        b",".join([_vec(_H_SPAN + b'"', b'"}'), _vec(_H_COUNT, b"}"), _vec(_H_COUNT, b"}"),
+                   _vec(_H_STRING + b'"', b'"}')]),
+    ),
+    re.S,
+)  # fmt: skip
+assert _BATCH_RE.pattern != rc._FLOW_RE.pattern
+_SEP_SPAN = b'"},' + _H_SPAN + b'"'
+_SEP_COUNT = b"}," + _H_COUNT
+_SEP_STRING = b'"},' + _H_STRING + b'"'
+_ESEP, _RSEP = 0, 1  # element and record separator bytes
+_DIGITS = b"0123456789"
+_HEX = b"0123456789abcdef"
+_UNITS = b"nums"
+_POW10 = 10.0 ** np.arange(19)
+_I32, _I16 = 2**31 - 1, 2**15 - 1
+
+
+def _joined(inners: tuple, sep: bytes, alphabet: bytes):
+    """All records' vectors as one text, elements split at ``\\x00``, records at ``\\x01``,
+    and which records have a non-empty vector; None when the text holds anything but
+    *alphabet* between separators."""
+    n = len(inners)
+    if None in inners:
+        has = np.fromiter((x is not None for x in inners), bool, n)
+        big = b"\x01".join([x or b"" for x in inners])
+    else:
+        has, big = None, b"\x01".join(inners)
+    if b"\x00" in big or big.count(b"\x01") != n - 1:
+        return None
+    r = big.replace(sep, b"\x00")
+    if r.translate(None, alphabet + b"\x00\x01"):
+        return None
+    return r, has
+
+
+def _layout(r: bytes, has: np.ndarray | None, n: int):
+    """Slot lengths (text between separators), each slot's record, elements per record."""
+    a = np.frombuffer(r, np.uint8)
+    seps = np.flatnonzero(a <= _RSEP)
+    lens = np.diff(np.concatenate(([-1], seps, [len(a)]))) - 1
+    rs = np.flatnonzero(a[seps] == _RSEP)
+    k = np.diff(np.concatenate(([-1], rs, [len(seps)])))  # slots per record
+    if has is None:
+        return lens, None, k
+    rec = np.repeat(np.arange(n), k)
+    return lens, has[rec], np.where(has, k, 0)
+
+
+_TO_COMMA = bytes.maketrans(b"\x00\x01", b",,")
+
+
+def _ints(r: bytes, count: int) -> np.ndarray | None:
+    """Separated digit strings (checked: 1 to 15 digits each) -> int64."""
+    try:
+        v = np.fromstring(r.translate(_TO_COMMA), dtype=np.int64, sep=",")
+    except ValueError:
+        return None
+    return v if len(v) == count else None
+
+
+def _numbers(inners: tuple, n: int):
+    """Count vectors -> (values int64, count per record)."""
+    j = _joined(inners, _SEP_COUNT, _DIGITS)
+    if j is None:
+        return None
+    r, has = j
+    lens, full, k = _layout(r, has, n)
+    if full is not None:  # empty vectors: their placeholder slots go
+        if np.any(lens[full] == 0) or np.any(lens[~full] != 0):
+            return None
+        r = b"\x00".join([x for x in inners if x is not None]).replace(_SEP_COUNT, b"\x00")
+        lens = lens[full]
+    if len(lens) == 0:
+        return np.zeros(0, np.int64), k
+    if lens.min() < 1 or lens.max() > 15:
+        return None
+    v = _ints(r, len(lens))
+    return (None if v is None else (v, k))
+
+
+def _spans(inners: tuple, n: int):
+    """Timespan vectors (``123ns``, ``4us``, ``5ms``, ``0s``: Broker picks the unit) ->
+    (ns int64, count per record)."""
+    j = _joined(inners, _SEP_SPAN, _DIGITS + _UNITS)
+    if j is None:
+        return None
+    r, has = j
+    if has is not None:  # empty vectors: decode the others, give these no elements
+        sub = _spans(tuple(x for x in inners if x is not None), int(has.sum()))
+        if sub is None:
+            return sub
+        k = np.zeros(n, np.int64)
+        k[has] = sub[1]
+        return sub[0], k
+    lens, _, k = _layout(r, None, n)
+    if lens.min() < 2:
+        return None
+    a = np.frombuffer(r, np.uint8)
+    ends = np.cumsum(lens + 1) - 1  # each slot's terminating separator (or the end)
+    if np.any(a[ends - 1] != 115):  # "s"
+        return None
+    unit = a[ends - 2]
+    digit = unit <= 57
+    suffix = np.where(digit, 1, 2)
+    scale = np.select([unit == 110, unit == 117, unit == 109, digit], [0, 3, 6, 9], -1)
+    ndig = lens - suffix
+    if np.any(scale < 0) or np.any(ndig < 1) or np.any(ndig + scale > 18) or \
+            len(r) - len(r.translate(None, _UNITS)) != int(suffix.sum()):  # fmt: skip
+        return None
+    v = _ints(r.translate(None, _UNITS), len(lens))
+    if v is None:
+        return None
+    return v * (10 ** scale.astype(np.int64)), k
+
+
+def _scalars(col: tuple) -> np.ndarray | None:
+    """Digit strings (each 1 to 19 digits, per the regex) -> int64, or None if one is long."""
+    if max(map(len, col)) > 15:
+        return None
+    return _ints(b"\x00".join(col), len(col))
+
+
+def _payloads(inners: tuple, k: np.ndarray, n: int):
+    """Hex string vectors -> (bytes of all elements concatenated, byte length per element)."""
+    j = _joined(inners, _SEP_STRING, _HEX)
+    if j is None:
+        return None
+    r, has = j
+    lens, full, kk = _layout(r, has, n)
+    if not np.array_equal(kk, k):
+        return None
+    if full is not None:
+        lens = lens[full]
+    if np.any(lens & 1):
+        return None
+    blob = bytes.fromhex(r.translate(None, b"\x00\x01").decode("ascii"))
+    return np.frombuffer(blob, np.uint8), lens // 2
+
+
+def _fast_table(groups: list[tuple], packets: int, payload_bytes: int) -> FlowTable | None:
+    n = len(groups)
+    cols = list(zip(*groups))
+    (_, mac, dip, dport, rip, rport, proto, start, last, tbytes, tpkts, offs, sizes, dirs, pays,
+     uid, orig) = cols  # fmt: skip
+    sz = _numbers(sizes, n)
+    if sz is None:
+        return None
+    sizes_v, k = sz
+    dr = _numbers(dirs, n)
+    of = _spans(offs, n)
+    if dr is None or of is None or not (np.array_equal(dr[1], k) and np.array_equal(of[1], k)):
+        return None
+    dirs_v, offs_ns = dr[0], of[0]
+    if (len(sizes_v) and sizes_v.max() > _I32) or (len(dirs_v) and dirs_v.max() > 1):
+        return None
+    pl = _payloads(pays, k, n)
+    if pl is None:
+        return None
+    blob, plens = pl
+    ints = [_scalars(c) for c in (dport, rport, proto, tbytes, tpkts)]
+    if any(x is None for x in ints):
+        return None
+    dport_v, rport_v, proto_v, tbytes_v, tpkts_v = ints
+    if dport_v.max() > _I32 or rport_v.max() > _I32 or proto_v.max() > _I16:
+        return None
+    try:
+        dips = list(map(rc._ip, dip))
+        rips = list(map(rc._ip, rip))
+        macs = list(map(bytes.decode, mac))
+        uids = list(map(bytes.decode, uid))
+        starts = _times(np.array(list(map(float, start))))
+        lasts = _times(np.array(list(map(float, last))))
+    except (ValueError, UnicodeDecodeError, OverflowError):
+        return None
+
+    t = FlowTable.allocate(n, packets, payload_bytes)
+    t.device_mac[:] = macs
+    t.uid[:] = uids
+    t.device_ip[:] = _ips16(dips)
+    t.remote_ip[:] = _ips16(rips)
+    t.device_port[:] = dport_v
+    t.remote_port[:] = rport_v
+    t.proto[:] = proto_v
+    t.start[:] = starts
+    t.last[:] = lasts
+    t.total_bytes[:] = tbytes_v
+    t.total_packets[:] = tpkts_v
+    t.device_is_orig[:] = [o == b"true" for o in orig]
+    t.n_pkts[:] = np.minimum(k, packets)
+    total = int(k.sum())
+    if total:
+        rows = np.repeat(np.arange(n), k)
+        cols_ = np.arange(total) - np.repeat(np.cumsum(k) - k, k)
+        keep = cols_ < packets
+        r_, c_ = rows[keep], cols_[keep]
+        t.offsets[r_, c_] = ((offs_ns[keep] + 500) // 1000 * 1000) / 1e9
+        t.sizes[r_, c_] = sizes_v[keep]
+        t.directions[r_, c_] = dirs_v[keep]
+        src0 = np.cumsum(plens) - plens
+        lens = np.minimum(plens[keep], payload_bytes)
+        t.payload_len[r_, c_] = lens
+        nbytes = int(lens.sum())
+        if nbytes:
+            within = np.arange(nbytes) - np.repeat(np.cumsum(lens) - lens, lens)
+            dst = np.repeat((r_ * packets + c_) * payload_bytes, lens) + within
+            t.payload.reshape(-1)[dst] = blob[np.repeat(src0[keep], lens) + within]
+    return t
+
+
+def _times(x: np.ndarray) -> np.ndarray:
+    """records._time on an array: to whole microseconds (half to even, as round()), then
+    ``sec + usec / 1e6`` as Zeek forms a packet time."""
+    us = np.round(x * 1e6)
+    if np.any(np.abs(us) >= 2.0**53):
+        raise OverflowError("time out of range")
+    sec, usec = np.divmod(us.astype(np.int64), 1_000_000)
+    return sec.astype(np.float64) + usec / 1e6
+
+
+@lru_cache(maxsize=65536)
+def _ip_text(b: bytes) -> str:
+    return bytes_to_ip(b)
+
+
+def head_record(t: FlowTable, i: int) -> FlowRecord:
+    """Row *i* of *t* as a FlowRecord without its packets: what a label needs (the
+    connection, the device, the window start)."""
+    return FlowRecord(
+        device_mac=str(t.device_mac[i]), device_ip=_ip_text(t.device_ip[i].tobytes()),
+        device_port=int(t.device_port[i]), remote_ip=_ip_text(t.remote_ip[i].tobytes()),
+        remote_port=int(t.remote_port[i]), proto=int(t.proto[i]), start=float(t.start[i]),
+        last=float(t.last[i]), total_bytes=int(t.total_bytes[i]),
+        total_packets=int(t.total_packets[i]), uid=str(t.uid[i]),
+        device_is_orig=bool(t.device_is_orig[i]),
+    )  # fmt: skip
