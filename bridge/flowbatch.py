@@ -324,14 +324,13 @@ def _fast_table(groups: list[tuple], packets: int, payload_bytes: int) -> FlowTa
         t.offsets[r_, c_] = ((offs_ns[keep] + 500) // 1000 * 1000) / 1e9
         t.sizes[r_, c_] = sizes_v[keep]
         t.directions[r_, c_] = dirs_v[keep]
-        src0 = np.cumsum(plens) - plens
+        src0 = (np.cumsum(plens) - plens)[keep]
         lens = np.minimum(plens[keep], payload_bytes)
         t.payload_len[r_, c_] = lens
-        nbytes = int(lens.sum())
-        if nbytes:
-            within = np.arange(nbytes) - np.repeat(np.cumsum(lens) - lens, lens)
-            dst = np.repeat((r_ * packets + c_) * payload_bytes, lens) + within
-            t.payload.reshape(-1)[dst] = blob[np.repeat(src0[keep], lens) + within]
+        if len(blob):  # one gather of each element's first bytes, masked past its end
+            span = np.arange(payload_bytes)
+            idx = np.minimum(src0[:, None] + span, len(blob) - 1)
+            t.payload[r_, c_] = np.where(span < lens[:, None], blob[idx], 0)
     return t
 
 
