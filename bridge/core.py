@@ -39,6 +39,11 @@ log = logging.getLogger("iotcls.bridge")
 
 Scorer = Callable[[np.ndarray, FlowTable], "Sequence[Any] | Awaitable[Sequence[Any]]"]
 Send = Callable[[bytes], Awaitable[Any]]
+SendMany = Callable[[list[bytes]], Awaitable[Any]]
+Shed = Callable[[str], Any]
+
+SHED_BACKLOG = "backlog"  # the intake bound was reached
+SHED_PAUSED = "paused"  # taken after pause(): shutting down
 
 
 class FlowAssembler:
@@ -78,6 +83,7 @@ class BridgeStats:
     scorer_failures: int = 0
     label_errors: int = 0  # verdicts that could not become a label event
     drains: int = 0
+    shed: int = 0  # records refused at the door (intake bound, paused)
 
 
 class _Drain:
@@ -90,7 +96,16 @@ class _Drain:
 class Bridge:
     """Connects a :class:`~iotcls.bridge.zeek_ws.ZeekClient` (or any transport calling
     :meth:`on_message` / :meth:`on_connect` and offering an async ``send(bytes)``) to a
-    scorer. Run :meth:`run` as a task next to the client."""
+    scorer. Run :meth:`run` as a task next to the client.
+
+    ``max_inflight`` batches are scored at once (1: each batch's labels are sent before the
+    next batch is taken; more keeps several scorers busy). Matrices are assembled in arrival
+    order either way: a batch is decoded and assembled before its first await, and batches
+    start in order. ``max_live_records`` bounds the records decoded and not yet done (queued
+    or in a batch being scored; the offline hold is not counted): beyond it, and after
+    :meth:`pause`, records are refused, counted in ``stats.shed`` and reported to
+    ``on_shed(reason)``. ``send_many`` (optional) sends a batch's label frames at once.
+    """
 
     def __init__(
         self,
@@ -104,8 +119,17 @@ class Bridge:
         max_delay_s: float = 0.02,
         max_devices: int = 100_000,
         offline: bool | None = None,
+        max_inflight: int = 1,
+        max_live_records: int | None = None,
+        on_shed: Shed | None = None,
+        send_many: SendMany | None = None,
     ):
+        if max_inflight < 1:
+            raise ValueError("max_inflight must be at least 1")
         self.layout, self.scorer, self.send = layout, scorer, send
+        self.send_many = send_many
+        self.max_inflight, self.max_live_records = max_inflight, max_live_records
+        self.on_shed = on_shed
         self.labels_topic, self.name = labels_topic, name
         self.batch_size, self.max_delay_s = batch_size, max_delay_s
         self.assembler = FlowAssembler(layout, max_devices)
@@ -118,8 +142,37 @@ class Bridge:
         self._queue: asyncio.Queue = asyncio.Queue()
         self._held: list[FlowRecord] = []
         self._warned: set[str] = set()
+        self._tasks: set[asyncio.Task] = set()
+        self._task_records = 0
+        self._slots: asyncio.Semaphore | None = None  # made in the running loop
+        self._paused = False
         self.idle = asyncio.Event()
         self.idle.set()
+
+    # -- state ------------------------------------------------------------------------------
+    @property
+    def queued(self) -> int:
+        """Records decoded and waiting for a batch."""
+        return self._queue.qsize()
+
+    @property
+    def batches_in_flight(self) -> int:
+        return len(self._tasks)
+
+    @property
+    def live_records(self) -> int:
+        """Records decoded and not yet done (queued, or in a batch between assembly and its
+        last label handed to the connection); the offline hold is not counted."""
+        return self._queue.qsize() + self._task_records
+
+    @property
+    def held(self) -> int:
+        """Records held for an offline drain."""
+        return len(self._held)
+
+    def pause(self) -> None:
+        """Take no more records (shutting down): later ones are shed as ``paused``."""
+        self._paused = True
 
     # -- transport callbacks ----------------------------------------------------------------
     async def on_connect(self, ack: bj.Ack) -> None:
@@ -136,10 +189,20 @@ class Bridge:
         return True
 
     def _add(self, rec: FlowRecord | fb.RawFlow) -> None:
+        if self._paused:
+            return self._shed(SHED_PAUSED)
+        if (self.max_live_records is not None and not self.offline
+                and self.live_records >= self.max_live_records):  # fmt: skip
+            return self._shed(SHED_BACKLOG)
         self.stats.records += 1
         self.session_records += 1
         self.idle.clear()
         self._queue.put_nowait(rec)
+
+    def _shed(self, reason: str) -> None:
+        self.stats.shed += 1
+        if self.on_shed is not None:
+            self.on_shed(reason)
 
     def on_message(self, obj: Any) -> None:
         name = rc.event_name(obj)
@@ -200,9 +263,58 @@ class Bridge:
             else:
                 batch = [item]
                 await self._fill(batch)
-                await self.process(batch)
-            if self._queue.empty():
-                self.idle.set()
+                await self.submit(batch)
+            self._check_idle()
+
+    def _check_idle(self) -> None:
+        if self._queue.empty() and not self._tasks:
+            self.idle.set()
+
+    async def submit(self, batch: list) -> None:
+        """Scores *batch*: in place with ``max_inflight`` 1, else in a task once fewer than
+        ``max_inflight`` batches are being scored."""
+        if not batch:
+            return
+        if self.max_inflight == 1:
+            await self.process(batch)
+            return
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.max_inflight)
+        await self._slots.acquire()
+        n = len(batch)
+        task = asyncio.create_task(self.process(batch))
+        self._tasks.add(task)
+        self._task_records += n
+
+        def done(t: asyncio.Task) -> None:
+            self._tasks.discard(t)
+            self._task_records -= n
+            assert self._slots is not None
+            self._slots.release()
+            if not t.cancelled() and t.exception() is not None:
+                log.error("scoring a batch failed: %s", t.exception())
+            self._check_idle()
+
+        task.add_done_callback(done)
+
+    async def settle(self) -> None:
+        """Waits until no batch is being scored."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    async def flush(self, timeout: float) -> None:
+        """Shutdown: waits (up to *timeout*) for the queue to be taken, then scores what is
+        held for an offline drain, in start order; call :meth:`settle` to wait for labels."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not self._queue.empty() and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.005)
+        held, self._held = self._held, []
+        if held:
+            log.info("scoring %d records held for an offline drain", len(held))
+            held.sort(key=lambda r: r.start)
+            for i in range(0, len(held), self.batch_size):
+                await self.submit(held[i : i + self.batch_size])
+        await asyncio.sleep(0)  # let new tasks assemble and submit
 
     async def _fill(self, batch: list) -> None:
         """Take what else is queued, waiting up to max_delay_s for a fuller batch."""
@@ -220,7 +332,7 @@ class Bridge:
                 except asyncio.TimeoutError:
                     break
             if isinstance(item, _Drain):  # keep its place: records before it first
-                await self.process(batch)
+                await self.submit(batch)
                 batch.clear()
                 await self._drain(item)
                 return
@@ -230,6 +342,7 @@ class Bridge:
                 batch.append(item)
 
     async def _drain(self, d: _Drain) -> None:
+        await self.settle()  # every earlier batch's labels first
         held, self._held = self._held, []
         held.sort(key=lambda r: r.start)  # stable: arrival order breaks ties
         for i in range(0, len(held), self.batch_size):
@@ -272,7 +385,7 @@ class Bridge:
             log.error("scorer failed on %d records: %s: %s", n, type(e).__name__, e)
             return 0
         self.stats.scored += n
-        sent = 0
+        frames: list[bytes] = []
         for i, v in enumerate(verdicts):
             if v is None:
                 self.stats.unlabelled += 1
@@ -285,8 +398,9 @@ class Bridge:
                 self.stats.label_errors += 1
                 self._warn_once("label", f"cannot send a label, first: {e}")
                 continue
-            await self._send(frame)
-            sent += 1
+            frames.append(frame)
+        await self._send_all(frames)
+        sent = len(frames)
         self.stats.labels += sent
         self.session_labels += sent
         return sent
@@ -305,6 +419,15 @@ class Bridge:
         if self.send is not None:
             await self.send(frame)
 
+    async def _send_all(self, frames: list[bytes]) -> None:
+        if not frames:
+            return
+        if self.send_many is not None:
+            await self.send_many(frames)
+        else:
+            for f in frames:
+                await self._send(f)
+
     def _warn_once(self, key: str, msg: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
@@ -319,7 +442,7 @@ def attach(bridge: Bridge, url: str, topics: Sequence[str] = ("zeek/iotcls/flows
 
     client = ZeekClient(url, list(topics), on_raw=bridge.on_raw, on_message=bridge.on_message,
                         on_connect=bridge.on_connect, **client_options)  # fmt: skip
-    bridge.send = client.send
+    bridge.send, bridge.send_many = client.send, client.send_many
     return client
 
 

@@ -31,7 +31,7 @@ import numpy as np
 from iotcls.config import Config
 from iotcls.flowtable import FlowTable
 
-from .core import Bridge
+from .core import SHED_PAUSED, Bridge
 from .dispatch import SHED_LABEL_BACKLOG, SHED_SHUTDOWN, Dispatcher, Outcome
 from .metrics import PrometheusExporter, ServeMetrics
 
@@ -84,86 +84,25 @@ class DispatchScorer:
 
 
 class ServeBridge(Bridge):
-    """A :class:`Bridge` whose batches do not wait for each other's labels.
-
-    The base class awaits each batch's verdicts before taking the next one, which leaves all
-    but one scorer idle. Here each batch is scored in its own task; matrices are still
-    assembled in arrival order (a task assembles before its first await, and tasks start in
-    creation order). Offline, the held records are scored batch after batch, as the base class
-    does, and ``drained`` is sent only when every earlier batch is done.
-    """
+    """The :class:`Bridge` of ``iotcls serve``: batches are scored concurrently (the base
+    class's ``max_inflight``, so every scorer is kept busy) and the intake is bounded
+    (``max_live_records``); records refused at the door are counted in the serve metrics
+    as shed, ``label_backlog`` (labels are made faster than Zeek takes them: the
+    dispatcher's queue bounds the rest) or ``shutdown`` (after :meth:`pause`)."""
 
     def __init__(self, *args: Any, metrics: ServeMetrics, max_live_records: int, **kw: Any):
-        super().__init__(*args, **kw)
+        kw.setdefault("max_inflight", max(2, max_live_records // max(1, kw.get("batch_size", 256))))
+        super().__init__(*args, max_live_records=max_live_records, on_shed=self._count_shed,
+                         **kw)  # fmt: skip
         self.metrics = metrics
-        self.max_live_records = max_live_records
-        self._tasks: set[asyncio.Task] = set()
-        self._task_records = 0  # records in batches between assembly and their last label sent
-        self._inline = 0
-        self._paused = False
 
-    async def process(self, batch: list) -> int:
-        if self._inline or not batch:
-            return await super().process(batch)
-        task = asyncio.create_task(super().process(batch))
-        self._tasks.add(task)
-        n = len(batch)
-        self._task_records += n
-
-        def done(t: asyncio.Task) -> None:
-            self._tasks.discard(t)
-            self._task_records -= n
-
-        task.add_done_callback(done)
-        return 0
-
-    @property
-    def live_records(self) -> int:
-        """Records decoded and not yet done (waiting for assembly, a scorer, or their label
-        event to be handed to the connection); the offline hold is not counted."""
-        return self._queue.qsize() + self._task_records
-
-    async def settle(self) -> None:
-        """Waits for every batch being scored."""
-        while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
-
-    async def _drain(self, d: Any) -> None:
-        await self.settle()
-        self._inline += 1
-        try:
-            await super()._drain(d)
-        finally:
-            self._inline -= 1
-
-    def _add(self, rec: Any) -> None:
-        if self._paused:  # shutting down: counted, not taken
-            self.metrics.records_in += 1
-            self.metrics.add_shed(SHED_SHUTDOWN)
-            return
-        if not self.offline and self.live_records >= self.max_live_records:
-            # labels are made faster than Zeek takes them (the dispatcher's queue bounds
-            # the rest): shed at the door, or memory grows with the label backlog
-            self.metrics.records_in += 1
-            self.metrics.add_shed(SHED_LABEL_BACKLOG)
-            return
-        super()._add(rec)
-
-    def pause(self) -> None:
-        self._paused = True
+    def _count_shed(self, reason: str) -> None:
+        self.metrics.records_in += 1
+        self.metrics.add_shed(SHED_SHUTDOWN if reason == SHED_PAUSED else SHED_LABEL_BACKLOG)
 
     async def hand_over(self, timeout: float) -> None:
         """Shutdown: moves every record the Bridge still holds on to the dispatcher."""
-        deadline = time.monotonic() + timeout
-        while not self._queue.empty() and time.monotonic() < deadline:
-            await asyncio.sleep(0.005)
-        held, self._held = self._held, []
-        if held:
-            log.info("scoring %d records held for an offline drain", len(held))
-            held.sort(key=lambda r: r.start)
-            for i in range(0, len(held), self.batch_size):
-                await self.process(held[i : i + self.batch_size])
-        await asyncio.sleep(0)  # let the new tasks assemble and submit
+        await self.flush(timeout)
 
 
 def _client_rejections(client: Any, bridge: Bridge) -> dict[tuple[str, str], int]:
@@ -208,11 +147,16 @@ class Service:
             assert client is not None
             await client.send(frame)
 
+        async def send_many(frames: list[bytes]) -> None:
+            assert client is not None
+            await client.send_many(frames)
+
         bridge = ServeBridge(
             bundle.layout, DispatchScorer(dispatcher), send, metrics=self.metrics,
             labels_topic=cfg.zeek.label_topic, name="iotcls-serve",
             batch_size=cfg.scorers.batch_size, max_delay_s=cfg.scorers.max_wait_ms / 1000.0,
             max_devices=cfg.bridge.max_devices, max_live_records=2 * cfg.bridge.queue_records,
+            send_many=send_many,
         )  # fmt: skip
         client = ZeekClient(
             cfg.zeek.url, cfg.zeek.topics, on_message=bridge.on_message, on_raw=bridge.on_raw,
@@ -221,9 +165,9 @@ class Service:
         self.metrics.rejected_sources.append(lambda: _client_rejections(client, bridge))
         self.metrics.gauge_sources += [
             ("iotcls_decoded_waiting", "Decoded records waiting for matrix assembly",
-             lambda: bridge._queue.qsize()),
+             lambda: bridge.queued),
             ("iotcls_batches_scoring", "Batches between assembly and their labels",
-             lambda: len(bridge._tasks)),
+             lambda: bridge.batches_in_flight),
             ("iotcls_live_records", "Records decoded and not yet done (bound: 2 x "
              "bridge.queue_records)", lambda: bridge.live_records),
             ("iotcls_zeek_connected", "1 while the WebSocket session to Zeek is up",

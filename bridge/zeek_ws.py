@@ -63,6 +63,20 @@ class ClientStats:
     zeek_errors: Counter = field(default_factory=Counter)  # by Zeek error code
 
 
+async def _write_all(ws: ClientConnection, frames: list[bytes]) -> None:
+    """Text messages queued on the protocol together, then written and drained once (the
+    pattern websockets' own ``send`` uses, for many messages); per message where the
+    connection offers no such context."""
+    ctx, proto = getattr(ws, "send_context", None), getattr(ws, "protocol", None)
+    if ctx is None or proto is None or getattr(ws, "fragmented_send_waiter", None) is not None:
+        for f in frames:
+            await ws.send(f, text=True)
+        return
+    async with ctx():
+        for f in frames:
+            proto.send_text(f)
+
+
 class ZeekClient:
     """One WebSocket session to Zeek at a time, re-established for ever until :meth:`stop`.
 
@@ -142,6 +156,24 @@ class ZeekClient:
                 pass
         self._buffer_frame(frame)
         return False
+
+    async def send_many(self, frames: list[bytes]) -> int:
+        """Send several frames (one WebSocket message each) with one write and one drain, or
+        buffer them until the next session; returns how many went out now."""
+        if not frames:
+            return 0
+        ws = self._ws
+        if ws is not None and self.connected.is_set():
+            try:
+                async with self._send_lock:
+                    await _write_all(ws, frames)
+                self.stats.sent += len(frames)
+                return len(frames)
+            except ConnectionClosed:
+                pass
+        for f in frames:
+            self._buffer_frame(f)
+        return 0
 
     @property
     def buffered(self) -> int:

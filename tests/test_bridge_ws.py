@@ -485,7 +485,7 @@ def test_reconnects_after_zeek_restarts_and_sends_what_waited():
         await zeek.stop()
         await until(lambda: client.stats.disconnects == 1, what="disconnect")
         # records already received are still labelled while Zeek is down: buffered
-        bridge._add(RECORDS[3])
+        assert bridge.on_raw(rc.flow_frame(FLOWS, RECORDS[3]))
         await until(lambda: client.buffered == 1, what="buffered label")
         zeek2 = FakeZeek(on_event=answer_hello(offline=False))
         await zeek2.start(port)
@@ -567,3 +567,104 @@ def test_fast_label_encoder_is_byte_identical_to_the_codec():
                 {"resp_p": 70000}):  # fmt: skip
         with pytest.raises(rc.RecordError):
             rc.label_message(LABELS, LogEntry(**{**base.__dict__, **bad}))
+
+
+# -- concurrency and intake bounds as options of the Bridge -------------------------------------
+class SlowScorer(ProjectionScorer):
+    """Async: each call waits for the test to open the gate; counts calls in flight."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.active = self.peak = 0
+
+    async def __call__(self, mats, table):
+        self.active += 1
+        self.peak = max(self.peak, self.active)
+        await self.gate.wait()
+        self.active -= 1
+        return super().__call__(mats, table)
+
+
+def test_batches_in_flight_are_bounded_and_labels_match_one_at_a_time():
+    frames = [rc.flow_frame(FLOWS, r) for r in RECORDS]
+
+    async def labels(max_inflight: int):
+        scorer = SlowScorer()
+        singles, groups = [], []
+
+        async def send(f):
+            singles.append(f)
+
+        async def send_many(fs):
+            groups.append(list(fs))
+
+        bridge = Bridge(LAYOUT, scorer, send, labels_topic=LABELS, batch_size=4,
+                        max_delay_s=0.0, max_inflight=max_inflight, send_many=send_many)  # fmt: skip
+        task = asyncio.create_task(bridge.run())
+        for f in frames:
+            assert bridge.on_raw(f)
+            await asyncio.sleep(0)
+        await until(lambda: scorer.active == max_inflight, what="batches at the scorer")
+        await asyncio.sleep(0.05)
+        assert scorer.active == max_inflight and bridge.queued > 0  # the rest waits
+        assert bridge.batches_in_flight == (max_inflight if max_inflight > 1 else 0)
+        scorer.gate.set()
+        await until(lambda: bridge.idle.is_set() and bridge.stats.labels == len(frames),
+                    what="every label")  # fmt: skip
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        assert scorer.peak == max_inflight and not singles
+        assert all(1 <= len(g) <= 4 for g in groups)  # one send per batch
+        return sorted(f for g in groups for f in g), [m.tobytes() for m in scorer.seen]
+
+    one, mats_one = run_async(labels(1))
+    three, mats_three = run_async(labels(3))
+    assert len(one) == len(RECORDS) and one == three
+    assert sorted(mats_one) == sorted(mats_three)  # same matrices, same history
+
+
+def test_bounded_intake_sheds_at_the_door_and_after_pause():
+    async def scenario():
+        scorer = SlowScorer()
+        shed = []
+        bridge = Bridge(LAYOUT, scorer, None, labels_topic=LABELS, batch_size=4, max_delay_s=0.0,
+                        max_inflight=2, max_live_records=10, on_shed=shed.append)  # fmt: skip
+        task = asyncio.create_task(bridge.run())
+        for r in RECORDS[:16]:
+            assert bridge.on_raw(rc.flow_frame(FLOWS, r))
+        assert bridge.live_records == 10 and bridge.stats.records == 10
+        assert shed == ["backlog"] * 6 and bridge.stats.shed == 6
+        bridge.pause()
+        bridge.on_raw(rc.flow_frame(FLOWS, RECORDS[20]))
+        assert shed[-1] == "paused" and bridge.stats.shed == 7 and bridge.stats.records == 10
+        scorer.gate.set()
+        await bridge.flush(2.0)
+        await bridge.settle()
+        await until(lambda: bridge.stats.scored == 10, what="the ten taken records scored")
+        assert bridge.live_records == 0
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    run_async(scenario())
+
+
+def test_send_many_writes_label_frames_in_order_over_a_real_websocket():
+    async def scenario():
+        zeek = FakeZeek(on_event=answer_hello(offline=False))
+        await zeek.start()
+        client = ZeekClient(zeek.url, [FLOWS], **FAST)
+        task = asyncio.create_task(client.run())
+        await until(lambda: client.connected.is_set(), what="ack")
+        entries = [rc.log_entry(r, Verdict("Aria", 0.5)) for r in RECORDS[:5]]
+        frames = [rc.label_message(LABELS, e) for e in entries]
+        assert await client.send_many(frames) == 5 and client.stats.sent == 5
+        await until(lambda: len(zeek.events_named("IoTClass::label")) == 5, what="labels")
+        got = [e.args[0][1] for e in zeek.events_named("IoTClass::label")]
+        assert got == [e.uid for e in entries]
+        client.stop()
+        await task
+        await zeek.stop()
+        assert await client.send_many(frames[:2]) == 0 and client.buffered == 2
+
+    run_async(scenario())
