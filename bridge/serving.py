@@ -91,7 +91,9 @@ class ServeBridge(Bridge):
     dispatcher's queue bounds the rest) or ``shutdown`` (after :meth:`pause`)."""
 
     def __init__(self, *args: Any, metrics: ServeMetrics, max_live_records: int, **kw: Any):
-        kw.setdefault("max_inflight", max(2, max_live_records // max(1, kw.get("batch_size", 256))))
+        # batches hold at least one record each, so the intake bound bounds them too: a batch
+        # never waits for a slot, it reaches the dispatcher (and its metrics) at once
+        kw.setdefault("max_inflight", max_live_records + 1)
         super().__init__(*args, max_live_records=max_live_records, on_shed=self._count_shed,
                          **kw)  # fmt: skip
         self.metrics = metrics

@@ -1,7 +1,7 @@
 """The bridge against a real WebSocket server that follows Zeek 8.2.2's protocol
-(tests/fakezeek.py): handshake and ack, retries until Zeek is up, reconnects when it restarts,
-survives garbage, flow records in and label events out, the offline drain handshake; and the
-record codec (fast paths against the generic codec) on records of real captures."""
+(iotcls/testing/fake_zeek.py): handshake and ack, retries until Zeek is up, reconnects when it
+restarts, survives garbage, flow records in and label events out, the offline drain
+handshake; and the record codec (fast paths against the generic codec) on records of real captures."""
 
 import asyncio
 import ipaddress
@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fakezeek import FakeZeek, drain_frame, welcome_frame
+from iotcls.testing.fake_zeek import FakeZeek, drain_frame, welcome_frame
 from iotcls.bridge import broker_json as bj
 from iotcls.bridge import records as rc
 from iotcls.bridge.core import Bridge, FlowAssembler, attach, run
@@ -295,7 +295,7 @@ def run_async(coro, timeout: float = 20.0):
 def test_retries_until_zeek_is_up_then_says_hello(caplog):
     async def scenario():
         port = free_port()
-        zeek = FakeZeek(port=port)
+        zeek = FakeZeek(port=port, welcome_on_hello=False)
         bridge = Bridge(LAYOUT, ProjectionScorer(), labels_topic=LABELS, name="test-bridge")
         client = attach(bridge, f"ws://127.0.0.1:{port}/v1/messages/json", [FLOWS], **FAST)
         task = asyncio.create_task(run(bridge, client))
@@ -319,7 +319,7 @@ def test_retries_until_zeek_is_up_then_says_hello(caplog):
 
 def test_no_ack_is_diagnosed_and_retried(caplog):
     async def scenario():
-        zeek = await FakeZeek(ack=False).start()
+        zeek = await FakeZeek(ack=False, welcome_on_hello=False).start()
         client = ZeekClient(zeek.url, [FLOWS], **{**FAST, "ack_timeout_s": 0.2})
         task = asyncio.create_task(client.run())
         await until(lambda: client.stats.failures >= 2, what="two no-ack failures")
@@ -336,7 +336,7 @@ def test_no_ack_is_diagnosed_and_retried(caplog):
 
 def test_wrong_path_and_bad_subscription_are_reported(caplog):
     async def scenario():
-        zeek = await FakeZeek().start()
+        zeek = await FakeZeek(welcome_on_hello=False).start()
         client = ZeekClient(f"ws://127.0.0.1:{zeek.port}/v1/events", [FLOWS], **FAST)
         task = asyncio.create_task(client.run())
         await until(lambda: client.stats.zeek_errors["invalid_uri"] >= 1, what="invalid_uri")
@@ -359,7 +359,7 @@ def test_wrong_path_and_bad_subscription_are_reported(caplog):
 
 def test_records_in_labels_out_live():
     async def scenario():
-        zeek = FakeZeek(on_event=answer_hello(offline=False))
+        zeek = FakeZeek(welcome_on_hello=False, on_event=answer_hello(offline=False))
         await zeek.start()
         scorer = ProjectionScorer()
         bridge = Bridge(LAYOUT, scorer, labels_topic=LABELS, max_delay_s=0.005)
@@ -395,7 +395,7 @@ def test_records_in_labels_out_live():
 
 def test_offline_drain_gives_the_offline_matrices_and_confirms_the_counts():
     async def scenario():
-        zeek = FakeZeek(on_event=answer_hello(offline=True))
+        zeek = FakeZeek(welcome_on_hello=False, on_event=answer_hello(offline=True))
         await zeek.start()
         scorer = ProjectionScorer()
         bridge = Bridge(LAYOUT, scorer, labels_topic=LABELS, batch_size=8)
@@ -435,7 +435,7 @@ def test_offline_drain_gives_the_offline_matrices_and_confirms_the_counts():
 
 def test_survives_garbage_and_zeek_errors():
     async def scenario():
-        zeek = FakeZeek(on_event=answer_hello(offline=False))
+        zeek = FakeZeek(welcome_on_hello=False, on_event=answer_hello(offline=False))
         await zeek.start()
         bridge = Bridge(LAYOUT, ProjectionScorer(), labels_topic=LABELS, max_delay_s=0.005)
         client = attach(bridge, zeek.url, [FLOWS], **FAST)
@@ -475,7 +475,7 @@ def test_survives_garbage_and_zeek_errors():
 
 def test_reconnects_after_zeek_restarts_and_sends_what_waited():
     async def scenario():
-        zeek = FakeZeek(on_event=answer_hello(offline=False))
+        zeek = FakeZeek(welcome_on_hello=False, on_event=answer_hello(offline=False))
         await zeek.start()
         port = zeek.port
         bridge = Bridge(LAYOUT, ProjectionScorer(), labels_topic=LABELS, max_delay_s=0.005)
@@ -487,7 +487,7 @@ def test_reconnects_after_zeek_restarts_and_sends_what_waited():
         # records already received are still labelled while Zeek is down: buffered
         assert bridge.on_raw(rc.flow_frame(FLOWS, RECORDS[3]))
         await until(lambda: client.buffered == 1, what="buffered label")
-        zeek2 = FakeZeek(on_event=answer_hello(offline=False))
+        zeek2 = FakeZeek(welcome_on_hello=False, on_event=answer_hello(offline=False))
         await zeek2.start(port)
         await until(lambda: zeek2.events_named("IoTClass::label"), what="label after restart")
         names = [e.name for e in zeek2.received]
@@ -504,7 +504,7 @@ def test_reconnects_after_zeek_restarts_and_sends_what_waited():
 
 def test_scorer_failure_and_async_scorers():
     async def scenario():
-        zeek = FakeZeek(on_event=answer_hello(offline=False))
+        zeek = FakeZeek(welcome_on_hello=False, on_event=answer_hello(offline=False))
         await zeek.start()
         calls = []
 
@@ -651,7 +651,7 @@ def test_bounded_intake_sheds_at_the_door_and_after_pause():
 
 def test_send_many_writes_label_frames_in_order_over_a_real_websocket():
     async def scenario():
-        zeek = FakeZeek(on_event=answer_hello(offline=False))
+        zeek = FakeZeek(welcome_on_hello=False, on_event=answer_hello(offline=False))
         await zeek.start()
         client = ZeekClient(zeek.url, [FLOWS], **FAST)
         task = asyncio.create_task(client.run())
@@ -666,5 +666,31 @@ def test_send_many_writes_label_frames_in_order_over_a_real_websocket():
         await task
         await zeek.stop()
         assert await client.send_many(frames[:2]) == 0 and client.buffered == 2
+
+    run_async(scenario())
+
+
+def test_fake_zeek_batched_publish_and_strict_checks_in_one_server():
+    """The load generator's batched send and the declaration checks live in one FakeZeek."""
+
+    async def scenario():
+        zeek = await FakeZeek(offline=False).start()  # answers hello with welcome itself
+        bridge = Bridge(LAYOUT, ProjectionScorer(), labels_topic=LABELS, max_delay_s=0.005)
+        client = attach(bridge, zeek.url, [FLOWS], **FAST)
+        task = asyncio.create_task(run(bridge, client))
+        await until(lambda: bridge.welcome is not None, what="welcome")
+        await zeek.publish_frames([rc.flow_frame(FLOWS, r) for r in RECORDS[:10]], FLOWS)
+        await until(lambda: zeek.stats.labels == 10, what="ten labels")
+        assert sorted(lb.uid for lb in zeek.labels) == sorted(r.uid for r in RECORDS[:10])
+        assert zeek.stats.flows_sent == 10 and zeek.errors_sent == []
+        assert len(zeek.events_named("IoTClass::label")) == 10
+        good = rc.label_message(LABELS, rc.log_entry(RECORDS[0], Verdict("Aria", 0.5)))
+        assert b'"real","data":0.5}' in good  # the confidence, as a string: Zeek refuses it
+        await client.send(good.replace(b'"real","data":0.5}', b'"string","data":"0.5"}'))
+        await until(lambda: zeek.errors_sent, what="the refusal")
+        assert zeek.errors_sent == ["failed to create Zeek event"]
+        client.stop()
+        await task
+        await zeek.close()
 
     run_async(scenario())

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fakezeek import zeek_events, zeek_records
+from iotcls.testing.fake_zeek import zeek_events, zeek_records
 from iotcls import cli
 from iotcls.bridge import records as rc
 from iotcls.commands import zeek_install

@@ -8,27 +8,35 @@ Zeek's ``src/cluster/websocket/WebSocket.cc``):
 * the first client message must be a JSON array of topic prefixes, answered with
   ``{"type":"ack","endpoint":"<uuid>-websocket-<n>","version":"8.2.2"}``; a first message
   that is not an array of strings gets a ``deserialization_failed`` error and never an ack;
-* client events are checked against what the iotcls scripts declare (``IoTClass::hello``,
-  ``label``, ``drained``), argument types included; anything else gets Zeek's error replies
+* client events are checked against the declarations of the iotcls Zeek scripts, read from
+  ``main.zeek`` itself (event signatures and record types), so a label the bridge encodes with
+  a wrong type is refused here as Zeek would refuse it; anything else gets Zeek's error replies
   (``failed to decode JSON object``, ``no topic in top-level JSON object``,
   ``failed to create Zeek event``), and the connection stays open;
+* ``ack=False`` behaves like a Zeek without a cluster backend: accepted, never acked;
 * it publishes ``IoTClass::flow`` events byte for byte as Zeek renders them
   (:func:`iotcls.bridge.records.flow_frame`), answers ``hello`` with ``welcome`` as the scripts
   do, and can send ``drain`` as a Zeek at the end of a trace does.
 
-Labels received are kept as ``(monotonic time, uid, fields)``; with ``strict=False`` (the
-benchmark) only the uid is pulled out of each label frame, so the load generator's own CPU
-does not limit what it measures.
+Every accepted event is kept in ``received`` (and passed to ``on_event``); labels are also
+kept as ``(monotonic time, uid, fields)``. With ``strict=False`` (the benchmark) only the uid is
+pulled out of each label frame, so the load generator's own CPU does not limit what it
+measures; with ``welcome_on_hello=False`` a test answers ``hello`` itself (``on_event``).
+Frames are published one at a time (:meth:`FakeZeek.publish`) or many in one socket write
+(:meth:`FakeZeek.publish_frames`, the load generator's path).
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib.util
+import ipaddress
 import json
 import re
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 from websockets.asyncio.server import ServerConnection, serve
@@ -42,54 +50,116 @@ ZEEK_VERSION = "8.2.2"
 PATH = "/v1/messages/json"
 DESER = "deserialization_failed"
 
-# What the iotcls scripts declare for client-sent events: name -> argument @data-types,
-# with record arguments as the tuple of their field types.
-LABEL_TYPES = tuple(t for _, t in rec.LABEL_FIELDS)
-DECLARED: dict[str, tuple] = {
-    rec.HELLO_EVENT: ("string", "string"),
-    rec.LABEL_EVENT: (LABEL_TYPES,),
-    rec.DRAINED_EVENT: ("count", "count"),
-}
+ERR_DECODE = "failed to decode JSON object"
+ERR_TOPIC = "no topic in top-level JSON object"
+ERR_EVENT = "failed to create Zeek event"
 _UID_RE = re.compile(rb'"@data-type":"string","data":"(C[^"\\]{1,40})"')
 
 
-def _matches(node: Any, want: Any) -> bool:
+def main_zeek() -> Path:
+    """The iotcls scripts' main.zeek: installed package data, else the source tree."""
+    spec = importlib.util.find_spec("iotcls.zeek_scripts")
+    for base in list(spec.submodule_search_locations or []) if spec else []:
+        p = Path(base) / "iotcls" / "main.zeek"
+        if p.is_file():
+            return p
+    return Path(__file__).resolve().parents[2] / "zeek-scripts" / "iotcls" / "main.zeek"
+
+
+def _strip_comments(text: str) -> str:
+    return "\n".join(line.split("#", 1)[0] for line in text.splitlines())
+
+
+def zeek_records(text: str) -> dict[str, list[tuple[str, str]]]:
+    """``type NAME: record { field: type attrs; ... };`` -> {NAME: [(field, type), ...]}."""
+    out = {}
+    for m in re.finditer(r"type\s+(\w+)\s*:\s*record\s*\{(.*?)\};", _strip_comments(text), re.S):
+        fields = []
+        for fm in re.finditer(r"(\w+)\s*:\s*([^;&]+?)\s*(?:&[^;]*)?;", m.group(2)):
+            fields.append((fm.group(1), " ".join(fm.group(2).split())))
+        out[m.group(1)] = fields
+    return out
+
+
+def zeek_events(text: str, module: str = "IoTClass") -> dict[str, list[tuple[str, str]]]:
+    """``global NAME: event(arg: type, ...);`` -> {"Module::NAME": [(arg, type), ...]}."""
+    out = {}
+    for m in re.finditer(r"global\s+(\w+)\s*:\s*event\s*\((.*?)\)\s*;", _strip_comments(text),
+                         re.S):  # fmt: skip
+        args = []
+        for a in filter(None, (x.strip() for x in m.group(2).split(","))):
+            name, _, typ = a.partition(":")
+            args.append((name.strip(), " ".join(typ.split())))
+        out[f"{module}::{m.group(1)}"] = args
+    return out
+
+
+class TypeClash(ValueError):
+    pass
+
+
+def check(node: Any, ztype: str, records: dict) -> None:
+    """Raise TypeClash unless *node* (Broker typed JSON) converts to Zeek type *ztype*."""
     if not isinstance(node, dict) or "@data-type" not in node or "data" not in node:
-        return False
-    if isinstance(want, tuple):  # a record: a vector of fields of these types
-        d = node["data"]
-        return (node["@data-type"] == "vector" and isinstance(d, list) and len(d) == len(want)
-                and all(_matches(x, w) for x, w in zip(d, want)))  # fmt: skip
-    if node["@data-type"] != want:
-        return False
-    d = node["data"]
-    if want == "count":
-        return type(d) is int and d >= 0
-    if want == "vector":
-        return isinstance(d, list)
-    return True
+        raise TypeClash("not a typed value")
+    t, d = node["@data-type"], node["data"]
+    simple = {
+        "string": ("string", str), "count": ("count", int), "int": ("integer", int),
+        "double": ("real", float), "bool": ("boolean", bool), "addr": ("address", str),
+        "port": ("port", str), "subnet": ("subnet", str), "time": ("timestamp", str),
+        "interval": ("timespan", str), "transport_proto": ("enum-value", str),
+    }  # fmt: skip
+    if ztype in simple:
+        want, pytype = simple[ztype]
+        if t != want or not isinstance(d, pytype) or (pytype is int and isinstance(d, bool)):
+            raise TypeClash(f"{t} {d!r} for {ztype}")
+        bj.decode(node)  # value syntax (addresses, ports, counts >= 0, ...)
+        return
+    if ztype.startswith("vector of "):
+        if t != "vector":
+            raise TypeClash(f"{t} for {ztype}")
+        for x in d:
+            check(x, ztype[len("vector of "):], records)
+        return
+    if ztype in records:
+        fields = records[ztype]
+        if t != "vector" or len(d) != len(fields):
+            raise TypeClash(f"{t} of {len(d) if isinstance(d, list) else '?'} for record {ztype}")
+        for x, (_, ft) in zip(d, fields):
+            check(x, ft, records)
+        return
+    raise TypeClash(f"type {ztype} not modelled")
 
 
-def check_event(obj: Any) -> tuple[str, list] | str:
-    """``(name, args)`` of a client data message Zeek would accept, else Zeek's error text."""
+def check_event(obj: Any, events: dict, records: dict) -> tuple[str, list] | str:
+    """``(name, decoded args)`` of a client data message Zeek would accept (the event declared
+    in main.zeek, every argument convertible to its declared type), else Zeek's error text."""
     if not isinstance(obj, dict):
-        return "failed to decode JSON object"
-    if not isinstance(obj.get("topic"), str) or not obj["topic"]:
-        return "no topic in top-level JSON object"
+        return ERR_DECODE
     try:
-        body = obj["data"][2]["data"]
-        name = body[0]["data"]
-        args = body[1]["data"]
-        ok = (obj["@data-type"] == "vector" and obj["data"][0] == {"@data-type": "count", "data": 1}
-              and obj["data"][1] == {"@data-type": "count", "data": 1})  # fmt: skip
-    except (KeyError, IndexError, TypeError):
-        return "failed to create Zeek event"
-    want = DECLARED.get(name) if isinstance(name, str) else None
-    if not ok or want is None or not isinstance(args, list) or len(args) != len(want):
-        return "failed to create Zeek event"
-    if not all(_matches(a, w) for a, w in zip(args, want)):
-        return "failed to create Zeek event"
-    return name, args
+        value = bj.decode(obj)  # Broker's decoder: the data must be valid Broker data
+    except (ValueError, TypeError):
+        return ERR_DECODE
+    if not isinstance(obj.get("topic"), str) or not obj["topic"]:
+        return ERR_TOPIC
+    ev = bj.decode_event(value)
+    decl = events.get(ev.name) if ev else None
+    try:
+        if ev is None or decl is None or len(ev.args) != len(decl):
+            raise TypeClash("no such event")
+        for node, (_, ztype) in zip(obj["data"][2]["data"][1]["data"], decl):
+            check(node, ztype, records)
+    except (TypeClash, KeyError, IndexError, TypeError):
+        return ERR_EVENT
+    return ev.name, list(ev.args)
+
+
+@dataclass
+class Received:
+    topic: str
+    name: str
+    args: list  # decoded values
+    raw: dict  # the typed JSON
 
 
 @dataclass
@@ -128,8 +198,21 @@ class FakeZeek:
         payload_bytes: int = 64,
         window_s: float = 60.0,
         offline: bool = False,
+        *,
+        ack: bool = True,
+        version: str = ZEEK_VERSION,
+        on_event: Callable[["FakeZeek", Received], Any] | None = None,
+        welcome_on_hello: bool = True,
     ):
         self.host, self.port, self.strict, self.on_label = host, port, strict, on_label
+        self.ack, self.version, self.on_event = ack, version, on_event
+        self.welcome_on_hello = welcome_on_hello
+        text = main_zeek().read_text()
+        self.records, self.events = zeek_records(text), zeek_events(text)
+        self.received: list[Received] = []  # every accepted event (strict mode)
+        self.errors_sent: list[str] = []  # the context of every error reply, in order
+        self.subscriptions: list[list[str]] = []  # of acked clients
+        self.client_added = asyncio.Event()
         self.settings = (packets, payload_bytes, window_s, offline)
         self.node_id = str(uuid.uuid4())
         self.stats = FakeZeekStats()
@@ -148,7 +231,16 @@ class FakeZeek:
     def url(self) -> str:
         return f"ws://{self.host}:{self.port}{PATH}"
 
-    async def start(self) -> "FakeZeek":
+    @property
+    def acked_clients(self) -> int:
+        return sum(c.acked.is_set() for c in self._clients)
+
+    def events_named(self, name: str) -> list[Received]:
+        return [r for r in self.received if r.name == name]
+
+    async def start(self, port: int = 0) -> "FakeZeek":
+        """Listen (on *port*, e.g. the one a stopped FakeZeek had, to play a restart)."""
+        self.port = port or self.port
         self._server = await serve(self._handle, self.host, self.port, compression=None,
                                    max_size=2**26, server_header=None)  # fmt: skip
         self.port = self._server.sockets[0].getsockname()[1]
@@ -164,6 +256,11 @@ class FakeZeek:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
+        self.client_added.clear()
+
+    async def stop(self) -> None:
+        """The same as :meth:`close`."""
+        await self.close()
 
     # -- sending --------------------------------------------------------------------------
     def _subscribers(self, topic: str) -> list[_Client]:
@@ -204,7 +301,7 @@ class FakeZeek:
         self.stats.flows_sent += len(frames)
 
     async def send_drain(self, records: int, topic: str = "zeek/iotcls/flows") -> None:
-        await self.publish(topic, bj.render_zeek(topic, bj.encode_event(rec.DRAIN_EVENT, [bj.Count(records)])))
+        await self.publish(topic, drain_frame(topic, records))
 
     async def send_raw(self, data: bytes | str) -> None:
         """Anything at all to every acked client (garbage tests)."""
@@ -214,6 +311,7 @@ class FakeZeek:
 
     async def _error(self, c: _Client, code: str, context: str) -> None:
         self.stats.errors_sent[context] = self.stats.errors_sent.get(context, 0) + 1
+        self.errors_sent.append(context)
         msg = json.dumps({"type": "error", "code": code, "context": context}, separators=(",", ":"))
         await c.ws.send(msg)
 
@@ -258,10 +356,15 @@ class FakeZeek:
             await self._error(c, DESER, "individual subscription not a string")
             return
         c.topics = topics
-        await c.ws.send(json.dumps({"type": "ack", "endpoint": f"{self.node_id}-websocket-{c.n}",
-                                    "version": ZEEK_VERSION}, separators=(",", ":")))  # fmt: skip
+        if not self.ack:  # no cluster backend: accepted, never acked
+            return
+        self.subscriptions.append(topics)
+        n = self.stats.acked
+        await c.ws.send(json.dumps({"type": "ack", "endpoint": f"{self.node_id}-websocket-{n}",
+                                    "version": self.version}, separators=(",", ":")))  # fmt: skip
         c.acked.set()
         self.stats.acked += 1
+        self.client_added.set()
 
     async def _message(self, c: _Client, raw: str | bytes) -> None:
         if not c.acked.is_set():
@@ -276,27 +379,32 @@ class FakeZeek:
         try:
             obj = json.loads(raw)
         except ValueError:
-            await self._error(c, DESER, "failed to decode JSON object")
+            await self._error(c, DESER, ERR_DECODE)
             return
-        checked = check_event(obj)
+        checked = check_event(obj, self.events, self.records)
         if isinstance(checked, str):
             await self._error(c, DESER, checked)
             return
         name, args = checked
+        got = Received(obj["topic"], name, args, obj)
+        self.received.append(got)
         if name == rec.LABEL_EVENT:
-            values = bj.decode(args[0])
-            fields = dict(zip((n for n, _ in rec.LABEL_FIELDS), values))
+            fields = dict(zip((n for n, _ in rec.LABEL_FIELDS), args[0]))
             self._label(Label(time.monotonic(), fields["uid"], fields))
         elif name == rec.HELLO_EVENT:
             self.stats.hellos += 1
             self.bridge_connected.set()
-            packets, payload_bytes, window_s, offline = self.settings
-            topic = "zeek/iotcls/flows"
-            await self.publish(topic, bj.render_zeek(topic, bj.encode_event(rec.WELCOME_EVENT, [
-                bj.Count(1), "standalone", bj.Timespan(round(window_s * 1e9)), bj.Count(packets),
-                bj.Count(payload_bytes), offline])))  # fmt: skip
+            if self.welcome_on_hello:
+                packets, payload_bytes, window_s, offline = self.settings
+                topic = "zeek/iotcls/flows"
+                await self.publish(topic, welcome_frame(topic, offline, packets, payload_bytes,
+                                                        window_s))  # fmt: skip
         elif name == rec.DRAINED_EVENT:
-            self.stats.drained.append((args[0]["data"], args[1]["data"]))
+            self.stats.drained.append((int(args[0]), int(args[1])))
+        if self.on_event is not None:
+            r = self.on_event(self, got)
+            if asyncio.iscoroutine(r):
+                await r
 
     def _label(self, label: Label) -> None:
         self.stats.labels += 1
@@ -304,3 +412,20 @@ class FakeZeek:
             self.labels.append(label)
         if self.on_label is not None:
             self.on_label(label)
+
+
+def welcome_frame(topic: str, offline: bool, packets: int = 10, payload_bytes: int = 64,
+                  window_s: float = 60.0, schema: int = 1) -> bytes:  # fmt: skip
+    """IoTClass::welcome as the scripts send it."""
+    return bj.render_zeek(topic, bj.encode_event("IoTClass::welcome", [
+        bj.Count(schema), "standalone", bj.Timespan(round(window_s * 1e9)), bj.Count(packets),
+        bj.Count(payload_bytes), offline,
+    ]))  # fmt: skip
+
+
+def drain_frame(topic: str, records: int) -> bytes:
+    return bj.render_zeek(topic, bj.encode_event("IoTClass::drain", [bj.Count(records)]))
+
+
+def addr(s: str):
+    return ipaddress.ip_address(s)
