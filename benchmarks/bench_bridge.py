@@ -8,8 +8,10 @@ one core, best of ``--repeat``:
 
 * decode: bytes -> FlowRecord on the fast path (what the bridge does per frame), and through
   the JSON parser and the generic codec for comparison;
-* decode + assemble: fast decode, then FlowTable.from_records, MatrixLayout.encode_rows and
-  SequenceAssembler in batches of ``--batch`` (the bridge's whole intake);
+* decode + assemble: what the bridge does, in batches of ``--batch``: a regex match per
+  frame as it arrives, then per batch the decode straight into a FlowTable
+  (bridge/flowbatch.py), MatrixLayout.encode_rows and SequenceAssembler; and for comparison
+  the earlier intake, a FlowRecord per frame, then FlowTable.from_records;
 * the way back: ``IoTClass::label`` frames encoded from log entries.
 
 Rates are given per CPU second of this process (``time.process_time``) and per wall second;
@@ -17,6 +19,7 @@ on a shared machine the CPU figure is the one that says what one core does. Targ
 records/s decoded and assembled.
 
     python benchmarks/bench_bridge.py [--records 100000] [--devices 500] [--batch 256]
+                                      [--payload-bytes N]
 """
 
 from __future__ import annotations
@@ -86,6 +89,8 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--files", type=int, default=60, help="captures to take records from")
+    ap.add_argument("--payload-bytes", type=int, default=None,
+                    help="payload bytes per packet in the layout (default: the layout's)")
     ap.add_argument("--data", type=Path, default=Path(os.environ.get(
         "IOTCLS_DATA", ROOT.parent / "shared" / "data" / "iot-sentinel")))  # fmt: skip
     a = ap.parse_args()
@@ -96,7 +101,7 @@ def main() -> int:
     n = len(frames)
     size = sum(map(len, frames)) / n
     assert all(rc.flow_record_raw(f) == r for f, r in zip(frames[:2000], recs[:2000]))
-    layout = MatrixLayout()
+    layout = MatrixLayout(**({} if a.payload_bytes is None else {"payload_bytes": a.payload_bytes}))
     print(f"bridge benchmark: {n} IoTClass::flow frames ({size:.0f} bytes each on average) from "
           f"{len(base)} records of real captures, {a.devices} devices, batches of {a.batch}, "
           f"layout {layout.shape}; load average {os.getloadavg()[0]:.2f} on "

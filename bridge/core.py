@@ -1,7 +1,9 @@
 """The bridge core: flow records from Zeek in, matrices to a scorer, label events back.
 
-Matrices are assembled exactly as on the pcap path: :meth:`FlowTable.from_records`, then
-:meth:`MatrixLayout.encode_rows`, then :class:`SequenceAssembler` (the online twin of
+Frames in the plain ``IoTClass::flow`` shape are queued undecoded and decoded a batch at a
+time straight into a :class:`FlowTable` (:mod:`iotcls.bridge.flowbatch`, which equals the
+generic codec followed by :meth:`FlowTable.from_records`). Matrices are then assembled exactly
+as on the pcap path: :meth:`MatrixLayout.encode_rows`, then :class:`SequenceAssembler` (the online twin of
 :meth:`MatrixLayout.assemble`). Live, records are assembled in arrival order (each batch sorted
 by window start), so a record's history is what the bridge has seen so far. Offline (Zeek
 says so in ``IoTClass::welcome``), records are held until ``IoTClass::drain`` and fed in
