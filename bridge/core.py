@@ -3,12 +3,12 @@
 Frames in the plain ``IoTClass::flow`` shape are queued undecoded and decoded a batch at a
 time straight into a :class:`FlowTable` (:mod:`iotcls.bridge.flowbatch`, which equals the
 generic codec followed by :meth:`FlowTable.from_records`). Matrices are then assembled exactly
-as on the pcap path: :meth:`MatrixLayout.encode_rows`, then :class:`SequenceAssembler` (the online twin of
-:meth:`MatrixLayout.assemble`). Live, records are assembled in arrival order (each batch sorted
-by window start), so a record's history is what the bridge has seen so far. Offline (Zeek
-says so in ``IoTClass::welcome``), records are held until ``IoTClass::drain`` and fed in
-start order, which gives exactly the matrices ``iotcls classify`` computes from the same
-capture.
+as on the pcap path: :meth:`MatrixLayout.encode_rows`, then :class:`SequenceAssembler` (the
+online twin of :meth:`MatrixLayout.assemble`). Live, records are assembled in arrival order
+(each batch sorted by window start), so a record's history is what the bridge has seen so far.
+Offline (Zeek says so in ``IoTClass::welcome``), records are held until ``IoTClass::drain``
+and fed in start order, which gives exactly the matrices ``iotcls classify`` computes from
+the same capture.
 
 Scoring is pluggable: a *scorer* is any callable ``scorer(matrices, table) -> verdicts`` with
 one verdict (a :class:`~iotcls.bridge.records.Verdict` or None for "no label") per matrix,

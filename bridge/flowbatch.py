@@ -121,8 +121,9 @@ def _vec(head: bytes, tail: bytes) -> bytes:
         re.escape(tail) + rb")?\]\}"  # fmt: skip
 
 
-_H_SPAN, _H_COUNT, _H_STRING = (b'{"@data-type":"%s","data":' % t for t in (b"timespan", b"count",
-                                                                             b"string"))  # fmt: skip
+_H_SPAN, _H_COUNT, _H_STRING = (
+    b'{"@data-type":"%s","data":' % t for t in (b"timespan", b"count", b"string")
+)
 _BATCH_RE = re.compile(
     rc._FLOW_RE.pattern.replace(
         b",".join([rc._F_VEC] * 4),

@@ -1,7 +1,8 @@
 """The bridge against a real WebSocket server that follows Zeek 8.2.2's protocol
 (iotcls/testing/fake_zeek.py): handshake and ack, retries until Zeek is up, reconnects when it
 restarts, survives garbage, flow records in and label events out, the offline drain
-handshake; and the record codec (fast paths against the generic codec) on records of real captures."""
+handshake; and the record codec (fast paths against the generic codec) on records of real
+captures."""
 
 import asyncio
 import ipaddress
@@ -599,8 +600,8 @@ def test_batches_in_flight_are_bounded_and_labels_match_one_at_a_time():
         async def send_many(fs):
             groups.append(list(fs))
 
-        bridge = Bridge(LAYOUT, scorer, send, labels_topic=LABELS, batch_size=4,
-                        max_delay_s=0.0, max_inflight=max_inflight, send_many=send_many)  # fmt: skip
+        bridge = Bridge(LAYOUT, scorer, send, labels_topic=LABELS, batch_size=4, max_delay_s=0.0,
+                        max_inflight=max_inflight, send_many=send_many)  # fmt: skip
         task = asyncio.create_task(bridge.run())
         for f in frames:
             assert bridge.on_raw(f)
