@@ -47,7 +47,15 @@ class RawFlow:
 
 def match_flow(raw: bytes) -> RawFlow | None:
     """The frame as a :class:`RawFlow`, or None when it is not in the plain shape (parse it
-    as JSON then). Costs one regex match: the rest is done per batch."""
+    as JSON then). Costs one regex match: the rest is done per batch. The envelope, the same
+    for every flow event on a topic without escapes, is compared as bytes and the regex
+    starts at the record."""
+    if raw.startswith(_ENV_HEAD):
+        end = raw.find(_ENV_TAIL, len(_ENV_HEAD))
+        topic = raw[len(_ENV_HEAD) : end]
+        if end > 0 and b'"' not in topic and b"\\" not in topic:
+            m = _BODY_RE.fullmatch(raw, end + len(_ENV_TAIL))
+            return None if m is None else RawFlow(raw, (topic, *m.groups()))
     m = _BATCH_RE.fullmatch(raw)
     return None if m is None else RawFlow(raw, m.groups())
 
@@ -133,6 +141,15 @@ _BATCH_RE = re.compile(
     re.S,
 )  # fmt: skip
 assert _BATCH_RE.pattern != rc._FLOW_RE.pattern
+_ENV_HEAD = b'{"type":"data-message","topic":"'
+_ENV_TAIL = (b'","@data-type":"vector","data":[{"@data-type":"count","data":1},'
+             b'{"@data-type":"count","data":1},{"@data-type":"vector","data":['
+             b'{"@data-type":"string","data":"IoTClass::flow"},{"@data-type":"vector","data":['
+             b'{"@data-type":"vector","data":[')  # fmt: skip
+_BODY_RE = re.compile(_BATCH_RE.pattern[_BATCH_RE.pattern.index(rc._F_MAC) :], re.S)
+# the envelope part of the regex is literal but for the topic: these bytes are what it matches
+assert re.fullmatch(_BATCH_RE.pattern[: _BATCH_RE.pattern.index(rc._F_MAC)],
+                    _ENV_HEAD + b"zeek/iotcls/flows" + _ENV_TAIL, re.S)  # fmt: skip
 _SEP_SPAN = b'"},' + _H_SPAN + b'"'
 _SEP_COUNT = b"}," + _H_COUNT
 _SEP_STRING = b'"},' + _H_STRING + b'"'

@@ -72,6 +72,7 @@ def check(frames, packets=6, payload_bytes=64):
 def test_real_frames_decode_to_the_generic_table_on_the_batch_path(packets, payload_bytes):
     assert len(RECORDS) == 32 and all(fb.match_flow(f) for f in FRAMES)
     groups = [fb.match_flow(f).groups for f in FRAMES]
+    assert groups == [fb._BATCH_RE.fullmatch(f).groups() for f in FRAMES]  # envelope shortcut
     assert fb._fast_table(groups, packets, payload_bytes) is not None  # no fallback taken
     check(FRAMES, packets, payload_bytes)
 
@@ -116,6 +117,8 @@ MUTATIONS = {
     "upper hex": (b'"data":"0201', b'"data":"02A1'),
     "separator bytes": (b'"data":"0201', b'"data":"02|\x00\x0101'),
     "escaped uid": (b'"C', b'"\\u0043'),
+    "escaped topic": (b'"zeek/iotcls', b'"zeek\\/iotcls'),
+    "other event": (b'"IoTClass::flow"', b'"IoTClass::flows"'),
     "one payload less": (b'{"@data-type":"string","data":"0201', b"{"),
 }  # fmt: skip
 
