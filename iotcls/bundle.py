@@ -22,6 +22,7 @@ import io
 import json
 import math
 import pickle
+import re
 import warnings
 import zipfile
 from dataclasses import dataclass, field
@@ -132,15 +133,17 @@ class ModelBundle:
         if not path.is_file():
             raise BundleError(f"{path}: no such model file")
         data = path.read_bytes()
+        if not zipfile.is_zipfile(io.BytesIO(data)):  # torch.save writes a zip archive
+            raise BundleError(f"{path}: not a readable model file (not a torch archive)")
         try:
             with warnings.catch_warnings():  # a foreign pickle protocol: refused below anyway
                 warnings.simplefilter("ignore", UserWarning)
                 payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise BundleError(
-                f"{path}: refused: the file holds objects other than weights ({first})"
-            ) from None
+            found = re.search(r"(?:unsupported|Unsupported global:) GLOBAL (\S+)", str(e))
+            what = f"it would call {found.group(1)}" if found else "objects other than weights"
+            raise BundleError(f"{path}: refused: the file holds code ({what}); a model file "
+                              "holds weights only") from None  # fmt: skip
         except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
             raise BundleError(f"{path}: not a readable model file ({type(e).__name__})") from None
         return cls.from_payload(payload, str(path))

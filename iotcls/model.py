@@ -44,10 +44,10 @@ class ModelConfig:
     payload_bytes: int = 16
     stream_bytes: int = 1000
     byte_dim: int = 8  # embedding of one payload byte
-    packet_dim: int = 48  # one packet slot
+    packet_dim: int = 64  # one packet slot
     meta_dim: int = 32  # the flow's metadata
-    row_dim: int = 64  # one flow (row)
-    hidden: int = 64  # classifier head
+    row_dim: int = 96  # one flow (row)
+    hidden: int = 96  # classifier head
     stream_channels: int = 32  # stream mode convolution
     meta_symbols: bool = True  # remote IP octets and port bytes also as embedded symbols
     dropout: float = 0.1

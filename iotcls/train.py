@@ -29,12 +29,12 @@ class TrainConfig:
     val_fraction: float = 0.15
     test_fraction: float = 0.15
     epochs: int = 30
-    patience: int = 5  # epochs without a better validation macro-F1
+    patience: int = 8  # epochs without a better validation macro-F1
     batch_size: int = 256
-    lr: float = 3e-3
+    lr: float = 2e-3
     weight_decay: float = 1e-4
     history_dropout: float = 0.3  # share of training matrices whose history is cut short
-    flow_loss: float = 0.0  # weight of a second loss on the current flow alone (row 0)
+    flow_loss: float = 0.5  # weight of a second loss on the current flow alone (row 0)
     class_weight_power: float = 0.5  # loss weight of a class ~ count ** -power
     max_per_capture: int = 0  # cap on matrices per capture file (0: all)
     threads: int = 0  # torch threads (0: torch's choice)

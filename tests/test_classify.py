@@ -1,0 +1,93 @@
+"""``iotcls classify`` with the shipped default model on the bundled sample capture."""
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from iotcls.bundle import ModelBundle
+from iotcls.cli import main
+from iotcls.logschema import FIELD_NAMES, FIELDS
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE = ROOT / "iotcls" / "data" / "sample.pcap"
+TRUTH = {r["mac"]: r["label"] for r in csv.DictReader((SAMPLE.parent / "sample-devices.csv").open())}
+DEVICES = ",".join(TRUTH)
+
+
+def summary_rows(text: str) -> dict[str, list[str]]:
+    lines = text.strip().splitlines()
+    assert lines[0].split() == ["device", "ip", "label", "confidence", "trusted", "labels"]
+    return {ln.split()[0]: ln.split() for ln in lines[1:]}
+
+
+@pytest.fixture(scope="module")
+def zeek_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("zeek")
+    return out, main(["classify", str(SAMPLE), "--devices", DEVICES, "-o", str(out)])
+
+
+def test_zeek_log(zeek_run, capsys):
+    out, rc = zeek_run
+    assert rc == 0
+    lines = (out / "iot_class.log").read_text().splitlines()
+    assert lines[0] == "#separator \\x09"
+    assert lines[1:5] == ["#set_separator\t,", "#empty_field\t(empty)", "#unset_field\t-",
+                          "#path\tiot_class"]  # fmt: skip
+    assert lines[5].startswith("#open\t")
+    assert lines[6] == "#fields\t" + "\t".join(FIELD_NAMES)
+    assert lines[7] == "#types\t" + "\t".join(t for _, t in FIELDS)
+    assert lines[-1].startswith("#close\t")
+    body = [ln.split("\t") for ln in lines[8:-1]]
+    assert len(body) > 100 and all(len(r) == len(FIELDS) for r in body)
+    col = {name: i for i, name in enumerate(FIELD_NAMES)}
+    model = ModelBundle.load().name
+    ts = [float(r[col["ts"]]) for r in body]
+    assert ts == sorted(ts)
+    for r in body:
+        assert r[col["device_mac"]] in TRUTH
+        assert r[col["strategy"]] == "sequence" and r[col["model"]] == model
+        assert 0 < float(r[col["confidence"]]) <= 1 and r[col["trusted"]] in ("T", "F")
+        assert 1 <= int(r[col["n_flows"]]) <= 6
+        assert r[col["proto"]] in ("tcp", "udp", "icmp", "unknown_transport")
+        assert r[col["uid"]].startswith("C")
+    # most labels are right: these are IoT Sentinel setups the model was trained on or tested on
+    right = sum(r[col["label"]] == TRUTH[r[col["device_mac"]]] for r in body)
+    assert right / len(body) >= 0.8
+
+
+def test_summary_table(zeek_run, capsys):
+    main(["classify", str(SAMPLE), "--devices", DEVICES, "-o", str(zeek_run[0])])
+    rows = summary_rows(capsys.readouterr().out)
+    assert set(rows) == set(TRUTH)
+    right = [mac for mac, r in rows.items() if r[2] == TRUTH[mac]]
+    assert len(right) >= 7, rows
+    for r in rows.values():
+        assert 0 < float(r[3]) <= 1 and r[4] in ("yes", "no") and int(r[5]) >= 1
+
+
+def test_json_log_and_device_strategy(tmp_path):
+    assert main(["classify", str(SAMPLE), "--devices", DEVICES, "-o", str(tmp_path),
+                 "--format", "json", "--strategy", "device"]) == 0  # fmt: skip
+    entries = [json.loads(ln) for ln in (tmp_path / "iot_class.log").read_text().splitlines()]
+    assert entries and all(list(e) == list(FIELD_NAMES) for e in entries)
+    assert {e["strategy"] for e in entries} == {"device"}
+    assert min(e["n_flows"] for e in entries) == 3  # the vote waits for three sequences
+    assert all(isinstance(e["top_groups"], list) and isinstance(e["trusted"], bool)
+               for e in entries)  # fmt: skip
+
+
+def test_errors_are_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a model")
+    assert main(["classify", str(SAMPLE), "--devices", DEVICES, "--model", str(bad),
+                 "-o", str(tmp_path)]) == 2  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "bad.pt: not a readable model file (not a torch archive)" in err[0]
+    assert main(["classify", str(SAMPLE), "-o", str(tmp_path)]) == 2
+    assert "--devices" in capsys.readouterr().err
+    missing = tmp_path / "missing.pcap"
+    assert main(["classify", str(missing), "--devices", DEVICES, "-o", str(tmp_path)]) == 1
+    assert "missing.pcap" in capsys.readouterr().err
+    assert (tmp_path / "iot_class.log").read_text().splitlines()[-1].startswith("#close")
