@@ -122,7 +122,7 @@ def summarize(
                         VoteConfig(window=len(items), min_votes=1))  # fmt: skip
         last = int(np.argmax(starts))
         cls = int(v.index[last])
-        cm0, i0 = items[0][0], items[0][1]
+        cm0, i0 = items[last][0], items[last][1]  # the device's address as last seen
         conf = float(v.confidence[last])
         share = float(trusted.mean())
         # issue 4 (trust): the label is the vote of the trusted labels when there are enough

@@ -65,6 +65,7 @@ def test_summary_table(zeek_run, capsys):
     assert len(right) >= 7, rows
     for r in rows.values():
         assert 0 < float(r[3]) <= 1 and r[4] in ("yes", "no") and int(r[5]) >= 1
+        assert r[1].startswith("10.10.10.")  # the address last seen, not DHCP's 0.0.0.0
 
 
 def test_json_log_and_device_strategy(tmp_path):
