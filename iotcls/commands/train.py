@@ -84,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
           f"{m['parameters']:,} parameters, {m['flops']['sequence'] / 1e6:.2f} MFLOPs/matrix, "
           f"validation macro-F1 {m['val_macro_f1']:.4f}, temperature {bundle.temperature:.3f}, "
           f"{time.time() - t0:.0f}s in all")  # fmt: skip
+    labels = f" --labels {args.labels}" if getattr(args, "labels", None) else ""
     print(f"held out for evaluation: {len(m['split']['test'])} capture files; "
-          f"run: iotcls evaluate {' '.join(meta['data']['captures'])} --model {path}")
+          f"run: iotcls evaluate {' '.join(meta['data']['captures'])}{labels} --model {path}")
     return 0
