@@ -93,16 +93,23 @@ def main() -> None:
                              [f"c{i}" for i in range(27)])  # fmt: skip
         source = "fresh model, default layout"
     layout, threads = bundle.layout, torch.get_num_threads()
-    pred = Predictor(bundle, batch_size=args.batch)
     reps = 3 if args.quick else 10
     x = realistic_matrices(layout, args.batch)
-    pred.predict(x)
-    rates = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        pred.predict(x)
-        rates.append(len(x) / (time.perf_counter() - t))
-    batched = statistics.median(rates)
+
+    def batched_rate(p: Predictor) -> float:
+        p.predict(x)
+        rates = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            p.predict(x)
+            rates.append(len(x) / (time.perf_counter() - t))
+        return statistics.median(rates)
+
+    # The plain label (what the scorer computes for every record) apart from the full trust
+    # decision with Shapley values (what it computes for labels that are logged).
+    plain = batched_rate(Predictor(bundle, batch_size=args.batch, explain=False))
+    pred = Predictor(bundle, batch_size=args.batch)
+    batched = batched_rate(pred)
     lat = []
     for i in range(200 if args.quick else 2000):
         t = time.perf_counter()
@@ -113,7 +120,8 @@ def main() -> None:
     flops, params = count_flops(bundle.model), count_parameters(bundle.model)
     print(f"CNN ({source}; layout {layout.rows}x{layout.width}, {threads} torch threads)")
     print(f"  parameters {params:,}  FLOPs/matrix {flops / 1e6:.2f} M")
-    print(f"  batched ({args.batch}/batch): {batched:,.0f} matrices/s  (target >= 5,000)")
+    print(f"  batched ({args.batch}/batch), plain labels: {plain:,.0f} matrices/s  (target >= 5,000)")
+    print(f"  batched, with Shapley values and trust decision: {batched:,.0f} matrices/s")
     print(f"  single matrix via Predictor: p50 {p50:.2f} ms  p99 {p99:.2f} ms  (target <= 10 ms)")
 
     torch.manual_seed(0)
@@ -135,15 +143,16 @@ def main() -> None:
     print(f"ET-BERT-sized transformer (BERT-base shape, {BERT_TOKENS} byte tokens, random weights)")
     print(f"  parameters {bparams / 1e6:.1f} M  FLOPs/matrix {bflops / 1e9:.1f} G")
     print(f"  batched: {bert_batched:.2f} matrices/s  single: {bert_single_ms:.0f} ms")
-    print(f"ratio: the CNN scores {batched / bert_batched:,.0f}x as many matrices/s batched, "
+    print(f"ratio: the CNN scores {plain / bert_batched:,.0f}x as many matrices/s batched, "
           f"{bert_single_ms / p50:,.0f}x faster single (p50), with "
           f"{bflops / flops:,.0f}x fewer FLOPs and {bparams / params:,.0f}x fewer parameters")  # fmt: skip
     if args.json:
-        print(json.dumps({"cnn_matrices_per_s": round(batched), "cnn_p50_ms": round(p50, 3),
+        print(json.dumps({"cnn_matrices_per_s": round(plain),
+                          "cnn_explained_per_s": round(batched), "cnn_p50_ms": round(p50, 3),
                           "cnn_p99_ms": round(p99, 3), "cnn_flops": flops, "cnn_params": params,
                           "bert_matrices_per_s": round(bert_batched, 3),
                           "bert_single_ms": round(bert_single_ms, 1), "bert_flops": bflops,
-                          "bert_params": bparams, "ratio": round(batched / bert_batched, 1),
+                          "bert_params": bparams, "ratio": round(plain / bert_batched, 1),
                           "threads": threads}))  # fmt: skip
 
 
