@@ -41,9 +41,11 @@ def flow_features(matrices: np.ndarray, layout: MatrixLayout) -> np.ndarray:
     first = [sizes[:, i] if sizes.shape[1] > i else np.zeros(len(row)) for i in range(3)]
     cols = [
         row[:, 8], row[:, 9], row[:, 10], row[:, 6], row[:, 7], row[:, 11], row[:, 12],
-        n, mean, std, np.where(np.isfinite(smallest), smallest, 0), (sizes * present).max(1), *first,
+        n, mean, std, np.where(np.isfinite(smallest), smallest, 0), (sizes * present).max(1),
+        *first,
         (present & up).sum(1), (present & ~up).sum(1), (sizes * (present & up)).sum(1),
-        (sizes * (present & ~up)).sum(1), (offs * present).max(1), gaps.sum(1) / np.maximum(n - 1, 1),
+        (sizes * (present & ~up)).sum(1), (offs * present).max(1),
+        gaps.sum(1) / np.maximum(n - 1, 1),
         gaps.max(1) if gaps.shape[1] else np.zeros(len(row)),
     ]  # fmt: skip
     return np.stack(cols, axis=1).astype(np.float32)

@@ -144,7 +144,9 @@ def running_max_by_group(values: np.ndarray, groups: np.ndarray, times: np.ndarr
 
 def _runs(sorted_keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     n = len(sorted_keys)
-    starts = np.r_[0, np.flatnonzero(sorted_keys[1:] != sorted_keys[:-1]) + 1] if n else np.zeros(0, int)
+    if n == 0:
+        return np.zeros(0, int), np.zeros(0, int)
+    starts = np.r_[0, np.flatnonzero(sorted_keys[1:] != sorted_keys[:-1]) + 1]
     return starts, np.r_[starts[1:], n].astype(int)
 
 
@@ -409,7 +411,8 @@ def format_report(r: dict) -> str:
         lines.append(
             f"{name:<22}{s['accuracy']:>9.4f}{s['macro_f1']:>9.4f}{s['labels']:>8}"
             f"{c['devices']:>8.3f}{c['flows']:>9.3f}{'-' if first is None else f'{first:.1f}':>12}"
-            f"{cost['cpu_ms_per_label']:>11.4f}{'-' if kflops is None else f'{kflops / 1e3:.0f}':>11}"
+            f"{cost['cpu_ms_per_label']:>11.4f}"
+            f"{'-' if kflops is None else f'{kflops / 1e3:.0f}':>11}"
             f"{sel['packets']:>10.3f}{sel['bytes']:>11.3f}"
         )  # fmt: skip
     lines += ["", "per class (sequence strategy):",

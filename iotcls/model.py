@@ -112,7 +112,8 @@ class FlowEncoder(nn.Module):
         self.packet_in = nn.Linear(3, cfg.packet_dim)  # timing, size, direction
         if cfg.payload_mode == "packet" and cfg.payload_bytes > 0:
             self.byte_emb = nn.Embedding(PACKET_SYMBOLS, cfg.byte_dim)
-            self.payload_in = nn.Linear(cfg.payload_bytes * cfg.byte_dim, cfg.packet_dim, bias=False)
+            per_packet = cfg.payload_bytes * cfg.byte_dim
+            self.payload_in = nn.Linear(per_packet, cfg.packet_dim, bias=False)
         self.packet_conv = nn.Conv1d(cfg.packet_dim, cfg.packet_dim, 3, padding=1)
         self.meta_in = nn.Linear(N_META, cfg.meta_dim)
         if cfg.meta_symbols:

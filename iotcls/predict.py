@@ -74,14 +74,16 @@ class Predictor:
         self,
         bundle: ModelBundle,
         device: str = "cpu",
-        batch_size: int = 4096,
+        batch_size: int | None = None,
         threshold: float | None = None,
         explain: bool = True,
     ):
         self.bundle = bundle
         self.device = torch.device(device)
         self.model = bundle.model.to(self.device).eval()
-        self.batch_size = batch_size
+        # Chunks of 256 matrices on a CPU: their intermediates stay in cache (measured on the
+        # 2-core VM: 6,800 matrices/s in chunks of 256, 4,300 in chunks of 4,096).
+        self.batch_size = batch_size or (256 if self.device.type == "cpu" else 4096)
         self.threshold = (
             float(bundle.metadata.get("confidence_threshold", DEFAULT_THRESHOLD))
             if threshold is None
@@ -112,7 +114,8 @@ class Predictor:
                 f"(n, <= {self.layout.rows}, {self.layout.width})"
             )
         out = np.empty((len(x), len(self.classes)), np.float32)
-        with torch.inference_mode(), _few_threads(len(x) < SMALL_BATCH and self.device.type == "cpu"):
+        few = len(x) < SMALL_BATCH and self.device.type == "cpu"
+        with torch.inference_mode(), _few_threads(few):
             for s in range(0, len(x), self.batch_size):
                 xb = torch.from_numpy(x[s : s + self.batch_size]).to(self.device)
                 out[s : s + len(xb)] = self.model(xb).float().cpu().numpy()

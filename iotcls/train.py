@@ -240,7 +240,8 @@ def train(
         else:  # no validation files: keep the last epoch
             val_loss, val_f1 = -total / max(seen, 1), 0.0
         history.append({"epoch": epoch, "train_loss": round(total / max(seen, 1), 5),
-                        "val_loss": round(val_loss, 5), "val_macro_f1": round(val_f1, 5)})  # fmt: skip
+                        "val_loss": round(val_loss, 5),
+                        "val_macro_f1": round(val_f1, 5)})  # fmt: skip
         log(f"epoch {epoch:2d}: train loss {total / max(seen, 1):.4f}  val loss {val_loss:.4f}  "
             f"val macro-F1 {val_f1:.4f}")  # fmt: skip
         if (val_f1, -val_loss) > best:

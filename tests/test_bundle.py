@@ -68,7 +68,8 @@ def test_pickle_with_code_is_refused(tmp_path, monkeypatch):
     payload["metadata"] = Boom()
     with open(tmp_path / "evil.pt", "wb") as f:
         torch.save(payload, f)
-    with pytest.raises(BundleError, match=r"refused: the file holds code \(it would call posix.system\)"):
+    refused = r"refused: the file holds code \(it would call posix.system\)"
+    with pytest.raises(BundleError, match=refused):
         ModelBundle.load(tmp_path / "evil.pt")
     assert not (tmp_path / "boom-was-run").exists()
     # a raw pickle (not torch's zip format) with code is refused as well

@@ -12,7 +12,8 @@ from iotcls.logschema import FIELD_NAMES, FIELDS
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "iotcls" / "data" / "sample.pcap"
-TRUTH = {r["mac"]: r["label"] for r in csv.DictReader((SAMPLE.parent / "sample-devices.csv").open())}
+with (SAMPLE.parent / "sample-devices.csv").open() as f:
+    TRUTH = {r["mac"]: r["label"] for r in csv.DictReader(f)}
 DEVICES = ",".join(TRUTH)
 
 
