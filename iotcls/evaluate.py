@@ -58,9 +58,6 @@ class EvalData:
             inspected_bytes=ds.inspected_bytes[idx],
         )  # fmt: skip
 
-    def take(self, idx: np.ndarray) -> "EvalData":
-        return EvalData(**{k: v[idx] for k, v in self.__dict__.items()})
-
     def device_groups(self) -> np.ndarray:
         """One id per (capture, device): a device in another capture is another session."""
         keys = np.array([f"{c}\x00{d}" for c, d in zip(self.captures, self.devices)], object)

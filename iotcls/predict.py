@@ -105,17 +105,37 @@ class Predictor:
     def layout(self):
         return self.bundle.layout
 
-    def logits(self, matrices: np.ndarray) -> np.ndarray:
-        """Raw (uncalibrated) logits; ``matrices`` may hold fewer rows than the layout's."""
+    def _checked(self, matrices: np.ndarray) -> np.ndarray:
+        """float32 matrices of the model's width with at most its rows, else ValueError."""
         x = np.asarray(matrices, dtype=np.float32)
         if x.ndim != 3 or x.shape[2] != self.layout.width or x.shape[1] > self.layout.rows:
             raise ValueError(
                 f"matrices of shape {x.shape} do not fit the model's layout "
                 f"(n, <= {self.layout.rows}, {self.layout.width})"
             )
+        return x
+
+    def _few(self, n: int) -> bool:
+        return n < SMALL_BATCH and self.device.type == "cpu"
+
+    def _predictions(self, probs: np.ndarray, index: np.ndarray, trusted, reason,
+                     top_groups: list[list[str]]) -> Predictions:  # fmt: skip
+        index = np.asarray(index, np.int64)
+        return Predictions(
+            index=index,
+            label=self.classes[index] if len(index) else np.zeros(0, object),
+            probs=probs,
+            confidence=probs[np.arange(len(index)), index].astype(np.float32),
+            trusted=np.asarray(trusted, bool),
+            reason=np.asarray(reason, object),
+            top_groups=top_groups,
+        )
+
+    def logits(self, matrices: np.ndarray) -> np.ndarray:
+        """Raw (uncalibrated) logits; ``matrices`` may hold fewer rows than the layout's."""
+        x = self._checked(matrices)
         out = np.empty((len(x), len(self.classes)), np.float32)
-        few = len(x) < SMALL_BATCH and self.device.type == "cpu"
-        with torch.inference_mode(), _few_threads(few):
+        with torch.inference_mode(), _few_threads(self._few(len(x))):
             for s in range(0, len(x), self.batch_size):
                 xb = torch.from_numpy(x[s : s + self.batch_size]).to(self.device)
                 out[s : s + len(xb)] = self.model(xb).float().cpu().numpy()
@@ -140,40 +160,18 @@ class Predictor:
         probs = self.calibrate(self.logits(matrices))
         index = probs.argmax(axis=1) if len(probs) else np.zeros(0, np.int64)
         a = self.assess(matrices, probs, index)
-        return Predictions(
-            index=index.astype(np.int64),
-            label=self.classes[index] if len(index) else np.zeros(0, object),
-            probs=probs,
-            confidence=probs[np.arange(len(index)), index].astype(np.float32),
-            trusted=np.asarray(a.trusted, bool),
-            reason=np.asarray(a.reason, object),
-            top_groups=a.top_groups,
-        )
+        return self._predictions(probs, index, a.trusted, a.reason, a.top_groups)
 
     # -- issue 4 (trust) -------------------------------------------------------------------
     def _predict_explained(self, matrices: np.ndarray) -> Predictions:
-        x = np.asarray(matrices, dtype=np.float32)
-        if x.ndim != 3 or x.shape[2] != self.layout.width or x.shape[1] > self.layout.rows:
-            raise ValueError(
-                f"matrices of shape {x.shape} do not fit the model's layout "
-                f"(n, <= {self.layout.rows}, {self.layout.width})"
-            )
-        with _few_threads(len(x) < SMALL_BATCH and self.device.type == "cpu"):
+        x = self._checked(matrices)
+        with _few_threads(self._few(len(x))):
             a = self.trust.assess(x)
         lp = a.log_probs.astype(np.float64)
         probs = np.exp(lp - lp.max(axis=1, keepdims=True))
         probs = (probs / probs.sum(axis=1, keepdims=True)).astype(np.float32)
         d = a.decision
-        index = np.asarray(d.pred, np.int64)
-        return Predictions(
-            index=index,
-            label=self.classes[index] if len(index) else np.zeros(0, object),
-            probs=probs,
-            confidence=probs[np.arange(len(index)), index].astype(np.float32),
-            trusted=np.asarray(d.trusted, bool),
-            reason=np.asarray(d.reason, object),
-            top_groups=d.top_groups,
-        )
+        return self._predictions(probs, d.pred, d.trusted, d.reason, d.top_groups)
 
     def assess_subset(self, matrices: np.ndarray, pred: Predictions, idx: np.ndarray) -> None:
         """Explain and decide the trust of the labels ``idx`` only (those to be logged), in

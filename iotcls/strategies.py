@@ -36,18 +36,6 @@ def strategy_input(matrices: np.ndarray, strategy: str) -> np.ndarray:
     raise ValueError(f"unknown strategy {strategy!r} (one of {', '.join(STRATEGIES)})")
 
 
-def group_order(keys: list[np.ndarray], times: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Order entries by group (the tuple of ``keys``) then time; return (order, group id)."""
-    codes = [np.unique(k, return_inverse=True)[1] for k in keys]
-    order = np.lexsort((np.arange(len(times)), times, *reversed(codes)))
-    group = np.zeros(len(times), np.int64)
-    if len(times):
-        combined = np.stack([c[order] for c in codes], axis=1)
-        change = np.any(combined[1:] != combined[:-1], axis=1)
-        group[order] = np.concatenate([[0], np.cumsum(change)])
-    return order, group
-
-
 @dataclass
 class Vote:
     index: np.ndarray  # (n,) int64 class voted after this sequence, -1 before min_votes
