@@ -42,6 +42,7 @@ class Classified:
     pred: Predictions  # per label
     n_flows: np.ndarray  # flows the label rests on
     strategy: str
+    sequences: Predictions | None = None  # per-sequence labels of every flow, when computed
 
     def entries(self, model: str) -> list[LogEntry]:
         t = self.capture.table
@@ -78,7 +79,7 @@ def classify_capture(
     if strategy == "flow":
         return Classified(cm, order, pred, np.ones(len(order), np.int64), strategy)
     if strategy == "sequence":
-        return Classified(cm, order, pred, rows_present, strategy)
+        return Classified(cm, order, pred, rows_present, strategy, pred)
     devices = t.device_keys()[order] if len(order) else np.zeros(0, object)
     groups = np.unique(devices, return_inverse=True)[1] if len(order) else np.zeros(0, int)
     v = device_vote(pred.probs, groups, t.start[order], vote)
@@ -100,7 +101,7 @@ def classify_capture(
     voted.confidence = np.where(ok, tconf[keep], voted.confidence).astype(np.float32)
     voted.trusted = ok
     voted.reason = np.where(ok, "-", "few_trusted_labels").astype(object)
-    return Classified(cm, order[keep], voted, v.n_votes[keep], strategy)
+    return Classified(cm, order[keep], voted, v.n_votes[keep], strategy, pred)
 
 
 def summarize(

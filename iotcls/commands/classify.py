@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
                                f"{bundle.layout.to_dict()}")  # fmt: skip
             c = classify_capture(predictor, cm, args.strategy)
             entries += c.entries(bundle.name)
-            seq = c.pred if args.strategy == "sequence" else predictor.predict(cm.matrices)
+            seq = c.sequences if c.sequences is not None else predictor.predict(cm.matrices)
             results.append((cm, seq))
         entries.sort(key=lambda e: e.ts)
         for e in entries:
