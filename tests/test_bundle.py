@@ -8,16 +8,14 @@ import torch
 
 from iotcls.bundle import BundleError, ModelBundle, content_hash, default_model_path
 from iotcls.layout import MatrixLayout
-from iotcls.model import IoTCNN, ModelConfig
+from tiny_model import tiny_bundle
 
 LAYOUT = MatrixLayout(history=2, packets=4, payload_bytes=4)
 
 
 def small_bundle(**kw) -> ModelBundle:
-    torch.manual_seed(1)
-    cfg = ModelConfig.from_layout(LAYOUT, 3, packet_dim=8, meta_dim=8, row_dim=8, hidden=8)
-    return ModelBundle(
-        model=IoTCNN(cfg).eval(), layout=LAYOUT, classes=["a", "b", "c"], temperature=1.7,
+    return tiny_bundle(
+        LAYOUT, ["a", "b", "c"], seed=1, temperature=1.7,
         metadata={"split": {"test": ["x.pcap"]}, "seed": 0}, **kw,
     )  # fmt: skip
 

@@ -14,7 +14,6 @@ import time
 import msgpack
 import numpy as np
 import pytest
-import torch
 import zmq
 
 from iotcls import wire
@@ -22,9 +21,9 @@ from iotcls.bridge.dispatch import Dispatcher, LabelPolicy, Outcome
 from iotcls.bundle import ModelBundle
 from iotcls.config import Config
 from iotcls.layout import MatrixLayout
-from iotcls.model import IoTCNN, ModelConfig
 from iotcls.predict import Predictor
 from iotcls.scorer.service import Scorer, ScorerSettings
+from tiny_model import tiny_bundle
 
 LAYOUT = MatrixLayout(history=2, packets=4, payload_bytes=4)
 CLASSES = ["cam", "plug", "hub"]
@@ -32,9 +31,7 @@ CLASSES = ["cam", "plug", "hub"]
 
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory):
-    torch.manual_seed(3)
-    cfg = ModelConfig.from_layout(LAYOUT, 3, packet_dim=8, meta_dim=8, row_dim=8, hidden=8)
-    b = ModelBundle(model=IoTCNN(cfg).eval(), layout=LAYOUT, classes=CLASSES)
+    b = tiny_bundle(LAYOUT, CLASSES, seed=3)
     return str(b.save(tmp_path_factory.mktemp("model") / "m.pt"))
 
 
@@ -392,9 +389,7 @@ def trust_model_path(tmp_path_factory):
     matrices, so that every class has references)."""
     from iotcls.trust.layer import fit_state
 
-    torch.manual_seed(4)
-    cfg = ModelConfig.from_layout(LAYOUT, 3, packet_dim=8, meta_dim=8, row_dim=8, hidden=8)
-    b = ModelBundle(model=IoTCNN(cfg).eval(), layout=LAYOUT, classes=CLASSES)
+    b = tiny_bundle(LAYOUT, CLASSES, seed=4)
     x = matrices(600, seed=9)
     y = Predictor(b).predict(x).index
     state, _ = fit_state(b.model, LAYOUT, 1.0, CLASSES, x, y)

@@ -28,6 +28,7 @@ from iotcls.model import IoTCNN, ModelConfig
 from iotcls.predict import Predictor
 from iotcls.testing.fake_zeek import FakeZeek
 from iotcls.testing.synth import synthetic_records
+from tiny_model import tiny_bundle
 
 LAYOUT = MatrixLayout(history=2, packets=4, payload_bytes=4)
 CLASSES = ["cam", "plug", "hub", "bulb"]
@@ -35,9 +36,7 @@ CLASSES = ["cam", "plug", "hub", "bulb"]
 
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory):
-    torch.manual_seed(5)
-    cfg = ModelConfig.from_layout(LAYOUT, 4, packet_dim=8, meta_dim=8, row_dim=8, hidden=8)
-    b = ModelBundle(model=IoTCNN(cfg).eval(), layout=LAYOUT, classes=CLASSES)
+    b = tiny_bundle(LAYOUT, CLASSES, seed=5)
     return str(b.save(tmp_path_factory.mktemp("model") / "m.pt"))
 
 
