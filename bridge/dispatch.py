@@ -40,6 +40,7 @@ import zmq.asyncio
 from iotcls import wire
 from iotcls.config import Config
 from iotcls.layout import MatrixLayout
+from iotcls.trust.decision import DeviceConsistency
 
 from .metrics import ServeMetrics
 
@@ -175,6 +176,7 @@ class Dispatcher:
         metrics: ServeMetrics | None = None,
         model_id: str = "",
         ctx: zmq.asyncio.Context | None = None,
+        consistency: DeviceConsistency | None = None,
     ):
         self.cfg, self.b = cfg, cfg.bridge
         self.layout = layout
@@ -183,6 +185,9 @@ class Dispatcher:
         self.metrics = metrics or ServeMetrics()
         self.model_id = model_id
         self.policy = LabelPolicy(cfg.log.policy, cfg.log.interval_s, self.b.max_devices)
+        # Trust rule 5 needs each device's earlier labels, which only the bridge sees whole
+        # (a device's records may go to any scorer): applied here, to every label.
+        self.consistency = (consistency or DeviceConsistency()).online(self.b.max_devices)
         self._ctx = ctx or zmq.asyncio.Context.instance()
         self._sock: zmq.asyncio.Socket | None = None
         self._scorers: dict[bytes, _Scorer] = {}
@@ -487,15 +492,18 @@ class Dispatcher:
         policy = self.policy
         for i, it in enumerate(items):
             full = expl is None or expl[i]
+            trusted, reason = r.trusted[i], r.reason[i]
+            if not self.consistency.observe(it.device, r.labels[i], r.confidence[i]) and trusted:
+                trusted, reason = False, "inconsistent_with_device"
             if full:
-                send = policy.decide(it.device, r.labels[i], r.trusted[i], now)
+                send = policy.decide(it.device, r.labels[i], trusted, now)
             else:  # the same label and cheap trust as the last one sent, and not due
                 send = False
                 policy.touch(it.device, now)
             sent += send
             outcomes.append(Outcome(
                 ctx=it.ctx, device=it.device, label=r.labels[i], confidence=float(r.confidence[i]),
-                trusted=r.trusted[i], reason=r.reason[i], top_groups=r.top_groups[i],
+                trusted=trusted, reason=reason, top_groups=r.top_groups[i],
                 model=r.model, send=send, latency_s=now - it.arrived, explained=full,
             ))  # fmt: skip
         m = self.metrics

@@ -140,8 +140,12 @@ class Service:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._stop.set)
 
+        from iotcls.trust.decision import DeviceConsistency, TrustState
+
+        rule = DeviceConsistency.of(TrustState.from_dict(bundle.trust)) if bundle.trust \
+            else DeviceConsistency()  # fmt: skip
         dispatcher = Dispatcher(cfg, bundle.layout, DispatchScorer.deliver, self.metrics,
-                                model_id=bundle.name)  # fmt: skip
+                                model_id=bundle.name, consistency=rule)  # fmt: skip
         endpoints = await dispatcher.start()
         client: ZeekClient | None = None
 

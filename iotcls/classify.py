@@ -75,13 +75,14 @@ def classify_capture(
         raise ValueError(f"unknown strategy {strategy!r} (one of {', '.join(STRATEGIES)})")
     t, order = cm.table, cm.order
     pred = predictor.predict(strategy_input(cm.matrices, strategy))
+    devices = t.device_keys()[order] if len(order) else np.zeros(0, object)
+    groups = np.unique(devices, return_inverse=True)[1] if len(order) else np.zeros(0, int)
+    predictor.check_devices(pred, groups, t.start[order])  # trust rule 5: the device's history
     rows_present = (cm.matrices != 0).any(axis=2).sum(axis=1)
     if strategy == "flow":
         return Classified(cm, order, pred, np.ones(len(order), np.int64), strategy)
     if strategy == "sequence":
         return Classified(cm, order, pred, rows_present, strategy, pred)
-    devices = t.device_keys()[order] if len(order) else np.zeros(0, object)
-    groups = np.unique(devices, return_inverse=True)[1] if len(order) else np.zeros(0, int)
     v = device_vote(pred.probs, groups, t.start[order], vote)
     keep = np.flatnonzero(v.emitted)
     voted = pred.take(keep)

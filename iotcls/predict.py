@@ -162,6 +162,23 @@ class Predictor:
         a = self.assess(matrices, probs, index)
         return self._predictions(probs, index, a.trusted, a.reason, a.top_groups)
 
+    def consistency(self):
+        """Trust rule 5 with this bundle's knobs (the defaults for a bundle without a state)."""
+        from .trust.decision import DeviceConsistency
+
+        return DeviceConsistency.of(self.trust.state) if self.trust is not None \
+            else DeviceConsistency()  # fmt: skip
+
+    def check_devices(self, pred: Predictions, groups: np.ndarray, times: np.ndarray) -> Predictions:
+        """Apply trust rule 5 (``inconsistent_with_device``) in place, given each label's
+        device (``groups``) and time; for labels whose device history is known."""
+        from .trust.decision import apply_device_consistency
+
+        agrees = self.consistency().agrees(pred.index, pred.confidence, groups, times,
+                                           len(self.classes))  # fmt: skip
+        apply_device_consistency(pred.trusted, pred.reason, agrees)
+        return pred
+
     # -- issue 4 (trust) -------------------------------------------------------------------
     def _predict_explained(self, matrices: np.ndarray) -> Predictions:
         x = self._checked(matrices)

@@ -86,7 +86,10 @@ def scorer_process(model_path: str, addr: str, name: str) -> subprocess.Popen:
 def test_labels_match_the_predictor_exactly(model_path):
     """Records split over batches and a scorer process come back as the offline labels."""
     m = matrices(300)
-    expected = Predictor(ModelBundle.load(model_path)).predict(m)
+    predictor = Predictor(ModelBundle.load(model_path))
+    expected = predictor.predict(m)
+    # trust rule 5 runs in the dispatcher, over each device's labels in arrival order
+    predictor.check_devices(expected, np.arange(300) % 5, np.arange(300))
     out: list[Outcome] = []
 
     async def main():
@@ -114,6 +117,7 @@ def test_labels_match_the_predictor_exactly(model_path):
     np.testing.assert_allclose([by[i].confidence for i in range(300)], expected.confidence,
                                rtol=1e-6)  # fmt: skip
     assert [by[i].trusted for i in range(300)] == list(expected.trusted)
+    assert [by[i].reason for i in range(300)] == list(expected.reason)
     assert all(o.shed is None and o.send for o in out)
     assert d.metrics.records_in == 300 and d.metrics.labelled == 300
     assert d.metrics.shed_total == 0 and d.metrics.batch_size.count == d.metrics.batches_sent

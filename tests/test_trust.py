@@ -17,9 +17,11 @@ from iotcls.trust.calibration import (
 )
 from iotcls.trust.decision import (
     UNKNOWN,
+    DeviceConsistency,
     TrustConfig,
     TrustError,
     TrustState,
+    apply_device_consistency,
     decide,
     device_vote,
     fit_trust,
@@ -413,3 +415,56 @@ def test_leave_out_reports_the_unseen_type():
     assert "kettle" in format_leave_out(rep)
     with pytest.raises(ValueError, match="no flows labelled"):
         leave_out(ds, ["toaster"], cfg)
+
+
+def test_device_consistency_flags_a_label_against_the_devices_history():
+    rule = DeviceConsistency(window=4, share=0.5, min_prior=2)
+    # device 0: X X X Y X ; device 1 (interleaved): Y alone, then X: too little history
+    pred = np.array([0, 1, 0, 0, 1, 0, 0])
+    groups = np.array([0, 1, 0, 0, 0, 1, 0])
+    conf = np.full(7, 0.9)
+    ok = rule.agrees(pred, conf, groups, np.arange(7.0), 3)
+    # device 0's labels: 0 (no history), 0 (1 prior), 0 (2 priors, agree), 1 (X dominates:
+    # odd), 0 (X 3 of 4 by weight: agrees); device 1: first label, then 1 prior only
+    assert ok.tolist() == [True, True, True, True, False, True, True]
+    trusted = np.array([True, True, True, True, True, False, True])
+    reason = np.array(["-", "-", "-", "-", "-", "low_confidence", "-"], object)
+    apply_device_consistency(trusted, reason, ok)
+    assert trusted.tolist() == [True, True, True, True, False, False, True]
+    assert reason[4] == "inconsistent_with_device" and reason[5] == "low_confidence"
+
+
+def test_device_consistency_window_turns_over():
+    """A device that really changes is relabelled once its window has turned over."""
+    rule = DeviceConsistency(window=3, share=0.5, min_prior=2)
+    pred = np.array([0] * 5 + [1] * 5)
+    ok = rule.agrees(pred, np.ones(10), np.zeros(10), np.arange(10.0), 2)
+    assert ok.tolist() == [True] * 5 + [False, False, True, True, True]
+
+
+def test_device_consistency_online_twin_equals_the_batch_rule():
+    rng = np.random.default_rng(3)
+    for window, share, min_prior in [(20, 0.5, 2), (5, 0.6, 1), (1, 0.5, 1), (0, 0.5, 2)]:
+        rule = DeviceConsistency(window, share, min_prior)
+        n, classes = 600, 4
+        groups = rng.integers(0, 7, n)
+        pred = np.where(rng.random(n) < 0.7, groups % classes, rng.integers(0, classes, n))
+        conf = rng.uniform(0.3, 1.0, n).astype(np.float32)
+        conf[rng.random(n) < 0.1] = 0.5  # ties
+        batch = rule.agrees(pred, conf, groups, np.arange(n, dtype=float), classes)
+        tracker = rule.online(max_devices=100)
+        online = [tracker.observe(f"d{g}", f"c{p}", float(c)) for g, p, c in zip(groups, pred, conf)]
+        assert batch.tolist() == online
+        assert 0 < batch.sum() < n or window == 0
+
+
+def test_device_consistency_knobs_travel_in_the_state():
+    st = fit_trust(np.random.default_rng(0).normal(size=(40, 2, 2)), np.zeros(40, int),
+                   np.zeros(40, int), ["a", "b"], ["x", "y"],
+                   config=TrustConfig(device_window=7, device_share=0.75, device_min_prior=3))
+    back = TrustState.from_dict(st.to_dict())
+    assert DeviceConsistency.of(back) == DeviceConsistency(7, 0.75, 3)
+    old = st.to_dict()
+    for k in ("device_window", "device_share", "device_min_prior"):
+        del old[k]  # a bundle from before rule 5 gets the defaults
+    assert DeviceConsistency.of(TrustState.from_dict(old)) == DeviceConsistency()

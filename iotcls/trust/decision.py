@@ -29,6 +29,11 @@ Nearest neighbours rather than a mean and covariance: a device's flows fall in s
 distinct kinds (DNS, NTP, its cloud session, ...), each with its own explanation, so a
 class's profiles form clusters that one Gaussian would blur.
 
+5. ``inconsistent_with_device`` (:class:`DeviceConsistency`, where the device's earlier
+   labels are known): a class other than this label's dominates the device's previous
+   labels. Explanations cannot tell sibling models apart (their correct and wrong labels are
+   explained alike), but a device that was called X twenty times is not suddenly Y.
+
 **Refinement**: an untrusted label is reported as ``unknown`` (:data:`UNKNOWN`).
 **Device vote** (:func:`device_vote`): among one device's labels, if fewer than
 ``min_trusted_share`` of them (or none) are trusted the device is ``unknown``; otherwise
@@ -48,7 +53,7 @@ import torch
 UNKNOWN = "unknown"
 TRUST_VERSION = 1
 REASONS = ("-", "low_confidence", "unverified_class", "atypical_explanation",
-           "error_like_explanation")  # fmt: skip
+           "error_like_explanation", "inconsistent_with_device")  # fmt: skip
 
 
 class TrustError(ValueError):
@@ -68,10 +73,15 @@ class TrustConfig:
     max_refs: int = 500  # per predicted class, a seeded random subset of the labels
     min_refs: int = 6
     seed: int = 0
+    device_window: int = 20  # the device's previous labels the consistency rule looks at
+    device_share: float = 0.5  # a previous class this dominant makes a different label suspect
+    device_min_prior: int = 2  # fewer previous labels: no consistency check
 
 
 _FLOATS = ("conf_threshold", "quantile", "min_precision", "prior_strength", "prior_precision")
 _INTS = ("k", "precision_k", "n_fit")
+# Knobs added after the first bundles shipped: absent from an older state means the default.
+_DEVICE_KNOBS = {"device_window": int, "device_share": float, "device_min_prior": int}
 
 
 @dataclass
@@ -94,12 +104,16 @@ class TrustState:
     fitted_on: str = ""
     n_fit: int = 0
     version: int = TRUST_VERSION
+    device_window: int = TrustConfig.device_window
+    device_share: float = TrustConfig.device_share
+    device_min_prior: int = TrustConfig.device_min_prior
 
     def to_dict(self) -> dict:
         d = {"version": self.version, "groups": list(self.groups), "history": self.history,
              "classes": list(self.classes), "fitted_on": self.fitted_on}  # fmt: skip
         d.update({k: float(getattr(self, k)) for k in _FLOATS})
         d.update({k: int(getattr(self, k)) for k in _INTS})
+        d.update({k: kind(getattr(self, k)) for k, kind in _DEVICE_KNOBS.items()})
         d.update({
             "scale": self.scale.float().contiguous(), "refs": self.refs.half().contiguous(),
             "ref_pred": self.ref_pred.long().contiguous(),
@@ -126,6 +140,7 @@ class TrustState:
                 ref_correct=torch.as_tensor(d["ref_correct"]).bool(),
                 dist_threshold=torch.as_tensor(d["dist_threshold"]).float(),
                 fitted_on=str(d.get("fitted_on", "")),
+                **{k: kind(d.get(k, getattr(TrustConfig, k))) for k, kind in _DEVICE_KNOBS.items()},
             )  # fmt: skip
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise TrustError(f"trust state: malformed ({type(e).__name__}: {e})") from None
@@ -240,7 +255,8 @@ def fit_trust(
         prior_precision=float(ok.mean()) if len(ok) else 0.5, k=int(cfg.k),
         precision_k=int(cfg.precision_k), scale=torch.from_numpy(scale).float(), refs=refs,
         ref_pred=ref_pred, ref_correct=ref_correct, dist_threshold=thr,
-        fitted_on=fitted_on, n_fit=int(len(values)),
+        fitted_on=fitted_on, n_fit=int(len(values)), device_window=int(cfg.device_window),
+        device_share=float(cfg.device_share), device_min_prior=int(cfg.device_min_prior),
     )  # fmt: skip
 
 
@@ -290,6 +306,103 @@ def decide(
     return TrustDecision(pred=pred, confidence=conf, trusted=trusted, reason=reason.tolist(),
                          distance=ratio, precision=precision,
                          top_groups=top_groups or [])  # fmt: skip
+
+
+@dataclass(frozen=True)
+class DeviceConsistency:
+    """Rule 5, which needs the device's earlier labels, so it runs where they are known
+    (classify, evaluate, explain over a capture; the bridge's dispatcher live).
+
+    A label is ``inconsistent_with_device`` when, among the device's previous ``window``
+    labels (at least ``min_prior`` of them, trusted or not), a class other than this label's
+    holds at least ``share`` of their calibrated confidence. A device does
+    not change type: a confident label that contradicts what the device has mostly been
+    called is the typical high-confidence mistake between sibling models (the D-Link
+    sensor family, TP-Link HS100/HS110), whose explanations look like correct ones. A device
+    that really changes (an address reused) is relabelled once the window has turned over.
+    """
+
+    window: int = TrustConfig.device_window
+    share: float = TrustConfig.device_share
+    min_prior: int = TrustConfig.device_min_prior
+
+    @classmethod
+    def of(cls, state: "TrustState") -> "DeviceConsistency":
+        return cls(state.device_window, state.device_share, state.device_min_prior)
+
+    def agrees(self, pred: np.ndarray, confidence: np.ndarray, groups: np.ndarray,
+               times: np.ndarray, n_classes: int) -> np.ndarray:
+        """Per label, whether it passes the rule; ``groups`` names each label's device and
+        ``times`` orders a device's labels (ties: input order)."""
+        pred = np.asarray(pred, np.int64)
+        n = len(pred)
+        if n == 0 or self.window < 1:
+            return np.ones(n, bool)
+        order = np.lexsort((np.arange(n), np.asarray(times), np.asarray(groups)))
+        p, g = pred[order], np.asarray(groups)[order]
+        ballots = np.zeros((n + 1, n_classes))
+        ballots[np.arange(n) + 1, p] = np.asarray(confidence, np.float64)[order]
+        cs = np.cumsum(ballots, axis=0)  # cs[i]: ballots of sorted labels before i
+        first = np.r_[0, np.flatnonzero(g[1:] != g[:-1]) + 1]
+        start = np.repeat(first, np.diff(np.r_[first, n]))
+        lo = np.maximum(start, np.arange(n) - self.window)
+        prior = cs[np.arange(n)] - cs[lo]  # the previous `window` labels of the same device
+        total = prior.sum(axis=1)
+        prior[np.arange(n), p] = 0.0  # what the other classes hold
+        dominant = prior.max(axis=1) >= self.share * total
+        odd = (np.arange(n) - lo >= self.min_prior) & (total > 0) & dominant
+        out = np.ones(n, bool)
+        out[order] = ~odd
+        return out
+
+    def online(self, max_devices: int = 100_000) -> "DeviceConsistencyTracker":
+        return DeviceConsistencyTracker(self, max_devices)
+
+
+class DeviceConsistencyTracker:
+    """The live twin of :meth:`DeviceConsistency.agrees`: labels arrive one at a time, each
+    device keeps its last ``window`` (class, confidence); least recently seen devices are
+    forgotten beyond ``max_devices``."""
+
+    def __init__(self, rule: DeviceConsistency, max_devices: int = 100_000):
+        from collections import OrderedDict, deque
+
+        self.rule, self.max_devices = rule, max_devices
+        self._deque = deque
+        self._recent: "OrderedDict[str, deque]" = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._recent)
+
+    def observe(self, device: str, label: str, confidence: float) -> bool:
+        """Whether this label passes the rule; then it joins the device's window."""
+        r = self.rule
+        q = self._recent.get(device)
+        if q is None:
+            q = self._recent[device] = self._deque(maxlen=max(r.window, 1))
+            if len(self._recent) > self.max_devices:
+                self._recent.popitem(last=False)
+        else:
+            self._recent.move_to_end(device)
+        ok = True
+        if r.window >= 1 and len(q) >= r.min_prior:
+            weight: dict[str, float] = {}
+            for lab, c in q:
+                weight[lab] = weight.get(lab, 0.0) + c
+            total = sum(weight.values())
+            other = max((w for lab, w in weight.items() if lab != label), default=0.0)
+            ok = not (total > 0 and other >= r.share * total)
+        if r.window >= 1:
+            q.append((label, float(confidence)))
+        return ok
+
+
+def apply_device_consistency(trusted: np.ndarray, reason: np.ndarray, agrees: np.ndarray) -> None:
+    """Rule 5 on top of rules 1-4, in place: a label trusted so far that fails it becomes
+    untrusted with reason ``inconsistent_with_device``."""
+    hit = np.asarray(trusted, bool) & ~np.asarray(agrees, bool)
+    trusted[hit] = False
+    reason[hit] = "inconsistent_with_device"
 
 
 def device_vote(

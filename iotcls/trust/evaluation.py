@@ -66,15 +66,18 @@ def trust_section(predictor, d, out_dir: Path | None = None, name: str = "model"
     t0 = time.process_time()
     pred = predictor.predict(d.matrices)
     cpu = time.process_time() - t0
+    label_alone = pred.trusted.copy()  # rules 1-4: what the label and its explanation say
+    predictor.check_devices(pred, d.device_groups(), d.start)  # rule 5: the device's history
     raw_conf = _softmax_conf(predictor.logits(d.matrices))
     if predictor.trust is None:
         threshold = predictor.threshold
         note = "no trust state in this model: the confidence threshold alone decides"
     else:
         threshold = predictor.trust.state.conf_threshold
-        note = "trust layer: confidence + explanation (docs/trust.md)"
+        note = "trust layer: confidence + explanation + device consistency (docs/trust.md)"
     rep = refinement_report(y, pred.index, pred.confidence, pred.trusted, pred.reason,
-                            threshold, len(classes), raw_confidence=raw_conf)  # fmt: skip
+                            threshold, len(classes), raw_confidence=raw_conf,
+                            label_alone=label_alone)  # fmt: skip
     rep["decided_by"] = note
     rep["cpu_ms_per_label"] = round(1000 * cpu / max(len(y), 1), 4)
     rep["device"] = device_figures(y, pred.index, pred.confidence, pred.trusted,
@@ -124,6 +127,7 @@ def leave_out(ds, types: list[str], cfg, progress: bool = False, log=print) -> d
         keys = np.array([f"{c}\x00{dv}" for c, dv in zip(ds.captures[xi], ds.devices[xi])],
                         object)  # fmt: skip
         groups = np.unique(keys, return_inverse=True)[1]
+        p.check_devices(pr, groups, ds.timestamps[xi])
         dev, emitted = windowed_trusted_vote(pr.index, pr.confidence, pr.trusted, groups,
                                              ds.timestamps[xi], len(bundle.classes))  # fmt: skip
         fig = leave_out_figures(pr.index, pr.trusted, pr.reason, list(bundle.classes),
@@ -135,6 +139,9 @@ def leave_out(ds, types: list[str], cfg, progress: bool = False, log=print) -> d
         part = Split(**bundle.metadata["split"]).part_of(ds.captures[keep])
         te = keep[part == 2]
         pt = p.predict(ds.matrices[te])
+        tkeys = np.array([f"{c}\x00{dv}" for c, dv in zip(ds.captures[te], ds.devices[te])],
+                         object)  # fmt: skip
+        p.check_devices(pt, np.unique(tkeys, return_inverse=True)[1], ds.timestamps[te])
         yt = np.searchsorted(np.array(bundle.classes, object), ds.labels[te])
         rep = refinement_report(yt, pt.index, pt.confidence, pt.trusted, pt.reason,
                                 p.threshold, len(bundle.classes))  # fmt: skip

@@ -5,7 +5,10 @@ Per-label figures (one label per sequence, the paper's strategy) for three rows:
 * ``raw``: every label as the model gives it (all count as trusted);
 * ``confidence``: trusted when the calibrated confidence reaches the state's threshold
   (the confidence criterion alone, to show what the explanation adds);
-* ``trust``: the trust layer's decision (confidence and explanation).
+* ``explanation`` (when known): the decision from the label alone (rules 1-4 of
+  :mod:`.decision`: confidence and explanation);
+* ``trust``: the full decision, with rule 5 (consistency with the device's earlier labels)
+  where the device is known.
 
 For each: ``macro_f1_all`` (over all labels: the same for every row), ``macro_f1_trusted``
 (over the trusted labels, on the classes present among them), ``coverage`` (share trusted),
@@ -73,14 +76,18 @@ def refinement_report(
     conf_threshold: float,
     n_classes: int,
     raw_confidence: np.ndarray | None = None,
+    label_alone: np.ndarray | None = None,
 ) -> dict:
-    """Before/after figures; ``confidence`` calibrated, ``raw_confidence`` with T = 1."""
+    """Before/after figures; ``confidence`` calibrated, ``raw_confidence`` with T = 1;
+    ``label_alone``: the decision before the device-consistency rule, shown as its own row."""
     n = len(y)
     rows = {
         "raw": row_figures(y, pred, confidence, np.ones(n, bool), n_classes),
         "confidence": row_figures(y, pred, confidence, confidence >= conf_threshold, n_classes),
-        "trust": row_figures(y, pred, confidence, trusted, n_classes),
     }
+    if label_alone is not None:
+        rows["explanation"] = row_figures(y, pred, confidence, label_alone, n_classes)
+    rows["trust"] = row_figures(y, pred, confidence, trusted, n_classes)
     before = rows["raw"]["high_conf_errors"]["count"]
     after = rows["trust"]["high_conf_errors"]["count"]
     correct = np.asarray(pred) == np.asarray(y)
@@ -108,8 +115,11 @@ def format_refinement(rep: dict, title: str = "trust refinement (per-sequence la
     head = f"  {'':12s} {'coverage':>9s} {'macroF1 all':>12s} {'macroF1 trusted':>16s} " \
            f"{'refined':>8s} {'hi-conf errors':>15s} {'rate':>8s}"  # fmt: skip
     lines.append(head)
-    names = {"raw": "raw", "confidence": "confidence", "trust": "trust layer"}
+    names = {"raw": "raw", "confidence": "confidence", "explanation": "+explanation",
+             "trust": "+device"}  # fmt: skip
     for key, name in names.items():
+        if key not in rows:
+            continue
         r = rows[key]
         hc = r["high_conf_errors"]
         lines.append(f"  {name:12s} {r['coverage']:9.3f} {r['macro_f1_all']:12.4f} "
