@@ -393,8 +393,7 @@ class Bridge:
                 self.stats.unlabelled += 1
                 continue
             try:
-                rec = fb.head_record(table, i)
-                frame = rc.label_message(self.labels_topic, rc.log_entry(rec, v))
+                frame = self.label_frame(fb.head_record(table, i), v)
             except (rc.RecordError, bj.BrokerJSONError, ValueError, TypeError,
                     AttributeError) as e:  # fmt: skip
                 self.stats.label_errors += 1
@@ -406,6 +405,11 @@ class Bridge:
         self.stats.labels += sent
         self.session_labels += sent
         return sent
+
+    def label_frame(self, rec: FlowRecord, verdict: Any) -> bytes:
+        """What is sent for one label: Zeek's label event (the Suricata bridge writes an EVE
+        line instead)."""
+        return rc.label_message(self.labels_topic, rc.log_entry(rec, verdict))
 
     async def _score(self, mats: np.ndarray, table: FlowTable) -> Sequence[Any]:
         if inspect.iscoroutinefunction(self.scorer) or inspect.iscoroutinefunction(

@@ -148,6 +148,17 @@ class Service:
                                 model_id=bundle.name, consistency=rule)  # fmt: skip
         endpoints = await dispatcher.start()
         client: ZeekClient | None = None
+        suri = None
+        if cfg.suricata.enabled:
+            from .suricata import SuricataSide
+
+            suri = await SuricataSide.start(
+                cfg.suricata, bundle.layout, DispatchScorer(dispatcher), self.metrics,
+                batch_size=cfg.scorers.batch_size, max_delay_s=cfg.scorers.max_wait_ms / 1000.0,
+                max_devices=cfg.bridge.max_devices, max_live_records=2 * cfg.bridge.queue_records,
+            )  # fmt: skip
+            self.metrics.rejected_sources.append(suri.rejections)
+        bridges: list[ServeBridge] = [suri.bridge] if suri else []
 
         async def send(frame: bytes) -> None:
             assert client is not None
@@ -164,28 +175,34 @@ class Service:
             max_devices=cfg.bridge.max_devices, max_live_records=2 * cfg.bridge.queue_records,
             send_many=send_many,
         )  # fmt: skip
-        client = ZeekClient(
-            cfg.zeek.url, cfg.zeek.topics, on_message=bridge.on_message, on_raw=bridge.on_raw,
-            on_connect=bridge.on_connect, reconnect_max_s=cfg.zeek.reconnect_max_s,
-        )  # fmt: skip
-        self.metrics.rejected_sources.append(lambda: _client_rejections(client, bridge))
+        if cfg.zeek.enabled:
+            bridges.insert(0, bridge)
+            client = ZeekClient(
+                cfg.zeek.url, cfg.zeek.topics, on_message=bridge.on_message,
+                on_raw=bridge.on_raw, on_connect=bridge.on_connect,
+                reconnect_max_s=cfg.zeek.reconnect_max_s,
+            )  # fmt: skip
+            zc = client
+            self.metrics.rejected_sources.append(lambda: _client_rejections(zc, bridge))
+            self.metrics.gauge_sources += [
+                ("iotcls_zeek_connected", "1 while the WebSocket session to Zeek is up",
+                 lambda: float(zc.connected.is_set())),
+                ("iotcls_zeek_buffered_frames", "Frames held for Zeek while it is unreachable",
+                 lambda: zc.buffered),
+            ]  # fmt: skip
+            self.metrics.counter_sources += [
+                ("iotcls_zeek_frames_dropped", "Frames for Zeek dropped from a full buffer "
+                 "while it was unreachable", lambda: zc.stats.dropped),
+                ("iotcls_zeek_reconnects", "WebSocket sessions to Zeek established",
+                 lambda: zc.stats.connects),
+            ]  # fmt: skip
         self.metrics.gauge_sources += [
             ("iotcls_decoded_waiting", "Decoded records waiting for matrix assembly",
-             lambda: bridge.queued),
+             lambda: sum(b.queued for b in bridges)),
             ("iotcls_batches_scoring", "Batches between assembly and their labels",
-             lambda: bridge.batches_in_flight),
+             lambda: sum(b.batches_in_flight for b in bridges)),
             ("iotcls_live_records", "Records decoded and not yet done (bound: 2 x "
-             "bridge.queue_records)", lambda: bridge.live_records),
-            ("iotcls_zeek_connected", "1 while the WebSocket session to Zeek is up",
-             lambda: float(client.connected.is_set())),
-            ("iotcls_zeek_buffered_frames", "Frames held for Zeek while it is unreachable",
-             lambda: client.buffered),
-        ]  # fmt: skip
-        self.metrics.counter_sources += [
-            ("iotcls_zeek_frames_dropped", "Frames for Zeek dropped from a full buffer "
-             "while it was unreachable", lambda: client.stats.dropped),
-            ("iotcls_zeek_reconnects", "WebSocket sessions to Zeek established",
-             lambda: client.stats.connects),
+             "bridge.queue_records per sensor)", lambda: sum(b.live_records for b in bridges)),
         ]  # fmt: skip
         exporter = None
         if cfg.metrics.enabled:
@@ -204,36 +221,50 @@ class Service:
             f"iotcls serve: model {bundle.name} ({len(bundle.classes)} classes) from "
             f"{bundle.source}; scorers connect to {', '.join(endpoints)}; "
             f"{cfg.scorers.count} local scorer(s) on {cfg.scorers.device}; "
-            f"zeek {cfg.zeek.url} topics {','.join(cfg.zeek.topics)}; metrics "
+            + (f"zeek {cfg.zeek.url} topics {','.join(cfg.zeek.topics)}; " if client else
+               "zeek off; ")
+            + (f"suricata {cfg.suricata.socket} -> {cfg.suricata.eve_log}; " if suri else "")
+            + "metrics "
             + (f"http://{cfg.metrics.address}:{exporter.port}/metrics" if exporter else "off"),
             flush=True,
         )
-        zeek_task = asyncio.create_task(client.run(), name="zeek")
-        tasks = {zeek_task, asyncio.create_task(bridge.run(), name="bridge")}
+        tasks: set[asyncio.Task] = set()
+        zeek_task = None
+        if client is not None:
+            zeek_task = asyncio.create_task(client.run(), name="zeek")
+            tasks = {zeek_task, asyncio.create_task(bridge.run(), name="bridge")}
+        if suri is not None:
+            tasks.add(suri.task)
         stop = asyncio.create_task(self._stop.wait())
         await asyncio.wait({*tasks, stop}, return_when=asyncio.FIRST_COMPLETED)
         for t in tasks:
             if t.done() and t.exception():
                 log.error("%s stopped: %s", t.get_name(), t.exception())
         t0 = time.monotonic()
-        bridge.pause()
-        await bridge.hand_over(cfg.bridge.shutdown_timeout_s)
+        for b in bridges:
+            b.pause()
+        for b in bridges:
+            await b.hand_over(cfg.bridge.shutdown_timeout_s)
         log.info("stopping: finishing %d queued and %d in-flight records",
                  dispatcher.pending, dispatcher.inflight)  # fmt: skip
         await dispatcher.drain(cfg.bridge.shutdown_timeout_s)
         try:
-            await asyncio.wait_for(bridge.settle(), 10.0)  # their label events go out
+            await asyncio.wait_for(asyncio.gather(*(b.settle() for b in bridges)), 10.0)
         except asyncio.TimeoutError:
             log.warning("shutdown: label events still being sent after 10 s")
         await dispatcher.stop_scorers()
         await supervisor.stop()
         # closing the WebSocket waits for Zeek's close frame, which comes after Zeek has read
         # every label sent before ours: only then are they delivered
-        client.stop()
-        try:
-            await asyncio.wait_for(asyncio.shield(zeek_task), 15.0)
-        except (asyncio.TimeoutError, Exception):
-            log.warning("shutdown: Zeek did not close the connection in 15 s")
+        if client is not None and zeek_task is not None:
+            client.stop()
+            try:
+                await asyncio.wait_for(asyncio.shield(zeek_task), 15.0)
+            except (asyncio.TimeoutError, Exception):
+                log.warning("shutdown: Zeek did not close the connection in 15 s")
+        if suri is not None:
+            tasks.discard(suri.task)
+            await suri.close()  # after the labels: the EVE file is complete
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

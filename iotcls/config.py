@@ -27,6 +27,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ZeekConfig:
+    enabled: bool = True
     url: str = "ws://127.0.0.1:27759/v1/messages/json"
     topics: list[str] = field(default_factory=lambda: ["zeek/iotcls/flows"])
     label_topic: str = "zeek/iotcls/labels"
@@ -73,8 +74,18 @@ class MetricsConfig:
 
 
 @dataclass
+class SuricataConfig:
+    enabled: bool = False
+    socket: str = "/run/iotcls/suricata.sock"
+    eve_log: str = "/var/log/suricata/iot_class.json"
+    community_id: bool = False
+    community_id_seed: int = 0
+
+
+@dataclass
 class Config:
     zeek: ZeekConfig = field(default_factory=ZeekConfig)
+    suricata: SuricataConfig = field(default_factory=SuricataConfig)
     bridge: BridgeConfig = field(default_factory=BridgeConfig)
     scorers: ScorersConfig = field(default_factory=ScorersConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -97,6 +108,8 @@ DEFAULT_YAML = """\
 # Use it with: iotcls serve --config FILE
 
 zeek:
+  # Take flow records from Zeek (the iotcls Zeek scripts); false for a Suricata-only sensor.
+  enabled: true
   # Zeek's WebSocket API (Cluster::listen_websocket). The bridge connects, subscribes, and
   # reconnects with backoff when Zeek restarts.
   url: ws://127.0.0.1:27759/v1/messages/json
@@ -106,6 +119,18 @@ zeek:
   label_topic: zeek/iotcls/labels
   # Longest wait between two reconnection attempts, seconds.
   reconnect_max_s: 5.0
+
+suricata:
+  # Take flow records from Suricata (the iotcls Lua output script, see iotcls suricata-config);
+  # labels are written as EVE JSON lines (event_type iot_class) to eve_log.
+  enabled: false
+  # Unix datagram socket the bridge binds and the script sends to (its "socket" setting).
+  socket: /run/iotcls/suricata.sock
+  # Where the labels go, beside Suricata's eve.json so that its readers find them.
+  eve_log: /var/log/suricata/iot_class.json
+  # Add the Community ID of each flow (as Suricata's community-id: yes does), with this seed.
+  community_id: false
+  community_id_seed: 0
 
 bridge:
   # ZeroMQ addresses the bridge binds; scorer processes connect to one of them. Localhost by
@@ -220,6 +245,13 @@ def validate(cfg: Config, source: str = "config") -> Config:
             raise _fail(source, key, msg)
 
     z, b, s, lg, m = cfg.zeek, cfg.bridge, cfg.scorers, cfg.log, cfg.metrics
+    su = cfg.suricata
+    need(z.enabled or su.enabled, "zeek.enabled", "Zeek and Suricata are both disabled: "
+         "enable one of them (suricata.enabled: true)")  # fmt: skip
+    need(su.socket != "", "suricata.socket", "must be a path")
+    need(su.eve_log != "", "suricata.eve_log", "must be a path")
+    need(0 <= su.community_id_seed < 65536, "suricata.community_id_seed",
+         f"must be 0-65535, not {su.community_id_seed}")  # fmt: skip
     need(z.url.startswith(("ws://", "wss://")), "zeek.url", f"must be a ws:// or wss:// URL, not {z.url!r}")
     need(z.reconnect_max_s > 0, "zeek.reconnect_max_s", "must be positive")
     for a in b.bind:

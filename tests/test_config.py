@@ -54,7 +54,7 @@ def test_partial_file_keeps_other_defaults(tmp_path):
         ("bridge: {bind: [localhost:1]}", "bridge.bind: 'localhost:1' is not a ZeroMQ address"),
         ("bridge: {bind: []}", "bridge.bind: must be a non-empty list of strings, not []"),
         ("bridge: {queue: 5}", "bridge.queue: unknown key (known: bind,"),
-        ("scorer: {count: 1}", "scorer: unknown section (known: bridge, log, metrics, scorers, zeek)"),
+        ("scorer: {count: 1}", "scorer: unknown section (known: bridge, log, metrics, scorers, suricata, zeek)"),
         ("zeek: {url: http://x}", "zeek.url: must be a ws:// or wss:// URL, not 'http://x'"),
         ("log: {policy: sometimes}", "log.policy: must be one of changes, all, not 'sometimes'"),
         ("metrics: {enabled: yes please}", "metrics.enabled: must be true or false, not 'yes please'"),
