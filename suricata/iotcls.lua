@@ -362,8 +362,20 @@ end
 -- --------------------------------------------------------------------------------------------
 -- windows and records
 
-local HEX = {}
-for i = 0, 255 do HEX[string.char(i)] = string.format("%02x", i) end
+local HEXDIGITS = ffi.new("const char[17]", "0123456789abcdef")
+local hexbuf = ffi.new("uint8_t[?]", 2 * 65536)
+
+-- the first n bytes of s as hex (a traced loop: a tenth of the cost of gsub)
+local function tohex(s, n)
+    if n > #s then n = #s end
+    local p = ffi.cast("const uint8_t *", s)
+    for i = 0, n - 1 do
+        local b = p[i]
+        hexbuf[2 * i] = HEXDIGITS[bit.rshift(b, 4)]
+        hexbuf[2 * i + 1] = HEXDIGITS[bit.band(b, 15)]
+    end
+    return ffi.string(hexbuf, 2 * n)
+end
 
 -- ICMP "counterpart" types, as Zeek (and iotcls.pcap) use for the responder-side port
 local ICMP4_PEER = { [8] = 0, [0] = 8, [13] = 14, [14] = 13, [15] = 16, [16] = 15, [10] = 9,
@@ -515,13 +527,13 @@ local function add_packet(f, side, proto, now, size, to_remote)
     local n = #w.offs
     if n >= NPKT then return end -- the window has its packets: only its totals grow
     n = n + 1
-    w.offs[n] = string.format("%.0f", now - w.start)
+    w.offs[n] = now - w.start -- whole microseconds: concatenated as integers
     w.sizes[n] = size
     w.dirs[n] = to_remote and 1 or 0
     if proto == 1 or proto == 58 or NPAY == 0 then
         w.pays[n] = ""
     else
-        w.pays[n] = payload(f):sub(1, NPAY):gsub(".", HEX)
+        w.pays[n] = tohex(payload(f), NPAY)
     end
 end
 
@@ -536,7 +548,7 @@ function setup(args)
     local path, found = load_config()
     W_US = number("window_s", 1) * 1e6
     NPKT = number("packets", 1)
-    NPAY = number("payload_bytes", 0)
+    NPAY = math.min(number("payload_bytes", 0), 65536)
     LINK = number("link_header_bytes", 0)
     MIN_FRAME = LINK + 46
     SLACK_US = number("reorder_s", 0) * 1e6
