@@ -131,8 +131,13 @@ class FlowEncoder(nn.Module):
 
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
         # rows: (N, W) -> (N, row_dim)
+        return self.combine(rows, self.packet_features(rows))
+
+    def packet_features(self, rows: torch.Tensor) -> torch.Tensor:
+        """What a row's packets and payload say: nine tenths of the work, and independent of
+        ``rel_time`` (the one column that changes as a flow moves down a device's history),
+        so a scorer may compute it once per flow (:mod:`iotcls.rowcache`)."""
         cfg, p, n = self.cfg, self._p, rows.shape[0]
-        meta = rows[:, :N_META]
         per = rows[:, N_META : N_META + 3 * p].view(n, 3, p).transpose(1, 2)  # (N, P, 3)
         pay = rows[:, N_META + 3 * p :]
         h = self.packet_in(per)  # (N, P, D)
@@ -141,16 +146,21 @@ class FlowEncoder(nn.Module):
             h = h + self.payload_in(self.byte_emb(ids.view(n, p, cfg.payload_bytes)).view(n, p, -1))
         h = F.gelu(h).transpose(1, 2)  # (N, D, P)
         h = h + F.gelu(self.packet_conv(h))
-        m = self.meta_in(meta)
-        if cfg.meta_symbols:
-            m = m + self.meta_sym_in(self.meta_emb(meta_symbols(meta)).view(n, -1))
-        parts = [F.gelu(m), h.amax(dim=2), h.mean(dim=2)]
+        parts = [h.amax(dim=2), h.mean(dim=2)]
         if cfg.payload_mode == "stream" and cfg.stream_bytes > 0:
             ids = (torch.round(pay * 255.0).long() + STREAM_OFFSET).clamp_(0, STREAM_SYMBOLS - 1)
             s = self.stream_emb(ids).transpose(1, 2)  # (N, E, L)
             s = F.gelu(self.stream_conv2(F.gelu(self.stream_conv1(s))))
             parts += [s.amax(dim=2), s.mean(dim=2)]
-        return F.gelu(self.row_out(torch.cat(parts, dim=1)))
+        return torch.cat(parts, dim=1)
+
+    def combine(self, rows: torch.Tensor, packet_features: torch.Tensor) -> torch.Tensor:
+        """The row vector from the metadata and the row's :meth:`packet_features`."""
+        meta = rows[:, :N_META]
+        m = self.meta_in(meta)
+        if self.cfg.meta_symbols:
+            m = m + self.meta_sym_in(self.meta_emb(meta_symbols(meta)).view(rows.shape[0], -1))
+        return F.gelu(self.row_out(torch.cat([F.gelu(m), packet_features], dim=1)))
 
 
 class IoTCNN(nn.Module):

@@ -77,10 +77,18 @@ class Predictor:
         batch_size: int | None = None,
         threshold: float | None = None,
         explain: bool = True,
+        row_cache: int = 0,
     ):
+        """``row_cache``: for a stream of a device's successive matrices (the scorer), cache
+        that many rows' packet features (:mod:`iotcls.rowcache`; CPU only, 0 = off)."""
         self.bundle = bundle
         self.device = torch.device(device)
         self.model = bundle.model.to(self.device).eval()
+        self.row_cache = None
+        if row_cache > 0 and self.device.type == "cpu":
+            from .rowcache import RowCache
+
+            self.row_cache = RowCache(self.model, row_cache)
         # Chunks of 256 matrices on a CPU: their intermediates stay in cache (measured on the
         # 2-core VM: 6,800 matrices/s in chunks of 256, 4,300 in chunks of 4,096).
         self.batch_size = batch_size or (256 if self.device.type == "cpu" else 4096)
@@ -137,6 +145,10 @@ class Predictor:
         out = np.empty((len(x), len(self.classes)), np.float32)
         with torch.inference_mode(), _few_threads(self._few(len(x))):
             for s in range(0, len(x), self.batch_size):
+                if self.row_cache is not None:
+                    xc = x[s : s + self.batch_size]
+                    out[s : s + len(xc)] = self.row_cache.logits(xc).numpy()
+                    continue
                 xb = torch.from_numpy(x[s : s + self.batch_size]).to(self.device)
                 out[s : s + len(xb)] = self.model(xb).float().cpu().numpy()
         return out
