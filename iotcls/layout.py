@@ -37,7 +37,6 @@ The layout travels inside every model bundle (``to_dict``/``from_dict``, YAML-sa
 
 from __future__ import annotations
 
-import bisect
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, fields
 
@@ -317,10 +316,6 @@ class MatrixLayout:
         return self.assemble(self.encode_rows(t), t.start, t.device_keys())
 
 
-def _start_seq(e: tuple) -> tuple:
-    return e[0], e[1]
-
-
 class SequenceAssembler:
     """Online twin of :meth:`MatrixLayout.assemble` for records arriving one batch at a time.
 
@@ -328,49 +323,186 @@ class SequenceAssembler:
     the device's previous records by (start, arrival) among those seen so far, so a stream
     fed in start order gives exactly the matrices of the offline path. Devices beyond
     ``max_devices`` are forgotten least recently used first, which bounds memory.
+
+    The bridge runs every record through here, so a batch is done with grouped numpy
+    operations, not a loop per record. Each device owns a *ring*: up to ``history`` entries
+    in ascending (start, arrival) order, each a start and the *cell* of a row pool holding
+    its encoded row. Arrival breaks ties, so an entry kept earlier sorts before an equal
+    start arriving later: no arrival counter is stored. The matrices, most of the memory
+    traffic, are filled by one gather from the pool, whose tail holds a zero row and the
+    batch's own rows, so each of their rows is written once.
     """
+
+    CHUNK = 4096  # records done at a time: bounds the pool's room for a batch's rows
 
     def __init__(self, layout: MatrixLayout, max_devices: int = 100_000):
         self.layout = layout
         self.max_devices = max_devices
-        self._seq = 0
-        self._hist: OrderedDict[str, list[tuple[float, int, np.ndarray]]] = OrderedDict()
+        k = layout.history
+        self._slots: OrderedDict[str, int] = OrderedDict()  # device -> ring, least recent first
+        self._free: list[int] = []  # rings of forgotten devices
+        self._used = 0  # rings handed out
+        # per ring, k-major (numpy works along the long axis): the entries' starts, ascending,
+        # the first _count valid; the cells of all k positions, a permutation of range(k)
+        self._count = np.zeros(0, np.intp)
+        self._start = np.zeros((k, 0), np.float64)
+        self._cell = np.zeros((k, 0), np.intp)
+        # pool rows: ring r's cell c at r * k + c, then the zero row, then a batch's rows
+        self._pool = np.zeros((1, layout.width), np.float32)
 
     def __len__(self) -> int:
-        return len(self._hist)
+        return len(self._slots)
+
+    @property
+    def _zero(self) -> int:
+        return len(self._count) * self.layout.history
 
     def add(self, rows: np.ndarray, starts: np.ndarray, devices: list[str]) -> np.ndarray:
-        k = self.layout.history
-        mats = np.zeros((len(rows), k + 1, self.layout.width), np.float32)
-        if len(rows) == 0:
+        k, n = self.layout.history, len(rows)
+        if n == 0 or self.max_devices < 1:  # none kept: no record has history
+            mats = np.zeros((n, k + 1, self.layout.width), np.float32)
+            mats[:, 0] = rows
             return mats
-        mats[:, 0] = rows
-        # history rows to copy in, gathered first and written with one numpy call each
-        tgt_i: list[int] = []
-        tgt_j: list[int] = []
-        src: list[np.ndarray] = []
-        ages: list[float] = []
-        for i, (start, dev) in enumerate(zip(np.asarray(starts, np.float64).tolist(), devices)):
-            hist = self._hist.get(dev)
-            if hist is None:
-                hist = self._hist[dev] = []
-                if len(self._hist) > self.max_devices:
-                    self._hist.popitem(last=False)
-            else:
-                self._hist.move_to_end(dev)
-            key = (start, self._seq)
-            self._seq += 1
-            pos = bisect.bisect_left(hist, key, key=_start_seq)
-            for j in range(1, min(k, pos) + 1):
-                prev_start, _, prev_row = hist[pos - j]
-                tgt_i.append(i)
-                tgt_j.append(j)
-                src.append(prev_row)
-                ages.append(start - prev_start)
-            hist.insert(pos, (start, key[1], rows[i]))
-            if len(hist) > k:
-                del hist[0]
-        if tgt_i:
-            mats[tgt_i, tgt_j] = np.stack(src)
-            mats[tgt_i, tgt_j, 0] = rel_time(np.array(ages))
+        mats = np.empty((n, k + 1, self.layout.width), np.float32)
+        starts = np.asarray(starts, np.float64)
+        # no more than max_devices records at a time: then a device, once touched, stays
+        # until the chunk is done (only untouched ones make way for new devices)
+        step = min(n, self.max_devices, self.CHUNK)
+        for lo in range(0, n, step):
+            hi = min(n, lo + step)
+            self._add_chunk(mats[lo:hi], rows[lo:hi], starts[lo:hi], devices[lo:hi])
         return mats
+
+    def _add_chunk(self, mats: np.ndarray, rows: np.ndarray, starts: np.ndarray,
+                   devices: list[str]) -> None:  # fmt: skip
+        n = len(rows)
+        slot = self._touch(devices)
+        if len(self._pool) < self._zero + 1 + n:
+            self._resize(len(self._count), n)
+        base = self._zero + 1
+        self._pool[base : base + n] = rows
+        # A record that starts before an earlier one of its device in the chunk goes into the
+        # middle of that device's ring: cut the chunk there, so in each part every device's
+        # records come in start order (what _add_ordered relies on).
+        by_dev = np.argsort(slot, kind="stable")
+        sd, ss = slot[by_dev], starts[by_dev]
+        back = (sd[1:] == sd[:-1]) & (ss[1:] < ss[:-1])
+        cuts = [0, *np.unique(by_dev[1:][back]).tolist(), n]
+        for lo, hi in zip(cuts[:-1], cuts[1:]):
+            self._add_ordered(mats[lo:hi], starts[lo:hi], slot[lo:hi], base + lo)
+
+    def _touch(self, devices: list[str]) -> np.ndarray:
+        """Each record's ring, its device touched as the record arrives: a new device makes
+        the least recently used one forgotten. (A device of the chunk can be forgotten only
+        before its first record there: it then starts afresh, as one record at a time.)"""
+        slots, free, rings = self._slots, self._free, []
+        fresh: list[int] = []
+        for name in devices:
+            s = slots.get(name)
+            if s is None:
+                if len(slots) >= self.max_devices:
+                    free.append(slots.popitem(last=False)[1])
+                s = slots[name] = free.pop() if free else self._new_ring()
+                fresh.append(s)
+            else:
+                slots.move_to_end(name)
+            rings.append(s)
+        self._count[fresh] = 0
+        return np.array(rings, np.intp)
+
+    def _new_ring(self) -> int:
+        if self._used == len(self._count):
+            cap = len(self._count)
+            cap += min(max(64, cap), max(1, self.max_devices - cap))
+            self._resize(cap, len(self._pool) - self._zero - 1)
+        self._used += 1
+        return self._used - 1
+
+    def _resize(self, rings: int, batch_rows: int) -> None:
+        old, k = len(self._count), self.layout.history
+        more = rings - old
+        self._count = np.concatenate([self._count, np.zeros(more, np.intp)])
+        self._start = np.concatenate([self._start, np.zeros((k, more))], axis=1)
+        cells = np.broadcast_to(np.arange(k)[:, None], (k, more))
+        self._cell = np.concatenate([self._cell, cells], axis=1)
+        pool = np.zeros((rings * k + 1 + batch_rows, self.layout.width), np.float32)
+        pool[: old * k] = self._pool[: old * k]
+        self._pool = pool
+
+    def _add_ordered(self, mats: np.ndarray, starts: np.ndarray, slot: np.ndarray,
+                     base: int) -> None:  # fmt: skip
+        """Matrices for records whose device's records (here) come in start order, their
+        rows at pool rows ``base...``; then the rings updated.
+
+        Record i's history is the part below it of its device's ring as it stands when i
+        arrives: the top k of the ring before (E) and the device's earlier records here (R,
+        all below i). The A stored entries above i stay in that top k, so the history is the
+        k - A newest of the stored entries below i and of R: a merge of the newest k from
+        each side. Arrays are (k, records): candidate ``a`` is the a-th newest of its side.
+        """
+        n, k = len(starts), self.layout.history
+        by = np.argsort(slot, kind="stable")  # each device's records in order
+        ss = slot[by]
+        head = np.concatenate(([True], ss[1:] != ss[:-1]))
+        first = np.flatnonzero(head)  # by positions where each device's records begin
+        at = np.empty(n, np.intp)
+        at[by] = np.arange(n)  # record -> its by position
+        q = at - first[(np.cumsum(head) - 1)[at]]  # earlier records of the device here
+        ka = np.arange(k)[:, None]
+        cnt = self._count[slot]
+        stored = self._start[:, slot]
+        b = ((ka < cnt) & (stored <= starts)).sum(0)  # stored entries below: a prefix
+        room = k - cnt + b
+        e_ok, e_pos = ka < b, np.maximum(b - 1 - ka, 0)
+        e_start = stored[e_pos, np.arange(n)]
+        r_ok, r_idx = ka < q, by[np.maximum(at - 1 - ka, 0)]
+        r_start = starts[r_idx]
+        # rank in the merge: own index + the other side's candidates that are newer
+        # (a record arrived later, so it is newer than a stored entry of equal start)
+        e_rank = ka + (r_ok[None] & (r_start[None] >= e_start[:, None])).sum(1)
+        r_rank = ka + (e_ok[None] & (e_start[None] > r_start[:, None])).sum(1)
+        src = np.full((k + 1, n), self._zero, np.intp)  # pool row of each matrix row
+        src[0] = base + np.arange(n)
+        rel = np.zeros((k, n))
+        a, i = np.nonzero(e_ok & (e_rank < room))
+        j = e_rank[a, i]
+        src[j + 1, i] = slot[i] * k + self._cell[e_pos[a, i], slot[i]]
+        rel[j, i] = rel_time(starts[i] - e_start[a, i])
+        a, i = np.nonzero(r_ok & (r_rank < room))
+        j = r_rank[a, i]
+        src[j + 1, i] = base + r_idx[a, i]
+        rel[j, i] = rel_time(starts[i] - r_start[a, i])
+        np.take(self._pool, src.T.ravel(), axis=0, out=mats.reshape(n * (k + 1), -1), mode="clip")
+        mats[:, 1:, 0] = rel.T
+        self._update_rings(starts, by, first, ss[first], base)
+
+    def _update_rings(self, starts: np.ndarray, by: np.ndarray, first: np.ndarray,
+                      slots: np.ndarray, base: int) -> None:  # fmt: skip
+        """Each ring becomes the top k of itself and its device's records here (in start
+        order, so their newest k suffice). The entries kept from the ring are its newest and
+        keep their cells; new rows take the cells of the dropped and unused positions."""
+        k, g = self.layout.history, len(slots)
+        ka = np.arange(k)[:, None]
+        m = np.diff(np.append(first, len(by)))
+        cnt, e_start, e_cell = self._count[slots], self._start[:, slots], self._cell[:, slots]
+        e_ok, r_ok = ka < cnt, ka < m
+        r_idx = by[np.maximum(first + m - 1 - ka, 0)]  # newest first
+        r_start = starts[r_idx]
+        e_rank = (cnt - 1 - ka) + (r_ok[None] & (r_start[None] >= e_start[:, None])).sum(1)
+        r_rank = ka + (e_ok[None] & (e_start[None] > r_start[:, None])).sum(1)
+        new_cnt = np.minimum(k, cnt + m)
+        e_keep, r_keep = e_ok & (e_rank < k), r_ok & (r_rank < k)
+        # free cells: positions cnt.. then 0.. (those dropped), x-th at position (cnt + x) % k
+        free = np.take_along_axis(e_cell, (cnt + ka) % k, 0)
+        new_start, new_cell = np.zeros((k, g)), np.empty((k, g), np.intp)
+        t, c = np.nonzero(e_keep)
+        pos = new_cnt[c] - 1 - e_rank[t, c]
+        new_start[pos, c], new_cell[pos, c] = e_start[t, c], e_cell[t, c]
+        x, c = np.nonzero(r_keep)  # a prefix of each device's newest
+        pos = new_cnt[c] - 1 - r_rank[x, c]
+        cell = free[x, c]
+        new_start[pos, c], new_cell[pos, c] = r_start[x, c], cell
+        self._pool[slots[c] * k + cell] = self._pool[base + r_idx[x, c]]
+        p, c = np.nonzero(ka >= new_cnt)  # unused positions keep the cells left over
+        new_cell[p, c] = free[r_keep.sum(0)[c] + p - new_cnt[c], c]
+        self._start[:, slots], self._cell[:, slots], self._count[slots] = new_start, new_cell, new_cnt

@@ -1,5 +1,7 @@
 """The matrix layout on hand-built records: exact values, history, presets, the online twin."""
 
+from collections import OrderedDict
+
 import numpy as np
 import pytest
 
@@ -83,6 +85,83 @@ def test_online_assembler_matches_offline():
     for i in by_start:
         online[i] = asm.add(rows[i : i + 1], t.start[i : i + 1], [t.device_keys()[i]])[0]
     np.testing.assert_allclose(online[order], offline)
+
+
+class OneByOne:
+    """The online assembler's meaning, one record at a time and plainly: a device keeps the
+    ``history`` newest of the records it has seen by (start, arrival); a record's history is
+    the part of that below it, newest first; devices beyond ``max_devices`` are forgotten
+    least recently used first. SequenceAssembler must give exactly this, batch by batch."""
+
+    def __init__(self, layout: MatrixLayout, max_devices: int):
+        self.k, self.max_devices = layout.history, max_devices
+        self.kept: OrderedDict[str, list] = OrderedDict()
+        self.arrived = 0
+
+    def add(self, row: np.ndarray, start: float, dev: str) -> np.ndarray:
+        kept = self.kept.get(dev)
+        if kept is None:
+            kept = self.kept[dev] = []
+            if len(self.kept) > self.max_devices:
+                self.kept.popitem(last=False)
+        else:
+            self.kept.move_to_end(dev)
+        key = (start, self.arrived)
+        self.arrived += 1
+        mat = np.zeros((self.k + 1, len(row)), np.float32)
+        mat[0] = row
+        below = [e for e in kept if e[0] < key]
+        for j, (k_start, _), r in [(j, e[0], e[1]) for j, e in enumerate(reversed(below), 1)]:
+            mat[j] = r
+            mat[j, 0] = rel_time(start - k_start)
+        kept.append((key, row))
+        kept.sort(key=lambda e: e[0])
+        del kept[: max(0, len(kept) - self.k)]
+        return mat
+
+
+@pytest.mark.parametrize("history,max_devices", [(5, 100), (3, 3), (2, 1), (1, 2), (0, 4),
+                                                 (5, 6), (4, 17)])  # fmt: skip
+def test_online_assembler_batches_equal_one_record_at_a_time(history, max_devices):
+    """Random batches: devices interleaved and repeated, starts out of order and tied, more
+    devices than max_devices (forgetting inside a batch's span), batch sizes 1 to 80."""
+    lay = MatrixLayout(history=history, packets=2, payload_mode="none")
+    rng = np.random.default_rng(history * 100 + max_devices)
+    asm, ref = SequenceAssembler(lay, max_devices=max_devices), OneByOne(lay, max_devices)
+    names = [f"dev{i}" for i in range(12)]
+    t = 0.0
+    for _ in range(60):
+        n = int(rng.integers(1, 81))
+        rows = rng.random((n, lay.width), dtype=np.float32)
+        rows[:, 0] = 0
+        t += float(rng.integers(0, 5))
+        # mostly rising starts, some far back, many ties (whole seconds)
+        starts = t + rng.integers(-3, 6, n) - 50.0 * (rng.random(n) < 0.1)
+        devs = [names[i] for i in rng.integers(0, int(rng.choice([1, 3, 12])), n)]
+        got = asm.add(rows, starts, devs)
+        want = np.stack([ref.add(rows[i], float(starts[i]), devs[i]) for i in range(n)])
+        np.testing.assert_array_equal(got, want)
+        assert len(asm) == len(ref.kept)
+
+
+def test_online_assembler_in_start_order_equals_offline_in_any_batches():
+    """A stream fed in start order, in batches of any size, gives the offline matrices."""
+    lay = MatrixLayout(history=4, packets=3, payload_bytes=4)
+    rng = np.random.default_rng(7)
+    recs = [rec(float(s), dev=f"d{rng.integers(5)}", remote_port=int(i))
+            for i, s in enumerate(rng.integers(0, 300, 400))]  # fmt: skip
+    t = FlowTable.from_records(recs, 10, 8)
+    offline, order = lay.matrices(t)
+    by_start = np.argsort(t.start, kind="stable")
+    rows, keys = lay.encode_rows(t)[by_start], list(t.device_keys()[by_start])
+    asm = SequenceAssembler(lay)
+    online = np.zeros_like(offline)
+    lo = 0
+    while lo < len(recs):
+        hi = lo + int(rng.integers(1, 60))
+        online[by_start[lo:hi]] = asm.add(rows[lo:hi], t.start[by_start[lo:hi]], keys[lo:hi])
+        lo = hi
+    np.testing.assert_array_equal(online[order], offline)
 
 
 def test_paper_stream_preset():
