@@ -147,3 +147,38 @@ def test_random_mutations_agree_with_the_generic_path():
         frames.append(bytes(f))
     for i in range(0, len(frames), 30):  # batches with one or more bad frames
         check(frames[i : i + 30] + FRAMES[i // 3 : i // 3 + 10])
+
+
+def test_match_flow_accepts_exactly_what_the_batch_regex_accepts():
+    """match_flow's shortcuts (the envelope compared as bytes, vectors matched as runs without
+    "]" and their "["s counted apart) accept the frames _BATCH_RE matches, with its groups."""
+    rng = random.Random(5)
+    alphabet = b'0123456789abcdefnsu,{}[]"|:\\ '
+    frames = []
+    for f in FRAMES:  # a "[" somewhere inside each non-empty vector
+        for head in (fb._H_SPAN, fb._H_COUNT, fb._H_STRING):
+            start = f.find(b'"vector","data":[' + head)
+            end = f.find(b"]", start + 17)
+            if start > 0 and end > start + 18:
+                i = rng.randrange(start + 18, end)
+                frames.append(f[:i] + b"[" + f[i:])
+    assert len(frames) > 64
+    for _ in range(3000):
+        f = bytearray(rng.choice(FRAMES))
+        for _ in range(rng.randint(1, 3)):
+            i, op = rng.randrange(len(f)), rng.random()
+            if op < 0.6:
+                f[i] = rng.choice(alphabet)
+            elif op < 0.8:
+                del f[i]
+            else:
+                f.insert(i, rng.choice(alphabet))
+        frames.append(bytes(f))
+    accepted = 0
+    for f in frames:
+        got, want = fb.match_flow(f), fb._BATCH_RE.fullmatch(f)
+        assert (got is None) == (want is None), f
+        if got is not None:
+            assert got.groups == want.groups()
+            accepted += 1
+    assert 300 < accepted < len(frames) - 300  # both kinds are exercised
