@@ -96,7 +96,8 @@ class LabelPolicy:
 
     def __init__(self, policy: str, interval_s: float, max_devices: int):
         self.policy, self.interval_s, self.max_devices = policy, interval_s, max_devices
-        # device -> [last sent label, last sent trusted, last sent time, last labelled time]
+        # device -> [last sent label, last sent trusted, last sent time, last labelled time,
+        #            last sent label's cheap trust]
         self._state: OrderedDict[str, list] = OrderedDict()
 
     def __len__(self) -> int:
@@ -107,13 +108,13 @@ class LabelPolicy:
         return st is not None and now - st[3] <= recent_s
 
     def hint(self, device: str, now: float) -> tuple[bool, str, bool]:
-        """``(due, last label sent, its trust)``: due means the next label is sent whatever
-        it is (the device's first, the interval is over, or policy ``all``)."""
+        """``(due, last label sent, its cheap trust)``: due means the next label is sent
+        whatever it is (the device's first, the interval is over, or policy ``all``)."""
         st = self._state.get(device)
         if st is None:
             return True, "", False
         due = self.policy == "all" or now - st[2] >= self.interval_s
-        return due, st[0], st[1]
+        return due, st[0], st[4]
 
     def touch(self, device: str, now: float) -> None:
         """A label not sent: the device still counts as recently labelled."""
@@ -122,10 +123,14 @@ class LabelPolicy:
             st[3] = now
             self._state.move_to_end(device)
 
-    def decide(self, device: str, label: str, trusted: bool, now: float) -> bool:
+    def decide(self, device: str, label: str, trusted: bool, now: float,
+               cheap: bool | None = None) -> bool:  # fmt: skip
+        """Whether to send this label; ``cheap`` is its confidence criterion alone (default:
+        ``trusted``), remembered for :meth:`hint`."""
+        cheap = trusted if cheap is None else cheap
         st = self._state.get(device)
         if st is None:
-            self._state[device] = [label, trusted, now, now]
+            self._state[device] = [label, trusted, now, now, cheap]
             if len(self._state) > self.max_devices:
                 self._state.popitem(last=False)
             return True
@@ -133,7 +138,7 @@ class LabelPolicy:
         st[3] = now
         if self.policy == "all" or label != st[0] or trusted != st[1] or \
                 now - st[2] >= self.interval_s:  # fmt: skip
-            st[0], st[1], st[2] = label, trusted, now
+            st[0], st[1], st[2], st[4] = label, trusted, now, cheap
             return True
         return False
 
@@ -496,7 +501,8 @@ class Dispatcher:
             if not self.consistency.observe(it.device, r.labels[i], r.confidence[i]) and trusted:
                 trusted, reason = False, "inconsistent_with_device"
             if full:
-                send = policy.decide(it.device, r.labels[i], trusted, now)
+                cheap = None if r.cheap_trusted is None else r.cheap_trusted[i]
+                send = policy.decide(it.device, r.labels[i], trusted, now, cheap)
             else:  # the same label and cheap trust as the last one sent, and not due
                 send = False
                 policy.touch(it.device, now)

@@ -66,9 +66,11 @@ class Heartbeat:
 @dataclass
 class Hints:
     """Per record, what the bridge's log policy knows before the label: whether the label
-    will be sent whatever it is (``due``), else the device's last label sent and its trust.
-    A scorer that explains only the labels to be logged explains a record when it is due or
-    its label or cheap trust decision differs from these."""
+    will be sent whatever it is (``due``), else the device's last label sent and the cheap
+    trust decision (confidence criterion) it had. A scorer that explains only the labels to
+    be logged explains a record when it is due or its label or cheap trust decision differs
+    from these: cheap against cheap, so that a label whose full decision keeps refusing what
+    the confidence criterion accepts is not explained again and again."""
 
     due: list[bool]
     last_label: list[str]
@@ -96,6 +98,8 @@ class Reply:
     # per record: whether trusted/reason/top_groups are the full trust decision (None: all
     # are); the others carry only the confidence criterion
     explained: list[bool] | None = None
+    # per record, the confidence criterion alone (None: as ``trusted``); what hints compare
+    cheap_trusted: list[bool] | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -143,6 +147,8 @@ def encode(msg: Message) -> bytes:
         )  # fmt: skip
         if msg.explained is not None:
             d["expl"] = [bool(x) for x in msg.explained]
+        if msg.cheap_trusted is not None:
+            d["cheap"] = [bool(x) for x in msg.cheap_trusted]
     elif isinstance(msg, Failure):
         d.update(id=msg.batch, error=msg.error)
     elif isinstance(msg, Hello):
@@ -227,6 +233,7 @@ def decode(data: bytes) -> Message:
             reason=_list_of(d, "reason", str, n, kind), top_groups=groups,
             model=_get(d, "model", str, kind), score_ms=float(_get(d, "ms", (float, int), kind)),
             explained=_list_of(d, "expl", bool, n, kind) if "expl" in d else None,
+            cheap_trusted=_list_of(d, "cheap", bool, n, kind) if "cheap" in d else None,
         )  # fmt: skip
     if kind == "hb":
         return Heartbeat()

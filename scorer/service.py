@@ -270,6 +270,7 @@ class Scorer:
                 self._send(wire.Failure(r.batch, msg))
             return
         k = n_total  # the rest is padding
+        cheap = np.asarray(p.trusted[:k], bool).tolist()  # before the full decision
         try:
             explained = self._explain(x, p, requests, k)
         except Exception as e:
@@ -292,6 +293,7 @@ class Scorer:
                 trusted=trusted[s : s + n], reason=reason[s : s + n],
                 top_groups=groups[s : s + n], model=self.model_id, score_ms=ms,
                 explained=None if explained is None else explained[s : s + n],
+                cheap_trusted=None if explained is None else cheap[s : s + n],
             ))  # fmt: skip
             s += n
         self.stats.batches += 1

@@ -468,3 +468,50 @@ def test_hints_say_what_the_policy_knows():
     assert h.due == [False, False, True, True]
     assert h.last_label == ["cam", "plug", "hub", ""]
     assert h.last_trusted == [True, False, True, False]
+
+
+def test_logged_mode_does_not_reexplain_a_refused_label(trust_model_path, tmp_path):
+    """A label the confidence criterion accepts but the full decision refuses (an atypical
+    explanation, say) is explained once; its repeats compare cheap trust with the cheap
+    trust of the label sent, so they are neither explained nor sent again until due."""
+    from iotcls.trust.decision import TrustState
+
+    b = ModelBundle.load(trust_model_path)
+    st = TrustState.from_dict(b.trust)
+    st.dist_threshold = st.dist_threshold * 1e-6  # every explanation is now atypical
+    st.conf_threshold = 0.2  # and every label confident enough for the cheap criterion
+    b.trust = st.to_dict()
+    trust_model_path = str(b.save(tmp_path / "strict.pt"))
+    full = Predictor(ModelBundle.load(trust_model_path))
+    pool = matrices(100, seed=11)
+    ref = full.predict(pool)
+    refused = np.flatnonzero(~ref.trusted & (ref.reason != "low_confidence"))
+    assert len(refused)
+    i = int(refused[0])
+    cfg = config()
+    cfg.log.policy = "changes"
+    out: list[Outcome] = []
+
+    async def main():
+        d = Dispatcher(cfg, LAYOUT, out.extend)
+        (addr,) = await d.start()
+        s = Scorer(Predictor(ModelBundle.load(trust_model_path), explain=False),
+                   ScorerSettings(addr, "t", explain="logged", max_wait_ms=0))  # fmt: skip
+        th = threading.Thread(target=s.run, daemon=True)
+        th.start()
+        try:
+            await until(lambda: d.scorers == ["t"], 20, "the scorer")
+            for k in range(4):
+                d.submit(pool[i : i + 1], ["d"], [k])
+                await until(lambda: len(out) == k + 1, 10, f"outcome {k}")
+        finally:
+            s.stop()
+            th.join(10)
+            await d.close()
+        return s
+
+    s = run(main())
+    assert [(o.explained, o.send, o.trusted) for o in out] == \
+        [(True, True, False)] + [(False, False, True)] * 3  # fmt: skip
+    assert out[0].reason == ref.reason[i]
+    assert s.stats.explained == 1
