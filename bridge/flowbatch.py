@@ -20,6 +20,7 @@ from typing import Any, Sequence
 
 
 import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
 
 from iotcls.flowtable import FlowTable, _ips16, bytes_to_ip
 from iotcls.schema import FlowRecord
@@ -352,10 +353,11 @@ def _fast_table(groups: list[tuple], packets: int, payload_bytes: int) -> FlowTa
         src0 = (np.cumsum(plens) - plens)[keep]
         lens = np.minimum(plens[keep], payload_bytes)
         t.payload_len[r_, c_] = lens
-        if len(blob):  # one gather of each element's first bytes, masked past its end
-            span = np.arange(payload_bytes)
-            idx = np.minimum(src0[:, None] + span, len(blob) - 1)
-            t.payload[r_, c_] = np.where(span < lens[:, None], blob[idx], 0)
+        if len(blob) and payload_bytes:  # each element's first bytes, zeroed past its end
+            b = payload_bytes
+            first = sliding_window_view(np.concatenate([blob, np.zeros(b, np.uint8)]), b)[src0]
+            first *= sliding_window_view(np.repeat(np.uint8([1, 0]), b), b)[b - lens]  # 1s, 0s
+            t.payload.reshape(-1, b)[r_ * packets + c_] = first
     return t
 
 
