@@ -97,7 +97,7 @@ class LabelPolicy:
     def __init__(self, policy: str, interval_s: float, max_devices: int):
         self.policy, self.interval_s, self.max_devices = policy, interval_s, max_devices
         # device -> [last sent label, last sent trusted, last sent time, last labelled time,
-        #            last sent label's cheap trust]
+        #            cheap trust of the last fully judged label]
         self._state: OrderedDict[str, list] = OrderedDict()
 
     def __len__(self) -> int:
@@ -107,14 +107,15 @@ class LabelPolicy:
         st = self._state.get(device)
         return st is not None and now - st[3] <= recent_s
 
-    def hint(self, device: str, now: float) -> tuple[bool, str, bool]:
-        """``(due, last label sent, its cheap trust)``: due means the next label is sent
-        whatever it is (the device's first, the interval is over, or policy ``all``)."""
+    def hint(self, device: str, now: float) -> tuple[bool, str, bool, bool]:
+        """``(due, last label sent, its trust, cheap trust of the last label judged)``: due
+        means the next label is sent whatever it is (the device's first, the interval is
+        over, or policy ``all``)."""
         st = self._state.get(device)
         if st is None:
-            return True, "", False
+            return True, "", False, False
         due = self.policy == "all" or now - st[2] >= self.interval_s
-        return due, st[0], st[4]
+        return due, st[0], st[1], st[4]
 
     def touch(self, device: str, now: float) -> None:
         """A label not sent: the device still counts as recently labelled."""
@@ -125,8 +126,8 @@ class LabelPolicy:
 
     def decide(self, device: str, label: str, trusted: bool, now: float,
                cheap: bool | None = None) -> bool:  # fmt: skip
-        """Whether to send this label; ``cheap`` is its confidence criterion alone (default:
-        ``trusted``), remembered for :meth:`hint`."""
+        """Whether to send this fully judged label; ``cheap`` is its confidence criterion
+        alone (default: ``trusted``), remembered for :meth:`hint` whether sent or not."""
         cheap = trusted if cheap is None else cheap
         st = self._state.get(device)
         if st is None:
@@ -135,10 +136,10 @@ class LabelPolicy:
                 self._state.popitem(last=False)
             return True
         self._state.move_to_end(device)
-        st[3] = now
+        st[3], st[4] = now, cheap
         if self.policy == "all" or label != st[0] or trusted != st[1] or \
                 now - st[2] >= self.interval_s:  # fmt: skip
-            st[0], st[1], st[2], st[4] = label, trusted, now, cheap
+            st[0], st[1], st[2] = label, trusted, now
             return True
         return False
 
@@ -373,13 +374,14 @@ class Dispatcher:
         device was labelled meanwhile); a label the scorer did not explain is then simply
         not sent, and the device's next record is judged against the newer label."""
         now = time.monotonic()
-        due, last, lastt = [], [], []
+        due, last, lastt, lastc = [], [], [], []
         for it in items:
-            d, lb, tr = self.policy.hint(it.device, now)
+            d, lb, tr, ch = self.policy.hint(it.device, now)
             due.append(d)
             last.append(lb)
             lastt.append(tr)
-        return wire.Hints(due, last, lastt)
+            lastc.append(ch)
+        return wire.Hints(due, last, lastt, lastc)
 
     def _send(self, ident: bytes, data: bytes) -> bool:
         assert self._sock is not None

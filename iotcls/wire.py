@@ -66,15 +66,18 @@ class Heartbeat:
 @dataclass
 class Hints:
     """Per record, what the bridge's log policy knows before the label: whether the label
-    will be sent whatever it is (``due``), else the device's last label sent and the cheap
-    trust decision (confidence criterion) it had. A scorer that explains only the labels to
-    be logged explains a record when it is due or its label or cheap trust decision differs
-    from these: cheap against cheap, so that a label whose full decision keeps refusing what
-    the confidence criterion accepts is not explained again and again."""
+    will be sent whatever it is (``due``), else the device's last label sent and its trust,
+    and the cheap trust decision (confidence criterion) of the device's last fully judged
+    label. A scorer that explains only the labels to be logged explains a record when it is
+    due, its label differs, its cheap decision accepts what the last judged label's did not,
+    or it refuses (low confidence: untrusted whatever the explanation) a device whose last
+    label sent was trusted. Cheap is compared with cheap, so a label whose full decision
+    keeps refusing what the confidence criterion accepts is not explained again and again."""
 
     due: list[bool]
     last_label: list[str]
     last_trusted: list[bool]
+    last_cheap: list[bool] | None = None  # None (an older bridge): as last_trusted
 
 
 @dataclass
@@ -139,6 +142,8 @@ def encode(msg: Message) -> bytes:
         d.update(id=msg.batch, shape=list(m.shape), m=memoryview(m).cast("B"), refs=msg.refs)
         if msg.hints is not None:
             d.update(due=msg.hints.due, last=msg.hints.last_label, lastt=msg.hints.last_trusted)
+            if msg.hints.last_cheap is not None:
+                d["lastc"] = msg.hints.last_cheap
     elif isinstance(msg, Reply):
         d.update(
             id=msg.batch, labels=msg.labels, conf=[float(c) for c in msg.confidence],
@@ -217,7 +222,8 @@ def decode(data: bytes) -> Message:
         hints = None
         if "due" in d:
             hints = Hints(_list_of(d, "due", bool, n, kind), _list_of(d, "last", str, n, kind),
-                          _list_of(d, "lastt", bool, n, kind))  # fmt: skip
+                          _list_of(d, "lastt", bool, n, kind),
+                          _list_of(d, "lastc", bool, n, kind) if "lastc" in d else None)  # fmt: skip
         return Request(batch, m, refs, hints)
     if kind == "rep":
         batch = _get(d, "id", int, kind)

@@ -303,9 +303,9 @@ class Scorer:
     def _explain(self, x: np.ndarray, p, requests: list[wire.Request], k: int) -> list[bool] | None:
         """``logged`` mode: the full trust decision for the labels the bridge will send.
 
-        A label needs it when its record is due (see :class:`iotcls.wire.Hints`) or when its
-        label or cheap trust decision differs from the device's last label sent; the others
-        are not sent, and keep the confidence criterion. Returns which records were
+        A label needs it when its record is due, its label differs from the device's last
+        label sent, or its trust may differ (see :class:`iotcls.wire.Hints`); the others are
+        not sent, and keep the confidence criterion. Returns which records were
         explained (None: all trust fields are final, as in modes ``all`` and ``none``).
         """
         if self.s.explain != "logged" or getattr(self.model, "trust", None) is None:
@@ -318,9 +318,11 @@ class Scorer:
             if h is not None:
                 lab = [str(v) for v in p.label[s : s + n]]
                 tr = np.asarray(p.trusted[s : s + n], bool)
+                last_t = np.asarray(h.last_trusted, bool)
+                last_c = last_t if h.last_cheap is None else np.asarray(h.last_cheap, bool)
                 need[s : s + n] = np.asarray(h.due, bool) | \
                     (np.asarray(lab, object) != np.asarray(h.last_label, object)) | \
-                    (tr != np.asarray(h.last_trusted, bool))  # fmt: skip
+                    np.where(tr, ~last_c, last_t)  # fmt: skip
             s += n
         idx = np.flatnonzero(need)
         if len(idx):

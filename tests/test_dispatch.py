@@ -458,7 +458,8 @@ def test_hints_say_what_the_policy_knows():
         d.policy = LabelPolicy("changes", 300.0, 100)
         now = time.monotonic()
         d.policy.decide("a", "cam", True, now)
-        d.policy.decide("b", "plug", False, now)
+        d.policy.decide("b", "plug", False, now, cheap=True)  # confident, refused in full
+        d.policy.decide("b", "plug", False, now, cheap=False)  # not sent, but remembered
         d.policy.decide("old", "hub", True, now - 301.0)
         items = [Item(k, dev, np.zeros(LAYOUT.shape, np.float32), k, now, False)
                  for k, dev in enumerate(["a", "b", "old", "new"])]  # fmt: skip
@@ -468,6 +469,7 @@ def test_hints_say_what_the_policy_knows():
     assert h.due == [False, False, True, True]
     assert h.last_label == ["cam", "plug", "hub", ""]
     assert h.last_trusted == [True, False, True, False]
+    assert h.last_cheap == [True, False, True, False]
 
 
 def test_logged_mode_does_not_reexplain_a_refused_label(trust_model_path, tmp_path):
