@@ -46,6 +46,7 @@ def test_partial_file_keeps_other_defaults(tmp_path):
         ("scorers: {count: two}", "scorers.count: must be an integer, not 'two'"),
         ("scorers: {count: true}", "scorers.count: must be an integer, not True"),
         ("scorers: {count: -1}", "scorers.count: must not be negative"),
+        ("scorers: {row_cache: -5}", "scorers.row_cache: must not be negative"),
         ("scorers: {device: gpu}", "scorers.device: must be one of auto, cpu, cuda, not 'gpu'"),
         ("scorers: {max_wait_ms: .inf}", "scorers.max_wait_ms: must be a number, not inf"),
         ("scorers: {heartbeat_s: 20}", "scorers.heartbeat_s: must be shorter than bridge.scorer_timeout_s (10.0)"),

@@ -90,5 +90,6 @@ def _run_scorer(args: argparse.Namespace, cfg: Config) -> int:
     settings = ScorerSettings(
         connect=args.connect, name=name, batch_size=s.batch_size, max_wait_ms=s.max_wait_ms,
         heartbeat_s=s.heartbeat_s, parent_pid=args.parent_pid, explain=s.explain,
+        row_cache=s.row_cache,
     )  # fmt: skip
     return serve_scorer(s.model, s.device, s.threads, settings)
