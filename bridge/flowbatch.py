@@ -13,6 +13,7 @@ generic path gives (tests check both on real and on mutated frames).
 
 from __future__ import annotations
 
+import binascii
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -165,7 +166,10 @@ _ESEP, _RSEP = 0, 1  # element and record separator bytes
 _DIGITS = b"0123456789"
 _HEX = b"0123456789abcdef"
 _UNITS = b"nums"
-_POW10 = 10.0 ** np.arange(19)
+_POW10_INT = 10 ** np.arange(10, dtype=np.int64)
+_SPAN_SCALE = np.full(256, -1, np.int64)  # by the byte before a timespan's final "s"
+_SPAN_SCALE[[110, 117, 109]] = [0, 3, 6]  # ns, us, ms
+_SPAN_SCALE[48:58] = 9  # a digit: seconds
 _I32, _I16 = 2**31 - 1, 2**15 - 1
 
 
@@ -179,7 +183,7 @@ def _joined(inners: tuple, sep: bytes, alphabet: bytes):
         big = b"\x01".join([x or b"" for x in inners])
     else:
         has, big = None, b"\x01".join(inners)
-    if b"\x00" in big or big.count(b"\x01") != n - 1:
+    if b"\x00" in big:  # (a "\x01" in a vector makes one record too many: _layout checks)
         return None
     r = big.replace(sep, b"\x00")
     if r.translate(None, alphabet + b"\x00\x01"):
@@ -188,12 +192,15 @@ def _joined(inners: tuple, sep: bytes, alphabet: bytes):
 
 
 def _layout(r: bytes, has: np.ndarray | None, n: int):
-    """Slot lengths (text between separators), each slot's record, elements per record."""
+    """Slot lengths (text between separators), each slot's record, elements per record;
+    None when the text holds other than n records."""
     a = np.frombuffer(r, np.uint8)
     seps = np.flatnonzero(a <= _RSEP)
-    lens = np.diff(np.concatenate(([-1], seps, [len(a)]))) - 1
+    lens = np.diff(seps, prepend=-1, append=len(a)) - 1
     rs = np.flatnonzero(a[seps] == _RSEP)
-    k = np.diff(np.concatenate(([-1], rs, [len(seps)])))  # slots per record
+    if len(rs) != n - 1:
+        return None
+    k = np.diff(rs, prepend=-1, append=len(seps))  # slots per record
     if has is None:
         return lens, None, k
     rec = np.repeat(np.arange(n), k)
@@ -218,7 +225,10 @@ def _numbers(inners: tuple, n: int):
     if j is None:
         return None
     r, has = j
-    lens, full, k = _layout(r, has, n)
+    lay = _layout(r, has, n)
+    if lay is None:
+        return None
+    lens, full, k = lay
     if full is not None:  # empty vectors: their placeholder slots go
         if np.any(lens[full] == 0) or np.any(lens[~full] != 0):
             return None
@@ -246,7 +256,10 @@ def _spans(inners: tuple, n: int):
         k = np.zeros(n, np.int64)
         k[has] = sub[1]
         return sub[0], k
-    lens, _, k = _layout(r, None, n)
+    lay = _layout(r, None, n)
+    if lay is None:
+        return None
+    lens, _, k = lay
     if lens.min() < 2:
         return None
     a = np.frombuffer(r, np.uint8)
@@ -254,17 +267,17 @@ def _spans(inners: tuple, n: int):
     if np.any(a[ends - 1] != 115):  # "s"
         return None
     unit = a[ends - 2]
-    digit = unit <= 57
-    suffix = np.where(digit, 1, 2)
-    scale = np.select([unit == 110, unit == 117, unit == 109, digit], [0, 3, 6, 9], -1)
+    scale = _SPAN_SCALE[unit]
+    suffix = 1 + (unit > 57)  # "s" after a digit, else "ns", "us", "ms"
     ndig = lens - suffix
+    digits = r.translate(None, _UNITS)
     if np.any(scale < 0) or np.any(ndig < 1) or np.any(ndig + scale > 18) or \
-            len(r) - len(r.translate(None, _UNITS)) != int(suffix.sum()):  # fmt: skip
+            len(r) - len(digits) != int(suffix.sum()):  # fmt: skip
         return None
-    v = _ints(r.translate(None, _UNITS), len(lens))
+    v = _ints(digits, len(lens))
     if v is None:
         return None
-    return v * (10 ** scale.astype(np.int64)), k
+    return v * _POW10_INT[scale], k
 
 
 def _scalars(col: tuple) -> np.ndarray | None:
@@ -280,14 +293,15 @@ def _payloads(inners: tuple, k: np.ndarray, n: int):
     if j is None:
         return None
     r, has = j
-    lens, full, kk = _layout(r, has, n)
-    if not np.array_equal(kk, k):
+    lay = _layout(r, has, n)
+    if lay is None or not np.array_equal(lay[2], k):
         return None
+    lens, full, _ = lay
     if full is not None:
         lens = lens[full]
     if np.any(lens & 1):
         return None
-    blob = bytes.fromhex(r.translate(None, b"\x00\x01").decode("ascii"))
+    blob = binascii.unhexlify(r.translate(None, b"\x00\x01"))
     return np.frombuffer(blob, np.uint8), lens // 2
 
 
