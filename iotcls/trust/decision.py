@@ -340,15 +340,15 @@ class DeviceConsistency:
             return np.ones(n, bool)
         order = np.lexsort((np.arange(n), np.asarray(times), np.asarray(groups)))
         p, g = pred[order], np.asarray(groups)[order]
-        ballots = np.zeros((n + 1, n_classes))
-        ballots[np.arange(n) + 1, p] = np.asarray(confidence, np.float64)[order]
+        ballots = np.zeros((n + 1, n_classes), np.int64)
+        ballots[np.arange(n) + 1, p] = _units(np.asarray(confidence, np.float64)[order])
         cs = np.cumsum(ballots, axis=0)  # cs[i]: ballots of sorted labels before i
         first = np.r_[0, np.flatnonzero(g[1:] != g[:-1]) + 1]
         start = np.repeat(first, np.diff(np.r_[first, n]))
         lo = np.maximum(start, np.arange(n) - self.window)
         prior = cs[np.arange(n)] - cs[lo]  # the previous `window` labels of the same device
         total = prior.sum(axis=1)
-        prior[np.arange(n), p] = 0.0  # what the other classes hold
+        prior[np.arange(n), p] = 0  # what the other classes hold
         dominant = prior.max(axis=1) >= self.share * total
         odd = (np.arange(n) - lo >= self.min_prior) & (total > 0) & dominant
         out = np.ones(n, bool)
@@ -359,17 +359,36 @@ class DeviceConsistency:
         return DeviceConsistencyTracker(self, max_devices)
 
 
+def _units(confidence):
+    """Confidence in integer millionths: the batch rule and its live twin sum the same
+    integers exactly, so they agree even on ties."""
+    return np.rint(np.asarray(confidence, np.float64) * 1e6).astype(np.int64)
+
+
+class _Window:
+    """One device's last labels and their running weight per class."""
+
+    __slots__ = ("labels", "weight", "total")
+
+    def __init__(self) -> None:
+        from collections import deque
+
+        self.labels: deque = deque()
+        self.weight: dict[str, int] = {}
+        self.total = 0
+
+
 class DeviceConsistencyTracker:
     """The live twin of :meth:`DeviceConsistency.agrees`: labels arrive one at a time, each
-    device keeps its last ``window`` (class, confidence); least recently seen devices are
-    forgotten beyond ``max_devices``."""
+    device keeps its last ``window`` (class, confidence) with running sums per class (the
+    bridge runs this for every label); least recently seen devices are forgotten beyond
+    ``max_devices``."""
 
     def __init__(self, rule: DeviceConsistency, max_devices: int = 100_000):
-        from collections import OrderedDict, deque
+        from collections import OrderedDict
 
         self.rule, self.max_devices = rule, max_devices
-        self._deque = deque
-        self._recent: "OrderedDict[str, deque]" = OrderedDict()
+        self._recent: "OrderedDict[str, _Window]" = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._recent)
@@ -377,23 +396,29 @@ class DeviceConsistencyTracker:
     def observe(self, device: str, label: str, confidence: float) -> bool:
         """Whether this label passes the rule; then it joins the device's window."""
         r = self.rule
-        q = self._recent.get(device)
-        if q is None:
-            q = self._recent[device] = self._deque(maxlen=max(r.window, 1))
+        if r.window < 1:
+            return True
+        w = self._recent.get(device)
+        if w is None:
+            w = self._recent[device] = _Window()
             if len(self._recent) > self.max_devices:
                 self._recent.popitem(last=False)
         else:
             self._recent.move_to_end(device)
         ok = True
-        if r.window >= 1 and len(q) >= r.min_prior:
-            weight: dict[str, float] = {}
-            for lab, c in q:
-                weight[lab] = weight.get(lab, 0.0) + c
-            total = sum(weight.values())
-            other = max((w for lab, w in weight.items() if lab != label), default=0.0)
-            ok = not (total > 0 and other >= r.share * total)
-        if r.window >= 1:
-            q.append((label, float(confidence)))
+        if len(w.labels) >= r.min_prior and w.total > 0:
+            other = max((v for lab, v in w.weight.items() if lab != label), default=0)
+            ok = not other >= r.share * w.total
+        units = round(float(confidence) * 1e6)  # as _units: half to even
+        w.labels.append((label, units))
+        w.weight[label] = w.weight.get(label, 0) + units
+        w.total += units
+        if len(w.labels) > r.window:
+            old, u = w.labels.popleft()
+            w.weight[old] -= u
+            w.total -= u
+            if not w.weight[old]:
+                del w.weight[old]
         return ok
 
 
