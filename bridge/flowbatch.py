@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from iotcls.flowtable import FlowTable, _ips16, bytes_to_ip
+from iotcls.flowtable import FlowTable, bytes_to_ip, ip_to_bytes
 from iotcls.schema import FlowRecord
 
 from . import broker_json as bj
@@ -332,25 +332,22 @@ def _fast_table(groups: list[tuple], packets: int, payload_bytes: int) -> FlowTa
     if dport_v.max() > _I32 or rport_v.max() > _I32 or proto_v.max() > _I16:
         return None
     try:
-        dips = list(map(rc._ip, dip))
-        rips = list(map(rc._ip, rip))
+        dips, rips = _ips(dip), _ips(rip)
         macs = list(map(bytes.decode, mac))
         uids = list(map(bytes.decode, uid))
-        starts = _times(np.array(list(map(float, start))))
-        lasts = _times(np.array(list(map(float, last))))
+        times = _times(np.array(list(map(float, start + last))))
     except (ValueError, UnicodeDecodeError, OverflowError):
         return None
 
     t = FlowTable.allocate(n, packets, payload_bytes)
     t.device_mac[:] = macs
     t.uid[:] = uids
-    t.device_ip[:] = _ips16(dips)
-    t.remote_ip[:] = _ips16(rips)
+    t.device_ip[:] = dips
+    t.remote_ip[:] = rips
     t.device_port[:] = dport_v
     t.remote_port[:] = rport_v
     t.proto[:] = proto_v
-    t.start[:] = starts
-    t.last[:] = lasts
+    t.start[:], t.last[:] = times[:n], times[n:]
     t.total_bytes[:] = tbytes_v
     t.total_packets[:] = tpkts_v
     t.device_is_orig[:] = [o == b"true" for o in orig]
@@ -383,6 +380,16 @@ def _times(x: np.ndarray) -> np.ndarray:
         raise OverflowError("time out of range")
     sec, usec = np.divmod(us.astype(np.int64), 1_000_000)
     return sec.astype(np.float64) + usec / 1e6
+
+
+@lru_cache(maxsize=65536)
+def _ip16(raw: bytes) -> bytes:
+    """An address as Zeek writes it to the table's 16 bytes (ValueError if it is none)."""
+    return ip_to_bytes(rc._ip(raw))
+
+
+def _ips(col: tuple) -> np.ndarray:
+    return np.frombuffer(b"".join(map(_ip16, col)), np.uint8).reshape(len(col), 16)
 
 
 @lru_cache(maxsize=65536)
