@@ -405,7 +405,7 @@ class SequenceAssembler:
         by_dev = np.argsort(slot, kind="stable")
         sd, ss = slot[by_dev], starts[by_dev]
         back = (sd[1:] == sd[:-1]) & (ss[1:] < ss[:-1])
-        cuts = [0, *np.unique(by_dev[1:][back]).tolist(), n]
+        cuts = [0, *np.unique(by_dev[1:][back]).tolist(), n] if back.any() else [0, n]
         for lo, hi in zip(cuts[:-1], cuts[1:]):
             self._add_ordered(mats[lo:hi], starts[lo:hi], slot[lo:hi], base + lo)
 
@@ -463,35 +463,39 @@ class SequenceAssembler:
         ss = slot[by]
         head = np.concatenate(([True], ss[1:] != ss[:-1]))
         first = np.flatnonzero(head)  # by positions where each device's records begin
-        at = np.empty(n, np.intp)
-        at[by] = np.arange(n)  # record -> its by position
-        q = at - first[(np.cumsum(head) - 1)[at]]  # earlier records of the device here
-        ka = np.arange(k)[:, None]
+        ka, rec = np.arange(k)[:, None], np.arange(n)
         cnt = self._count[slot]
         stored = self._start[:, slot]
         b = ((ka < cnt) & (stored <= starts)).sum(0)  # stored entries below: a prefix
-        room = k - cnt + b
         e_ok, e_pos = ka < b, np.maximum(b - 1 - ka, 0)
-        e_start = stored[e_pos, np.arange(n)]
-        r_ok, r_idx = ka < q, by[np.maximum(at - 1 - ka, 0)]
-        r_start = starts[r_idx]
-        # rank in the merge: own index + the other side's candidates that are newer
-        # (a record arrived later, so it is newer than a stored entry of equal start)
-        e_rank = ka + (r_ok[None] & (r_start[None] >= e_start[:, None])).sum(1)
-        r_rank = ka + (e_ok[None] & (e_start[None] > r_start[:, None])).sum(1)
+        e_start = stored[e_pos, rec]
         src = np.full((k + 1, n), self._zero, np.intp)  # pool row of each matrix row
-        src[0] = base + np.arange(n)
-        rel = np.zeros((k, n))
-        a, i = np.nonzero(e_ok & (e_rank < room))
-        j = e_rank[a, i]
+        src[0] = base + rec
+        age = np.zeros((k, n))  # seconds since each history row's start (0: none)
+        if len(first) == n:  # one record per device: its history is the stored part below it
+            a, i = np.nonzero(e_ok)
+            j = a
+        else:
+            at = np.empty(n, np.intp)
+            at[by] = rec  # record -> its by position
+            q = at - first[(np.cumsum(head) - 1)[at]]  # earlier records of the device here
+            r_ok, r_idx = ka < q, by[np.maximum(at - 1 - ka, 0)]
+            r_start = starts[r_idx]
+            # rank in the merge: own index + the other side's candidates that are newer
+            # (a record arrived later, so it is newer than a stored entry of equal start)
+            e_rank = ka + (r_ok[None] & (r_start[None] >= e_start[:, None])).sum(1)
+            r_rank = ka + (e_ok[None] & (e_start[None] > r_start[:, None])).sum(1)
+            room = k - cnt + b
+            a, i = np.nonzero(r_ok & (r_rank < room))
+            j = r_rank[a, i]
+            src[j + 1, i] = base + r_idx[a, i]
+            age[j, i] = starts[i] - r_start[a, i]
+            a, i = np.nonzero(e_ok & (e_rank < room))
+            j = e_rank[a, i]
         src[j + 1, i] = slot[i] * k + self._cell[e_pos[a, i], slot[i]]
-        rel[j, i] = rel_time(starts[i] - e_start[a, i])
-        a, i = np.nonzero(r_ok & (r_rank < room))
-        j = r_rank[a, i]
-        src[j + 1, i] = base + r_idx[a, i]
-        rel[j, i] = rel_time(starts[i] - r_start[a, i])
+        age[j, i] = starts[i] - e_start[a, i]
         np.take(self._pool, src.T.ravel(), axis=0, out=mats.reshape(n * (k + 1), -1), mode="clip")
-        mats[:, 1:, 0] = rel.T
+        mats[:, 1:, 0] = rel_time(age).T
         self._update_rings(starts, by, first, ss[first], base)
 
     def _update_rings(self, starts: np.ndarray, by: np.ndarray, first: np.ndarray,
@@ -501,7 +505,7 @@ class SequenceAssembler:
         keep their cells; new rows take the cells of the dropped and unused positions."""
         k, g = self.layout.history, len(slots)
         ka = np.arange(k)[:, None]
-        m = np.diff(np.append(first, len(by)))
+        m = np.diff(first, append=len(by))
         cnt, e_start, e_cell = self._count[slots], self._start[:, slots], self._cell[:, slots]
         e_ok, r_ok = ka < cnt, ka < m
         r_idx = by[np.maximum(first + m - 1 - ka, 0)]  # newest first
