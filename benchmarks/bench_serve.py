@@ -37,9 +37,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 from iotcls.testing.fake_zeek import FakeZeek
 from iotcls.testing.loadgen import LoadGen, RssSampler, tree_cpu_s
 from iotcls.testing.synth import synthetic_records
+
+WARM_UP_S = 5.0  # latencies of records sent before this are reported apart as well
 
 
 def model_path(arg: str | None, tmp: Path) -> tuple[str, str]:
@@ -153,6 +157,9 @@ async def sustained(zeek, gen, cfg, model, args) -> None:
           f"scorer(s), log.policy all, explain none:", flush=True)  # fmt: skip
     write_config(cfg, zeek.url, model, args.scorers, args)
     async with Serve(zeek, cfg, args.scorers) as serve:
+        # ready = labels come back (the scorers may still be loading the model after the
+        # bridge connected); a second of light traffic, not measured
+        await gen.closed_loop(20, 1.0, settle_s=30.0)
         sampler = RssSampler(serve.proc.pid, 1.0)
         st = asyncio.create_task(sampler.run())
         cpu = CpuMeter(serve.proc.pid)
@@ -166,6 +173,16 @@ async def sustained(zeek, gen, cfg, model, args) -> None:
     print(f"  latency record -> label: p50 {r.pct_ms(50):.1f} ms, p90 {r.pct_ms(90):.1f} ms, "
           f"p99 {r.pct_ms(99):.1f} ms, p99.9 {r.pct_ms(99.9):.1f} ms, max "
           f"{(lat.max() * 1000 if len(lat) else float('nan')):.1f} ms")  # fmt: skip
+    warm = r.after(WARM_UP_S)
+    if len(warm):
+        print(f"  after the first {WARM_UP_S:.0f} s (model, caches and allocator warm): p50 "
+              f"{np.percentile(warm, 50) * 1000:.1f} ms, p99 {np.percentile(warm, 99) * 1000:.1f} "
+              f"ms, max {warm.max() * 1000:.1f} ms over {len(warm)} labels")  # fmt: skip
+        worst = max(range(int(args.duration)), key=lambda t: np.percentile(
+            r.latencies_s[(r.sent_at_s >= t) & (r.sent_at_s < t + 1)], 99)
+            if ((r.sent_at_s >= t) & (r.sent_at_s < t + 1)).any() else 0.0)  # fmt: skip
+        sec = r.latencies_s[(r.sent_at_s >= worst) & (r.sent_at_s < worst + 1)]
+        print(f"  worst second: {worst}-{worst + 1} s, p99 {np.percentile(sec, 99) * 1000:.1f} ms")
     s = sampler.samples
     if s:
         skip = min(60.0, args.duration / 4)

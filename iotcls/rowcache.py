@@ -57,6 +57,13 @@ class RowCache:
     def __len__(self) -> int:
         return len(self._slot)
 
+    def clear(self) -> None:
+        """Forget every row (the features' memory is kept for reuse)."""
+        self._slot.clear()
+        self._keys = [None] * self.capacity
+        self._next = 0
+        self.stats = CacheStats()
+
     def _hashes(self, rows: np.ndarray) -> list[tuple[int, int]]:
         body = np.ascontiguousarray(rows[:, 1:], dtype=np.float32).view(np.uint8)
         if self._pad:

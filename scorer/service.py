@@ -115,6 +115,24 @@ def load_model(path: str, device: str, threads: int, batch_size: int, explain: s
                      explain=explain == "all", row_cache=row_cache)  # fmt: skip
 
 
+def warm_up(model, batch_size: int) -> float:
+    """Run the batch sizes the scorer will use first, once, before it says hello: the first
+    passes of a fresh process are many times slower (allocator, kernel selection), and
+    without this the first records after a (re)start wait for them. Returns the seconds."""
+    t0 = time.perf_counter()
+    layout = model.layout
+    rng = np.random.default_rng(0)
+    for n in sorted({bucket(k, batch_size) for k in (1, 8, 32, 128, batch_size)}):
+        x = rng.random((n, layout.rows, layout.width), dtype=np.float32)
+        p = model.predict(x)
+        if getattr(model, "trust", None) is not None and not model.explain:
+            model.assess_subset(x, p, np.arange(min(n, 8)))
+    cache = getattr(model, "row_cache", None)
+    if cache is not None:
+        cache.clear()
+    return time.perf_counter() - t0
+
+
 def model_name(model) -> str:
     bundle = getattr(model, "bundle", None)
     return getattr(bundle, "name", None) or type(model).__name__
@@ -378,12 +396,13 @@ def serve_scorer(
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"iotcls scorer {settings.name}: error: {msg}", file=sys.stderr)
         return 2
+    warm_s = warm_up(model, settings.batch_size)
     scorer = Scorer(model, settings)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: scorer.stop())
     trust = "with a trust state" if getattr(model, "trust", None) is not None else \
         "without a trust state (confidence criterion)"  # fmt: skip
-    log.info("scorer %s: model %s %s on %s, explaining %s labels, connecting to %s",
-             settings.name, scorer.model_id, trust, scorer.device, settings.explain,
-             settings.connect)  # fmt: skip
+    log.info("scorer %s: model %s %s on %s, explaining %s labels, warmed up in %.2f s, "
+             "connecting to %s", settings.name, scorer.model_id, trust, scorer.device,
+             settings.explain, warm_s, settings.connect)  # fmt: skip
     return scorer.run()

@@ -38,6 +38,13 @@ class LoadResult:
     seconds: float  # from first send to last label (or end of the run)
     latencies_s: np.ndarray  # one per label received
     outstanding: int  # sent, no label yet at the end
+    sent_at_s: np.ndarray | None = None  # per label: when its record was sent, from the start
+
+    def after(self, t_s: float) -> np.ndarray:
+        """Latencies of records sent at or after ``t_s`` seconds into the run (warm)."""
+        if self.sent_at_s is None:
+            return self.latencies_s
+        return self.latencies_s[self.sent_at_s >= t_s]
 
     @property
     def sent_per_s(self) -> float:
@@ -68,6 +75,8 @@ class LoadGen:
         self._seq = 0
         self._sent_at: dict[str, float] = {}
         self._lat = array("d")
+        self._lat_sent = array("d")
+        self._t0 = 0.0
         self._labelled = 0
         self._last_label = 0.0
 
@@ -76,6 +85,7 @@ class LoadGen:
         if t is None:
             return  # a label for a record of an earlier run, or an unknown uid
         self._lat.append(label.at - t)
+        self._lat_sent.append(t - self._t0)
         self._labelled += 1
         self._last_label = label.at
 
@@ -94,7 +104,9 @@ class LoadGen:
     def _reset(self) -> None:
         self._sent_at.clear()
         self._lat = array("d")
+        self._lat_sent = array("d")
         self._labelled = 0
+        self._t0 = time.monotonic()
 
     async def _settle(self, t0: float, sent: int, settle_s: float) -> LoadResult:
         deadline = time.monotonic() + settle_s
@@ -102,7 +114,8 @@ class LoadGen:
             await asyncio.sleep(0.01)
         end = self._last_label if self._labelled else time.monotonic()
         return LoadResult(sent, self._labelled, max(end - t0, 1e-9),
-                          np.frombuffer(self._lat, np.float64).copy(), len(self._sent_at))  # fmt: skip
+                          np.frombuffer(self._lat, np.float64).copy(), len(self._sent_at),
+                          np.frombuffer(self._lat_sent, np.float64).copy())  # fmt: skip
 
     async def open_loop(self, rate: float, seconds: float, settle_s: float = 5.0,
                         tick_s: float = 0.002) -> LoadResult:  # fmt: skip
