@@ -415,16 +415,17 @@ class SequenceAssembler:
         before its first record there: it then starts afresh, as one record at a time.)"""
         slots, free, rings = self._slots, self._free, []
         fresh: list[int] = []
+        get, to_end, ring_of = slots.get, slots.move_to_end, rings.append  # once, not per record
         for name in devices:
-            s = slots.get(name)
+            s = get(name)
             if s is None:
                 if len(slots) >= self.max_devices:
                     free.append(slots.popitem(last=False)[1])
                 s = slots[name] = free.pop() if free else self._new_ring()
                 fresh.append(s)
             else:
-                slots.move_to_end(name)
-            rings.append(s)
+                to_end(name)
+            ring_of(s)
         self._count[fresh] = 0
         return np.array(rings, np.intp)
 
