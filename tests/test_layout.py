@@ -110,8 +110,8 @@ class OneByOne:
         self.arrived += 1
         mat = np.zeros((self.k + 1, len(row)), np.float32)
         mat[0] = row
-        below = [e for e in kept if e[0] < key]
-        for j, (k_start, _), r in [(j, e[0], e[1]) for j, e in enumerate(reversed(below), 1)]:
+        below = [e for e in kept if e[0] < key]  # at most k: kept holds k
+        for j, ((k_start, _), r) in enumerate(reversed(below), 1):
             mat[j] = r
             mat[j, 0] = rel_time(start - k_start)
         kept.append((key, row))
@@ -128,7 +128,7 @@ def test_online_assembler_batches_equal_one_record_at_a_time(history, max_device
     lay = MatrixLayout(history=history, packets=2, payload_mode="none")
     rng = np.random.default_rng(history * 100 + max_devices)
     asm, ref = SequenceAssembler(lay, max_devices=max_devices), OneByOne(lay, max_devices)
-    names = [f"dev{i}" for i in range(12)]
+    names = [f"dev{i}" for i in range(100)]
     t = 0.0
     for _ in range(60):
         n = int(rng.integers(1, 81))
@@ -137,7 +137,9 @@ def test_online_assembler_batches_equal_one_record_at_a_time(history, max_device
         t += float(rng.integers(0, 5))
         # mostly rising starts, some far back, many ties (whole seconds)
         starts = t + rng.integers(-3, 6, n) - 50.0 * (rng.random(n) < 0.1)
-        devs = [names[i] for i in rng.integers(0, int(rng.choice([1, 3, 12])), n)]
+        few = int(rng.choice([1, 3, 12, 0]))  # devices to draw from; 0: each record another
+        picks = rng.integers(0, few, n) if few else rng.permutation(len(names))[:n]
+        devs = [names[i] for i in picks]
         got = asm.add(rows, starts, devs)
         want = np.stack([ref.add(rows[i], float(starts[i]), devs[i]) for i in range(n)])
         np.testing.assert_array_equal(got, want)
@@ -155,6 +157,7 @@ def test_online_assembler_in_start_order_equals_offline_in_any_batches():
     by_start = np.argsort(t.start, kind="stable")
     rows, keys = lay.encode_rows(t)[by_start], list(t.device_keys()[by_start])
     asm = SequenceAssembler(lay)
+    asm.CHUNK = 16  # batches of up to 60 records: several chunks each
     online = np.zeros_like(offline)
     lo = 0
     while lo < len(recs):
