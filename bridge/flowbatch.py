@@ -205,15 +205,21 @@ def _layout(r: bytes, has: np.ndarray | None, n: int):
     None when the text holds other than n records."""
     a = np.frombuffer(r, np.uint8)
     seps = np.flatnonzero(a <= _RSEP)
-    lens = np.diff(seps, prepend=-1, append=len(a)) - 1
+    lens = _gaps(seps, len(a)) - 1
     rs = np.flatnonzero(a[seps] == _RSEP)
     if len(rs) != n - 1:
         return None
-    k = np.diff(rs, prepend=-1, append=len(seps))  # slots per record
+    k = _gaps(rs, len(seps))  # slots per record
     if has is None:
         return lens, None, k
     rec = np.repeat(np.arange(n), k)
     return lens, has[rec], np.where(has, k, 0)
+
+
+def _gaps(x: np.ndarray, end: int) -> np.ndarray:
+    """np.diff of -1, x..., end (without np.diff's overhead: this runs per vector)."""
+    edges = np.concatenate(([-1], x, [end]))
+    return edges[1:] - edges[:-1]
 
 
 _TO_COMMA = bytes.maketrans(b"\x00\x01", b",,")

@@ -506,7 +506,7 @@ class SequenceAssembler:
         keep their cells; new rows take the cells of the dropped and unused positions."""
         k, g = self.layout.history, len(slots)
         ka = np.arange(k)[:, None]
-        m = np.diff(first, append=len(by))
+        m = np.concatenate((first[1:], [len(by)])) - first  # records per device
         cnt, e_start, e_cell = self._count[slots], self._start[:, slots], self._cell[:, slots]
         e_ok, r_ok = ka < cnt, ka < m
         r_idx = by[np.maximum(first + m - 1 - ka, 0)]  # newest first
