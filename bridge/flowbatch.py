@@ -3,8 +3,8 @@
 The bridge's intake is bound by per-record Python: one regex match per frame is unavoidable
 (it is what proves a frame has the plain shape), everything after it is done here for a whole
 batch at once. The vectors of all records are joined into one byte string, Broker's
-per-element wrapping is stripped with a few ``bytes.replace`` calls, and numbers and hex
-payloads are read with numpy. Each step checks the text is exactly what Broker renders; when
+per-element wrapping is stripped with a few ``bytes.replace`` and ``bytes.translate`` calls,
+and numbers and hex payloads are read with numpy. Each step checks the text is exactly what Broker renders; when
 anything in a batch is not (an escape, another time unit, a value out of the table's range),
 the whole batch is decoded record by record with :func:`records.flow_record_raw` and, where
 that declines, the JSON parser and the generic codec, so the result is always the one the
@@ -398,13 +398,13 @@ def _times(x: np.ndarray) -> np.ndarray:
 
 
 @lru_cache(maxsize=65536)
-def _ip16(raw: bytes) -> bytes:
+def _zeek_ip16(raw: bytes) -> bytes:
     """An address as Zeek writes it to the table's 16 bytes (ValueError if it is none)."""
     return ip_to_bytes(rc._ip(raw))
 
 
 def _ips(col: tuple) -> np.ndarray:
-    return np.frombuffer(b"".join(map(_ip16, col)), np.uint8).reshape(len(col), 16)
+    return np.frombuffer(b"".join(map(_zeek_ip16, col)), np.uint8).reshape(len(col), 16)
 
 
 @lru_cache(maxsize=65536)
