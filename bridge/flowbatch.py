@@ -4,11 +4,12 @@ The bridge's intake is bound by per-record Python: one regex match per frame is 
 (it is what proves a frame has the plain shape), everything after it is done here for a whole
 batch at once. The vectors of all records are joined into one byte string, Broker's
 per-element wrapping is stripped with a few ``bytes.replace`` and ``bytes.translate`` calls,
-and numbers and hex payloads are read with numpy. Each step checks the text is exactly what Broker renders; when
-anything in a batch is not (an escape, another time unit, a value out of the table's range),
-the whole batch is decoded record by record with :func:`records.flow_record_raw` and, where
-that declines, the JSON parser and the generic codec, so the result is always the one the
-generic path gives (tests check both on real and on mutated frames).
+and numbers and hex payloads are read with numpy. Each step checks the text is exactly what
+Broker renders; when anything in a batch is not (an escape, another time unit, a value out
+of the table's range), the whole batch is decoded record by record with
+:func:`records.flow_record_raw` and, where that declines, the JSON parser and the generic
+codec, so the result is always the one the generic path gives (tests check both on real and
+on mutated frames).
 """
 
 from __future__ import annotations

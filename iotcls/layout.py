@@ -528,4 +528,5 @@ class SequenceAssembler:
         self._pool[slots[c] * k + cell] = self._pool[base + r_idx[x, c]]
         p, c = np.nonzero(ka >= new_cnt)  # unused positions keep the cells left over
         new_cell[p, c] = free[r_keep.sum(0)[c] + p - new_cnt[c], c]
-        self._start[:, slots], self._cell[:, slots], self._count[slots] = new_start, new_cell, new_cnt
+        self._start[:, slots], self._cell[:, slots] = new_start, new_cell
+        self._count[slots] = new_cnt
