@@ -401,6 +401,35 @@ def trust_model_path(tmp_path_factory):
     return str(b.save(tmp_path_factory.mktemp("trust") / "t.pt"))
 
 
+def one_at_a_time_logged(model_path: str, records: np.ndarray):
+    """Records of one device "d", each sent once the previous one's outcome is back, through
+    a real dispatcher and a real scorer in mode ``logged`` (log policy ``changes``)."""
+    cfg = config()
+    cfg.log.policy = "changes"
+    out: list[Outcome] = []
+
+    async def main():
+        d = Dispatcher(cfg, LAYOUT, out.extend)
+        (addr,) = await d.start()
+        s = Scorer(Predictor(ModelBundle.load(model_path), explain=False),
+                   ScorerSettings(addr, "t", explain="logged", max_wait_ms=0))  # fmt: skip
+        th = threading.Thread(target=s.run, daemon=True)
+        th.start()
+        try:
+            await until(lambda: d.scorers == ["t"], 20, "the scorer")
+            for k in range(len(records)):
+                d.submit(records[k : k + 1], ["d"], [k])
+                await until(lambda: len(out) == k + 1, 10, f"outcome {k}")
+        finally:
+            s.stop()
+            th.join(10)
+            await d.close()
+        return d, s
+
+    d, s = run(main())
+    return out, d, s
+
+
 def test_logged_mode_explains_exactly_the_labels_sent(trust_model_path):
     """Mode ``logged``: a device's first label, and a later label that differs, get the full
     trust decision (equal to Predictor(explain=True)); a repeat of the last label sent is
@@ -412,29 +441,7 @@ def test_logged_mode_explains_exactly_the_labels_sent(trust_model_path):
     first = 0
     other = int(np.flatnonzero(ref.label != ref.label[first])[0])
     steps = [first, first, other, other]  # one record of device "d" at a time
-    cfg = config()
-    cfg.log.policy = "changes"
-    out: list[Outcome] = []
-
-    async def main():
-        d = Dispatcher(cfg, LAYOUT, out.extend)
-        (addr,) = await d.start()
-        s = Scorer(Predictor(ModelBundle.load(trust_model_path), explain=False),
-                   ScorerSettings(addr, "t", explain="logged", max_wait_ms=0))  # fmt: skip
-        th = threading.Thread(target=s.run, daemon=True)
-        th.start()
-        try:
-            await until(lambda: d.scorers == ["t"], 20, "the scorer")
-            for k, i in enumerate(steps):
-                d.submit(pool[i : i + 1], ["d"], [k])
-                await until(lambda: len(out) == k + 1, 10, f"outcome {k}")
-        finally:
-            s.stop()
-            th.join(10)
-            await d.close()
-        return d, s
-
-    d, s = run(main())
+    out, d, s = one_at_a_time_logged(trust_model_path, pool[steps])
     assert [(o.ctx, o.explained, o.send) for o in out] == \
         [(0, True, True), (1, False, False), (2, True, True), (3, False, False)]  # fmt: skip
     assert s.stats.explained == 2
@@ -490,29 +497,7 @@ def test_logged_mode_does_not_reexplain_a_refused_label(trust_model_path, tmp_pa
     refused = np.flatnonzero(~ref.trusted & (ref.reason != "low_confidence"))
     assert len(refused)
     i = int(refused[0])
-    cfg = config()
-    cfg.log.policy = "changes"
-    out: list[Outcome] = []
-
-    async def main():
-        d = Dispatcher(cfg, LAYOUT, out.extend)
-        (addr,) = await d.start()
-        s = Scorer(Predictor(ModelBundle.load(trust_model_path), explain=False),
-                   ScorerSettings(addr, "t", explain="logged", max_wait_ms=0))  # fmt: skip
-        th = threading.Thread(target=s.run, daemon=True)
-        th.start()
-        try:
-            await until(lambda: d.scorers == ["t"], 20, "the scorer")
-            for k in range(4):
-                d.submit(pool[i : i + 1], ["d"], [k])
-                await until(lambda: len(out) == k + 1, 10, f"outcome {k}")
-        finally:
-            s.stop()
-            th.join(10)
-            await d.close()
-        return s
-
-    s = run(main())
+    out, _, s = one_at_a_time_logged(trust_model_path, pool[[i] * 4])
     assert [(o.explained, o.send, o.trusted) for o in out] == \
         [(True, True, False)] + [(False, False, True)] * 3  # fmt: skip
     assert out[0].reason == ref.reason[i]
