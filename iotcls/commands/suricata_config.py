@@ -13,7 +13,6 @@ See docs/suricata.md.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import ipaddress
 import shutil
 from pathlib import Path
@@ -21,6 +20,7 @@ from pathlib import Path
 from ..cli import CliError
 from ..config import ConfigError, load
 from ..schema import DEFAULT_PACKETS, DEFAULT_PAYLOAD_BYTES, DEFAULT_WINDOW_S
+from ._shipped import shipped
 
 SCRIPT = "iotcls.lua"
 SETTINGS = "iotcls-suricata.conf"
@@ -42,19 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def script_path() -> Path:
     """The installed Lua output script."""
-    candidates: list[Path] = []
-    try:
-        spec = importlib.util.find_spec("iotcls.suricata_scripts")
-    except (ModuleNotFoundError, ValueError):
-        spec = None
-    if spec is not None and spec.submodule_search_locations:
-        candidates += [Path(p) / SCRIPT for p in spec.submodule_search_locations]
-    candidates.append(Path(__file__).resolve().parents[2] / "suricata" / SCRIPT)
-    for c in candidates:
-        if c.is_file():
-            return c
-    raise CliError("the iotcls Suricata script is missing from this installation "
-                   f"(looked in {', '.join(map(str, candidates))})")  # fmt: skip
+    return shipped("iotcls.suricata_scripts", "suricata", SCRIPT)
 
 
 def _checked(items: str, what: str, single: bool) -> str:

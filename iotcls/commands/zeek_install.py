@@ -15,7 +15,6 @@ install or a source checkout reads them where they are (:func:`scripts_dir`).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import re
 import shutil
@@ -24,6 +23,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..cli import CliError
+from ._shipped import shipped
 
 PACKAGE = "iotcls"
 MARKER = ".iotcls-install"
@@ -45,19 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def scripts_dir() -> Path:
     """The directory holding ``__load__.zeek`` of the iotcls Zeek package."""
-    candidates: list[Path] = []
-    try:
-        spec = importlib.util.find_spec("iotcls.zeek_scripts")
-    except (ModuleNotFoundError, ValueError):
-        spec = None
-    if spec is not None and spec.submodule_search_locations:
-        candidates += [Path(p) / PACKAGE for p in spec.submodule_search_locations]
-    candidates.append(Path(__file__).resolve().parents[2] / "zeek-scripts" / PACKAGE)
-    for d in candidates:
-        if (d / "__load__.zeek").is_file():
-            return d
-    raise CliError("the iotcls Zeek scripts are missing from this installation "
-                   f"(looked in {', '.join(map(str, candidates))})")  # fmt: skip
+    return shipped("iotcls.zeek_scripts", "zeek-scripts", PACKAGE, marker="__load__.zeek")
 
 
 def _run(cmd: list[str]) -> str | None:
