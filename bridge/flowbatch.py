@@ -226,6 +226,9 @@ def _gaps(x: np.ndarray, end: int) -> np.ndarray:
 _TO_COMMA = bytes.maketrans(b"\x00\x01", b",,")
 
 
+_LEADING_ZERO = re.compile(rb"(?:^|[\x00\x01])0[0-9]")
+
+
 def _ints(r: bytes, count: int) -> np.ndarray | None:
     """Separated digit strings (checked: 1 to 15 digits each) -> int64."""
     try:
@@ -253,6 +256,8 @@ def _numbers(inners: tuple, n: int):
     if len(lens) == 0:
         return np.zeros(0, np.int64), k
     if lens.min() < 1 or lens.max() > 15:
+        return None
+    if _LEADING_ZERO.search(r):  # "07" is not a JSON number: the generic path refuses it
         return None
     v = _ints(r, len(lens))
     return (None if v is None else (v, k))

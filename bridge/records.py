@@ -146,8 +146,9 @@ def _node(dtype: bytes, data: bytes) -> bytes:
 _F_MAC = _node(b"string", rb'"([0-9a-f:]*)"')
 _F_UID = _node(b"string", rb'"([0-9A-Za-z_-]*)"')
 _F_ADDR = _node(b"address", rb'"([0-9A-Fa-f.:]{2,45})"')
-_F_COUNT = _node(b"count", rb"(\d{1,19})")
-_F_REAL = _node(b"real", rb"(-?\d{1,20}\.\d{1,20})")
+# JSON numbers: no leading zeros (the generic JSON parser refuses them; so must these)
+_F_COUNT = _node(b"count", rb"(0|[1-9]\d{0,18})")
+_F_REAL = _node(b"real", rb"(-?(?:0|[1-9]\d{0,19})\.\d{1,20})")
 _F_BOOL = _node(b"boolean", rb"(true|false)")
 _F_VEC = _node(b"vector", rb"\[([^\[\]]*)\]")
 # The only metadata Zeek attaches (with EventMetadata::add_network_timestamp): network time.
@@ -200,6 +201,8 @@ def _counts(inner: bytes) -> list[int] | None:
     if not vals:
         return vals
     if not b"".join(vals).isdigit() or not all(vals) or max(map(len, vals)) > 19:
+        return None
+    if any(v[0] == 48 and len(v) > 1 for v in vals):  # "07": not a JSON number
         return None
     return list(map(int, vals))
 
