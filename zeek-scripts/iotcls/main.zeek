@@ -57,8 +57,10 @@ export {
 	option device_macs: set[string] = {};
 
 	## Endpoints inside these networks are devices, except multicast and broadcast
-	## addresses. Empty: use :zeek:see:`Site::local_nets` (looked up at each new
-	## connection, so later changes to it apply).
+	## addresses. Empty, and :zeek:see:`IoTClass::device_macs` empty too: use
+	## :zeek:see:`Site::local_nets` (looked up at each new connection, so later changes
+	## to it apply; Zeek adds the private address space to it by default). Empty with
+	## MACs listed: only those MACs are devices, as the pcap sensor's ``--devices``.
 	option device_nets: set[subnet] = {};
 
 	## Longest span of one flow record; the schema's ``window_s``.
@@ -207,30 +209,41 @@ export {
 	};
 
 	## Per-connection capture state (one window; shared by mirrored device sides).
+	## Capture state of one window of one connection key (shared by mirrored device
+	## sides). It outlives a connection that ends within the window: the next connection
+	## with the same endpoints continues it, as the pcap sensor's windows do.
 	type State: record {
-		## Whether the originator is a device.
+		## Whether the originator (of *id*) is a device.
 		orig_dev: bool;
-		## Whether the responder is a device.
+		## Whether the responder (of *id*) is a device.
 		resp_dev: bool;
+		## Device MAC of the originator, empty when none (or a group MAC).
+		orig_mac: string;
+		## Device MAC of the responder, empty when none (or a group MAC).
+		resp_mac: string;
+		## The connection the window's packets are oriented by.
+		id: conn_id;
+		## Its uid.
+		uid: string;
 		## Time of the window's first packet.
 		start: time;
 		## Time of the window's latest packet.
 		last: time;
-		## ConnSize packet count (both directions) before the window's first packet.
-		base_pkts: count &default=0;
-		## ConnSize IP byte count (both directions) before the window's first packet.
-		base_bytes: count &default=0;
+		## Packets of the window so far (both directions).
+		pkts: count &default=0;
+		## Sum of their IP lengths.
+		bytes: count &default=0;
 		## Recorded packets: offsets.
 		offsets: vector of interval &default=vector();
 		## Recorded packets: IP lengths.
 		sizes: vector of count &default=vector();
-		## Recorded packets: sent by the originator.
+		## Recorded packets: sent by the originator of *id*.
 		from_orig: vector of bool &default=vector();
 		## Recorded packets: payload, hex.
 		payloads: vector of string &default=vector();
 		## Slot whose payload the next tcp_packet/udp_contents fills; -1: none.
 		pay_slot: int &default=-1;
-		## The window was flushed for good (trace end); nothing more to publish.
+		## The window was published for good; nothing more to publish.
 		done: bool &default=F;
 	};
 
@@ -277,8 +290,18 @@ type TimerLine: record {
 global wallclock_fired: event(desc: Input::EventDescription, tpe: Input::Event,
     s: string);
 
-# uid -> conn_id of the connections with capture state, to flush them at trace end.
-global tracked: table[string] of conn_id;
+# uid -> the connections with capture state, to flush them at trace end (lookup_connection
+# cannot find ICMP connections by their conn_id on Zeek 8.2).
+global tracked: table[string] of connection;
+
+# Windows whose connection ended before the window did, by flow_key(): the next connection
+# with the same endpoints continues them, else they are published when the window ends.
+global parked: table[string] of State;
+
+# The trace has ended (offline): every window is final.
+global trace_done = F;
+
+global window_end: event(key: string, start: time);
 
 global records_sent: count = 0;
 global labels_logged: count = 0;
@@ -439,6 +462,8 @@ function is_device(a: addr, ep: endpoint): bool
 		return F;
 	if ( |device_nets| > 0 )
 		return a in device_nets;
+	if ( |device_macs| > 0 )
+		return F;
 	return a in Site::local_nets;
 	}
 
@@ -450,108 +475,133 @@ function device_mac(ep: endpoint): string
 	return ep$l2_addr;
 	}
 
-function ip_proto(c: connection): count
+function ip_proto(id: conn_id): count
 	{
-	local tp = get_port_transport_proto(c$id$orig_p);
+@if ( Version::at_least("7.2.0") )
+	# Zeek 7.2+ carries the IP protocol in conn_id, also for connections of other IP
+	# protocols (IGMP: unknown_transport, ports 0), which the pcap sensor records too.
+	if ( id$proto != 65535 )
+		return id$proto;
+@endif
+	local tp = get_port_transport_proto(id$orig_p);
 	if ( tp == tcp )
 		return 6;
 	if ( tp == udp )
 		return 17;
 	if ( tp == icmp )
-		return is_v6_addr(c$id$orig_h) ? 58 : 1;
+		return is_v6_addr(id$orig_h) ? 58 : 1;
 	return 0;
 	}
 
-function conn_pkts(c: connection): count
+# IP protocols whose payload comes from Zeek's transport analyzers (and ICMP, kept empty);
+# 65535: a Zeek before 7.2 that does not say.
+const transport_protos: set[count] = {
+	1,
+	6,
+	17,
+	58,
+	65535
+};
+
+# The IP payload of the current packet (other IP protocols, such as IGMP: Zeek has no
+# payload event for them), hex, from the raw frame; empty where the link layer is not
+# Ethernet.
+function ip_payload(p: pkt_hdr, ip_len: count): string
 	{
-	local n = 0;
-	if ( c$orig?$num_pkts )
-		n += c$orig$num_pkts;
-	if ( c$resp?$num_pkts )
-		n += c$resp$num_pkts;
-	return n;
+	# pcap_packet's link_type says LINK_UNKNOWN on Zeek 8.2 for Ethernet: ask the header.
+	local l2 = get_current_packet_header()$l2;
+	if ( l2$encap != LINK_ETHERNET )
+		return "";
+
+	local raw = get_current_packet();
+	local off = 14;
+	if ( l2?$vlan )
+		off += 4;
+	if ( l2?$inner_vlan )
+		off += 4;
+	local hl = p?$ip ? p$ip$hl : 40;
+	if ( ip_len <= hl )
+		return "";
+
+	local n = ip_len - hl;
+	return bytestring_to_hexstr(sub_bytes(raw$data, off + hl + 1, n < payload_bytes ? n :
+	    payload_bytes));
 	}
 
-function conn_bytes(c: connection): count
+# Endpoints without direction: a restarted connection may have them either way round.
+function flow_key(id: conn_id): string
 	{
-	local n = 0;
-	if ( c$orig?$num_bytes_ip )
-		n += c$orig$num_bytes_ip;
-	if ( c$resp?$num_bytes_ip )
-		n += c$resp$num_bytes_ip;
-	return n;
+	local a = fmt("%s|%s", id$orig_h, id$orig_p);
+	local b = fmt("%s|%s", id$resp_h, id$resp_p);
+	return a < b ? fmt("%s|%s", a, b) : fmt("%s|%s", b, a);
 	}
 
-function minus(a: count, b: count): count
-	{
-	return a > b ? a - b : 0;
-	}
-
-function make_record(c: connection, s: State, dev_is_orig: bool,
-    total_pkts: count, total_bytes: count): FlowRecord
+function make_record(s: State, dev_is_orig: bool, proto: count): FlowRecord
 	{
 	local dirs: vector of count = vector();
 	for ( i in s$from_orig )
 		dirs += ( s$from_orig[i] == dev_is_orig ) ? 1 : 0;
 
-	local dev = dev_is_orig ? c$orig : c$resp;
-	return FlowRecord($device_mac=device_mac(dev),
-	    $device_ip=dev_is_orig ? c$id$orig_h : c$id$resp_h,
-	    $device_port=port_to_count(dev_is_orig ? c$id$orig_p : c$id$resp_p),
-	    $remote_ip=dev_is_orig ? c$id$resp_h : c$id$orig_h,
-	    $remote_port=port_to_count(dev_is_orig ? c$id$resp_p : c$id$orig_p),
-	    $proto=ip_proto(c), $start=time_to_double(s$start),
-	    $last=time_to_double(s$last), $total_bytes=total_bytes,
-	    $total_packets=total_pkts, $offsets=s$offsets, $sizes=s$sizes,
-	    $directions=dirs, $payloads=s$payloads, $uid=c$uid,
-	    $device_is_orig=dev_is_orig);
+	return FlowRecord($device_mac=dev_is_orig ? s$orig_mac : s$resp_mac,
+	    $device_ip=dev_is_orig ? s$id$orig_h : s$id$resp_h,
+	    $device_port=port_to_count(dev_is_orig ? s$id$orig_p : s$id$resp_p),
+	    $remote_ip=dev_is_orig ? s$id$resp_h : s$id$orig_h,
+	    $remote_port=port_to_count(dev_is_orig ? s$id$resp_p : s$id$orig_p),
+	    $proto=proto, $start=time_to_double(s$start), $last=time_to_double(
+	    s$last), $total_bytes=s$bytes, $total_packets=s$pkts,
+	    $offsets=s$offsets, $sizes=s$sizes, $directions=dirs,
+	    $payloads=s$payloads, $uid=s$uid, $device_is_orig=dev_is_orig);
 	}
 
-function emit(c: connection, s: State, total_pkts: count, total_bytes: count)
+# Publishes the window (one record per device side); it must not be published again.
+function emit(s: State)
 	{
+	if ( s$done || s$pkts == 0 )
+		return;
+
+	local proto = ip_proto(s$id);
 	if ( s$orig_dev )
 		{
-		publish_flow(make_record(c, s, T, total_pkts, total_bytes));
+		publish_flow(make_record(s, T, proto));
 		++records_sent;
 		}
 	if ( s$resp_dev )
 		{
-		publish_flow(make_record(c, s, F, total_pkts, total_bytes));
+		publish_flow(make_record(s, F, proto));
 		++records_sent;
 		}
-	}
-
-# Ends the window with everything counted so far (connection end, trace end).
-function flush(c: connection)
-	{
-	local s = c$iotcls;
-	if ( s$done )
-		return;
-
-	emit(c, s, minus(conn_pkts(c), s$base_pkts), minus(conn_bytes(c),
-	    s$base_bytes));
 	s$done = T;
 	}
 
-# The packet at t (IP length ip_len) opens a new window: end the current one without it.
-function roll(c: connection, s: State, t: time, ip_len: count)
+# Orients s by connection c (which has the same endpoints, maybe the other way round).
+function rebase(s: State, c: connection)
 	{
-	# Endpoint counters are stale inside packet events (init-bare.zeek, endpoint): refresh.
-	local now_pkts = 0;
-	local now_bytes = 0;
-	if ( connection_exists(c$id) )
+	if ( s$id$orig_h != c$id$orig_h || s$id$orig_p != c$id$orig_p )
 		{
-		local fresh = lookup_connection(c$id);
-		now_pkts = conn_pkts(fresh);
-		now_bytes = conn_bytes(fresh);
+		local d = s$orig_dev;
+		s$orig_dev = s$resp_dev;
+		s$resp_dev = d;
+		local m = s$orig_mac;
+		s$orig_mac = s$resp_mac;
+		s$resp_mac = m;
+		local flipped: vector of bool = vector();
+		for ( i in s$from_orig )
+			flipped += ! s$from_orig[i];
+		s$from_orig = flipped;
 		}
+	s$id = c$id;
+	s$uid = c$uid;
+	}
 
-	local before_pkts = minus(now_pkts, 1);
-	local before_bytes = minus(now_bytes, ip_len);
-	emit(c, s, minus(before_pkts, s$base_pkts), minus(before_bytes, s$base_bytes));
-	s$base_pkts = before_pkts;
-	s$base_bytes = before_bytes;
+# The packet at t opens a new window of connection c: publish the current one.
+function roll(c: connection, s: State, t: time)
+	{
+	emit(s);
+	rebase(s, c);
+	s$done = F;
 	s$start = t;
+	s$pkts = 0;
+	s$bytes = 0;
 	s$offsets = vector();
 	s$sizes = vector();
 	s$from_orig = vector();
@@ -559,16 +609,22 @@ function roll(c: connection, s: State, t: time, ip_len: count)
 	s$pay_slot = -1;
 	}
 
-function flush_tracked()
+# Publishes every window: the trace has ended, or Zeek is terminating.
+function flush_all()
 	{
-	for ( uid, id in tracked )
-		{
-		if ( ! connection_exists(id) )
-			next;
+	for ( uid, c in tracked )
+		emit(c$iotcls);
+	for ( key, s in parked )
+		emit(s);
+	parked = table();
+	}
 
-		local c = lookup_connection(id);
-		if ( c?$iotcls && c$uid == uid )
-			flush(c);
+event window_end(key: string, start: time)
+	{
+	if ( key in parked && parked[key]$start == start )
+		{
+		emit(parked[key]);
+		delete parked[key];
 		}
 	}
 
@@ -650,14 +706,31 @@ event new_connection(c: connection) &priority=5
 	if ( ! capture_node() )
 		return;
 
+	local key = flow_key(c$id);
+	if ( key in parked )
+		{
+		local p = parked[key];
+		delete parked[key];
+		if ( network_time() < p$start + window_length )
+			{
+			# The window goes on in this connection.
+			rebase(p, c);
+			c$iotcls = p;
+			tracked[c$uid] = c;
+			return;
+			}
+		emit(p);
+		}
+
 	local om = is_device(c$id$orig_h, c$orig);
 	local rm = is_device(c$id$resp_h, c$resp);
 	if ( ! om && ! rm )
 		return;
 
-	c$iotcls = State($orig_dev=om, $resp_dev=rm, $start=c$start_time,
-	    $last=c$start_time);
-	tracked[c$uid] = c$id;
+	c$iotcls = State($orig_dev=om, $resp_dev=rm, $orig_mac=device_mac(c$orig),
+	    $resp_mac=device_mac(c$resp), $id=c$id, $uid=c$uid,
+	    $start=c$start_time, $last=c$start_time);
+	tracked[c$uid] = c;
 	}
 
 event new_packet(c: connection, p: pkt_hdr)
@@ -666,47 +739,50 @@ event new_packet(c: connection, p: pkt_hdr)
 		return;
 
 	local s = c$iotcls;
-	if ( s$done )
-		return;
-
 	local t = network_time();
 	local ip_len = 0;
-	if ( t < s$start + window_length )
-		{
-		s$last = t;
-		if ( |s$sizes| >= packets )
-			{
-			# This packet is not recorded: no payload event may fill a slot for it.
-			s$pay_slot = -1;
-			return;
-			}
-		}
-
-	local from_orig = F;
+	local src: addr;
 	if ( p?$ip )
 		{
 		ip_len = p$ip$len;
-		from_orig = p$ip$src == c$id$orig_h;
+		src = p$ip$src;
 		}
 	else if ( p?$ip6 )
 		{
 		ip_len = p$ip6$len + 40;
-		from_orig = p$ip6$src == c$id$orig_h;
+		src = p$ip6$src;
 		}
+	else
+		return;
 
 	if ( t >= s$start + window_length )
+		roll(c, s, t);
+	else if ( s$done )
+		return;
+
+	s$last = t;
+	++s$pkts;
+	s$bytes += ip_len;
+	if ( |s$sizes| >= packets )
 		{
-		roll(c, s, t, ip_len);
-		s$last = t;
-		if ( |s$sizes| >= packets )
-			return;
+		# This packet is not recorded: no payload event may fill a slot for it.
+		s$pay_slot = -1;
+		return;
 		}
 
-	s$offsets += t - s$start;
+	# A packet stamped earlier than the one before it (network time never goes back)
+	# still opens its window at offset 0.
+	s$offsets += s$pkts == 1 ? 0sec : t - s$start;
 	s$sizes += ip_len;
-	s$from_orig += from_orig;
-	s$payloads += "";
-	s$pay_slot = |s$payloads| - 1;
+	s$from_orig += src == s$id$orig_h;
+	if ( s$id$proto in transport_protos || payload_bytes == 0 )
+		{
+		# tcp_packet / udp_contents fill the slot; ICMP payloads stay empty.
+		s$payloads += "";
+		s$pay_slot = |s$payloads| - 1;
+		}
+	else
+		s$payloads += ip_payload(p, ip_len);
 	}
 
 event tcp_packet(c: connection, is_orig: bool, flags: string, seq: count,
@@ -739,8 +815,24 @@ event connection_state_remove(c: connection) &priority=-5
 	if ( ! c?$iotcls )
 		return;
 
-	flush(c);
 	delete tracked[c$uid];
+	local s = c$iotcls;
+	if ( s$done )
+		return;
+
+	local t = network_time();
+	if ( trace_done || t >= s$start + window_length )
+		{
+		emit(s);
+		return;
+		}
+
+	# The window may go on in a later connection with the same endpoints.
+	local key = flow_key(c$id);
+	if ( key in parked )
+		emit(parked[key]);
+	parked[key] = s;
+	schedule s$start + window_length - t { window_end(key, s$start) };
 	}
 
 event Pcap::file_done(path: string)
@@ -748,7 +840,8 @@ event Pcap::file_done(path: string)
 	if ( ! capture_node() )
 		return;
 
-	flush_tracked();
+	trace_done = T;
+	flush_all();
 	if ( label_node() )
 		finish_offline(path);
 	}
@@ -756,7 +849,7 @@ event Pcap::file_done(path: string)
 event zeek_done()
 	{
 	if ( capture_node() )
-		flush_tracked();
+		flush_all();
 	}
 
 event IoTClass::hello(bridge: string, endpoint: string)
