@@ -245,6 +245,10 @@ export {
 		pay_slot: int &default=-1;
 		## The window was published for good; nothing more to publish.
 		done: bool &default=F;
+		## Devices are selected by MAC and an endpoint is an unspecified address (0.0.0.0,
+		## ::): its packets may come from several devices (DHCP discovers, IPv6 duplicate
+		## address detection), each with a window of its own, by source MAC.
+		mac_split: bool &default=F;
 	};
 
 	## Zeek to bridge: one ended window of one device endpoint.
@@ -302,6 +306,14 @@ global parked: table[string] of State;
 global trace_done = F;
 
 global window_end: event(key: string, start: time);
+
+# [uid, MAC] -> the windows of a mac_split connection, one per source MAC.
+global split: table[string, string] of State;
+
+const unspecified: set[addr] = {
+	0.0.0.0,
+	[::]
+};
 
 global records_sent: count = 0;
 global labels_logged: count = 0;
@@ -609,6 +621,38 @@ function roll(c: connection, s: State, t: time)
 	s$pay_slot = -1;
 	}
 
+# The window of the device that sent the current packet (an originator of a mac_split
+# connection), by the packet's source MAC; a MAC that is no device gets a window that
+# publishes nothing.
+function by_mac(c: connection, s: State, t: time): State
+	{
+	local l2 = get_current_packet_header()$l2;
+	if ( ! l2?$src || l2$src == s$orig_mac )
+		return s;
+	if ( [c$uid, l2$src] in split )
+		return split[c$uid, l2$src];
+
+	local n = State($orig_dev=l2$src in device_macs, $resp_dev=s$resp_dev,
+	    $orig_mac=l2$src, $resp_mac=s$resp_mac, $id=c$id, $uid=c$uid,
+	    $start=t, $last=t, $mac_split=T);
+	split[c$uid, l2$src] = n;
+	return n;
+	}
+
+# Publishes the windows of a mac_split connection.
+function emit_split(uid: string)
+	{
+	local gone: set[string, string] = set();
+	for ( [u, mac], s in split )
+		if ( u == uid )
+			{
+			emit(s);
+			add gone[u, mac];
+			}
+	for ( [u, mac] in gone )
+		delete split[u, mac];
+	}
+
 # Publishes every window: the trace has ended, or Zeek is terminating.
 function flush_all()
 	{
@@ -617,6 +661,9 @@ function flush_all()
 	for ( key, s in parked )
 		emit(s);
 	parked = table();
+	for ( [u, mac], ms in split )
+		emit(ms);
+	split = table();
 	}
 
 event window_end(key: string, start: time)
@@ -731,6 +778,13 @@ event new_connection(c: connection) &priority=5
 	    $resp_mac=device_mac(c$resp), $id=c$id, $uid=c$uid,
 	    $start=c$start_time, $last=c$start_time);
 	tracked[c$uid] = c;
+	if ( |device_macs| > 0
+	    && c$orig?$l2_addr
+	    && ( c$id$orig_h in unspecified || c$id$resp_h in unspecified ) )
+		{
+		c$iotcls$mac_split = T;
+		split[c$uid, c$orig$l2_addr] = c$iotcls;
+		}
 	}
 
 event new_packet(c: connection, p: pkt_hdr)
@@ -754,6 +808,12 @@ event new_packet(c: connection, p: pkt_hdr)
 		}
 	else
 		return;
+
+	if ( s$mac_split && src == s$id$orig_h )
+		{
+		s = by_mac(c, s, t);
+		c$iotcls = s;
+		}
 
 	if ( t >= s$start + window_length )
 		roll(c, s, t);
@@ -817,6 +877,11 @@ event connection_state_remove(c: connection) &priority=-5
 
 	delete tracked[c$uid];
 	local s = c$iotcls;
+	if ( s$mac_split )
+		{
+		emit_split(c$uid);
+		return;
+		}
 	if ( s$done )
 		return;
 
