@@ -11,6 +11,7 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -223,18 +224,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@needs_zeek
-def test_zeek_end_to_end_on_a_real_capture(tmp_path):
-    """zeek -r capture iotcls, the bridge beside it: every record Zeek publishes is labelled
-    and logged in iot_class.log, Zeek exits by itself after the drain, and the records equal
-    the pcap sensor's where both end a window the same way."""
+SAMPLE = ROOT / "iotcls" / "data" / "sample.pcap"
+
+
+def _sample_macs() -> list[str]:
+    lines = (ROOT / "iotcls" / "data" / "sample-devices.csv").read_text().split()
+    return [ln.split(",")[0] for ln in lines[1:]]
+
+
+def _macs_arg(macs: list[str]) -> str:
+    return "IoTClass::device_macs={" + ",".join(f'"{m}"' for m in macs) + "}"
+
+
+def _zeek_with_bridge(pcap: Path, cwd: Path, *zeek_args: str):
+    """``zeek -C -r pcap iotcls`` with an in-process bridge whose scorer keeps every record
+    it is given; returns Zeek's result, the records, the bridge and its layout."""
     from iotcls.bridge.core import Bridge, attach, run
     from iotcls.bridge.records import Verdict
-    from iotcls.flows import DeviceSelector, capture_flows
     from iotcls.layout import MatrixLayout
 
-    pcap = Path(__file__).parent / "fixtures" / "captures" / "D-LinkCam_Setup-B-1-STA.pcap"
-    nets = ["10.0.0.0/8", "192.168.0.0/16"]
     port = _free_port()
     got = []
 
@@ -251,30 +259,178 @@ def test_zeek_end_to_end_on_a_real_capture(tmp_path):
     thread.start()
     try:
         cmd = [ZEEK, "-C", "-r", str(pcap), str(PKG), f"IoTClass::websocket_port={port}/tcp",
-               "IoTClass::device_nets={" + ",".join(nets) + "}", "IoTClass::hold_timeout=60sec"]
-        r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=180)
+               "IoTClass::hold_timeout=60sec", *zeek_args]  # fmt: skip
+        r = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=180)
     finally:
         loop.call_soon_threadsafe(client.stop)
         thread.join(30)
+    return r, got, bridge, layout
+
+
+def _log_rows(path: Path) -> list[list[str]]:
+    return [ln.split("\t") for ln in path.read_text().splitlines() if not ln.startswith("#")]
+
+
+def _rkey(x):
+    return (x.device_mac, x.device_ip, x.device_port, x.remote_ip, x.remote_port, x.proto,
+            round(x.start, 6))  # fmt: skip
+
+
+@needs_zeek
+def test_zeek_end_to_end_on_a_real_capture(tmp_path):
+    """zeek -r capture iotcls, the bridge beside it: every record Zeek publishes is labelled
+    and logged in iot_class.log, Zeek exits by itself after the drain, and the records equal
+    the pcap sensor's (device networks)."""
+    from iotcls.flows import DeviceSelector, capture_flows
+
+    pcap = Path(__file__).parent / "fixtures" / "captures" / "D-LinkCam_Setup-B-1-STA.pcap"
+    nets = ["10.0.0.0/8", "192.168.0.0/16"]
+    r, got, bridge, layout = _zeek_with_bridge(pcap, tmp_path,
+                                               "IoTClass::device_nets={" + ",".join(nets) + "}")
     assert r.returncode == 0, r.stderr
     assert "were not classified" not in r.stderr and "did not confirm" not in r.stderr
-    log_lines = [ln for ln in (tmp_path / "iot_class.log").read_text().splitlines()
-                 if not ln.startswith("#")]  # fmt: skip
+    log_lines = _log_rows(tmp_path / "iot_class.log")
     assert len(log_lines) == len(got) == bridge.stats.labels > 0
     pcap_recs = capture_flows(pcap, DeviceSelector.from_lists(nets=nets)).table.records()
+    twins = {_rkey(x): x for x in pcap_recs}
+    assert sorted(map(_rkey, got)) == sorted(twins)
+    for z in got:
+        p = twins[_rkey(z)]
+        assert (z.last, z.total_bytes, z.total_packets, z.offsets, z.sizes, z.directions,
+                z.payloads) == (p.last, p.total_bytes, p.total_packets, p.offsets, p.sizes,
+                                p.directions, p.payloads)  # fmt: skip
+    rows_z = layout.encode_rows(bridge.assembler.table(got))
+    rows_p = layout.encode_rows(bridge.assembler.table([twins[_rkey(z)] for z in got]))
+    assert np.array_equal(rows_z, rows_p)
 
-    def key(x):
-        return (x.device_ip, x.device_port, x.remote_ip, x.remote_port, x.proto, x.start)
 
-    twins = {key(x): x for x in pcap_recs}
-    same = [z for z in got if key(z) in twins]
-    assert len(same) >= 0.8 * len(got)
-    for z in same:
-        p = twins[key(z)]
-        assert (z.offsets, z.sizes, z.directions, z.payloads, z.device_mac) == \
-            (p.offsets, p.sizes, p.directions, p.payloads, p.device_mac)  # fmt: skip
-    rows_z = layout.encode_rows(bridge.assembler.table(same))
-    rows_p = layout.encode_rows(bridge.assembler.table([twins[key(z)] for z in same]))
-    # totals may differ where Zeek ends a window at connection end; everything else agrees
-    cols = [i for i, n in enumerate(layout.column_names()) if n not in ("bytes", "pkts")]
-    assert np.array_equal(rows_z[:, cols], rows_p[:, cols])
+@needs_zeek
+def test_zeek_records_by_mac_equal_the_pcap_sensors(tmp_path):
+    """Devices by MAC only (as ``--devices``): every record of the sample capture equals the
+    pcap sensor's, including windows whose Zeek connection ended and restarted (DNS, mDNS),
+    ICMP connections open at the trace's end, IGMP (payload from the raw frame) and DHCP
+    discovers of eight devices that Zeek sees as one 0.0.0.0 connection. Only the
+    orientation is Zeek's own (device_is_orig, and uid)."""
+    from iotcls.flows import DeviceSelector, capture_flows
+
+    macs = _sample_macs()
+    r, got, _, _ = _zeek_with_bridge(SAMPLE, tmp_path, _macs_arg(macs))
+    assert r.returncode == 0, r.stderr
+    pcap_recs = capture_flows(SAMPLE, DeviceSelector.from_lists(macs)).table.records()
+    twins = {_rkey(x): x for x in pcap_recs}
+    assert len(got) == len(pcap_recs) == len(twins) == 288
+    assert sorted(map(_rkey, got)) == sorted(twins)
+    fields = [f for f in FlowRecord.__dataclass_fields__ if f not in ("uid", "device_is_orig")]
+    for z in got:
+        p = twins[_rkey(z)]
+        assert [getattr(z, f) for f in fields] == [getattr(p, f) for f in fields], _rkey(z)
+    assert {x.proto for x in got} == {1, 2, 6, 17, 58}
+    assert any(x.proto == 2 and any(x.payloads) for x in got)  # IGMP payloads
+
+
+@needs_zeek
+def test_zeek_without_a_bridge_goes_on_and_ends(tmp_path):
+    """Offline with nobody listening: the hold ends after hold_timeout (wall clock, through
+    the Input framework's raw reader) and Zeek terminates at the trace's end, saying so."""
+    cmd = [ZEEK, "-C", "-r", str(SAMPLE), str(PKG), f"IoTClass::websocket_port={_free_port()}/tcp",
+           "IoTClass::hold_timeout=1sec", _macs_arg(_sample_macs())]  # fmt: skip
+    r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "no bridge connected within 1.0 sec, processing continues" in r.stderr
+    assert "iotcls: no bridge connected, 288 flow records of" in r.stderr
+    assert not (tmp_path / "iot_class.log").exists()
+    assert "conn.log" in os.listdir(tmp_path)
+
+
+@needs_zeek
+def test_zeek_drain_times_out_on_a_silent_bridge(tmp_path):
+    """A bridge that says hello and then nothing: Zeek publishes every record and the drain,
+    waits drain_timeout (wall clock, network time stands still after the trace), warns and
+    terminates by itself."""
+    from websockets.sync.client import connect
+
+    port = _free_port()
+    seen: list[str] = []
+
+    def silent_bridge():
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                ws = connect(f"ws://127.0.0.1:{port}/v1/messages/json", open_timeout=2)
+                break
+            except OSError:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+        with ws:
+            ws.send(json.dumps(["zeek/iotcls/flows"]))
+            ack = json.loads(ws.recv())
+            ws.send(rc.hello_message("zeek/iotcls/labels", "silent", ack["endpoint"]).decode())
+            try:
+                for frame in ws:
+                    seen.append(rc.event_name(json.loads(frame)) or "")
+            except Exception:  # Zeek closes the connection when it terminates
+                pass
+
+    t = threading.Thread(target=silent_bridge, daemon=True)
+    t.start()
+    cmd = [ZEEK, "-C", "-r", str(SAMPLE), str(PKG), f"IoTClass::websocket_port={port}/tcp",
+           "IoTClass::hold_timeout=60sec", "IoTClass::drain_timeout=2sec",
+           _macs_arg(_sample_macs())]  # fmt: skip
+    start = time.monotonic()
+    r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    t.join(10)
+    assert r.returncode == 0, r.stderr
+    assert "bridge did not confirm 288 flow records within 2.0 secs (0 labels logged)" in r.stderr
+    assert time.monotonic() - start < 20
+    assert seen[0] == rc.WELCOME_EVENT and seen[-1] == rc.DRAIN_EVENT
+    assert seen.count(rc.FLOW_EVENT) == 288
+
+
+@needs_zeek
+def test_zeek_and_iotcls_serve_log_what_classify_writes(tmp_path):
+    """The deployment: ``iotcls serve`` (the bundled model, every label logged) and
+    ``zeek -r sample.pcap iotcls``; Zeek's iot_class.log has the labels ``iotcls classify
+    --devices`` writes for the same capture (the offline hold and drain: same matrices)."""
+    ws_port, zmq_port = _free_port(), _free_port()
+    cfg = tmp_path / "serve.yaml"
+    cfg.write_text(json.dumps({
+        "zeek": {"url": f"ws://127.0.0.1:{ws_port}/v1/messages/json", "reconnect_max_s": 0.5},
+        "bridge": {"bind": [f"tcp://127.0.0.1:{zmq_port}"]},
+        "scorers": {"count": 1, "device": "cpu"},
+        "log": {"policy": "all"},
+    }))  # fmt: skip
+    zdir, cdir = tmp_path / "zeek", tmp_path / "classify"
+    zdir.mkdir()
+    err = (tmp_path / "serve.err").open("w")
+    serve = subprocess.Popen([sys.executable, "-m", "iotcls", "serve", "--config", str(cfg)],
+                             stdout=subprocess.DEVNULL, stderr=err)  # fmt: skip
+    try:
+        cmd = [ZEEK, "-C", "-r", str(SAMPLE), str(PKG), f"IoTClass::websocket_port={ws_port}/tcp",
+               "IoTClass::hold_timeout=120sec", _macs_arg(_sample_macs())]  # fmt: skip
+        r = subprocess.run(cmd, cwd=zdir, capture_output=True, text=True, timeout=300)
+    finally:
+        serve.terminate()
+        serve.wait(60)
+        err.close()
+    serve_err = (tmp_path / "serve.err").read_text()
+    assert r.returncode == 0, r.stderr + serve_err
+    assert "drained: 288 records, 288 labels" in serve_err
+    assert "warning" not in r.stderr.lower(), r.stderr
+    head = (zdir / "iot_class.log").read_text().splitlines()
+    assert next(h for h in head if h.startswith("#fields")).split("\t")[1:] == \
+        [name for name, _ in FIELDS]  # fmt: skip
+    assert cli.main(["classify", str(SAMPLE), "--devices", ",".join(_sample_macs()),
+                     "-o", str(cdir)]) == 0  # fmt: skip
+    col = {name: i for i, (name, _) in enumerate(FIELDS)}
+
+    def labels(rows):
+        """Per device and flow count: label, trust and confidence (Zeek prints doubles
+        its own way, so they are compared as numbers)."""
+        pick = ("device_mac", "device_ip", "n_flows", "label", "trusted", "strategy")
+        return sorted((tuple(r[col[c]] for c in pick), float(r[col["confidence"]]))
+                      for r in rows)  # fmt: skip
+
+    z, c = labels(_log_rows(zdir / "iot_class.log")), labels(_log_rows(cdir / "iot_class.log"))
+    assert len(z) == len(c) == 288
+    assert [k for k, _ in z] == [k for k, _ in c]
+    assert np.allclose([v for _, v in z], [v for _, v in c], rtol=0, atol=2e-6)

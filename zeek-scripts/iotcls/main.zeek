@@ -294,6 +294,10 @@ type TimerLine: record {
 global wallclock_fired: event(desc: Input::EventDescription, tpe: Input::Event,
     s: string);
 
+# Wall-clock timeouts (offline): when each ends, and the ticks started so far.
+global wallclock_deadline: table[string] of time;
+global wallclock_ticks = 0;
+
 # uid -> the connections with capture state, to flush them at trace end (lookup_connection
 # cannot find ICMP connections by their conn_id on Zeek 8.2).
 global tracked: table[string] of connection;
@@ -394,16 +398,24 @@ function listen(): bool
 	}
 
 # Offline, network time stands still while processing is suspended and after the trace
-# ends, so scheduled events would never fire there: wall-clock timeouts run ``sleep`` through
-# the Input framework's raw reader instead.
+# ends, so scheduled events never fire there, and neither do the Input framework's
+# heartbeats, which a STREAM reader needs to read anything. A MANUAL raw reader reads its
+# command's output at once in its own thread, so ``sleep 1; echo`` comes back after one
+# second of wall clock whatever network time does. One-second ticks, not one long sleep:
+# Zeek waits for a running reader when it terminates, so a tick delays exit by 1 s at most.
+function wallclock_tick(what: string)
+	{
+	++wallclock_ticks;
+	Input::add_event([$source=fmt("sleep 1; echo %s |", what), $name=fmt(
+	    "iotcls-%s-tick-%d", what, wallclock_ticks),
+	    $reader=Input::READER_RAW, $mode=Input::MANUAL, $fields=TimerLine,
+	    $ev=wallclock_fired, $want_record=F]);
+	}
+
 function start_wallclock(what: string, after: interval)
 	{
-	local secs = double_to_count(interval_to_double(after));
-	local cmd = fmt("sleep %d && echo %s |", secs, what);
-	local name = fmt("iotcls-%s-timer", what);
-	Input::add_event([$source=cmd, $name=name, $reader=Input::READER_RAW,
-	    $mode=Input::STREAM, $fields=TimerLine, $ev=wallclock_fired,
-	    $want_record=F]);
+	wallclock_deadline[what] = current_time() + after;
+	wallclock_tick(what);
 	}
 
 function release_hold(why: string)
@@ -736,10 +748,19 @@ event wallclock_fired(desc: Input::EventDescription, tpe: Input::Event,
     s: string)
 	{
 	Input::remove(desc$name);
-	if ( s == "hold" && held )
+	if ( ! ( s == "hold" && held ) && ! ( s == "drain" && draining ) )
+		return;
+
+	if ( current_time() < wallclock_deadline[s] )
+		{
+		wallclock_tick(s);
+		return;
+		}
+
+	if ( s == "hold" )
 		release_hold(fmt("no bridge connected within %s, processing continues: flow records published before one connects are lost",
 		    hold_timeout));
-	else if ( s == "drain" && draining )
+	else
 		{
 		draining = F;
 		Reporter::warning(fmt("iotcls: bridge did not confirm %d flow records within %s (%d labels logged), terminating",
