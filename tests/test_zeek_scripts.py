@@ -236,9 +236,9 @@ def _macs_arg(macs: list[str]) -> str:
     return "IoTClass::device_macs={" + ",".join(f'"{m}"' for m in macs) + "}"
 
 
-def _zeek_with_bridge(pcap: Path, cwd: Path, *zeek_args: str):
-    """``zeek -C -r pcap iotcls`` with an in-process bridge whose scorer keeps every record
-    it is given; returns Zeek's result, the records, the bridge and its layout."""
+def _zeek_with_bridge(pcap: Path, cwd: Path, *zeek_args: str, pre: tuple[str, ...] = ()):
+    """``zeek -C -r pcap [pre] iotcls`` with an in-process bridge whose scorer keeps every
+    record it is given; returns Zeek's result, the records, the bridge and its layout."""
     from iotcls.bridge.core import Bridge, attach, run
     from iotcls.bridge.records import Verdict
     from iotcls.layout import MatrixLayout
@@ -258,8 +258,9 @@ def _zeek_with_bridge(pcap: Path, cwd: Path, *zeek_args: str):
     thread = threading.Thread(target=loop.run_until_complete, args=(run(bridge, client),))
     thread.start()
     try:
-        cmd = [ZEEK, "-C", "-r", str(pcap), str(PKG), f"IoTClass::websocket_port={port}/tcp",
-               "IoTClass::hold_timeout=60sec", *zeek_args]  # fmt: skip
+        cmd = [ZEEK, "-C", "-r", str(pcap), *pre, str(PKG),
+               f"IoTClass::websocket_port={port}/tcp", "IoTClass::hold_timeout=60sec",
+               *zeek_args]  # fmt: skip
         r = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=180)
     finally:
         loop.call_soon_threadsafe(client.stop)
@@ -326,6 +327,31 @@ def test_zeek_records_by_mac_equal_the_pcap_sensors(tmp_path):
         assert [getattr(z, f) for f in fields] == [getattr(p, f) for f in fields], _rkey(z)
     assert {x.proto for x in got} == {1, 2, 6, 17, 58}
     assert any(x.proto == 2 and any(x.payloads) for x in got)  # IGMP payloads
+
+
+def _has_zeromq() -> bool:
+    r = subprocess.run([ZEEK, "-N", "Zeek::Cluster_Backend_ZeroMQ"], capture_output=True,
+                       text=True, timeout=60)  # fmt: skip
+    return r.returncode == 0
+
+
+@needs_zeek
+def test_zeek_standalone_with_the_zeromq_backend(tmp_path):
+    """ZeroMQ loaded before iotcls: the package runs the XPUB/XSUB proxy that a standalone
+    Zeek otherwise lacks (without it Zeek never acks the bridge)."""
+    if not _has_zeromq():
+        pytest.skip("this zeek has no ZeroMQ cluster backend")
+    xpub, xsub = _free_port(), _free_port()
+    zmq = [f"Cluster::Backend::ZeroMQ::listen_xpub_endpoint=tcp://127.0.0.1:{xpub}",
+           f"Cluster::Backend::ZeroMQ::connect_xsub_endpoint=tcp://127.0.0.1:{xpub}",
+           f"Cluster::Backend::ZeroMQ::listen_xsub_endpoint=tcp://127.0.0.1:{xsub}",
+           f"Cluster::Backend::ZeroMQ::connect_xpub_endpoint=tcp://127.0.0.1:{xsub}"]  # fmt: skip
+    r, got, bridge, _ = _zeek_with_bridge(SAMPLE, tmp_path, _macs_arg(_sample_macs()), *zmq,
+                                          pre=("frameworks/cluster/backend/zeromq",))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "were not classified" not in r.stderr and "did not confirm" not in r.stderr
+    assert len(got) == bridge.stats.labels == 288
+    assert re.search(r"iotcls: bridge \S+ connected \(zeromq_\S+-websocket-\d+\)", r.stderr)
 
 
 @needs_zeek

@@ -37,6 +37,14 @@
 @endif
 @endif
 
+# ZeroMQ's XPUB/XSUB proxy runs on a cluster's manager only; a standalone Zeek with the
+# ZeroMQ backend has none, and then never acknowledges WebSocket clients (seen on 8.2.2).
+@ifdef ( Cluster::Backend::ZeroMQ::run_proxy_thread )
+@if ( ! Cluster::is_enabled() )
+redef Cluster::Backend::ZeroMQ::run_proxy_thread = T;
+@endif
+@endif
+
 module IoTClass;
 
 export {
