@@ -1,25 +1,26 @@
 ##! Flow records for IoT device classification, published to the iotcls bridge over Zeek's
 ##! WebSocket API; the bridge's labels come back as events and go to ``iot_class.log``.
 ##!
-##! Per connection and device side, the script keeps one window of at most
+##! Per connection key and device side, the script keeps one window of at most
 ##! :zeek:see:`IoTClass::window_length` and records its first
 ##! :zeek:see:`IoTClass::packets` packets (time offset, IP length, direction, first
 ##! :zeek:see:`IoTClass::payload_bytes` payload bytes). A window ends at the first packet at
-##! or after ``start + window_length`` (that packet opens the next window), when the
-##! connection is removed, or when the trace file ends. Each ended window becomes one
-##! :zeek:see:`IoTClass::flow` event per device endpoint (two mirrored events when both
-##! endpoints are devices) on :zeek:see:`IoTClass::records_topic`. The record is defined
-##! once, in iotcls/schema.py; :zeek:type:`IoTClass::FlowRecord` mirrors it field by field.
+##! or after ``start + window_length`` (that packet opens the next window), at
+##! ``start + window_length`` when its connection ended before (a later connection with the
+##! same endpoints continues it until then, as in the pcap sensor), or when the trace file
+##! ends. Each ended window becomes one :zeek:see:`IoTClass::flow` event per device endpoint
+##! (two mirrored events when both endpoints are devices) on
+##! :zeek:see:`IoTClass::records_topic`. The record is defined once, in iotcls/schema.py;
+##! :zeek:type:`IoTClass::FlowRecord` mirrors it field by field.
 ##!
 ##! Capture mechanism and its cost. Every packet of a device connection reaches one
 ##! ``new_packet`` handler; once the window holds its packets, the handler only compares the
-##! packet's time with the window's end and notes it as the window's last. Totals come from
-##! the ConnSize counters (``c$orig$num_pkts``, ``num_bytes_ip``) when a window ends, not
-##! from per-packet script arithmetic. Payload bytes need ``tcp_packet`` and
-##! ``udp_contents`` (no threshold event carries them). ConnThreshold packet and duration
-##! thresholds would cost nothing per packet after the first N, but they cannot tell the
-##! time of a window's last packet (``last``) nor the size of the packet that opens the next
-##! window, both of which the record needs exactly; see
+##! packet's time with the window's end, counts it and notes it as the window's last (the
+##! ConnSize counters are stale inside packet events and end with the connection). Payload
+##! bytes need ``tcp_packet`` and ``udp_contents`` (no threshold event carries them).
+##! ConnThreshold packet and duration thresholds would cost nothing per packet after the
+##! first N, but they cannot tell the time of a window's last packet (``last``) nor the size
+##! of the packet that opens the next window, both of which the record needs exactly; see
 ##! docs/zeek.md for the comparison.
 
 @load base/misc/version
