@@ -460,3 +460,97 @@ def test_zeek_and_iotcls_serve_log_what_classify_writes(tmp_path):
     assert len(z) == len(c) == 288
     assert [k for k, _ in z] == [k for k, _ in c]
     assert np.allclose([v for _, v in z], [v for _, v in c], rtol=0, atol=2e-6)
+
+
+def _zeek_search_path() -> str:
+    """Zeek's own ZEEKPATH, as ``zeek --help`` prints it."""
+    out = subprocess.run([ZEEK, "--help"], capture_output=True, text=True, timeout=60)
+    return re.search(r"file search path \(([^)]*)\)", out.stdout + out.stderr).group(1)
+
+
+@needs_zeek
+@pytest.mark.parametrize("backend", ["broker", "zeromq"])
+def test_zeek_cluster_worker_to_bridge_to_logger(tmp_path, backend):
+    """A live cluster: a worker captures on the loopback interface, its flow records reach
+    the bridge through the manager's WebSocket server, the labels come back to the manager
+    and the logger writes iot_class.log (Zeek 8.2.2: with ZeroMQ and no logger node the
+    manager's WebSocket clients fail to bind the log endpoint and are never acked)."""
+    from iotcls.bridge.core import Bridge, attach, run
+    from iotcls.bridge.records import Verdict
+    from iotcls.layout import MatrixLayout
+
+    if os.geteuid() != 0:
+        pytest.skip("capturing on the loopback interface needs root")
+    if backend == "zeromq" and not _has_zeromq():
+        pytest.skip("this zeek has no ZeroMQ cluster backend")
+    ports = {n: _free_port() for n in ("logger-1", "manager", "worker-1", "ws", "udp", "a", "b")}
+    (tmp_path / "cluster-layout.zeek").write_text(
+        "redef Cluster::manager_is_logger = F;\nredef Cluster::nodes = {\n"
+        f'\t["logger-1"] = [$node_type=Cluster::LOGGER, $ip=127.0.0.1, $p={ports["logger-1"]}/tcp],\n'
+        f'\t["manager"] = [$node_type=Cluster::MANAGER, $ip=127.0.0.1, $p={ports["manager"]}/tcp],\n'
+        f'\t["worker-1"] = [$node_type=Cluster::WORKER, $ip=127.0.0.1, $p={ports["worker-1"]}/tcp, '
+        '$manager="manager"],\n};\n')  # fmt: skip
+    pre = [f"frameworks/cluster/backend/{backend}"]
+    if backend == "zeromq":
+        a, b = ports["a"], ports["b"]
+        pre += [f"Cluster::Backend::ZeroMQ::listen_xpub_endpoint=tcp://127.0.0.1:{a}",
+                f"Cluster::Backend::ZeroMQ::connect_xsub_endpoint=tcp://127.0.0.1:{a}",
+                f"Cluster::Backend::ZeroMQ::listen_xsub_endpoint=tcp://127.0.0.1:{b}",
+                f"Cluster::Backend::ZeroMQ::connect_xpub_endpoint=tcp://127.0.0.1:{b}"]  # fmt: skip
+    args = [str(PKG), f"IoTClass::websocket_port={ports['ws']}/tcp",
+            "IoTClass::device_nets={127.0.0.2/32}", "IoTClass::window_length=1sec"]  # fmt: skip
+    env = dict(os.environ, ZEEKPATH=f"{tmp_path}:{_zeek_search_path()}")
+    got = []
+
+    def scorer(mats, table):
+        got.extend(table.records())
+        return [Verdict("cam", 0.9) for _ in range(len(mats))]
+
+    bridge = Bridge(MatrixLayout(), scorer)
+    client = attach(bridge, f"ws://127.0.0.1:{ports['ws']}/v1/messages/json",
+                    reconnect_min_s=0.1, reconnect_max_s=0.5)  # fmt: skip
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_until_complete, args=(run(bridge, client),))
+    thread.start()
+    procs = {}
+    try:
+        for node in ("logger-1", "manager", "worker-1"):
+            (tmp_path / node).mkdir()
+            live = ["-C", "-i", "lo", "-f", f"udp port {ports['udp']}"] if node == "worker-1" else []
+            procs[node] = subprocess.Popen(
+                [ZEEK, *live, *pre, *args], cwd=tmp_path / node, env=dict(env, CLUSTER_NODE=node),
+                stdout=subprocess.DEVNULL, stderr=(tmp_path / node / "stderr").open("w"))  # fmt: skip
+        deadline = time.monotonic() + 60
+        while not (client.connected.is_set()
+                   and "listening on lo" in (tmp_path / "worker-1" / "stderr").read_text()):
+            assert time.monotonic() < deadline, "the cluster did not come up"
+            assert all(p.poll() is None for p in procs.values())
+            time.sleep(0.1)
+        time.sleep(3)  # the worker peers with the manager
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+            u.bind(("127.0.0.2", 0))
+            for i in range(30):
+                u.sendto(b"ping %d" % i, ("127.0.0.1", ports["udp"]))
+                time.sleep(0.1)
+            while len(got) < 2 or bridge.stats.labels < 2:
+                assert time.monotonic() < deadline + 60, "no records from the worker"
+                u.sendto(b"ping", ("127.0.0.1", ports["udp"]))
+                time.sleep(0.2)
+        time.sleep(1)  # the labels reach the manager and the logger
+    finally:
+        for p in procs.values():
+            p.terminate()
+        for p in procs.values():
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        loop.call_soon_threadsafe(client.stop)
+        thread.join(30)
+    assert all(r.device_ip == "127.0.0.2" and r.remote_port == ports["udp"] and r.proto == 17
+               for r in got)  # fmt: skip
+    assert got[0].total_packets >= 2 and got[0].payloads[0] == b"ping 0"
+    logged = [row for f in (tmp_path / "logger-1").glob("iot_class*.log") for row in _log_rows(f)]
+    assert len(logged) >= 2 and {row[9] for row in logged} == {"cam"}
+    assert not list((tmp_path / "manager").glob("iot_class*.log"))  # the logger logs
