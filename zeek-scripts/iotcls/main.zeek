@@ -234,6 +234,8 @@ export {
 		id: conn_id;
 		## Its uid.
 		uid: string;
+		## IP protocol number (0: another protocol, on a Zeek before 7.2).
+		proto: count;
 		## Time of the window's first packet.
 		start: time;
 		## Time of the window's latest packet.
@@ -527,13 +529,13 @@ function ip_proto(id: conn_id): count
 	}
 
 # IP protocols whose payload comes from Zeek's transport analyzers (and ICMP, kept empty);
-# 65535: a Zeek before 7.2 that does not say.
+# 0: a Zeek before 7.2 that does not say which.
 const transport_protos: set[count] = {
+	0,
 	1,
 	6,
 	17,
-	58,
-	65535
+	58
 };
 
 # The IP payload of the current packet (other IP protocols, such as IGMP: Zeek has no
@@ -592,15 +594,14 @@ function emit(s: State)
 	if ( s$done || s$pkts == 0 )
 		return;
 
-	local proto = ip_proto(s$id);
 	if ( s$orig_dev )
 		{
-		publish_flow(make_record(s, T, proto));
+		publish_flow(make_record(s, T, s$proto));
 		++records_sent;
 		}
 	if ( s$resp_dev )
 		{
-		publish_flow(make_record(s, F, proto));
+		publish_flow(make_record(s, F, s$proto));
 		++records_sent;
 		}
 	s$done = T;
@@ -655,7 +656,7 @@ function by_mac(c: connection, s: State, t: time): State
 
 	local n = State($orig_dev=l2$src in device_macs, $resp_dev=s$resp_dev,
 	    $orig_mac=l2$src, $resp_mac=s$resp_mac, $id=c$id, $uid=c$uid,
-	    $start=t, $last=t, $mac_split=T);
+	    $proto=s$proto, $start=t, $last=t, $mac_split=T);
 	split[c$uid, l2$src] = n;
 	return n;
 	}
@@ -805,8 +806,8 @@ event new_connection(c: connection) &priority=5
 		return;
 
 	c$iotcls = State($orig_dev=om, $resp_dev=rm, $orig_mac=device_mac(c$orig),
-	    $resp_mac=device_mac(c$resp), $id=c$id, $uid=c$uid,
-	    $start=c$start_time, $last=c$start_time);
+	    $resp_mac=device_mac(c$resp), $id=c$id, $uid=c$uid, $proto=ip_proto(
+	    c$id), $start=c$start_time, $last=c$start_time);
 	tracked[c$uid] = c;
 	if ( |device_macs| > 0
 	    && c$orig?$l2_addr
@@ -865,7 +866,7 @@ event new_packet(c: connection, p: pkt_hdr)
 	s$offsets += s$pkts == 1 ? 0sec : t - s$start;
 	s$sizes += ip_len;
 	s$from_orig += src == s$id$orig_h;
-	if ( s$id$proto in transport_protos || payload_bytes == 0 )
+	if ( s$proto in transport_protos || payload_bytes == 0 )
 		{
 		# tcp_packet / udp_contents fill the slot; ICMP payloads stay empty.
 		s$payloads += "";
