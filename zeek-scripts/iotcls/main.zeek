@@ -824,7 +824,13 @@ event new_packet(c: connection, p: pkt_hdr)
 		return;
 
 	local s = c$iotcls;
+@ifdef ( get_current_packet_ts )
+	# The packet's own time, as the pcap sensor has it: network time never goes back, so
+	# a packet stamped earlier than the one before it would get the later time.
+	local t = get_current_packet_ts();
+@else
 	local t = network_time();
+@endif
 	local ip_len = 0;
 	local src: addr;
 	if ( p?$ip )
@@ -861,8 +867,8 @@ event new_packet(c: connection, p: pkt_hdr)
 		return;
 		}
 
-	# A packet stamped earlier than the one before it (network time never goes back)
-	# still opens its window at offset 0.
+	# A window's first packet is at offset 0 also where its time is network time (before
+	# Zeek 7.1), which may be later than the packet's own (the connection's start).
 	s$offsets += s$pkts == 1 ? 0sec : t - s$start;
 	s$sizes += ip_len;
 	s$from_orig += src == s$id$orig_h;
