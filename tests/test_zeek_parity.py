@@ -13,6 +13,7 @@ within 1 ms.
 """
 
 import json
+import shutil
 from collections import defaultdict
 from pathlib import Path
 
@@ -112,3 +113,25 @@ def test_same_records_as_zeek_packets_give(name):
     for a, b in zip(ours, want):
         assert a[:-1] == b[:-1]
         assert abs(a[-1] - b[-1]) < 1e-3
+
+
+@pytest.mark.skipif(shutil.which("zeek") is None, reason="zeek binary not found")
+@pytest.mark.parametrize("name", CAPTURES)
+def test_the_zeek_package_gives_the_sensors_records(name, tmp_path):
+    """Where a zeek is installed: the iotcls Zeek package (zeek -r, devices by MAC, records
+    taken by an in-process bridge) gives the pcap sensor's records, field by field, except
+    Zeek's own orientation (uid, device_is_orig)."""
+    from iotcls.schema import FlowRecord
+    from test_zeek_scripts import _macs_arg, _rkey, _zeek_with_bridge
+
+    device = name.split("_", 1)[0]
+    mac = (DATA / device / "_iotdevice-mac.txt").read_text().strip()
+    pcap = pcap_of(name)
+    r, got, _, _ = _zeek_with_bridge(pcap, tmp_path, _macs_arg([mac]))
+    assert r.returncode == 0, r.stderr
+    recs = capture_flows(pcap, DeviceSelector.from_lists([mac])).table.records()
+    ours = {_rkey(x): x for x in recs}
+    assert sorted(map(_rkey, got)) == sorted(ours) and len(got) > 0
+    fields = [f for f in FlowRecord.__dataclass_fields__ if f not in ("uid", "device_is_orig")]
+    for z in got:
+        assert [getattr(z, f) for f in fields] == [getattr(ours[_rkey(z)], f) for f in fields]
