@@ -3,8 +3,8 @@
 The pcap twin of what the scorer does beside Zeek: read each capture with the sensor, build
 each device's flow-sequence matrices, label them with :class:`~iotcls.predict.Predictor`
 and write one ``iot_class.log`` entry per label (:mod:`iotcls.logschema`). An entry's ``ts``
-is the time its flow record is complete (the window's last packet). A device's history
-restarts with every capture, as a sensor's would.
+is the start of its labelled window, as under Zeek (like ``conn.log``'s ``ts``: when the
+activity began). A device's history restarts with every capture, as a sensor's would.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ class Classified:
         for k, i in enumerate(self.rows.tolist()):
             orig_h, orig_p, resp_h, resp_p = _conn_id(t, i)
             out.append(LogEntry(
-                ts=float(t.last[i]), uid=str(t.uid[i]), orig_h=orig_h, orig_p=orig_p,
+                ts=float(t.start[i]), uid=str(t.uid[i]), orig_h=orig_h, orig_p=orig_p,
                 resp_h=resp_h, resp_p=resp_p, proto=proto_name(int(t.proto[i])),
                 device_mac=str(t.device_mac[i]), device_ip=bytes_to_ip(t.device_ip[i].tobytes()),
                 label=str(self.pred.label[k]), confidence=float(self.pred.confidence[k]),

@@ -450,16 +450,17 @@ def test_zeek_and_iotcls_serve_log_what_classify_writes(tmp_path):
     col = {name: i for i, (name, _) in enumerate(FIELDS)}
 
     def labels(rows):
-        """Per device and flow count: label, trust and confidence (Zeek prints doubles
-        its own way, so they are compared as numbers)."""
+        """Per device, window start and flow count: label, trust and confidence (Zeek
+        prints doubles its own way, so ts and confidence are compared as numbers)."""
         pick = ("device_mac", "device_ip", "n_flows", "label", "trusted", "strategy")
-        return sorted((tuple(r[col[c]] for c in pick), float(r[col["confidence"]]))
-                      for r in rows)  # fmt: skip
+        return sorted((tuple(r[col[c]] for c in pick[:2]), round(float(r[col["ts"]]), 3),
+                       tuple(r[col[c]] for c in pick[2:]), float(r[col["ts"]]),
+                       float(r[col["confidence"]])) for r in rows)  # fmt: skip
 
     z, c = labels(_log_rows(zdir / "iot_class.log")), labels(_log_rows(cdir / "iot_class.log"))
     assert len(z) == len(c) == 288
-    assert [k for k, _ in z] == [k for k, _ in c]
-    assert np.allclose([v for _, v in z], [v for _, v in c], rtol=0, atol=2e-6)
+    assert [(a, b) for a, _, b, _, _ in z] == [(a, b) for a, _, b, _, _ in c]
+    assert np.allclose([x[3:] for x in z], [x[3:] for x in c], rtol=0, atol=2e-6)
 
 
 def _zeek_search_path() -> str:
