@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import os
 import re
 import signal
@@ -279,6 +280,7 @@ async def main(args) -> int:
           f"load average at start {os.getloadavg()[0]:.1f}", flush=True)  # fmt: skip
     zeek = await FakeZeek(strict=False, payload_bytes=64).start()
     gen = LoadGen(zeek, synthetic_records(args.templates, devices=args.devices, seed=1))
+    gc.freeze()  # as iotcls serve does: full collections scan only what the run allocates
     cfg = tmp / "serve.yaml"
     if not args.skip_tier:
         tier = {n: await scorer_tier(model, n, args.capacity_s, tmp) for n in (1, 2)}

@@ -21,6 +21,7 @@ connection to Zeek, print the summary line.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import time
@@ -217,6 +218,10 @@ class Service:
             on_restart=self.metrics.count_restart,
         )
         supervisor.start()
+        # Everything allocated so far (torch, the model bundle, numpy, the codecs) lives
+        # as long as the process: out of the collector's sight, a full collection scans
+        # only what the traffic allocates (a 46 ms pause in the load generator without it).
+        gc.freeze()
         print(
             f"iotcls serve: model {bundle.name} ({len(bundle.classes)} classes) from "
             f"{bundle.source}; scorers connect to {', '.join(endpoints)}; "
