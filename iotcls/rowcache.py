@@ -110,14 +110,18 @@ class RowCache:
 
     def _store(self, keys: list[tuple[int, int]], feats: torch.Tensor) -> None:
         assert self._feats is not None
-        for j, k in enumerate(keys):
+        skip = max(0, len(keys) - self.capacity)  # more new rows than slots: keep the last
+        slots = []
+        for k in keys[skip:]:
             s = self._next
             old = self._keys[s]
             if old is not None:
                 del self._slot[old]
             self._keys[s], self._slot[k] = k, s
-            self._feats[s] = feats[j]
+            slots.append(s)
             self._next = (s + 1) % self.capacity
+        if slots:
+            self._feats[slots] = feats[skip:]
 
     @torch.inference_mode()
     def logits(self, x: np.ndarray) -> torch.Tensor:
