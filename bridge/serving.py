@@ -143,8 +143,7 @@ class Service:
 
         from iotcls.trust.decision import DeviceConsistency, TrustState
 
-        rule = DeviceConsistency.of(TrustState.from_dict(bundle.trust)) if bundle.trust \
-            else DeviceConsistency()  # fmt: skip
+        rule = DeviceConsistency.of(TrustState.from_dict(bundle.trust) if bundle.trust else None)
         dispatcher = Dispatcher(cfg, bundle.layout, DispatchScorer.deliver, self.metrics,
                                 model_id=bundle.name, consistency=rule)  # fmt: skip
         endpoints = await dispatcher.start()

@@ -28,6 +28,12 @@ from .strategies import STRATEGIES, VoteConfig, device_vote, strategy_input
 from .train import Split, macro_f1
 
 
+def device_sessions(captures: np.ndarray, devices: np.ndarray) -> np.ndarray:
+    """One id per (capture, device): a device in another capture is another session."""
+    keys = np.array([f"{c}\x00{d}" for c, d in zip(captures, devices)], object)
+    return np.unique(keys, return_inverse=True)[1]
+
+
 @dataclass
 class EvalData:
     """The arrays evaluation reads, one entry per labelled matrix (see :mod:`iotcls.dataset`)."""
@@ -59,9 +65,7 @@ class EvalData:
         )  # fmt: skip
 
     def device_groups(self) -> np.ndarray:
-        """One id per (capture, device): a device in another capture is another session."""
-        keys = np.array([f"{c}\x00{d}" for c, d in zip(self.captures, self.devices)], object)
-        return np.unique(keys, return_inverse=True)[1]
+        return device_sessions(self.captures, self.devices)
 
 
 def class_report(y: np.ndarray, pred: np.ndarray, classes: list[str]) -> dict:

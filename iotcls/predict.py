@@ -178,10 +178,10 @@ class Predictor:
         """Trust rule 5 with this bundle's knobs (the defaults for a bundle without a state)."""
         from .trust.decision import DeviceConsistency
 
-        return DeviceConsistency.of(self.trust.state) if self.trust is not None \
-            else DeviceConsistency()  # fmt: skip
+        return DeviceConsistency.of(self.trust.state if self.trust is not None else None)
 
-    def check_devices(self, pred: Predictions, groups: np.ndarray, times: np.ndarray) -> Predictions:
+    def check_devices(self, pred: Predictions, groups: np.ndarray,
+                      times: np.ndarray) -> Predictions:  # fmt: skip
         """Apply trust rule 5 (``inconsistent_with_device``) in place, given each label's
         device (``groups``) and time; for labels whose device history is known."""
         from .trust.decision import apply_device_consistency

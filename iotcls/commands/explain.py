@@ -50,7 +50,7 @@ def explain_device(bundle, cm, top: int = 3) -> dict:
         decided_by = f"no trust state in the model: confidence >= {thr:g} only"
     t = cm.table
     rows = cm.order
-    rule = DeviceConsistency.of(layer.state) if layer.state is not None else DeviceConsistency()
+    rule = DeviceConsistency.of(layer.state)
     trusted, reason = np.array(trusted, bool), np.array(reason, object)
     groups = t.device_keys()[rows] if n else np.zeros(0, object)
     apply_device_consistency(trusted, reason, rule.agrees(

@@ -327,7 +327,10 @@ class DeviceConsistency:
     min_prior: int = TrustConfig.device_min_prior
 
     @classmethod
-    def of(cls, state: "TrustState") -> "DeviceConsistency":
+    def of(cls, state: "TrustState | None") -> "DeviceConsistency":
+        """The state's knobs; the defaults for a model without a trust state."""
+        if state is None:
+            return cls()
         return cls(state.device_window, state.device_share, state.device_min_prior)
 
     def agrees(self, pred: np.ndarray, confidence: np.ndarray, groups: np.ndarray,

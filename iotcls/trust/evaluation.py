@@ -106,6 +106,7 @@ DEFAULT_LEAVE_OUT_EPOCHS = 15
 
 def leave_out(ds, types: list[str], cfg, progress: bool = False, log=print) -> dict:
     """Train without each type in ``types`` and label that type's flows."""
+    from ..evaluate import device_sessions
     from ..predict import Predictor
     from ..train import Split, train
 
@@ -124,9 +125,7 @@ def leave_out(ds, types: list[str], cfg, progress: bool = False, log=print) -> d
         p = Predictor(bundle)
         xi = np.flatnonzero(labelled & (ds.labels == x))
         pr = p.predict(ds.matrices[xi])
-        keys = np.array([f"{c}\x00{dv}" for c, dv in zip(ds.captures[xi], ds.devices[xi])],
-                        object)  # fmt: skip
-        groups = np.unique(keys, return_inverse=True)[1]
+        groups = device_sessions(ds.captures[xi], ds.devices[xi])
         p.check_devices(pr, groups, ds.timestamps[xi])
         dev, emitted = windowed_trusted_vote(pr.index, pr.confidence, pr.trusted, groups,
                                              ds.timestamps[xi], len(bundle.classes))  # fmt: skip
@@ -139,9 +138,7 @@ def leave_out(ds, types: list[str], cfg, progress: bool = False, log=print) -> d
         part = Split(**bundle.metadata["split"]).part_of(ds.captures[keep])
         te = keep[part == 2]
         pt = p.predict(ds.matrices[te])
-        tkeys = np.array([f"{c}\x00{dv}" for c, dv in zip(ds.captures[te], ds.devices[te])],
-                         object)  # fmt: skip
-        p.check_devices(pt, np.unique(tkeys, return_inverse=True)[1], ds.timestamps[te])
+        p.check_devices(pt, device_sessions(ds.captures[te], ds.devices[te]), ds.timestamps[te])
         yt = np.searchsorted(np.array(bundle.classes, object), ds.labels[te])
         rep = refinement_report(yt, pt.index, pt.confidence, pt.trusted, pt.reason,
                                 p.threshold, len(bundle.classes))  # fmt: skip
