@@ -133,6 +133,12 @@ def warm_up(model, batch_size: int) -> float:
     return time.perf_counter() - t0
 
 
+def first_line(e: BaseException) -> str:
+    """An exception as one log line: its message's first line, else its type."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def model_name(model) -> str:
     bundle = getattr(model, "bundle", None)
     return getattr(bundle, "name", None) or type(model).__name__
@@ -282,20 +288,14 @@ class Scorer:
         try:
             p = self.model.predict(x)
         except Exception as e:  # a bad batch must not take the scorer down; the bridge decides
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            log.error("scorer %s: scoring %d matrices failed: %s", self.s.name, len(x), msg)
-            for r in requests:
-                self._send(wire.Failure(r.batch, msg))
+            self._fail(requests, f"scoring {len(x)} matrices failed", e)
             return
         k = n_total  # the rest is padding
         cheap = np.asarray(p.trusted[:k], bool).tolist()  # before the full decision
         try:
             explained = self._explain(x, p, requests, k)
         except Exception as e:
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            log.error("scorer %s: explaining labels failed: %s", self.s.name, msg)
-            for r in requests:
-                self._send(wire.Failure(r.batch, msg))
+            self._fail(requests, "explaining labels failed", e)
             return
         ms = (time.perf_counter() - t0) * 1000.0
         labels = [str(v) for v in p.label[:k]]
@@ -317,6 +317,13 @@ class Scorer:
         self.stats.batches += 1
         self.stats.matrices += n_total
         self.stats.requests += len(requests)
+
+    def _fail(self, requests: list[wire.Request], what: str, e: Exception) -> None:
+        """Answer every request of a batch that could not be scored with a Failure."""
+        msg = first_line(e)
+        log.error("scorer %s: %s: %s", self.s.name, what, msg)
+        for r in requests:
+            self._send(wire.Failure(r.batch, msg))
 
     def _explain(self, x: np.ndarray, p, requests: list[wire.Request], k: int) -> list[bool] | None:
         """``logged`` mode: the full trust decision for the labels the bridge will send.
@@ -393,8 +400,7 @@ def serve_scorer(
         model = load_model(model_path, device, threads, settings.batch_size, settings.explain,
                            settings.row_cache)  # fmt: skip
     except Exception as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"iotcls scorer {settings.name}: error: {msg}", file=sys.stderr)
+        print(f"iotcls scorer {settings.name}: error: {first_line(e)}", file=sys.stderr)
         return 2
     warm_s = warm_up(model, settings.batch_size)
     scorer = Scorer(model, settings)
