@@ -40,7 +40,7 @@ import zmq.asyncio
 from iotcls import wire
 from iotcls.config import Config
 from iotcls.layout import MatrixLayout
-from iotcls.trust.decision import DeviceConsistency
+from iotcls.trust.decision import INCONSISTENT, DeviceConsistency
 
 from .metrics import ServeMetrics
 
@@ -501,7 +501,7 @@ class Dispatcher:
             full = expl is None or expl[i]
             trusted, reason = r.trusted[i], r.reason[i]
             if not self.consistency.observe(it.device, r.labels[i], r.confidence[i]) and trusted:
-                trusted, reason = False, "inconsistent_with_device"
+                trusted, reason = False, INCONSISTENT
             if full:
                 cheap = None if r.cheap_trusted is None else r.cheap_trusted[i]
                 send = policy.decide(it.device, r.labels[i], trusted, now, cheap)

@@ -52,8 +52,9 @@ import torch
 
 UNKNOWN = "unknown"
 TRUST_VERSION = 1
+INCONSISTENT = "inconsistent_with_device"  # rule 5's reason
 REASONS = ("-", "low_confidence", "unverified_class", "atypical_explanation",
-           "error_like_explanation", "inconsistent_with_device")  # fmt: skip
+           "error_like_explanation", INCONSISTENT)  # fmt: skip
 
 
 class TrustError(ValueError):
@@ -430,7 +431,7 @@ def apply_device_consistency(trusted: np.ndarray, reason: np.ndarray, agrees: np
     untrusted with reason ``inconsistent_with_device``."""
     hit = np.asarray(trusted, bool) & ~np.asarray(agrees, bool)
     trusted[hit] = False
-    reason[hit] = "inconsistent_with_device"
+    reason[hit] = INCONSISTENT
 
 
 def device_vote(
