@@ -135,3 +135,56 @@ def test_the_zeek_package_gives_the_sensors_records(name, tmp_path):
     fields = [f for f in FlowRecord.__dataclass_fields__ if f not in ("uid", "device_is_orig")]
     for z in got:
         assert [getattr(z, f) for f in fields] == [getattr(ours[_rkey(z)], f) for f in fields]
+
+
+DHCP_CAPTURE = "TP-LinkPlugHS110_Setup-A-1-STA"  # DISCOVER and REQUESTs naming "HS110(EU)"
+
+
+def _dhcp_rows(t) -> dict[tuple, int]:
+    """Rows of the device's DHCP client flows (device port 68) of table *t*, by key."""
+    from iotcls.flowtable import bytes_to_ip
+
+    return {(t.device_mac[i], bytes_to_ip(t.device_ip[i].tobytes()),
+             bytes_to_ip(t.remote_ip[i].tobytes()), int(t.remote_port[i]), round(t.start[i], 6)): i
+            for i in np.flatnonzero((t.proto == 17) & (t.device_port == 68)).tolist()}  # fmt: skip
+
+
+def _slot_bytes(t, i: int) -> list[bytes]:
+    return [t.payload[i, k, : t.payload_len[i, k]].tobytes() for k in range(t.n_pkts[i])]
+
+
+@pytest.mark.skipif(shutil.which("zeek") is None, reason="zeek binary not found")
+def test_the_zeek_package_keeps_whole_dhcp_messages(tmp_path):
+    """DHCP packets keep IoTClass::dhcp_payload_bytes, not payload_bytes: the table the
+    bridge decodes from Zeek's records of the plug's DHCP flows has the pcap sensor's rows,
+    array by array (the DHCP view's bytes and lengths included), and the views hold the host
+    name the plug sends in option 12, past byte 240 of the message. With the option set to
+    64 the options are cut off and the name is gone."""
+    from iotcls.flowtable import FlowTable
+    from test_zeek_scripts import _macs_arg, _zeek_with_bridge
+
+    device = DHCP_CAPTURE.split("_", 1)[0]
+    mac = (DATA / device / "_iotdevice-mac.txt").read_text().strip()
+    pcap = pcap_of(DHCP_CAPTURE)
+    want = capture_flows(pcap, DeviceSelector.from_lists([mac])).table
+    tables: list = []
+    r, _, _, _ = _zeek_with_bridge(pcap, tmp_path, _macs_arg([mac]), tables=tables)
+    assert r.returncode == 0, r.stderr
+    got = FlowTable.concat(tables, want.packets, want.payload_bytes)
+    g, w = _dhcp_rows(got), _dhcp_rows(want)
+    assert sorted(g) == sorted(w) and {k[1] for k in g} == {"0.0.0.0", "10.10.10.20"}
+    same = [f for f in FlowTable.__dataclass_fields__ if f not in ("uid", "device_is_orig")]
+    for k, i in g.items():
+        for f in same:
+            assert np.array_equal(getattr(got, f)[i], getattr(want, f)[w[k]]), (k, f)
+    client = g[next(k for k in g if k[1] == "0.0.0.0")]  # DISCOVER, REQUESTs: from the plug
+    assert got.n_pkts[client] == 3
+    assert all(b"\x0c\x09HS110(EU)" in v for v in _slot_bytes(got, client))
+
+    tables.clear()
+    r, _, _, _ = _zeek_with_bridge(pcap, tmp_path, _macs_arg([mac]),
+                                   "IoTClass::dhcp_payload_bytes=64", tables=tables)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    cut = FlowTable.concat(tables, want.packets, want.payload_bytes)
+    views = [v for i in _dhcp_rows(cut).values() for v in _slot_bytes(cut, i)]
+    assert len(views) == 6 and not any(b"HS110" in v for v in views)

@@ -101,6 +101,7 @@ def test_label_record_and_events_match_the_bridge():
 def test_defaults_agree_with_the_python_side():
     from iotcls.config import ZeekConfig
     from iotcls.schema import DEFAULT_PACKETS, DEFAULT_PAYLOAD_BYTES, DEFAULT_WINDOW_S
+    from iotcls.schema import DHCP_PAYLOAD_BYTES, SCHEMA_VERSION
 
     def default(name):
         return re.search(rf"(?:option|const) {name}(?:: [^=]+)? = ([^;&]+?)\s*(?:&redef)?;",
@@ -109,6 +110,8 @@ def test_defaults_agree_with_the_python_side():
     assert default("window_length") == f"{DEFAULT_WINDOW_S:.0f}sec"
     assert default("packets") == str(DEFAULT_PACKETS)
     assert default("payload_bytes") == str(DEFAULT_PAYLOAD_BYTES)
+    assert default("dhcp_payload_bytes") == str(DHCP_PAYLOAD_BYTES)
+    assert default("schema_version") == str(SCHEMA_VERSION)
     cfg = ZeekConfig()
     assert default("records_topic") == json.dumps(cfg.topics[0])
     assert default("labels_topic") == json.dumps(cfg.label_topic)
@@ -236,9 +239,11 @@ def _macs_arg(macs: list[str]) -> str:
     return "IoTClass::device_macs={" + ",".join(f'"{m}"' for m in macs) + "}"
 
 
-def _zeek_with_bridge(pcap: Path, cwd: Path, *zeek_args: str, pre: tuple[str, ...] = ()):
+def _zeek_with_bridge(pcap: Path, cwd: Path, *zeek_args: str, pre: tuple[str, ...] = (),
+                      tables: list | None = None):  # fmt: skip
     """``zeek -C -r pcap [pre] iotcls`` with an in-process bridge whose scorer keeps every
-    record it is given; returns Zeek's result, the records, the bridge and its layout."""
+    record it is given (and each FlowTable it is given in *tables*); returns Zeek's result,
+    the records, the bridge and its layout."""
     from iotcls.bridge.core import Bridge, attach, run
     from iotcls.bridge.records import Verdict
     from iotcls.layout import MatrixLayout
@@ -248,6 +253,8 @@ def _zeek_with_bridge(pcap: Path, cwd: Path, *zeek_args: str, pre: tuple[str, ..
 
     def scorer(mats, table):
         got.extend(table.records())
+        if tables is not None:
+            tables.append(table)
         return [Verdict("D-LinkCam", 0.9) for _ in range(len(mats))]
 
     layout = MatrixLayout()

@@ -2,10 +2,11 @@
 ##! WebSocket API; the bridge's labels come back as events and go to ``iot_class.log``.
 ##!
 ##! Per connection key and device side, the script keeps one window of at most
-##! :zeek:see:`IoTClass::window_length` and records its first
-##! :zeek:see:`IoTClass::packets` packets (time offset, IP length, direction, first
-##! :zeek:see:`IoTClass::payload_bytes` payload bytes). A window ends at the first packet at
-##! or after ``start + window_length`` (that packet opens the next window), at
+##! :zeek:see:`IoTClass::window_length` and records its first :zeek:see:`IoTClass::packets`
+##! packets (time offset, IP length, direction, first :zeek:see:`IoTClass::payload_bytes`
+##! payload bytes, or the first :zeek:see:`IoTClass::dhcp_payload_bytes` of a DHCP message,
+##! whose options start at byte 240). A window ends at the first packet at or after
+##! ``start + window_length`` (that packet opens the next window), at
 ##! ``start + window_length`` when its connection ended before (a later connection with the
 ##! same endpoints continues it until then, as in the pcap sensor), or when the trace file
 ##! ends. Each ended window becomes one :zeek:see:`IoTClass::flow` event per device endpoint
@@ -57,7 +58,7 @@ export {
 
 	## Version of the flow record (iotcls.schema.SCHEMA_VERSION); sent to the bridge in
 	## :zeek:see:`IoTClass::welcome`.
-	const schema_version = 1;
+	const schema_version = 2;
 
 	## Endpoints that are devices, by MAC address (lower case, as Zeek writes
 	## ``l2_addr``: ``"20:f8:5e:ca:91:52"``). An endpoint is a device when its MAC is
@@ -80,6 +81,13 @@ export {
 
 	## Transport payload bytes kept per recorded packet (sent hex-encoded).
 	option payload_bytes: count = 64;
+
+	## Payload bytes kept instead of :zeek:see:`IoTClass::payload_bytes` for a DHCP
+	## packet (UDP, either port 67 or 68): its options, where a client names its host
+	## name, vendor class and parameter list, start at byte 240. The schema's
+	## ``DHCP_PAYLOAD_BYTES`` (a whole message of a 576-byte datagram). Unused when
+	## :zeek:see:`IoTClass::payload_bytes` is 0: then no payload is kept.
+	option dhcp_payload_bytes: count = 548;
 
 	## Topic the flow records (and :zeek:see:`IoTClass::welcome`,
 	## :zeek:see:`IoTClass::drain`) are published on; the bridge subscribes to it.
@@ -324,6 +332,12 @@ global window_end: event(key: string, start: time);
 
 # [uid, MAC] -> the windows of a mac_split connection, one per source MAC.
 global split: table[string, string] of State;
+
+# DHCPv4 ports (base/protocols/dhcp's DHCP::ports, which a bare Zeek does not load).
+const dhcp_ports: set[port] = {
+	67/udp,
+	68/udp
+};
 
 const unspecified: set[addr] = {
 	0.0.0.0,
@@ -901,9 +915,11 @@ event udp_contents(u: connection, is_orig: bool, contents: string)
 		return;
 
 	local s = u$iotcls;
-	if ( payload_bytes > 0 && |contents| > 0 )
-		s$payloads[s$pay_slot] = bytestring_to_hexstr(sub_bytes(contents, 1,
-		    payload_bytes));
+	local n = payload_bytes;
+	if ( n > 0 && ( u$id$orig_p in dhcp_ports || u$id$resp_p in dhcp_ports ) )
+		n = dhcp_payload_bytes;
+	if ( n > 0 && |contents| > 0 )
+		s$payloads[s$pay_slot] = bytestring_to_hexstr(sub_bytes(contents, 1, n));
 	s$pay_slot = -1;
 	}
 
