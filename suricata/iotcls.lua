@@ -1,7 +1,8 @@
 -- iotcls Suricata output script: the iotcls flow record (iotcls/schema.py) from Suricata.
 --
 -- Per device-side key (device ip/port, remote ip/port, protocol) and 60 s window: the first N
--- packets' time offset, IP length, direction and first payload bytes, and the window's totals.
+-- packets' time offset, IP length, direction and first payload bytes (of a DHCP message more:
+-- its options, which name the client's type, start at byte 240), and the window's totals.
 -- Each finished window goes to `iotcls serve` as one JSON datagram on a Unix socket; the
 -- record's fields and the transport are described in docs/suricata.md.
 --
@@ -17,6 +18,10 @@
 --   local_nets        comma-separated CIDRs: an endpoint inside them is a device
 --   devices           comma-separated device IP addresses (same as /32 and /128 networks)
 --   window_s, packets, payload_bytes, link_header_bytes (14: Ethernet)
+--   dhcp_payload_bytes
+--                     payload bytes kept of a DHCP packet (UDP, port 67 or 68) instead of
+--                     payload_bytes (548, the schema's DHCP_PAYLOAD_BYTES: a DHCP message's
+--                     options start at byte 240); none when payload_bytes is 0
 --   reorder_s         how far (seconds of traffic time) Suricata's worker threads may hand
 --                     packets over out of time order (2); see docs/suricata.md
 --
@@ -56,6 +61,7 @@ local cfg = {
     window_s = "60",
     packets = "10",
     payload_bytes = "64",
+    dhcp_payload_bytes = "548",
     link_header_bytes = "14",
     reorder_s = "2",
 }
@@ -383,7 +389,7 @@ local ICMP4_PEER = { [8] = 0, [0] = 8, [13] = 14, [14] = 13, [15] = 16, [16] = 1
 local ICMP6_PEER = { [128] = 129, [129] = 128, [133] = 134, [134] = 133, [135] = 136,
     [136] = 135, [130] = 131, [131] = 130, [139] = 140, [140] = 139, [144] = 145, [145] = 144 }
 
-local W_US, NPKT, NPAY, LINK, MIN_FRAME, SLACK_US
+local W_US, NPKT, NPAY, NPAY_DHCP, LINK, MIN_FRAME, SLACK_US
 local selector, sender
 local windows = {} -- key -> open window
 local fifo, head, tail = {}, 1, 0 -- open windows in start order
@@ -532,6 +538,9 @@ local function add_packet(f, side, proto, now, size, to_remote)
     w.dirs[n] = to_remote and 1 or 0
     if proto == 1 or proto == 58 or NPAY == 0 then
         w.pays[n] = ""
+    elseif proto == 17 and (w.dev_port == 67 or w.dev_port == 68 or w.rem_port == 67 or
+            w.rem_port == 68) then
+        w.pays[n] = tohex(payload(f), NPAY_DHCP) -- DHCP: the options too
     else
         w.pays[n] = tohex(payload(f), NPAY)
     end
@@ -549,6 +558,7 @@ function setup(args)
     W_US = number("window_s", 1) * 1e6
     NPKT = number("packets", 1)
     NPAY = math.min(number("payload_bytes", 0), 65536)
+    NPAY_DHCP = math.min(number("dhcp_payload_bytes", 0), 65536)
     LINK = number("link_header_bytes", 0)
     MIN_FRAME = LINK + 46
     SLACK_US = number("reorder_s", 0) * 1e6
@@ -559,8 +569,8 @@ function setup(args)
     end
     sender = new_sender(cfg.socket)
     api.log_info(string.format("iotcls: flow records to %s (window %g s, %d packets, %d payload " ..
-        "bytes, local nets %s%s)", cfg.socket, W_US / 1e6, NPKT, NPAY, cfg.local_nets,
-        found and "" or "; no " .. path))
+        "bytes, %d of DHCP, local nets %s%s)", cfg.socket, W_US / 1e6, NPKT, NPAY, NPAY_DHCP,
+        cfg.local_nets, found and "" or "; no " .. path))
 end
 
 local function handle_packet()

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from iotcls.bridge.suricata import DatagramError, community_id, parse_datagram
+from iotcls.bridge.core import FlowAssembler
 from iotcls.bundle import ModelBundle
 from iotcls.flows import DeviceSelector, capture_flows
 from iotcls.flowtable import FlowTable
@@ -119,6 +120,12 @@ def key(r) -> tuple:
     return (r.key(), round(r.start, 6))
 
 
+def bridge_table(records: list) -> FlowTable:
+    """The table the bridge decodes the script's records into (DHCP payloads become their
+    view there, as in the pcap reader)."""
+    return FlowAssembler(MatrixLayout()).decode(records).table
+
+
 # --------------------------------------------------------------------------------------------
 # no Suricata needed
 
@@ -159,6 +166,7 @@ def test_suricata_config_prints_the_outputs_snippet_and_installs(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "scripts-dir:" in r.stdout and "- iotcls.lua" in r.stdout
     assert "local_nets = 192.168.0.0/16" in r.stdout and "socket = /run/iotcls/suricata.sock" in r.stdout
+    assert "#   payload_bytes = 64\n#   dhcp_payload_bytes = 548\n" in r.stdout
     bad = iotcls("suricata-config", "--local-nets", "192.168.0.0/33")
     assert bad.returncode == 2 and "not a network (CIDR): '192.168.0.0/33'" in bad.stderr
     snippet = install_script(tmp_path, tmp_path / "s.sock")
@@ -176,16 +184,17 @@ def test_suricata_config_prints_the_outputs_snippet_and_installs(tmp_path):
 @needs_data
 @pytest.mark.parametrize("capture", CAPTURES)
 def test_suricata_records_equal_the_pcap_sensors(tmp_path, capture):
-    """Every record Suricata's script sends equals the pcap reader's record of the same key
-    and window (offsets to a microsecond, sizes, directions, payloads, totals, who
-    originated); the pcap reader's extra records are IGMP only, which Suricata keeps no flow
-    for (the one documented difference)."""
+    """Every record Suricata's script sends, decoded by the bridge, equals the pcap reader's
+    record of the same key and window (offsets to a microsecond, sizes, directions, payloads
+    and DHCP views, totals, who originated); the pcap reader's extra records are IGMP only,
+    which Suricata keeps no flow for (the one documented difference)."""
     sock = tmp_path / "s.sock"
     rx = Receiver(sock)
     out = run_suricata(tmp_path, DATA / capture, install_script(tmp_path, sock))
     sent, dropped = sent_count(out)
     got = rx.records(sent)
     assert dropped == 0 and len(got) == sent > 0
+    got = bridge_table(got).records()
     want = capture_flows(DATA / capture, DeviceSelector.from_lists(nets=NETS.split(","))).table.records()
     S, P = {key(r): r for r in got}, {key(r): r for r in want}
     assert len(S) == len(got)
@@ -200,6 +209,58 @@ def test_suricata_records_equal_the_pcap_sensors(tmp_path, capture):
             (b.sizes, b.directions, b.payloads, b.device_is_orig), k  # fmt: skip
         np.testing.assert_allclose(a.offsets, b.offsets, atol=1e-6)
         assert a.uid.isdigit() and a.device_mac == ""  # Suricata's flow id; no MACs in Lua
+
+
+def _dhcp_client_rows(t: FlowTable) -> dict[tuple, int]:
+    """Rows of DHCP client flows (device port 68), by key and window start."""
+    return {key(t.record(i)): i for i in np.flatnonzero((t.proto == 17) & (t.device_port == 68))}
+
+
+@needs_suricata
+@needs_data
+def test_suricata_keeps_whole_dhcp_messages(tmp_path):
+    """DHCP packets keep dhcp_payload_bytes, not payload_bytes: the script sends the plug's
+    whole DHCP messages (548 bytes from the client, 300 from the server), and the table the
+    bridge decodes from them has the pcap reader's rows for its DHCP client flows, array by
+    array (the DHCP view's bytes and lengths included; no MAC from Suricata), with the host
+    name the plug sends in option 12, past byte 240. The DISCOVER and REQUESTs come from
+    0.0.0.0, a device here by ``devices``. With dhcp_payload_bytes = 64 the name is gone."""
+    capture = DATA / "TP-LinkPlugHS110/Setup-A-1-STA.pcap"
+    sock = tmp_path / "s.sock"
+    rx = Receiver(sock)
+    out = run_suricata(tmp_path, capture, install_script(tmp_path, sock),
+                       env={"IOTCLS_DEVICES": "0.0.0.0"})  # fmt: skip
+    assert "64 payload bytes, 548 of DHCP" in out
+    sent, dropped = sent_count(out)
+    raw = rx.records(sent)
+    assert dropped == 0 and len(raw) == sent > 0
+    dhcp_raw = [r for r in raw if r.proto == 17 and 68 in (r.device_port, r.remote_port)]
+    assert sorted({len(p) for r in dhcp_raw for p in r.payloads}) == [300, 548]
+
+    want = capture_flows(capture, DeviceSelector.from_lists(
+        nets=NETS.split(",") + ["0.0.0.0/32"])).table  # fmt: skip
+    got = bridge_table(raw)
+    g, w = _dhcp_client_rows(got), _dhcp_client_rows(want)
+    assert sorted(g) == sorted(w) and {k[0][0] for k in g} == {"0.0.0.0", "10.10.10.20"}
+    same = [f for f in FlowTable.__dataclass_fields__ if f not in ("uid", "device_mac")]
+    for k, i in g.items():
+        for f in same:
+            a, b = getattr(got, f)[i], getattr(want, f)[w[k]]
+            if f == "offsets":
+                np.testing.assert_allclose(a, b, atol=1e-6)
+            else:
+                assert np.array_equal(a, b), (k, f)
+    client = g[next(k for k in g if k[0][0] == "0.0.0.0")]
+    views = [got.payload[client, j, : got.payload_len[client, j]].tobytes()
+             for j in range(got.n_pkts[client])]  # fmt: skip
+    assert len(views) == 3 and all(b"\x0c\x09HS110(EU)" in v for v in views)
+
+    rx = Receiver(tmp_path / "s2.sock")
+    run_suricata(tmp_path, capture, install_script(tmp_path, tmp_path / "s2.sock"),
+                 env={"IOTCLS_DEVICES": "0.0.0.0", "IOTCLS_DHCP_PAYLOAD_BYTES": "64"})  # fmt: skip
+    cut = [r for r in rx.records(sent) if r.proto == 17 and 68 in (r.device_port, r.remote_port)]
+    assert len(cut) == len(dhcp_raw) and {len(p) for r in cut for p in r.payloads} == {64}
+    assert not any(b"HS110" in p for r in cut for p in r.payloads)
 
 
 @needs_suricata

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ..cli import CliError
 from ..config import ConfigError, load
-from ..schema import DEFAULT_PACKETS, DEFAULT_PAYLOAD_BYTES, DEFAULT_WINDOW_S
+from ..schema import DEFAULT_PACKETS, DEFAULT_PAYLOAD_BYTES, DEFAULT_WINDOW_S, DHCP_PAYLOAD_BYTES
 from ._shipped import shipped
 
 SCRIPT = "iotcls.lua"
@@ -71,6 +71,7 @@ def settings_text(socket: str, local_nets: str, devices: str, link_header_bytes:
         f"window_s = {DEFAULT_WINDOW_S:g}\n"
         f"packets = {DEFAULT_PACKETS}\n"
         f"payload_bytes = {DEFAULT_PAYLOAD_BYTES}\n"
+        f"dhcp_payload_bytes = {DHCP_PAYLOAD_BYTES}\n"
         f"link_header_bytes = {link_header_bytes}\n"
     )
 
