@@ -24,6 +24,7 @@ from typing import Any, Sequence
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
+from iotcls.dhcp import is_dhcp, put_views
 from iotcls.flowtable import FlowTable, bytes_to_ip, ip_to_bytes
 from iotcls.schema import FlowRecord
 
@@ -390,6 +391,11 @@ def _fast_table(groups: list[tuple], packets: int, payload_bytes: int) -> FlowTa
             first = sliding_window_view(np.concatenate([blob, np.zeros(b, np.uint8)]), b)[src0]
             first *= sliding_window_view(np.repeat(np.uint8([1, 0]), b), b)[b - lens]  # 1s, 0s
             t.payload.reshape(-1, b)[r_ * packets + c_] = first
+            dh = np.flatnonzero(is_dhcp(proto_v[r_], dport_v[r_], rport_v[r_]))
+            if len(dh):  # DHCP: the view of the whole message (iotcls.dhcp)
+                full = plens[keep]
+                put_views(t.payload, t.payload_len, r_[dh], c_[dh],
+                          [blob[s : s + n].tobytes() for s, n in zip(src0[dh], full[dh])])  # fmt: skip
     return t
 
 

@@ -36,10 +36,12 @@ from pathlib import Path
 
 import numpy as np
 
+from .dhcp import is_dhcp, put_views
 from .flowtable import FlowTable
 from .pcap import DEFAULT_CHUNK_BYTES, CaptureReader, PacketBatch, ReadStats, int_to_mac
 from .pcap import mac_to_int
-from .schema import DEFAULT_PACKETS, DEFAULT_PAYLOAD_BYTES, DEFAULT_WINDOW_S, PROTO_TCP
+from .schema import DEFAULT_PACKETS, DEFAULT_PAYLOAD_BYTES, DEFAULT_WINDOW_S, DHCP_PAYLOAD_BYTES
+from .schema import PROTO_TCP
 
 NS = 1_000_000_000
 TCP_TIMEOUT_NS = 300 * NS  # Zeek's tcp_inactivity_timeout
@@ -484,6 +486,11 @@ class FlowBuilder:
                 pay, plen = b.payload(pki, B)
                 f_pay[sw, sr] = pay
                 f_plen[sw, sr] = plen
+                dh = np.flatnonzero(is_dhcp(b.proto[pki], b.sport[pki], b.dport[pki]))
+                if len(dh):  # DHCP: the view of the whole message (iotcls.dhcp)
+                    raw, rlen = b.payload(pki[dh], DHCP_PAYLOAD_BYTES)
+                    put_views(f_pay, f_plen, sw[dh], sr[dh],
+                              [raw[i, : rlen[i]].tobytes() for i in range(len(dh))])  # fmt: skip
 
         # connections: continue an open window's, a known key's (if not idle too long), or
         # the previous window's; otherwise the head packet starts a new one

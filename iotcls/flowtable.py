@@ -15,6 +15,7 @@ from itertools import chain
 
 import numpy as np
 
+from .dhcp import is_dhcp, put_views
 from .schema import FlowRecord
 
 
@@ -148,6 +149,11 @@ class FlowTable:
         t.total_bytes[:] = [r.total_bytes for r in records]
         t.total_packets[:] = [r.total_packets for r in records]
         t.device_is_orig[:] = [r.device_is_orig for r in records]
+        if payload_bytes:  # DHCP payloads: their view (iotcls.dhcp), not their first bytes
+            for i in np.flatnonzero(is_dhcp(t.proto, t.device_port, t.remote_port)).tolist():
+                k = int(ks[i])
+                put_views(t.payload, t.payload_len, np.full(k, i), np.arange(k),
+                          records[i].payloads[:k])  # fmt: skip
         return t
 
     def record(self, i: int) -> FlowRecord:

@@ -23,13 +23,12 @@ payload    ``stream`` mode: ``c0000..``      the paper's stream: each packet's b
                                              the delimiters -4 and -8, bytes / 255, padded 0
 ========== ================================= =============================================
 
-**DHCP unit identity is blanked.** In DHCP (BOOTP, UDP port 67/68) payloads the bytes that
-name one unit rather than its type read as zero: the transaction id (4-7), the four
-addresses (12-27) and the NIC-specific half of the client hardware address and its padding
-(31-43; the vendor OUI, 28-30, is kept); in DHCPv6 (546/547) all but the message type. A
-model that sees them learns MAC addresses: on the IoT Sentinel captures, 64 payload bytes
-with them visible lift held-out macro-F1 by about ten points that do not carry over to a
-second unit of the same type (docs/model-card.md).
+**DHCP unit identity is left out.** DHCPv4 payloads reach the layout as the view of
+:mod:`iotcls.dhcp` (header, vendor OUI, option codes and the options that name the type, with
+what names one unit removed), made by the record builders. In DHCPv6 (546/547) payloads all
+but the message type read as zero. A model that sees unit identity learns MAC addresses: on
+the IoT Sentinel captures, 64 payload bytes with them visible lift held-out macro-F1 by about
+ten points that do not carry over to a second unit of the same type (docs/model-card.md).
 
 The layout travels inside every model bundle (``to_dict``/``from_dict``, YAML-safe), and
 :meth:`MatrixLayout.check_compatible` refuses to feed a model data of another layout.
@@ -48,7 +47,7 @@ from .flowtable import FlowTable
 from .schema import DEFAULT_PACKETS, DEFAULT_WINDOW_S, PRIVATE_NETS, PROTO_ICMP, PROTO_ICMP6
 from .schema import PROTO_TCP, PROTO_UDP
 
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2  # 2: DHCPv4 payloads as iotcls.dhcp views
 META_COLUMNS = (
     "rel_time", "rip0", "rip1", "rip2", "rip3", "rip_v6", "rport", "dport",
     "tcp", "udp", "icmp", "bytes", "pkts",
@@ -87,25 +86,18 @@ def _private_mask(hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
     return (((hi[:, None] & _M_HI) == _B_HI) & ((lo[:, None] & _M_LO) == _B_LO)).any(1)
 
 
-DHCP_PORTS = (67, 68)
 DHCP6_PORTS = (546, 547)
-DHCP_UNIT_BYTES = ((4, 8), (12, 28), (31, 44))  # xid; ciaddr..giaddr; chaddr after the OUI
 
 
 def blank_unit_identity(t: FlowTable) -> np.ndarray:
-    """The records' payload bytes with DHCP's unit-identifying bytes zeroed (a copy when any)."""
-    udp = t.proto == PROTO_UDP
-
-    def on(ports: tuple[int, int]) -> np.ndarray:  # two ports: cheaper than np.isin
-        return udp & ((t.device_port == ports[0]) | (t.device_port == ports[1]) |
-                      (t.remote_port == ports[0]) | (t.remote_port == ports[1]))  # fmt: skip
-
-    dhcp, dhcp6 = on(DHCP_PORTS), on(DHCP6_PORTS)
-    if not (dhcp.any() or dhcp6.any()):
+    """The records' payload bytes with DHCPv6's unit-identifying bytes zeroed (a copy when
+    any). DHCPv4 payloads are already unit-free views (:mod:`iotcls.dhcp`)."""
+    lo, hi = DHCP6_PORTS
+    dhcp6 = (t.proto == PROTO_UDP) & ((t.device_port == lo) | (t.device_port == hi) |
+                                      (t.remote_port == lo) | (t.remote_port == hi))  # fmt: skip
+    if not dhcp6.any():
         return t.payload
     payload = t.payload.copy()
-    for lo, hi in DHCP_UNIT_BYTES:
-        payload[dhcp, :, lo:hi] = 0
     payload[dhcp6, :, 1:] = 0
     return payload
 
@@ -165,7 +157,8 @@ class MatrixLayout:
             raise LayoutError(f"layout: unknown keys {sorted(unknown)}")
         if d.get("version", LAYOUT_VERSION) != LAYOUT_VERSION:
             raise LayoutError(
-                f"layout: version {d.get('version')} is not supported (this is {LAYOUT_VERSION})"
+                f"layout: version {d.get('version')} is not supported (this is {LAYOUT_VERSION}: "
+                "retrain the model with this iotcls)"
             )
         return cls(**d)
 

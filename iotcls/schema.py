@@ -5,7 +5,7 @@ Both sensors produce it: the pcap reader (:mod:`iotcls.flows`) and the Zeek scri
 scoring consume it only through :mod:`iotcls.layout`. A field added here must be added to
 the Zeek record ``IoTClass::FlowRecord`` as well; ``SCHEMA_VERSION`` changes with it.
 
-Definition (schema version 1)
+Definition (schema version 2)
 -----------------------------
 * **Key, device-side.** ``(device_ip, device_port, remote_ip, remote_port, proto)``, plus
   ``device_mac`` when the device is on the sensor's L2 segment. The *device* is the endpoint
@@ -25,7 +25,9 @@ Definition (schema version 1)
   payload length + 40, as Zeek reports it), ``directions`` (1 = device to remote,
   0 = remote to device) and ``payloads`` (the first ``payload_bytes`` bytes of the transport
   payload: TCP data, UDP data; for other protocols the bytes after the IP header, except ICMP
-  whose payload is empty as in Zeek's view).
+  whose payload is empty as in Zeek's view). DHCPv4 packets (UDP, port 67 or 68) keep their
+  first ``DHCP_PAYLOAD_BYTES`` instead: their options, where a client names its type, start
+  at byte 240 (:mod:`iotcls.dhcp`; the record builders turn them into a unit-free view).
 * **Ports.** TCP/UDP ports as on the wire; for ICMP, as Zeek does: the device-side "port" of
   the originator is the ICMP type and the responder's is the counterpart type or the code;
   other protocols use port 0.
@@ -39,11 +41,12 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: DHCPv4 payloads kept to DHCP_PAYLOAD_BYTES
 
 DEFAULT_WINDOW_S = 60.0
 DEFAULT_PACKETS = 10
 DEFAULT_PAYLOAD_BYTES = 64
+DHCP_PAYLOAD_BYTES = 548  # a whole DHCP message of a 576-byte IP datagram
 
 PROTO_ICMP = 1
 PROTO_TCP = 6

@@ -25,6 +25,7 @@ from iotcls.flows import DeviceSelector, capture_flows
 from iotcls.flowtable import FlowTable
 from iotcls.layout import MatrixLayout
 from iotcls.logschema import LogEntry
+from iotcls.schema import SCHEMA_VERSION
 from iotcls.schema import FlowRecord
 
 FLOWS, LABELS = "zeek/iotcls/flows", "zeek/iotcls/labels"
@@ -163,8 +164,8 @@ def test_fast_path_declines_what_it_cannot_prove_and_agrees_with_the_codec():
                      b'"count","data":2},{"@data-type":"count","data":1}'),
         "two arguments": (b']}]}]}', b']},{"@data-type":"count","data":1}]}]}'),
         "junk between elements": (b'"count","data":328},', b'"count","data":328},7,'),
-        "odd hex": (b'"data":"0201', b'"data":"201'),
-        "upper hex": (b'"data":"0201', b'"data":"02A1'),
+        "odd hex": (b'"data":"8201', b'"data":"201'),
+        "upper hex": (b'"data":"8201', b'"data":"82A1'),
         "escaped uid": (b'"CYYjJ', b'"C\\u0059YjJ'),
         "metadata, unbalanced": (b"]}]}]}", b']}]},{"@data-type":"vector","data":[]}]}]}'),
         "metadata, other key": (b"]}]}]}", b']}]},' + META.replace(b'"data":1}', b'"data":200}')
@@ -367,7 +368,7 @@ def test_records_in_labels_out_live():
         client = attach(bridge, zeek.url, [FLOWS], **FAST)
         task = asyncio.create_task(run(bridge, client))
         await until(lambda: bridge.welcome is not None, what="welcome")
-        assert bridge.welcome == rc.Welcome(1, "standalone", 60.0, 10, 64, False)
+        assert bridge.welcome == rc.Welcome(SCHEMA_VERSION, "standalone", 60.0, 10, 64, False)
         assert not bridge.offline
         for r in RECORDS:
             assert await zeek.publish(FLOWS, rc.flow_frame(FLOWS, r)) == 1

@@ -136,7 +136,7 @@ def test_load_errors(tmp_path, captures):
     np.savez(tmp_path / "v.npz", **{**arrays, "version": np.array(99)})
     with pytest.raises(DatasetError, match="dataset version 99 is not supported"):
         Dataset.load(tmp_path / "v.npz")
-    lay = arrays["layout"].item().replace("version: 1", "version: 7")
+    lay = arrays["layout"].item().replace("version: 2", "version: 7")
     np.savez(tmp_path / "l.npz", **{**arrays, "layout": np.array(lay)})
     with pytest.raises(DatasetError, match="layout: version 7 is not supported"):
         Dataset.load(tmp_path / "l.npz")

@@ -44,7 +44,7 @@ from websockets.exceptions import ConnectionClosed
 
 from iotcls.bridge import broker_json as bj
 from iotcls.bridge import records as rec
-from iotcls.schema import FlowRecord
+from iotcls.schema import SCHEMA_VERSION, FlowRecord
 
 ZEEK_VERSION = "8.2.2"
 PATH = "/v1/messages/json"
@@ -415,7 +415,7 @@ class FakeZeek:
 
 
 def welcome_frame(topic: str, offline: bool, packets: int = 10, payload_bytes: int = 64,
-                  window_s: float = 60.0, schema: int = 1) -> bytes:  # fmt: skip
+                  window_s: float = 60.0, schema: int = SCHEMA_VERSION) -> bytes:  # fmt: skip
     """IoTClass::welcome as the scripts send it."""
     return bj.render_zeek(topic, bj.encode_event("IoTClass::welcome", [
         bj.Count(schema), "standalone", bj.Timespan(round(window_s * 1e9)), bj.Count(packets),
