@@ -40,7 +40,8 @@ import zmq.asyncio
 from iotcls import wire
 from iotcls.config import Config
 from iotcls.layout import MatrixLayout
-from iotcls.trust.decision import INCONSISTENT, DeviceConsistency
+from iotcls.trust.decision import DHCP_MISMATCH, INCONSISTENT, DeviceConsistency
+from iotcls.trust.dhcp_identity import DhcpIdentity
 
 from .metrics import ServeMetrics
 
@@ -183,6 +184,7 @@ class Dispatcher:
         model_id: str = "",
         ctx: zmq.asyncio.Context | None = None,
         consistency: DeviceConsistency | None = None,
+        identities: DhcpIdentity | None = None,
     ):
         self.cfg, self.b = cfg, cfg.bridge
         self.layout = layout
@@ -194,6 +196,8 @@ class Dispatcher:
         # Trust rule 5 needs each device's earlier labels, which only the bridge sees whole
         # (a device's records may go to any scorer): applied here, to every label.
         self.consistency = (consistency or DeviceConsistency()).online(self.b.max_devices)
+        # Rule 6 likewise: each device's latest DHCP identity, noted as its records arrive.
+        self.identities = (identities or DhcpIdentity()).online(self.b.max_devices)
         self._ctx = ctx or zmq.asyncio.Context.instance()
         self._sock: zmq.asyncio.Socket | None = None
         self._scorers: dict[bytes, _Scorer] = {}
@@ -266,6 +270,9 @@ class Dispatcher:
             self._shed([Item(0, d, m, c, now, False) for m, d, c in zip(matrices, devices, ctxs)],
                        SHED_SHUTDOWN)  # fmt: skip
             return
+        if self.identities.rule.seen:  # a DHCP record tells its device's identity (rule 6)
+            for dev, ident in zip(devices, self.layout.dhcp_identities(matrices[:, 0])):
+                self.identities.note(dev, ident)
         labelled_first = self.b.shed_policy == "labelled-first"
         shed: dict[str, list[Item]] = {}
         for i in range(n):
@@ -502,6 +509,8 @@ class Dispatcher:
             trusted, reason = r.trusted[i], r.reason[i]
             if not self.consistency.observe(it.device, r.labels[i], r.confidence[i]) and trusted:
                 trusted, reason = False, INCONSISTENT
+            if trusted and not self.identities.agrees(it.device, r.labels[i]):
+                trusted, reason = False, DHCP_MISMATCH
             if full:
                 cheap = None if r.cheap_trusted is None else r.cheap_trusted[i]
                 send = policy.decide(it.device, r.labels[i], trusted, now, cheap)

@@ -142,10 +142,12 @@ class Service:
             loop.add_signal_handler(sig, self._stop.set)
 
         from iotcls.trust.decision import DeviceConsistency, TrustState
+        from iotcls.trust.dhcp_identity import DhcpIdentity
 
-        rule = DeviceConsistency.of(TrustState.from_dict(bundle.trust) if bundle.trust else None)
+        state = TrustState.from_dict(bundle.trust) if bundle.trust else None
         dispatcher = Dispatcher(cfg, bundle.layout, DispatchScorer.deliver, self.metrics,
-                                model_id=bundle.name, consistency=rule)  # fmt: skip
+                                model_id=bundle.name, consistency=DeviceConsistency.of(state),
+                                identities=DhcpIdentity.of(state))  # fmt: skip
         endpoints = await dispatcher.start()
         client: ZeekClient | None = None
         suri = None

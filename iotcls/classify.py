@@ -77,7 +77,7 @@ def classify_capture(
     pred = predictor.predict(strategy_input(cm.matrices, strategy))
     devices = t.device_keys()[order] if len(order) else np.zeros(0, object)
     groups = np.unique(devices, return_inverse=True)[1] if len(order) else np.zeros(0, int)
-    predictor.check_devices(pred, groups, t.start[order])  # trust rule 5: the device's history
+    predictor.check_devices(pred, groups, t.start[order], cm.matrices)  # trust rules 5, 6
     rows_present = (cm.matrices != 0).any(axis=2).sum(axis=1)
     if strategy == "flow":
         return Classified(cm, order, pred, np.ones(len(order), np.int64), strategy)

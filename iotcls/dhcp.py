@@ -56,7 +56,8 @@ _HEX_RUN = re.compile(rb"[0-9A-Fa-f]{6,}")
 def is_dhcp(proto: np.ndarray, port_a: np.ndarray, port_b: np.ndarray) -> np.ndarray:
     """Which records (or packets) are DHCPv4: UDP with either port 67 or 68."""
     lo, hi = DHCP_PORTS
-    return (proto == PROTO_UDP) & ((port_a == lo) | (port_a == hi) | (port_b == lo) | (port_b == hi))
+    return (proto == PROTO_UDP) & ((port_a == lo) | (port_a == hi) |
+                                   (port_b == lo) | (port_b == hi))  # fmt: skip
 
 
 def _unit_free(code: int, value: bytes) -> bytes:
@@ -105,3 +106,32 @@ def put_views(payload: np.ndarray, payload_len: np.ndarray, rows: np.ndarray, co
         payload[r, c] = 0
         payload[r, c, : len(v)] = np.frombuffer(v, np.uint8)
         payload_len[r, c] = len(v)
+
+
+IDENTITY_OPTIONS = ((12, "host"), (60, "vendor"), (55, "params"))
+
+
+def identity_of(view: bytes) -> str | None:
+    """A client's DHCP identity from its view: host name, vendor class and parameter request
+    list, what a device repeats in every message (discover, request, renewal). None for a
+    server's message, or one that carries none of them.
+
+    An option whose value the view's width cut short is left out, so a cut never makes a
+    false identity (a request, with more option codes in front, may then lose its list)."""
+    if len(view) < 8 or view[0] != 1 | VIEW_MARK:
+        return None
+    i = view.find(255, 7) + 1
+    if i == 0:
+        return None
+    values = {}
+    while i + 1 < len(view):
+        code, n = view[i], view[i + 1]
+        if i + 2 + n <= len(view):
+            values[code] = view[i + 2 : i + 2 + n]
+        i += 2 + n
+    def text(code: int) -> str:  # the list as hex, names as text
+        v = values[code]
+        return v.hex() if code == 55 else v.decode("ascii", "backslashreplace")
+
+    parts = [f"{name}={text(code)}" for code, name in IDENTITY_OPTIONS if code in values]
+    return " ".join(parts) or None

@@ -43,6 +43,7 @@ import numpy as np
 import yaml
 from numpy.lib.stride_tricks import sliding_window_view
 
+from .dhcp import DHCP_PORTS, identity_of
 from .flowtable import FlowTable
 from .schema import DEFAULT_PACKETS, DEFAULT_WINDOW_S, PRIVATE_NETS, PROTO_ICMP, PROTO_ICMP6
 from .schema import PROTO_TCP, PROTO_UDP
@@ -321,6 +322,27 @@ class MatrixLayout:
             other = np.flatnonzero(d[j:] != d[:-j]) + j
             mats[other, j] = 0.0
         return mats, order
+
+    def dhcp_identities(self, rows: np.ndarray) -> np.ndarray:
+        """Per encoded row, the DHCP identity (:func:`iotcls.dhcp.identity_of`) of the flow's
+        first client message, or None: what trust rule 6 compares with the label's class.
+        Read back from the row, so it works wherever only matrices are at hand."""
+        rows = np.asarray(rows)
+        out = np.full(len(rows), None, object)
+        if self.payload_mode != "packet" or not self.payload_bytes or not len(rows):
+            return out
+        ports = np.rint(rows[:, 6:8] * 65535.0)
+        dhcp = (rows[:, 9] > 0) & np.isin(ports, DHCP_PORTS).any(axis=1)
+        g, p, b = self.group_slices(), self.packets, self.payload_bytes
+        for i in np.flatnonzero(dhcp).tolist():
+            sent = np.flatnonzero(rows[i, g["directions"]] > 0)
+            pay = rows[i, g["payload"]].reshape(p, b)
+            for j in sent.tolist():
+                view = (np.rint(pay[j] * 256.0) - 1.0).clip(0, 255).astype(np.uint8).tobytes()
+                out[i] = identity_of(view)
+                if out[i] is not None:
+                    break
+        return out
 
     def matrices(self, t: FlowTable) -> tuple[np.ndarray, np.ndarray]:
         """Encode and assemble a whole table: ``(matrices, order)`` as in :meth:`assemble`."""

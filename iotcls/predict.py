@@ -180,15 +180,16 @@ class Predictor:
 
         return DeviceConsistency.of(self.trust.state if self.trust is not None else None)
 
-    def check_devices(self, pred: Predictions, groups: np.ndarray,
-                      times: np.ndarray) -> Predictions:  # fmt: skip
-        """Apply trust rule 5 (``inconsistent_with_device``) in place, given each label's
-        device (``groups``) and time; for labels whose device history is known."""
-        from .trust.decision import apply_device_consistency
+    def check_devices(self, pred: Predictions, groups: np.ndarray, times: np.ndarray,
+                      matrices: np.ndarray | None = None) -> Predictions:  # fmt: skip
+        """Apply trust rules 5 (``inconsistent_with_device``) and, given the labels'
+        ``matrices``, 6 (``dhcp_identity_mismatch``) in place, given each label's device
+        (``groups``) and time; for labels whose device history is known."""
+        from .trust.decision import apply_device_rules
 
-        agrees = self.consistency().agrees(pred.index, pred.confidence, groups, times,
-                                           len(self.classes))  # fmt: skip
-        apply_device_consistency(pred.trusted, pred.reason, agrees)
+        apply_device_rules(self.trust.state if self.trust is not None else None, self.layout,
+                           self.classes, pred.index, pred.confidence, groups, times, matrices,
+                           pred.trusted, pred.reason)  # fmt: skip
         return pred
 
     # -- issue 4 (trust) -------------------------------------------------------------------

@@ -274,10 +274,15 @@ def train(
     # not learn from, so its mistakes there are like the ones it will make).
     trust = None
     if cfg.trust and len(va):
+        from .trust.dhcp_identity import fit_identities
         from .trust.layer import fit_state
 
         state, meta["trust"] = fit_state(model, layout, temperature, classes, x_va, y_va,
                                          fallback=(matrices[tr], y[tr]))  # fmt: skip
+        known = np.flatnonzero((part == 0) | (part == 1))  # rule 6: each class's DHCP identities
+        state.dhcp_identities = fit_identities(layout.dhcp_identities(matrices[known, 0]),
+                                               labels[known])  # fmt: skip
+        meta["trust"]["dhcp_identities"] = len(state.dhcp_identities)
         trust = state.to_dict()
         log(f"trust state: {meta['trust']['references']} reference explanations from "
             f"{meta['trust']['labels']} validation labels ({meta['trust']['seconds']:.1f}s)")

@@ -106,3 +106,41 @@ def test_every_builder_stores_the_same_view():
         assert np.array_equal(got.payload_len, t.payload_len)
     view = t.payload[dh[0], 0, : t.payload_len[dh[0], 0]].tobytes()
     assert b"HS110(EU)" in view
+
+
+def test_identity_of_client_views():
+    from iotcls.dhcp import identity_of
+
+    hs110 = identity_of(dhcp_view(client_messages("TP-LinkPlugHS110")[0], 64))
+    assert hs110 == "host=HS110(EU) vendor=udhcp 0.9.9-pre params=0103060c0f1c"
+    coffee = identity_of(dhcp_view(client_messages("SmarterCoffee")[0], 64))
+    assert coffee.startswith("host=ESP_000000 ")  # the MAC-derived part stays blanked
+    # every message of a device names the same identity, discover or request (an option cut
+    # by the view's width is left out rather than cut)
+    for device in ("TP-LinkPlugHS110", "D-LinkSensor", "EdimaxPlug1101W"):
+        ids = {identity_of(dhcp_view(m, 64)) for m in client_messages(device)}
+        assert len(ids) <= 2 and None not in ids, (device, ids)
+    path, mac = capture("TP-LinkPlugHS110")
+    reply = next(b for b in CaptureReader(path).batches())
+    idx = np.flatnonzero((reply.proto == 17) & (reply.sport == 67))
+    raw, lens = reply.payload(idx, DHCP_PAYLOAD_BYTES)
+    assert identity_of(dhcp_view(raw[0, : lens[0]].tobytes(), 64)) is None  # a server's
+    assert identity_of(b"") is None and identity_of(b"\x81\x01\x06\x00") is None
+
+
+def test_identities_read_back_from_matrix_rows():
+    """layout.dhcp_identities finds the identity in the encoded rows of a real capture: in
+    DHCP flows' rows only."""
+    from iotcls.dhcp import identity_of
+    from iotcls.layout import MatrixLayout
+
+    path, mac = capture("TP-LinkPlugHS110")
+    t = capture_flows(path, DeviceSelector.from_lists([mac])).table
+    lay = MatrixLayout()
+    mats, order = lay.matrices(t)
+    ids = lay.dhcp_identities(mats[:, 0])
+    dhcp = (t.proto[order] == 17) & (t.device_port[order] == 68)
+    assert dhcp.any() and all(ids[~dhcp] == None)  # noqa: E711 (an object array)
+    want = identity_of(dhcp_view(client_messages("TP-LinkPlugHS110")[0], 64))
+    assert set(ids[dhcp]) - {None} == {want}  # (a window may hold the server's replies only)
+    assert all(x is None for x in MatrixLayout(payload_mode="none").dhcp_identities(mats[:, 0, :43]))

@@ -21,7 +21,7 @@ from iotcls.trust.decision import (
     TrustConfig,
     TrustError,
     TrustState,
-    apply_device_consistency,
+    apply_device_rule,
     decide,
     device_vote,
     fit_trust,
@@ -429,7 +429,7 @@ def test_device_consistency_flags_a_label_against_the_devices_history():
     assert ok.tolist() == [True, True, True, True, False, True, True]
     trusted = np.array([True, True, True, True, True, False, True])
     reason = np.array(["-", "-", "-", "-", "-", "low_confidence", "-"], object)
-    apply_device_consistency(trusted, reason, ok)
+    apply_device_rule(trusted, reason, ok)
     assert trusted.tolist() == [True, True, True, True, False, False, True]
     assert reason[4] == "inconsistent_with_device" and reason[5] == "low_confidence"
 
@@ -468,3 +468,43 @@ def test_device_consistency_knobs_travel_in_the_state():
     for k in ("device_window", "device_share", "device_min_prior"):
         del old[k]  # a bundle from before rule 5 gets the defaults
     assert DeviceConsistency.of(TrustState.from_dict(old)) == DeviceConsistency()
+
+
+def test_dhcp_identity_rule_and_its_online_twin():
+    """Rule 6: from a device's first DHCP identity on (its own label included), a label of a
+    class never seen with that identity fails; the live tracker gives the same answers."""
+    from iotcls.trust.dhcp_identity import DhcpIdentity, fit_identities
+
+    seen = fit_identities(np.array(["h=a", None, "h=b", "h=b", None], object),
+                          ["plug", "plug", "cam", "hub", ""])  # fmt: skip
+    assert seen == {"h=a": ["plug"], "h=b": ["cam", "hub"]}
+    rule = DhcpIdentity({k: frozenset(v) for k, v in seen.items()})
+    rng = np.random.default_rng(5)
+    n = 400
+    groups = rng.integers(0, 6, n)
+    labels = rng.choice(["plug", "cam", "hub"], n).astype(object)
+    ids = np.where(rng.random(n) < 0.1, rng.choice(["h=a", "h=b", "h=new"], n), None).astype(object)
+    batch = rule.agrees(labels, ids, groups, np.arange(n, dtype=float))
+    tracker = rule.online(max_devices=100)
+    online = []
+    for g, lab, ident in zip(groups, labels, ids):
+        tracker.note(f"d{g}", ident)
+        online.append(tracker.agrees(f"d{g}", lab))
+    assert batch.tolist() == online
+    assert 0 < batch.sum() < n
+    for i in range(n):  # by hand: the latest identity of the device up to i
+        before = [ids[j] for j in range(i + 1) if groups[j] == groups[i] and ids[j] is not None]
+        want = not before or labels[i] in seen.get(before[-1], [])
+        assert batch[i] == want
+    assert DhcpIdentity().agrees(labels, ids, groups, np.arange(n)).all()  # no map: rule off
+
+
+def test_dhcp_identities_travel_in_the_state():
+    st = fit_trust(np.random.default_rng(0).normal(size=(40, 2, 2)), np.zeros(40, int),
+                   np.zeros(40, int), ["a", "b"], ["x", "y"])  # fmt: skip
+    st.dhcp_identities = {"host=HS110(EU)": ["x"]}
+    back = TrustState.from_dict(st.to_dict())
+    assert back.dhcp_identities == {"host=HS110(EU)": ["x"]}
+    old = st.to_dict()
+    del old["dhcp_identities"]  # a bundle from before rule 6: the rule is off
+    assert TrustState.from_dict(old).dhcp_identities == {}

@@ -30,7 +30,7 @@ def explain_device(bundle, cm, top: int = 3) -> dict:
     """Labels, confidences, trust and Shapley values of every matrix of ``cm``."""
     from ..flowtable import bytes_to_ip
     from ..schema import proto_name
-    from ..trust.decision import DeviceConsistency, apply_device_consistency, decide
+    from ..trust.decision import apply_device_rules, decide
     from ..trust.layer import TrustLayer
 
     layer = TrustLayer.from_bundle(bundle)
@@ -50,12 +50,11 @@ def explain_device(bundle, cm, top: int = 3) -> dict:
         decided_by = f"no trust state in the model: confidence >= {thr:g} only"
     t = cm.table
     rows = cm.order
-    rule = DeviceConsistency.of(layer.state)
     trusted, reason = np.array(trusted, bool), np.array(reason, object)
     groups = t.device_keys()[rows] if n else np.zeros(0, object)
-    apply_device_consistency(trusted, reason, rule.agrees(
-        e.target, conf, np.unique(groups, return_inverse=True)[1], t.start[rows],
-        len(bundle.classes)))  # fmt: skip
+    apply_device_rules(layer.state, bundle.layout, bundle.classes, e.target, conf,
+                       np.unique(groups, return_inverse=True)[1], t.start[rows], cm.matrices,
+                       trusted, reason)  # fmt: skip
     labels = []
     for i in range(n):
         r = rows[i]

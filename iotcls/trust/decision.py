@@ -34,6 +34,10 @@ class's profiles form clusters that one Gaussian would blur.
    labels. Explanations cannot tell sibling models apart (their correct and wrong labels are
    explained alike), but a device that was called X twenty times is not suddenly Y.
 
+6. ``dhcp_identity_mismatch`` (:mod:`.dhcp_identity`, where the device's DHCP messages were
+   seen): the device's DHCP identity (host name, vendor class, parameter list) was never
+   seen with this label's class in training.
+
 **Refinement**: an untrusted label is reported as ``unknown`` (:data:`UNKNOWN`).
 **Device vote** (:func:`device_vote`): among one device's labels, if fewer than
 ``min_trusted_share`` of them (or none) are trusted the device is ``unknown``; otherwise
@@ -46,6 +50,7 @@ of them, so it travels in a model bundle that ``torch.load(weights_only=True)`` 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -53,8 +58,9 @@ import torch
 UNKNOWN = "unknown"
 TRUST_VERSION = 1
 INCONSISTENT = "inconsistent_with_device"  # rule 5's reason
+DHCP_MISMATCH = "dhcp_identity_mismatch"  # rule 6's reason (trust.dhcp_identity)
 REASONS = ("-", "low_confidence", "unverified_class", "atypical_explanation",
-           "error_like_explanation", INCONSISTENT)  # fmt: skip
+           "error_like_explanation", INCONSISTENT, DHCP_MISMATCH)  # fmt: skip
 
 
 class TrustError(ValueError):
@@ -108,6 +114,8 @@ class TrustState:
     device_window: int = TrustConfig.device_window
     device_share: float = TrustConfig.device_share
     device_min_prior: int = TrustConfig.device_min_prior
+    # rule 6 (trust.dhcp_identity): DHCP identity -> classes seen with it; empty: rule off
+    dhcp_identities: dict[str, list[str]] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         d = {"version": self.version, "groups": list(self.groups), "history": self.history,
@@ -121,6 +129,8 @@ class TrustState:
             "ref_correct": self.ref_correct.bool().contiguous(),
             "dist_threshold": self.dist_threshold.float().contiguous(),
         })  # fmt: skip
+        d["dhcp_identities"] = {str(k): [str(c) for c in v]
+                                for k, v in self.dhcp_identities.items()}  # fmt: skip
         return d
 
     @classmethod
@@ -142,6 +152,8 @@ class TrustState:
                 dist_threshold=torch.as_tensor(d["dist_threshold"]).float(),
                 fitted_on=str(d.get("fitted_on", "")),
                 **{k: kind(d.get(k, getattr(TrustConfig, k))) for k, kind in _DEVICE_KNOBS.items()},
+                dhcp_identities={str(k): [str(c) for c in v]
+                                 for k, v in dict(d.get("dhcp_identities", {})).items()},
             )  # fmt: skip
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise TrustError(f"trust state: malformed ({type(e).__name__}: {e})") from None
@@ -426,12 +438,32 @@ class DeviceConsistencyTracker:
         return ok
 
 
-def apply_device_consistency(trusted: np.ndarray, reason: np.ndarray, agrees: np.ndarray) -> None:
-    """Rule 5 on top of rules 1-4, in place: a label trusted so far that fails it becomes
-    untrusted with reason ``inconsistent_with_device``."""
+def apply_device_rule(trusted: np.ndarray, reason: np.ndarray, agrees: np.ndarray,
+                      why: str = INCONSISTENT) -> None:  # fmt: skip
+    """A device rule (5 or 6) on top of the earlier ones, in place: a label trusted so far
+    that fails it becomes untrusted with reason ``why``."""
     hit = np.asarray(trusted, bool) & ~np.asarray(agrees, bool)
     trusted[hit] = False
-    reason[hit] = INCONSISTENT
+    reason[hit] = why
+
+
+def apply_device_rules(state: "TrustState | None", layout, classes: Sequence[str],
+                       pred: np.ndarray, confidence: np.ndarray, groups: np.ndarray,
+                       times: np.ndarray, matrices: np.ndarray | None,
+                       trusted: np.ndarray, reason: np.ndarray) -> None:  # fmt: skip
+    """Rules 5 and 6, in place, on labels whose device history is known together (one
+    capture, a whole evaluation); ``matrices`` (the labels' own) give rule 6 the devices'
+    DHCP identities, read back from their rows."""
+    from .dhcp_identity import DhcpIdentity
+
+    agrees = DeviceConsistency.of(state).agrees(pred, confidence, groups, times, len(classes))
+    apply_device_rule(trusted, reason, agrees)
+    rule6 = DhcpIdentity.of(state)
+    if rule6.seen and matrices is not None and len(pred):
+        ids = layout.dhcp_identities(np.asarray(matrices)[:, 0])
+        labels = np.asarray(classes, object)[np.asarray(pred, np.int64)]
+        apply_device_rule(trusted, reason, rule6.agrees(labels, ids, groups, times),
+                          DHCP_MISMATCH)  # fmt: skip
 
 
 def device_vote(

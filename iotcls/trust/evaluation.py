@@ -67,14 +67,15 @@ def trust_section(predictor, d, out_dir: Path | None = None, name: str = "model"
     pred = predictor.predict(d.matrices)
     cpu = time.process_time() - t0
     label_alone = pred.trusted.copy()  # rules 1-4: what the label and its explanation say
-    predictor.check_devices(pred, d.device_groups(), d.start)  # rule 5: the device's history
+    predictor.check_devices(pred, d.device_groups(), d.start, d.matrices)  # rules 5, 6
     raw_conf = _softmax_conf(predictor.logits(d.matrices))
     if predictor.trust is None:
         threshold = predictor.threshold
         note = "no trust state in this model: the confidence threshold alone decides"
     else:
         threshold = predictor.trust.state.conf_threshold
-        note = "trust layer: confidence + explanation + device consistency (docs/trust.md)"
+        note = ("trust layer: confidence + explanation + device consistency + DHCP identity "
+                "(docs/trust.md)")
     rep = refinement_report(y, pred.index, pred.confidence, pred.trusted, pred.reason,
                             threshold, len(classes), raw_confidence=raw_conf,
                             label_alone=label_alone)  # fmt: skip
@@ -126,7 +127,7 @@ def leave_out(ds, types: list[str], cfg, progress: bool = False, log=print) -> d
         xi = np.flatnonzero(labelled & (ds.labels == x))
         pr = p.predict(ds.matrices[xi])
         groups = device_sessions(ds.captures[xi], ds.devices[xi])
-        p.check_devices(pr, groups, ds.timestamps[xi])
+        p.check_devices(pr, groups, ds.timestamps[xi], ds.matrices[xi])
         dev, emitted = windowed_trusted_vote(pr.index, pr.confidence, pr.trusted, groups,
                                              ds.timestamps[xi], len(bundle.classes))  # fmt: skip
         fig = leave_out_figures(pr.index, pr.trusted, pr.reason, list(bundle.classes),
@@ -138,7 +139,8 @@ def leave_out(ds, types: list[str], cfg, progress: bool = False, log=print) -> d
         part = Split(**bundle.metadata["split"]).part_of(ds.captures[keep])
         te = keep[part == 2]
         pt = p.predict(ds.matrices[te])
-        p.check_devices(pt, device_sessions(ds.captures[te], ds.devices[te]), ds.timestamps[te])
+        p.check_devices(pt, device_sessions(ds.captures[te], ds.devices[te]), ds.timestamps[te],
+                        ds.matrices[te])  # fmt: skip
         yt = np.searchsorted(np.array(bundle.classes, object), ds.labels[te])
         rep = refinement_report(yt, pt.index, pt.confidence, pt.trusted, pt.reason,
                                 p.threshold, len(bundle.classes))  # fmt: skip
