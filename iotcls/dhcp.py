@@ -53,9 +53,11 @@ VIEW_MARK = 0x80
 _HEX_RUN = re.compile(rb"[0-9A-Fa-f]{6,}")
 
 
-def is_dhcp(proto: np.ndarray, port_a: np.ndarray, port_b: np.ndarray) -> np.ndarray:
-    """Which records (or packets) are DHCPv4: UDP with either port 67 or 68."""
-    lo, hi = DHCP_PORTS
+def is_dhcp(proto: np.ndarray, port_a: np.ndarray, port_b: np.ndarray,
+            ports: tuple[int, int] = DHCP_PORTS) -> np.ndarray:  # fmt: skip
+    """Which records (or packets) are DHCPv4: UDP with either port 67 or 68 (``ports``:
+    another pair, such as DHCPv6's)."""
+    lo, hi = ports
     return (proto == PROTO_UDP) & ((port_a == lo) | (port_a == hi) |
                                    (port_b == lo) | (port_b == hi))  # fmt: skip
 

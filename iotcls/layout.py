@@ -43,7 +43,7 @@ import numpy as np
 import yaml
 from numpy.lib.stride_tricks import sliding_window_view
 
-from .dhcp import DHCP_PORTS, identity_of
+from .dhcp import DHCP_PORTS, identity_of, is_dhcp
 from .flowtable import FlowTable
 from .schema import DEFAULT_PACKETS, DEFAULT_WINDOW_S, PRIVATE_NETS, PROTO_ICMP, PROTO_ICMP6
 from .schema import PROTO_TCP, PROTO_UDP
@@ -93,9 +93,7 @@ DHCP6_PORTS = (546, 547)
 def blank_unit_identity(t: FlowTable) -> np.ndarray:
     """The records' payload bytes with DHCPv6's unit-identifying bytes zeroed (a copy when
     any). DHCPv4 payloads are already unit-free views (:mod:`iotcls.dhcp`)."""
-    lo, hi = DHCP6_PORTS
-    dhcp6 = (t.proto == PROTO_UDP) & ((t.device_port == lo) | (t.device_port == hi) |
-                                      (t.remote_port == lo) | (t.remote_port == hi))  # fmt: skip
+    dhcp6 = is_dhcp(t.proto, t.device_port, t.remote_port, DHCP6_PORTS)
     if not dhcp6.any():
         return t.payload
     payload = t.payload.copy()
