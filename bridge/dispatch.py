@@ -65,6 +65,7 @@ class Item:
     arrived: float  # time.monotonic() at submit
     labelled: bool  # the device had a recent label when the record arrived
     attempts: int = 0
+    identity: str | None = None  # the device's latest DHCP identity as the record arrived
 
 
 @dataclass(slots=True)
@@ -270,15 +271,19 @@ class Dispatcher:
             self._shed([Item(0, d, m, c, now, False) for m, d, c in zip(matrices, devices, ctxs)],
                        SHED_SHUTDOWN)  # fmt: skip
             return
-        if self.identities.rule.seen:  # a DHCP record tells its device's identity (rule 6)
-            for dev, ident in zip(devices, self.layout.dhcp_identities(matrices[:, 0])):
-                self.identities.note(dev, ident)
+        # a DHCP record tells its device's identity: it refines the device's labels from
+        # this record on, in the scorer, and is checked by rule 6 (trust.dhcp_identity)
+        track = bool(self.identities.rule.seen)
+        own = self.layout.dhcp_identities(matrices[:, 0]) if track else None
         labelled_first = self.b.shed_policy == "labelled-first"
         shed: dict[str, list[Item]] = {}
         for i in range(n):
             dev = devices[i]
             lab = labelled_first and self.policy.recently_labelled(dev, now, self.b.recent_label_s)
             item = Item(self._seq, dev, matrices[i], ctxs[i], now, lab)
+            if track:
+                self.identities.note(dev, own[i])
+                item.identity = self.identities.latest(dev)
             self._seq += 1
             (self._q_lab if lab else self._q_new).append(item)
             if self.pending > self.b.queue_records:
@@ -360,7 +365,8 @@ class Dispatcher:
             hints = self._hints(items)
             for it in items:
                 it.attempts += 1
-            data = wire.encode(wire.Request(bid, mats, [it.seq for it in items], hints))
+            ids = [it.identity for it in items] if self.identities.rule.seen else None
+            data = wire.encode(wire.Request(bid, mats, [it.seq for it in items], hints, ids))
             if not self._send(sc.name, data):
                 for it in items:
                     it.attempts -= 1  # never reached the scorer
@@ -509,7 +515,7 @@ class Dispatcher:
             trusted, reason = r.trusted[i], r.reason[i]
             if not self.consistency.observe(it.device, r.labels[i], r.confidence[i]) and trusted:
                 trusted, reason = False, INCONSISTENT
-            if trusted and not self.identities.agrees(it.device, r.labels[i]):
+            if trusted and not self.identities.rule.accepts(it.identity, r.labels[i]):
                 trusted, reason = False, DHCP_MISMATCH
             if full:
                 cheap = None if r.cheap_trusted is None else r.cheap_trusted[i]

@@ -74,10 +74,11 @@ def classify_capture(
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r} (one of {', '.join(STRATEGIES)})")
     t, order = cm.table, cm.order
-    pred = predictor.predict(strategy_input(cm.matrices, strategy))
     devices = t.device_keys()[order] if len(order) else np.zeros(0, object)
     groups = np.unique(devices, return_inverse=True)[1] if len(order) else np.zeros(0, int)
-    predictor.check_devices(pred, groups, t.start[order], cm.matrices)  # trust rules 5, 6
+    ids = predictor.device_identities(cm.matrices, groups, t.start[order])  # DHCP identity
+    pred = predictor.predict(strategy_input(cm.matrices, strategy), ids)
+    predictor.check_devices(pred, groups, t.start[order], ids)  # trust rules 5, 6
     rows_present = (cm.matrices != 0).any(axis=2).sum(axis=1)
     if strategy == "flow":
         return Classified(cm, order, pred, np.ones(len(order), np.int64), strategy)

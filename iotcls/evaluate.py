@@ -234,6 +234,28 @@ def evaluate_model(
     return figs, reps
 
 
+def identity_figures(predictor: Predictor, d: EvalData, vote: VoteConfig) -> dict | None:
+    """The sequence and device strategies with the DHCP identity refinement
+    (:mod:`.trust.dhcp_identity`): what ``classify`` and ``serve`` label; the strategies
+    above are the CNN alone. None for a model without an identity map."""
+    groups = d.device_groups()
+    ids = predictor.device_identities(d.matrices, groups, d.start)
+    if ids is None:
+        return None
+    classes = list(predictor.bundle.classes)
+    y = np.searchsorted(np.array(classes, object), d.labels)
+    probs = predictor.probabilities(d.matrices, predictor.allowed(ids))
+    seq = class_report(y, probs.argmax(axis=1), classes)
+    v = device_vote(probs, groups, d.start, vote)
+    dev = class_report(y[v.emitted], v.index[v.emitted], classes)
+    return {
+        "labels_with_identity": round(float(np.mean([x is not None for x in ids])), 4),
+        "sequence": {"accuracy": seq["accuracy"], "macro_f1": seq["macro_f1"]},
+        "device": {"accuracy": dev["accuracy"], "macro_f1": dev["macro_f1"]},
+        "hardest_pairs": hardest_pairs(seq["confusion"], classes),
+    }
+
+
 def select_for_evaluation(
     captures: np.ndarray, split: Split | None, use_all: bool
 ) -> tuple[np.ndarray, str]:
@@ -363,6 +385,9 @@ def evaluate_report(
         "per_class": seq["per_class"],
         "hardest_pairs": hardest_pairs(seq["confusion"], classes),
     }
+    ident = identity_figures(predictor, d, vote)
+    if ident is not None:
+        report["dhcp_identity"] = ident
     if in_caps.any() and ct.packets[in_caps].sum():
         report["data"]["inspected_share_of_all_packets"] = round(
             float(d.inspected_packets.sum() / ct.packets[in_caps].sum()), 4)
@@ -416,6 +441,13 @@ def format_report(r: dict) -> str:
             f"{'-' if kflops is None else f'{kflops / 1e3:.0f}':>11}"
             f"{sel['packets']:>10.3f}{sel['bytes']:>11.3f}"
         )  # fmt: skip
+    if "dhcp_identity" in r:
+        di = r["dhcp_identity"]
+        lines.append(
+            f"{'+ DHCP identity':<22}{di['sequence']['accuracy']:>9.4f}"
+            f"{di['sequence']['macro_f1']:>9.4f}  per sequence; device vote "
+            f"{di['device']['accuracy']:.4f} / {di['device']['macro_f1']:.4f} "
+            f"({di['labels_with_identity']:.1%} of labels had their device's identity)")  # fmt: skip
     lines += ["", "per class (sequence strategy):",
               f"  {'class':<22}{'precision':>10}{'recall':>8}{'F1':>8}{'support':>9}"]  # fmt: skip
     for c, v in r["per_class"].items():

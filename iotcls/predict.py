@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -153,6 +154,14 @@ class Predictor:
                 out[s : s + len(xb)] = self.model(xb).float().cpu().numpy()
         return out
 
+    def probabilities(self, matrices: np.ndarray, allowed: np.ndarray | None = None) -> np.ndarray:
+        """Calibrated class probabilities, renormalised over each row's ``allowed`` classes."""
+        probs = self.calibrate(self.logits(matrices))
+        if allowed is not None:
+            probs = probs * allowed
+            probs /= probs.sum(axis=1, keepdims=True)
+        return probs
+
     def calibrate(self, logits: np.ndarray) -> np.ndarray:
         z = logits / self.bundle.temperature
         z = z - z.max(axis=1, keepdims=True)
@@ -166,10 +175,14 @@ class Predictor:
         reason = np.where(trusted, REASON_OK, REASON_LOW_CONFIDENCE).astype(object)
         return Assessment(trusted, reason, [[] for _ in range(len(index))])
 
-    def predict(self, matrices: np.ndarray) -> Predictions:
+    def predict(self, matrices: np.ndarray,
+                identities: Sequence[str | None] | None = None) -> Predictions:  # fmt: skip
+        """Labels of ``matrices``; ``identities`` (per matrix, its device's latest DHCP
+        identity, see :meth:`device_identities`) refine them (:mod:`.trust.dhcp_identity`)."""
+        allowed = self.allowed(identities)
         if self.explain:  # issue 4 (trust): one batched pass gives the label and its trust
-            return self._predict_explained(matrices)
-        probs = self.calibrate(self.logits(matrices))
+            return self._predict_explained(matrices, allowed)
+        probs = self.probabilities(matrices, allowed)
         index = probs.argmax(axis=1) if len(probs) else np.zeros(0, np.int64)
         a = self.assess(matrices, probs, index)
         return self._predictions(probs, index, a.trusted, a.reason, a.top_groups)
@@ -181,35 +194,61 @@ class Predictor:
         return DeviceConsistency.of(self.trust.state if self.trust is not None else None)
 
     def check_devices(self, pred: Predictions, groups: np.ndarray, times: np.ndarray,
-                      matrices: np.ndarray | None = None) -> Predictions:  # fmt: skip
-        """Apply trust rules 5 (``inconsistent_with_device``) and, given the labels'
-        ``matrices``, 6 (``dhcp_identity_mismatch``) in place, given each label's device
-        (``groups``) and time; for labels whose device history is known."""
+                      identities: Sequence[str | None] | None = None) -> Predictions:  # fmt: skip
+        """Apply trust rules 5 (``inconsistent_with_device``) and, given the devices'
+        ``identities`` (:meth:`device_identities`), 6 (``dhcp_identity_mismatch``) in place,
+        given each label's device (``groups``) and time; for labels whose device history is
+        known."""
         from .trust.decision import apply_device_rules
 
-        apply_device_rules(self.trust.state if self.trust is not None else None, self.layout,
-                           self.classes, pred.index, pred.confidence, groups, times, matrices,
-                           pred.trusted, pred.reason)  # fmt: skip
+        apply_device_rules(self._state, self.classes, pred.index, pred.confidence, groups, times,
+                           identities, pred.trusted, pred.reason)  # fmt: skip
         return pred
 
+    @property
+    def _state(self):
+        return self.trust.state if self.trust is not None else None
+
+    def device_identities(self, matrices: np.ndarray, groups: np.ndarray,
+                          times: np.ndarray) -> np.ndarray | None:  # fmt: skip
+        """Per matrix, its device's latest DHCP identity up to it (None: none yet), read from
+        the matrices' own DHCP flows; None when the model has no identity map."""
+        from .trust.dhcp_identity import DhcpIdentity, latest
+
+        if not DhcpIdentity.of(self._state).seen:
+            return None
+        return latest(self.layout.dhcp_identities(np.asarray(matrices)[:, 0]), groups, times)
+
+    def allowed(self, identities: Sequence[str | None] | None) -> np.ndarray | None:
+        """(n, C) the classes each label may take given its device's identity, or None."""
+        from .trust.dhcp_identity import DhcpIdentity
+
+        if identities is None:
+            return None
+        return DhcpIdentity.of(self._state).allowed(identities, list(self.classes))
+
     # -- issue 4 (trust) -------------------------------------------------------------------
-    def _predict_explained(self, matrices: np.ndarray) -> Predictions:
+    def _predict_explained(self, matrices: np.ndarray, allowed: np.ndarray | None) -> Predictions:
         x = self._checked(matrices)
         with _few_threads(self._few(len(x))):
-            a = self.trust.assess(x)
+            a = self.trust.assess(x, allowed)
         lp = a.log_probs.astype(np.float64)
         probs = np.exp(lp - lp.max(axis=1, keepdims=True))
         probs = (probs / probs.sum(axis=1, keepdims=True)).astype(np.float32)
         d = a.decision
         return self._predictions(probs, d.pred, d.trusted, d.reason, d.top_groups)
 
-    def assess_subset(self, matrices: np.ndarray, pred: Predictions, idx: np.ndarray) -> None:
+    def assess_subset(self, matrices: np.ndarray, pred: Predictions, idx: np.ndarray,
+                      identities: Sequence[str | None] | None = None) -> None:  # fmt: skip
         """Explain and decide the trust of the labels ``idx`` only (those to be logged), in
-        place; labels from ``predict`` with ``explain=False`` keep the confidence criterion."""
+        place; labels from ``predict`` with ``explain=False`` keep the confidence criterion.
+        ``identities``: as given to ``predict``."""
         idx = np.asarray(idx, np.int64)
         if self.trust is None or len(idx) == 0:
             return
-        a = self.trust.assess(np.asarray(matrices, np.float32)[idx])
+        allowed = self.allowed(identities)
+        a = self.trust.assess(np.asarray(matrices, np.float32)[idx],
+                              None if allowed is None else allowed[idx])  # fmt: skip
         d = a.decision
         pred.trusted[idx] = d.trusted
         pred.reason[idx] = np.asarray(d.reason, object)

@@ -86,6 +86,9 @@ class Request:
     matrices: np.ndarray  # (n, rows, width) float32
     refs: list[int]
     hints: Hints | None = None
+    # per record, its device's latest DHCP identity (None: none seen); the scorer refines
+    # the label with it (iotcls.trust.dhcp_identity). None: no identities (an older bridge)
+    identities: list[str | None] | None = None
 
 
 @dataclass
@@ -144,6 +147,8 @@ def encode(msg: Message) -> bytes:
             d.update(due=msg.hints.due, last=msg.hints.last_label, lastt=msg.hints.last_trusted)
             if msg.hints.last_cheap is not None:
                 d["lastc"] = msg.hints.last_cheap
+        if msg.identities is not None:
+            d["ids"] = msg.identities
     elif isinstance(msg, Reply):
         d.update(
             id=msg.batch, labels=msg.labels, conf=[float(c) for c in msg.confidence],
@@ -224,7 +229,8 @@ def decode(data: bytes) -> Message:
             hints = Hints(_list_of(d, "due", bool, n, kind), _list_of(d, "last", str, n, kind),
                           _list_of(d, "lastt", bool, n, kind),
                           _list_of(d, "lastc", bool, n, kind) if "lastc" in d else None)  # fmt: skip
-        return Request(batch, m, refs, hints)
+        ids = _list_of(d, "ids", (str, type(None)), n, kind) if "ids" in d else None
+        return Request(batch, m, refs, hints, ids)
     if kind == "rep":
         batch = _get(d, "id", int, kind)
         labels = _get(d, "labels", list, kind)

@@ -47,7 +47,7 @@ class Model(Protocol):
     @property
     def layout(self) -> MatrixLayout: ...
 
-    def predict(self, matrices: np.ndarray): ...
+    def predict(self, matrices: np.ndarray, identities: list[str | None] | None = None): ...
 
 
 @dataclass
@@ -281,19 +281,24 @@ class Scorer:
             return
         n_total = sum(len(r.refs) for r in requests)
         x = np.zeros((bucket(n_total, self.s.batch_size), *shapes.pop()), np.float32)
+        ids: list[str | None] | None = None  # the devices' DHCP identities, where sent
+        if any(r.identities is not None for r in requests):
+            ids = [None] * len(x)
         s = 0
         for r in requests:
             x[s : s + len(r.refs)] = r.matrices
+            if ids is not None and r.identities is not None:
+                ids[s : s + len(r.refs)] = r.identities
             s += len(r.refs)
         try:
-            p = self.model.predict(x)
+            p = self.model.predict(x, ids)
         except Exception as e:  # a bad batch must not take the scorer down; the bridge decides
             self._fail(requests, f"scoring {len(x)} matrices failed", e)
             return
         k = n_total  # the rest is padding
         cheap = np.asarray(p.trusted[:k], bool).tolist()  # before the full decision
         try:
-            explained = self._explain(x, p, requests, k)
+            explained = self._explain(x, p, requests, k, ids)
         except Exception as e:
             self._fail(requests, "explaining labels failed", e)
             return
@@ -325,7 +330,8 @@ class Scorer:
         for r in requests:
             self._send(wire.Failure(r.batch, msg))
 
-    def _explain(self, x: np.ndarray, p, requests: list[wire.Request], k: int) -> list[bool] | None:
+    def _explain(self, x: np.ndarray, p, requests: list[wire.Request], k: int,
+                 ids: list[str | None] | None) -> list[bool] | None:  # fmt: skip
         """``logged`` mode: the full trust decision for the labels the bridge will send.
 
         A label needs it when its record is due, its label differs from the device's last
@@ -351,7 +357,7 @@ class Scorer:
             s += n
         idx = np.flatnonzero(need)
         if len(idx):
-            self.model.assess_subset(x, p, idx)
+            self.model.assess_subset(x, p, idx, ids)
         self.stats.explained += len(idx)
         return need.tolist()
 

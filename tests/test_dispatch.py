@@ -504,16 +504,17 @@ def test_logged_mode_does_not_reexplain_a_refused_label(trust_model_path, tmp_pa
     assert s.stats.explained == 1
 
 
-def test_rule6_live_equals_the_offline_rule():
-    """Trust rule 6 in the dispatcher: a real capture's records, one at a time through a real
-    scorer with the default model, come back with the trust the offline rule gives; the
-    plug's DHCP identity is declared seen with another class, so its labels fail from its
-    DHCP record on."""
+def test_dhcp_identity_live_equals_classify():
+    """The DHCP identity refinement and trust rule 6 in serve: a real capture's records, one
+    at a time through a real dispatcher and a real scorer with the default model, come back
+    with the labels and trust that the offline path (classify's) gives. The plug's identity
+    is declared seen with HS100 only: from its DHCP record on, its labels are refined to
+    HS100; then declared seen with no class: its labels fail rule 6 from there on."""
     from pathlib import Path
 
     from iotcls.bundle import default_model_path
     from iotcls.flows import DeviceSelector, capture_flows
-    from iotcls.trust.decision import DHCP_MISMATCH, apply_device_rules
+    from iotcls.trust.decision import DHCP_MISMATCH
     from iotcls.trust.dhcp_identity import DhcpIdentity
 
     data = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "iot-sentinel"
@@ -521,44 +522,49 @@ def test_rule6_live_equals_the_offline_rule():
     if not pcap.exists():
         pytest.skip(f"IoT Sentinel data not found at {pcap}")
     mac = (pcap.parent / "_iotdevice-mac.txt").read_text().strip()
-    bundle = ModelBundle.load(default_model_path())
-    layout = bundle.layout
+    base = ModelBundle.load(default_model_path())
+    layout = base.layout
     t = capture_flows(pcap, DeviceSelector.from_lists([mac])).table
     mats, _ = layout.matrices(t)  # one device: in start order
-    ids = layout.dhcp_identities(mats[:, 0])
-    ident = next(x for x in ids if x is not None)
+    ident = next(x for x in layout.dhcp_identities(mats[:, 0]) if x is not None)
     assert "HS110(EU)" in ident
-    rule = DhcpIdentity({ident: frozenset({"TP-LinkPlugHS100"})})
+    first = int(np.flatnonzero(layout.dhcp_identities(mats[:, 0]) != None)[0])  # noqa: E711
 
-    ref = Predictor(bundle).predict(mats)  # the offline reference: rules 1-4, then 5 and 6
-    state = Predictor(bundle).trust.state
-    state.dhcp_identities = {ident: ["TP-LinkPlugHS100"]}
-    apply_device_rules(state, layout, bundle.classes, ref.index, ref.confidence,
-                       np.zeros(len(mats), int), np.arange(len(mats)), mats, ref.trusted,
-                       ref.reason)  # fmt: skip
-    first = int(np.flatnonzero([x is not None for x in ids])[0])
-    assert all(r == DHCP_MISMATCH or not t_ for r, t_ in zip(ref.reason[first:], ref.trusted[first:]))
-    assert (ref.reason[first:] == DHCP_MISMATCH).any()
+    for seen_with in (["TP-LinkPlugHS100"], ["an unknown type"]):
+        bundle = ModelBundle.load(default_model_path())
+        bundle.trust["dhcp_identities"] = {ident: seen_with}
+        ref_p = Predictor(bundle)
+        groups, times = np.zeros(len(mats), int), np.arange(len(mats), dtype=float)
+        ids = ref_p.device_identities(mats, groups, times)
+        ref = ref_p.predict(mats, ids)  # offline, as classify: refine, rules 1-4, then 5, 6
+        ref_p.check_devices(ref, groups, times, ids)
+        if seen_with == ["TP-LinkPlugHS100"]:
+            assert set(ref.label[first:]) == {"TP-LinkPlugHS100"}
+            assert set(ref.label[:first]) != {"TP-LinkPlugHS100"}
+        else:
+            assert all(r == DHCP_MISMATCH or not ok for r, ok in zip(ref.reason[first:], ref.trusted[first:]))
+            assert (ref.reason[first:] == DHCP_MISMATCH).any()
 
-    cfg = config()
-    out: list[Outcome] = []
+        out: list[Outcome] = []
 
-    async def main():
-        d = Dispatcher(cfg, layout, out.extend, identities=rule)
-        (addr,) = await d.start()
-        s = Scorer(Predictor(bundle), ScorerSettings(addr, "t", max_wait_ms=0))
-        th = threading.Thread(target=s.run, daemon=True)
-        th.start()
-        try:
-            await until(lambda: d.scorers == ["t"], 20, "the scorer")
-            for k in range(len(mats)):
-                d.submit(mats[k : k + 1], ["plug"], [k])
-                await until(lambda: len(out) == k + 1, 10, f"outcome {k}")
-        finally:
-            s.stop()
-            th.join(10)
-            await d.close()
+        async def main():
+            d = Dispatcher(config(), layout, out.extend,
+                           identities=DhcpIdentity({ident: frozenset(seen_with)}))  # fmt: skip
+            (addr,) = await d.start()
+            s = Scorer(Predictor(bundle), ScorerSettings(addr, "t", max_wait_ms=0))
+            th = threading.Thread(target=s.run, daemon=True)
+            th.start()
+            try:
+                await until(lambda: d.scorers == ["t"], 20, "the scorer")
+                for k in range(len(mats)):
+                    d.submit(mats[k : k + 1], ["plug"], [k])
+                    await until(lambda: len(out) == k + 1, 10, f"outcome {k}")
+            finally:
+                s.stop()
+                th.join(10)
+                await d.close()
 
-    run(main())
-    assert [o.label for o in out] == list(ref.label)
-    assert [(o.trusted, o.reason) for o in out] == list(zip(ref.trusted, ref.reason))
+        run(main())
+        assert [o.label for o in out] == list(ref.label)
+        np.testing.assert_allclose([o.confidence for o in out], ref.confidence, rtol=1e-5)
+        assert [(o.trusted, o.reason) for o in out] == list(zip(ref.trusted, ref.reason))

@@ -471,9 +471,10 @@ def test_device_consistency_knobs_travel_in_the_state():
 
 
 def test_dhcp_identity_rule_and_its_online_twin():
-    """Rule 6: from a device's first DHCP identity on (its own label included), a label of a
-    class never seen with that identity fails; the live tracker gives the same answers."""
-    from iotcls.trust.dhcp_identity import DhcpIdentity, fit_identities
+    """Rule 6 and the refinement: from a device's first DHCP identity on (its own label
+    included), its labels may take only the classes seen with that identity, and a label of
+    another class fails; the live tracker gives the same identities."""
+    from iotcls.trust.dhcp_identity import DhcpIdentity, fit_identities, latest
 
     seen = fit_identities(np.array(["h=a", None, "h=b", "h=b", None], object),
                           ["plug", "plug", "cam", "hub", ""])  # fmt: skip
@@ -483,20 +484,25 @@ def test_dhcp_identity_rule_and_its_online_twin():
     n = 400
     groups = rng.integers(0, 6, n)
     labels = rng.choice(["plug", "cam", "hub"], n).astype(object)
-    ids = np.where(rng.random(n) < 0.1, rng.choice(["h=a", "h=b", "h=new"], n), None).astype(object)
-    batch = rule.agrees(labels, ids, groups, np.arange(n, dtype=float))
+    own = np.where(rng.random(n) < 0.1, rng.choice(["h=a", "h=b", "h=new"], n), None).astype(object)
+    ids = latest(own, groups, np.arange(n, dtype=float))
     tracker = rule.online(max_devices=100)
     online = []
-    for g, lab, ident in zip(groups, labels, ids):
+    for g, ident in zip(groups, own):
         tracker.note(f"d{g}", ident)
-        online.append(tracker.agrees(f"d{g}", lab))
-    assert batch.tolist() == online
-    assert 0 < batch.sum() < n
+        online.append(tracker.latest(f"d{g}"))
+    assert list(ids) == online
     for i in range(n):  # by hand: the latest identity of the device up to i
-        before = [ids[j] for j in range(i + 1) if groups[j] == groups[i] and ids[j] is not None]
-        want = not before or labels[i] in seen.get(before[-1], [])
-        assert batch[i] == want
-    assert DhcpIdentity().agrees(labels, ids, groups, np.arange(n)).all()  # no map: rule off
+        before = [own[j] for j in range(i + 1) if groups[j] == groups[i] and own[j] is not None]
+        assert ids[i] == (before[-1] if before else None)
+    ok = rule.agrees(labels, ids)
+    assert 0 < ok.sum() < n
+    assert ok.tolist() == [x is None or lab in seen.get(x, []) for x, lab in zip(ids, labels)]
+    allowed = rule.allowed(ids, ["cam", "hub", "plug"])
+    for x, row in zip(ids, allowed):
+        want = [c in seen[x] for c in ["cam", "hub", "plug"]] if x in seen else [True] * 3
+        assert row.tolist() == want
+    assert DhcpIdentity().agrees(labels, ids).all() and DhcpIdentity().allowed(ids, ["a"]) is None
 
 
 def test_dhcp_identities_travel_in_the_state():

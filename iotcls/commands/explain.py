@@ -30,12 +30,22 @@ def explain_device(bundle, cm, top: int = 3) -> dict:
     """Labels, confidences, trust and Shapley values of every matrix of ``cm``."""
     from ..flowtable import bytes_to_ip
     from ..schema import proto_name
+    from ..predict import Predictor
     from ..trust.decision import apply_device_rules, decide
     from ..trust.layer import TrustLayer
 
     layer = TrustLayer.from_bundle(bundle)
-    e = layer.explain(cm.matrices)
+    t = cm.table
+    rows = cm.order
     n = len(cm.matrices)
+    groups = t.device_keys()[rows] if n else np.zeros(0, object)
+    groups = np.unique(groups, return_inverse=True)[1] if n else np.zeros(0, int)
+    predictor = Predictor(bundle, explain=False)
+    ids = predictor.device_identities(cm.matrices, groups, t.start[rows])
+    allowed = predictor.allowed(ids)  # the DHCP identity refinement, as in classify
+    e = layer.explain(cm.matrices)
+    if allowed is not None:
+        e = e.restricted(allowed)
     conf = np.exp(e.log_probs[np.arange(n), e.target])
     if layer.state is not None:
         d = decide(layer.state, e.log_probs, e.all_values, e.target)
@@ -48,12 +58,8 @@ def explain_device(bundle, cm, top: int = 3) -> dict:
         trusted = conf >= thr
         reason = ["-" if t else "low_confidence" for t in trusted]
         decided_by = f"no trust state in the model: confidence >= {thr:g} only"
-    t = cm.table
-    rows = cm.order
     trusted, reason = np.array(trusted, bool), np.array(reason, object)
-    groups = t.device_keys()[rows] if n else np.zeros(0, object)
-    apply_device_rules(layer.state, bundle.layout, bundle.classes, e.target, conf,
-                       np.unique(groups, return_inverse=True)[1], t.start[rows], cm.matrices,
+    apply_device_rules(layer.state, bundle.classes, e.target, conf, groups, t.start[rows], ids,
                        trusted, reason)  # fmt: skip
     labels = []
     for i in range(n):

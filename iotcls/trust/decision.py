@@ -447,23 +447,21 @@ def apply_device_rule(trusted: np.ndarray, reason: np.ndarray, agrees: np.ndarra
     reason[hit] = why
 
 
-def apply_device_rules(state: "TrustState | None", layout, classes: Sequence[str],
-                       pred: np.ndarray, confidence: np.ndarray, groups: np.ndarray,
-                       times: np.ndarray, matrices: np.ndarray | None,
+def apply_device_rules(state: "TrustState | None", classes: Sequence[str], pred: np.ndarray,
+                       confidence: np.ndarray, groups: np.ndarray, times: np.ndarray,
+                       identities: Sequence[str | None] | None,
                        trusted: np.ndarray, reason: np.ndarray) -> None:  # fmt: skip
     """Rules 5 and 6, in place, on labels whose device history is known together (one
-    capture, a whole evaluation); ``matrices`` (the labels' own) give rule 6 the devices'
-    DHCP identities, read back from their rows."""
+    capture, a whole evaluation); ``identities``: each label's device's latest DHCP identity
+    (:func:`.dhcp_identity.latest`), for rule 6."""
     from .dhcp_identity import DhcpIdentity
 
     agrees = DeviceConsistency.of(state).agrees(pred, confidence, groups, times, len(classes))
     apply_device_rule(trusted, reason, agrees)
     rule6 = DhcpIdentity.of(state)
-    if rule6.seen and matrices is not None and len(pred):
-        ids = layout.dhcp_identities(np.asarray(matrices)[:, 0])
+    if rule6.seen and identities is not None and len(pred):
         labels = np.asarray(classes, object)[np.asarray(pred, np.int64)]
-        apply_device_rule(trusted, reason, rule6.agrees(labels, ids, groups, times),
-                          DHCP_MISMATCH)  # fmt: skip
+        apply_device_rule(trusted, reason, rule6.agrees(labels, identities), DHCP_MISMATCH)
 
 
 def device_vote(

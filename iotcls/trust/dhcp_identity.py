@@ -1,18 +1,24 @@
-"""Trust rule 6: a label must fit what the device says it is in DHCP.
+"""What the device says it is in DHCP: a refinement of the label and trust rule 6.
 
 A DHCP client repeats its identity in every message: host name, vendor class and parameter
 request list (:func:`iotcls.dhcp.identity_of`; ``host=HS110(EU) vendor=udhcp 0.9.9-pre
 params=0103060c0f1c``). The model sees it only in the few matrices whose rows hold the DHCP
-flow; the rule remembers it for the device. A label is ``dhcp_identity_mismatch`` when the
-device's latest DHCP identity was never seen with the label's class in the training data
-(training and validation captures). That catches two things the explanations cannot:
+flow; here it is remembered for the device (:func:`latest`, and the bridge's
+:class:`DhcpIdentityTracker`), and the training data says which classes showed it (training
+and validation captures; the map travels in the trust state). Then, for every later label
+of the device:
 
-* a sibling taken for another (an ``HS100(EU)`` plug labelled HS110, the D-Link sensors);
-* a device type the model never learnt: its identity was seen with no class at all.
+* **refinement**: where the identity was seen, the label is the model's most probable class
+  among those it was seen with (:meth:`DhcpIdentity.allowed`; the calibrated probabilities
+  renormalised over them). Same-vendor siblings whose traffic is alike but whose DHCP host
+  names differ (TP-Link ``HS100(EU)`` / ``HS110(EU)``, the D-Link sensors) are then told
+  apart in every sequence, not only in those whose rows hold the DHCP flow;
+* **rule 6**, ``dhcp_identity_mismatch``: a label whose class was never seen with the
+  identity is untrusted. After the refinement that means an identity seen with no class at
+  all: a device type (or a firmware, or a renamed device) the model never learnt.
 
-Devices whose identity is shared by several classes (same firmware, MAC-derived host names
-that the view blanks) pass for any of them, and a device not seen in DHCP yet is not
-checked. The map of identities to classes travels in the trust state.
+Identities shared by several classes (same firmware, MAC-derived host names that the view
+blanks) allow any of them, and a device not seen in DHCP yet is neither refined nor checked.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import numpy as np
 
 from .decision import DHCP_MISMATCH
 
-__all__ = ["DHCP_MISMATCH", "DhcpIdentity", "DhcpIdentityTracker", "fit_identities"]
+__all__ = ["DHCP_MISMATCH", "DhcpIdentity", "DhcpIdentityTracker", "fit_identities", "latest"]
 
 
 def fit_identities(identities: np.ndarray, labels: Sequence[str]) -> dict[str, list[str]]:
@@ -53,32 +59,52 @@ class DhcpIdentity:
     def accepts(self, identity: str | None, label: str) -> bool:
         return identity is None or not self.seen or label in self.seen.get(identity, ())
 
-    def agrees(self, labels: Sequence[str], identities: np.ndarray, groups: np.ndarray,
-               times: np.ndarray) -> np.ndarray:  # fmt: skip
-        """Per label, whether it passes: the identity of the device's latest DHCP flow up to
-        and including this label's (by ``times``, ties in input order) against its class."""
-        n = len(labels)
-        out = np.ones(n, bool)
-        if n == 0 or not self.seen:
-            return out
-        order = np.lexsort((np.arange(n), np.asarray(times), np.asarray(groups)))
-        g = np.asarray(groups)[order]
-        has = np.array([x is not None for x in np.asarray(identities, object)[order]])
-        at = np.maximum.accumulate(np.where(has, np.arange(n), -1))  # latest identity so far
-        first = np.r_[0, np.flatnonzero(g[1:] != g[:-1]) + 1]
-        start = np.repeat(first, np.diff(np.r_[first, n]))
-        for k in np.flatnonzero(at >= start).tolist():  # labels whose device has one
-            out[order[k]] = self.accepts(identities[order[at[k]]], labels[order[k]])
-        return out
+    def allowed(self, identities: Sequence[str | None], classes: Sequence[str]) -> np.ndarray | None:
+        """Per label, the classes its device's identity was seen with (all where the identity
+        is unknown or was never seen): the refinement keeps the model's most probable class
+        among them. None when no label is restricted."""
+        if not self.seen:
+            return None
+        names = np.asarray(classes, object)
+        mask = np.ones((len(identities), len(names)), bool)
+        for i, ident in enumerate(identities):
+            known = self.seen.get(ident) if ident is not None else None
+            if known:
+                row = np.isin(names, list(known))
+                if row.any():  # (a map naming none of the model's classes restricts nothing)
+                    mask[i] = row
+        return mask if not mask.all() else None
+
+    def agrees(self, labels: Sequence[str], identities: Sequence[str | None]) -> np.ndarray:
+        """Per label, whether it passes, given its device's latest identity (:func:`latest`)."""
+        return np.array([self.accepts(i, lab) for i, lab in zip(identities, labels)], bool)
 
     def online(self, max_devices: int = 100_000) -> "DhcpIdentityTracker":
         return DhcpIdentityTracker(self, max_devices)
 
 
+def latest(identities: np.ndarray, groups: np.ndarray, times: np.ndarray) -> np.ndarray:
+    """Per label, the identity of its device's latest DHCP flow up to and including its own
+    (by ``times``, ties in input order), or None; ``identities`` are the labels' own flows'."""
+    identities = np.asarray(identities, object)
+    n = len(identities)
+    out = np.full(n, None, object)
+    if n == 0:
+        return out
+    order = np.lexsort((np.arange(n), np.asarray(times), np.asarray(groups)))
+    g = np.asarray(groups)[order]
+    has = np.array([x is not None for x in identities[order]])
+    at = np.maximum.accumulate(np.where(has, np.arange(n), -1))  # latest identity so far
+    first = np.r_[0, np.flatnonzero(g[1:] != g[:-1]) + 1]
+    start = np.repeat(first, np.diff(np.r_[first, n]))
+    ok = at >= start  # the device has shown one by then
+    out[order[ok]] = identities[order[at[ok]]]
+    return out
+
 class DhcpIdentityTracker:
-    """The live twin of :meth:`DhcpIdentity.agrees`: the bridge notes each device's DHCP
-    identity as its records arrive and checks each label against the latest one; least
-    recently seen devices are forgotten beyond ``max_devices``."""
+    """The live twin of :func:`latest`: the bridge notes each device's DHCP identity as its
+    records arrive, and each record carries the latest one to the scorer (refinement) and
+    back (rule 6); least recently seen devices are forgotten beyond ``max_devices``."""
 
     def __init__(self, rule: DhcpIdentity, max_devices: int = 100_000):
         self.rule, self.max_devices = rule, max_devices
@@ -95,5 +121,5 @@ class DhcpIdentityTracker:
         if len(self._latest) > self.max_devices:
             self._latest.popitem(last=False)
 
-    def agrees(self, device: str, label: str) -> bool:
-        return self.rule.accepts(self._latest.get(device), label)
+    def latest(self, device: str) -> str | None:
+        return self._latest.get(device)

@@ -64,11 +64,16 @@ def trust_section(predictor, d, out_dir: Path | None = None, name: str = "model"
     classes = list(predictor.bundle.classes)
     y = np.searchsorted(np.array(classes, object), d.labels)
     t0 = time.process_time()
-    pred = predictor.predict(d.matrices)
+    groups = d.device_groups()
+    ids = predictor.device_identities(d.matrices, groups, d.start)  # the DHCP refinement
+    pred = predictor.predict(d.matrices, ids)
     cpu = time.process_time() - t0
     label_alone = pred.trusted.copy()  # rules 1-4: what the label and its explanation say
-    predictor.check_devices(pred, d.device_groups(), d.start, d.matrices)  # rules 5, 6
-    raw_conf = _softmax_conf(predictor.logits(d.matrices))
+    predictor.check_devices(pred, groups, d.start, ids)  # rules 5, 6
+    logits = predictor.logits(d.matrices)
+    raw_conf = _softmax_conf(logits)  # the model alone, T = 1
+    probs = predictor.calibrate(logits)  # the model alone, before the DHCP refinement
+    alone = (probs.argmax(axis=1), probs.max(axis=1)) if ids is not None else None
     if predictor.trust is None:
         threshold = predictor.threshold
         note = "no trust state in this model: the confidence threshold alone decides"
@@ -78,17 +83,18 @@ def trust_section(predictor, d, out_dir: Path | None = None, name: str = "model"
                 "(docs/trust.md)")
     rep = refinement_report(y, pred.index, pred.confidence, pred.trusted, pred.reason,
                             threshold, len(classes), raw_confidence=raw_conf,
-                            label_alone=label_alone)  # fmt: skip
+                            label_alone=label_alone, model_alone=alone)  # fmt: skip
     rep["decided_by"] = note
     rep["cpu_ms_per_label"] = round(1000 * cpu / max(len(y), 1), 4)
     rep["device"] = device_figures(y, pred.index, pred.confidence, pred.trusted,
                                    d.device_groups(), d.start, len(classes))  # fmt: skip
     if out_dir is not None:
-        correct = pred.index == y
+        own, conf = alone if alone is not None else (pred.index, pred.confidence)
+        correct = own == y
         png = reliability_diagram(out_dir / "reliability.png",
                                   {"uncalibrated (T=1)": (raw_conf, correct),
                                    f"calibrated (T={predictor.bundle.temperature:.2f})":
-                                   (pred.confidence, correct)},
+                                   (conf, correct)},
                                   title=f"{name}: per-sequence labels")  # fmt: skip
         rep["reliability_png"] = str(png)
     return rep
@@ -125,9 +131,10 @@ def leave_out(ds, types: list[str], cfg, progress: bool = False, log=print) -> d
                        replace(cfg), progress=progress, log=lambda m: None)  # fmt: skip
         p = Predictor(bundle)
         xi = np.flatnonzero(labelled & (ds.labels == x))
-        pr = p.predict(ds.matrices[xi])
         groups = device_sessions(ds.captures[xi], ds.devices[xi])
-        p.check_devices(pr, groups, ds.timestamps[xi], ds.matrices[xi])
+        ids = p.device_identities(ds.matrices[xi], groups, ds.timestamps[xi])
+        pr = p.predict(ds.matrices[xi], ids)
+        p.check_devices(pr, groups, ds.timestamps[xi], ids)
         dev, emitted = windowed_trusted_vote(pr.index, pr.confidence, pr.trusted, groups,
                                              ds.timestamps[xi], len(bundle.classes))  # fmt: skip
         fig = leave_out_figures(pr.index, pr.trusted, pr.reason, list(bundle.classes),
@@ -138,9 +145,10 @@ def leave_out(ds, types: list[str], cfg, progress: bool = False, log=print) -> d
         # the same model on held-out captures of the types it knows
         part = Split(**bundle.metadata["split"]).part_of(ds.captures[keep])
         te = keep[part == 2]
-        pt = p.predict(ds.matrices[te])
-        p.check_devices(pt, device_sessions(ds.captures[te], ds.devices[te]), ds.timestamps[te],
-                        ds.matrices[te])  # fmt: skip
+        gt = device_sessions(ds.captures[te], ds.devices[te])
+        ids = p.device_identities(ds.matrices[te], gt, ds.timestamps[te])
+        pt = p.predict(ds.matrices[te], ids)
+        p.check_devices(pt, gt, ds.timestamps[te], ids)
         yt = np.searchsorted(np.array(bundle.classes, object), ds.labels[te])
         rep = refinement_report(yt, pt.index, pt.confidence, pt.trusted, pt.reason,
                                 p.threshold, len(bundle.classes))  # fmt: skip

@@ -81,10 +81,14 @@ class TrustLayer:
     def explain(self, matrices: np.ndarray) -> Explanation:
         return self.explainer.explain(self.full_rows(matrices), all_classes=True)
 
-    def assess(self, matrices: np.ndarray) -> Assessed:
+    def assess(self, matrices: np.ndarray, allowed: np.ndarray | None = None) -> Assessed:
+        """The explanation and trust decision; ``allowed`` (n, C) limits each label's classes
+        (the DHCP identity refinement, :mod:`.dhcp_identity`)."""
         if self.state is None:
             raise ValueError("trust layer: no fitted trust state")
         e = self.explain(matrices)
+        if allowed is not None:
+            e = e.restricted(allowed)
         d = decide(self.state, e.log_probs, e.all_values, e.target, e.top_groups(self.top_k))
         return Assessed(e, d)
 

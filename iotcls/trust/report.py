@@ -77,21 +77,29 @@ def refinement_report(
     n_classes: int,
     raw_confidence: np.ndarray | None = None,
     label_alone: np.ndarray | None = None,
+    model_alone: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict:
-    """Before/after figures; ``confidence`` calibrated, ``raw_confidence`` with T = 1;
-    ``label_alone``: the decision before the device-consistency rule, shown as its own row."""
+    """Before/after figures; ``confidence`` calibrated, ``raw_confidence`` with T = 1 (of the
+    model's own labels); ``label_alone``: the decision before the device rules, shown as its
+    own row; ``model_alone``: (labels, calibrated confidence) of the model before the DHCP
+    identity refinement changed ``pred``: then they are the ``raw`` row and the calibration."""
     n = len(y)
-    rows = {
-        "raw": row_figures(y, pred, confidence, np.ones(n, bool), n_classes),
-        "confidence": row_figures(y, pred, confidence, confidence >= conf_threshold, n_classes),
-    }
+    all_ = np.ones(n, bool)
+    if model_alone is not None:
+        pred0, conf0 = model_alone
+        rows = {"raw": row_figures(y, pred0, conf0, all_, n_classes),
+                "identity": row_figures(y, pred, confidence, all_, n_classes)}  # fmt: skip
+    else:
+        pred0, conf0 = pred, confidence
+        rows = {"raw": row_figures(y, pred, confidence, all_, n_classes)}
+    rows["confidence"] = row_figures(y, pred, confidence, confidence >= conf_threshold, n_classes)
     if label_alone is not None:
         rows["explanation"] = row_figures(y, pred, confidence, label_alone, n_classes)
     rows["trust"] = row_figures(y, pred, confidence, trusted, n_classes)
     before = rows["raw"]["high_conf_errors"]["count"]
     after = rows["trust"]["high_conf_errors"]["count"]
-    correct = np.asarray(pred) == np.asarray(y)
-    cal = reliability_bins(confidence, correct)
+    correct = np.asarray(pred0) == np.asarray(y)
+    cal = reliability_bins(conf0, correct)
     out = {
         "rows": rows,
         # before / after; None when none are left (JSON has no infinity): see the counts
@@ -115,8 +123,8 @@ def format_refinement(rep: dict, title: str = "trust refinement (per-sequence la
     head = f"  {'':12s} {'coverage':>9s} {'macroF1 all':>12s} {'macroF1 trusted':>16s} " \
            f"{'refined':>8s} {'hi-conf errors':>15s} {'rate':>8s}"  # fmt: skip
     lines.append(head)
-    names = {"raw": "raw", "confidence": "confidence", "explanation": "+explanation",
-             "trust": "+device"}  # fmt: skip
+    names = {"raw": "raw", "identity": "+DHCP ident", "confidence": "confidence",
+             "explanation": "+explanation", "trust": "+device"}  # fmt: skip
     for key, name in names.items():
         if key not in rows:
             continue

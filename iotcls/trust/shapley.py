@@ -23,7 +23,7 @@ The game's value is the predicted class's calibrated log-probability,
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
@@ -119,6 +119,8 @@ def row_plan(masks: np.ndarray) -> RowPlan | None:
     return RowPlan(variant_cols, variant_of.astype(np.int64), rows_on)
 
 
+LOG_ZERO = -1.0e4  # log-probability of a class a refinement ruled out (exp: 0)
+
 @dataclass
 class Explanation:
     """Shapley values of a batch; ``values[n, g]`` for the explained class ``target[n]``."""
@@ -130,6 +132,20 @@ class Explanation:
     base: np.ndarray  # (C,) calibrated log-probabilities of the all-zero (empty) input
     coalition_values: np.ndarray | None = None  # (n, 2^G) of the target, when asked for
     all_values: np.ndarray | None = None  # (n, G, C): every class's values, when asked for
+
+    def restricted(self, allowed: np.ndarray) -> "Explanation":
+        """The explanation with each label's classes limited to ``allowed`` (n, C): the
+        calibrated log-probabilities renormalised over them (the others ~ -inf), the target
+        the most probable of them, its values those of that class (computed for all classes:
+        ``all_values`` must be present)."""
+        allowed = np.asarray(allowed, bool)
+        lp = np.where(allowed, self.log_probs, -np.inf)
+        top = lp.max(axis=1, keepdims=True)
+        lp = lp - (top + np.log(np.exp(lp - top).sum(axis=1, keepdims=True)))
+        lp = np.where(allowed, lp, LOG_ZERO)
+        target = lp.argmax(axis=1)
+        values = self.all_values[np.arange(len(target)), :, target]
+        return replace(self, log_probs=lp, target=target, values=values, coalition_values=None)
 
     def top_groups(self, k: int = 3, digits: int = 2) -> list[list[str]]:
         """Per label, the ``k`` groups of largest |value|, as ``"name=value"`` strings."""
