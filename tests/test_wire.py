@@ -120,3 +120,18 @@ def test_hints_and_explained_round_trip():
     d["due"] = [True]
     with pytest.raises(wire.WireError, match="'due' has 1 entries, expected 2"):
         wire.decode(msgpack.packb(d, use_bin_type=True))
+
+
+def test_identities_round_trip_and_are_checked():
+    """A request's per-record DHCP identities (None where a device showed none) survive the
+    wire; a bridge without them sends none; a wrong count or type is a WireError."""
+    m = np.zeros((2, 1, 3), np.float32)
+    ids = ["host=HS110(EU) vendor=udhcp 0.9.9-pre", None]
+    got = wire.decode(wire.encode(wire.Request(3, m, [1, 2], None, ids)))
+    assert got.identities == ids and got.hints is None
+    assert wire.decode(wire.encode(wire.Request(3, m, [1, 2]))).identities is None
+    d = msgpack.unpackb(wire.encode(wire.Request(3, m, [1, 2], None, ids)))
+    for bad, what in (([None], "'ids' has 1 entries, expected 2"), ([1, None], "'ids' holds a int")):
+        d["ids"] = bad
+        with pytest.raises(wire.WireError, match=what):
+            wire.decode(msgpack.packb(d, use_bin_type=True))
