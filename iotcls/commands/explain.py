@@ -50,7 +50,8 @@ def explain_device(bundle, cm, top: int = 3) -> dict:
     if layer.state is not None:
         d = decide(layer.state, e.log_probs, e.all_values, e.target)
         trusted, reason = d.trusted, d.reason
-        decided_by = "trust state (confidence + explanation)"
+        decided_by = ("trust state (confidence + explanation + device rules"
+                      + (", DHCP identity refinement)" if ids is not None else ")"))
     else:
         from ..predict import DEFAULT_THRESHOLD
 
