@@ -187,12 +187,6 @@ class Predictor:
         a = self.assess(matrices, probs, index)
         return self._predictions(probs, index, a.trusted, a.reason, a.top_groups)
 
-    def consistency(self):
-        """Trust rule 5 with this bundle's knobs (the defaults for a bundle without a state)."""
-        from .trust.decision import DeviceConsistency
-
-        return DeviceConsistency.of(self.trust.state if self.trust is not None else None)
-
     def check_devices(self, pred: Predictions, groups: np.ndarray, times: np.ndarray,
                       identities: Sequence[str | None] | None = None) -> Predictions:  # fmt: skip
         """Apply trust rules 5 (``inconsistent_with_device``) and, given the devices'
