@@ -45,9 +45,10 @@ def fit_identities(identities: np.ndarray, labels: Sequence[str]) -> dict[str, l
 
 @dataclass(frozen=True)
 class DhcpIdentity:
-    """Rule 6 over labels whose device history is known (classify, evaluate, explain); the
-    bridge runs its live twin, :class:`DhcpIdentityTracker`. No map (a model trained before
-    the rule existed): every label passes."""
+    """The identity map of a model: which labels an identity allows (the refinement) and
+    accepts (rule 6). Labels come with their device's latest identity (:func:`latest`
+    offline, :class:`DhcpIdentityTracker` in the bridge). No map (a model trained before
+    it existed): nothing is refined and every label passes."""
 
     seen: dict[str, frozenset[str]] = field(default_factory=dict)
 
@@ -67,12 +68,15 @@ class DhcpIdentity:
             return None
         names = np.asarray(classes, object)
         mask = np.ones((len(identities), len(names)), bool)
+        rows: dict[str, np.ndarray] = {}  # per identity, once per call (the scorer's hot path)
         for i, ident in enumerate(identities):
-            known = self.seen.get(ident) if ident is not None else None
-            if known:
-                row = np.isin(names, list(known))
-                if row.any():  # (a map naming none of the model's classes restricts nothing)
-                    mask[i] = row
+            if ident is None or ident not in self.seen:
+                continue
+            row = rows.get(ident)
+            if row is None:
+                row = rows[ident] = np.isin(names, list(self.seen[ident]))
+            if row.any():  # (a map naming none of the model's classes restricts nothing)
+                mask[i] = row
         return mask if not mask.all() else None
 
     def agrees(self, labels: Sequence[str], identities: Sequence[str | None]) -> np.ndarray:
@@ -100,6 +104,7 @@ def latest(identities: np.ndarray, groups: np.ndarray, times: np.ndarray) -> np.
     ok = at >= start  # the device has shown one by then
     out[order[ok]] = identities[order[at[ok]]]
     return out
+
 
 class DhcpIdentityTracker:
     """The live twin of :func:`latest`: the bridge notes each device's DHCP identity as its
