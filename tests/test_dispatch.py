@@ -401,24 +401,24 @@ def trust_model_path(tmp_path_factory):
     return str(b.save(tmp_path_factory.mktemp("trust") / "t.pt"))
 
 
-def one_at_a_time_logged(model_path: str, records: np.ndarray):
-    """Records of one device "d", each sent once the previous one's outcome is back, through
-    a real dispatcher and a real scorer in mode ``logged`` (log policy ``changes``)."""
-    cfg = config()
-    cfg.log.policy = "changes"
+def one_at_a_time(records: np.ndarray, device: str, layout: MatrixLayout, predictor: Predictor,
+                  cfg: Config | None = None, dispatcher: dict | None = None,
+                  **settings) -> tuple[list[Outcome], Dispatcher, Scorer]:  # fmt: skip
+    """Records of one device, each sent once the previous one's outcome is back, through a
+    real dispatcher (``dispatcher``: its keyword arguments) and a real scorer (``settings``:
+    its ScorerSettings beyond the address and name)."""
     out: list[Outcome] = []
 
     async def main():
-        d = Dispatcher(cfg, LAYOUT, out.extend)
+        d = Dispatcher(cfg or config(), layout, out.extend, **(dispatcher or {}))
         (addr,) = await d.start()
-        s = Scorer(Predictor(ModelBundle.load(model_path), explain=False),
-                   ScorerSettings(addr, "t", explain="logged", max_wait_ms=0))  # fmt: skip
+        s = Scorer(predictor, ScorerSettings(addr, "t", max_wait_ms=0, **settings))
         th = threading.Thread(target=s.run, daemon=True)
         th.start()
         try:
             await until(lambda: d.scorers == ["t"], 20, "the scorer")
             for k in range(len(records)):
-                d.submit(records[k : k + 1], ["d"], [k])
+                d.submit(records[k : k + 1], [device], [k])
                 await until(lambda: len(out) == k + 1, 10, f"outcome {k}")
         finally:
             s.stop()
@@ -428,6 +428,14 @@ def one_at_a_time_logged(model_path: str, records: np.ndarray):
 
     d, s = run(main())
     return out, d, s
+
+
+def one_at_a_time_logged(model_path: str, records: np.ndarray):
+    """One device's records through a scorer in mode ``logged`` (log policy ``changes``)."""
+    cfg = config()
+    cfg.log.policy = "changes"
+    return one_at_a_time(records, "d", LAYOUT, Predictor(ModelBundle.load(model_path), explain=False),
+                         cfg, explain="logged")  # fmt: skip
 
 
 def test_logged_mode_explains_exactly_the_labels_sent(trust_model_path):
@@ -545,26 +553,8 @@ def test_dhcp_identity_live_equals_classify():
             assert all(r == DHCP_MISMATCH or not ok for r, ok in zip(ref.reason[first:], ref.trusted[first:]))
             assert (ref.reason[first:] == DHCP_MISMATCH).any()
 
-        out: list[Outcome] = []
-
-        async def main():
-            d = Dispatcher(config(), layout, out.extend,
-                           identities=DhcpIdentity({ident: frozenset(seen_with)}))  # fmt: skip
-            (addr,) = await d.start()
-            s = Scorer(Predictor(bundle), ScorerSettings(addr, "t", max_wait_ms=0))
-            th = threading.Thread(target=s.run, daemon=True)
-            th.start()
-            try:
-                await until(lambda: d.scorers == ["t"], 20, "the scorer")
-                for k in range(len(mats)):
-                    d.submit(mats[k : k + 1], ["plug"], [k])
-                    await until(lambda: len(out) == k + 1, 10, f"outcome {k}")
-            finally:
-                s.stop()
-                th.join(10)
-                await d.close()
-
-        run(main())
+        out, _, _ = one_at_a_time(mats, "plug", layout, Predictor(bundle),
+                                  dispatcher={"identities": DhcpIdentity({ident: frozenset(seen_with)})})
         assert [o.label for o in out] == list(ref.label)
         np.testing.assert_allclose([o.confidence for o in out], ref.confidence, rtol=1e-5)
         assert [(o.trusted, o.reason) for o in out] == list(zip(ref.trusted, ref.reason))
