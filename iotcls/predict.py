@@ -109,6 +109,9 @@ class Predictor:
         self.explain = explain and self.trust is not None
         if self.trust is not None and threshold is None:
             self.threshold = self.trust.state.conf_threshold
+        from .trust.dhcp_identity import DhcpIdentity
+
+        self.identity_map = DhcpIdentity.of(self._state)  # the DHCP identity refinement
 
     @property
     def layout(self):
@@ -207,19 +210,17 @@ class Predictor:
                           times: np.ndarray) -> np.ndarray | None:  # fmt: skip
         """Per matrix, its device's latest DHCP identity up to it (None: none yet), read from
         the matrices' own DHCP flows; None when the model has no identity map."""
-        from .trust.dhcp_identity import DhcpIdentity, latest
+        from .trust.dhcp_identity import latest
 
-        if not DhcpIdentity.of(self._state).seen:
+        if not self.identity_map.seen:
             return None
         return latest(self.layout.dhcp_identities(np.asarray(matrices)[:, 0]), groups, times)
 
     def allowed(self, identities: Sequence[str | None] | None) -> np.ndarray | None:
         """(n, C) the classes each label may take given its device's identity, or None."""
-        from .trust.dhcp_identity import DhcpIdentity
-
         if identities is None:
             return None
-        return DhcpIdentity.of(self._state).allowed(identities, list(self.classes))
+        return self.identity_map.allowed(identities, list(self.classes))
 
     # -- issue 4 (trust) -------------------------------------------------------------------
     def _predict_explained(self, matrices: np.ndarray, allowed: np.ndarray | None) -> Predictions:
