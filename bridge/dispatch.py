@@ -40,7 +40,7 @@ import zmq.asyncio
 from iotcls import wire
 from iotcls.config import Config
 from iotcls.layout import MatrixLayout
-from iotcls.trust.decision import DHCP_MISMATCH, INCONSISTENT, DeviceConsistency
+from iotcls.trust.decision import DHCP_AMBIGUOUS, DHCP_MISMATCH, INCONSISTENT, DeviceConsistency
 from iotcls.trust.dhcp_identity import DhcpIdentity
 
 from .metrics import ServeMetrics
@@ -517,6 +517,8 @@ class Dispatcher:
                 trusted, reason = False, INCONSISTENT
             if trusted and not self.identities.rule.accepts(it.identity, r.labels[i]):
                 trusted, reason = False, DHCP_MISMATCH
+            if trusted and not self.identities.rule.decides(it.identity):
+                trusted, reason = False, DHCP_AMBIGUOUS
             if full:
                 cheap = None if r.cheap_trusted is None else r.cheap_trusted[i]
                 send = policy.decide(it.device, r.labels[i], trusted, now, cheap)

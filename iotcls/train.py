@@ -144,6 +144,25 @@ def _logits(model: IoTCNN, x: np.ndarray, batch: int = 4096) -> np.ndarray:
     return np.concatenate(out) if out else np.zeros((0, model.cfg.n_classes), np.float32)
 
 
+def _ambiguous_identities(state, model, layout, temperature, classes, x_va, y_names, captures,
+                          devices, times) -> list[str]:  # fmt: skip
+    """Rule 6's shared identities that the refined model gets wrong on the validation split."""
+    from .evaluate import device_sessions
+    from .trust.decision import TrustConfig
+    from .trust.dhcp_identity import DhcpIdentity, fit_ambiguous, latest
+
+    rule = DhcpIdentity.of(state)
+    ids = latest(layout.dhcp_identities(x_va[:, 0]), device_sessions(captures, devices), times)
+    z = _logits(model, x_va) / temperature
+    probs = np.exp(z - z.max(axis=1, keepdims=True))
+    allowed = rule.allowed(ids, classes)
+    if allowed is not None:
+        probs = probs * allowed
+    pred = np.asarray(classes, object)[probs.argmax(axis=1)]
+    return fit_ambiguous(state.dhcp_identities, ids, pred, y_names,
+                         TrustConfig().dhcp_min_accuracy)  # fmt: skip
+
+
 def cap_per_capture(captures: np.ndarray, limit: int, rng: np.random.Generator) -> np.ndarray:
     """Indices keeping at most ``limit`` entries per capture (a seeded random subset)."""
     idx = np.arange(len(captures))
@@ -168,8 +187,12 @@ def train(
     metadata: dict | None = None,
     progress: bool = True,
     log=print,
+    devices: np.ndarray | None = None,
+    times: np.ndarray | None = None,
 ) -> ModelBundle:
     """Train a CNN on labelled matrices; ``labels`` are class names, ``captures`` capture ids.
+    ``devices`` and ``times`` (each matrix's device and window start) let the trust state
+    learn which shared DHCP identities the model mixes up (rule 6; without them it doesn't).
 
     Returns the bundle with the split, the validation figures and the temperature.
     """
@@ -283,6 +306,11 @@ def train(
         state.dhcp_identities = fit_identities(layout.dhcp_identities(matrices[known, 0]),
                                                labels[known])  # fmt: skip
         meta["trust"]["dhcp_identities"] = len(state.dhcp_identities)
+        if devices is not None and times is not None:
+            state.dhcp_ambiguous = _ambiguous_identities(
+                state, model, layout, temperature, classes, x_va, labels[va],
+                captures[va], np.asarray(devices)[va], np.asarray(times)[va])
+            meta["trust"]["dhcp_ambiguous"] = state.dhcp_ambiguous
         trust = state.to_dict()
         log(f"trust state: {meta['trust']['references']} reference explanations from "
             f"{meta['trust']['labels']} validation labels ({meta['trust']['seconds']:.1f}s)")

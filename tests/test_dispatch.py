@@ -517,12 +517,13 @@ def test_dhcp_identity_live_equals_classify():
     at a time through a real dispatcher and a real scorer with the default model, come back
     with the labels and trust that the offline path (classify's) gives. The plug's identity
     is declared seen with HS100 only: from its DHCP record on, its labels are refined to
-    HS100; then declared seen with no class: its labels fail rule 6 from there on."""
+    HS100; then declared seen with no class: its labels fail rule 6 from there on; then
+    declared shared by both plugs and ambiguous: they fail as ambiguous."""
     from pathlib import Path
 
     from iotcls.bundle import default_model_path
     from iotcls.flows import DeviceSelector, capture_flows
-    from iotcls.trust.decision import DHCP_MISMATCH
+    from iotcls.trust.decision import DHCP_AMBIGUOUS, DHCP_MISMATCH
     from iotcls.trust.dhcp_identity import DhcpIdentity
 
     data = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "iot-sentinel"
@@ -538,23 +539,28 @@ def test_dhcp_identity_live_equals_classify():
     assert "HS110(EU)" in ident
     first = int(np.flatnonzero(layout.dhcp_identities(mats[:, 0]) != None)[0])  # noqa: E711
 
-    for seen_with in (["TP-LinkPlugHS100"], ["an unknown type"]):
+    cases = [(["TP-LinkPlugHS100"], []), (["an unknown type"], []),
+             (["TP-LinkPlugHS100", "TP-LinkPlugHS110"], [ident])]  # fmt: skip
+    for seen_with, ambiguous in cases:
         bundle = ModelBundle.load(default_model_path())
         bundle.trust["dhcp_identities"] = {ident: seen_with}
+        bundle.trust["dhcp_ambiguous"] = ambiguous
         ref_p = Predictor(bundle)
         groups, times = np.zeros(len(mats), int), np.arange(len(mats), dtype=float)
         ids = ref_p.device_identities(mats, groups, times)
         ref = ref_p.predict(mats, ids)  # offline, as classify: refine, rules 1-4, then 5, 6
         ref_p.check_devices(ref, groups, times, ids)
+        why = DHCP_AMBIGUOUS if ambiguous else DHCP_MISMATCH
         if seen_with == ["TP-LinkPlugHS100"]:
             assert set(ref.label[first:]) == {"TP-LinkPlugHS100"}
             assert set(ref.label[:first]) != {"TP-LinkPlugHS100"}
         else:
-            assert all(r == DHCP_MISMATCH or not ok for r, ok in zip(ref.reason[first:], ref.trusted[first:]))
-            assert (ref.reason[first:] == DHCP_MISMATCH).any()
+            assert all(r == why or not ok for r, ok in zip(ref.reason[first:], ref.trusted[first:]))
+            assert (ref.reason[first:] == why).any()
 
         out, _, _ = one_at_a_time(mats, "plug", layout, Predictor(bundle),
-                                  dispatcher={"identities": DhcpIdentity({ident: frozenset(seen_with)})})
+                                  dispatcher={"identities": DhcpIdentity(
+                                      {ident: frozenset(seen_with)}, frozenset(ambiguous))})
         assert [o.label for o in out] == list(ref.label)
         np.testing.assert_allclose([o.confidence for o in out], ref.confidence, rtol=1e-5)
         assert [(o.trusted, o.reason) for o in out] == list(zip(ref.trusted, ref.reason))

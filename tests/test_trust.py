@@ -514,3 +514,28 @@ def test_dhcp_identities_travel_in_the_state():
     old = st.to_dict()
     del old["dhcp_identities"]  # a bundle from before rule 6: the rule is off
     assert TrustState.from_dict(old).dhcp_identities == {}
+
+
+def test_ambiguous_dhcp_identities():
+    """A shared identity whose held-out labels the model got wrong too often (or never saw)
+    is ambiguous: its devices' labels fail rule 6 whatever they are; the state keeps it."""
+    from iotcls.trust.decision import DHCP_AMBIGUOUS, apply_device_rules
+    from iotcls.trust.dhcp_identity import DhcpIdentity, fit_ambiguous
+
+    seen = {"h=plug": ["plug"], "h=sib": ["cam", "hub"], "h=sib2": ["cam", "hub"], "h=gone": ["cam", "hub"]}
+    ids = ["h=plug", "h=sib", "h=sib", "h=sib2", "h=sib2", None]
+    pred = ["plug", "cam", "hub", "cam", "cam", "cam"]
+    truth = ["plug", "cam", "cam", "cam", "cam", "hub"]
+    assert fit_ambiguous(seen, ids, pred, truth, 0.9) == ["h=gone", "h=sib"]
+    assert fit_ambiguous(seen, ids, pred, truth, 0.5) == ["h=gone"]
+    st = fit_trust(np.random.default_rng(0).normal(size=(40, 2, 2)), np.zeros(40, int),
+                   np.zeros(40, int), ["a", "b"], ["cam", "hub"])  # fmt: skip
+    st.dhcp_identities, st.dhcp_ambiguous = {"h=sib": ["cam", "hub"]}, ["h=sib"]
+    back = TrustState.from_dict(st.to_dict())
+    assert DhcpIdentity.of(back).ambiguous == {"h=sib"}
+    trusted = np.ones(3, bool)
+    reason = np.array(["-"] * 3, object)
+    apply_device_rules(back, ["cam", "hub"], np.array([0, 1, 0]), np.ones(3), np.array([0, 1, 2]),
+                       np.zeros(3), ["h=sib", None, "h=sib"], trusted, reason)  # fmt: skip
+    assert trusted.tolist() == [False, True, False]
+    assert reason.tolist() == [DHCP_AMBIGUOUS, "-", DHCP_AMBIGUOUS]

@@ -73,8 +73,8 @@ def run(args: argparse.Namespace) -> int:
         "extract_seconds": round(extract_s, 1),
     }
     bundle = train(ds.matrices, ds.labels, ds.captures, ds.layout, cfg, classes=classes,
-                   metadata=meta, progress=progress,
-                   log=lambda m: print(m, file=sys.stderr))  # fmt: skip
+                   metadata=meta, progress=progress, log=lambda m: print(m, file=sys.stderr),
+                   devices=ds.devices, times=ds.timestamps)  # fmt: skip
     try:
         path = bundle.save(args.output)
     except (OSError, BundleError) as e:

@@ -36,7 +36,8 @@ class's profiles form clusters that one Gaussian would blur.
 
 6. ``dhcp_identity_mismatch`` (:mod:`.dhcp_identity`, where the device's DHCP messages were
    seen): the device's DHCP identity (host name, vendor class, parameter list) was never
-   seen with this label's class in training.
+   seen with this label's class in training; ``dhcp_identity_ambiguous``: the identity is
+   shared by classes that the model, on validation, did not tell apart.
 
 **Refinement**: an untrusted label is reported as ``unknown`` (:data:`UNKNOWN`).
 **Device vote** (:func:`device_vote`): among one device's labels, if fewer than
@@ -58,9 +59,10 @@ import torch
 UNKNOWN = "unknown"
 TRUST_VERSION = 1
 INCONSISTENT = "inconsistent_with_device"  # rule 5's reason
-DHCP_MISMATCH = "dhcp_identity_mismatch"  # rule 6's reason (trust.dhcp_identity)
+DHCP_MISMATCH = "dhcp_identity_mismatch"  # rule 6's reasons (trust.dhcp_identity)
+DHCP_AMBIGUOUS = "dhcp_identity_ambiguous"
 REASONS = ("-", "low_confidence", "unverified_class", "atypical_explanation",
-           "error_like_explanation", INCONSISTENT, DHCP_MISMATCH)  # fmt: skip
+           "error_like_explanation", INCONSISTENT, DHCP_MISMATCH, DHCP_AMBIGUOUS)  # fmt: skip
 
 
 class TrustError(ValueError):
@@ -83,6 +85,7 @@ class TrustConfig:
     device_window: int = 20  # the device's previous labels the consistency rule looks at
     device_share: float = 0.5  # a previous class this dominant makes a different label suspect
     device_min_prior: int = 2  # fewer previous labels: no consistency check
+    dhcp_min_accuracy: float = 0.9  # a shared DHCP identity below this on validation: ambiguous
 
 
 _FLOATS = ("conf_threshold", "quantile", "min_precision", "prior_strength", "prior_precision")
@@ -116,6 +119,7 @@ class TrustState:
     device_min_prior: int = TrustConfig.device_min_prior
     # rule 6 (trust.dhcp_identity): DHCP identity -> classes seen with it; empty: rule off
     dhcp_identities: dict[str, list[str]] = field(default_factory=dict)
+    dhcp_ambiguous: list[str] = field(default_factory=list)  # identities rule 6 refuses
 
     def to_dict(self) -> dict:
         d = {"version": self.version, "groups": list(self.groups), "history": self.history,
@@ -131,6 +135,7 @@ class TrustState:
         })  # fmt: skip
         d["dhcp_identities"] = {str(k): [str(c) for c in v]
                                 for k, v in self.dhcp_identities.items()}  # fmt: skip
+        d["dhcp_ambiguous"] = [str(k) for k in self.dhcp_ambiguous]
         return d
 
     @classmethod
@@ -154,6 +159,7 @@ class TrustState:
                 **{k: kind(d.get(k, getattr(TrustConfig, k))) for k, kind in _DEVICE_KNOBS.items()},
                 dhcp_identities={str(k): [str(c) for c in v]
                                  for k, v in dict(d.get("dhcp_identities", {})).items()},
+                dhcp_ambiguous=[str(k) for k in d.get("dhcp_ambiguous", [])],
             )  # fmt: skip
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise TrustError(f"trust state: malformed ({type(e).__name__}: {e})") from None
@@ -462,6 +468,7 @@ def apply_device_rules(state: "TrustState | None", classes: Sequence[str], pred:
     if rule6.seen and identities is not None and len(pred):
         labels = np.asarray(classes, object)[np.asarray(pred, np.int64)]
         apply_device_rule(trusted, reason, rule6.agrees(labels, identities), DHCP_MISMATCH)
+        apply_device_rule(trusted, reason, rule6.unambiguous(identities), DHCP_AMBIGUOUS)
 
 
 def device_vote(

@@ -29,9 +29,10 @@ from typing import Sequence
 
 import numpy as np
 
-from .decision import DHCP_MISMATCH
+from .decision import DHCP_AMBIGUOUS, DHCP_MISMATCH
 
-__all__ = ["DHCP_MISMATCH", "DhcpIdentity", "DhcpIdentityTracker", "fit_identities", "latest"]
+__all__ = ["DHCP_AMBIGUOUS", "DHCP_MISMATCH", "DhcpIdentity", "DhcpIdentityTracker", "fit_ambiguous",
+           "fit_identities", "latest"]
 
 
 def fit_identities(identities: np.ndarray, labels: Sequence[str]) -> dict[str, list[str]]:
@@ -43,6 +44,25 @@ def fit_identities(identities: np.ndarray, labels: Sequence[str]) -> dict[str, l
     return {k: sorted(v) for k, v in sorted(seen.items())}
 
 
+def fit_ambiguous(seen: dict[str, list[str]], identities: Sequence[str | None],
+                  pred: Sequence[str], truth: Sequence[str], min_accuracy: float) -> list[str]:
+    """The identities shared by several classes that the model, refined, did not tell apart
+    on held-out labels (``identities``: each label's device's latest, :func:`latest`): right
+    less than ``min_accuracy`` of the time, or never seen there. Their devices' labels are
+    untrusted (``dhcp_identity_ambiguous``): the identity narrows the label down to
+    siblings, and the traffic does not pick among them reliably."""
+    ids = np.asarray(identities, object)
+    right = np.asarray(pred, object) == np.asarray(truth, object)
+    out = []
+    for ident, classes in seen.items():
+        if len(classes) < 2:
+            continue
+        m = ids == ident
+        if not m.any() or right[m].mean() < min_accuracy:
+            out.append(ident)
+    return sorted(out)
+
+
 @dataclass(frozen=True)
 class DhcpIdentity:
     """The identity map of a model: which labels an identity allows (the refinement) and
@@ -51,14 +71,21 @@ class DhcpIdentity:
     it existed): nothing is refined and every label passes."""
 
     seen: dict[str, frozenset[str]] = field(default_factory=dict)
+    ambiguous: frozenset[str] = frozenset()  # shared identities the model mixes up
 
     @classmethod
     def of(cls, state) -> "DhcpIdentity":
         ids = getattr(state, "dhcp_identities", None) or {}
-        return cls({k: frozenset(v) for k, v in ids.items()})
+        return cls({k: frozenset(v) for k, v in ids.items()},
+                   frozenset(getattr(state, "dhcp_ambiguous", None) or ()))  # fmt: skip
 
     def accepts(self, identity: str | None, label: str) -> bool:
+        """Rule 6: the label's class was seen with the identity (or there is none)."""
         return identity is None or not self.seen or label in self.seen.get(identity, ())
+
+    def decides(self, identity: str | None) -> bool:
+        """Rule 6's second part: the identity is not one the model mixes its classes up on."""
+        return identity is None or identity not in self.ambiguous
 
     def allowed(self, identities: Sequence[str | None], classes: Sequence[str]) -> np.ndarray | None:
         """Per label, the classes its device's identity was seen with (all where the identity
@@ -82,6 +109,9 @@ class DhcpIdentity:
     def agrees(self, labels: Sequence[str], identities: Sequence[str | None]) -> np.ndarray:
         """Per label, whether it passes, given its device's latest identity (:func:`latest`)."""
         return np.array([self.accepts(i, lab) for i, lab in zip(identities, labels)], bool)
+
+    def unambiguous(self, identities: Sequence[str | None]) -> np.ndarray:
+        return np.array([self.decides(i) for i in identities], bool)
 
     def online(self, max_devices: int = 100_000) -> "DhcpIdentityTracker":
         return DhcpIdentityTracker(self, max_devices)

@@ -128,7 +128,8 @@ def leave_out(ds, types: list[str], cfg, progress: bool = False, log=print) -> d
         keep = np.flatnonzero(labelled & (ds.labels != x))
         log(f"leave-out {x}: training on {len(keep)} flows of {len(known) - 1} other types")
         bundle = train(ds.matrices[keep], ds.labels[keep], ds.captures[keep], ds.layout,
-                       replace(cfg), progress=progress, log=lambda m: None)  # fmt: skip
+                       replace(cfg), progress=progress, log=lambda m: None,
+                       devices=ds.devices[keep], times=ds.timestamps[keep])  # fmt: skip
         p = Predictor(bundle)
         xi = np.flatnonzero(labelled & (ds.labels == x))
         groups = device_sessions(ds.captures[xi], ds.devices[xi])
