@@ -144,22 +144,21 @@ def _logits(model: IoTCNN, x: np.ndarray, batch: int = 4096) -> np.ndarray:
     return np.concatenate(out) if out else np.zeros((0, model.cfg.n_classes), np.float32)
 
 
-def _ambiguous_identities(state, model, layout, temperature, classes, x_va, y_names, captures,
-                          devices, times) -> list[str]:  # fmt: skip
-    """Rule 6's shared identities that the refined model gets wrong on the validation split."""
+def ambiguous_identities(bundle: ModelBundle, x_va: np.ndarray, y_names: np.ndarray,
+                         captures: np.ndarray, devices: np.ndarray, times: np.ndarray) -> list[str]:
+    """Rule 6's shared identities that the bundle's model, refined as ``classify`` refines
+    it, gets wrong on the validation split."""
     from .evaluate import device_sessions
+    from .predict import Predictor
     from .trust.decision import TrustConfig
-    from .trust.dhcp_identity import DhcpIdentity, fit_ambiguous, latest
+    from .trust.dhcp_identity import fit_ambiguous
 
-    rule = DhcpIdentity.of(state)
-    ids = latest(layout.dhcp_identities(x_va[:, 0]), device_sessions(captures, devices), times)
-    z = _logits(model, x_va) / temperature
-    probs = np.exp(z - z.max(axis=1, keepdims=True))
-    allowed = rule.allowed(ids, classes)
-    if allowed is not None:
-        probs = probs * allowed
-    pred = np.asarray(classes, object)[probs.argmax(axis=1)]
-    return fit_ambiguous(state.dhcp_identities, ids, pred, y_names,
+    p = Predictor(bundle, explain=False)
+    ids = p.device_identities(x_va, device_sessions(captures, devices), times)
+    if ids is None:
+        return []
+    pred = p.predict(x_va, ids).label
+    return fit_ambiguous(bundle.trust["dhcp_identities"], ids, pred, y_names,
                          TrustConfig().dhcp_min_accuracy)  # fmt: skip
 
 
@@ -306,13 +305,13 @@ def train(
         state.dhcp_identities = fit_identities(layout.dhcp_identities(matrices[known, 0]),
                                                labels[known])  # fmt: skip
         meta["trust"]["dhcp_identities"] = len(state.dhcp_identities)
-        if devices is not None and times is not None:
-            state.dhcp_ambiguous = _ambiguous_identities(
-                state, model, layout, temperature, classes, x_va, labels[va],
-                captures[va], np.asarray(devices)[va], np.asarray(times)[va])
-            meta["trust"]["dhcp_ambiguous"] = state.dhcp_ambiguous
         trust = state.to_dict()
         log(f"trust state: {meta['trust']['references']} reference explanations from "
             f"{meta['trust']['labels']} validation labels ({meta['trust']['seconds']:.1f}s)")
-    return ModelBundle(model=model, layout=layout, classes=classes, temperature=temperature,
-                       metadata=meta, trust=trust)  # fmt: skip
+    bundle = ModelBundle(model=model, layout=layout, classes=classes, temperature=temperature,
+                         metadata=meta, trust=trust)  # fmt: skip
+    if trust is not None and devices is not None and times is not None:
+        amb = ambiguous_identities(bundle, x_va, labels[va], captures[va],
+                                   np.asarray(devices)[va], np.asarray(times)[va])  # fmt: skip
+        bundle.trust["dhcp_ambiguous"] = meta["trust"]["dhcp_ambiguous"] = amb
+    return bundle
