@@ -40,7 +40,7 @@ import zmq.asyncio
 from iotcls import wire
 from iotcls.config import Config
 from iotcls.layout import MatrixLayout
-from iotcls.trust.decision import DHCP_AMBIGUOUS, DHCP_MISMATCH, INCONSISTENT, DeviceConsistency
+from iotcls.trust.decision import INCONSISTENT, DeviceConsistency
 from iotcls.trust.dhcp_identity import DhcpIdentity
 
 from .metrics import ServeMetrics
@@ -515,10 +515,9 @@ class Dispatcher:
             trusted, reason = r.trusted[i], r.reason[i]
             if not self.consistency.observe(it.device, r.labels[i], r.confidence[i]) and trusted:
                 trusted, reason = False, INCONSISTENT
-            if trusted and not self.identities.rule.accepts(it.identity, r.labels[i]):
-                trusted, reason = False, DHCP_MISMATCH
-            if trusted and not self.identities.rule.decides(it.identity):
-                trusted, reason = False, DHCP_AMBIGUOUS
+            why = self.identities.rule.reason(it.identity, r.labels[i]) if trusted else "-"
+            if why != "-":  # rule 6 (trust.dhcp_identity)
+                trusted, reason = False, why
             if full:
                 cheap = None if r.cheap_trusted is None else r.cheap_trusted[i]
                 send = policy.decide(it.device, r.labels[i], trusted, now, cheap)

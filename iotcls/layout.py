@@ -43,7 +43,7 @@ import numpy as np
 import yaml
 from numpy.lib.stride_tricks import sliding_window_view
 
-from .dhcp import DHCP_PORTS, identity_of, is_dhcp
+from .dhcp import identity_of, is_dhcp
 from .flowtable import FlowTable
 from .schema import DEFAULT_PACKETS, DEFAULT_WINDOW_S, PRIVATE_NETS, PROTO_ICMP, PROTO_ICMP6
 from .schema import PROTO_TCP, PROTO_UDP
@@ -329,8 +329,8 @@ class MatrixLayout:
         out = np.full(len(rows), None, object)
         if self.payload_mode != "packet" or not self.payload_bytes or not len(rows):
             return out
-        ports = np.rint(rows[:, 6:8] * 65535.0)
-        dhcp = (rows[:, 9] > 0) & np.isin(ports, DHCP_PORTS).any(axis=1)
+        ports = np.rint(rows[:, 6:8] * 65535.0)  # rport, dport
+        dhcp = is_dhcp(np.where(rows[:, 9] > 0, PROTO_UDP, 0), ports[:, 0], ports[:, 1])
         g, p, b = self.group_slices(), self.packets, self.payload_bytes
         for i in np.flatnonzero(dhcp).tolist():
             sent = np.flatnonzero(rows[i, g["directions"]] > 0)

@@ -495,14 +495,15 @@ def test_dhcp_identity_rule_and_its_online_twin():
     for i in range(n):  # by hand: the latest identity of the device up to i
         before = [own[j] for j in range(i + 1) if groups[j] == groups[i] and own[j] is not None]
         assert ids[i] == (before[-1] if before else None)
-    ok = rule.agrees(labels, ids)
+    ok = rule.reasons(labels, ids) == "-"
     assert 0 < ok.sum() < n
     assert ok.tolist() == [x is None or lab in seen.get(x, []) for x, lab in zip(ids, labels)]
     allowed = rule.allowed(ids, ["cam", "hub", "plug"])
     for x, row in zip(ids, allowed):
         want = [c in seen[x] for c in ["cam", "hub", "plug"]] if x in seen else [True] * 3
         assert row.tolist() == want
-    assert DhcpIdentity().agrees(labels, ids).all() and DhcpIdentity().allowed(ids, ["a"]) is None
+    assert (DhcpIdentity().reasons(labels, ids) == "-").all()
+    assert DhcpIdentity().allowed(ids, ["a"]) is None
 
 
 def test_dhcp_identities_travel_in_the_state():

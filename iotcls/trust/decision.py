@@ -445,12 +445,12 @@ class DeviceConsistencyTracker:
 
 
 def apply_device_rule(trusted: np.ndarray, reason: np.ndarray, agrees: np.ndarray,
-                      why: str = INCONSISTENT) -> None:  # fmt: skip
+                      why: str | np.ndarray = INCONSISTENT) -> None:  # fmt: skip
     """A device rule (5 or 6) on top of the earlier ones, in place: a label trusted so far
-    that fails it becomes untrusted with reason ``why``."""
+    that fails it becomes untrusted with reason ``why`` (one, or one per label)."""
     hit = np.asarray(trusted, bool) & ~np.asarray(agrees, bool)
     trusted[hit] = False
-    reason[hit] = why
+    reason[hit] = why[hit] if isinstance(why, np.ndarray) else why
 
 
 def apply_device_rules(state: "TrustState | None", classes: Sequence[str], pred: np.ndarray,
@@ -467,8 +467,8 @@ def apply_device_rules(state: "TrustState | None", classes: Sequence[str], pred:
     rule6 = DhcpIdentity.of(state)
     if rule6.seen and identities is not None and len(pred):
         labels = np.asarray(classes, object)[np.asarray(pred, np.int64)]
-        apply_device_rule(trusted, reason, rule6.agrees(labels, identities), DHCP_MISMATCH)
-        apply_device_rule(trusted, reason, rule6.unambiguous(identities), DHCP_AMBIGUOUS)
+        why = rule6.reasons(labels, identities)
+        apply_device_rule(trusted, reason, why == "-", why)
 
 
 def device_vote(

@@ -15,7 +15,10 @@ of the device:
   apart in every sequence, not only in those whose rows hold the DHCP flow;
 * **rule 6**, ``dhcp_identity_mismatch``: a label whose class was never seen with the
   identity is untrusted. After the refinement that means an identity seen with no class at
-  all: a device type (or a firmware, or a renamed device) the model never learnt.
+  all: a device type (or a firmware, or a renamed device) the model never learnt;
+  ``dhcp_identity_ambiguous``: the identity is shared by classes that the refined model did
+  not tell apart on validation (:func:`fit_ambiguous`), so its devices' labels are guesses
+  between siblings.
 
 Identities shared by several classes (same firmware, MAC-derived host names that the view
 blanks) allow any of them, and a device not seen in DHCP yet is neither refined nor checked.
@@ -83,9 +86,12 @@ class DhcpIdentity:
         """Rule 6: the label's class was seen with the identity (or there is none)."""
         return identity is None or not self.seen or label in self.seen.get(identity, ())
 
-    def decides(self, identity: str | None) -> bool:
-        """Rule 6's second part: the identity is not one the model mixes its classes up on."""
-        return identity is None or identity not in self.ambiguous
+    def reason(self, identity: str | None, label: str) -> str:
+        """Rule 6 for one label: ``"-"`` when it passes, else why not (the class was never
+        seen with the identity; or the identity is one the model mixes its classes up on)."""
+        if not self.accepts(identity, label):
+            return DHCP_MISMATCH
+        return DHCP_AMBIGUOUS if identity is not None and identity in self.ambiguous else "-"
 
     def allowed(self, identities: Sequence[str | None], classes: Sequence[str]) -> np.ndarray | None:
         """Per label, the classes its device's identity was seen with (all where the identity
@@ -106,12 +112,9 @@ class DhcpIdentity:
                 mask[i] = row
         return mask if not mask.all() else None
 
-    def agrees(self, labels: Sequence[str], identities: Sequence[str | None]) -> np.ndarray:
-        """Per label, whether it passes, given its device's latest identity (:func:`latest`)."""
-        return np.array([self.accepts(i, lab) for i, lab in zip(identities, labels)], bool)
-
-    def unambiguous(self, identities: Sequence[str | None]) -> np.ndarray:
-        return np.array([self.decides(i) for i in identities], bool)
+    def reasons(self, labels: Sequence[str], identities: Sequence[str | None]) -> np.ndarray:
+        """:meth:`reason` per label, given its device's latest identity (:func:`latest`)."""
+        return np.array([self.reason(i, lab) for i, lab in zip(identities, labels)], object)
 
     def online(self, max_devices: int = 100_000) -> "DhcpIdentityTracker":
         return DhcpIdentityTracker(self, max_devices)
