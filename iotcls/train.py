@@ -188,10 +188,13 @@ def train(
     log=print,
     devices: np.ndarray | None = None,
     times: np.ndarray | None = None,
+    split: Split | None = None,
 ) -> ModelBundle:
     """Train a CNN on labelled matrices; ``labels`` are class names, ``captures`` capture ids.
     ``devices`` and ``times`` (each matrix's device and window start) let the trust state
     learn which shared DHCP identities the model mixes up (rule 6; without them it doesn't).
+    ``split``: the capture files of each part, instead of a seeded split of ``captures``
+    (cross-validation deals its own folds, :mod:`iotcls.crossval`).
 
     Returns the bundle with the split, the validation figures and the temperature.
     """
@@ -204,7 +207,8 @@ def train(
     if len(classes) < 2:
         raise ValueError(f"training needs at least two labels, found {len(classes)}")
     y = np.searchsorted(np.array(classes, dtype=object), labels).astype(np.int64)
-    split = split_captures(captures, labels, cfg.seed, cfg.val_fraction, cfg.test_fraction)
+    if split is None:
+        split = split_captures(captures, labels, cfg.seed, cfg.val_fraction, cfg.test_fraction)
     part = split.part_of(captures)
     rng = np.random.default_rng(cfg.seed)
     tr = np.flatnonzero(part == 0)

@@ -36,6 +36,29 @@ def test_split_is_by_capture_stratified_and_seeded():
     assert (part >= 0).all()
 
 
+def test_folds_hold_out_every_capture_once():
+    from iotcls.crossval import fold_splits
+
+    caps = np.array([f"{lab}/{i}" for lab, n in (("a", 10), ("b", 3), ("c", 2))
+                     for i in range(n) for _ in range(4)], dtype=object)  # fmt: skip
+    labels = np.array([c.split("/")[0] for c in caps], dtype=object)
+    folds = fold_splits(caps, labels, k=2, seed=7, val=0.15)
+    assert folds == fold_splits(caps, labels, k=2, seed=7, val=0.15)
+    assert folds != fold_splits(caps, labels, k=2, seed=8, val=0.15)
+    tested = [c for s in folds for c in s.test]
+    assert sorted(tested) == sorted(set(caps))  # each capture in exactly one test fold
+    for s in folds:
+        assert not set(s.test) & set(s.train + s.val)
+        assert sorted(s.test + s.val + s.train) == sorted(set(caps))
+        assert {c.split("/")[0] for c in s.test} == {"a", "b", "c"}  # stratified
+        assert sum(c.startswith("a/") for c in s.val) == 2  # round(0.15 * 10)
+        part = s.part_of(caps)
+        for c in set(caps):
+            assert len(set(part[caps == c])) == 1
+    with pytest.raises(ValueError, match="at least 3 capture files; too few: {'c': 2}"):
+        fold_splits(caps, labels, k=3, seed=0, val=0.15)
+
+
 def test_macro_f1_and_temperature():
     y = np.array([0, 0, 1, 1, 2])
     assert macro_f1(y, y, 4) == 1.0
@@ -115,6 +138,33 @@ def test_train_then_evaluate_json(trained, manifest, tmp_path, capsys):
     assert set(r["baseline"]["strategies"]) == {"flow", "device"}
     assert (tmp_path / "confusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((tmp_path / "report.json").read_text())["macro_f1"] == r["macro_f1"]
+
+
+def test_evaluate_folds_cross_validates(manifest, tmp_path, capsys):
+    """``--folds``: each fold's model labels the captures it never saw, pooled into one
+    figure over every capture."""
+    capsys.readouterr()
+    assert main(["evaluate", str(manifest), "--folds", "2", "--epochs", "20", "--json",
+                 "--out", str(tmp_path), "--quiet", "--seed", "1"]) == 0  # fmt: skip
+    r = json.loads(capsys.readouterr().out)
+    assert r["folds"] == 2 and r["capture_files"] == len(DEVICES) * FILES_PER_DEVICE
+    assert len(r["per_fold"]) == 2
+    assert sum(f["capture_files"] for f in r["per_fold"]) == r["capture_files"]
+    assert sum(f["labels"] for f in r["per_fold"]) == r["labels"]
+    for name in ("flow", "sequence", "device", "sequence + DHCP identity",
+                 "device + DHCP identity"):  # fmt: skip
+        s = r["pooled"][name]
+        f = s["fold_macro_f1"]
+        assert f["min"] <= f["mean"] <= f["max"] and f["sd"] >= 0
+        assert [fold[name] for fold in r["per_fold"]] in ([f["min"], f["max"]],
+                                                           [f["max"], f["min"]])  # fmt: skip
+    assert r["pooled"]["sequence"]["macro_f1"] >= 0.8  # five types that differ
+    assert set(r["per_class"]) == set(DEVICES)
+    assert json.loads((tmp_path / "cross-validation.json").read_text()) == r
+    assert main(["evaluate", str(manifest), "--folds", "7", "--quiet"]) == 2
+    assert "every label needs at least 7 capture files" in capsys.readouterr().err
+    assert main(["evaluate", str(manifest), "--folds", "2", "--leave-out", "Aria"]) == 2
+    assert "give one" in capsys.readouterr().err
 
 
 def test_train_on_a_dataset_file(trained, manifest, tmp_path):

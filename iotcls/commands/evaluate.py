@@ -3,6 +3,8 @@
 When CAPTURES holds any capture the model was trained or validated on (the usual case:
 the training set itself), only the model's held-out test captures are scored; ``--all``
 scores everything given. See docs/strategies.md for the strategies and metrics.
+``--folds K`` cross-validates instead (:mod:`iotcls.crossval`), ``--leave-out TYPE`` tests a
+type the model never saw (:mod:`iotcls.trust.evaluation`).
 """
 
 from __future__ import annotations
@@ -42,25 +44,34 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="train without TYPE (repeatable; quick training, the same code path "
                         "as iotcls train) and report the share of TYPE's labels that come out "
                         "untrusted/unknown; --model is not used")  # fmt: skip
+    p.add_argument("--folds", type=int, metavar="K",
+                   help="cross-validate instead: train K models, each without one K-th of "
+                        "every label's capture files, and report the labels each gives the "
+                        "files it did not see (every capture held out once); --model is not "
+                        "used")  # fmt: skip
     p.add_argument("--epochs", type=int, default=None,
-                   help="--leave-out: training epochs (default 15)")
-    p.add_argument("--seed", type=int, default=0, help="--leave-out: split and training seed")
+                   help="--leave-out, --folds: training epochs (default 15 for --leave-out, "
+                        "as iotcls train for --folds)")  # fmt: skip
+    p.add_argument("--seed", type=int, default=0,
+                   help="--leave-out, --folds: split and training seed")
 
 
 def run(args: argparse.Namespace) -> int:
     from ..bundle import BundleError, ModelBundle
     from ..evaluate import evaluate_report, format_report
-    from ..strategies import VoteConfig
     from ..train import Split
 
+    if args.leave_out and args.folds is not None:
+        raise CliError("--leave-out and --folds are two different runs: give one")
     if args.leave_out:  # issue 4 (trust)
         return _run_leave_out(args)
+    if args.folds is not None:
+        return _run_folds(args)
     try:
         bundle = ModelBundle.load(args.model)
     except BundleError as e:
         raise CliError(str(e)) from None
-    if args.vote_window < 1 or args.min_votes < 1 or args.min_votes > args.vote_window:
-        raise CliError("--vote-window and --min-votes must be >= 1, min-votes <= vote-window")
+    vote = _vote(args)
     progress = not args.quiet and sys.stderr.isatty()
     ds = load_data(args, bundle.layout, exact_layout=True, progress=progress)
     split = bundle.metadata.get("split")
@@ -68,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         report = evaluate_report(
             bundle, ds, split, use_all=args.use_all, baseline=args.baseline,
-            vote=VoteConfig(args.vote_window, args.min_votes), out_dir=Path(args.out),
+            vote=vote, out_dir=Path(args.out),
         )  # fmt: skip
     except ValueError as e:
         raise CliError(str(e)) from None
@@ -78,6 +89,40 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(report))
     else:
         print(format_report(report))
+    return 0
+
+
+def _vote(args: argparse.Namespace):
+    from ..strategies import VoteConfig
+
+    if args.vote_window < 1 or args.min_votes < 1 or args.min_votes > args.vote_window:
+        raise CliError("--vote-window and --min-votes must be >= 1, min-votes <= vote-window")
+    return VoteConfig(args.vote_window, args.min_votes)
+
+
+def _run_folds(args: argparse.Namespace) -> int:
+    """``--folds K``: see iotcls.crossval."""
+    from ..crossval import cross_validate, format_cross_validation
+    from ..layout import MatrixLayout
+    from ..train import TrainConfig
+
+    vote = _vote(args)
+    if args.epochs is not None and args.epochs < 1:
+        raise CliError("--epochs must be at least 1")
+    progress = not args.quiet and sys.stderr.isatty()
+    ds = load_data(args, MatrixLayout(), exact_layout=False, progress=progress)
+    cfg = TrainConfig(seed=args.seed)
+    if args.epochs is not None:
+        cfg.epochs = args.epochs
+    try:
+        rep = cross_validate(ds, args.folds, cfg, vote, progress=progress,
+                             log=lambda m: print(m, file=sys.stderr))  # fmt: skip
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "cross-validation.json").write_text(json.dumps(rep, indent=1) + "\n")
+    print(json.dumps(rep) if args.json else format_cross_validation(rep))
     return 0
 
 
