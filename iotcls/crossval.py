@@ -16,7 +16,7 @@ and the folds are stratified by label, as :func:`iotcls.train.split_captures` is
 from __future__ import annotations
 
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import numpy as np
 
@@ -24,8 +24,10 @@ from .evaluate import class_report, device_sessions, hardest_pairs
 from .strategies import VoteConfig, device_vote
 from .train import Split, TrainConfig
 
-# the CNN alone per flow / sequence / device vote, and with the DHCP identity refinement
-VARIANTS = ("flow", "sequence", "device", "sequence + DHCP identity", "device + DHCP identity")
+# the CNN alone per flow / sequence / device vote, with the DHCP identity refinement, and the
+# random-forest baseline of ``evaluate --baseline`` (iotcls.baseline) trained on the same files
+VARIANTS = ("flow", "sequence", "device", "sequence + DHCP identity", "device + DHCP identity",
+            "random forest, flow", "random forest, device")
 
 
 def fold_splits(captures: np.ndarray, labels: np.ndarray, k: int, seed: int,
@@ -75,6 +77,19 @@ def fold_labels(bundle, matrices: np.ndarray, devices: np.ndarray, captures: np.
     return out
 
 
+def forest_labels(train_x: np.ndarray, train_y: np.ndarray, matrices: np.ndarray, layout,
+                  classes: list[str], groups: np.ndarray, times: np.ndarray, vote: VoteConfig,
+                  seed: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:  # fmt: skip
+    """:func:`fold_labels` for the random forest on flow statistics."""
+    from .baseline import ForestBaseline, flow_features
+
+    rf = ForestBaseline(classes, seed=seed).fit(flow_features(train_x, layout), train_y)
+    probs = rf.predict_proba(flow_features(matrices, layout))
+    v = device_vote(probs, groups, times, vote)
+    return {"random forest, flow": (np.arange(len(matrices)), probs.argmax(axis=1)),
+            "random forest, device": (np.flatnonzero(v.emitted), v.index[v.emitted])}
+
+
 def cross_validate(ds, k: int, cfg: TrainConfig, vote: VoteConfig = VoteConfig(),
                    progress: bool = False, log=print) -> dict:  # fmt: skip
     """Train ``k`` models, each without one fold, and report the pooled and per-fold figures
@@ -99,10 +114,15 @@ def cross_validate(ds, k: int, cfg: TrainConfig, vote: VoteConfig = VoteConfig()
         bundle = train(ds.matrices[lab], labels, captures, ds.layout, replace(cfg),
                        classes=classes, progress=progress, log=lambda m: None,
                        devices=ds.devices[lab], times=ds.timestamps[lab], split=split)  # fmt: skip
-        te = lab[split.part_of(captures) == 2]
+        part = split.part_of(captures)
+        te, tr = lab[part == 2], lab[part == 0]
         y = np.searchsorted(names, ds.labels[te].astype(object))
-        got = fold_labels(bundle, ds.matrices[te], ds.devices[te].astype(object),
-                          ds.captures[te].astype(object), ds.timestamps[te], vote)  # fmt: skip
+        devices, caps_te = ds.devices[te].astype(object), ds.captures[te].astype(object)
+        got = fold_labels(bundle, ds.matrices[te], devices, caps_te, ds.timestamps[te], vote)
+        got |= forest_labels(ds.matrices[tr], np.searchsorted(names, ds.labels[tr].astype(object)),
+                             ds.matrices[te], ds.layout, classes,
+                             device_sessions(caps_te, devices), ds.timestamps[te], vote,
+                             cfg.seed)  # fmt: skip
         fig = {"capture_files": len(split.test), "labels": int(len(te)),
                "best_epoch": bundle.metadata["best_epoch"]}  # fmt: skip
         for v, (entries, pred) in got.items():
@@ -113,7 +133,7 @@ def cross_validate(ds, k: int, cfg: TrainConfig, vote: VoteConfig = VoteConfig()
         folds.append(fig)
         log(f"fold {f + 1}/{k}: macro-F1 per sequence {fig['sequence']:.4f}, with the DHCP "
             f"identity {fig['sequence + DHCP identity']:.4f}; {fig['seconds']:.0f}s")  # fmt: skip
-    report = {"folds": k, "seed": cfg.seed, "epochs": cfg.epochs, "vote": vote.__dict__,
+    report = {"folds": k, "seed": cfg.seed, "epochs": cfg.epochs, "vote": asdict(vote),
               "capture_files": int(len(np.unique(captures))), "labels": int(len(lab)),
               "classes": len(classes), "pooled": {}, "per_fold": folds}  # fmt: skip
     for v, (ys, preds) in pooled.items():

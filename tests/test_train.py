@@ -152,7 +152,7 @@ def test_evaluate_folds_cross_validates(manifest, tmp_path, capsys):
     assert sum(f["capture_files"] for f in r["per_fold"]) == r["capture_files"]
     assert sum(f["labels"] for f in r["per_fold"]) == r["labels"]
     for name in ("flow", "sequence", "device", "sequence + DHCP identity",
-                 "device + DHCP identity"):  # fmt: skip
+                 "device + DHCP identity", "random forest, flow", "random forest, device"):  # fmt: skip
         s = r["pooled"][name]
         f = s["fold_macro_f1"]
         assert f["min"] <= f["mean"] <= f["max"] and f["sd"] >= 0
