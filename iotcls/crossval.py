@@ -58,14 +58,13 @@ def fold_splits(captures: np.ndarray, labels: np.ndarray, k: int, seed: int,
     return [Split(**{n: sorted(v) for n, v in p.items()}) for p in parts]
 
 
-def fold_labels(bundle, matrices: np.ndarray, devices: np.ndarray, captures: np.ndarray,
-                times: np.ndarray, vote: VoteConfig) -> dict[str, tuple[np.ndarray, np.ndarray]]:  # fmt: skip
+def fold_labels(bundle, matrices: np.ndarray, groups: np.ndarray, times: np.ndarray,
+                vote: VoteConfig) -> dict[str, tuple[np.ndarray, np.ndarray]]:  # fmt: skip
     """Per variant, ``(entries, labels)``: the class index each held-out matrix gets (the
-    device vote: only where it emits one)."""
+    device vote: only where it emits one); ``groups``: each matrix's device session."""
     from .predict import Predictor
 
     p = Predictor(bundle, explain=False)
-    groups = device_sessions(captures, devices)
     allowed = p.allowed(p.device_identities(matrices, groups, times))
     every = np.arange(len(matrices))
     out = {"flow": (every, p.probabilities(matrices[:, :1]).argmax(axis=1))}
@@ -117,12 +116,11 @@ def cross_validate(ds, k: int, cfg: TrainConfig, vote: VoteConfig = VoteConfig()
         part = split.part_of(captures)
         te, tr = lab[part == 2], lab[part == 0]
         y = np.searchsorted(names, ds.labels[te].astype(object))
-        devices, caps_te = ds.devices[te].astype(object), ds.captures[te].astype(object)
-        got = fold_labels(bundle, ds.matrices[te], devices, caps_te, ds.timestamps[te], vote)
+        groups = device_sessions(ds.captures[te].astype(object), ds.devices[te].astype(object))
+        got = fold_labels(bundle, ds.matrices[te], groups, ds.timestamps[te], vote)
         got |= forest_labels(ds.matrices[tr], np.searchsorted(names, ds.labels[tr].astype(object)),
-                             ds.matrices[te], ds.layout, classes,
-                             device_sessions(caps_te, devices), ds.timestamps[te], vote,
-                             cfg.seed)  # fmt: skip
+                             ds.matrices[te], ds.layout, classes, groups, ds.timestamps[te],
+                             vote, cfg.seed)  # fmt: skip
         fig = {"capture_files": len(split.test), "labels": int(len(te)),
                "best_epoch": bundle.metadata["best_epoch"]}  # fmt: skip
         for v, (entries, pred) in got.items():
