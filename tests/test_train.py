@@ -167,6 +167,18 @@ def test_evaluate_folds_cross_validates(manifest, tmp_path, capsys):
     assert "give one" in capsys.readouterr().err
 
 
+def test_evaluate_leave_out_from_the_command_line(manifest, tmp_path, capsys):
+    capsys.readouterr()
+    assert main(["evaluate", str(manifest), "--leave-out", "Aria", "--epochs", "3", "--json",
+                 "--out", str(tmp_path), "--quiet"]) == 0  # fmt: skip
+    r = json.loads(capsys.readouterr().out)
+    assert r["epochs"] == 3 and set(r["types"]) == {"Aria"}
+    assert r["types"]["Aria"]["labels"] > 0 and 0 <= r["mean_untrusted_share"] <= 1
+    assert json.loads((tmp_path / "leave-out.json").read_text()) == r
+    assert main(["evaluate", str(manifest), "--leave-out", "Aria", "--epochs", "0"]) == 2
+    assert "--epochs must be at least 1" in capsys.readouterr().err
+
+
 def test_train_on_a_dataset_file(trained, manifest, tmp_path):
     """A dataset from ``iotcls extract`` trains like its captures (the same split)."""
     ds_path = tmp_path / "d.npz"

@@ -103,48 +103,46 @@ def _vote(args: argparse.Namespace):
 def _run_folds(args: argparse.Namespace) -> int:
     """``--folds K``: see iotcls.crossval."""
     from ..crossval import cross_validate, format_cross_validation
-    from ..layout import MatrixLayout
     from ..train import TrainConfig
 
     vote = _vote(args)
-    if args.epochs is not None and args.epochs < 1:
-        raise CliError("--epochs must be at least 1")
-    progress = not args.quiet and sys.stderr.isatty()
-    ds = load_data(args, MatrixLayout(), exact_layout=False, progress=progress)
-    cfg = TrainConfig(seed=args.seed)
-    if args.epochs is not None:
-        cfg.epochs = args.epochs
-    try:
-        rep = cross_validate(ds, args.folds, cfg, vote, progress=progress,
-                             log=lambda m: print(m, file=sys.stderr))  # fmt: skip
-    except ValueError as e:
-        raise CliError(str(e)) from None
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "cross-validation.json").write_text(json.dumps(rep, indent=1) + "\n")
-    print(json.dumps(rep) if args.json else format_cross_validation(rep))
-    return 0
+    return _train_and_report(
+        args, TrainConfig().epochs, "cross-validation.json", format_cross_validation,
+        lambda ds, cfg, progress, log: cross_validate(ds, args.folds, cfg, vote, progress, log),
+    )  # fmt: skip
 
 
 def _run_leave_out(args: argparse.Namespace) -> int:
     """issue 4 (trust): ``--leave-out TYPE``: see iotcls.trust.evaluation.leave_out."""
-    from ..layout import MatrixLayout
-    from ..train import TrainConfig
     from ..trust.evaluation import DEFAULT_LEAVE_OUT_EPOCHS, format_leave_out, leave_out
 
-    progress = not args.quiet and sys.stderr.isatty()
-    ds = load_data(args, MatrixLayout(), exact_layout=False, progress=progress)
-    epochs = DEFAULT_LEAVE_OUT_EPOCHS if args.epochs is None else args.epochs
+    types = list(dict.fromkeys(args.leave_out))
+    return _train_and_report(
+        args, DEFAULT_LEAVE_OUT_EPOCHS, "leave-out.json", format_leave_out,
+        lambda ds, cfg, progress, log: leave_out(ds, types, cfg, progress, log),
+    )  # fmt: skip
+
+
+def _train_and_report(args: argparse.Namespace, default_epochs: int, name: str, fmt,
+                      evaluate) -> int:  # fmt: skip
+    """The runs that train their own models (``--folds``, ``--leave-out``): the captures in
+    the default layout, training as ``iotcls train`` with ``--seed`` and ``--epochs``, the
+    report printed and written to ``--out``/``name``."""
+    from ..layout import MatrixLayout
+    from ..train import TrainConfig
+
+    epochs = default_epochs if args.epochs is None else args.epochs
     if epochs < 1:
         raise CliError("--epochs must be at least 1")
+    progress = not args.quiet and sys.stderr.isatty()
+    ds = load_data(args, MatrixLayout(), exact_layout=False, progress=progress)
     cfg = TrainConfig(seed=args.seed, epochs=epochs)
     try:
-        rep = leave_out(ds, list(dict.fromkeys(args.leave_out)), cfg, progress=progress,
-                        log=lambda m: print(m, file=sys.stderr))  # fmt: skip
+        rep = evaluate(ds, cfg, progress, lambda m: print(m, file=sys.stderr))
     except ValueError as e:
         raise CliError(str(e)) from None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "leave-out.json").write_text(json.dumps(rep, indent=1) + "\n")
-    print(json.dumps(rep) if args.json else format_leave_out(rep))
+    (out / name).write_text(json.dumps(rep, indent=1) + "\n")
+    print(json.dumps(rep) if args.json else fmt(rep))
     return 0
