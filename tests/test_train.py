@@ -161,6 +161,8 @@ def test_evaluate_folds_cross_validates(manifest, tmp_path, capsys):
     assert r["pooled"]["sequence"]["macro_f1"] >= 0.8  # five types that differ
     assert set(r["per_class"]) == set(DEVICES)
     assert json.loads((tmp_path / "cross-validation.json").read_text()) == r
+    assert main(["evaluate", str(tmp_path / "absent.csv"), "--folds", "1"]) == 2
+    assert "--folds must be at least 2, got 1" in capsys.readouterr().err
     assert main(["evaluate", str(manifest), "--folds", "7", "--quiet"]) == 2
     assert "every label needs at least 7 capture files" in capsys.readouterr().err
     assert main(["evaluate", str(manifest), "--folds", "2", "--leave-out", "Aria"]) == 2

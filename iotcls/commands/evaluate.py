@@ -106,6 +106,8 @@ def _run_folds(args: argparse.Namespace) -> int:
     from ..train import TrainConfig
 
     vote = _vote(args)
+    if args.folds < 2:  # before reading the captures
+        raise CliError(f"--folds must be at least 2, got {args.folds}")
     return _train_and_report(
         args, TrainConfig().epochs, "cross-validation.json", format_cross_validation,
         lambda ds, cfg, progress, log: cross_validate(ds, args.folds, cfg, vote, progress, log),
