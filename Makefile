@@ -1,12 +1,9 @@
 # Two commands do all set-up on a fresh machine:
-#   make run    create .venv, install iotcls, classify the bundled sample capture
+#   make run    create .venv, install iotcls, classify a synthetic home network (iotcls demo)
 #   make test   create .venv, install iotcls, run the test suite
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-SAMPLE := iotcls/data/sample.pcap
-# The sample's devices, by MAC, from the CSV shipped beside it.
-SAMPLE_DEVICES = $(shell tail -n +2 iotcls/data/sample-devices.csv | cut -d, -f1 | paste -sd, -)
 
 $(BIN)/iotcls: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -17,7 +14,7 @@ $(BIN)/iotcls: pyproject.toml
 
 .PHONY: run test bench
 run: $(BIN)/iotcls
-	$(BIN)/iotcls classify $(SAMPLE) --devices $(SAMPLE_DEVICES) -o out
+	$(BIN)/iotcls demo -o out
 
 test: $(BIN)/iotcls
 	$(BIN)/python -m pytest -q

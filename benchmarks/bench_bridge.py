@@ -49,11 +49,17 @@ TARGET = 50_000
 def base_records(data: Path, files: int) -> list[FlowRecord]:
     sel = DeviceSelector.from_lists(nets=["10.0.0.0/8", "192.168.0.0/16"])
     pcaps = sorted(data.glob("*/*.pcap"))[:files] if data.is_dir() else []
-    if not pcaps:
-        pcaps = sorted((ROOT / "tests" / "fixtures" / "captures").glob("*.pcap"))
     recs = []
     for p in pcaps:
         recs += capture_flows(p, sel).table.records()
+    if not pcaps:  # no IoT Sentinel data here: the synthetic demo network
+        import tempfile
+
+        from iotcls.demo import write_demo_pcap
+
+        with tempfile.TemporaryDirectory() as tmp:
+            write_demo_pcap(Path(tmp) / "demo.pcap")
+            recs = capture_flows(Path(tmp) / "demo.pcap", sel).table.records()
     return recs
 
 

@@ -35,13 +35,23 @@ from iotcls.predict import Predictor
 from iotcls.trust.layer import fit_state
 from iotcls.trust.shapley import GroupShapley
 
-SAMPLE = Path(iotcls.__file__).parent / "data" / "sample.pcap"
-DEVICES = Path(iotcls.__file__).parent / "data" / "sample-devices.csv"
-
-
 def sample_matrices(layout: MatrixLayout) -> np.ndarray:
-    macs = [ln.split(",")[0] for ln in DEVICES.read_text().splitlines()[1:] if ln.strip()]
-    cm = capture_matrices(CaptureSpec(SAMPLE, "sample", {m: "" for m in macs}), layout)
+    """The real devices of the tests' sample (merged from ../shared), else the demo network."""
+    import tempfile
+
+    from iotcls.demo import write_demo_pcap
+    from iotcls.testing.shared import missing, sentinel_dir, write_sample
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if missing(sentinel_dir()) is None:
+            sample = write_sample(Path(tmp))
+            pcap, macs = sample.pcap, sample.macs
+            print(f"matrices: the tests' sample, merged from {sentinel_dir()}")
+        else:
+            pcap = Path(tmp) / "demo.pcap"
+            macs = [d.mac for d in write_demo_pcap(pcap).devices]
+            print("matrices: the synthetic demo network (../shared not found)")
+        cm = capture_matrices(CaptureSpec(pcap, "sample", {m: "" for m in macs}), layout)
     return cm.matrices
 
 

@@ -31,7 +31,7 @@ an ``integer`` where it declares ``count`` ("failed to create Zeek event").
 Zeek events travel as ``[count 1, count 1, [name, [args...], metadata?]]``
 (:class:`Event`); metadata is a vector of ``[count key, value]`` pairs (key 1: network time).
 
-What Zeek 8.2 sends (tests/fixtures/zeek-8.2.2/websocket): reals printed with ``%f`` (six
+What Zeek 8.2 sends (../shared/fixtures/zeek-8.2.2/websocket): reals printed with ``%f`` (six
 decimals, so a real keeps microseconds but not less), timestamps truncated to milliseconds,
 and **strings as raw bytes**: Zeek escapes only ``\\ " \\b \\f \\n \\r \\t \\v`` and writes every
 other byte as is, so a frame can be invalid UTF-8 and invalid JSON (``\\v``). :func:`parse_frame`

@@ -1,7 +1,7 @@
 """The bridge's WebSocket client for Zeek's ``/v1/messages/json`` API.
 
 Protocol (Broker's web-socket.rst, checked against Zeek 8.2.2 in
-tests/fixtures/zeek-8.2.2/websocket): the client sends a JSON array of topic prefixes; Zeek
+../shared/fixtures/zeek-8.2.2/websocket): the client sends a JSON array of topic prefixes; Zeek
 answers ``{"type": "ack", "endpoint": ..., "version": ...}`` once the subscriptions are
 active, then sends data messages for those topics and error messages
 (``{"type": "error", "code": ..., "context": ...}``) for client messages it could not use;

@@ -11,6 +11,7 @@ from . import __version__
 # name -> (module under iotcls.commands, one-line help). Modules are imported only for the
 # command that runs, so ``iotcls inspect`` does not pay for importing torch.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("demo", "classify a synthetic home network (a capture it writes) end to end"),
     "extract": ("extract", "turn captures into a dataset file of flow-sequence matrices"),
     "inspect": ("inspect", "print the flow records the sensor sees in a capture"),
     "train": ("train", "train a model on a capture set"),

@@ -27,10 +27,12 @@ from iotcls.layout import MatrixLayout
 from iotcls.logschema import LogEntry
 from iotcls.schema import SCHEMA_VERSION
 from iotcls.schema import FlowRecord
+from iotcls.testing.shared import require, sentinel_capture, zeek_fixtures_dir
 
 FLOWS, LABELS = "zeek/iotcls/flows", "zeek/iotcls/labels"
-CAPTURES = Path(__file__).parent / "fixtures" / "captures"
-WS_FIX = Path(__file__).parent / "fixtures" / "zeek-8.2.2" / "websocket"
+CAPTURES = {name: require(sentinel_capture(*name.split("_")), module=True)
+            for name in ("Aria_Setup-A-1-STA", "D-LinkCam_Setup-B-1-STA")}  # fmt: skip
+WS_FIX = require(zeek_fixtures_dir() / "websocket", module=True)
 LAYOUT = MatrixLayout()
 FAST = dict(reconnect_min_s=0.02, reconnect_max_s=0.1, ack_timeout_s=0.5, open_timeout_s=1.0)
 
@@ -38,8 +40,8 @@ FAST = dict(reconnect_min_s=0.02, reconnect_max_s=0.1, ack_timeout_s=0.5, open_t
 def real_records() -> list[FlowRecord]:
     sel = DeviceSelector.from_lists(nets=["10.0.0.0/8", "192.168.0.0/16"])
     recs = []
-    for name in ("Aria_Setup-A-1-STA.pcap", "D-LinkCam_Setup-B-1-STA.pcap"):
-        cf = capture_flows(CAPTURES / name, sel)
+    for path in CAPTURES.values():
+        cf = capture_flows(path, sel)
         assert not cf.error
         recs += cf.table.records()
     return recs

@@ -1,5 +1,5 @@
 """Broker's JSON data model: the spec's example messages (Broker doc/web-socket.rst) and the
-frames a real Zeek 8.2.2 exchanged (tests/fixtures/zeek-8.2.2/websocket)."""
+frames a real Zeek 8.2.2 exchanged (../shared/fixtures/zeek-8.2.2/websocket)."""
 
 import ipaddress
 import json
@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from iotcls.bridge import broker_json as bj
+from iotcls.testing.shared import require, zeek_fixtures_dir
 
-FIX = Path(__file__).parent / "fixtures" / "zeek-8.2.2" / "websocket"
+FIX = require(zeek_fixtures_dir() / "websocket", module=True)
 FRAMES = [json.loads(line) for line in (FIX / "frames.jsonl").read_text().splitlines()]
 
 

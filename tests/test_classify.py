@@ -1,20 +1,13 @@
-"""``iotcls classify`` with the shipped default model on the bundled sample capture."""
+"""``iotcls classify`` with the shipped default model on the sample capture (IoT Sentinel
+setups merged at run time, tests/conftest.py)."""
 
-import csv
 import json
-from pathlib import Path
 
 import pytest
 
 from iotcls.bundle import ModelBundle
 from iotcls.cli import main
 from iotcls.logschema import FIELD_NAMES, FIELDS
-
-ROOT = Path(__file__).resolve().parent.parent
-SAMPLE = ROOT / "iotcls" / "data" / "sample.pcap"
-with (SAMPLE.parent / "sample-devices.csv").open() as f:
-    TRUTH = {r["mac"]: r["label"] for r in csv.DictReader(f)}
-DEVICES = ",".join(TRUTH)
 
 
 def summary_rows(text: str) -> dict[str, list[str]]:
@@ -24,12 +17,14 @@ def summary_rows(text: str) -> dict[str, list[str]]:
 
 
 @pytest.fixture(scope="module")
-def zeek_run(tmp_path_factory):
+def zeek_run(tmp_path_factory, sample):
     out = tmp_path_factory.mktemp("zeek")
-    return out, main(["classify", str(SAMPLE), "--devices", DEVICES, "-o", str(out)])
+    return out, main(["classify", str(sample.pcap), "--devices", sample.devices_arg, "-o",
+                      str(out)])
 
 
-def test_zeek_log(zeek_run, capsys):
+def test_zeek_log(zeek_run, sample):
+    truth = sample.devices
     out, rc = zeek_run
     assert rc == 0
     lines = (out / "iot_class.log").read_text().splitlines()
@@ -47,30 +42,31 @@ def test_zeek_log(zeek_run, capsys):
     ts = [float(r[col["ts"]]) for r in body]
     assert ts == sorted(ts)
     for r in body:
-        assert r[col["device_mac"]] in TRUTH
+        assert r[col["device_mac"]] in truth
         assert r[col["strategy"]] == "sequence" and r[col["model"]] == model
         assert 0 < float(r[col["confidence"]]) <= 1 and r[col["trusted"]] in ("T", "F")
         assert 1 <= int(r[col["n_flows"]]) <= 6
         assert r[col["proto"]] in ("tcp", "udp", "icmp", "unknown_transport")
         assert r[col["uid"]].startswith("C")
     # most labels are right: these are IoT Sentinel setups the model was trained on or tested on
-    right = sum(r[col["label"]] == TRUTH[r[col["device_mac"]]] for r in body)
+    right = sum(r[col["label"]] == truth[r[col["device_mac"]]] for r in body)
     assert right / len(body) >= 0.8
 
 
-def test_summary_table(zeek_run, capsys):
-    main(["classify", str(SAMPLE), "--devices", DEVICES, "-o", str(zeek_run[0])])
+def test_summary_table(zeek_run, capsys, sample):
+    truth = sample.devices
+    main(["classify", str(sample.pcap), "--devices", sample.devices_arg, "-o", str(zeek_run[0])])
     rows = summary_rows(capsys.readouterr().out)
-    assert set(rows) == set(TRUTH)
-    right = [mac for mac, r in rows.items() if r[2] == TRUTH[mac]]
+    assert set(rows) == set(truth)
+    right = [mac for mac, r in rows.items() if r[2] == truth[mac]]
     assert len(right) >= 7, rows
     for r in rows.values():
         assert 0 < float(r[3]) <= 1 and r[4] in ("yes", "no") and int(r[5]) >= 1
         assert r[1].startswith("10.10.10.")  # the address last seen, not DHCP's 0.0.0.0
 
 
-def test_json_log_and_device_strategy(tmp_path):
-    assert main(["classify", str(SAMPLE), "--devices", DEVICES, "-o", str(tmp_path),
+def test_json_log_and_device_strategy(tmp_path, sample):
+    assert main(["classify", str(sample.pcap), "--devices", sample.devices_arg, "-o", str(tmp_path),
                  "--format", "json", "--strategy", "device"]) == 0  # fmt: skip
     entries = [json.loads(ln) for ln in (tmp_path / "iot_class.log").read_text().splitlines()]
     assert entries and all(list(e) == list(FIELD_NAMES) for e in entries)
@@ -80,16 +76,17 @@ def test_json_log_and_device_strategy(tmp_path):
                for e in entries)  # fmt: skip
 
 
-def test_errors_are_one_line(tmp_path, capsys):
+def test_errors_are_one_line(tmp_path, capsys, sample):
+    pcap, devices = sample.pcap, sample.devices_arg
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a model")
-    assert main(["classify", str(SAMPLE), "--devices", DEVICES, "--model", str(bad),
+    assert main(["classify", str(pcap), "--devices", devices, "--model", str(bad),
                  "-o", str(tmp_path)]) == 2  # fmt: skip
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "bad.pt: not a readable model file (not a torch archive)" in err[0]
-    assert main(["classify", str(SAMPLE), "-o", str(tmp_path)]) == 2
+    assert main(["classify", str(pcap), "-o", str(tmp_path)]) == 2
     assert "--devices" in capsys.readouterr().err
     missing = tmp_path / "missing.pcap"
-    assert main(["classify", str(missing), "--devices", DEVICES, "-o", str(tmp_path)]) == 1
+    assert main(["classify", str(missing), "--devices", devices, "-o", str(tmp_path)]) == 1
     assert "missing.pcap" in capsys.readouterr().err
     assert (tmp_path / "iot_class.log").read_text().splitlines()[-1].startswith("#close")

@@ -26,10 +26,6 @@ from ingest_sim import SUPPORTED, simulate
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 PIPELINE_FILE = DEPLOY / "elastic" / "zeek.iot_class.json"
-SAMPLE = ROOT / "iotcls" / "data" / "sample.pcap"
-SAMPLE_DEVICES = [
-    ln.split(",")[0] for ln in (SAMPLE.parent / "sample-devices.csv").read_text().split()[1:]
-]
 
 # Where each log column ends up in Elasticsearch. A new column fails
 # test_pipeline_handles_every_column until the pipeline (and this table) handle it.
@@ -67,9 +63,9 @@ ECS_ALLOWED = {
 
 
 @pytest.fixture(scope="module")
-def json_log(tmp_path_factory):
+def json_log(tmp_path_factory, sample):
     out = tmp_path_factory.mktemp("json")
-    args = ["classify", str(SAMPLE), "--devices", ",".join(SAMPLE_DEVICES), "-o", str(out)]
+    args = ["classify", str(sample.pcap), "--devices", sample.devices_arg, "-o", str(out)]
     assert main(args + ["--format", "json"]) == 0
     lines = (out / "iot_class.log").read_text().splitlines()
     assert len(lines) > 100

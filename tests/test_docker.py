@@ -3,8 +3,8 @@ the documented install commands.
 
 No Docker engine (and no ``docker compose``) runs on the project's machines, so this does what
 ``docker compose config`` would: interpolate variables as the Compose specification says,
-validate against the Compose specification's JSON schema (tests/fixtures/compose-spec, from
-github.com/compose-spec/compose-spec, Apache-2.0), and check the files it names exist.
+validate against the Compose specification's JSON schema (the copy that the maintained
+``check-jsonschema`` package ships as ``vendor.compose-spec``), and check the files it names exist.
 Beyond that it checks what Compose cannot know: that the services agree on addresses and
 that the commands they run are commands iotcls accepts.
 """
@@ -20,13 +20,13 @@ from urllib.parse import urlparse
 import jsonschema
 import pytest
 import yaml
+from check_jsonschema.builtin_schemas import get_builtin_schema
 
 from iotcls.commands import serve
 from iotcls.config import load as load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKER = ROOT / "docker"
-SCHEMA = ROOT / "tests" / "fixtures" / "compose-spec" / "compose-spec.json"
 ZEEK_SITE = "/usr/local/zeek/share/zeek/site"  # zeek/zeek images install under /usr/local/zeek
 
 _VAR = re.compile(r"\$(?:(\$)|\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?+])((?:[^{}]|\{[^{}]*\})*))?\}"
@@ -93,10 +93,11 @@ OTHER_ENV = {"IFACE": "enp3s0", "DEVICE_NETS": "10.1.0.0/16", "ZEEK_IMAGE": "zee
 
 @pytest.mark.parametrize("env", [{}, OTHER_ENV])
 def test_compose_validates_against_the_spec(env):
-    schema = json.loads(SCHEMA.read_text())
-    jsonschema.Draft7Validator.check_schema(schema)
+    schema = get_builtin_schema("vendor.compose-spec")
+    validator = jsonschema.validators.validator_for(schema)  # the draft the schema names
+    validator.check_schema(schema)
     doc = compose(env)
-    errors = sorted(jsonschema.Draft7Validator(schema).iter_errors(doc), key=str)
+    errors = sorted(validator(schema).iter_errors(doc), key=str)
     assert not errors, "\n".join(f"{list(e.absolute_path)}: {e.message}" for e in errors)
     zeek = doc["services"]["zeek"]
     assert zeek["command"][zeek["command"].index("-i") + 1] == env.get("IFACE", "eth0")
@@ -105,10 +106,29 @@ def test_compose_validates_against_the_spec(env):
 
 def test_schema_rejects_a_broken_file():
     """The validator is live: the same file with a typo fails."""
-    schema = json.loads(SCHEMA.read_text())
+    schema = get_builtin_schema("vendor.compose-spec")
     doc = compose()
     doc["services"]["iotcls"]["netwrk_mode"] = "host"
-    assert list(jsonschema.Draft7Validator(schema).iter_errors(doc))
+    assert list(jsonschema.validators.validator_for(schema)(schema).iter_errors(doc))
+
+
+def test_check_jsonschema_command_validates_the_file(tmp_path):
+    """The maintained CLI itself, as a user would run it on the interpolated file."""
+    import shutil
+    import subprocess
+    import sys
+
+    exe = shutil.which("check-jsonschema", path=str(Path(sys.executable).parent))
+    assert exe, "check-jsonschema is a dev dependency (pyproject.toml)"
+    good, bad = tmp_path / "compose.json", tmp_path / "broken.json"
+    good.write_text(json.dumps(compose()))
+    doc = compose()
+    doc["services"]["iotcls"]["netwrk_mode"] = "host"
+    bad.write_text(json.dumps(doc))
+    for path, rc in ((good, 0), (bad, 1)):
+        r = subprocess.run([exe, "--builtin-schema", "vendor.compose-spec", str(path)],
+                           capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert r.returncode == rc, r.stdout + r.stderr
 
 
 def test_compose_paths_exist():
@@ -210,20 +230,16 @@ def test_dockerfile_runs_the_documented_install():
 
 
 def test_dockerfile_matches_the_readme_setup():
-    """The same torch and the same sample check as `make run` (README's set-up)."""
+    """The same torch and the same check as `make run` (README's set-up): the demo."""
     make = (ROOT / "Makefile").read_text()
     (pin,) = set(re.findall(r"torch==[\d.]+", make))
     cmds = run_commands()
     assert any(f"--index-url https://download.pytorch.org/whl/cpu {pin}" in c for c in cmds)
     recipe = re.search(r"^run:.*\n\t(.*)$", make, re.M).group(1).split()
-    assert recipe[1:3] == ["classify", "$(SAMPLE)"] and recipe[3] == "--devices"
-    sample = re.search(r"^SAMPLE := (\S+)", make, re.M).group(1)
-    devices = re.search(r"^SAMPLE_DEVICES = \$\(shell (.*)\)$", make, re.M).group(1)
-    (check,) = [c for c in cmds if " classify " in c]
+    assert recipe[1:] == ["demo", "-o", "out"]
+    (check,) = [c for c in cmds if " demo " in c]
     argv = shlex.split(check.split(" && ")[0])
-    assert argv[1:3] == ["classify", sample]
-    assert argv[3] == "--devices" and argv[4] == f"$({devices})"
-    assert (ROOT / sample).is_file()
+    assert argv[0] == "/opt/iotcls/bin/iotcls" and argv[1] == "demo"
 
 
 def test_dockerfile_image():

@@ -1,9 +1,7 @@
-"""``iotcls explain PCAP --device MAC`` on the bundled sample capture, with a tiny model
+"""``iotcls explain PCAP --device MAC`` on the sample capture (tests/conftest.py), with a tiny model
 trained here on that capture's own flows (the project's training code path)."""
 
-import csv
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,20 +12,15 @@ from iotcls.cli import main
 from iotcls.dataset import capture_matrices
 from iotcls.layout import MatrixLayout
 
-ROOT = Path(__file__).resolve().parent.parent
-SAMPLE = ROOT / "iotcls" / "data" / "sample.pcap"
-TRUTH = {r["mac"]: r["label"] for r in csv.DictReader((SAMPLE.parent / "sample-devices.csv").open())}
-ARIA = next(m for m, lab in TRUTH.items() if lab == "Aria")
-HUE = next(m for m, lab in TRUTH.items() if lab == "HueBridge")
 
 
 @pytest.fixture(scope="module")
-def model_path(tmp_path_factory):
+def model_path(tmp_path_factory, sample):
     from iotcls.train import TrainConfig, train
 
     torch.set_num_threads(1)
     layout = MatrixLayout()
-    cm = capture_matrices(CaptureSpec(SAMPLE, "sample", dict(TRUTH)), layout)
+    cm = capture_matrices(CaptureSpec(sample.pcap, "sample", dict(sample.devices)), layout)
     labels = cm.labels[cm.order].astype(object)
     # four pseudo-captures per device (by time) so that the split by capture has material
     dev = cm.table.device_mac[cm.order]
@@ -43,13 +36,14 @@ def model_path(tmp_path_factory):
     return str(bundle.save(tmp_path_factory.mktemp("m") / "tiny.pt"))
 
 
-def test_text_and_png(model_path, tmp_path, capsys):
+def test_text_and_png(model_path, tmp_path, capsys, sample):
+    aria = sample.mac_of("Aria")
     png = tmp_path / "aria.png"
-    assert main(["explain", str(SAMPLE), "--device", ARIA.upper(), "--model", model_path,
+    assert main(["explain", str(sample.pcap), "--device", aria.upper(), "--model", model_path,
                  "-o", str(png)]) == 0  # fmt: skip
     out = capsys.readouterr()
     lines = out.out.strip().splitlines()
-    assert lines[0].startswith(f"device {ARIA}: 5 labels by tiny@")
+    assert lines[0].startswith(f"device {aria}: 5 labels by tiny@")
     assert lines[1].split()[:6] == ["t+s", "remote", "proto", "label", "conf", "trust"]
     assert lines[1].split()[6:] == ["meta", "timing", "sizes", "direction", "payload", "history",
                                     "reason"]  # fmt: skip
@@ -60,10 +54,10 @@ def test_text_and_png(model_path, tmp_path, capsys):
     assert f"plot: {png}" in out.err
 
 
-def test_json_values_are_exact_shapley_values(model_path, capsys):
+def test_json_values_are_exact_shapley_values(model_path, capsys, sample):
     from iotcls.bundle import ModelBundle
 
-    assert main(["explain", str(SAMPLE), "--device", HUE, "--model", model_path, "--json"]) == 0
+    assert main(["explain", str(sample.pcap), "--device", sample.mac_of("HueBridge"), "--model", model_path, "--json"]) == 0
     rows = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert len(rows) > 50 and all(r["label"] for r in rows)
     assert [r["ts"] for r in rows] == sorted(r["ts"] for r in rows)
@@ -79,20 +73,21 @@ def test_json_values_are_exact_shapley_values(model_path, capsys):
     assert set(r["label"] for r in rows) <= set(b.classes)
 
 
-def test_errors_are_one_line(model_path, tmp_path, capsys):
+def test_errors_are_one_line(model_path, tmp_path, capsys, sample):
+    aria = sample.mac_of("Aria")
     cases = [
         (["--device", "02:00:00:00:00:99", "--model", model_path], "no flows of device"),
         (["--device", "not-a-mac", "--model", model_path], "not a MAC address"),
-        (["--device", ARIA, "--model", str(tmp_path / "none.pt")], "no such model file"),
+        (["--device", aria, "--model", str(tmp_path / "none.pt")], "no such model file"),
     ]
     for extra, msg in cases:
-        assert main(["explain", str(SAMPLE), *extra]) == 2
+        assert main(["explain", str(sample.pcap), *extra]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("iotcls explain: error: ") and msg in err[0]
-    assert main(["explain", str(tmp_path / "x.pcap"), "--device", ARIA]) == 2
+    assert main(["explain", str(tmp_path / "x.pcap"), "--device", aria]) == 2
     assert "no such capture file" in capsys.readouterr().err
     bad = tmp_path / "bad.pcap"
     bad.write_bytes(b"not a capture at all")
-    assert main(["explain", str(bad), "--device", ARIA, "--model", model_path]) == 2
+    assert main(["explain", str(bad), "--device", aria, "--model", model_path]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(bad) in err[0]

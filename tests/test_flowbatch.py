@@ -15,15 +15,17 @@ from iotcls.bridge import flowbatch as fb
 from iotcls.bridge import records as rc
 from iotcls.flows import DeviceSelector, capture_flows
 from iotcls.flowtable import FlowTable
+from iotcls.testing.shared import require, sentinel_capture
 
 FLOWS = "zeek/iotcls/flows"
-CAPTURES = Path(__file__).parent / "fixtures" / "captures"
+CAPTURES = [require(sentinel_capture("Aria", "Setup-A-1-STA"), module=True),
+            require(sentinel_capture("D-LinkCam", "Setup-B-1-STA"), module=True)]
 
 
 def _records():
     sel = DeviceSelector.from_lists(nets=["10.0.0.0/8", "192.168.0.0/16"])
     recs = []
-    for p in sorted(CAPTURES.glob("*.pcap")):
+    for p in CAPTURES:
         recs += capture_flows(p, sel).table.records()
     return recs
 

@@ -1,7 +1,6 @@
 """``iotcls report``: reading iot_class.log back, the inventory, and the page in a real browser."""
 
 import base64
-import csv
 import gzip
 import io
 import json
@@ -19,19 +18,16 @@ from iotcls.inventory import build_inventory
 from iotcls.logread import LogReadError, read_log, read_logs
 from iotcls.logschema import FIELD_NAMES, LogEntry, LogWriter
 
-ROOT = Path(__file__).resolve().parent.parent
-SAMPLE = ROOT / "iotcls" / "data" / "sample.pcap"
-with (SAMPLE.parent / "sample-devices.csv").open() as f:
-    TRUTH = {r["mac"]: r["label"] for r in csv.DictReader(f)}
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 @pytest.fixture(scope="module")
-def sample_logs(tmp_path_factory):
+def sample_logs(tmp_path_factory, sample):
     """The sample capture classified into both log formats, as `make run` does."""
     out = tmp_path_factory.mktemp("logs")
     for fmt in ("zeek", "json"):
-        args = ["classify", str(SAMPLE), "--devices", ",".join(TRUTH), "-o", str(out / fmt)]
+        args = ["classify", str(sample.pcap), "--devices", sample.devices_arg, "-o",
+                str(out / fmt)]
         assert main(args + ["--format", fmt]) == 0
     return out / "zeek" / "iot_class.log", out / "json" / "iot_class.log"
 
@@ -123,10 +119,10 @@ def test_writer_round_trip(tmp_path):
                     assert row[name] == v, (fmt, name)
 
 
-def test_inventory_of_the_sample(sample_logs):
+def test_inventory_of_the_sample(sample_logs, sample):
     devices = build_inventory(read_logs([sample_logs[0]]))
-    assert {d.mac for d in devices} == set(TRUTH)
-    right = sum(d.label == TRUTH[d.mac] for d in devices)
+    assert {d.mac for d in devices} == set(sample.devices)
+    right = sum(d.label == sample.devices[d.mac] for d in devices)
     assert right >= 7, [(d.mac, d.label) for d in devices]
     for d in devices:
         assert d.first_seen <= d.last_seen and d.entries == sum(d.labels.values())
@@ -218,14 +214,14 @@ def test_truncated_ascii_line_names_its_line(tmp_path, capsys, sample_logs):
     assert "missing.log: cannot read: No such file or directory" in capsys.readouterr().err
 
 
-def test_report_of_the_sample(tmp_path, sample_logs):
+def test_report_of_the_sample(tmp_path, sample_logs, sample):
     pages = []
     for log in sample_logs:
         out = tmp_path / f"{log.parent.name}.html"
         assert main(["report", str(log), "-o", str(out)]) == 0
         pages.append(parse_page(out.read_text()))
     for page in pages:
-        assert {r["mac"] for r in page.rows} == set(TRUTH)
+        assert {r["mac"] for r in page.rows} == set(sample.devices)
         for name in ("timeline", "histograms"):
             src = page.images[name]
             assert src.startswith("data:image/png;base64,")
@@ -242,7 +238,7 @@ def chromium(args: list[str], profile: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (apt install chromium)")
-def test_report_renders_in_chromium(tmp_path, sample_logs):
+def test_report_renders_in_chromium(tmp_path, sample_logs, sample):
     out = tmp_path / "report.html"
     assert main(["report", *map(str, sample_logs[:1]), "-o", str(out)]) == 0
 
@@ -250,7 +246,7 @@ def test_report_renders_in_chromium(tmp_path, sample_logs):
     assert dom.returncode == 0, dom.stderr[-2000:]
     page = parse_page(dom.stdout)
     assert "IoT device inventory" in dom.stdout
-    assert {r["mac"] for r in page.rows} == set(TRUTH)
+    assert {r["mac"] for r in page.rows} == set(sample.devices)
     assert all(r["label"] and r["ips"] for r in page.rows)
     assert set(page.images) == {"timeline", "histograms"}
 

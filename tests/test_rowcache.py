@@ -70,19 +70,13 @@ def test_predictor_with_a_row_cache_labels_alike(data):
     assert p1.row_cache is not None and p1.row_cache.stats.hits > 0
 
 
-def test_default_model_through_the_cache():
-    """The shipped model on a real device's matrices (the bundled sample capture)."""
-    import csv
-    from pathlib import Path
-
-    from iotcls.bundle import default_model_path
+def test_default_model_through_the_cache(sample):
+    """The shipped model on a real device's matrices (the sample capture)."""
     from iotcls.capture import CaptureSpec
     from iotcls.dataset import capture_matrices
 
-    data_dir = Path(default_model_path()).parent
-    macs = [r["mac"] for r in csv.DictReader(open(data_dir / "sample-devices.csv"))]
     b = ModelBundle.load()
-    spec = CaptureSpec(data_dir / "sample.pcap", "sample", {m: "" for m in macs})
+    spec = CaptureSpec(sample.pcap, "sample", {m: "" for m in sample.macs})
     x = capture_matrices(spec, b.layout).matrices.astype(np.float32)
     assert len(x) > 20
     cache = RowCache(b.model, capacity=1000)

@@ -1,9 +1,7 @@
-"""``iotcls extract`` and ``iotcls inspect`` end to end, and the bundled sample capture."""
+"""``iotcls extract`` and ``iotcls inspect`` end to end, and the sample capture the tests merge
+from ../shared (tests/conftest.py)."""
 
-import csv
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,10 +10,6 @@ from iotcls import pcapgen as g
 from iotcls.cli import main
 from iotcls.dataset import Dataset
 
-ROOT = Path(__file__).resolve().parent.parent
-SAMPLE = ROOT / "iotcls" / "data" / "sample.pcap"
-SAMPLE_DEVICES = ROOT / "iotcls" / "data" / "sample-devices.csv"
-DATA = ROOT.parent / "shared" / "data" / "iot-sentinel"
 DEV = "aa:bb:cc:00:00:01"
 GW = "02:00:00:00:00:fe"
 
@@ -93,21 +87,19 @@ def test_inspect_missing_file(tmp_path, capsys):
     assert "cannot open" in capsys.readouterr().err
 
 
-def test_sample_is_small_and_complete():
-    assert SAMPLE.stat().st_size < 1_000_000
-    devices = list(csv.DictReader(SAMPLE_DEVICES.open()))
-    assert len(devices) == 8 and set(devices[0]) == {"mac", "label"}
+def test_sample_is_small_and_complete(sample):
+    assert sample.pcap.stat().st_size < 1_000_000
+    assert len(sample.devices) == 8
     from iotcls.flows import DeviceSelector, capture_flows
 
-    cf = capture_flows(SAMPLE, DeviceSelector.from_lists([d["mac"] for d in devices]))
+    cf = capture_flows(sample.pcap, DeviceSelector.from_lists(sample.macs))
     assert cf.stats.warnings == [] and cf.error == ""
-    assert set(np.unique(cf.table.device_mac)) == {d["mac"] for d in devices}
+    assert set(np.unique(cf.table.device_mac)) == set(sample.macs)
 
 
-def test_sample_regenerates_identically(tmp_path):
-    assert DATA.exists(), f"IoT Sentinel data not found at {DATA}"
-    r = subprocess.run([sys.executable, str(ROOT / "tests" / "make_sample.py"), "--data",
-                        str(DATA), "--out", str(tmp_path)], capture_output=True, text=True)  # fmt: skip
-    assert r.returncode == 0, r.stderr
-    assert (tmp_path / "sample.pcap").read_bytes() == SAMPLE.read_bytes()
-    assert (tmp_path / "sample-devices.csv").read_text() == SAMPLE_DEVICES.read_text()
+def test_sample_is_written_identically(sample, tmp_path):
+    from iotcls.testing.shared import write_sample
+
+    again = write_sample(tmp_path)
+    assert again.pcap.read_bytes() == sample.pcap.read_bytes()
+    assert again.devices == sample.devices

@@ -1,6 +1,6 @@
 """The pcap sensor against a real Zeek 8.2.2's per-packet view of six IoT Sentinel captures.
 
-``tests/fixtures/zeek-8.2.2/<Device>_<capture>/packets.jsonl`` holds, for every IP packet Zeek
+``../shared/fixtures/zeek-8.2.2/captures/<Device>_<capture>/packets.jsonl`` holds, for every IP packet Zeek
 tied to a connection, the connection's uid and 5-tuple, the packet's direction and IP length
 (recorded with ``packets.zeek``, Zeek's ``new_packet`` event). Our uids differ, so packets are
 compared per connection by unordered 5-tuple + protocol: same packets in the same order, same
@@ -13,7 +13,6 @@ within 1 ms.
 """
 
 import json
-import shutil
 from collections import defaultdict
 from pathlib import Path
 
@@ -22,10 +21,10 @@ import pytest
 
 from iotcls.flows import DeviceSelector, _ip16_to_str, capture_flows
 from iotcls.pcap import CaptureReader
+from iotcls.testing.shared import require, sentinel_dir, zeek_fixtures_dir
 
-HERE = Path(__file__).resolve().parent
-FIXTURES = HERE / "fixtures" / "zeek-8.2.2"
-DATA = HERE.parent.parent / "shared" / "data" / "iot-sentinel"
+FIXTURES = require(zeek_fixtures_dir() / "captures", module=True)
+DATA = require(sentinel_dir(), module=True)
 CAPTURES = sorted(p.name for p in FIXTURES.iterdir() if (p / "packets.jsonl").exists())
 PROTO = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmp"}
 
@@ -36,9 +35,7 @@ def test_six_captures_present():
 
 def pcap_of(name: str) -> Path:
     device, capture = name.split("_", 1)
-    p = DATA / device / f"{capture}.pcap"
-    assert p.exists(), f"IoT Sentinel data not found at {p} (expected beside the repo)"
-    return p
+    return require(DATA / device / f"{capture}.pcap")
 
 
 def zeek_packets(name: str) -> list[dict]:
@@ -115,7 +112,7 @@ def test_same_records_as_zeek_packets_give(name):
         assert abs(a[-1] - b[-1]) < 1e-3
 
 
-@pytest.mark.skipif(shutil.which("zeek") is None, reason="zeek binary not found")
+@pytest.mark.zeek
 @pytest.mark.parametrize("name", CAPTURES)
 def test_the_zeek_package_gives_the_sensors_records(name, tmp_path):
     """Where a zeek is installed: the iotcls Zeek package (zeek -r, devices by MAC, records
@@ -153,7 +150,7 @@ def _slot_bytes(t, i: int) -> list[bytes]:
     return [t.payload[i, k, : t.payload_len[i, k]].tobytes() for k in range(t.n_pkts[i])]
 
 
-@pytest.mark.skipif(shutil.which("zeek") is None, reason="zeek binary not found")
+@pytest.mark.zeek
 def test_the_zeek_package_keeps_whole_dhcp_messages(tmp_path):
     """DHCP packets keep IoTClass::dhcp_payload_bytes, not payload_bytes: the table the
     bridge decodes from Zeek's records of the plug's DHCP flows has the pcap sensor's rows,

@@ -5,7 +5,6 @@ import asyncio
 import json
 import os
 import re
-import shutil
 import socket
 import stat
 import subprocess
@@ -23,6 +22,8 @@ from iotcls.bridge import records as rc
 from iotcls.commands import zeek_install
 from iotcls.logschema import FIELDS
 from iotcls.schema import FlowRecord
+from iotcls.testing.shared import require, sentinel_capture
+from iotcls.testing.zeek import find_zeek
 
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "zeek-scripts" / "iotcls"
@@ -31,8 +32,8 @@ BIN = Path(sys.executable).parent
 MAIN = (PKG / "main.zeek").read_text()
 RECORDS = zeek_records(MAIN)
 EVENTS = zeek_events(MAIN)
-ZEEK = shutil.which("zeek")
-needs_zeek = pytest.mark.skipif(ZEEK is None, reason="zeek binary not found")
+ZEEK = find_zeek()  # $ZEEK_HOME/bin/zeek, else PATH; tests/conftest.py skips or fails without
+needs_zeek = pytest.mark.zeek
 
 
 def test_the_package_has_its_files():
@@ -227,14 +228,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-SAMPLE = ROOT / "iotcls" / "data" / "sample.pcap"
-
-
-def _sample_macs() -> list[str]:
-    lines = (ROOT / "iotcls" / "data" / "sample-devices.csv").read_text().split()
-    return [ln.split(",")[0] for ln in lines[1:]]
-
-
 def _macs_arg(macs: list[str]) -> str:
     return "IoTClass::device_macs={" + ",".join(f'"{m}"' for m in macs) + "}"
 
@@ -291,7 +284,7 @@ def test_zeek_end_to_end_on_a_real_capture(tmp_path):
     the pcap sensor's (device networks)."""
     from iotcls.flows import DeviceSelector, capture_flows
 
-    pcap = Path(__file__).parent / "fixtures" / "captures" / "D-LinkCam_Setup-B-1-STA.pcap"
+    pcap = require(sentinel_capture("D-LinkCam", "Setup-B-1-STA"))
     nets = ["10.0.0.0/8", "192.168.0.0/16"]
     r, got, bridge, layout = _zeek_with_bridge(pcap, tmp_path,
                                                "IoTClass::device_nets={" + ",".join(nets) + "}")
@@ -313,7 +306,7 @@ def test_zeek_end_to_end_on_a_real_capture(tmp_path):
 
 
 @needs_zeek
-def test_zeek_records_by_mac_equal_the_pcap_sensors(tmp_path):
+def test_zeek_records_by_mac_equal_the_pcap_sensors(tmp_path, sample):
     """Devices by MAC only (as ``--devices``): every record of the sample capture equals the
     pcap sensor's, including windows whose Zeek connection ended and restarted (DNS, mDNS),
     ICMP connections open at the trace's end, IGMP (payload from the raw frame) and DHCP
@@ -321,10 +314,10 @@ def test_zeek_records_by_mac_equal_the_pcap_sensors(tmp_path):
     orientation is Zeek's own (device_is_orig, and uid)."""
     from iotcls.flows import DeviceSelector, capture_flows
 
-    macs = _sample_macs()
-    r, got, _, _ = _zeek_with_bridge(SAMPLE, tmp_path, _macs_arg(macs))
+    macs = sample.macs
+    r, got, _, _ = _zeek_with_bridge(sample.pcap, tmp_path, _macs_arg(macs))
     assert r.returncode == 0, r.stderr
-    pcap_recs = capture_flows(SAMPLE, DeviceSelector.from_lists(macs)).table.records()
+    pcap_recs = capture_flows(sample.pcap, DeviceSelector.from_lists(macs)).table.records()
     twins = {_rkey(x): x for x in pcap_recs}
     assert len(got) == len(pcap_recs) == len(twins) == 288
     assert sorted(map(_rkey, got)) == sorted(twins)
@@ -343,7 +336,7 @@ def _has_zeromq() -> bool:
 
 
 @needs_zeek
-def test_zeek_standalone_with_the_zeromq_backend(tmp_path):
+def test_zeek_standalone_with_the_zeromq_backend(tmp_path, sample):
     """ZeroMQ loaded before iotcls: the package runs the XPUB/XSUB proxy that a standalone
     Zeek otherwise lacks (without it Zeek never acks the bridge)."""
     if not _has_zeromq():
@@ -353,7 +346,7 @@ def test_zeek_standalone_with_the_zeromq_backend(tmp_path):
            f"Cluster::Backend::ZeroMQ::connect_xsub_endpoint=tcp://127.0.0.1:{xpub}",
            f"Cluster::Backend::ZeroMQ::listen_xsub_endpoint=tcp://127.0.0.1:{xsub}",
            f"Cluster::Backend::ZeroMQ::connect_xpub_endpoint=tcp://127.0.0.1:{xsub}"]  # fmt: skip
-    r, got, bridge, _ = _zeek_with_bridge(SAMPLE, tmp_path, _macs_arg(_sample_macs()), *zmq,
+    r, got, bridge, _ = _zeek_with_bridge(sample.pcap, tmp_path, _macs_arg(sample.macs), *zmq,
                                           pre=("frameworks/cluster/backend/zeromq",))  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert "were not classified" not in r.stderr and "did not confirm" not in r.stderr
@@ -362,11 +355,11 @@ def test_zeek_standalone_with_the_zeromq_backend(tmp_path):
 
 
 @needs_zeek
-def test_zeek_without_a_bridge_goes_on_and_ends(tmp_path):
+def test_zeek_without_a_bridge_goes_on_and_ends(tmp_path, sample):
     """Offline with nobody listening: the hold ends after hold_timeout (wall clock, through
     the Input framework's raw reader) and Zeek terminates at the trace's end, saying so."""
-    cmd = [ZEEK, "-C", "-r", str(SAMPLE), str(PKG), f"IoTClass::websocket_port={_free_port()}/tcp",
-           "IoTClass::hold_timeout=1sec", _macs_arg(_sample_macs())]  # fmt: skip
+    cmd = [ZEEK, "-C", "-r", str(sample.pcap), str(PKG), f"IoTClass::websocket_port={_free_port()}/tcp",
+           "IoTClass::hold_timeout=1sec", _macs_arg(sample.macs)]  # fmt: skip
     r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert "no bridge connected within 1.0 sec, processing continues" in r.stderr
@@ -376,7 +369,7 @@ def test_zeek_without_a_bridge_goes_on_and_ends(tmp_path):
 
 
 @needs_zeek
-def test_zeek_drain_times_out_on_a_silent_bridge(tmp_path):
+def test_zeek_drain_times_out_on_a_silent_bridge(tmp_path, sample):
     """A bridge that says hello and then nothing: Zeek publishes every record and the drain,
     waits drain_timeout (wall clock, network time stands still after the trace), warns and
     terminates by itself."""
@@ -406,9 +399,9 @@ def test_zeek_drain_times_out_on_a_silent_bridge(tmp_path):
 
     t = threading.Thread(target=silent_bridge, daemon=True)
     t.start()
-    cmd = [ZEEK, "-C", "-r", str(SAMPLE), str(PKG), f"IoTClass::websocket_port={port}/tcp",
+    cmd = [ZEEK, "-C", "-r", str(sample.pcap), str(PKG), f"IoTClass::websocket_port={port}/tcp",
            "IoTClass::hold_timeout=60sec", "IoTClass::drain_timeout=2sec",
-           _macs_arg(_sample_macs())]  # fmt: skip
+           _macs_arg(sample.macs)]  # fmt: skip
     start = time.monotonic()
     r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=60)
     t.join(10)
@@ -420,7 +413,7 @@ def test_zeek_drain_times_out_on_a_silent_bridge(tmp_path):
 
 
 @needs_zeek
-def test_zeek_and_iotcls_serve_log_what_classify_writes(tmp_path):
+def test_zeek_and_iotcls_serve_log_what_classify_writes(tmp_path, sample):
     """The deployment: ``iotcls serve`` (the bundled model, every label logged) and
     ``zeek -r sample.pcap iotcls``; Zeek's iot_class.log has the labels ``iotcls classify
     --devices`` writes for the same capture (the offline hold and drain: same matrices)."""
@@ -438,8 +431,8 @@ def test_zeek_and_iotcls_serve_log_what_classify_writes(tmp_path):
     serve = subprocess.Popen([sys.executable, "-m", "iotcls", "serve", "--config", str(cfg)],
                              stdout=subprocess.DEVNULL, stderr=err)  # fmt: skip
     try:
-        cmd = [ZEEK, "-C", "-r", str(SAMPLE), str(PKG), f"IoTClass::websocket_port={ws_port}/tcp",
-               "IoTClass::hold_timeout=120sec", _macs_arg(_sample_macs())]  # fmt: skip
+        cmd = [ZEEK, "-C", "-r", str(sample.pcap), str(PKG), f"IoTClass::websocket_port={ws_port}/tcp",
+               "IoTClass::hold_timeout=120sec", _macs_arg(sample.macs)]  # fmt: skip
         r = subprocess.run(cmd, cwd=zdir, capture_output=True, text=True, timeout=300)
     finally:
         serve.terminate()
@@ -452,7 +445,7 @@ def test_zeek_and_iotcls_serve_log_what_classify_writes(tmp_path):
     head = (zdir / "iot_class.log").read_text().splitlines()
     assert next(h for h in head if h.startswith("#fields")).split("\t")[1:] == \
         [name for name, _ in FIELDS]  # fmt: skip
-    assert cli.main(["classify", str(SAMPLE), "--devices", ",".join(_sample_macs()),
+    assert cli.main(["classify", str(sample.pcap), "--devices", ",".join(sample.macs),
                      "-o", str(cdir)]) == 0  # fmt: skip
     col = {name: i for i, (name, _) in enumerate(FIELDS)}
 

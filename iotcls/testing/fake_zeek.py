@@ -1,6 +1,6 @@
 """A stand-in for Zeek's WebSocket API, for tests and the serve benchmark.
 
-It speaks the protocol the way Zeek 8.2.2 does (tests/fixtures/zeek-8.2.2/websocket and
+It speaks the protocol the way Zeek 8.2.2 does (../shared/fixtures/zeek-8.2.2/websocket and
 Zeek's ``src/cluster/websocket/WebSocket.cc``):
 
 * only ``/v1/messages/json``: any other path gets ``{"type":"error","code":"invalid_uri",...}``
