@@ -30,15 +30,22 @@ PKG = ROOT / "zeek-scripts" / "iotcls"
 SCRIPTS = sorted(PKG.glob("*.zeek"))
 BIN = Path(sys.executable).parent
 MAIN = (PKG / "main.zeek").read_text()
-RECORDS = zeek_records(MAIN)
-EVENTS = zeek_events(MAIN)
+FILES = ["__load__.zeek", "bridge.zeek", "capture.zeek", "compat.zeek", "devices.zeek",
+         "inventory.zeek", "main.zeek"]  # fmt: skip
+ALL = "\n".join(p.read_text() for p in SCRIPTS)  # the whole package
+RECORDS = zeek_records(ALL)
+EVENTS = zeek_events(ALL)
 ZEEK = find_zeek()  # $ZEEK_HOME/bin/zeek, else PATH; tests/conftest.py skips or fails without
 needs_zeek = pytest.mark.zeek
 
 
 def test_the_package_has_its_files():
-    assert [p.name for p in SCRIPTS] == ["__load__.zeek", "main.zeek"]
-    assert "@load ./main" in (PKG / "__load__.zeek").read_text()
+    """One file per concern, each loaded once by __load__.zeek, compat first (its @if
+    blocks pick the cluster backend before anything uses it)."""
+    assert [p.name for p in SCRIPTS] == FILES
+    loads = re.findall(r"^@load \./(\S+)$", (PKG / "__load__.zeek").read_text(), re.M)
+    assert sorted(f"{x}.zeek" for x in loads) == [f for f in FILES if f != "__load__.zeek"]
+    assert loads[0] == "compat"
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
@@ -106,7 +113,7 @@ def test_defaults_agree_with_the_python_side():
 
     def default(name):
         return re.search(rf"(?:option|const) {name}(?:: [^=]+)? = ([^;&]+?)\s*(?:&redef)?;",
-                         MAIN).group(1)  # fmt: skip
+                         ALL).group(1)  # fmt: skip
 
     assert default("window_length") == f"{DEFAULT_WINDOW_S:.0f}sec"
     assert default("packets") == str(DEFAULT_PACKETS)
@@ -120,16 +127,22 @@ def test_defaults_agree_with_the_python_side():
         f"{default('websocket_port').split('/')[0]}/v1/messages/json"  # fmt: skip
 
 
-def test_version_switches_and_backend():
-    """Cluster::listen_websocket from 7.2 ($listen_addr from 7.2.2), Broker's before; a
-    backend is loaded when none is set (else Zeek never acks)."""
-    assert '@if ( Version::at_least("7.2.2") )' in MAIN
-    assert "Cluster::listen_websocket([$listen_addr=websocket_address," in MAIN
-    assert "Cluster::listen_websocket([$listen_host=cat(websocket_address)," in MAIN
-    assert "Broker::listen_websocket(cat(websocket_address), websocket_port)" in MAIN
+def test_version_switches_live_in_compat():
+    """Version and backend differences in one file, as Zeek's own scripts keep them: a
+    backend is loaded when none is set (8.1+, else Zeek never acks), 8.0's ZeroMQ needs
+    connect.zeek; zkg.meta names the versions the package supports."""
+    compat = (PKG / "compat.zeek").read_text()
+    for p in SCRIPTS:
+        if p.name != "compat.zeek":
+            assert not re.search(r"Version::|@if|@ifdef", p.read_text()), p.name
     assert re.search(r"@ifdef \( Cluster::CLUSTER_BACKEND_NONE \)\n@if \( Cluster::backend == "
                      r"Cluster::CLUSTER_BACKEND_NONE \)\n@load frameworks/cluster/backend/broker",
-                     MAIN)  # fmt: skip
+                     compat)  # fmt: skip
+    assert re.search(r"@if \( Version::number < 80100 \)\n@load "
+                     r"frameworks/cluster/backend/zeromq/connect", compat)  # fmt: skip
+    assert "Cluster::listen_websocket([$listen_addr=websocket_address," in ALL
+    meta = (ROOT / "zkg.meta").read_text()
+    assert re.search(r"^depends =\n\tzeek >=8\.0\.0$", meta, re.M)
 
 
 def test_zkg_meta_points_at_the_scripts():
@@ -161,7 +174,7 @@ def test_install_copies_and_reinstalls(tmp_path, capsys, no_zeek_env):
     out = capsys.readouterr().out
     target = site / "iotcls"
     assert f"to {target}" in out and "zeek -i eth0 iotcls" in out
-    assert sorted(p.name for p in target.glob("*.zeek")) == ["__load__.zeek", "main.zeek"]
+    assert sorted(p.name for p in target.glob("*.zeek")) == FILES
     assert (target / "main.zeek").read_bytes() == (PKG / "main.zeek").read_bytes()
     assert cli.main(["zeek-install", "--zeek-site", str(site)]) == 0  # replaces its own
     assert f"removed the previous {target}" in capsys.readouterr().out
