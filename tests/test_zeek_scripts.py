@@ -5,6 +5,7 @@ import asyncio
 import json
 import os
 import re
+import shutil
 import socket
 import stat
 import subprocess
@@ -30,8 +31,8 @@ PKG = ROOT / "zeek-scripts" / "iotcls"
 SCRIPTS = sorted(PKG.glob("*.zeek"))
 BIN = Path(sys.executable).parent
 MAIN = (PKG / "main.zeek").read_text()
-FILES = ["__load__.zeek", "bridge.zeek", "capture.zeek", "compat.zeek", "devices.zeek",
-         "inventory.zeek", "main.zeek"]  # fmt: skip
+FILES = ["__load__.zeek", "bridge.zeek", "capture-native.zeek", "capture.zeek", "compat.zeek",
+         "devices.zeek", "inventory.zeek", "main.zeek"]  # fmt: skip
 ALL = "\n".join(p.read_text() for p in SCRIPTS)  # the whole package
 RECORDS = zeek_records(ALL)
 EVENTS = zeek_events(ALL)
@@ -45,6 +46,9 @@ def test_the_package_has_its_files():
     assert [p.name for p in SCRIPTS] == FILES
     loads = re.findall(r"^@load \./(\S+)$", (PKG / "__load__.zeek").read_text(), re.M)
     assert sorted(f"{x}.zeek" for x in loads) == [f for f in FILES if f != "__load__.zeek"]
+    # the capture comes from the native plugin where it is loaded, else from script land
+    assert re.search(r"@ifdef \( IoTClass::__native_flush \)\n@load \./capture-native\n@else\n"
+                     r"@load \./capture\n@endif", (PKG / "__load__.zeek").read_text())
     assert loads[0] == "compat"
 
 
@@ -133,7 +137,7 @@ def test_version_switches_live_in_compat():
     connect.zeek; zkg.meta names the versions the package supports."""
     compat = (PKG / "compat.zeek").read_text()
     for p in SCRIPTS:
-        if p.name != "compat.zeek":
+        if p.name not in ("compat.zeek", "__load__.zeek"):  # __load__: the capture switch
             assert not re.search(r"Version::|@if|@ifdef", p.read_text()), p.name
     assert re.search(r"@ifdef \( Cluster::CLUSTER_BACKEND_NONE \)\n@if \( Cluster::backend == "
                      r"Cluster::CLUSTER_BACKEND_NONE \)\n@load frameworks/cluster/backend/broker",
@@ -182,6 +186,20 @@ def test_install_copies_and_reinstalls(tmp_path, capsys, no_zeek_env):
     assert target.is_symlink() and target.resolve() == PKG.resolve()
     assert cli.main(["zeek-install", "--zeek-site", str(site)]) == 0  # link -> copy again
     assert not target.is_symlink() and (target / "__load__.zeek").is_file()
+
+
+def test_install_notices_zkgs_copy(tmp_path, capsys, no_zeek_env):
+    """zkg keeps the package in site/packages/iotcls and links site/iotcls to it: a second
+    copy would define everything twice, so zeek-install says which to remove."""
+    site = tmp_path / "site"
+    shutil.copytree(PKG, site / "packages" / "iotcls")
+    (site / "iotcls").symlink_to(Path("packages") / "iotcls")
+    assert cli.main(["zeek-install", "--zeek-site", str(site)]) == 2
+    (err,) = capsys.readouterr().err.strip().splitlines()
+    assert err == (f"iotcls zeek-install: error: zkg has installed iotcls in "
+                   f"{site / 'packages' / 'iotcls'}: Zeek already finds it as 'iotcls'; keep that "
+                   "copy, or run 'zkg remove iotcls' first (two copies define everything twice)")
+    assert (site / "iotcls").is_symlink()  # left as zkg made it
 
 
 def test_install_refuses_a_foreign_directory_without_force(tmp_path, capsys, no_zeek_env):

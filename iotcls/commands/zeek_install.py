@@ -93,12 +93,29 @@ def _ours(target: Path) -> bool:
     return (target / MARKER).is_file()
 
 
+def zkg_copy(site: Path) -> Path | None:
+    """zkg's install of the package in *site*, if any: zkg keeps the scripts in
+    ``site/packages/iotcls`` and links ``site/iotcls`` to it. Zeek must find one copy only
+    (two define everything twice)."""
+    target = site / PACKAGE
+    if target.is_symlink() and Path(os.readlink(target)).parts[:1] == ("packages",):
+        return site / "packages" / PACKAGE
+    if (site / "packages" / PACKAGE / "__load__.zeek").is_file():
+        return site / "packages" / PACKAGE
+    return None
+
+
 def install(site: Path, mode: str = "copy", force: bool = False) -> tuple[Path, list[str]]:
     """Install into *site*/iotcls; returns the target and what was done, one line each."""
     src = scripts_dir()
     if not site.is_dir():
         raise CliError(f"{site} is not a directory")
     target = site / PACKAGE
+    zkg = zkg_copy(site)
+    if zkg is not None and not force:
+        raise CliError(f"zkg has installed iotcls in {zkg}: Zeek already finds it as "
+                       f"'{PACKAGE}'; keep that copy, or run 'zkg remove {PACKAGE}' first "
+                       "(two copies define everything twice)")  # fmt: skip
     done = []
     if target.is_symlink() or target.exists():
         if not force and not _ours(target):

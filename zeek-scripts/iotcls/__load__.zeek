@@ -8,12 +8,27 @@
 ##! * main: the exported API (options, records, events) and iot_class.log
 ##! * devices: which endpoints are devices
 ##! * bridge: publishing records, the offline hold and drain, the bridge's events
-##! * capture: per-connection windows, from packet events
+##! * capture-native or capture: per-connection windows, by the native plugin where it is
+##!   loaded (zeek-plugin/, C++, nothing per packet in script land), else from packet events
 ##! * inventory: iot_devices.log and the notices
 
+# One copy only: a second one (zkg's site/packages/iotcls beside ``iotcls zeek-install``'s
+# site/iotcls, say) would define everything twice. It says so and stands back.
+@ifndef ( IoTClass::package_dir )
 @load ./compat
 @load ./main
 @load ./devices
 @load ./bridge
+@ifdef ( IoTClass::__native_flush )
+@load ./capture-native
+@else
 @load ./capture
+@endif
 @load ./inventory
+@else
+event zeek_init()
+	{
+	Reporter::warning(fmt("iotcls: loaded twice, from %s and from %s: the second copy is ignored; remove one (zkg remove iotcls, or rm -r the site/iotcls that iotcls zeek-install wrote)",
+	    IoTClass::package_dir, @DIR));
+	}
+@endif

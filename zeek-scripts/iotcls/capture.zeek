@@ -288,6 +288,12 @@ event window_end(key: string, start: time)
 		}
 	}
 
+event zeek_init()
+	{
+	if ( capture_node() )
+		Reporter::info("iotcls: capture in script land (per-packet events; up to 3x Zeek's CPU on a busy link): build the native plugin to avoid it (docs/zeek.md)");
+	}
+
 event new_connection(c: connection) &priority=5
 	{
 	if ( ! capture_node() )

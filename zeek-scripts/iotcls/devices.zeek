@@ -7,6 +7,13 @@
 
 module IoTClass;
 
+export {
+	## Whether an endpoint with address *a* and link-layer address *l2* (empty when
+	## unknown) is a device. The native capture plugin asks this once per endpoint of each
+	## new connection, so the selection lives here only and follows Config::set_value.
+	global is_device_endpoint: function(a: addr, l2: string): bool;
+}
+
 # Group addresses are never devices.
 const multicast_nets: set[subnet] = {
 	224.0.0.0/4,
@@ -60,9 +67,9 @@ function nets_changed(ID: string, new_value: set[subnet]): set[subnet]
 	return new_value;
 	}
 
-function is_device(a: addr, ep: endpoint): bool
+function is_device_endpoint(a: addr, l2: string): bool
 	{
-	if ( ep?$l2_addr && ep$l2_addr in device_macs )
+	if ( l2 != "" && l2 in device_macs )
 		return T;
 	if ( a in multicast_nets || a == 255.255.255.255 || a in directed_broadcasts )
 		return F;
@@ -71,6 +78,11 @@ function is_device(a: addr, ep: endpoint): bool
 	if ( |device_macs| > 0 )
 		return F;
 	return a in Site::local_nets;
+	}
+
+function is_device(a: addr, ep: endpoint): bool
+	{
+	return is_device_endpoint(a, ep?$l2_addr ? ep$l2_addr : "");
 	}
 
 # The device's MAC for the record: empty for a group (multicast/broadcast) MAC.

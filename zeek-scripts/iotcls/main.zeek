@@ -18,6 +18,9 @@ export {
 	## A default logging policy hook for the stream.
 	global log_policy: Log::PolicyHook;
 
+	## Where this copy of the package was loaded from.
+	const package_dir = @DIR;
+
 	## Version of the flow record (iotcls.schema.SCHEMA_VERSION); sent to the bridge in
 	## :zeek:see:`IoTClass::welcome`.
 	const schema_version = 2;

@@ -1,0 +1,51 @@
+##! Flow records from the native capture plugin (zeek-plugin/, ``IoTClass::Capture``): an
+##! analyzer on each connection with a device endpoint keeps the windows in C++ exactly as
+##! capture.zeek does in script land, and raises one :zeek:see:`IoTClass::native_flow` per
+##! finished record. Nothing runs per packet in script land, and UDP contents are not turned
+##! on for every connection.
+
+@load ./main
+@load ./devices
+@load ./bridge
+
+module IoTClass;
+
+export {
+	## Plugin to script: one finished flow record.
+	global native_flow: event(rec: FlowRecord);
+}
+
+# Raised after the plugin's flush: every record of the trace is published before the drain.
+global native_flushed: event(path: string);
+
+event zeek_init()
+	{
+	if ( capture_node() )
+		Reporter::info("iotcls: capture in the native plugin (IoTClass::Capture): one script event per flow record");
+	}
+
+event IoTClass::native_flow(rec: FlowRecord)
+	{
+	publish_flow(rec);
+	}
+
+event Pcap::file_done(path: string)
+	{
+	if ( ! capture_node() )
+		return;
+
+	IoTClass::__native_flush();
+	event IoTClass::native_flushed(path);
+	}
+
+event IoTClass::native_flushed(path: string)
+	{
+	if ( label_node() )
+		finish_offline(path);
+	}
+
+event zeek_done()
+	{
+	if ( capture_node() )
+		IoTClass::__native_flush();
+	}
