@@ -53,7 +53,15 @@ def test_partial_file_keeps_other_defaults(tmp_path):
         ("bridge: {queue_records: 0}", "bridge.queue_records: must be at least 1"),
         ("bridge: {shed_policy: random}", "bridge.shed_policy: must be one of labelled-first, oldest, newest, not 'random'"),
         ("bridge: {bind: [localhost:1]}", "bridge.bind: 'localhost:1' is not a ZeroMQ address"),
-        ("bridge: {bind: []}", "bridge.bind: must be a non-empty list of strings, not []"),
+        ("bridge: {bind: []}", "bridge.bind: must be a non-empty list of at most 64 strings, not []"),
+        ("scorers: {batch_size: 100000000000000000000}", "scorers.batch_size: must be at most 4096, not 100000000000000000000"),
+        ("bridge: {queue_records: 1000000000}", "bridge.queue_records: must be at most 1e+07"),
+        ("bridge: {scorer_timeout_s: 1.0e+300}", "bridge.scorer_timeout_s: must be at most 3600, not 1e+300"),
+        ("scorers: {count: 100000}", "scorers.count: must be at most 256"),
+        ("bridge: {curve: sometimes}", "bridge.curve: must be one of auto, on, off, not 'sometimes'"),
+        ("zeek: {topics: [[a]]}", "zeek.topics: must be a non-empty list of at most 64 strings, not [['a']]"),
+        ("x: " + "9" * 5000, "not valid YAML: Exceeds the limit"),
+        ("[" * 100000, "not valid YAML"),
         ("bridge: {queue: 5}", "bridge.queue: unknown key (known: bind,"),
         ("scorer: {count: 1}", "scorer: unknown section (known: bridge, log, metrics, scorers, suricata, zeek)"),
         ("zeek: {url: http://x}", "zeek.url: must be a ws:// or wss:// URL, not 'http://x'"),
@@ -74,12 +82,44 @@ def test_bad_values_are_one_line_errors_naming_file_and_key(tmp_path, text, mess
     assert msg.startswith(f"{p}: ") and message in msg and "\n" not in msg
 
 
+def test_curve_takes_yaml_switches():
+    assert c.loads("bridge: {curve: on}").bridge.curve == "on"
+    assert c.loads("bridge: {curve: no}").bridge.curve == "off"
+    assert c.loads("bridge: {curve: auto}").bridge.curve == "auto"
+
+
+def test_billion_laughs_fails_fast_in_bounded_memory(tmp_path):
+    """Nine levels of aliases, each nine times the last, in a known key: refused at once in
+    one short line, without expanding (a full repr of the value takes gigabytes)."""
+    import time
+    import tracemalloc
+
+    levels = "".join(f"    - &a{i} [" + ", ".join([f"*a{i - 1}"] * 9 if i else ["lol"] * 9)
+                     + "]\n" for i in range(10))  # fmt: skip
+    p = tmp_path / "bomb.yaml"
+    p.write_text("zeek:\n  topics:\n" + levels)
+    tracemalloc.start()
+    t0 = time.monotonic()
+    with pytest.raises(c.ConfigError) as e:
+        c.load(p)
+    took = time.monotonic() - t0
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    msg = str(e.value)
+    assert "zeek.topics: must be a non-empty list" in msg and len(msg) < 400 and "\n" not in msg
+    assert took < 5 and peak < 50 * 2**20, (took, peak)
+
+
 def test_unreadable_file(tmp_path):
     with pytest.raises(c.ConfigError, match="cannot read config: No such file"):
         c.load(tmp_path / "missing.yaml")
     p = tmp_path / "latin1.yaml"
     p.write_bytes(b"zeek: {url: \xff}")
     with pytest.raises(c.ConfigError, match="not UTF-8"):
+        c.load(p)
+    p = tmp_path / "huge.yaml"
+    p.write_bytes(b"# " + b"x" * (2 << 20))
+    with pytest.raises(c.ConfigError, match="bigger than 1048576 bytes"):
         c.load(p)
 
 
