@@ -31,6 +31,12 @@ Definition (schema version 2)
 * **Ports.** TCP/UDP ports as on the wire; for ICMP, as Zeek does: the device-side "port" of
   the originator is the ICMP type and the responder's is the counterpart type or the code;
   other protocols use port 0.
+* **Early record.** Every sensor may publish, before the final record of a window, one early
+  record of it (:func:`early_record`): the window as it stood at the first moment when either
+  its first ``packets`` packets were in, or ``EARLY_IDLE_S`` passed with no packet after the
+  latest. It is a prefix of the final record (the same key and start; the packets and totals
+  up to that moment), so a device gets a label seconds after its first packet instead of at
+  the window's end; the final record follows as before and its label wins.
 * **Connection reference.** ``uid`` (Zeek's connection uid, or a stable synthetic one from
   the pcap reader) and ``device_is_orig`` (whether the device originated the connection) so
   that a label can be logged with Zeek's ``id`` fields.
@@ -47,6 +53,7 @@ DEFAULT_WINDOW_S = 60.0
 DEFAULT_PACKETS = 10
 DEFAULT_PAYLOAD_BYTES = 64
 DHCP_PAYLOAD_BYTES = 548  # a whole DHCP message of a 576-byte IP datagram
+EARLY_IDLE_S = 2.0  # an early record after this long without a packet (see early_record)
 
 PROTO_ICMP = 1
 PROTO_TCP = 6
@@ -128,3 +135,48 @@ class FlowRecord:
         if self.device_is_orig:
             return (self.device_ip, self.device_port, self.remote_ip, self.remote_port)
         return (self.remote_ip, self.remote_port, self.device_ip, self.device_port)
+
+
+def early_cut(offsets: list[float], total_packets: int, packets: int = DEFAULT_PACKETS,
+              idle_s: float = EARLY_IDLE_S) -> tuple[int, float] | None:  # fmt: skip
+    """(packets in the early record, its time as an offset from the window start) of a window
+    whose first packets are at ``offsets`` (of ``total_packets``), or None when it has none.
+
+    The rule every sensor follows: the first moment when ``packets`` packets are in, or
+    ``idle_s`` has passed since the latest packet. Both are known from the recorded packets
+    alone (a gap after the ``packets``-th packet is too late to matter), which is why the pcap
+    reader can derive early records from final ones and a live sensor can publish them as they
+    happen, and both give the same record.
+    """
+    n = min(len(offsets), packets)
+    for i in range(n - 1):
+        if offsets[i + 1] - offsets[i] >= idle_s:
+            return i + 1, offsets[i] + idle_s
+    if n == packets:
+        return n, offsets[n - 1]
+    if n and total_packets == n:
+        return n, offsets[n - 1] + idle_s  # all its packets, idle since: unless the window ended
+    return None
+
+
+def early_record(rec: FlowRecord, packets: int = DEFAULT_PACKETS,
+                 idle_s: float = EARLY_IDLE_S, window_s: float = DEFAULT_WINDOW_S,
+                 ) -> FlowRecord | None:  # fmt: skip
+    """The early record of the window ``rec`` is the final record of (see the module
+    docstring), or None when there is none: the final record is due first (at the window's
+    end, ``start + window_s``) or the early one would hold all the final one does."""
+    cut = early_cut(rec.offsets, rec.total_packets, packets, idle_s)
+    if cut is None:
+        return None
+    k, at = cut
+    if at >= window_s:
+        return None
+    return FlowRecord(
+        device_mac=rec.device_mac, device_ip=rec.device_ip, device_port=rec.device_port,
+        remote_ip=rec.remote_ip, remote_port=rec.remote_port, proto=rec.proto,
+        start=rec.start, last=rec.start + rec.offsets[k - 1],
+        total_bytes=int(sum(rec.sizes[:k])), total_packets=k,
+        offsets=list(rec.offsets[:k]), sizes=list(rec.sizes[:k]),
+        directions=list(rec.directions[:k]), payloads=list(rec.payloads[:k]),
+        uid=rec.uid, device_is_orig=rec.device_is_orig,
+    )  # fmt: skip
