@@ -53,7 +53,7 @@ DEFAULT_WINDOW_S = 60.0
 DEFAULT_PACKETS = 10
 DEFAULT_PAYLOAD_BYTES = 64
 DHCP_PAYLOAD_BYTES = 548  # a whole DHCP message of a 576-byte IP datagram
-EARLY_IDLE_S = 2.0  # an early record after this long without a packet (see early_record)
+EARLY_IDLE_S = 0.5  # an early record after this long without a packet (see early_record)
 
 PROTO_ICMP = 1
 PROTO_TCP = 6

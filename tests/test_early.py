@@ -1,6 +1,7 @@
 """Early records (iotcls.schema.early_record): one per window, a prefix of the final record,
 at the first moment when its first N packets are in or it has been idle for EARLY_IDLE_S."""
 
+import numpy as np
 import pytest
 
 from iotcls.schema import EARLY_IDLE_S, FlowRecord, early_cut, early_record
@@ -41,8 +42,54 @@ def test_a_short_window_is_early_whole_after_the_idle_time():
 
 
 def test_no_early_record_when_the_window_ends_first():
-    steady = rec([float(i) for i in range(59)])  # a packet a second: never idle, < N packets
-    assert early_record(steady, packets=100) is None  # idle from 58 s runs past the 60 s end
-    assert early_record(rec([0.0, 0.5]), window_s=1.0) is None
-    lone = early_record(rec([0, 59.0]))  # one packet, then 59 s of silence: early at 2 s
+    step = EARLY_IDLE_S / 2  # never idle, fewer than N packets, the idle time runs past 60 s
+    steady = rec([step * i for i in range(int(60 / step))])
+    assert early_record(steady, packets=len(steady.offsets) + 1) is None
+    assert early_record(rec([0.0, EARLY_IDLE_S * 0.9]), window_s=EARLY_IDLE_S) is None
+    lone = early_record(rec([0, 59.0]))  # one packet, then 59 s of silence: early, idle
     assert lone.total_packets == 1 and lone.last == 1000.0
+
+
+def test_the_table_twin_gives_the_schemas_early_records(sample):
+    """early.early_table (vectorised) equals schema.early_record, record by record, on the
+    real records of the sample capture."""
+    from iotcls.early import early_table
+    from iotcls.flows import DeviceSelector, capture_flows
+    from iotcls.flowtable import FlowTable
+
+    t = capture_flows(sample.pcap, DeviceSelector.from_lists(sample.macs)).table
+    et = early_table(t)
+    want = [(i, early_record(r)) for i, r in enumerate(t.records())]
+    want = [(i, e) for i, e in want if e is not None]
+    assert len(want) > 100
+    assert et.source.tolist() == [i for i, _ in want]
+    got = et.table.records()
+    for (_, w), g in zip(want, got):
+        assert g == w
+    again = FlowTable.from_records([w for _, w in want], t.packets, t.payload_bytes)
+    assert np.array_equal(again.payload, et.table.payload)
+
+
+def test_time_to_label_on_the_sample(sample, tmp_path):
+    """The shipped model on the sample: with early records every device has a label within
+    seconds of its first packet, without them only after its first window (60 s)."""
+    from iotcls.bundle import ModelBundle
+    from iotcls.capture import CaptureSpec
+    from iotcls.dataset import capture_matrices
+    from iotcls.early import capture_device_labels, time_to_label, time_to_label_png
+    from iotcls.predict import Predictor
+
+    b = ModelBundle.load()
+    p = Predictor(b)
+    cm = capture_matrices(CaptureSpec(sample.pcap, "sample", dict(sample.devices)), b.layout)
+    early = time_to_label(capture_device_labels(p, cm, early=True))
+    late = time_to_label(capture_device_labels(p, cm, early=False))
+    assert early["devices"] == late["devices"] == len(sample.devices)
+    assert early["first_label_s"]["max"] <= 5.0 and late["first_label_s"]["median"] == 60.0
+    at = {row["seconds"]: row for row in early["table"]}
+    assert at[5]["labelled"] == 1.0 and at[5]["accuracy"] >= 0.75
+    assert {row["seconds"]: row["labelled"] for row in late["table"]}[30] == 0.0
+    assert at["final"] == {row["seconds"]: row for row in late["table"]}["final"] or \
+        at["final"]["accuracy"] >= 0.875  # fmt: skip
+    png = time_to_label_png(early, late, tmp_path / "t.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

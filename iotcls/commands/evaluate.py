@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..cli import CliError
-from ._data import load_data
+from ._data import is_dataset_file, load_data
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -39,6 +39,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-votes", type=int, default=v.min_votes,
                    help="device strategy: sequences before a first label (default %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--no-time-to-label", dest="time_to_label", action="store_false",
+                   help="skip the table of labels by time since each device's first packet "
+                        "(early and final records; read from the captures again)")
     # issue 4 (trust): the unseen-device test
     p.add_argument("--leave-out", action="append", metavar="TYPE", default=[],
                    help="train without TYPE (repeatable; quick training, the same code path "
@@ -84,12 +87,48 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise CliError(str(e)) from None
     out = Path(args.out)
+    if args.time_to_label and not is_dataset_file(args):
+        report["time_to_label"] = _time_to_label(args, bundle, ds, split, out)
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     if args.json:
         print(json.dumps(report))
     else:
         print(format_report(report))
+        if "time_to_label" in report:
+            from ..early import format_time_to_label
+
+            t = report["time_to_label"]
+            print(format_time_to_label(t["early"], "with early records"))
+            print(format_time_to_label(t["final_only"], "final records only"))
     return 0
+
+
+def _time_to_label(args: argparse.Namespace, bundle, ds, split, out: Path) -> dict:
+    """Labels by time since each device's first packet, on the captures evaluate scored."""
+    from ..capture import specs_from_args
+    from ..dataset import capture_matrices
+    from ..early import capture_device_labels, time_to_label, time_to_label_png
+    from ..evaluate import select_for_evaluation
+    from ..predict import Predictor
+
+    chosen, _ = select_for_evaluation(ds.captures.astype(object), split, args.use_all)
+    ids = set(ds.captures[chosen].tolist())
+    predictor = Predictor(bundle)
+    with_early, final_only = [], []
+    for spec in specs_from_args(args):
+        if spec.capture_id not in ids:
+            continue
+        cm = capture_matrices(spec, bundle.layout)
+        if cm.flows.error or not len(cm.order):
+            continue
+        known = np.isin(cm.labels[cm.order], np.array(bundle.classes, object))
+        if not known.all():
+            continue
+        with_early += capture_device_labels(predictor, cm, early=True)
+        final_only += capture_device_labels(predictor, cm, early=False)
+    r = {"early": time_to_label(with_early), "final_only": time_to_label(final_only)}
+    r["png"] = str(time_to_label_png(r["early"], r["final_only"], out / "time-to-label.png"))
+    return r
 
 
 def _vote(args: argparse.Namespace):
