@@ -23,8 +23,9 @@ event new_packet(c: connection, p: pkt_hdr)
 		}
 	}
 
-hook IoTClass::flow_policy(rec: IoTClass::FlowRecord)
+hook IoTClass::flow_policy(rec: IoTClass::FlowRecord, early: bool)
 	{
-	print fmt("record: %s %s -> %s:%s", rec$device_mac, rec$device_ip,
-	    rec$remote_ip, rec$remote_port);
+	if ( ! early )
+		print fmt("record: %s %s -> %s:%s", rec$device_mac, rec$device_ip,
+		    rec$remote_ip, rec$remote_port);
 	}

@@ -15,10 +15,11 @@ function lab(ts: double, mac: string, ip: addr, label: string, conf: double,
     trusted: bool)
 	{
 	event IoTClass::label(IoTClass::Label($ts=ts, $uid="C1", $orig_h=ip,
-	    $orig_p=1000/tcp, $resp_h=192.0.2.1, $resp_p=443/tcp, $device_mac=mac,
-	    $device_ip=ip, $label=label, $confidence=conf, $strategy="sequence",
-	    $n_flows=1, $trusted=trusted, $reason=trusted ? "-" : "low_confidence",
-	    $top_groups=vector(), $model="m@1"));
+	    $orig_p=1000/tcp, $resp_h=192.0.2.1, $resp_p=443/tcp,
+	    $device_mac=mac, $device_ip=ip, $label=label, $confidence=conf,
+	    $strategy="sequence", $n_flows=1, $trusted=trusted,
+	    $reason=trusted ? "-" : "low_confidence", $top_groups=vector(),
+	    $model="m@1"));
 	}
 
 event zeek_init() &priority=-20

@@ -12,10 +12,11 @@ redef IoTClass::device_nets = {10.0.0.0/24};
 redef IoTClass::websocket_listen = F;
 redef IoTClass::hold_timeout = 1sec;
 
-hook IoTClass::flow_policy(rec: IoTClass::FlowRecord) &priority=-10
+hook IoTClass::flow_policy(rec: IoTClass::FlowRecord, early: bool) &priority=-10
 	{
-	print fmt("%s %s:%s -> %s:%s/%s %.3f pkts=%d bytes=%d sizes=%s dirs=%s",
-	    rec$device_mac, rec$device_ip, rec$device_port, rec$remote_ip,
-	    rec$remote_port, rec$proto, rec$start, rec$total_packets,
-	    rec$total_bytes, rec$sizes, rec$directions);
+	print fmt("%s %s %s:%s -> %s:%s/%s %.3f pkts=%d bytes=%d sizes=%s dirs=%s",
+	    early ? "early" : "final", rec$device_mac, rec$device_ip,
+	    rec$device_port, rec$remote_ip, rec$remote_port, rec$proto,
+	    rec$start, rec$total_packets, rec$total_bytes, rec$sizes,
+	    rec$directions);
 	}

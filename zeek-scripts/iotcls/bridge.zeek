@@ -46,11 +46,18 @@ function node_name(): string
 # Publishes one finished flow record, unless a flow_policy handler keeps it back.
 function publish_flow(rec: FlowRecord)
 	{
-	if ( ! hook flow_policy(rec) )
+	if ( ! hook flow_policy(rec, F) )
 		return;
 
 	Cluster::publish(records_topic, IoTClass::flow, rec);
 	++records_sent;
+	}
+
+# Publishes the early record of a window (not counted: the drain counts final records).
+function publish_early(rec: FlowRecord)
+	{
+	if ( hook flow_policy(rec, T) )
+		Cluster::publish(records_topic, IoTClass::early_flow, rec);
 	}
 
 function listen(): bool

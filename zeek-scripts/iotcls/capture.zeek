@@ -67,6 +67,10 @@ export {
 		## ::): its packets may come from several devices (DHCP discovers, IPv6 duplicate
 		## address detection), each with a window of its own, by source MAC.
 		mac_split: bool &default=F;
+		## The window's early record is out, or will not be due (iotcls.schema).
+		early_sent: bool &default=F;
+		## Identifies the window among those waiting for their early record.
+		wid: count &default=0;
 	};
 }
 
@@ -95,6 +99,16 @@ global window_end: event(key: string, start: time);
 
 # [uid, MAC] -> the windows of a mac_split connection, one per source MAC.
 global split: table[string, string] of State;
+
+# Windows whose early record is not out yet, by wid: the sweep publishes those idle for
+# early_idle (a window that goes on gets it at its next packet).
+global early_pending: table[count] of State;
+
+# The last wid given out.
+global last_wid = 0;
+
+# Every early_idle: publish the early records that are due.
+global early_sweep: event();
 
 # DHCPv4 ports (base/protocols/dhcp's DHCP::ports, which a bare Zeek does not load).
 const dhcp_ports: set[port] = {
@@ -185,11 +199,52 @@ function make_record(s: State, dev_is_orig: bool, proto: count): FlowRecord
 	    $payloads=s$payloads, $uid=s$uid, $device_is_orig=dev_is_orig);
 	}
 
+# A new window of s waits for its early record.
+function await_early(s: State)
+	{
+	s$early_sent = ! early_records;
+	if ( s$early_sent )
+		return;
+
+	s$wid = ++last_wid;
+	early_pending[s$wid] = s;
+	}
+
+# Whether the window's early record is due before a packet at t is counted (t: 0 for the
+# window's end): its first packets are in, or it has been idle for early_idle, which must
+# have ended before the window did (iotcls.schema.early_cut).
+function early_due(s: State, t: time): bool
+	{
+	if ( s$early_sent || s$done || s$pkts == 0 )
+		return F;
+	if ( |s$sizes| >= packets )
+		return T;
+	if ( s$last + early_idle >= s$start + window_length )
+		return F;
+	return t == 0 || t - s$last >= early_idle;
+	}
+
+# Publishes the window's early record: the window as it stands.
+function emit_early(s: State)
+	{
+	s$early_sent = T;
+	delete early_pending[s$wid];
+	if ( s$orig_dev )
+		publish_early(make_record(s, T, s$proto));
+	if ( s$resp_dev )
+		publish_early(make_record(s, F, s$proto));
+	}
+
 # Publishes the window (one record per device side); it must not be published again.
 function emit(s: State)
 	{
 	if ( s$done || s$pkts == 0 )
 		return;
+
+	if ( early_due(s, 0) )
+		emit_early(s);
+	s$early_sent = T;
+	delete early_pending[s$wid];
 
 	if ( s$orig_dev )
 		publish_flow(make_record(s, T, s$proto));
@@ -232,6 +287,7 @@ function roll(c: connection, s: State, t: time)
 	s$from_orig = vector();
 	s$payloads = vector();
 	s$pay_slot = -1;
+	await_early(s);
 	}
 
 # The window of the device that sent the current packet (an originator of a mac_split
@@ -249,6 +305,7 @@ function by_mac(c: connection, s: State, t: time): State
 	    $orig_mac=l2$src, $resp_mac=s$resp_mac, $id=c$id, $uid=c$uid,
 	    $proto=s$proto, $start=t, $last=t, $mac_split=T);
 	split[c$uid, l2$src] = n;
+	await_early(n);
 	return n;
 	}
 
@@ -288,8 +345,21 @@ event window_end(key: string, start: time)
 		}
 	}
 
+event early_sweep()
+	{
+	local due: vector of State = vector();
+	for ( wid, s in early_pending )
+		if ( early_due(s, network_time()) )
+			due += s;
+	for ( i in due )
+		emit_early(due[i]);
+	schedule early_idle { early_sweep() };
+	}
+
 event zeek_init()
 	{
+	if ( capture_node() && early_records )
+		schedule early_idle { early_sweep() };
 	if ( capture_node() )
 		Reporter::info("iotcls: capture in script land (per-packet events; up to 3x Zeek's CPU on a busy link): build the native plugin to avoid it (docs/zeek.md)");
 	}
@@ -323,6 +393,7 @@ event new_connection(c: connection) &priority=5
 	c$iotcls = State($orig_dev=om, $resp_dev=rm, $orig_mac=device_mac(c$orig),
 	    $resp_mac=device_mac(c$resp), $id=c$id, $uid=c$uid, $proto=ip_proto(
 	    c$id), $start=c$start_time, $last=c$start_time);
+	await_early(c$iotcls);
 	tracked[c$uid] = c;
 	if ( |device_macs| > 0
 	    && c$orig?$l2_addr
@@ -362,6 +433,9 @@ event new_packet(c: connection, p: pkt_hdr)
 		s = by_mac(c, s, t);
 		c$iotcls = s;
 		}
+
+	if ( early_due(s, t) )
+		emit_early(s);
 
 	if ( t >= s$start + window_length )
 		roll(c, s, t);

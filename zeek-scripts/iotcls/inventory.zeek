@@ -144,7 +144,8 @@ event zeek_init() &priority=5
 	    $path="iot_devices", $policy=log_policy_devices]);
 	}
 
-event IoTClass::label(l: Label) &priority=-5
+# Whatever a label says about its device: the device's state, its notices and its lines.
+function note_label(l: Label)
 	{
 	local key = l$device_mac != "" ? l$device_mac : cat(l$device_ip);
 	local t = double_to_time(l$ts);
@@ -214,6 +215,18 @@ event IoTClass::label(l: Label) &priority=-5
 
 	if ( s$logged_day != "" && s$logged_day != day )
 		log_device(key, s, "daily", "");
+	}
+
+event IoTClass::label(l: Label) &priority=-5
+	{
+	note_label(l);
+	}
+
+# An early label counts for the device as a final one does: a device's first label and a
+# change of its trusted type are known as soon as they are decided.
+event IoTClass::early_label(l: Label) &priority=-5
+	{
+	note_label(l);
 	}
 
 # Every device labelled gets a line, also one that never settled before the end.

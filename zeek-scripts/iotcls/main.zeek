@@ -54,6 +54,17 @@ export {
 	## :zeek:see:`IoTClass::payload_bytes` is 0: then no payload is kept.
 	option dhcp_payload_bytes: count = 548;
 
+	## Publish each window's early record too (iotcls.schema.early_record): the window as
+	## it stands when its first :zeek:see:`IoTClass::packets` packets are in, or after
+	## :zeek:see:`IoTClass::early_idle` without a packet, so that a new device is labelled
+	## within a second or two instead of at its first window's end. Its label goes to
+	## iot_devices.log and the notices, not to iot_class.log (one line per final record).
+	option early_records: bool = T;
+
+	## How long a window waits without a packet before its early record is published (the
+	## schema's ``EARLY_IDLE_S``).
+	option early_idle: interval = 500msec;
+
 	## Topic the flow records (and :zeek:see:`IoTClass::welcome`,
 	## :zeek:see:`IoTClass::drain`) are published on; the bridge subscribes to it.
 	const records_topic = "zeek/iotcls/flows" &redef;
@@ -190,12 +201,17 @@ export {
 		model: string &log;
 	};
 
-	## Decides whether a finished flow record is published to the bridge; a handler that
-	## breaks keeps it back (for example, devices the operator does not want classified).
-	global flow_policy: hook(rec: FlowRecord);
+	## Decides whether a flow record is published to the bridge (*early*: the early record
+	## of a window, else its final record); a handler that breaks keeps it back (for
+	## example, devices the operator does not want classified).
+	global flow_policy: hook(rec: FlowRecord, early: bool);
 
 	## Zeek to bridge: one ended window of one device endpoint.
 	global flow: event(rec: FlowRecord);
+
+	## Zeek to bridge: the early record of a window (a prefix of its final record, which
+	## follows on :zeek:see:`IoTClass::flow`).
+	global early_flow: event(rec: FlowRecord);
 
 	## Zeek to bridge, in reply to :zeek:see:`IoTClass::hello`: the capture settings.
 	global welcome: event(schema_version: count, node: string,
@@ -212,6 +228,10 @@ export {
 
 	## Bridge to Zeek: a label, written to iot_class.log.
 	global label: event(l: Label);
+
+	## Bridge to Zeek: the label of an early record: for the device log and the notices,
+	## not for iot_class.log.
+	global early_label: event(l: Label);
 
 	## Bridge to Zeek: all *records* records received so far are scored and *labels*
 	## label events were sent before this event.
