@@ -34,6 +34,7 @@ class TrainConfig:
     lr: float = 2e-3
     weight_decay: float = 1e-4
     history_dropout: float = 0.3  # share of training matrices whose history is cut short
+    early_share: float = 0.3  # share whose current flow is cut to its first packets (early)
     flow_loss: float = 0.5  # weight of a second loss on the current flow alone (row 0)
     class_weight_power: float = 0.5  # loss weight of a class ~ count ** -power
     max_per_capture: int = 0  # cap on matrices per capture file (0: all)
@@ -133,6 +134,43 @@ def cut_history(x: torch.Tensor, share: float, gen: torch.Generator) -> torch.Te
     keep = torch.where(cut, keep, torch.full_like(keep, r))
     mask = torch.arange(r)[None, :] < keep[:, None]
     return x * mask[:, :, None].to(x.dtype)
+
+
+def cut_packets(x: torch.Tensor, share: float, layout: MatrixLayout,
+                gen: torch.Generator) -> torch.Tensor:  # fmt: skip
+    """For ``share`` of the matrices, the current flow (row 0) as it stood after a random
+    number of its recorded packets (1 .. all): the later packet slots empty, the totals those
+    of the packets kept.
+
+    Live sensors publish such early records (:func:`iotcls.schema.early_record`) a moment
+    into a window, so that a device is labelled within seconds; trained on them too, the
+    model labels them as well as their evidence allows. Layouts with a payload stream keep
+    their matrices as they are (the stream has no per-packet slots to cut).
+    """
+    if share <= 0 or layout.payload_mode == "stream":
+        return x
+    g, p = layout.group_slices(), layout.packets
+    row = x[:, 0]
+    present = row[:, g["directions"]] != 0
+    n = present.sum(dim=1)
+    cut = (torch.rand(len(x), generator=gen) < share) & (n > 0)
+    if not bool(cut.any()):
+        return x
+    k = (torch.rand(len(x), generator=gen) * n).floor().long() + 1  # 1 .. n
+    k = torch.where(cut, k, torch.full_like(k, p))
+    keep = (torch.arange(p)[None, :] < k[:, None]).to(x.dtype)
+    x = x.clone()
+    row = x[:, 0]
+    for name in ("timing", "sizes", "directions"):
+        row[:, g[name]] *= keep
+    if layout.payload_mode == "packet" and layout.payload_bytes:
+        b = layout.payload_bytes
+        pay = row[:, g["payload"]].reshape(len(x), p, b) * keep[:, :, None]
+        row[:, g["payload"]] = pay.reshape(len(x), p * b)
+    nbytes = (row[:, g["sizes"]] * 1500.0).sum(dim=1)
+    row[:, 11] = torch.where(cut, torch.log1p(nbytes) / math.log1p(1e7), row[:, 11])
+    row[:, 12] = torch.where(cut, torch.log1p(k.to(x.dtype)) / math.log1p(1e5), row[:, 12])
+    return x
 
 
 def _logits(model: IoTCNN, x: np.ndarray, batch: int = 4096) -> np.ndarray:
@@ -246,6 +284,7 @@ def train(
         for step in bar:
             idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
             xb = cut_history(x_tr[idx], cfg.history_dropout, gen)
+            xb = cut_packets(xb, cfg.early_share, layout, gen)
             loss = F.cross_entropy(model(xb), y_tr[idx], weight=weight)
             if cfg.flow_loss > 0:  # the per-flow strategy's input: one row, a sixth the cost
                 flow = F.cross_entropy(model(xb[:, :1]), y_tr[idx], weight=weight)

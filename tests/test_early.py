@@ -93,3 +93,31 @@ def test_time_to_label_on_the_sample(sample, tmp_path):
         at["final"]["accuracy"] >= 0.875  # fmt: skip
     png = time_to_label_png(early, late, tmp_path / "t.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_training_cuts_flows_as_early_records_are_cut(sample):
+    """train.cut_packets on a real record's row gives the row of its early record cut at the
+    same packet count (schema.early_record), totals included."""
+    import torch
+
+    from iotcls.flows import DeviceSelector, capture_flows
+    from iotcls.flowtable import FlowTable
+    from iotcls.layout import MatrixLayout
+    from iotcls.train import cut_packets
+
+    layout = MatrixLayout()
+    t = capture_flows(sample.pcap, DeviceSelector.from_lists(sample.macs)).table
+    recs = [r for r in t.records() if r.total_packets >= layout.packets]
+    full = FlowTable.from_records(recs, t.packets, t.payload_bytes)
+    x = torch.from_numpy(layout.encode_rows(full))[:, None, :]
+    torch.manual_seed(0)
+    cut = cut_packets(x, 1.0, layout, torch.Generator().manual_seed(3))[:, 0].numpy()
+    g = layout.group_slices()
+    ks = (cut[:, g["directions"]] != 0).sum(axis=1)
+    assert len(set(ks.tolist())) > 3  # random cut points
+    want = []
+    for r, k in zip(recs, ks.tolist()):
+        e = early_record(r, packets=k, idle_s=1e9)  # cut after k packets
+        want.append(e)
+    rows = layout.encode_rows(FlowTable.from_records(want, t.packets, t.payload_bytes))
+    np.testing.assert_allclose(cut, rows, atol=1e-5)
