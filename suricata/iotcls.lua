@@ -22,6 +22,10 @@
 --                     payload bytes kept of a DHCP packet (UDP, port 67 or 68) instead of
 --                     payload_bytes (548, the schema's DHCP_PAYLOAD_BYTES: a DHCP message's
 --                     options start at byte 240); none when payload_bytes is 0
+--   early_records     yes/no: also send each window's early record (iotcls/schema.py
+--                     early_record: at its N-th packet or after early_idle_s idle), flagged
+--                     "early": true; the final record follows as before
+--   early_idle_s      idle time before a window's early record (0.5, the schema's EARLY_IDLE_S)
 --   reorder_s         how far (seconds of traffic time) Suricata's worker threads may hand
 --                     packets over out of time order (2); see docs/suricata.md
 --
@@ -64,6 +68,8 @@ local cfg = {
     dhcp_payload_bytes = "548",
     link_header_bytes = "14",
     reorder_s = "2",
+    early_records = "no",
+    early_idle_s = "0.5",
 }
 
 local function script_dir()
@@ -396,13 +402,24 @@ local fifo, head, tail = {}, 1, 0 -- open windows in start order
 local flows = {} -- Suricata flow id -> { ts packets, ts bytes, tc packets, tc bytes, sides, last }
 local nflows = 0
 local last_purge = 0
-local stats = { packets = 0, pseudo = 0, no_flow = 0, records = 0, unsized = 0 }
+local stats = { packets = 0, pseudo = 0, no_flow = 0, records = 0, early = 0, unsized = 0 }
 
 local function json_str(s) return '"' .. s .. '"' end -- addresses and hex only: nothing to escape
 
-local function emit(w)
-    w.done = true
-    if windows[w.key] == w then windows[w.key] = nil end
+local early_pending = {} -- open windows whose early record is not out yet
+local last_early_sweep = 0
+
+-- whether the window's early record is due before a packet at `now` is counted (now: nil at
+-- the window's end): its first packets are in, or it has been idle for early_idle_s, which
+-- must have ended before the window did (iotcls.schema.early_cut)
+local function early_due(w, now)
+    if w.early_sent or w.done or w.pkts == 0 then return false end
+    if #w.offs >= NPKT then return true end
+    if w.last + IDLE_US >= w.start + W_US then return false end
+    return now == nil or now - w.last >= IDLE_US
+end
+
+local function send(w, early)
     local n = #w.offs
     local pays = {}
     for i = 1, n do pays[i] = json_str(w.pays[i]) end
@@ -418,9 +435,41 @@ local function emit(w)
         ',"sizes":[', table.concat(w.sizes, ","), ']',
         ',"directions":[', table.concat(w.dirs, ","), ']',
         ',"payloads":[', table.concat(pays, ","), ']',
-        ',"device_is_orig":', w.dev_orig and "true" or "false", '}' })
-    stats.records = stats.records + 1
+        ',"device_is_orig":', w.dev_orig and "true" or "false",
+        early and ',"early":true}' or '}' })
+    if early then
+        stats.early = stats.early + 1
+    else
+        stats.records = stats.records + 1
+    end
     sender:add(msg)
+end
+
+-- the window's early record: the window as it stands
+local function emit_early(w)
+    w.early_sent = true
+    early_pending[w] = nil
+    send(w, true)
+end
+
+local function emit(w)
+    if early_due(w, nil) then emit_early(w) end
+    w.early_sent = true
+    early_pending[w] = nil
+    w.done = true
+    if windows[w.key] == w then windows[w.key] = nil end
+    send(w, false)
+end
+
+-- every early_idle_s of traffic time: the early records of windows idle that long
+local function early_sweep(now)
+    if not EARLY or now - last_early_sweep < IDLE_US then return end
+    last_early_sweep = now
+    local due = {}
+    for w in pairs(early_pending) do
+        if early_due(w, now) then due[#due + 1] = w end
+    end
+    for _, w in ipairs(due) do emit_early(w) end
 end
 
 -- emit every window whose time is over (start order: the oldest are at the head)
@@ -514,6 +563,7 @@ end
 -- `to_remote`: the packet goes from the device to the remote side
 local function add_packet(f, side, proto, now, size, to_remote)
     local w = windows[side.key]
+    if w ~= nil and early_due(w, now) then emit_early(w) end
     if w ~= nil and now >= w.start + W_US then
         emit(w)
         w = nil
@@ -522,7 +572,8 @@ local function add_packet(f, side, proto, now, size, to_remote)
         w = { key = side.key, dev_ip = side.dev_ip, dev_port = side.dev_port,
             rem_ip = side.rem_ip, rem_port = side.rem_port, proto = proto,
             dev_orig = side.dev_orig, flow_id = f.id, start = now, last = now, bytes = 0,
-            pkts = 0, offs = {}, sizes = {}, dirs = {}, pays = {} }
+            pkts = 0, offs = {}, sizes = {}, dirs = {}, pays = {}, early_sent = not EARLY }
+        if EARLY then early_pending[w] = true end
         windows[side.key] = w
         tail = tail + 1
         fifo[tail] = w
@@ -562,6 +613,8 @@ function setup(args)
     LINK = number("link_header_bytes", 0)
     MIN_FRAME = LINK + 46
     SLACK_US = number("reorder_s", 0) * 1e6
+    IDLE_US = number("early_idle_s", 0) * 1e6
+    EARLY = cfg.early_records == "yes" or cfg.early_records == "true" or cfg.early_records == "1"
     selector = new_selector(cfg.local_nets, cfg.devices)
     if #selector.nets == 0 then
         api.log_warning("iotcls: no local_nets or devices configured: no endpoint is a device, " ..
@@ -615,6 +668,7 @@ local function handle_packet()
     -- windows end by time; worker threads hand packets over slightly out of time order, so
     -- a window is sent only reorder_s after its end (its own key's next packet ends it at once)
     sweep(now - SLACK_US)
+    early_sweep(now - SLACK_US)
     if f.unsized then -- first seen after its counters were forgotten
         f.unsized = false
         stats.unsized = stats.unsized + 1
@@ -666,8 +720,8 @@ function deinit(args)
         sender:drop(sender.qtail - sender.qhead + 1, "the bridge took nothing for 5 s")
     end
     api.log_info(string.format("iotcls: %d packets, %d records sent, %d dropped (bridge not " ..
-        "taking them), %d datagrams, %d pseudo-packets ignored, %d packets without a flow",
-        stats.packets, sender.sent, sender.dropped, sender.datagrams, stats.pseudo,
-        stats.no_flow))
+        "taking them), %d datagrams, %d pseudo-packets ignored, %d packets without a flow, " ..
+        "%d of the records sent early", stats.packets, sender.sent, sender.dropped,
+        sender.datagrams, stats.pseudo, stats.no_flow, stats.early))
     sender:close()
 end
