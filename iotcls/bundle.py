@@ -13,6 +13,12 @@ anything when loaded. The dict holds
 * ``metadata``: training facts (JSON-safe: data, split capture ids, figures, date);
 * ``trust``: an optional dict of tensors and plain values for the trust layer (issue 4);
 * ``sha256``: a hash over all of the above, so that a damaged or edited file is noticed.
+
+A matching hash says the file is what its writer wrote, not that the writer was this program:
+:meth:`ModelBundle.from_payload` validates the whole bundle once, at load (weights against the
+configuration and the classes, the layout against what the sensor can build, the trust state's
+structure, ranges and classes against the model's), so every caller (classify, serve, the
+scorers) gets one :class:`BundleError` with a one-line message, or a bundle that works.
 """
 
 from __future__ import annotations
@@ -40,7 +46,12 @@ DEFAULT_MODEL = "default-model.pt"
 
 
 class BundleError(ValueError):
-    """A model file that cannot be used; the message names the file and the reason."""
+    """A model file that cannot be used; the message names the file and the reason, on one
+    line whatever the file held (a value's repr may span lines: it is folded and cut)."""
+
+    def __init__(self, message: str):
+        line = " ".join(str(message).split())
+        super().__init__(line if len(line) <= 500 else line[:497] + "...")
 
 
 def default_model_path() -> Path:
@@ -150,9 +161,9 @@ class ModelBundle:
 
     @classmethod
     def from_payload(cls, payload, source: str = "model") -> "ModelBundle":
-        if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        if not isinstance(payload, dict) or not _is(payload.get("format"), str, FORMAT):
             raise BundleError(f"{source}: not an iotcls model bundle")
-        if payload.get("format_version") != FORMAT_VERSION:
+        if not _is(payload.get("format_version"), int, FORMAT_VERSION):
             raise BundleError(
                 f"{source}: bundle format version {payload.get('format_version')!r} is not "
                 f"supported (this is {FORMAT_VERSION})"
@@ -161,32 +172,120 @@ class ModelBundle:
                    "sha256"} - set(payload)  # fmt: skip
         if missing:
             raise BundleError(f"{source}: bundle lacks {sorted(missing)}")
-        if payload["sha256"] != content_hash(payload):
+        if not isinstance(payload["sha256"], str):
+            raise BundleError(f"{source}: invalid bundle: sha256 is not a string")
+        try:
+            intact = payload["sha256"] == content_hash(payload)
+        except (TypeError, ValueError, RecursionError) as e:
+            raise BundleError(f"{source}: invalid bundle: its content cannot be hashed "
+                              f"({type(e).__name__})") from None  # fmt: skip
+        if not intact:
             raise BundleError(f"{source}: content hash mismatch: the file is damaged or was edited")
         try:
-            layout = MatrixLayout.from_dict(payload["layout"])
+            layout = _layout(payload["layout"])
             cfg = ModelConfig.from_dict(payload["config"])
-            classes = [str(c) for c in payload["classes"]]
-            if len(classes) != cfg.n_classes:
-                raise ValueError(f"{len(classes)} class names for {cfg.n_classes} outputs")
+            classes = _classes(payload["classes"], cfg.n_classes)
             if cfg.width != layout.width or cfg.history != layout.history:
                 raise ValueError("model config does not match the bundle's layout")
             temperature = float(payload["temperature"])
             if not (math.isfinite(temperature) and temperature > 0):
                 raise ValueError(f"temperature {temperature!r} is not a positive number")
-            model = IoTCNN(cfg)
-            model.load_state_dict(payload["state_dict"], strict=True)
-        except (LayoutError, ValueError, TypeError, RuntimeError, KeyError) as e:
+            metadata = _metadata(payload["metadata"])
+            model = _model(cfg, payload["state_dict"])
+            trust = _trust(payload.get("trust"), classes, layout)
+        except (LayoutError, ValueError, TypeError, RuntimeError, KeyError, AttributeError,
+                OverflowError, IndexError) as e:  # fmt: skip
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise BundleError(f"{source}: invalid bundle: {msg}") from None
+            raise BundleError(f"{source}: invalid bundle: {msg[:300]}") from None
         model.eval()
         return cls(
             model=model,
             layout=layout,
             classes=classes,
             temperature=temperature,
-            metadata=dict(payload["metadata"]),
-            trust=payload.get("trust"),
+            metadata=metadata,
+            trust=trust,
             sha256=payload["sha256"],
             source=source,
         )
+
+
+# --------------------------------------------------------------------------------------------
+# validation at load: each raises ValueError (or TypeError) with what is wrong
+
+
+def _is(value, kind: type, expected) -> bool:
+    """``value == expected`` for a value of ``kind`` only: a tensor or a list in a header
+    field must be "not this", not an ambiguous comparison."""
+    return isinstance(value, kind) and not isinstance(value, bool) and value == expected
+
+
+def _layout(d) -> MatrixLayout:
+    """The layout, which the sensor must be able to build records for (its window)."""
+    from .flows import check_window
+
+    if not isinstance(d, dict):
+        raise ValueError("layout is not a mapping")
+    layout = MatrixLayout.from_dict(d)
+    check_window(layout.window_s)
+    return layout
+
+
+def _classes(names, n_outputs: int) -> list[str]:
+    if not isinstance(names, (list, tuple)) or not all(isinstance(c, str) for c in names):
+        raise ValueError("classes must be a list of names")
+    if len(names) != n_outputs:
+        raise ValueError(f"{len(names)} class names for {n_outputs} outputs")
+    if len(set(names)) != len(names) or "" in names:
+        raise ValueError("class names must be distinct and not empty")
+    return list(names)
+
+
+def _metadata(d) -> dict:
+    """The metadata, with the one entry that steers labelling (the confidence threshold)
+    checked: every other entry only describes the training."""
+    if not isinstance(d, dict):
+        raise ValueError("metadata is not a mapping")
+    thr = d.get("confidence_threshold")
+    if thr is not None and (isinstance(thr, bool) or not isinstance(thr, (int, float))
+                            or not 0 <= thr <= 1):  # fmt: skip
+        raise ValueError(f"metadata: confidence_threshold {thr!r} is not a number in [0, 1]")
+    return dict(d)
+
+
+def _model(cfg: ModelConfig, state) -> IoTCNN:
+    """The CNN with the file's weights. Built on the meta device first and compared with the
+    weights' names, shapes and dtypes, so that a configuration asking for huge layers costs
+    nothing; weights that hold NaN or infinity would label everything at random."""
+    if not isinstance(state, dict):
+        raise ValueError("state_dict is not a mapping")
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # zero-sized layers: refused below
+        model = IoTCNN(cfg)
+    want = model.state_dict()
+    if set(state) != set(want):
+        odd = sorted(set(state) ^ set(want), key=str)[:3]
+        raise ValueError(f"weights do not match the model config (e.g. {', '.join(map(str, odd))})")
+    for k, w in want.items():
+        v = state[k]
+        if not isinstance(v, torch.Tensor) or v.shape != w.shape or v.dtype != w.dtype:
+            raise ValueError(f"weights {k}: expected {w.dtype} {tuple(w.shape)}")
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise ValueError(f"weights {k} hold NaN or infinity")
+    model = model.to_empty(device="cpu")
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def _trust(d, classes: list[str], layout: MatrixLayout) -> dict | None:
+    """The trust section, parsed once to prove it usable with this model: its structure and
+    ranges (:meth:`TrustState.from_dict`), its classes equal to the model's and its groups
+    to the layout's Shapley players. Kept as the dict it is, which the callers parse."""
+    from .trust.decision import TrustState
+    from .trust.shapley import feature_groups
+
+    if d is None:
+        return None
+    state = TrustState.from_dict(d)  # TrustError is a ValueError
+    state.check_for(classes, feature_groups(layout, state.history)[0])
+    return d

@@ -195,9 +195,17 @@ def sensor_options(
     payload_bytes: int | None,
 ) -> tuple[MatrixLayout, float, int, int]:  # fmt: skip
     """The layout with the sensor options applied, and the (window, packets, payload bytes)
-    the records need for it. Explicit options override the layout's own values."""
+    the records need for it. Explicit options override the layout's own values. A window the
+    flow builder cannot carry (beyond :data:`~iotcls.flows.MAX_WINDOW_S`, infinite) is a
+    LayoutError here, before any capture is read, whether it came from an option or a layout."""
     import dataclasses
 
+    from .flows import check_window
+
+    try:
+        check_window(layout.window_s if window_s is None else window_s)
+    except ValueError as e:
+        raise LayoutError(f"layout: {e}") from None
     changes = {}
     if window_s is not None and window_s != layout.window_s:
         changes["window_s"] = float(window_s)

@@ -24,7 +24,14 @@ The record is defined in :mod:`iotcls.schema`; this module builds it from
    ``device_is_orig`` says whether the device sent the connection's first packet.
 
 Time is kept as integer nanoseconds inside, so the 60 s boundary is exact for usec and nsec
-captures; records carry float seconds as the schema says.
+captures; records carry float seconds as the schema says. Packet times lie in
+[0, :data:`~iotcls.pcap.TS_LIMIT_NS`) (the reader skips others) and a window is at most
+:data:`MAX_WINDOW_S`, so every time plus a window, every difference of two times and every
+packed search key of :func:`_window_heads` stays inside int64.
+
+A capture costs only itself: :func:`capture_flows` turns whatever goes wrong with one file
+into that file's ``error`` (naming the file and the byte it was read up to), so that a command
+over many captures keeps every other capture's records.
 """
 
 from __future__ import annotations
@@ -38,8 +45,8 @@ import numpy as np
 
 from .dhcp import is_dhcp, put_views
 from .flowtable import FlowTable
-from .pcap import DEFAULT_CHUNK_BYTES, CaptureReader, PacketBatch, ReadStats, int_to_mac
-from .pcap import mac_to_int
+from .pcap import DEFAULT_CHUNK_BYTES, TS_LIMIT_NS, CaptureReader, PacketBatch, ReadStats
+from .pcap import int_to_mac, mac_to_int
 from .schema import DEFAULT_PACKETS, DEFAULT_PAYLOAD_BYTES, DEFAULT_WINDOW_S, DHCP_PAYLOAD_BYTES
 from .schema import PROTO_TCP
 
@@ -48,6 +55,7 @@ TCP_TIMEOUT_NS = 300 * NS  # Zeek's tcp_inactivity_timeout
 OTHER_TIMEOUT_NS = 60 * NS  # udp/icmp inactivity timeouts
 _U64 = np.uint64
 _NEVER = -(1 << 62)  # a time before any packet
+MAX_WINDOW_S = (1 << 61) / NS  # about 73 years: see the module docstring
 _MAC48 = (1 << 48) - 1
 _MASK64 = (1 << 64) - 1
 _BASE62 = np.frombuffer(
@@ -296,6 +304,13 @@ class BuilderStats:
     records: int = 0
 
 
+def check_window(window_s: float) -> None:
+    """ValueError unless ``0 < window_s <= MAX_WINDOW_S`` (NaN and infinity included)."""
+    if not 0 < window_s <= MAX_WINDOW_S:
+        raise ValueError(f"window must be positive and at most {MAX_WINDOW_S:.0f} s, "
+                         f"not {window_s!r}")  # fmt: skip
+
+
 class FlowBuilder:
     """Feed :class:`PacketBatch` chunks in file order; get closed records back.
 
@@ -310,8 +325,7 @@ class FlowBuilder:
         packets: int = DEFAULT_PACKETS,
         payload_bytes: int = DEFAULT_PAYLOAD_BYTES,
     ):
-        if not window_s > 0:
-            raise ValueError(f"window must be positive, not {window_s!r}")
+        check_window(window_s)
         if packets < 1 or payload_bytes < 0:
             raise ValueError("packets must be at least 1 and payload bytes not negative")
         self.selector = selector
@@ -354,9 +368,15 @@ class FlowBuilder:
         return out
 
     def add(self, b: PacketBatch, last: bool = False) -> FlowTable:
-        """Records closed by this batch; ``last=True`` also closes the rest (as ``finish``)."""
+        """Records closed by this batch; ``last=True`` also closes the rest (as ``finish``).
+        Packet times outside [0, TS_LIMIT_NS) are refused (ValueError): the reader never
+        gives them, and the window arithmetic relies on it."""
         if len(b):
-            self._tmax = max(self._tmax, int(b.ts_ns.max()))
+            lo, hi = int(b.ts_ns.min()), int(b.ts_ns.max())
+            if lo < 0 or hi >= TS_LIMIT_NS:
+                raise ValueError(f"flow builder: packet time {lo if lo < 0 else hi} ns is "
+                                 f"outside [0, {TS_LIMIT_NS})")  # fmt: skip
+            self._tmax = max(self._tmax, hi)
         return self._step(b, final=last)
 
     def finish(self) -> FlowTable:
@@ -761,14 +781,27 @@ def capture_flows(
         for batch, last in _with_last(reader.batches()):
             tables.append(builder.add(batch, last))
             done = last
+        if not done:
+            tables.append(builder.finish())
     except PcapError as e:
         error = str(e)
-    if not done:
-        tables.append(builder.finish())
+    except Exception as e:  # noqa: BLE001 - a bad capture must cost only itself
+        error = read_failure(reader, e)
+        builder = FlowBuilder(selector, window_s, packets, payload_bytes)  # nothing of it kept
+        tables = []
     t = FlowTable.concat(tables, packets, payload_bytes)
     if len(t) > 1 and (np.diff(t.start) < 0).any():
         t = t.take(np.argsort(t.start, kind="stable"))
     return CaptureFlows(t, reader.stats, builder.stats, builder.device_first_seen, error)
+
+
+def read_failure(reader: CaptureReader, e: BaseException) -> str:
+    """The one-line ``error`` of a capture whose reading failed in a way the reader did not
+    foresee: the file, the chunk's offset and the exception, so that the capture is skipped
+    and reported while the others go on (a sensor's input is hostile by definition)."""
+    what = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+    return (f"{reader.path}: byte {reader.position}: cannot read this capture "
+            f"({type(e).__name__}{': ' + what if what else ''}); skipped")
 
 
 def capture_flows_many(
@@ -791,20 +824,28 @@ def capture_flows_many(
     for i, path in enumerate(paths):
         reader = CaptureReader(path, max(DEFAULT_CHUNK_BYTES, 1 << 30))
         readers.append(reader)
+        mine: list[PacketBatch] = []
         try:
-            for b in reader.batches():
-                batches.append(b)
-                caps.append(i)
+            mine = list(reader.batches())
             errors.append("")
         except PcapError as e:
             errors.append(str(e))
+        except Exception as e:  # noqa: BLE001 - a bad capture must cost only itself
+            errors.append(read_failure(reader, e))
+            mine = []
+        batches += mine
+        caps += [i] * len(mine)
     sel = CaptureSelectors(tuple(selectors), next(iter(nets)) if nets else ())
     builder = FlowBuilder(sel, window_s, packets, payload_bytes)
-    if batches:
-        table = builder.add(PacketBatch.merge(batches, caps), last=True)
-        tcaps = builder.emitted_caps
-    else:
-        table, tcaps = FlowTable.empty(packets, payload_bytes), np.zeros(0, np.int64)
+    try:
+        if batches:
+            table = builder.add(PacketBatch.merge(batches, caps), last=True)
+            tcaps = builder.emitted_caps
+        else:
+            table, tcaps = FlowTable.empty(packets, payload_bytes), np.zeros(0, np.int64)
+    except Exception:  # noqa: BLE001 - one capture's packets broke the shared pass
+        return [capture_flows(p, s, window_s, packets, payload_bytes)
+                for p, s in zip(paths, selectors)]  # fmt: skip
     order = np.lexsort((table.start, tcaps))  # by capture, then start (stable)
     table, tcaps = table.take(order), tcaps[order]
     bounds = np.searchsorted(tcaps, np.arange(len(paths) + 1))

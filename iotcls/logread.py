@@ -23,6 +23,7 @@ from .logschema import FIELDS
 ZEEK_TYPES = dict(FIELDS)
 # What a report cannot do without; the other columns are read when present.
 REQUIRED = ("ts", "device_ip", "label", "confidence", "trusted")
+MAX_TIME = 253402300800.0  # 10000-01-01 UTC: Python's dates end before it
 
 
 class LogReadError(ValueError):
@@ -86,17 +87,21 @@ def _typed(v: Any, ztype: str) -> Any:
 
 
 def _time(v: Any) -> float:
+    """Epoch seconds in [0, :data:`MAX_TIME`): what a date can be written for. A time outside
+    (1e300, a negative one) is an error here, with its file and line, rather than a crash
+    wherever a report or a SIEM export formats it."""
     if isinstance(v, str) and not re.fullmatch(r"[0-9.]+", v):
         # LogAscii::json_timestamps = JSON::TS_ISO8601 (Security Onion's setting).
         try:
-            return datetime.fromisoformat(v.replace("Z", "+00:00")).timestamp()
-        except ValueError:
+            t = datetime.fromisoformat(v.replace("Z", "+00:00")).timestamp()
+        except (ValueError, OverflowError, OSError):
             raise ValueError(f"not a time: {v!r}") from None
-    if isinstance(v, bool):
+    elif isinstance(v, bool):
         raise ValueError(f"not a time: {v!r}")
-    t = float(v)
-    if not math.isfinite(t):
-        raise ValueError(f"not a time: {v!r}")
+    else:
+        t = float(v)
+    if not 0 <= t < MAX_TIME:  # NaN included
+        raise ValueError(f"time {v!r} is outside 1970 to 9999")
     return t
 
 
@@ -206,7 +211,7 @@ def _ascii_row(p: Path, lineno: int, s: str, h: _AsciiHeader) -> LogRow:
         ztype = ZEEK_TYPES.get(name) or (h.types[i] if h.types else "string")
         try:
             values[name] = _parse_ascii(raw, ztype, h)
-        except ValueError as e:
+        except (ValueError, OverflowError) as e:
             raise LogReadError(f"{p}:{lineno}: {name}: {e}") from None
     _check_required(p, lineno, values)
     return LogRow(str(p), lineno, values)
@@ -227,6 +232,8 @@ def _json_row(p: Path, lineno: int, s: str) -> LogRow:
         obj = json.loads(s)
     except json.JSONDecodeError as e:
         raise LogReadError(f"{p}:{lineno}: not valid JSON: {e.msg} at column {e.colno}") from None
+    except RecursionError:
+        raise LogReadError(f"{p}:{lineno}: not valid JSON: nested too deeply") from None
     if not isinstance(obj, dict):
         raise LogReadError(f"{p}:{lineno}: expected a JSON object, got {type(obj).__name__}")
     values: dict[str, Any] = {}
@@ -240,7 +247,7 @@ def _json_row(p: Path, lineno: int, s: str) -> LogRow:
             continue
         try:
             values[name] = _typed(v, ztype)
-        except (ValueError, TypeError) as e:
+        except (ValueError, TypeError, OverflowError) as e:
             raise LogReadError(f"{p}:{lineno}: {name}: {e}") from None
     _check_required(p, lineno, values)
     return LogRow(str(p), lineno, values)

@@ -16,6 +16,13 @@ type or a malformed packet produces a one-line warning naming the file and the b
 :class:`ReadStats`), and reading stops (corrupt framing) or skips the packet (malformed
 headers). Only a file that cannot be read at all raises :class:`PcapError`.
 
+Every number a file gives (lengths, interface ids, option lengths, resolutions, offsets, times)
+is checked against the block it sits in or the range the next step can carry before it is used:
+a packet time must fall in [0, :data:`TS_LIMIT_NS`) (1970 to 2116), which keeps every sum and
+difference of times and windows in the flow builder inside int64; a packet outside it (a flipped
+bit in a pcapng timestamp, an absurd ``if_tsoffset``) is skipped with a warning like any other
+malformed packet, since its framing is intact and the packets after it are good.
+
 Differences from Zeek, on purpose: IPv4/IPv6 fragments are not reassembled; a first fragment
 counts as a packet of its own size, later fragments (no transport header) are skipped and
 counted in :attr:`ReadStats.fragments`.
@@ -36,6 +43,10 @@ _PAD = 256  # zero bytes after a chunk so fixed-size gathers never leave the buf
 MAX_WARNINGS = 10  # per file; the rest are only counted
 MAX_RECORD = 1 << 18  # a record larger than this is corrupt framing (snaplen is at most 256 KiB)
 MAX_BLOCK = 16 << 20  # pcapng block
+MIN_READ = 64 << 10  # what one read asks for past the size the file had when opened
+TS_LIMIT_NS = 1 << 62  # packet times lie in [0, this): 2116-02-20; see the module docstring
+_NS = 1_000_000_000
+_MAX_SEC = TS_LIMIT_NS // _NS  # whole seconds below the limit
 
 LINKTYPE_NULL = 0
 LINKTYPE_ETHERNET = 1
@@ -245,18 +256,30 @@ def _walk_classic(b: bytearray, pos: int, size: int, big: bool) -> tuple[list[in
 @dataclass
 class _Iface:
     linktype: int
-    tsresol: int  # ticks per second as (base, exponent): 10**e or 2**e, encoded below
+    tsresol: int  # the if_tsresol exponent (0..127): 10**-e or, with ts_pow2, 2**-e seconds
     ts_pow2: bool
-    ts_offset: int  # seconds
+    ts_offset: int  # if_tsoffset seconds, any int64: range-checked per packet
 
 
 @dataclass
 class _Section:
+    """One section header's byte order and interface table. ``idb_at`` holds the file
+    offset of each interface block, so that a packet may only name the interfaces defined
+    before it, whatever the chunk boundaries (:meth:`known_ifaces`)."""
+
     big: bool
     ifaces: list[_Iface] = field(default_factory=list)
+    idb_at: list[int] = field(default_factory=list)
+
+    def known_ifaces(self, rec_at: np.ndarray) -> np.ndarray:
+        """Per packet block at file offsets ``rec_at``: how many interfaces precede it."""
+        return np.searchsorted(np.asarray(self.idb_at, np.int64), rec_at)
 
 
-def _parse_idb(b: bytearray, off: int, bl: int, big: bool) -> _Iface:
+def _parse_idb(b: bytearray, off: int, bl: int, big: bool) -> tuple[_Iface, str]:
+    """The interface of the block at ``off`` (length ``bl``, checked by the caller) and a
+    problem ("" when none). An option whose length runs past the block ends the options: the
+    link type before them is still good, so the interface is kept with the defaults."""
     e = ">" if big else "<"
     linktype = struct.unpack_from(e + "H", b, off + 8)[0]
     iface = _Iface(linktype, 6, False, 0)
@@ -265,13 +288,15 @@ def _parse_idb(b: bytearray, off: int, bl: int, big: bool) -> _Iface:
         code, length = struct.unpack_from(e + "HH", b, p)
         if code == 0:
             break
+        if p + 4 + length > end:
+            return iface, f"pcapng: interface option {code} of {length} bytes runs past its block"
         if code == 9 and length >= 1:
             v = b[p + 4]
             iface.ts_pow2, iface.tsresol = bool(v & 0x80), v & 0x7F
         elif code == 14 and length >= 8:
             iface.ts_offset = struct.unpack_from(e + "q", b, p + 4)[0]
         p += 4 + ((length + 3) & ~3)
-    return iface
+    return iface, ""
 
 
 # --------------------------------------------------------------------------------------------
@@ -291,6 +316,7 @@ class CaptureReader:
         self.stats = ReadStats(self.path)
         self.format = ""
         self.linktypes: set[int] = set()
+        self.position = 0  # file offset of the chunk being parsed: where a failure happened
 
     # -- framing -----------------------------------------------------------------------
     def batches(self) -> Iterator[PacketBatch]:
@@ -330,16 +356,19 @@ class CaptureReader:
     def _chunks(self, f, first_offset: int):
         """Yield (buffer, size, file offset of buffer[0], eof) with leftovers carried over.
 
-        The buffer is fresh for every chunk (batches keep theirs) and no larger than what is
-        left of the file, so small captures cost no big zero-filled allocation."""
+        The buffer is fresh for every chunk (batches keep theirs) and sized by what is left
+        of the file, never by the chunk alone: a header-only capture read with a 1 GiB chunk
+        (the many-small-captures path) must not allocate 1 GiB. Past the size the file had
+        when opened (it may still grow), reads ask for :data:`MIN_READ`; only a file of
+        unknown size (a pipe) reads whole chunks."""
         try:
-            remaining = max(os.fstat(f.fileno()).st_size - first_offset, 0)
+            remaining: int | None = max(os.fstat(f.fileno()).st_size - first_offset, 0)
         except (OSError, AttributeError, ValueError):
-            remaining = 0
+            remaining = None
         leftover = b""
         base = first_offset
         while True:
-            want = self.chunk_bytes if remaining <= 0 else min(self.chunk_bytes, remaining)
+            want = self._want(remaining, len(leftover))
             cap = len(leftover) + want
             arr = bytearray(cap + _PAD)
             arr[: len(leftover)] = leftover
@@ -349,14 +378,25 @@ class CaptureReader:
                 self.stats.truncated = True
                 self.stats.warn(base + len(leftover), f"read error: {e.strerror or e}")
                 n = 0
-            remaining -= n
+            if remaining is not None:
+                remaining -= n
             size = len(leftover) + n
-            eof = n < want or (remaining <= 0 and self._at_eof(f))
+            eof = n < want or (remaining is not None and remaining <= 0 and self._at_eof(f))
+            self.position = base
             consumed = yield arr, size, base, eof
             if eof:
                 return
             leftover = bytes(arr[consumed:size])
             base += consumed
+
+    def _want(self, remaining: int | None, carried: int) -> int:
+        """Bytes to ask for next (see :meth:`_chunks`). At least as many as are carried over:
+        a block longer than the chunk then costs a doubling of reads, not one read (and one
+        copy of all that was carried) per chunk, which is quadratic in the block's length."""
+        step = max(self.chunk_bytes, carried)
+        if remaining is None:
+            return step
+        return min(step, remaining if remaining > 0 else MIN_READ)
 
     @staticmethod
     def _at_eof(f) -> bool:
@@ -461,8 +501,12 @@ class CaptureReader:
                     if bl < 20:
                         corrupt = "pcapng: interface block too short"
                         break
-                    section.ifaces.append(_parse_idb(arr, pos, bl, section.big))
-                    self.linktypes.add(section.ifaces[-1].linktype)
+                    iface, problem = _parse_idb(arr, pos, bl, section.big)
+                    if problem:
+                        st.warn(base + pos, problem + "; the options after it are ignored")
+                    section.ifaces.append(iface)
+                    section.idb_at.append(base + pos)
+                    self.linktypes.add(iface.linktype)
                 pos += bl
             if epbs or spbs:
                 groups.append((section, epbs, spbs))  # type: ignore[arg-type]
@@ -487,6 +531,9 @@ class CaptureReader:
         self, buf: np.ndarray, base: int, sec: _Section, e_offs: list[int],
         s_offs: list[int], last_ts: int,
     ) -> tuple[PacketBatch | None, int]:  # fmt: skip
+        """One section's enhanced (``e_offs``) and simple (``s_offs``) packet blocks of a
+        chunk. A block naming an interface not defined before it is skipped with a warning
+        (its framing is fine); a simple packet takes the time of the packet before it."""
         st = self.stats
         u4 = ">u4" if sec.big else "<u4"
         eo = np.array(e_offs, np.int64)
@@ -494,11 +541,12 @@ class CaptureReader:
         st.frames += len(eo) + len(so)
         eh = _rows(buf, eo, 28).view(u4).astype(np.int64)  # type len if tshi tslo cap orig
         iface = eh[:, 2]
-        ticks = (eh[:, 3] << 32) | eh[:, 4]
+        ticks = (eh[:, 3].astype(np.uint64) << np.uint64(32)) | eh[:, 4].astype(np.uint64)
         ecap, eorig = eh[:, 5], eh[:, 6]
-        ok = (ecap <= eh[:, 1] - 32) & (iface < len(sec.ifaces))
+        known = sec.known_ifaces(eo + base)
+        ok = (ecap <= eh[:, 1] - 32) & (iface < known)
         for i in np.flatnonzero(~ok)[: MAX_WARNINGS]:
-            what = "unknown interface" if iface[i] >= len(sec.ifaces) else "bad captured length"
+            what = "unknown interface" if iface[i] >= known[i] else "bad captured length"
             st.warn(base + int(eo[i]), f"pcapng: enhanced packet block with {what}; skipped")
         st.malformed += int((~ok).sum())
         eo, iface, ticks, ecap, eorig = eo[ok], iface[ok], ticks[ok], ecap[ok], eorig[ok]
@@ -508,12 +556,15 @@ class CaptureReader:
             m = iface == k
             itf = sec.ifaces[int(k)]
             lt[m] = itf.linktype
-            ts[m] = _ticks_to_ns(ticks[m], itf) + itf.ts_offset * 1_000_000_000
+            ts[m] = _ticks_to_ns(ticks[m], itf)
         if len(so):
-            if not sec.ifaces:
-                st.warn(base + int(so[0]), "pcapng: simple packet block before any interface")
-                st.malformed += len(so)
-                so = so[:0]
+            orphan = sec.known_ifaces(so + base) == 0
+            if orphan.any():
+                st.warn(base + int(so[np.argmax(orphan)]),
+                        "pcapng: simple packet block before any interface; skipped")
+                st.malformed += int(orphan.sum())
+                so = so[~orphan]
+        if len(so):
             sh = _rows(buf, so, 12).view(u4).astype(np.int64)
             sorig = sh[:, 2]
             scap = np.minimum(sorig, sh[:, 1] - 16)
@@ -545,8 +596,17 @@ class CaptureReader:
         self, buf: np.ndarray, off: np.ndarray, cap: np.ndarray, wire: np.ndarray,
         ts: np.ndarray, rec: np.ndarray, linktype: int | np.ndarray,
     ) -> PacketBatch:  # fmt: skip
-        """Link layer, then IP, then transport, all vectorised over the chunk's records."""
+        """Link layer, then IP, then transport, all vectorised over the chunk's records.
+        First, packets whose time lies outside [0, TS_LIMIT_NS) are skipped (module
+        docstring): later steps may then add and subtract times and windows freely."""
         st = self.stats
+        late = (ts < 0) | (ts >= TS_LIMIT_NS)
+        if late.any():
+            self._malformed(rec, late, "packet time out of range (1970 to 2116)")
+            keep = np.flatnonzero(~late)
+            off, cap, wire, ts, rec = off[keep], cap[keep], wire[keep], ts[keep], rec[keep]
+            if not isinstance(linktype, (int, np.integer)):
+                linktype = linktype[keep]
         n = len(off)
         if isinstance(linktype, (int, np.integer)):
             l3, et, smac, dmac, bad2 = _link(buf, off, cap, int(linktype))
@@ -720,16 +780,48 @@ class CaptureReader:
 
 
 def _ticks_to_ns(ticks: np.ndarray, itf: _Iface) -> np.ndarray:
+    """Epoch nanoseconds (int64) of uint64 ``ticks`` of interface ``itf``; -1 where the time
+    falls outside [0, TS_LIMIT_NS) (``_parse`` skips those packets).
+
+    Why whole seconds first: every if_tsresol (10**-0 to 10**-127, 2**-0 to 2**-127) and every
+    if_tsoffset must convert without overflow, so the seconds are range-checked before they
+    are scaled, and a binary fraction from at most 34 bits (2**34 * 10**9 < 2**64): exact
+    (floor) for every resolution up to 2**-34, within a nanosecond below that."""
     e = itf.tsresol
     if itf.ts_pow2:
-        sec = ticks >> e
-        frac = ticks & ((1 << e) - 1)
-        if e <= 32:
-            return sec * 1_000_000_000 + ((frac * 1_000_000_000) >> e)
-        return sec * 1_000_000_000 + (frac.astype(np.float64) * 1e9 / 2.0**e).astype(np.int64)
-    if e <= 9:
-        return ticks * 10 ** (9 - e)
-    return ticks // 10 ** (e - 9)
+        sec = ticks >> np.uint64(e) if e < 64 else np.zeros_like(ticks)
+        frac = ticks - (sec << np.uint64(e)) if e < 64 else ticks
+        if e > 34:  # keep the top 34 bits of the fraction: the product below fits
+            frac = frac >> np.uint64(e - 34) if e - 34 < 64 else np.zeros_like(frac)
+        sub = (frac * np.uint64(_NS)) >> np.uint64(min(e, 34))
+    else:
+        if e > 19:  # 10**e > 2**64: no tick reaches a second
+            sec, frac = np.zeros_like(ticks), ticks
+        else:
+            per_s = np.uint64(10**e)
+            sec, frac = ticks // per_s, ticks % per_s
+        if e <= 9:
+            sub = frac * np.uint64(10 ** (9 - e))
+        elif e - 9 > 19:  # finer than 10**-28 s: no tick count reaches a nanosecond
+            sub = np.zeros_like(frac)
+        else:
+            sub = frac // np.uint64(10 ** (e - 9))
+    whole = _plus_offset(sec, itf.ts_offset)
+    ns = whole * _NS + sub.astype(np.int64)
+    good = (whole >= 0) & (whole <= _MAX_SEC) & (ns < TS_LIMIT_NS)
+    return np.where(good, ns, -1)
+
+
+def _plus_offset(sec: np.ndarray, offset: int) -> np.ndarray:
+    """``sec + offset`` exactly for uint64 seconds and an int64 offset, as int64 clipped to
+    [-1, _MAX_SEC + 1]: -1 and _MAX_SEC + 1 stand for "before 1970" and "too late"."""
+    top = _MAX_SEC + 1
+    if offset >= 0:
+        return np.minimum(sec, np.uint64(top)).astype(np.int64) + min(offset, top)
+    back = np.uint64(-offset)
+    ahead = sec >= back
+    diff = np.where(ahead, sec - np.where(ahead, back, sec), 0)
+    return np.where(ahead, np.minimum(diff, np.uint64(top)).astype(np.int64), -1)
 
 
 def _link(

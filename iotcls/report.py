@@ -21,6 +21,13 @@ MAX_TIMELINE_DEVICES = 60  # beyond this the timeline shows the devices seen las
 MAX_HISTOGRAM_LABELS = 12
 
 
+def _plain(text: str) -> str:
+    """``text`` for a matplotlib label, shown as written: labels and device keys come from a
+    log, and a ``$`` pair would make matplotlib parse them as mathtext (and raise on bad
+    TeX). An escaped ``\\$`` is never math and is drawn as ``$``."""
+    return text.replace("$", r"\$")
+
+
 def _utc(ts: float) -> str:
     return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
 
@@ -55,6 +62,10 @@ def timeline_png(devices: list[Device]) -> str:
     labels = sorted({h[1] for d in shown for h in d.history})
     colors = _label_colors(labels)
     epoch = date2num(datetime(1970, 1, 1, tzinfo=timezone.utc))
+    # the log's times lie in 1970..9999 (iotcls.logread); the padding must not leave
+    # what matplotlib can draw a date for
+    first_day = date2num(datetime(1, 1, 2, tzinfo=timezone.utc))
+    last_day = date2num(datetime(9999, 12, 31, tzinfo=timezone.utc))
     segs, seg_colors, xs, ys, face, edge = [], [], [], [], [], []
     for y, d in enumerate(shown):
         t = epoch + np.array([h[0] for h in d.history]) / 86400.0
@@ -70,7 +81,8 @@ def timeline_png(devices: list[Device]) -> str:
     ax = fig.add_subplot()
     ax.add_collection(LineCollection(segs, colors=seg_colors, linewidths=4, capstyle="butt"))
     ax.scatter(np.concatenate(xs), np.concatenate(ys), s=25, c=face, edgecolors=edge, zorder=3)
-    ax.set_yticks(range(len(shown)), [f"{d.key} ({d.label})" for d in shown], fontsize=8)
+    ax.set_yticks(range(len(shown)), [_plain(f"{d.key} ({d.label})") for d in shown],
+                  fontsize=8)  # fmt: skip
     ax.set_ylim(-0.7, len(shown) - 0.3)
     ax.xaxis_date(tz=timezone.utc)
     locator = AutoDateLocator(tz=timezone.utc)
@@ -78,10 +90,11 @@ def timeline_png(devices: list[Device]) -> str:
     ax.xaxis.set_major_formatter(ConciseDateFormatter(locator, tz=timezone.utc))
     lo, hi = float(min(x.min() for x in xs)), float(max(x.max() for x in xs))
     pad = max((hi - lo) * 0.02, 1 / 86400)
-    ax.set_xlim(lo - pad, hi + pad)
+    ax.set_xlim(max(lo - pad, first_day), min(hi + pad, last_day))
     ax.set_xlabel("time (UTC)")
     ax.grid(axis="x", alpha=0.3)
-    handles = [Line2D([], [], color=colors[lab], linewidth=4, label=lab) for lab in labels]
+    handles = [Line2D([], [], color=colors[lab], linewidth=4, label=_plain(lab))
+               for lab in labels]  # fmt: skip
     handles.append(Line2D([], [], color="grey", marker="o", markerfacecolor="white",
                           linestyle="", label="untrusted entry"))  # fmt: skip
     fig.legend(handles=handles, loc="outside right upper", fontsize=8, frameon=False)
@@ -114,7 +127,7 @@ def histograms_png(devices: list[Device]) -> str:
     draw(axes[0], f"all entries ({len(entries)})", entries)
     axes[0].legend(fontsize=7)
     for ax, lab in zip(axes[1:], top):
-        draw(ax, f"{lab} ({per_label[lab]})", [e for e in entries if e[0] == lab])
+        draw(ax, _plain(f"{lab} ({per_label[lab]})"), [e for e in entries if e[0] == lab])
     for ax in axes[panels:]:
         ax.set_axis_off()
     fig.supxlabel("confidence", fontsize=9)

@@ -189,6 +189,16 @@ def test_iso_timestamps_and_gzip(tmp_path, sample_logs):
     ("hello\n", 1, "not an iot_class.log"),
     ("#separator \\x09\n#path\tconn\n#fields\tts\tuid\n#types\ttime\tstring\n1.0\tC\n", 5,
      "conn log, not iot_class"),
+    # hardening: times no date can be written for, JSON nested past the parser's depth
+    ("{\"ts\": 1e300, \"device_ip\": \"10.0.0.1\", \"label\": \"x\", \"confidence\": 1, "
+     "\"trusted\": true}\n", 1, "ts: time 1e+300 is outside 1970 to 9999"),
+    ("{\"ts\": -1e12, \"device_ip\": \"10.0.0.1\", \"label\": \"x\", \"confidence\": 1, "
+     "\"trusted\": true}\n", 1, "is outside 1970 to 9999"),
+    ("{\"ts\": \"0001-01-01T00:00:00Z\", \"device_ip\": \"10.0.0.1\", \"label\": \"x\", "
+     "\"confidence\": 1, \"trusted\": true}\n", 1, "is outside 1970 to 9999"),
+    ("{\"ts\": 1.0, \"x\": " + "[" * 100_000 + "\n", 1, "nested too deeply"),
+    ("#separator \\x09\n#fields\tts\tdevice_ip\tlabel\tconfidence\ttrusted\n"
+     "1" + "0" * 300 + "\t10.0.0.1\tx\t1.0\tT\n", 3, "is outside 1970 to 9999"),
 ])  # fmt: skip
 def test_bad_input_is_one_line_naming_file_and_line(tmp_path, capsys, content, line, what):
     bad = tmp_path / "iot_class.log"
@@ -262,3 +272,43 @@ def test_report_renders_in_chromium(tmp_path, sample_logs, sample):
     px = image.imread(io.BytesIO(data), format="png")
     colours = {tuple(c) for c in (px[::7, ::7, :3] * 255).astype(int).reshape(-1, 3)}
     assert len(colours) > 50
+
+
+def entries_log(path, rows) -> None:
+    """``rows``: (ts, mac, label) written as a JSON iot_class.log."""
+    with path.open("w") as f:
+        w = LogWriter(f, "json")
+        for ts, mac, label in rows:
+            w.write(LogEntry(ts=ts, uid="C", orig_h="10.0.0.1", orig_p=1, resp_h="1.1.1.1",
+                             resp_p=2, proto="udp", device_mac=mac, device_ip="10.0.0.1",
+                             label=label, confidence=0.9, strategy="sequence", n_flows=1,
+                             trusted=True, reason="-"))  # fmt: skip
+
+
+@pytest.mark.parametrize("label", ["$\\foo$", "$^$", "$$", "${$", "a $5 and $6 b", "x\\$y"])
+def test_labels_with_dollars_are_text_not_mathtext(tmp_path, label):
+    """The issue's case: a label holding ``$`` crashed the report (matplotlib parsed it as
+    mathtext). Labels and device keys are drawn as written, in every picture."""
+    from iotcls.report import _plain
+
+    path = tmp_path / "iot_class.log"
+    entries_log(path, [(1.7e9, "aa:00:00:00:00:01", label), (1.7e9 + 60, "aa:00:00:00:00:02",
+                                                              "Cam")])  # fmt: skip
+    assert main(["report", str(path), "-o", str(tmp_path / "r.html")]) == 0
+    page = parse_page((tmp_path / "r.html").read_text())
+    assert {r["label"] for r in page.rows} == {label, "Cam"}
+    from matplotlib.text import Text
+
+    shown = Text(text=_plain(label))
+    assert not shown._preprocess_math(shown.get_text())[1]  # not math
+    assert shown._preprocess_math(shown.get_text())[0] == label  # drawn as written
+
+
+def test_times_from_1970_to_9999_draw(tmp_path):
+    """The widest span the reader lets through: the timeline's padding stays within the
+    dates matplotlib can draw."""
+    path = tmp_path / "iot_class.log"
+    entries_log(path, [(0.0, "aa:00:00:00:00:01", "Cam"),
+                       (253402300799.0, "aa:00:00:00:00:02", "Plug")])  # fmt: skip
+    assert main(["report", str(path), "-o", str(tmp_path / "r.html")]) == 0
+    assert "9999-12-31 23:59:59" in (tmp_path / "r.html").read_text()

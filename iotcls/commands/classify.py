@@ -59,6 +59,8 @@ def run(args: argparse.Namespace) -> int:
             if cm.matrices.shape[1:] != bundle.layout.shape:
                 raise CliError(f"--window/--packets do not match the model's layout "
                                f"{bundle.layout.to_dict()}")  # fmt: skip
+            if not len(cm.matrices):
+                continue  # read, but no flow of the selected devices: nothing to label
             c = classify_capture(predictor, cm, args.strategy)
             entries += c.entries(bundle.name)
             seq = c.sequences if c.sequences is not None else predictor.predict(cm.matrices)

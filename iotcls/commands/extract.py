@@ -41,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from ..dataset import build_dataset
+    from ..layout import LayoutError
 
     layout = load_layout(args.layout)
     specs = specs_from_args(args)
@@ -60,8 +61,11 @@ def run(args: argparse.Namespace) -> int:
             tqdm.write(f"iotcls extract: warning: {w}", file=sys.stderr)
         warned += cm.flows.stats.warning_count
 
-    ds = build_dataset(specs, layout, args.window, args.packets, args.payload_bytes,
-                       progress=not args.quiet, on_capture=on_capture)  # fmt: skip
+    try:
+        ds = build_dataset(specs, layout, args.window, args.packets, args.payload_bytes,
+                           progress=not args.quiet, on_capture=on_capture)  # fmt: skip
+    except LayoutError as e:
+        raise CliError(str(e)) from None
     try:
         ds.save(args.output, compress=args.compress)
     except OSError as e:

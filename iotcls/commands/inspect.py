@@ -54,7 +54,7 @@ def record_json(r: FlowRecord, capture: str, label: str) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..flows import iter_capture_flows
+    from ..flows import check_window, iter_capture_flows, read_failure
     from ..pcap import PcapError
 
     if args.limit < 0:
@@ -71,6 +71,10 @@ def run(args: argparse.Namespace) -> int:
     payload = args.payload_bytes if args.payload_bytes is not None else HEX_BYTES
     if window <= 0 or packets <= 0 or payload < 0:
         raise CliError("--window and --packets must be positive, --payload-bytes not negative")
+    try:
+        check_window(window)
+    except ValueError as e:
+        raise CliError(f"--window: {e}") from None
     out = sys.stdout
     if note and not args.json:
         print(note, file=out)
@@ -110,6 +114,11 @@ def run(args: argparse.Namespace) -> int:
         except PcapError as e:
             failed += 1
             print(f"iotcls inspect: error: {e}", file=sys.stderr)
+            continue
+        except Exception as e:  # noqa: BLE001 - a bad capture must cost only itself
+            failed += 1
+            why = read_failure(reader, e) if reader is not None else f"{spec.pcap}: {e!r}"
+            print(f"iotcls inspect: error: {why}", file=sys.stderr)
             continue
         if reader is not None:
             st = reader.stats

@@ -172,12 +172,59 @@ class TrustState:
             raise TrustError("trust state: thresholds do not match its classes")
         if n and (s.ref_pred.min() < 0 or s.ref_pred.max() >= c):
             raise TrustError("trust state: a reference names a class outside the model's")
+        _check_knobs(s)
         return s
+
+    def check_for(self, classes: list[str], groups: list[str]) -> None:
+        """TrustError unless this state was fitted for a model with these ``classes`` and a
+        layout whose Shapley players are ``groups``: checked once when a bundle is loaded, so
+        that no caller (classify, a scorer) finds out later, one batch at a time."""
+        if list(self.classes) != list(classes):
+            raise TrustError(f"trust state: fitted for the classes {_short(self.classes)}, "
+                             f"the model has {_short(classes)}")  # fmt: skip
+        if list(self.groups) != list(groups):
+            raise TrustError(f"trust state: groups {self.groups} do not match the layout's "
+                             f"{groups}")  # fmt: skip
 
     def refs_per_class(self) -> np.ndarray:
         """Correct references per class."""
         ok = self.ref_correct.numpy()
         return np.bincount(self.ref_pred.numpy()[ok], minlength=len(self.classes))
+
+
+_KNOB_RANGES = {  # name: (lowest, highest) a fitted state can hold
+    "conf_threshold": (0.0, 1.0), "quantile": (1e-12, 1.0), "min_precision": (0.0, 1.0),
+    "prior_strength": (0.0, 1e9), "prior_precision": (0.0, 1.0), "device_share": (0.0, 1.0),
+    "k": (1, 1_000_000), "precision_k": (1, 1_000_000), "n_fit": (0, 1 << 62),
+    "device_window": (0, 1_000_000), "device_min_prior": (0, 1_000_000),
+}  # fmt: skip
+
+
+def _check_knobs(s: "TrustState") -> None:
+    """The state's numbers in the ranges the decision can use: a NaN threshold or a window
+    of 10**30 labels would fail (or mislead) at the first batch, not at load."""
+    from .shapley import HISTORY_MODES
+
+    for name, (lo, hi) in _KNOB_RANGES.items():
+        v = getattr(s, name)
+        if not lo <= v <= hi:  # NaN included
+            raise TrustError(f"trust state: {name} {v!r} is outside [{lo}, {hi}]")
+    if s.history not in HISTORY_MODES:
+        raise TrustError(f"trust state: history {s.history!r} is not one of {HISTORY_MODES}")
+    if len(set(s.classes)) != len(s.classes):
+        raise TrustError("trust state: a class is named twice")
+    if not (torch.isfinite(s.scale).all() and (s.scale > 0).all()):
+        raise TrustError("trust state: scales must be positive numbers")
+    thr = s.dist_threshold
+    if not (torch.isnan(thr) | (torch.isfinite(thr) & (thr > 0))).all():
+        raise TrustError("trust state: distance thresholds must be positive numbers or NaN")
+    if torch.isnan(s.refs).any():
+        raise TrustError("trust state: reference profiles hold NaN")
+
+
+def _short(names: list[str], n: int = 4) -> str:
+    more = f", ... ({len(names)})" if len(names) > n else ""
+    return "[" + ", ".join(names[:n]) + more + "]"
 
 
 @dataclass
