@@ -50,6 +50,8 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Iterable
 
+from . import safejson
+
 __all__ = [
     "Ack", "BrokerJSONError", "Count", "DataMessage", "Enum", "ErrorMessage", "Event",
     "Integer", "Port", "Timespan", "Timestamp", "decode", "decode_event", "decode_message",
@@ -239,7 +241,7 @@ class ErrorMessage:
 _TS_RE = re.compile(
     r"^(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9})\d*)?(Z|[+-]\d{2}:?\d{2})?$"
 )
-_SPAN_RE = re.compile(r"^(-?\d+(?:\.\d+)?)(ns|us|ms|s|min|h|d)$")
+_SPAN_RE = re.compile(r"^(-?\d{1,30}(?:\.\d{1,30})?)(ns|us|ms|s|min|h|d)$")
 
 
 def _gmtime(secs: int) -> str:
@@ -270,10 +272,15 @@ def decode(obj: Any, where: str = "$") -> Any:
         dtype, data = obj["@data-type"], obj["data"]
     except KeyError as e:
         raise BrokerJSONError(f"{where}: missing {e.args[0]!r}") from None
-    dec = _DECODERS.get(dtype)
+    dec = _DECODERS.get(dtype) if isinstance(dtype, str) else None
     if dec is None:
-        raise BrokerJSONError(f"{where}: unknown @data-type {dtype!r}")
-    return dec(data, where)
+        raise BrokerJSONError(f"{where}: unknown @data-type {dtype!r}"[:200])
+    try:
+        return dec(data, where)
+    except BrokerJSONError:
+        raise
+    except (ValueError, OverflowError, TypeError) as e:  # the codec raises its own error only
+        raise BrokerJSONError(f"{where}: {dtype}: {e}"[:200]) from None
 
 
 def _expect(data: Any, types: type | tuple, dtype: str, where: str) -> Any:
@@ -444,10 +451,15 @@ def parse_frame(raw: bytes | str) -> tuple[Any, bool]:
 
     ``lenient`` is True when the frame was not valid UTF-8 JSON and was read the lenient way
     (raw bytes as surrogates, control characters and ``\\v`` in strings accepted). Raises
-    :class:`BrokerJSONError` when even that fails.
+    :class:`BrokerJSONError` when even that fails, and for a frame nested deeper than
+    :data:`~iotcls.bridge.safejson.MAX_DEPTH` (the parser would recurse out of its stack).
     """
     if isinstance(raw, str):
         raw = raw.encode("utf-8", "surrogateescape")
+    try:
+        safejson.check_depth(raw)
+    except safejson.JSONDepthError as e:
+        raise BrokerJSONError(f"not JSON: {e}") from None
     try:
         return json.loads(raw), False
     except (UnicodeDecodeError, ValueError):

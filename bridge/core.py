@@ -21,8 +21,9 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -69,9 +70,24 @@ class FlowAssembler:
 
     def assemble_table(self, t: FlowTable) -> tuple[np.ndarray, FlowTable]:
         """Matrices for the rows of *t*, in row order."""
-        rows = self.layout.encode_rows(t)
-        mats = self.seq.add(rows, t.start, list(t.device_keys()))
+        mats, t, _ = self.assemble_finite(t)
         return mats, t
+
+    def assemble_finite(self, t: FlowTable) -> tuple[np.ndarray, FlowTable, np.ndarray]:
+        """Matrices for the rows of *t* whose encoded row is finite, the table of those rows,
+        and the indices (into *t*) of the rows left out. Why: a row enters its device's
+        history, so one non-finite row (a negative count, a negative offset) would make the
+        next ``history`` matrices of that device non-finite too; it is refused here, before
+        it joins the history, whatever the sensor's checks missed."""
+        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):  # judged below
+            rows = self.layout.encode_rows(t)
+        ok = np.isfinite(rows).all(axis=1)
+        bad = np.flatnonzero(~ok)
+        if len(bad):
+            keep = np.flatnonzero(ok)
+            t, rows = t.take(keep), rows[keep]
+        mats = self.seq.add(rows, t.start, list(t.device_keys()))
+        return mats, t, bad
 
 
 @dataclass
@@ -86,6 +102,34 @@ class BridgeStats:
     label_errors: int = 0  # verdicts that could not become a label event
     drains: int = 0
     shed: int = 0  # records refused at the door (intake bound, paused)
+    duplicates: int = 0  # records seen before (same uid, start and device): dropped
+
+
+class RecentKeys:
+    """The last *capacity* record keys seen, to drop a record that arrives twice (Zeek
+    publishes again what a lost connection did not acknowledge)."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._set: set = set()
+        self._order: deque = deque()
+
+    def __len__(self) -> int:
+        return len(self._set)
+
+    def fresh(self, keys: Iterable[Any]) -> list[int]:
+        """Indices of the keys not seen before (nor earlier in *keys*); remembers them."""
+        out = []
+        seen, order = self._set, self._order
+        for i, k in enumerate(keys):
+            if k in seen:
+                continue
+            seen.add(k)
+            order.append(k)
+            out.append(i)
+        while len(order) > self.capacity:
+            seen.discard(order.popleft())
+        return out
 
 
 class _Drain:
@@ -125,7 +169,10 @@ class Bridge:
         max_live_records: int | None = None,
         on_shed: Shed | None = None,
         send_many: SendMany | None = None,
+        dedupe: int = 100_000,
     ):
+        """``dedupe``: how many recent record keys (uid, start, device) are remembered to
+        drop records that arrive twice (0: none)."""
         if max_inflight < 1:
             raise ValueError("max_inflight must be at least 1")
         self.layout, self.scorer, self.send = layout, scorer, send
@@ -139,6 +186,7 @@ class Bridge:
         self.offline = bool(offline)
         self.welcome: rc.Welcome | None = None
         self.stats = BridgeStats()
+        self.recent = RecentKeys(dedupe) if dedupe > 0 else None
         self.session_records = 0  # since the last hello: what IoTClass::drained reports
         self.session_labels = 0
         self._queue: asyncio.Queue = asyncio.Queue()
@@ -362,19 +410,22 @@ class Bridge:
             return 0
         dec = self.assembler.decode(batch)
         if dec.errors:
-            n_bad = len(dec.errors)
-            self.stats.records -= n_bad
-            self.session_records -= n_bad
-            self.stats.bad_records += n_bad
+            self._refuse(len(dec.errors))
             self._warn_once("bad", f"skipped undecodable flow records, first: {dec.errors[0][1]}")
-        table = dec.table
+        table = self._fresh(dec.table)
         if not len(table):
             return 0
         order = np.argsort(table.start, kind="stable")  # start order; arrival breaks ties
         if np.any(order != np.arange(len(order))):
             table = table.take(order)
-        mats, table = self.assembler.assemble_table(table)
+        mats, table, bad = self.assembler.assemble_finite(table)
+        if len(bad):
+            self._refuse(len(bad))
+            self._warn_once("nonfinite", "skipped flow records whose values make no finite "
+                            "matrix row (a negative count or offset?)")  # fmt: skip
         n = len(table)
+        if not n:
+            return 0
         try:
             verdicts = await self._score(mats, table)
             if len(verdicts) != n:
@@ -405,6 +456,32 @@ class Bridge:
         self.stats.labels += sent
         self.session_labels += sent
         return sent
+
+    def _refuse(self, n: int) -> None:
+        """*n* decoded records are not records after all: counted as bad, not as taken."""
+        self.stats.records -= n
+        self.session_records -= n
+        self.stats.bad_records += n
+
+    def _fresh(self, table: FlowTable) -> FlowTable:
+        """*table* without the records seen before (same uid, start and device), which are
+        counted in ``stats.duplicates``."""
+        if self.recent is None or not len(table):
+            return table
+        # a key is the hash of (uid, start, device): 64 bits, about 70 bytes a record kept
+        # (a clash among 100,000 keys is a one in a billion event, and costs one record)
+        keys = map(hash, zip(table.uid.tolist(), table.start.tolist(),
+                             table.device_keys().tolist()))  # fmt: skip
+        keep = self.recent.fresh(keys)
+        dup = len(table) - len(keep)
+        if dup:
+            self.stats.duplicates += dup
+            self.stats.records -= dup
+            self.session_records -= dup
+            self._warn_once("dup", "dropped flow records that arrived twice (same uid, start "
+                            "and device); counted as duplicates")  # fmt: skip
+            table = table.take(np.asarray(keep, np.int64))
+        return table
 
     def label_frame(self, rec: FlowRecord, verdict: Any) -> bytes:
         """What is sent for one label: Zeek's label event (the Suricata bridge writes an EVE

@@ -13,10 +13,17 @@ Guarantees
   with a reason (``queue_full``, ``queue_full_labelled``, ``scorer_failed``, ``shutdown``),
   and every shed is counted in :class:`~iotcls.bridge.metrics.ServeMetrics`.
 * **Scorer loss.** A scorer that leaves, dies (the supervisor calls :meth:`scorer_lost`),
-  becomes unreachable, or stays silent ``scorer_timeout_s`` has its in-flight batches put back
-  at the head of the queue and re-sent elsewhere. A late reply to a re-sent batch is ignored,
-  so no record is labelled twice. A record sent ``max_attempts`` times is shed as
-  ``scorer_failed``: a batch that kills its scorer must not kill them all in turn.
+  becomes unreachable, stays silent ``scorer_timeout_s``, or holds a batch that long without
+  answering it (heartbeats or not: a scorer that is alive but never answers must not keep
+  records for ever) has its in-flight batches put back at the head of the queue and re-sent
+  elsewhere. A late reply to a re-sent batch is ignored, so no record is labelled twice. A
+  record sent ``max_attempts`` times is shed as ``scorer_failed``: a batch that kills its
+  scorer must not kill them all in turn.
+* **Replies are checked like records.** Each label of a reply must be one of the model's
+  classes, its confidence a number in [0, 1], its reason and feature groups plain words; a
+  record whose label fails is refused (counted in ``rejected{socket="zmq",kind="bad_reply"}``)
+  and re-sent like a record of a lost batch, the rest of the reply is used. Nothing a scorer
+  sends reaches Zeek or the trust rules unchecked.
 
 Shed policy (``bridge.shed_policy``), applied when a record arrives at a full queue:
 ``labelled-first`` sheds the oldest waiting record of a device that already had a label in
@@ -28,6 +35,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import re
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
@@ -43,6 +52,7 @@ from iotcls.layout import MatrixLayout
 from iotcls.trust.decision import INCONSISTENT, DeviceConsistency
 from iotcls.trust.dhcp_identity import DhcpIdentity
 
+from . import curve as cv
 from .metrics import ServeMetrics
 
 log = logging.getLogger("iotcls.bridge.dispatch")
@@ -153,6 +163,37 @@ class _Batch:
     sent: float
 
 
+MAX_SCORER_BATCH = 4096  # a hello may ask for more; it gets this many records at most
+_WORD_RE = re.compile(r"[A-Za-z0-9_.:+@=-]{1,64}")  # a reason, a feature group (name=value)
+_MAX_GROUPS = 32
+_MAX_MODEL = 200
+
+
+def _model_problem(model: str) -> str | None:
+    """Why a reply's model name cannot go into a log line, or None."""
+    if len(model) > _MAX_MODEL or not model.isprintable():
+        return f"model name {model[:40]!r} is not a printable name of at most {_MAX_MODEL} characters"
+    return None
+
+
+def verdict_problem(r: wire.Reply, i: int, classes: frozenset[str] | None) -> str | None:
+    """Why label *i* of reply *r* cannot be used, or None: the label must be one of the
+    model's classes (when known), the confidence a number in [0, 1], the reason and the
+    feature groups plain words."""
+    label, conf = r.labels[i], r.confidence[i]
+    if classes is not None and label not in classes:
+        return f"label {label[:40]!r} is not a class of the model"
+    if isinstance(conf, bool) or not (isinstance(conf, (int, float)) and math.isfinite(conf)
+                                      and 0.0 <= conf <= 1.0):  # fmt: skip
+        return f"confidence {conf!r} is not a number in [0, 1]"
+    if r.reason[i] != "-" and not _WORD_RE.fullmatch(r.reason[i]):
+        return f"reason {r.reason[i][:40]!r} is not a word"
+    groups = r.top_groups[i]
+    if len(groups) > _MAX_GROUPS or not all(_WORD_RE.fullmatch(g) for g in groups):
+        return "top groups are not at most 32 words"
+    return None
+
+
 @dataclass
 class _Scorer:
     name: bytes
@@ -165,12 +206,17 @@ class _Scorer:
 
     @property
     def label(self) -> str:
-        return f"{self.hello.name} (pid {self.hello.pid} on {self.hello.host})"
+        return f"{_safe(self.hello.name)} (pid {self.hello.pid} on {_safe(self.hello.host)})"
 
 
 def _printable(ident: bytes) -> str:
     """A peer identity fit for a log line (garbage peers have garbage identities)."""
     return repr(ident[:40])[2:-1] + ("..." if len(ident) > 40 else "")
+
+
+def _safe(text: str, n: int = 60) -> str:
+    """A peer-chosen string fit for a log line: no control characters, at most *n*."""
+    return repr(text[:n])[1:-1] + ("..." if len(text) > n else "")
 
 
 class Dispatcher:
@@ -186,8 +232,14 @@ class Dispatcher:
         ctx: zmq.asyncio.Context | None = None,
         consistency: DeviceConsistency | None = None,
         identities: DhcpIdentity | None = None,
+        classes: Sequence[str] | None = None,
+        keys: cv.ServerKeys | None = None,
     ):
+        """``classes``: the model's class names, the only labels a reply may carry (None:
+        any); ``keys``: CURVE keys, which make the socket accept authorized scorers only."""
         self.cfg, self.b = cfg, cfg.bridge
+        self.classes = frozenset(classes) if classes is not None else None
+        self.keys = keys
         self.layout = layout
         self._layout_dict = layout.to_dict()
         self.deliver = deliver
@@ -199,7 +251,11 @@ class Dispatcher:
         self.consistency = (consistency or DeviceConsistency()).online(self.b.max_devices)
         # Rule 6 likewise: each device's latest DHCP identity, noted as its records arrive.
         self.identities = (identities or DhcpIdentity()).online(self.b.max_devices)
-        self._ctx = ctx or zmq.asyncio.Context.instance()
+        # CURVE's ZAP handler belongs to a context: a dispatcher with keys gets its own
+        self._own_ctx = ctx is None and keys is not None
+        self._ctx = ctx or (zmq.asyncio.Context() if keys is not None else
+                            zmq.asyncio.Context.instance())  # fmt: skip
+        self._auth: Any = None
         self._sock: zmq.asyncio.Socket | None = None
         self._scorers: dict[bytes, _Scorer] = {}
         self._q_lab: deque[Item] = deque()  # waiting records of recently labelled devices
@@ -222,6 +278,9 @@ class Dispatcher:
         s.setsockopt(zmq.LINGER, 0)
         s.setsockopt(zmq.SNDHWM, 0)  # credit bounds what each scorer holds
         s.setsockopt(zmq.MAXMSGSIZE, wire.MAX_MESSAGE_BYTES)
+        if self.keys is not None:
+            self._auth = cv.authenticator(self._ctx, self.keys)
+            cv.serve(s, self.keys)
         for addr in self.b.bind:
             try:
                 s.bind(addr)
@@ -234,6 +293,9 @@ class Dispatcher:
             asyncio.create_task(self._recv_loop(), name="dispatch-recv"),
             asyncio.create_task(self._watchdog(), name="dispatch-watchdog"),
         ]
+        if self.keys is not None:
+            mon = s.get_monitor_socket(cv.HANDSHAKE_FAILURES)
+            self._tasks.append(asyncio.create_task(self._monitor(mon), name="dispatch-monitor"))
         return self.endpoints
 
     async def close(self) -> None:
@@ -246,8 +308,29 @@ class Dispatcher:
                 pass
         self._tasks = []
         if self._sock is not None:
+            if self.keys is not None:
+                self._sock.disable_monitor()
             self._sock.close(linger=0)
             self._sock = None
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
+        if self._own_ctx:
+            self._ctx.term()
+
+    async def _monitor(self, mon: zmq.asyncio.Socket) -> None:
+        """Counts and logs the peers CURVE turned away (no or unknown keys)."""
+        from zmq.utils.monitor import parse_monitor_message
+
+        try:
+            while True:
+                ev = parse_monitor_message(await mon.recv_multipart())
+                kind = cv.failure_kind(ev["event"])
+                why = "its key is not authorized" if kind == "auth_failed" else \
+                    "no CURVE handshake (no keys, or not a scorer)"  # fmt: skip
+                self._refuse_connection(kind, ev.get("endpoint", b"?"), why)
+        finally:
+            mon.close(linger=0)
 
     # -- intake ---------------------------------------------------------------------------
     @property
@@ -423,6 +506,15 @@ class Dispatcher:
             log.warning("rejected a message on the scorer socket from %s (%s, %d so far): %s",
                         who, kind, n, why)  # fmt: skip
 
+    def _refuse_connection(self, kind: str, endpoint: bytes, why: str) -> None:
+        """A peer CURVE turned away (it retries: counted each time, logged now and then)."""
+        n = self.metrics.add_rejected("zmq", kind)
+        now = time.monotonic()
+        if n <= 5 or now - self._rejected_logged.get(kind, 0.0) >= 10.0:
+            self._rejected_logged[kind] = now
+            log.warning("refused a connection on the scorer socket %s (%s, %d so far): %s",
+                        endpoint.decode("ascii", "replace"), kind, n, why)  # fmt: skip
+
     def _on_message(self, frames: list[bytes]) -> None:
         ident = frames[0]
         who = _printable(ident)
@@ -466,9 +558,21 @@ class Dispatcher:
         if h.layout != self._layout_dict:
             diff = {k: (h.layout.get(k), v) for k, v in self._layout_dict.items()
                     if h.layout.get(k) != v}  # fmt: skip
-            why = f"its model's matrix layout differs from the bridge's: {diff or h.layout}"
-            log.error("refused scorer %s (pid %d on %s, model %s): %s",
-                      h.name, h.pid, h.host, h.model, why)  # fmt: skip
+            keys = ", ".join(sorted(diff)) or "its keys"
+            why = f"its model's matrix layout differs from the bridge's ({keys})"
+            log.error("refused scorer %s (pid %d on %s, model %s): %s: %s", _safe(h.name),
+                      h.pid, _safe(h.host), _safe(h.model), why,
+                      _safe(str(diff or h.layout), 300))  # fmt: skip
+            self.metrics.add_rejected("zmq", "incompatible_scorer")
+            # only the names of the differing keys: the bridge's values are not for any peer
+            self._send(ident, wire.encode(wire.Reject(why)))
+            return
+        if self.classes is not None and h.classes is not None and \
+                not set(h.classes) <= self.classes:  # fmt: skip
+            why = (f"its model's classes are not the bridge's ({len(set(h.classes) - self.classes)}"
+                   " unknown): its labels would be refused")  # fmt: skip
+            log.error("refused scorer %s (pid %d on %s, model %s): %s", _safe(h.name), h.pid,
+                      _safe(h.host), _safe(h.model), why)  # fmt: skip
             self.metrics.add_rejected("zmq", "incompatible_scorer")
             self._send(ident, wire.encode(wire.Reject(why)))
             return
@@ -481,16 +585,17 @@ class Dispatcher:
         self._scorers.pop(ident, None)
         if old is not None and old.inflight:  # it restarted under the same name
             self._lose(old, "said hello again", register=False)
-        sc = _Scorer(ident, h, self.b.inflight_per_scorer, max(1, h.batch_size), now)
+        sc = _Scorer(ident, h, self.b.inflight_per_scorer,
+                     min(MAX_SCORER_BATCH, max(1, h.batch_size)), now)  # fmt: skip
         self._scorers[ident] = sc
         if not self._send(ident, wire.encode(wire.Welcome(sc.credit, self.cfg.scorers.heartbeat_s))):
             self._scorers.pop(ident, None)
             return
         if self.model_id and h.model != self.model_id:
             log.warning("scorer %s runs model %s, the bridge loaded %s (same layout: accepted)",
-                        sc.label, h.model, self.model_id)  # fmt: skip
+                        sc.label, _safe(h.model), self.model_id)  # fmt: skip
         log.info("scorer %s connected: model %s on %s, batch size %d, explains %s labels",
-                 sc.label, h.model, h.device, sc.batch_size, h.explain)  # fmt: skip
+                 sc.label, _safe(h.model), _safe(h.device), sc.batch_size, _safe(h.explain))  # fmt: skip
         self._update_gauges()
         self._schedule_flush()
 
@@ -504,43 +609,63 @@ class Dispatcher:
         if len(r) != len(items):
             log.warning("scorer %s answered %d labels for a batch of %d; re-sending it",
                         sc.label, len(r), len(items))  # fmt: skip
+            self._reject("bad_reply", sc.label, f"{len(r)} labels for a batch of {len(items)}")
             self._requeue(items, "wrong reply length")
             return
-        outcomes = []
-        sent = 0
-        expl = r.explained
-        policy = self.policy
+        outcomes: list[Outcome] = []
+        used: list[int] = []
+        refused: list[Item] = []
+        bad_model = _model_problem(r.model)
         for i, it in enumerate(items):
-            full = expl is None or expl[i]
-            trusted, reason = r.trusted[i], r.reason[i]
-            if not self.consistency.observe(it.device, r.labels[i], r.confidence[i]) and trusted:
-                trusted, reason = False, INCONSISTENT
-            why = self.identities.rule.reason(it.identity, r.labels[i]) if trusted else "-"
-            if why != "-":  # rule 6 (trust.dhcp_identity)
-                trusted, reason = False, why
-            if full:
-                cheap = None if r.cheap_trusted is None else r.cheap_trusted[i]
-                send = policy.decide(it.device, r.labels[i], trusted, now, cheap)
-            else:  # the same label and cheap trust as the last one sent, and not due
-                send = False
-                policy.touch(it.device, now)
-            sent += send
-            outcomes.append(Outcome(
-                ctx=it.ctx, device=it.device, label=r.labels[i], confidence=float(r.confidence[i]),
-                trusted=trusted, reason=reason, top_groups=r.top_groups[i],
-                model=r.model, send=send, latency_s=now - it.arrived, explained=full,
-            ))  # fmt: skip
+            why = bad_model or verdict_problem(r, i, self.classes)
+            if why is None:
+                try:
+                    outcomes.append(self._judge(r, i, it, now))
+                    used.append(i)
+                    continue
+                except Exception as e:  # a bug on one record must not lose the others
+                    why = f"{type(e).__name__}: {e}"
+            self._reject("bad_reply", sc.label, f"record {i} of batch {r.batch}: {why}")
+            refused.append(it)
         m = self.metrics
+        sent = sum(o.send for o in outcomes)
+        expl = r.explained
         mode = sc.hello.explain
-        m.labels_explained += sum(expl) if expl is not None else len(items) if mode == "all" else 0
-        m.labelled += len(items)
+        m.labels_explained += sum(expl[i] for i in used) if expl is not None else \
+            len(outcomes) if mode == "all" else 0  # fmt: skip
+        m.labelled += len(outcomes)
         m.labels_sent += sent
-        m.labels_suppressed += len(items) - sent
+        m.labels_suppressed += len(outcomes) - sent
         m.latency.observe([o.latency_s for o in outcomes])
-        m.score_ms.observe(r.score_ms)
-        self.deliver(outcomes)
+        if math.isfinite(r.score_ms) and r.score_ms >= 0:
+            m.score_ms.observe(r.score_ms)
+        if outcomes:
+            self.deliver(outcomes)
+        if refused:
+            self._requeue(refused, f"scorer {sc.hello.name}: unusable labels")
         self._schedule_flush()
         self._check_idle()
+
+    def _judge(self, r: wire.Reply, i: int, it: Item, now: float) -> Outcome:
+        """The outcome of a checked label: trust rules 5 and 6, then the log policy."""
+        full = r.explained is None or r.explained[i]
+        label, trusted, reason = r.labels[i], r.trusted[i], r.reason[i]
+        if not self.consistency.observe(it.device, label, r.confidence[i]) and trusted:
+            trusted, reason = False, INCONSISTENT
+        why = self.identities.rule.reason(it.identity, label) if trusted else "-"
+        if why != "-":  # rule 6 (trust.dhcp_identity)
+            trusted, reason = False, why
+        if full:
+            cheap = None if r.cheap_trusted is None else r.cheap_trusted[i]
+            send = self.policy.decide(it.device, label, trusted, now, cheap)
+        else:  # the same label and cheap trust as the last one sent, and not due
+            send = False
+            self.policy.touch(it.device, now)
+        return Outcome(
+            ctx=it.ctx, device=it.device, label=label, confidence=float(r.confidence[i]),
+            trusted=trusted, reason=reason, top_groups=list(r.top_groups[i]),
+            model=r.model, send=send, latency_s=now - it.arrived, explained=full,
+        )  # fmt: skip
 
     # -- scorer loss ----------------------------------------------------------------------
     def scorer_lost(self, name: str, why: str) -> bool:
@@ -572,9 +697,13 @@ class Dispatcher:
         while True:
             await asyncio.sleep(period)
             now = time.monotonic()
+            limit = self.b.scorer_timeout_s
             for sc in list(self._scorers.values()):
-                if now - sc.last_seen > self.b.scorer_timeout_s:
+                held = min((b.sent for b in sc.inflight.values()), default=now)
+                if now - sc.last_seen > limit:
                     self._lose(sc, f"silent for {now - sc.last_seen:.1f} s")
+                elif now - held > limit:  # alive (heartbeats) but not answering: same fate
+                    self._lose(sc, f"held a batch {now - held:.1f} s without answering it")
             self._update_gauges()
 
     def _update_gauges(self) -> None:

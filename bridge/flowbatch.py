@@ -402,9 +402,9 @@ def _fast_table(groups: list[tuple], packets: int, payload_bytes: int) -> FlowTa
 def _times(x: np.ndarray) -> np.ndarray:
     """records._time on an array: to whole microseconds (half to even, as round()), then
     ``sec + usec / 1e6`` as Zeek forms a packet time."""
-    us = np.round(x * 1e6)
-    if np.any(np.abs(us) >= 2.0**53):
+    if not np.all((x >= 0.0) & (x <= rc.MAX_TIME_S)):  # as records._time: one by one there
         raise OverflowError("time out of range")
+    us = np.round(x * 1e6)
     sec, usec = np.divmod(us.astype(np.int64), 1_000_000)
     return sec.astype(np.float64) + usec / 1e6
 

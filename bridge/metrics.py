@@ -131,7 +131,13 @@ class PrometheusExporter:
 
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Collector(metrics))
-        self.server, self.thread = start_http_server(port, addr=address, registry=self.registry)
+        try:
+            self.server, self.thread = start_http_server(port, addr=address,
+                                                         registry=self.registry)  # fmt: skip
+        except OSError as e:  # the address in the message: which port is busy, and where
+            host = f"[{address}]" if ":" in address else address
+            raise OSError(f"cannot serve metrics on http://{host}:{port}/metrics: "
+                          f"{e.strerror or e}") from None  # fmt: skip
         self.port = self.server.server_address[1]
 
     def close(self) -> None:

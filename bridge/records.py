@@ -100,7 +100,16 @@ def us_to_offset(us: int) -> float:
     return (us * 1000) / 1e9
 
 
+# What a record's times may be: seconds since the epoch (until year 2242), offsets from the
+# window start up to 10^18 ns. Beyond, the arithmetic overflows or the matrix row is not
+# finite: such a record is refused here, one record, with a reason.
+MAX_TIME_S = float(2**33)
+MAX_OFFSET_NS = 10**18
+
+
 def _time(x: float) -> float:
+    if not 0.0 <= x <= MAX_TIME_S:  # NaN fails too
+        raise ValueError(f"time {x!r} is not seconds since the epoch"[:80])
     return us_to_time(round(x * 1e6))
 
 
@@ -118,6 +127,8 @@ def _span_ns(s: str) -> int:
 def _offset(ns: int) -> float:
     """Zeek's truncated nanoseconds to the whole microseconds they stand for (half up; a
     difference of two microsecond times never lies near a half microsecond)."""
+    if not 0 <= ns <= MAX_OFFSET_NS:
+        raise ValueError(f"offset of {ns} ns out of range"[:80])
     return ((ns + 500) // 1000 * 1000) / 1e9
 
 
@@ -267,7 +278,8 @@ def flow_record_raw(raw: bytes) -> FlowRecord | None:
     (_, mac, dip, dport, rip, rport, proto, start, last, tbytes, tpkts, offs, sizes, dirs, pays,
      uid, orig) = m.groups()  # fmt: skip
     off_ns, sizes_i, dirs_i, payloads = _spans_ns(offs), _counts(sizes), _counts(dirs), _hexes(pays)
-    if off_ns is None or sizes_i is None or dirs_i is None or payloads is None:
+    if off_ns is None or sizes_i is None or dirs_i is None or payloads is None or \
+            (off_ns and max(off_ns) > MAX_OFFSET_NS):  # fmt: skip
         return None
     ints = [int(dport), int(rport), int(proto), int(tbytes), int(tpkts)]
     if max(ints) > _COUNT_MAX or (sizes_i and max(sizes_i) > _COUNT_MAX) or \
@@ -407,8 +419,8 @@ def record_from_values(values: list) -> FlowRecord:
             uid=vals["uid"],
             device_is_orig=vals["device_is_orig"],
         )
-    except ValueError as e:
-        raise RecordError(f"{FLOW_EVENT}: {e}") from None
+    except (ValueError, OverflowError, TypeError) as e:
+        raise RecordError(f"{FLOW_EVENT}: {e}"[:200]) from None
 
 
 def flow_values(r: FlowRecord) -> list:
@@ -578,7 +590,11 @@ def welcome_from(ev: bj.Event) -> Welcome:
     types = (bj.Count, str, bj.Timespan, bj.Count, bj.Count, bool)
     if len(a) != 6 or not all(isinstance(x, t) for x, t in zip(a, types)):
         raise RecordError(f"{WELCOME_EVENT}: unexpected arguments {list(a)!r}"[:200])
-    return Welcome(int(a[0]), a[1], a[2].seconds, int(a[3]), int(a[4]), a[5])
+    try:
+        window_s = a[2].seconds
+    except OverflowError:
+        raise RecordError(f"{WELCOME_EVENT}: window of {a[2].ns} ns out of range"[:200]) from None
+    return Welcome(int(a[0]), a[1], window_s, int(a[3]), int(a[4]), a[5])
 
 
 def drain_from(ev: bj.Event) -> int:

@@ -15,7 +15,9 @@ Pieces and who owns what:
 Shutdown (SIGINT/SIGTERM): stop taking records from Zeek (later ones are counted as shed for
 ``shutdown``), hand what the Bridge holds to the dispatcher, let it finish what is queued and
 in flight (``bridge.shutdown_timeout_s``), send those labels, stop the scorers, close the
-connection to Zeek, print the summary line.
+connection to Zeek, print the summary line. A part that stops because of an error stops the
+service the same way, and the exit status says so (non-zero: systemd's
+``Restart=on-failure`` restarts it).
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ import asyncio
 import gc
 import logging
 import signal
+import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -114,29 +117,73 @@ def _client_rejections(client: Any, bridge: Bridge) -> dict[tuple[str, str], int
     out = {("websocket", "malformed"): s.malformed, ("websocket", "unexpected"): s.unexpected,
            ("websocket", "handler_error"): s.handler_errors,
            ("websocket", "bad_flow_record"): b.bad_records,
+           ("websocket", "duplicate"): b.duplicates,
            ("websocket", "unexpected_event"): b.other_events}  # fmt: skip
     for code, n in s.zeek_errors.items():
         out[("zeek", code)] = n
     return {k: v for k, v in out.items() if v}
 
 
+EXIT_ERROR = 1  # stopped by an error while running: worth a restart (Restart=on-failure)
+EXIT_UNUSABLE = 2  # the model cannot be used, as at start: a restart would not help
+
+
 class Service:
+    """``iotcls serve``: the bridge(s), the dispatcher, the local scorers and the metrics.
+
+    :meth:`run` returns the exit status: 0 after SIGINT/SIGTERM, :data:`EXIT_ERROR` when a
+    part stopped because of an error (a task that raised or returned on its own),
+    :data:`EXIT_UNUSABLE` when every local scorer was given up because the model cannot be
+    used. Start-up problems raise (OSError, BundleError, KeyFileError), each one line."""
+
     def __init__(self, cfg: Config, config_path: str | None, log_level: str = "info"):
         self.cfg = cfg
         self.config_path = config_path
         self.log_level = log_level
         self.metrics = ServeMetrics()
         self._stop = asyncio.Event()
+        self._failure: tuple[int, str] | None = None  # (exit status, why), first one wins
+
+    def fail(self, status: int, why: str) -> None:
+        """Stop the service because of an error: it exits with *status* after shutting down."""
+        if self._failure is None:
+            self._failure = (status, why)
+            log.error("stopping: %s", why)
+        self._stop.set()
+
+    def _curve_keys(self):
+        """The CURVE keys when the scorer socket uses CURVE (``bridge.curve``), else None."""
+        from . import curve as cv
+
+        b = self.cfg.bridge
+        if not cv.enabled(b.curve, b.bind):
+            if b.curve == "off" and not all(cv.is_loopback(a) for a in b.bind):
+                log.warning("bridge.curve is off and the scorer socket binds %s: any host that "
+                            "reaches it can pose as a scorer and read flow records",
+                            ", ".join(b.bind))  # fmt: skip
+            return None
+        return cv.server_keys(b.keys_dir)
+
+    def _on_give_up(self, supervisor: Any) -> Callable[[str, str, int | None], None]:
+        def give_up(name: str, why: str, status: int | None) -> None:
+            if supervisor.all_given_up:
+                from iotcls.scorer.service import EXIT_MODEL
+
+                code = EXIT_UNUSABLE if status == EXIT_MODEL else EXIT_ERROR
+                self.fail(code, f"no local scorer is left: scorer {name} {why}")
+
+        return give_up
 
     async def run(self) -> int:
+        from iotcls.scorer.service import check_bundle, load_bundle
         from iotcls.scorer.supervisor import Supervisor, scorer_command
 
         from .zeek_ws import ZeekClient
 
-        from iotcls.scorer.service import load_bundle
-
         cfg = self.cfg
         bundle = load_bundle(cfg.scorers.model)
+        check_bundle(bundle)  # a file that loads but cannot score stops us here, in one line
+        keys = self._curve_keys()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._stop.set)
@@ -145,20 +192,33 @@ class Service:
         from iotcls.trust.dhcp_identity import DhcpIdentity
 
         state = TrustState.from_dict(bundle.trust) if bundle.trust else None
+        exporter = None
+        if cfg.metrics.enabled:  # first: a busy port is refused before anything else runs
+            exporter = PrometheusExporter(self.metrics, cfg.metrics.address, cfg.metrics.port)
         dispatcher = Dispatcher(cfg, bundle.layout, DispatchScorer.deliver, self.metrics,
                                 model_id=bundle.name, consistency=DeviceConsistency.of(state),
-                                identities=DhcpIdentity.of(state))  # fmt: skip
-        endpoints = await dispatcher.start()
+                                identities=DhcpIdentity.of(state), classes=bundle.classes,
+                                keys=keys)  # fmt: skip
         client: ZeekClient | None = None
         suri = None
-        if cfg.suricata.enabled:
-            from .suricata import SuricataSide
+        try:
+            endpoints = await dispatcher.start()
+            if cfg.suricata.enabled:
+                from .suricata import SuricataSide
 
-            suri = await SuricataSide.start(
-                cfg.suricata, bundle.layout, DispatchScorer(dispatcher), self.metrics,
-                batch_size=cfg.scorers.batch_size, max_delay_s=cfg.scorers.max_wait_ms / 1000.0,
-                max_devices=cfg.bridge.max_devices, max_live_records=2 * cfg.bridge.queue_records,
-            )  # fmt: skip
+                suri = await SuricataSide.start(
+                    cfg.suricata, bundle.layout, DispatchScorer(dispatcher), self.metrics,
+                    batch_size=cfg.scorers.batch_size,
+                    max_delay_s=cfg.scorers.max_wait_ms / 1000.0,
+                    max_devices=cfg.bridge.max_devices,
+                    max_live_records=2 * cfg.bridge.queue_records,
+                )  # fmt: skip
+        except BaseException:
+            await dispatcher.close()
+            if exporter:
+                exporter.close()
+            raise
+        if suri is not None:
             self.metrics.rejected_sources.append(suri.rejections)
         bridges: list[ServeBridge] = [suri.bridge] if suri else []
 
@@ -206,18 +266,18 @@ class Service:
             ("iotcls_live_records", "Records decoded and not yet done (bound: 2 x "
              "bridge.queue_records per sensor)", lambda: sum(b.live_records for b in bridges)),
         ]  # fmt: skip
-        exporter = None
-        if cfg.metrics.enabled:
-            exporter = PrometheusExporter(self.metrics, cfg.metrics.address, cfg.metrics.port)
         connect = endpoints[0].replace("tcp://0.0.0.0:", "tcp://127.0.0.1:")
         supervisor = Supervisor(
             cfg.scorers.count,
             scorer_command(connect, self.config_path, cfg.scorers.model or None,
-                           cfg.scorers.device, self.log_level),  # fmt: skip
+                           cfg.scorers.device, self.log_level,
+                           extra=["--keys", cfg.bridge.keys_dir] if keys else None,
+                           curve=keys is not None),  # fmt: skip
             on_exit=dispatcher.scorer_lost,
             backoff_s=cfg.scorers.restart_backoff_s,
             on_restart=self.metrics.count_restart,
         )
+        supervisor.on_give_up = self._on_give_up(supervisor)
         supervisor.start()
         # Everything allocated so far (torch, the model bundle, numpy, the codecs) lives
         # as long as the process: out of the collector's sight, a full collection scans
@@ -225,7 +285,8 @@ class Service:
         gc.freeze()
         print(
             f"iotcls serve: model {bundle.name} ({len(bundle.classes)} classes) from "
-            f"{bundle.source}; scorers connect to {', '.join(endpoints)}; "
+            f"{bundle.source}; scorers connect to {', '.join(endpoints)}"
+            + (" (CURVE)" if keys else "") + "; "
             f"{cfg.scorers.count} local scorer(s) on {cfg.scorers.device}; "
             + (f"zeek {cfg.zeek.url} topics {','.join(cfg.zeek.topics)}; " if client else
                "zeek off; ")
@@ -243,9 +304,7 @@ class Service:
             tasks.add(suri.task)
         stop = asyncio.create_task(self._stop.wait())
         await asyncio.wait({*tasks, stop}, return_when=asyncio.FIRST_COMPLETED)
-        for t in tasks:
-            if t.done() and t.exception():
-                log.error("%s stopped: %s", t.get_name(), t.exception())
+        self._check_tasks(tasks)
         t0 = time.monotonic()
         for b in bridges:
             b.pause()
@@ -279,5 +338,20 @@ class Service:
             exporter.close()
         print(f"iotcls serve: stopped in {time.monotonic() - t0:.1f} s: {self.metrics.summary()}",
               flush=True)  # fmt: skip
+        if self._failure is not None:
+            print(f"iotcls serve: error: {self._failure[1]}", file=sys.stderr, flush=True)
+            return self._failure[0]
         return 0
 
+    def _check_tasks(self, tasks: set[asyncio.Task]) -> None:
+        """A task that ended before we were asked to stop ended by an error (it raised, or
+        returned when it should run for ever): the service stops and exits non-zero."""
+        for t in tasks:
+            if not t.done():
+                continue
+            exc = None if t.cancelled() else t.exception()
+            if exc is not None:
+                self.fail(EXIT_ERROR, f"{t.get_name()} stopped: {type(exc).__name__}: "
+                                      f"{str(exc)[:200]}")  # fmt: skip
+            elif not self._stop.is_set():
+                self.fail(EXIT_ERROR, f"{t.get_name()} stopped on its own")

@@ -45,6 +45,7 @@ from iotcls.logschema import LogEntry
 from iotcls.schema import PROTO_ICMP, PROTO_ICMP6, PROTO_TCP, PROTO_UDP, FlowRecord
 
 from . import records as rc
+from . import safejson
 
 log = logging.getLogger("iotcls.suricata")
 
@@ -60,11 +61,26 @@ _EVE_PROTO = {PROTO_TCP: "TCP", PROTO_UDP: "UDP", PROTO_ICMP: "ICMP", PROTO_ICMP
 
 
 class DatagramError(ValueError):
-    """A datagram that is not a flow record of the script; the message says why."""
+    """A datagram line that is not a flow record of the script; the message says why and
+    ``kind`` names the counter (``malformed``: not a record at all, ``version``, ``bad_field``:
+    a field missing, mistyped or out of range)."""
+
+    def __init__(self, message: str, kind: str = "bad_field"):
+        super().__init__(message)
+        self.kind = kind
 
 
-# --------------------------------------------------------------------------------------------
-# records in
+# What a record may hold. Every field is checked here, at the edge, so that nothing out of
+# range reaches the matrix code: a negative byte count made a non-finite row (log1p(-1)),
+# a NaN label, and a device history that failed its next records; a start of 1e300 failed
+# the label's timestamp, and with it the whole batch.
+MAX_DEPTH = 4  # a record is one flat object of scalars and lists of scalars
+MAX_TIME_S = float(2**33)  # window times: seconds since the epoch (until year 2242)
+MAX_PACKETS = 1024  # entries in offsets_us, sizes, directions, payloads
+MAX_PAYLOAD = 65535  # bytes per packet payload
+MAX_COUNT = 2**63 - 1  # total_bytes, total_packets (an int64 column)
+MAX_SIZE = 2**31 - 1  # one packet's length (an int32 column)
+MAX_OFFSET_US = 2**53  # exact as a float
 
 
 def _field(d: dict, name: str, kind: type | tuple[type, ...]) -> Any:
@@ -74,52 +90,121 @@ def _field(d: dict, name: str, kind: type | tuple[type, ...]) -> Any:
     return v
 
 
-def _ints(d: dict, name: str) -> list[int]:
-    v = _field(d, name, list)
-    if not all(isinstance(x, int) and not isinstance(x, bool) for x in v):
-        raise DatagramError(f"field {name!r} must hold integers")
+def _int(d: dict, name: str, lo: int, hi: int) -> int:
+    v = _field(d, name, int)
+    if not lo <= v <= hi:
+        raise DatagramError(f"field {name!r} is {_short(v)}, not in {lo}..{hi}")
     return v
+
+
+def _short(v: Any) -> str:
+    """A peer's number for a message: huge integers are not printed whole."""
+    if isinstance(v, int) and v.bit_length() > 64:
+        return f"a {v.bit_length()}-bit integer"
+    return repr(v)[:40]
+
+
+def _ints(d: dict, name: str, lo: int, hi: int) -> list[int]:
+    v = _field(d, name, list)
+    if len(v) > MAX_PACKETS:
+        raise DatagramError(f"field {name!r} has {len(v)} entries, at most {MAX_PACKETS}")
+    for x in v:
+        if not isinstance(x, int) or isinstance(x, bool):
+            raise DatagramError(f"field {name!r} must hold integers")
+        if not lo <= x <= hi:
+            raise DatagramError(f"field {name!r} holds {_short(x)}, not in {lo}..{hi}")
+    return v
+
+
+def _time(d: dict, name: str) -> float:
+    v = _field(d, name, (int, float))
+    try:
+        t = float(v)
+    except OverflowError:
+        t = math.inf
+    if not (math.isfinite(t) and 0.0 <= t <= MAX_TIME_S):
+        raise DatagramError(f"field {name!r} is {_short(v)}, not a time in seconds since the "
+                            "epoch")  # fmt: skip
+    return t
+
+
+def _payloads(d: dict) -> list[bytes]:
+    v = _field(d, "payloads", list)
+    if len(v) > MAX_PACKETS:
+        raise DatagramError(f"field 'payloads' has {len(v)} entries, at most {MAX_PACKETS}")
+    if not all(isinstance(x, str) and len(x) <= 2 * MAX_PAYLOAD for x in v):
+        raise DatagramError(f"field 'payloads' must hold hex strings of at most {MAX_PAYLOAD} "
+                            "bytes")  # fmt: skip
+    try:
+        return [bytes.fromhex(x) for x in v]
+    except ValueError:
+        raise DatagramError("field 'payloads' must hold hex strings") from None
+
+
+def _address(d: dict, name: str) -> str:
+    v = _field(d, name, str)
+    try:
+        if len(v) > 45:
+            raise ValueError
+        return str(ipaddress.ip_address(v))
+    except ValueError:
+        raise DatagramError(f"field {name!r} is not an IP address") from None
+
+
+def _document(data: bytes) -> dict:
+    try:
+        d = safejson.loads(data, MAX_DEPTH)
+    except safejson.JSONDepthError as e:
+        raise DatagramError(f"not a record: {e}", "malformed") from None
+    except (ValueError, UnicodeDecodeError):
+        raise DatagramError("not JSON", "malformed") from None
+    if not isinstance(d, dict):
+        raise DatagramError("not a JSON object", "malformed")
+    if d.get("v") != RECORD_VERSION:
+        raise DatagramError(f"record version {_short(d.get('v'))}, this bridge reads "
+                            f"{RECORD_VERSION}", "version")  # fmt: skip
+    return d
 
 
 def parse_datagram(data: bytes) -> FlowRecord:
     """The flow record in one line of a datagram of the script (a datagram holds one or
-    more records, one JSON object a line); DatagramError says what is wrong."""
+    more records, one JSON object a line); DatagramError says what is wrong. Every field
+    is checked for type and range (see the limits above)."""
+    d = _document(data)
     try:
-        d = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
-        raise DatagramError("not JSON") from None
-    if not isinstance(d, dict):
-        raise DatagramError("not a JSON object")
-    if d.get("v") != RECORD_VERSION:
-        raise DatagramError(f"record version {d.get('v')!r}, this bridge reads {RECORD_VERSION}")
-    ips = []
-    for name in ("device_ip", "remote_ip"):
-        try:
-            ips.append(str(ipaddress.ip_address(_field(d, name, str))))
-        except ValueError:
-            raise DatagramError(f"field {name!r} is not an IP address") from None
-    start, last = (float(_field(d, k, (int, float))) for k in ("start", "last"))
-    if not (math.isfinite(start) and math.isfinite(last)) or last < start:
-        raise DatagramError("start and last are not times in order")
-    offsets = _ints(d, "offsets_us")
-    try:
-        payloads = [bytes.fromhex(x) for x in _field(d, "payloads", list)]
-    except (TypeError, ValueError):
-        raise DatagramError("field 'payloads' must hold hex strings") from None
-    flow_id = _field(d, "flow_id", int)
-    try:
+        ips = [_address(d, "device_ip"), _address(d, "remote_ip")]
+        start, last = _time(d, "start"), _time(d, "last")
+        if last < start:
+            raise DatagramError("start and last are not times in order")
+        offsets = _ints(d, "offsets_us", 0, MAX_OFFSET_US)
         return FlowRecord(
-            device_mac="", device_ip=ips[0], device_port=_field(d, "device_port", int),
-            remote_ip=ips[1], remote_port=_field(d, "remote_port", int),
-            proto=_field(d, "proto", int), start=start, last=last,
-            total_bytes=_field(d, "total_bytes", int),
-            total_packets=_field(d, "total_packets", int),
-            offsets=[x / 1e6 for x in offsets], sizes=_ints(d, "sizes"),
-            directions=_ints(d, "directions"), payloads=payloads, uid=str(flow_id),
+            device_mac="", device_ip=ips[0], device_port=_int(d, "device_port", 0, 65535),
+            remote_ip=ips[1], remote_port=_int(d, "remote_port", 0, 65535),
+            proto=_int(d, "proto", 0, 255), start=start, last=last,
+            total_bytes=_int(d, "total_bytes", 0, MAX_COUNT),
+            total_packets=_int(d, "total_packets", 0, MAX_COUNT),
+            offsets=[x / 1e6 for x in offsets], sizes=_ints(d, "sizes", 0, MAX_SIZE),
+            directions=_ints(d, "directions", 0, 1), payloads=_payloads(d),
+            uid=str(_int(d, "flow_id", 0, 2**64 - 1)),
             device_is_orig=_field(d, "device_is_orig", bool),
         )  # fmt: skip
-    except ValueError as e:  # lengths differ
-        raise DatagramError(str(e)) from None
+    except (ValueError, TypeError, OverflowError) as e:  # lengths differ, and the like
+        if isinstance(e, DatagramError):
+            raise
+        raise DatagramError(str(e)[:200]) from None
+
+
+def record_datagram(r: FlowRecord, flow_id: int | None = None) -> bytes:
+    """One record as the script sends it (one line; tests, benchmarks, the fuzzer)."""
+    return json.dumps({
+        "v": RECORD_VERSION, "flow_id": int(r.uid) if flow_id is None else flow_id,
+        "device_ip": r.device_ip, "device_port": r.device_port, "remote_ip": r.remote_ip,
+        "remote_port": r.remote_port, "proto": r.proto, "start": r.start, "last": r.last,
+        "total_bytes": r.total_bytes, "total_packets": r.total_packets,
+        "offsets_us": [round(o * 1e6) for o in r.offsets], "sizes": list(r.sizes),
+        "directions": list(r.directions), "payloads": [p.hex() for p in r.payloads],
+        "device_is_orig": bool(r.device_is_orig),
+    }, separators=(",", ":")).encode()  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
@@ -204,6 +289,61 @@ class IntakeStats:
     rejected: dict[str, int] = field(default_factory=dict)  # reason -> count
 
 
+class SocketInUse(OSError):
+    """Another process is bound to the Suricata socket; the message names it."""
+
+
+def _holders(path: Path) -> list[str]:
+    """``pid (command)`` of the processes holding a Unix socket bound to *path*, as far as
+    /proc lets this user see (Linux)."""
+    inodes = set()
+    try:
+        with open("/proc/net/unix") as f:
+            next(f, None)
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 8 and parts[7] == str(path):
+                    inodes.add(f"socket:[{parts[6]}]")
+    except OSError:
+        return []
+    out = []
+    for pid in filter(str.isdigit, os.listdir("/proc")) if inodes else ():
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+            if any(os.readlink(f"/proc/{pid}/fd/{fd}") in inodes for fd in fds):
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+                out.append(f"{pid} ({cmd[:80]})")
+        except OSError:
+            continue
+    return out
+
+
+def claim(path: Path) -> None:
+    """Makes *path* free to bind: a stale socket file (nobody bound) is removed, a live one
+    is refused with :class:`SocketInUse` naming the process; unlinking it would leave that
+    process bound to a name nobody can reach (it would silently receive nothing)."""
+    try:
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            return  # bind fails on it and says why
+    except FileNotFoundError:
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        probe.connect(str(path))
+    except ConnectionRefusedError:
+        os.unlink(path)  # a stale socket of an earlier run
+        return
+    except OSError:
+        return  # not ours to judge (permissions): bind says what is wrong
+    finally:
+        probe.close()
+    who = _holders(path)
+    raise SocketInUse(f"the Suricata socket {path} is in use by "
+                      + (f"process {', '.join(who)}" if who else "another process")
+                      + ": stop it, or give this service another suricata.socket")  # fmt: skip
+
+
 class DatagramReader:
     """Binds the Unix datagram socket and reads it in a thread; ``deliver(list[bytes])`` is
     called in the event loop with the datagrams read since the last call."""
@@ -217,11 +357,7 @@ class DatagramReader:
         self._scheduled = False
         self._stop = threading.Event()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            if stat.S_ISSOCK(os.lstat(self.path).st_mode):
-                os.unlink(self.path)  # a stale socket of an earlier run
-        except FileNotFoundError:
-            pass
+        claim(self.path)
         s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:
             s.bind(str(self.path))
@@ -301,19 +437,22 @@ class SuricataBridge(_serve_bridge()):  # type: ignore[misc]
         return line.encode() + b"\n"
 
     def take(self, datagrams: list[bytes]) -> None:
-        """Datagrams from the socket: records go to the bridge, the rest are refused."""
+        """Datagrams from the socket: records go to the bridge, the rest are refused, one
+        line at a time (a bad line never costs the good ones beside it)."""
         for data in datagrams:
             self.intake.datagrams += 1
             for line in data.split(b"\n"):
                 try:
                     rec = parse_datagram(line)
                 except DatagramError as e:
-                    self._reject(str(e), line)
+                    self._reject(str(e), line, e.kind)
+                    continue
+                except Exception as e:  # a bug must cost this line, not the datagram
+                    self._reject(f"{type(e).__name__}: {e}", line, "internal")
                     continue
                 self._add(rec)
 
-    def _reject(self, why: str, data: bytes) -> None:
-        kind = "malformed"
+    def _reject(self, why: str, data: bytes, kind: str = "malformed") -> None:
         self.intake.rejected[kind] = self.intake.rejected.get(kind, 0) + 1
         now = time.monotonic()
         if now - self._reject_logged < _REJECT_LOG_S:
@@ -353,7 +492,12 @@ class SuricataSide:
         return cls(cfg, bridge, reader, eve, task)
 
     def rejections(self) -> dict[tuple[str, str], int]:
-        return {("suricata", k): v for k, v in self.bridge.intake.rejected.items()}
+        out = {("suricata", k): v for k, v in self.bridge.intake.rejected.items()}
+        st = self.bridge.stats
+        for kind, n in (("bad_flow_record", st.bad_records), ("duplicate", st.duplicates)):
+            if n:
+                out[("suricata", kind)] = out.get(("suricata", kind), 0) + n
+        return out
 
     def pause(self) -> None:
         self.bridge.pause()

@@ -241,6 +241,11 @@ class ZeekClient:
         except OSError as e:
             self._warn("closed", "connection to Zeek lost: %s", e)
             return self.connected.is_set()
+        except Exception as e:  # a bug must cost the session, never the service
+            self.stats.handler_errors += 1
+            log.error("session with Zeek at %s ended by an error: %s: %s; reconnecting",
+                      self.url, type(e).__name__, str(e)[:200])  # fmt: skip
+            return self.connected.is_set()
         finally:
             was = self.connected.is_set()
             self.connected.clear()
@@ -290,34 +295,45 @@ class ZeekClient:
             if isinstance(raw, str):  # not with decode=False, but be safe
                 raw = raw.encode("utf-8", "surrogateescape")
             self.stats.frames += 1
-            if self.on_raw is not None:
-                try:
-                    if self.on_raw(raw):
-                        continue
-                except Exception as e:  # a handler bug must not end the session
-                    self.stats.handler_errors += 1
-                    self._warn("handler", "raw frame handler failed: %s: %s", type(e).__name__, e)
-                    continue
             try:
-                obj, lenient = bj.parse_frame(raw)
-            except bj.BrokerJSONError as e:
-                self.stats.malformed += 1
-                self._warn("malformed", "skipped a frame that is not JSON (%d so far): %s: %r",
-                           self.stats.malformed, e, raw[:120])  # fmt: skip
-                continue
-            if lenient:
-                self.stats.lenient += 1
-                self._warn("lenient", "frame with raw bytes in strings (%d so far): Zeek strings "
-                           "holding binary data should be hex-encoded", self.stats.lenient)  # fmt: skip
-            kind = obj.get("type") if isinstance(obj, dict) else None
-            if kind == "data-message":
-                await self._call(self.on_message, obj)
-            elif kind == "error":
-                self._on_error(obj)
-            else:
-                self.stats.unexpected += 1
-                self._warn("unexpected", "skipped an unexpected message (%d so far): %r",
-                           self.stats.unexpected, raw[:120])  # fmt: skip
+                await self._frame(raw)
+            except (asyncio.CancelledError, ConnectionClosed):
+                raise
+            except Exception as e:  # whatever a frame holds, it must not end the session
+                self.stats.handler_errors += 1
+                self._warn("frame", "a frame could not be handled (%d so far): %s: %s",
+                           self.stats.handler_errors, type(e).__name__, str(e)[:200])  # fmt: skip
+
+    async def _frame(self, raw: bytes) -> None:
+        """One frame from Zeek: the raw handler's, else parsed and dispatched by type."""
+        if self.on_raw is not None:
+            try:
+                if self.on_raw(raw):
+                    return
+            except Exception as e:  # a handler bug must not end the session
+                self.stats.handler_errors += 1
+                self._warn("handler", "raw frame handler failed: %s: %s", type(e).__name__, e)
+                return
+        try:
+            obj, lenient = bj.parse_frame(raw)
+        except bj.BrokerJSONError as e:
+            self.stats.malformed += 1
+            self._warn("malformed", "skipped a frame that is not JSON (%d so far): %s: %r",
+                       self.stats.malformed, e, raw[:120])  # fmt: skip
+            return
+        if lenient:
+            self.stats.lenient += 1
+            self._warn("lenient", "frame with raw bytes in strings (%d so far): Zeek strings "
+                       "holding binary data should be hex-encoded", self.stats.lenient)  # fmt: skip
+        kind = obj.get("type") if isinstance(obj, dict) else None
+        if kind == "data-message":
+            await self._call(self.on_message, obj)
+        elif kind == "error":
+            self._on_error(obj)
+        else:
+            self.stats.unexpected += 1
+            self._warn("unexpected", "skipped an unexpected message (%d so far): %r",
+                       self.stats.unexpected, raw[:120])  # fmt: skip
 
     def _on_error(self, obj: dict) -> None:
         try:

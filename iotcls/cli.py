@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "classify": ("classify", "classify the devices in captures and write iot_class.log"),
     "explain": ("explain", "explain a device's labels (Shapley values over feature groups)"),
     "serve": ("serve", "run the bridge and scorer processes beside Zeek"),
+    "keys": ("keys", "create the CURVE keys that authenticate scorers to the bridge"),
     "zeek-install": ("zeek_install", "install the iotcls Zeek scripts into Zeek's site dir"),
     "suricata-config": ("suricata_config", "print the Suricata Lua output settings"),
     "report": ("report", "write an HTML device inventory from iot_class.log"),

@@ -9,6 +9,7 @@ operator can fix the file without reading a traceback.
 from __future__ import annotations
 
 import math
+import reprlib
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,36 @@ SHED_POLICIES = ("labelled-first", "oldest", "newest")
 LOG_POLICIES = ("changes", "all")
 DEVICES = ("auto", "cpu", "cuda")
 EXPLAIN = ("logged", "all", "none")
+CURVE = ("auto", "on", "off")
+MAX_FILE_BYTES = 1 << 20  # a configuration is a few kB; a bigger file is no configuration
+MAX_TEXT = 4096  # characters in one string value (a path, a URL, a topic)
+MAX_LIST = 64  # entries in one list value
+# The largest value of every number, so that a typo (or 10^20) fails here, in one line, and
+# not later, in a crash loop: (dotted key, largest value).
+UPPER = {
+    "zeek.reconnect_max_s": 3600.0, "bridge.queue_records": 10_000_000,
+    "bridge.inflight_per_scorer": 64, "bridge.scorer_timeout_s": 3600.0,
+    "bridge.max_attempts": 100, "bridge.recent_label_s": 7 * 86400.0,
+    "bridge.max_devices": 10_000_000, "bridge.shutdown_timeout_s": 3600.0,
+    "scorers.count": 256, "scorers.batch_size": 4096, "scorers.max_wait_ms": 10_000.0,
+    "scorers.threads": 1024, "scorers.row_cache": 10_000_000, "scorers.heartbeat_s": 3600.0,
+    "scorers.restart_backoff_s": 3600.0, "log.interval_s": 30 * 86400.0,
+}  # fmt: skip
+SWITCHES = {"bridge.curve"}  # choices that also take YAML's true/false (on/off, yes/no)
+_SHOW = reprlib.Repr()
+_SHOW.maxstring = _SHOW.maxother = 60
+_SHOW.maxlist = _SHOW.maxtuple = _SHOW.maxdict = _SHOW.maxset = 4
+_SHOW.maxlevel = 2
+_SHOW.maxlong = 40
+
+
+def show(v: Any) -> str:
+    """A value for an error message, bounded: a YAML alias bomb is a small graph that a full
+    ``repr`` would expand into gigabytes."""
+    try:
+        return _SHOW.repr(v)
+    except (ValueError, RecursionError):  # an int too long to print
+        return f"<{type(v).__name__}>"
 
 
 class ConfigError(ValueError):
@@ -37,6 +68,8 @@ class ZeekConfig:
 @dataclass
 class BridgeConfig:
     bind: list[str] = field(default_factory=lambda: ["tcp://127.0.0.1:27760"])
+    curve: str = "auto"
+    keys_dir: str = "/etc/iotcls/keys"
     queue_records: int = 20_000
     inflight_per_scorer: int = 2
     scorer_timeout_s: float = 10.0
@@ -139,6 +172,15 @@ bridge:
   # and start them there with: iotcls serve --scorer-only --connect tcp://BRIDGE:27760
   # A port of * picks a free one.
   bind: [tcp://127.0.0.1:27760]
+  # ZeroMQ CURVE on the scorer socket: only scorers whose public key is in
+  # keys_dir/authorized/ may connect, and everything on the link is encrypted.
+  #   auto  on when bind holds anything but loopback (127.0.0.1, ::1, ipc://)
+  #   on    also on loopback (other local users then cannot pose as scorers)
+  #   off   never (an unauthenticated socket: keep it on a network you trust)
+  curve: auto
+  # Where the CURVE keys are (create them with: iotcls keys --dir DIR); the bridge reads
+  # bridge.key_secret and authorized/*.key, a scorer scorer.key_secret and bridge.key.
+  keys_dir: /etc/iotcls/keys
   # Records waiting for a scorer, at most; beyond this, records are shed (see shed_policy).
   queue_records: 20000
   # Batches a scorer may hold at once (its credit): 2 lets it score one while the next waits.
@@ -217,29 +259,41 @@ def _check_value(source: str, key: str, default: Any, v: Any) -> Any:
     """Coerces ``v`` to the type of ``default`` or fails naming the key."""
     if isinstance(default, bool):
         if not isinstance(v, bool):
-            raise _fail(source, key, f"must be true or false, not {v!r}")
+            raise _fail(source, key, f"must be true or false, not {show(v)}")
         return v
     if isinstance(default, int):
         if isinstance(v, bool) or not isinstance(v, int):
-            raise _fail(source, key, f"must be an integer, not {v!r}")
-        return v
+            raise _fail(source, key, f"must be an integer, not {show(v)}")
+        return _at_most(source, key, v)
     if isinstance(default, float):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise _fail(source, key, f"must be a number, not {v!r}")
-        return float(v)
+            raise _fail(source, key, f"must be a number, not {show(v)}")
+        return float(_at_most(source, key, v))
     if isinstance(default, str):
+        if key in SWITCHES and isinstance(v, bool):
+            return "on" if v else "off"
         if v is None:
             return ""
-        if not isinstance(v, str):
-            raise _fail(source, key, f"must be a string, not {v!r}")
+        if not isinstance(v, str) or len(v) > MAX_TEXT:
+            raise _fail(source, key, f"must be a string of at most {MAX_TEXT} characters, "
+                                     f"not {show(v)}")  # fmt: skip
         return v
     if isinstance(default, list):
         if isinstance(v, str):
             v = [v]
-        if not isinstance(v, list) or not v or not all(isinstance(x, str) and x for x in v):
-            raise _fail(source, key, f"must be a non-empty list of strings, not {v!r}")
+        if not isinstance(v, list) or not v or len(v) > MAX_LIST or \
+                not all(isinstance(x, str) and x and len(x) <= MAX_TEXT for x in v):  # fmt: skip
+            raise _fail(source, key, f"must be a non-empty list of at most {MAX_LIST} strings, "
+                                     f"not {show(v)}")  # fmt: skip
         return list(v)
     raise AssertionError(f"unhandled config type for {key}")  # pragma: no cover
+
+
+def _at_most(source: str, key: str, v: int | float) -> int | float:
+    top = UPPER.get(key)
+    if top is not None and v > top:
+        raise _fail(source, key, f"must be at most {top:g}, not {show(v)}")
+    return v
 
 
 def validate(cfg: Config, source: str = "config") -> Config:
@@ -257,35 +311,38 @@ def validate(cfg: Config, source: str = "config") -> Config:
     need(su.eve_log != "", "suricata.eve_log", "must be a path")
     need(0 <= su.community_id_seed < 65536, "suricata.community_id_seed",
          f"must be 0-65535, not {su.community_id_seed}")  # fmt: skip
-    need(z.url.startswith(("ws://", "wss://")), "zeek.url", f"must be a ws:// or wss:// URL, not {z.url!r}")
+    need(z.url.startswith(("ws://", "wss://")), "zeek.url", f"must be a ws:// or wss:// URL, not {show(z.url)}")
     need(z.reconnect_max_s > 0, "zeek.reconnect_max_s", "must be positive")
     for a in b.bind:
         need(a.startswith(("tcp://", "ipc://", "inproc://")), "bridge.bind",
-             f"{a!r} is not a ZeroMQ address (tcp://HOST:PORT or ipc://PATH)")  # fmt: skip
+             f"{show(a)} is not a ZeroMQ address (tcp://HOST:PORT or ipc://PATH)")  # fmt: skip
+    need(b.curve in CURVE, "bridge.curve",
+         f"must be one of {', '.join(CURVE)}, not {show(b.curve)}")  # fmt: skip
+    need(b.keys_dir != "", "bridge.keys_dir", "must be a directory")
     need(b.queue_records >= 1, "bridge.queue_records", "must be at least 1")
     need(b.inflight_per_scorer >= 1, "bridge.inflight_per_scorer", "must be at least 1")
     need(b.scorer_timeout_s > 0, "bridge.scorer_timeout_s", "must be positive")
     need(b.max_attempts >= 1, "bridge.max_attempts", "must be at least 1")
     need(b.shed_policy in SHED_POLICIES, "bridge.shed_policy",
-         f"must be one of {', '.join(SHED_POLICIES)}, not {b.shed_policy!r}")  # fmt: skip
+         f"must be one of {', '.join(SHED_POLICIES)}, not {show(b.shed_policy)}")  # fmt: skip
     need(b.recent_label_s >= 0, "bridge.recent_label_s", "must not be negative")
     need(b.max_devices >= 1, "bridge.max_devices", "must be at least 1")
     need(b.shutdown_timeout_s >= 0, "bridge.shutdown_timeout_s", "must not be negative")
     need(s.count >= 0, "scorers.count", "must not be negative")
     need(s.device in DEVICES, "scorers.device",
-         f"must be one of {', '.join(DEVICES)}, not {s.device!r}")  # fmt: skip
+         f"must be one of {', '.join(DEVICES)}, not {show(s.device)}")  # fmt: skip
     need(s.batch_size >= 1, "scorers.batch_size", "must be at least 1")
     need(s.max_wait_ms >= 0, "scorers.max_wait_ms", "must not be negative")
     need(s.threads >= 1, "scorers.threads", "must be at least 1")
     need(s.row_cache >= 0, "scorers.row_cache", "must not be negative")
     need(s.explain in EXPLAIN, "scorers.explain",
-         f"must be one of {', '.join(EXPLAIN)}, not {s.explain!r}")  # fmt: skip
+         f"must be one of {', '.join(EXPLAIN)}, not {show(s.explain)}")  # fmt: skip
     need(s.heartbeat_s > 0, "scorers.heartbeat_s", "must be positive")
     need(s.heartbeat_s < b.scorer_timeout_s, "scorers.heartbeat_s",
          f"must be shorter than bridge.scorer_timeout_s ({b.scorer_timeout_s})")  # fmt: skip
     need(s.restart_backoff_s >= 0, "scorers.restart_backoff_s", "must not be negative")
     need(lg.policy in LOG_POLICIES, "log.policy",
-         f"must be one of {', '.join(LOG_POLICIES)}, not {lg.policy!r}")  # fmt: skip
+         f"must be one of {', '.join(LOG_POLICIES)}, not {show(lg.policy)}")  # fmt: skip
     need(lg.interval_s >= 0, "log.interval_s", "must not be negative")
     need(0 < m.port < 65536, "metrics.port", f"must be a TCP port (1-65535), not {m.port}")
     return cfg
@@ -300,30 +357,38 @@ def from_dict(d: Any, source: str = "config") -> Config:
         raise ConfigError(f"{source}: expected a mapping of sections, got {type(d).__name__}")
     sections = {f.name for f in fields(cfg)}
     for name, values in d.items():
-        if name not in sections:
-            raise _fail(source, str(name), f"unknown section (known: {', '.join(sorted(sections))})")
+        if not isinstance(name, str) or name not in sections:
+            raise _fail(source, show(name) if not isinstance(name, str) else name[:60],
+                        f"unknown section (known: {', '.join(sorted(sections))})")  # fmt: skip
         section = getattr(cfg, name)
         if values is None:
             continue
         if not isinstance(values, dict):
-            raise _fail(source, name, f"must be a mapping, not {values!r}")
+            raise _fail(source, name, f"must be a mapping, not {show(values)}")
         known = {f.name: f for f in fields(section)}
         for key, v in values.items():
-            dotted = f"{name}.{key}"
-            if key not in known:
+            dotted = f"{name}.{key[:60] if isinstance(key, str) else show(key)}"
+            if not isinstance(key, str) or key not in known:
                 raise _fail(source, dotted, f"unknown key (known: {', '.join(sorted(known))})")
             setattr(section, key, _check_value(source, dotted, getattr(section, key), v))
     return validate(cfg, source)
 
 
 def loads(text: str, source: str = "config") -> Config:
+    if len(text) > MAX_FILE_BYTES:
+        raise ConfigError(f"{source}: {len(text)} characters: a configuration is at most "
+                          f"{MAX_FILE_BYTES}")  # fmt: skip
     try:
         d = yaml.safe_load(text)
     except yaml.YAMLError as e:
         where = getattr(e, "problem_mark", None)
         at = f" at line {where.line + 1}" if where is not None else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(f"{source}: not valid YAML{at}: {problem}") from None
+        raise ConfigError(f"{source}: not valid YAML{at}: {problem}"[:300]) from None
+    except RecursionError:
+        raise ConfigError(f"{source}: not valid YAML: nested too deeply") from None
+    except ValueError as e:  # a number too long to read (Python's int digit limit)
+        raise ConfigError(f"{source}: not valid YAML: {str(e).splitlines()[0][:120]}") from None
     return from_dict(d, source)
 
 
@@ -333,7 +398,12 @@ def load(path: str | Path | None) -> Config:
         return Config()
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        with p.open("rb") as f:
+            data = f.read(MAX_FILE_BYTES + 1)
+        if len(data) > MAX_FILE_BYTES:
+            raise ConfigError(f"{p}: bigger than {MAX_FILE_BYTES} bytes: a configuration is a "
+                              "few kB")  # fmt: skip
+        text = data.decode("utf-8")
     except OSError as e:
         raise ConfigError(f"{p}: cannot read config: {e.strerror or e}") from None
     except UnicodeDecodeError:

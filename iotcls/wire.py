@@ -45,6 +45,9 @@ class Hello:
     device: str
     batch_size: int
     explain: str = "none"  # which labels get the full trust decision: all, logged, none
+    # the model's class names, the labels it can give (None: an older scorer; its labels
+    # are still checked one by one)
+    classes: list[str] | None = None
 
 
 @dataclass
@@ -165,6 +168,8 @@ def encode(msg: Message) -> bytes:
         d.update(name=msg.name, pid=msg.pid, host=msg.host, model=msg.model,
                  layout=msg.layout, device=msg.device, batch=msg.batch_size,
                  explain=msg.explain)  # fmt: skip
+        if msg.classes is not None:
+            d["classes"] = list(msg.classes)
     elif isinstance(msg, Welcome):
         d.update(credit=msg.credit, hb=msg.heartbeat_s)
     elif isinstance(msg, (Reject, Bye)):
@@ -250,12 +255,16 @@ def decode(data: bytes) -> Message:
     if kind == "hb":
         return Heartbeat()
     if kind == "hello":
+        classes = None
+        if "classes" in d:
+            classes = _list_of(d, "classes", str, len(_get(d, "classes", list, kind)), kind)
         return Hello(
             name=_get(d, "name", str, kind), pid=_get(d, "pid", int, kind),
             host=_get(d, "host", str, kind), model=_get(d, "model", str, kind),
             layout=_get(d, "layout", dict, kind), device=_get(d, "device", str, kind),
             batch_size=_get(d, "batch", int, kind),
             explain=_get(d, "explain", str, kind) if "explain" in d else "none",
+            classes=classes,
         )  # fmt: skip
     if kind == "welcome":
         return Welcome(_get(d, "credit", int, kind), float(_get(d, "hb", (float, int), kind)))

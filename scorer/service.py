@@ -14,6 +14,11 @@ arrive. Labels (with confidence, trust decision and explanation) come from
 The loop is single-threaded on purpose: the model call holds the CPU anyway, and one thread
 means no locking around the socket. Anything that is not a valid message is logged, counted
 and dropped; the scorer keeps serving.
+
+With CURVE (``bridge.curve``, :mod:`iotcls.bridge.curve`) the socket is encrypted and the
+scorer proves its key to the bridge, which admits authorized keys only. A model that cannot
+be loaded or cannot score exits with status 2 (:data:`EXIT_MODEL`): the same file fails the
+same way again, so neither the supervisor nor systemd restarts it.
 """
 
 from __future__ import annotations
@@ -33,11 +38,17 @@ import numpy as np
 import zmq
 
 from iotcls import wire
+from iotcls.bridge import curve as cv
+from iotcls.bridge.curve import ClientKeys
 from iotcls.layout import MatrixLayout
 
 log = logging.getLogger("iotcls.scorer")
 
 EXIT_OK = 0
+# the model cannot be loaded or cannot score (a deterministic error: the same file fails the
+# same way again, so the supervisor does not restart it, and systemd's
+# RestartPreventExitStatus=2 neither)
+EXIT_MODEL = 2
 EXIT_REJECTED = 3  # the bridge refused this scorer: restarting it would not help
 
 
@@ -60,6 +71,7 @@ class ScorerSettings:
     parent_pid: int | None = None  # exit when this process is gone (a local scorer's bridge)
     explain: str = "logged"  # which labels get the full trust decision: logged, all, none
     row_cache: int = 50_000  # rows whose packet features are kept (iotcls.rowcache); 0: off
+    keys: ClientKeys | None = None  # CURVE: this scorer's key pair and the bridge's key
 
 
 @dataclass
@@ -94,6 +106,27 @@ def load_bundle(path: str):
     except Exception as e:  # a file torch cannot make sense of fails in many ways
         where = path or default_model_path()
         raise BundleError(f"{where}: not a readable model file ({type(e).__name__}: {e})"[:300]) from None
+
+
+def check_bundle(bundle) -> None:
+    """Score one matrix with *bundle* the way a scorer will (label and full trust decision),
+    or raise :class:`~iotcls.bundle.BundleError` naming the file and what failed.
+
+    Why: a bundle can load and still not score (a trust state fitted for other classes, say);
+    the bridge checks once at start, so that such a file stops ``iotcls serve`` with one line
+    instead of sending every scorer into a restart loop."""
+    from iotcls.bundle import BundleError
+    from iotcls.predict import Predictor
+
+    try:
+        model = Predictor(bundle, device="cpu", explain=True)
+        x = np.zeros((1, bundle.layout.rows, bundle.layout.width), np.float32)
+        p = model.predict(x)
+        if len(p.label) != 1:
+            raise ValueError(f"{len(p.label)} labels for one matrix")
+    except Exception as e:
+        where = getattr(bundle, "source", "") or "model"
+        raise BundleError(f"{where}: unusable model: {first_line(e)}"[:300]) from None
 
 
 def load_model(path: str, device: str, threads: int, batch_size: int, explain: str = "logged",
@@ -144,6 +177,12 @@ def model_name(model) -> str:
     return getattr(bundle, "name", None) or type(model).__name__
 
 
+def model_classes(model) -> list[str] | None:
+    """The class names the model labels with, when it says (the bridge checks them)."""
+    classes = getattr(getattr(model, "bundle", None), "classes", None)
+    return [str(c) for c in classes] if classes is not None else None
+
+
 BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
 
 
@@ -177,6 +216,8 @@ class Scorer:
         self._last_sent = 0.0
         self._last_hello = 0.0
         self._layout = model.layout.to_dict()
+        self._mon: zmq.Socket | None = None
+        self._auth_logged = -1e9
         # what this scorer actually does: without a trust state, the confidence criterion
         self.explain_mode = settings.explain if getattr(model, "trust", None) is not None else "none"
 
@@ -186,8 +227,25 @@ class Scorer:
         s.setsockopt(zmq.ROUTING_ID, self.s.name.encode())
         s.setsockopt(zmq.LINGER, 2000)
         s.setsockopt(zmq.RCVHWM, 0)  # the bridge's credit bounds what it sends us
+        if self.s.keys is not None:
+            cv.connect_as(s, self.s.keys)
+            self._mon = s.get_monitor_socket(cv.HANDSHAKE_FAILURES)
         s.connect(self.s.connect)
         return s
+
+    def _check_monitor(self) -> None:
+        """Logs (once a minute) that the bridge refused this scorer's CURVE handshake."""
+        from zmq.utils.monitor import recv_monitor_message
+
+        while self._mon is not None and self._mon.poll(0):
+            ev = recv_monitor_message(self._mon)
+            now = time.monotonic()
+            if now - self._auth_logged >= 60.0:
+                self._auth_logged = now
+                log.error("scorer %s: the bridge at %s refused the CURVE handshake (%s): is "
+                          "this scorer's public key in the bridge's authorized/ directory, and "
+                          "bridge.key the bridge's?", self.s.name, self.s.connect,
+                          cv.failure_kind(ev["event"]))  # fmt: skip
 
     def _send(self, msg: wire.Message) -> None:
         assert self._sock is not None
@@ -201,7 +259,7 @@ class Scorer:
         self._send(wire.Hello(
             name=self.s.name, pid=os.getpid(), host=pysocket.gethostname(), model=self.model_id,
             layout=self._layout, device=self.device, batch_size=self.s.batch_size,
-            explain=self.explain_mode,
+            explain=self.explain_mode, classes=model_classes(self.model),
         ))  # fmt: skip
         self._last_hello = time.monotonic()
 
@@ -378,6 +436,7 @@ class Scorer:
                     self._receive(0)
                     continue
                 self._receive(self.s.heartbeat_s * 1000.0 / 2)
+                self._check_monitor()
                 now = time.monotonic()
                 if self._parent_gone():
                     log.warning("scorer %s: parent process gone, exiting", self.s.name)
@@ -389,6 +448,10 @@ class Scorer:
             if self._exit_code == EXIT_OK:
                 self._send(wire.Bye("stopping"))
         finally:
+            if self._mon is not None:
+                self._sock.disable_monitor()
+                self._mon.close(0)
+                self._mon = None
             self._sock.close()
         return self._exit_code
 
@@ -405,10 +468,10 @@ def serve_scorer(
     try:
         model = load_model(model_path, device, threads, settings.batch_size, settings.explain,
                            settings.row_cache)  # fmt: skip
-    except Exception as e:
+        warm_s = warm_up(model, settings.batch_size)
+    except Exception as e:  # the same file fails the same way again: do not restart
         print(f"iotcls scorer {settings.name}: error: {first_line(e)}", file=sys.stderr)
-        return 2
-    warm_s = warm_up(model, settings.batch_size)
+        return EXIT_MODEL
     scorer = Scorer(model, settings)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: scorer.stop())

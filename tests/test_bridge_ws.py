@@ -698,3 +698,82 @@ def test_fake_zeek_batched_publish_and_strict_checks_in_one_server():
         await zeek.close()
 
     run_async(scenario())
+
+
+# -- hardening -----------------------------------------------------------------------------
+def test_a_record_that_makes_no_finite_row_is_refused_before_it_joins_the_history():
+    """A record with a negative count or offset (a decoder that missed it, a fake sensor)
+    is refused with a count, before it enters its device's history: the device's next
+    records give finite matrices and labels (the bad row used to poison the next ones)."""
+    import copy
+
+    recs = sorted((r for r in RECORDS if r.device_ip == RECORDS[0].device_ip),
+                  key=lambda r: r.start)[:8]  # fmt: skip
+    bad = copy.deepcopy(recs[1])
+    bad.total_bytes = -5
+    bad.uid = "Cbad"
+    scorer = ProjectionScorer()
+    bridge = Bridge(LAYOUT, scorer, labels_topic=LABELS)
+
+    async def main():
+        return await bridge.process([recs[0], bad, *recs[1:]])
+
+    sent = run_async(main())
+    n = len(recs)
+    assert n >= 5 and sent == n and bridge.stats.bad_records == 1
+    assert len(scorer.seen) == n and all(np.isfinite(m).all() for m in scorer.seen)
+
+
+def test_records_that_arrive_twice_are_dropped_and_counted():
+    """Zeek publishes again what a lost connection did not acknowledge: a record already
+    seen (same uid, start and device) is dropped, in the same batch or a later one."""
+    from iotcls.bridge.core import RecentKeys
+
+    scorer = ProjectionScorer()
+    bridge = Bridge(LAYOUT, scorer, labels_topic=LABELS)
+    recs = RECORDS[:6]
+
+    async def main():
+        a = await bridge.process([*recs[:4], recs[0]])
+        b = await bridge.process(recs[2:6])
+        return a, b
+
+    assert run_async(main()) == (4, 2)
+    assert bridge.stats.duplicates == 3 and len(scorer.seen) == 6
+    keys = RecentKeys(3)
+    assert keys.fresh([1, 2, 1, 3]) == [0, 1, 3] and keys.fresh([4, 1, 2]) == [0]
+    assert len(keys) == 3 and keys.fresh([1]) == [0]  # the oldest was forgotten
+
+
+def test_the_client_survives_whatever_a_frame_holds(caplog):
+    """Frames nested 100,000 deep (Python's parser would raise RecursionError, which used
+    to end the client's task and the service with it) and a handler that raises: counted,
+    logged, and the session goes on."""
+
+    async def main():
+        zeek = await FakeZeek().start()
+        got = []
+
+        def on_message(obj):
+            if rc.event_name(obj) == "Boom::event":
+                raise RuntimeError("handler bug")
+            got.append(obj)
+
+        client = ZeekClient(zeek.url, [FLOWS], on_message=on_message, **FAST)
+        task = asyncio.create_task(client.run())
+        try:
+            await until(lambda: zeek.acked_clients == 1, 5, "ack")
+            await zeek.send_raw(b"[" * 100_000)
+            await zeek.send_raw(b'{"type":"data-message","topic":"t",' * 40_000)
+            await zeek.send_raw(bj.event_message(FLOWS, "Boom::event", []))
+            await zeek.send_raw(bj.event_message(FLOWS, "Fine::event", []))
+            await until(lambda: got, 5, "the message after the garbage")
+        finally:
+            client.stop()
+            await asyncio.wait_for(task, 5)
+            await zeek.close()
+        return client
+
+    client = run_async(main())
+    assert client.stats.malformed == 2 and client.stats.handler_errors == 1
+    assert client.stats.connects == 1 and client.stats.disconnects == 1

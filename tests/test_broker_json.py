@@ -272,3 +272,29 @@ def test_decode_errors_name_the_place():
         bj.decode_message({"type": "hello"})
     assert bj.decode_event([bj.Count(1), bj.Count(2), ["x", []]]) is None  # not an event
     assert bj.decode_event([1, 1, ["x", []]]) is None  # plain ints are no Broker counts
+
+
+def test_parse_frame_has_a_depth_limit():
+    """Python's parser recurses per bracket: 100,000 of them raised RecursionError, no
+    ValueError, which stopped the service. Brackets inside strings do not count."""
+    from iotcls.bridge import safejson
+
+    for deep in (b"[" * 100_000, b"[" * 65 + b"]" * 65, b'{"a":' * 70 + b"1" + b"}" * 70):
+        with pytest.raises(bj.BrokerJSONError, match=r"levels deep, the limit is 64"):
+            bj.parse_frame(deep)
+    ok = b"[" * 64 + b"]" * 64
+    assert bj.parse_frame(ok)[0] is not None
+    assert bj.parse_frame(b'{"s":"' + b"[" * 5000 + b'"}')[0] == {"s": "[" * 5000}
+    assert safejson.depth(b'["\\"[[[", [1]]') == 2
+
+
+def test_the_codec_raises_only_its_own_error():
+    """Numbers and durations Python cannot hold are Broker JSON errors, not OverflowError
+    or Python's integer digit limit."""
+    for node in ({"@data-type": "real", "data": 10**400},
+                 {"@data-type": "timespan", "data": "9" * 5000 + "ns"},
+                 {"@data-type": "timespan", "data": "1" + "0" * 40 + "s"},
+                 {"@data-type": "count", "data": 2**64},
+                 {"@data-type": ["vector"], "data": []}):  # fmt: skip
+        with pytest.raises(bj.BrokerJSONError):
+            bj.decode(node)

@@ -133,6 +133,12 @@ def test_cli_reports_config_errors_in_one_line(tmp_path):
     out = subprocess.run([sys.executable, "-m", "iotcls", "serve", "--scorers", "-2"],
                          capture_output=True, text=True)  # fmt: skip
     assert out.stderr == "iotcls serve: error: --scorers: scorers.count: must not be negative\n"
+    p.write_text("scorers:\n  batch_size: 100000000000000000000\n")  # crash-looped the scorers
+    out = subprocess.run([sys.executable, "-m", "iotcls", "serve", "--config", str(p)],
+                         capture_output=True, text=True)  # fmt: skip
+    assert out.returncode == 2 and out.stderr == (
+        f"iotcls serve: error: {p}: scorers.batch_size: must be at most 4096, not "
+        "100000000000000000000\n")  # fmt: skip
 
 
 def test_unusable_model_is_a_one_line_error(tmp_path):

@@ -317,6 +317,8 @@ def test_garbage_on_the_scorer_socket(model_path, caplog):
         assert bad.poll(5000)
         reject = wire.decode(bad.recv())
         assert isinstance(reject, wire.Reject) and "layout differs" in reject.reason
+        # the differing keys are named, the bridge's values are not: they are no peer's business
+        assert not any(c.isdigit() for c in reject.reason), reject.reason
         good = ThreadScorer(model_path, addr, "good")
         try:
             d.submit(matrices(20), ["a"] * 20, list(range(20)))
@@ -564,3 +566,93 @@ def test_dhcp_identity_live_equals_classify():
         assert [o.label for o in out] == list(ref.label)
         np.testing.assert_allclose([o.confidence for o in out], ref.confidence, rtol=1e-5)
         assert [(o.trusted, o.reason) for o in out] == list(zip(ref.trusted, ref.reason))
+
+
+# -- who may talk to the bridge ----------------------------------------------------------
+def _hello(addr: str, name: str, classes=None, batch: int = 16, keys=None):
+    s = zmq.Context.instance().socket(zmq.DEALER)
+    s.setsockopt(zmq.ROUTING_ID, name.encode())
+    s.setsockopt(zmq.LINGER, 0)
+    if keys is not None:
+        from iotcls.bridge import curve as cv
+
+        cv.connect_as(s, keys)
+    s.connect(addr)
+    s.send(wire.encode(wire.Hello(name, 1, "h", "m", LAYOUT.to_dict(), "cpu", batch,
+                                  classes=classes)))  # fmt: skip
+    return s
+
+
+def test_a_scorer_of_other_classes_is_refused_and_batch_sizes_are_capped():
+    async def main():
+        d = Dispatcher(config(), LAYOUT, lambda o: None, classes=CLASSES)
+        (addr,) = await d.start()
+        other = _hello(addr, "other", classes=["cam", "PWNED"])
+        big = _hello(addr, "big", classes=CLASSES, batch=10**9)
+        try:
+            await until(lambda: "big" in d.scorers, 10, "the big scorer")
+            assert other.poll(5000)
+            reject = wire.decode(other.recv())
+            assert isinstance(reject, wire.Reject) and "classes are not the bridge's" in reject.reason
+            return d._scorers[b"big"].batch_size, d.scorers
+        finally:
+            other.close(0)
+            big.close(0)
+            await d.close()
+
+    size, scorers = run(main())
+    assert size == 4096 and scorers == ["big"]
+
+
+def test_curve_admits_authorized_scorers_only(model_path, tmp_path):
+    """A dispatcher with CURVE keys: a real scorer with an authorized key labels; a peer
+    without keys and one with an unknown key are turned away at the handshake (counted),
+    and never see a record."""
+    from iotcls.bridge import curve as cv
+
+    keys = tmp_path / "keys"
+    out = subprocess.run([sys.executable, "-m", "iotcls", "keys", "--dir", str(keys)],
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert {p.name: p.stat().st_mode & 0o777 for p in keys.rglob("*")} == {
+        "bridge.key_secret": 0o600, "scorer.key_secret": 0o600, "bridge.key": 0o644,
+        "scorer.key": 0o644, "authorized": 0o700}  # fmt: skip
+    before = (keys / "bridge.key_secret").read_bytes()
+    again = subprocess.run([sys.executable, "-m", "iotcls", "keys", "--dir", str(keys)],
+                           capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert again.returncode == 0 and "kept" in again.stdout
+    assert (keys / "bridge.key_secret").read_bytes() == before  # never overwritten
+    server, client = cv.server_keys(keys), cv.client_keys(keys)
+    stranger = cv.ClientKeys(cv.KeyPair(*zmq.curve_keypair()), client.server_public)
+    outcomes: list[Outcome] = []
+
+    async def main():
+        d = Dispatcher(config(), LAYOUT, outcomes.extend, classes=CLASSES, keys=server)
+        (addr,) = await d.start()
+        rogues = [_hello(addr, "plain"), _hello(addr, "stranger", keys=stranger)]
+        good = None
+        try:
+            good = Scorer(Predictor(ModelBundle.load(model_path)),
+                          ScorerSettings(addr, "good", keys=client))  # fmt: skip
+            th = threading.Thread(target=good.run, daemon=True)
+            th.start()
+            await until(lambda: d.scorers == ["good"], 20, "the authorized scorer")
+            d.submit(matrices(10), ["a"] * 10, list(range(10)))
+            assert await d.drain(20) == 0
+            await until(lambda: sum(v for (s, k), v in d.metrics.rejected.items()
+                                    if s == "zmq") >= 2, 10, "the refused handshakes")  # fmt: skip
+            assert all(not r.poll(200) for r in rogues)  # not even a reject
+            return dict(d.metrics.rejected), d.scorers
+        finally:
+            if good is not None:
+                good.stop()
+            for r in rogues:
+                r.close(0)
+            await d.close()
+
+    rejected, scorers = run(main())
+    assert sorted(o.ctx for o in outcomes) == list(range(10))
+    # each refused peer retries (ZeroMQ reconnects): counted at every attempt
+    assert rejected.get(("zmq", "auth_failed"), 0) >= 1
+    assert rejected.get(("zmq", "handshake_failed"), 0) >= 1
+    assert scorers == ["good"]

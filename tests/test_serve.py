@@ -439,3 +439,380 @@ def test_offline_trace_is_held_until_drain(tmp_path, model_path):
     assert zeek.stats.drained == [(120, 120)] and n_at_drained == 120
     want = expected_labels(records, model_path)
     assert {lb.uid: lb.fields["label"] for lb in zeek.labels} == {u: w[0] for u, w in want.items()}
+
+
+# -- hardening: what peers send cannot stop, fool or starve the service ------------------
+def test_deeply_nested_frames_do_not_stop_the_service(tmp_path, model_path):
+    """100,000 ``[`` in one WebSocket frame (and other deep frames) are refused as malformed;
+    the service labels on and exits 0 when asked (it used to stop at once, with exit status
+    0, so systemd did not restart it). A record Zeek publishes twice is labelled once."""
+    records = synthetic_records(30, devices=5, seed=11)
+
+    async def main():
+        zeek = await FakeZeek().start()
+        serve = Serve(tmp_path, zeek, model_path).start()
+        try:
+            await serve.ready()
+            for junk in (b"[" * 100_000, b'{"a":' * 50_000, b"[" * 65 + b"]" * 65,
+                         b'{"type":"data-message","topic":"t","data":' + b"[" * 1000):  # fmt: skip
+                await zeek.send_raw(junk)
+            for r in records:
+                await zeek.publish_flow(r)
+            for r in records[:3]:  # published again, as after a reconnect
+                await zeek.publish_flow(r)
+            await until(lambda: len(zeek.labels) >= 30, 20, "labels after the deep frames")
+            await until(lambda: serve.metrics().get(
+                'iotcls_messages_rejected_total{kind="duplicate",socket="websocket"}') == 3, 10,
+                "the duplicates counted")  # fmt: skip
+            m = serve.metrics()
+            assert serve.proc.poll() is None
+            assert await serve.stop() == 0
+        finally:
+            serve.kill()
+            await zeek.close()
+        return zeek, serve, m
+
+    zeek, serve, m = run(main())
+    assert m['iotcls_messages_rejected_total{kind="malformed",socket="websocket"}'] == 4
+    assert sorted(lb.uid for lb in zeek.labels) == sorted(r.uid for r in records)
+    assert zeek.stats.acked == 1 and "Traceback" not in serve.stderr()
+    s = serve.summary()
+    assert (s["records_in"], s["labelled"], s["shed"]) == ("30", "30", "0")
+
+
+class FakeScorer:
+    """A scorer that speaks the wire protocol from the test (a real DEALER socket): it
+    answers each request with ``answer(refs) -> list of (label, confidence)`` or holds it
+    (``answer`` returns None), and sends heartbeats all the while."""
+
+    def __init__(self, addr: str, answer, name: str = "fake", keys=None,
+                 classes: list[str] | None = CLASSES):  # fmt: skip
+        import threading
+
+        from iotcls import wire
+
+        self.wire, self.answer, self.name = wire, answer, name
+        self.sock = zmq.Context.instance().socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.ROUTING_ID, name.encode())
+        self.sock.setsockopt(zmq.LINGER, 0)
+        if keys is not None:
+            from iotcls.bridge import curve as cv
+
+            cv.connect_as(self.sock, keys)
+        self.sock.connect(addr)
+        self.classes = classes
+        self.welcomed = self.stopped = False
+        self.requests = 0
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _hello(self) -> None:
+        self.sock.send(self.wire.encode(self.wire.Hello(self.name, os.getpid(), "test", "fake",
+                                                        LAYOUT.to_dict(), "cpu", 16,
+                                                        classes=self.classes)))  # fmt: skip
+
+    def _run(self) -> None:
+        w = self.wire
+        self._hello()
+        last = time.monotonic()
+        while not self._stop.is_set():
+            if self.sock.poll(100):
+                msg = w.decode(self.sock.recv())
+                if isinstance(msg, w.Welcome):
+                    self.welcomed = True
+                elif isinstance(msg, w.Reject) and msg.reason.startswith(w.REHELLO):
+                    self._hello()
+                elif isinstance(msg, w.Stop):
+                    self.stopped = True
+                    self.sock.send(w.encode(w.Bye("stopping")))
+                    return
+                elif isinstance(msg, w.Request):
+                    self.requests += 1
+                    out = self.answer(msg.refs)
+                    if out is not None:
+                        n = len(out)
+                        self.sock.send(w.encode(w.Reply(
+                            msg.batch, [lb for lb, _ in out], [c for _, c in out], [True] * n,
+                            ["-"] * n, [[] for _ in range(n)], "fake")))  # fmt: skip
+            if time.monotonic() - last >= 0.3:
+                self.sock.send(w.encode(w.Heartbeat()))
+                last = time.monotonic()
+
+    def close(self) -> None:
+        self._stop.set()
+        self.thread.join(5)
+        self.sock.close(0)
+
+
+def test_scorer_replies_are_checked_like_records(tmp_path, model_path):
+    """A scorer answers NaN confidence for some records and a forged label (``PWNED\\t<script>``)
+    for others: those records are refused one by one (counted as bad replies), re-sent, and
+    shed as scorer_failed once out of attempts; the others are labelled. Nothing forged
+    reaches Zeek, nothing vanishes (records_in = labelled + shed), the live-record gauge
+    returns to 0. (A NaN reply used to make its whole batch vanish, shed 0.)"""
+    records = synthetic_records(40, devices=8, seed=12)
+    bad: dict[int, tuple[str, float]] = {}
+
+    def answer(refs):
+        if not bad:  # the first request's first records are the poisoned ones
+            bad.update({refs[0]: ("cam", float("nan")), refs[1]: ("PWNED\t<script>", 0.9),
+                        refs[2]: ("cam", 7.5)})  # fmt: skip
+        return [bad.get(ref, ("plug", 0.75)) for ref in refs]
+
+    async def main():
+        zeek = await FakeZeek().start()
+        serve = Serve(tmp_path, zeek, model_path, scorers=0).start()
+        fake = None
+        try:
+            await asyncio.wait_for(zeek.bridge_connected.wait(), 40)
+            fake = FakeScorer(f"tcp://127.0.0.1:{serve.zmq_port}", answer)
+            await serve.ready(scorers=1)
+            for r in records:
+                await zeek.publish_flow(r)
+            await until(lambda: len(zeek.labels) >= 37, 20, "the good labels")
+            await until(lambda: serve.metrics().get(
+                'iotcls_records_shed_total{reason="scorer_failed"}') == 3, 20, "the bad shed")
+            await until(lambda: serve.metrics()["iotcls_live_records"] == 0, 10, "live 0")
+            m = serve.metrics()
+            assert await serve.stop() == 0
+        finally:
+            serve.kill()
+            if fake:
+                fake.close()
+            await zeek.close()
+        return zeek, serve, m
+
+    zeek, serve, m = run(main(), 90)
+    assert len(zeek.labels) == 37 and {lb.fields["label"] for lb in zeek.labels} == {"plug"}
+    assert zeek.stats.errors_sent == {}
+    assert m['iotcls_messages_rejected_total{kind="bad_reply",socket="zmq"}'] == 9  # 3 x 3 tries
+    s = serve.summary()
+    assert (s["records_in"], s["labelled"], s["shed"]) == ("40", "37", "3")
+    err = serve.stderr()
+    assert "is not a class of the model" in err and "is not a number in [0, 1]" in err
+    assert "PWNED\\t<script>" in err and "PWNED\t" not in err  # logged escaped, never raw
+
+
+def _keys(tmp: Path, name: str = "keys") -> Path:
+    d = tmp / name
+    out = subprocess.run([sys.executable, "-m", "iotcls", "keys", "--dir", str(d)],
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    return d
+
+
+def test_curve_lets_only_authorized_scorers_in(tmp_path, model_path):
+    """With ``bridge.curve: on`` a local scorer with the service's keys labels; a scorer
+    without keys, one with keys of its own, and a real scorer process whose key is not
+    authorized never get a welcome, never see a matrix, and are counted. CURVE is on by
+    default when the bridge binds beyond loopback (no keys: one line, exit 2), and a secret
+    key that others may read is refused."""
+    from iotcls.bridge import curve as cv
+
+    keys = _keys(tmp_path)
+    # on by default beyond loopback: without keys, serve says so in one line
+    zport = free_port()
+    cfg = tmp_path / "open.yaml"
+    cfg.write_text(json.dumps({"bridge": {"bind": [f"tcp://0.0.0.0:{zport}"],
+                                          "keys_dir": str(tmp_path / "nokeys")},
+                               "scorers": {"model": model_path}}))  # fmt: skip
+    out = subprocess.run([sys.executable, "-m", "iotcls", "serve", "--config", str(cfg)],
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+    assert f"{tmp_path / 'nokeys' / 'bridge.key_secret'}: no such key file" in out.stderr
+    secret = keys / "bridge.key_secret"
+    secret.chmod(0o644)
+    cfg.write_text(json.dumps({"bridge": {"bind": [f"tcp://0.0.0.0:{zport}"],
+                                          "keys_dir": str(keys)},
+                               "scorers": {"model": model_path}}))  # fmt: skip
+    out = subprocess.run([sys.executable, "-m", "iotcls", "serve", "--config", str(cfg)],
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert out.returncode == 2 and "secret key readable by others (mode 0644)" in out.stderr
+    secret.chmod(0o600)
+
+    other = _keys(tmp_path, "other")  # a scorer key the bridge does not know
+    (other / "bridge.key").unlink()
+    (other / "bridge.key").write_bytes((keys / "bridge.key").read_bytes())
+    records = synthetic_records(30, devices=5, seed=13)
+
+    async def main():
+        zeek = await FakeZeek().start()
+        serve = Serve(tmp_path, zeek, model_path, bridge__curve="on",
+                      bridge__keys_dir=str(keys)).start()  # fmt: skip
+        rogues, proc = [], None
+        try:
+            await serve.ready()
+            assert "(CURVE)" in serve.stdout()
+            addr = f"tcp://127.0.0.1:{serve.zmq_port}"
+            mine = cv.KeyPair(*zmq.curve_keypair())
+            rogues = [FakeScorer(addr, lambda refs: [("cam", 0.9)] * len(refs), "no-keys"),
+                      FakeScorer(addr, lambda refs: [("cam", 0.9)] * len(refs), "own-keys",
+                                 keys=cv.ClientKeys(mine, cv.client_keys(keys).server_public))]
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "iotcls", "serve", "--scorer-only", "--connect", addr,
+                 "--name", "unauthorized", "--model", model_path, "--curve", "on", "--keys",
+                 str(other)], stderr=subprocess.PIPE, text=True)  # fmt: skip
+            for r in records:
+                await zeek.publish_flow(r)
+            await until(lambda: len(zeek.labels) == 30, 20, "labels from the real scorer")
+            await until(lambda: serve.metrics().get(
+                'iotcls_messages_rejected_total{kind="auth_failed",socket="zmq"}', 0) >= 2, 20,
+                "the refused handshakes")  # fmt: skip
+            m = serve.metrics()
+            assert await serve.stop() == 0
+            proc.terminate()
+            _, proc_err = proc.communicate(timeout=20)
+        finally:
+            serve.kill()
+            for r in rogues:
+                r.close()
+            if proc and proc.poll() is None:
+                proc.kill()
+            await zeek.close()
+        return zeek, serve, m, rogues, proc_err
+
+    zeek, serve, m, rogues, proc_err = run(main(), 120)
+    assert all(not r.welcomed and r.requests == 0 for r in rogues)
+    assert "refused the CURVE handshake (auth_failed)" in proc_err
+    assert m['iotcls_scorers'] == 1 and {lb.fields["model"][:2] for lb in zeek.labels} == {"m@"}
+    assert "scorer unauthorized" not in serve.stderr() and "scorer no-keys" not in serve.stderr()
+
+
+def test_a_scorer_holding_a_batch_loses_it_heartbeats_or_not(tmp_path, model_path):
+    """A scorer that takes batches and never answers, heartbeating all the while, loses them
+    after ``scorer_timeout_s`` to the real scorer: every record is labelled."""
+    records = synthetic_records(30, devices=5, seed=14)
+
+    async def main():
+        zeek = await FakeZeek().start()
+        serve = Serve(tmp_path, zeek, model_path, bridge__scorer_timeout_s=2.0,
+                      scorers__heartbeat_s=0.5).start()  # fmt: skip
+        hog = None
+        try:
+            await serve.ready()
+            hog = FakeScorer(f"tcp://127.0.0.1:{serve.zmq_port}", lambda refs: None, "hog")
+            await until(lambda: hog.welcomed, 10, "the hog welcomed")
+            for r in records:
+                await zeek.publish_flow(r)
+                await asyncio.sleep(0.01)
+            await until(lambda: len(zeek.labels) == 30, 30, "every label")
+            assert hog.requests >= 1
+            assert await serve.stop() == 0
+        finally:
+            serve.kill()
+            if hog:
+                hog.close()
+            await zeek.close()
+        return zeek, serve
+
+    zeek, serve = run(main(), 90)
+    assert sorted(lb.uid for lb in zeek.labels) == sorted(r.uid for r in records)
+    assert "scorer hog (pid" in serve.stderr() and "without answering it" in serve.stderr()
+    s = serve.summary()
+    assert (s["records_in"], s["labelled"], s["shed"]) == ("30", "30", "0")
+
+
+def _bad_trust_bundle(path: Path) -> str:
+    """A bundle whose trust state was fitted for other classes than its model's."""
+    from iotcls.trust.layer import fit_state
+
+    b = tiny_bundle(LAYOUT, CLASSES, seed=5)
+    other = tiny_bundle(LAYOUT, CLASSES + ["tv"], seed=6)
+    x = np.random.default_rng(9).random((300, *LAYOUT.shape), dtype=np.float32)
+    state, _ = fit_state(other.model, LAYOUT, 1.0, CLASSES + ["tv"], x,
+                         Predictor(other).predict(x).index)  # fmt: skip
+    b.trust = state.to_dict()
+    return str(b.save(path))
+
+
+def test_check_bundle_scores_one_matrix_as_a_scorer_would(model_path):
+    """What loads may still not score: check_bundle says so in one line naming the file."""
+    from iotcls.bundle import BundleError
+    from iotcls.scorer.service import check_bundle
+    from iotcls.trust.layer import fit_state
+
+    b = ModelBundle.load(model_path)
+    check_bundle(b)
+    other = tiny_bundle(LAYOUT, CLASSES + ["tv"], seed=6)
+    x = np.random.default_rng(9).random((300, *LAYOUT.shape), dtype=np.float32)
+    state, _ = fit_state(other.model, LAYOUT, 1.0, CLASSES + ["tv"], x,
+                         Predictor(other).predict(x).index)  # fmt: skip
+    b.trust = state.to_dict()  # in memory, past whatever the loader checks
+    with pytest.raises(BundleError) as e:
+        check_bundle(b)
+    assert str(e.value).startswith(f"{model_path}: unusable model: ") and "\n" not in str(e.value)
+
+
+def test_an_unusable_model_stops_serve_once_and_never_loops(tmp_path, model_path):
+    """A bundle whose trust classes differ from its model's: ``serve`` refuses it at start
+    (one line, exit 2) and so does ``--scorer-only``. Replaced under a running service, the
+    restarted scorer exits 2, is not restarted, and the service stops with exit 2 (it used
+    to restart every scorer for ever with nothing labelled)."""
+    bad = _bad_trust_bundle(tmp_path / "bad.pt")
+    for extra in ([], ["--scorer-only", "--connect", "tcp://127.0.0.1:9", "--name", "s"]):
+        out = subprocess.run([sys.executable, "-m", "iotcls", "serve", "--model", bad, *extra],
+                             capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert out.returncode == 2, out.stderr
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1 and f"error: {bad}: " in lines[0], out.stderr
+
+    live = tmp_path / "live.pt"
+    live.write_bytes(Path(model_path).read_bytes())
+
+    async def main():
+        zeek = await FakeZeek().start()
+        serve = Serve(tmp_path, zeek, str(live)).start()
+        try:
+            await serve.ready()
+            pid = int(re.search(r"scorer scorer-0\.1 \(pid (\d+)", serve.stderr()).group(1))
+            live.write_bytes(Path(bad).read_bytes())
+            os.kill(pid, signal.SIGKILL)
+            deadline = time.monotonic() + 60
+            while serve.proc.poll() is None:
+                assert time.monotonic() < deadline, serve.stderr()
+                await asyncio.sleep(0.1)
+        finally:
+            serve.kill()
+            await zeek.close()
+        return serve
+
+    serve = run(main(), 120)
+    err = serve.stderr()
+    assert serve.proc.returncode == 2, err
+    assert err.count("iotcls scorer scorer-0.2: error: ") == 1 and "scorer-0.3" not in err
+    assert "scorer scorer-0.2 cannot use its model (exit status 2); not restarting it" in err
+    assert err.rstrip().splitlines()[-1].startswith("iotcls serve: error: no local scorer is left")
+
+
+def test_a_part_that_stops_on_an_error_makes_the_exit_status_non_zero():
+    """A task of the service that raises, or returns when it should run for ever, stops the
+    service with exit status 1 (systemd restarts it); after a stop request it is no error."""
+    from iotcls.bridge.serving import EXIT_ERROR, Service
+    from iotcls.config import Config
+
+    async def main():
+        async def boom():
+            raise RuntimeError("the session broke")
+
+        async def quits():
+            return None
+
+        out = []
+        for body in (boom, quits):
+            svc = Service(Config(), None)
+            t = asyncio.create_task(body(), name="zeek")
+            await asyncio.wait({t})
+            svc._check_tasks({t})
+            out.append(svc._failure)
+        svc = Service(Config(), None)
+        svc._stop.set()  # asked to stop: the task's end is no error
+        t = asyncio.create_task(quits(), name="bridge")
+        await asyncio.wait({t})
+        svc._check_tasks({t})
+        out.append(svc._failure)
+        return out
+
+    boom, quits, asked = run(main())
+    assert boom == (EXIT_ERROR, "zeek stopped: RuntimeError: the session broke")
+    assert quits == (EXIT_ERROR, "zeek stopped on its own") and asked is None

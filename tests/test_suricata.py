@@ -365,7 +365,8 @@ def test_end_to_end_serve_writes_eve_labels(tmp_path):
                 (e["src_ip"], e["src_port"], e["dest_ip"], e["dest_port"])  # fmt: skip
             assert e["community_id"] == ev["community_id"]
     assert len(seen) == len(lines) == len(offline)
-    assert metrics['iotcls_messages_rejected_total{kind="malformed",socket="suricata"}'] == 2
+    assert metrics['iotcls_messages_rejected_total{kind="malformed",socket="suricata"}'] == 1
+    assert metrics['iotcls_messages_rejected_total{kind="bad_field",socket="suricata"}'] == 1
     assert "rejected a datagram on the Suricata socket: not JSON" in err.read_text()
 
 
@@ -391,3 +392,195 @@ def _metrics(port: int) -> dict[str, float]:
             name, value = line.rsplit(" ", 1)
             out[name] = float(value)
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# the intake's edge: every field checked, one bad record never costs the good ones
+
+
+class SuricataServe:
+    """``iotcls serve`` for Suricata only, as a subprocess; records are sent straight to its
+    socket, as the Lua script sends them."""
+
+    def __init__(self, tmp: Path, model: str, sock: Path | None = None, port: int | None = None):
+        self.tmp = tmp
+        self.sock = sock or tmp / "run" / "iotcls.sock"
+        self.eve = tmp / "iot_class.json"
+        self.port = port or _free_port()
+        self.cfg = tmp / "serve.yaml"
+        self.cfg.write_text(json.dumps({
+            "zeek": {"enabled": False},
+            "suricata": {"enabled": True, "socket": str(self.sock), "eve_log": str(self.eve)},
+            "bridge": {"bind": ["tcp://127.0.0.1:*"]},
+            "scorers": {"count": 1, "model": model, "device": "cpu"},
+            "log": {"policy": "all"}, "metrics": {"enabled": True, "port": self.port},
+        }))  # fmt: skip
+        self.err = tmp / "serve.err"
+        self.out = tmp / "serve.out"
+        self.proc = subprocess.Popen([sys.executable, "-m", "iotcls", "serve", "--config",
+                                      str(self.cfg)], stdout=self.out.open("w"),
+                                     stderr=self.err.open("w"))  # fmt: skip
+
+    def ready(self, timeout: float = 60) -> "SuricataServe":
+        deadline = time.monotonic() + timeout
+        while "connected: model" not in self.err.read_text():
+            assert self.proc.poll() is None and time.monotonic() < deadline, self.err.read_text()
+            time.sleep(0.05)
+        return self
+
+    def send(self, *lines: bytes) -> None:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        s.sendto(b"\n".join(lines), str(self.sock))
+        s.close()
+
+    def labels(self) -> list[dict]:
+        if not self.eve.is_file():
+            return []
+        return [json.loads(x) for x in self.eve.read_text().splitlines()]
+
+    def until(self, cond, what: str, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while not cond():
+            assert self.proc.poll() is None, self.err.read_text()
+            assert time.monotonic() < deadline, f"timed out waiting for {what}\n" + self.err.read_text()
+            time.sleep(0.05)
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(60)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    return str(tiny_bundle(LAYOUT, CLASSES, seed=5).save(tmp_path_factory.mktemp("m") / "m.pt"))
+
+
+def _datagrams(n: int, seed: int, start_uid: int = 1) -> list:
+    from iotcls.testing.synth import synthetic_records
+
+    recs = synthetic_records(n, devices=3, seed=seed, packets=4, payload_bytes=4)
+    for k, r in enumerate(recs):
+        r.uid = str(start_uid + k)  # Suricata's flow id
+    return recs
+
+
+def test_intake_checks_every_field_and_refuses_one_record_at_a_time(tmp_path, model_path):
+    """Each datagram carries good records and one bad one (30k-deep JSON, an offset of
+    10^400, a start of 1e300 or -1e18, negative byte and packet counts, ...): the bad record
+    is refused with a counted reason, every good record beside it is labelled, the device of
+    the negative count labels its next records, nothing is shed, the live-record gauge goes
+    back to 0, and a record that arrives twice is labelled once."""
+    from iotcls.bridge.suricata import record_datagram
+
+    recs = _datagrams(40, seed=21)
+    good = [json.loads(record_datagram(r)) for r in recs]
+    dump = lambda d: json.dumps(d).encode()  # noqa: E731
+    bad = [
+        (b"[" * 30000, "malformed"),
+        (b'{"v": 1, "x": ' + b"[" * 30000, "malformed"),
+        (dump({**good[0], "offsets_us": [0, 10**400]}), "bad_field"),
+        (dump({**good[0], "start": 1e300, "last": 1e300}), "bad_field"),
+        (dump({**good[0], "start": -1e18}), "bad_field"),
+        (dump({**good[0], "last": 1e300}), "bad_field"),
+        (dump({**good[0], "total_bytes": -1}), "bad_field"),
+        (dump({**good[0], "total_packets": -1}), "bad_field"),
+        (dump({**good[0], "sizes": [-5] * len(good[0]["sizes"])}), "bad_field"),
+        (dump({**good[0], "directions": [2] * len(good[0]["directions"])}), "bad_field"),
+        (dump({**good[0], "device_port": 70000}), "bad_field"),
+        (dump({**good[0], "flow_id": -1}), "bad_field"),
+        (dump({**good[0], "start": float("nan")}), "bad_field"),
+        (dump({**good[0], "offsets_us": [-1] * len(good[0]["offsets_us"])}), "bad_field"),
+        (dump({**good[0], "v": 2}), "version"),
+    ]  # fmt: skip
+    serve = SuricataServe(tmp_path, model_path).ready()
+    try:
+        sent = 0
+        for k, (junk, _) in enumerate(bad):  # one bad line between two good ones
+            serve.send(record_datagram(recs[2 * k]), junk, record_datagram(recs[2 * k + 1]))
+            sent += 2
+        # the device of the record with total_bytes -1: its next records label as usual
+        for r in recs[sent:]:
+            serve.send(record_datagram(r))
+        serve.send(record_datagram(recs[0]))  # again: a duplicate
+        serve.until(lambda: len(serve.labels()) >= len(recs), "a label per good record")
+        serve.until(lambda: _metrics(serve.port).get(
+            'iotcls_messages_rejected_total{kind="duplicate",socket="suricata"}') == 1,
+            "the duplicate counted")  # fmt: skip
+        serve.until(lambda: _metrics(serve.port)["iotcls_live_records"] == 0, "live records 0")
+        m = _metrics(serve.port)
+        assert serve.stop() == 0, serve.err.read_text()
+    finally:
+        serve.kill()
+    labels = serve.labels()
+    assert sorted(e["flow_id"] for e in labels) == sorted(int(r.uid) for r in recs)
+    assert all(0.0 <= e["iot_class"]["confidence"] <= 1.0 for e in labels)
+    kinds = {}
+    for _, kind in bad:
+        kinds[kind] = kinds.get(kind, 0) + 1
+    for kind, n in kinds.items():
+        assert m[f'iotcls_messages_rejected_total{{kind="{kind}",socket="suricata"}}'] == n, kind
+    assert m["iotcls_records_in_total"] == len(recs) and m["iotcls_labels_out_total"] == len(recs)
+    assert not any(k.startswith("iotcls_records_shed_total") and v for k, v in m.items())
+    err = serve.err.read_text()
+    assert "rejected a datagram on the Suricata socket: not a record: nested" in err
+    assert "Traceback" not in err
+
+
+def test_the_intake_refuses_what_the_matrix_code_cannot_take():
+    """parse_datagram: ranges and finiteness, one line each, huge numbers not printed."""
+    from iotcls.bridge.suricata import record_datagram
+
+    r = json.loads(record_datagram(_datagrams(1, seed=1)[0]))
+    for over, why in (
+        ({"offsets_us": [10**400]}, "'offsets_us' holds a 1329-bit integer, not in 0..9007199254740992"),
+        ({"start": 1e300, "last": 1e300}, "'start' is 1e+300, not a time"),
+        ({"start": -1e18}, "'start' is -1e+18, not a time"),
+        ({"total_bytes": -1}, "'total_bytes' is -1, not in 0..9223372036854775807"),
+        ({"total_packets": 2**64}, "'total_packets' is a 65-bit integer"),
+        ({"remote_port": -1}, "'remote_port' is -1, not in 0..65535"),
+        ({"proto": 256}, "'proto' is 256, not in 0..255"),
+        ({"sizes": [1] * 2000}, "'sizes' has 2000 entries, at most 1024"),
+        ({"payloads": ["00" * 70000]}, "'payloads' must hold hex strings of at most 65535 bytes"),
+    ):  # fmt: skip
+        with pytest.raises(DatagramError, match=re.escape(why)) as e:
+            parse_datagram(json.dumps({**r, **over}).encode())
+        assert e.value.kind == "bad_field" and len(str(e.value)) < 200
+    with pytest.raises(DatagramError, match="nested 30000 levels deep") as e:
+        parse_datagram(b"[" * 30000)
+    assert e.value.kind == "malformed"
+
+
+def test_a_second_serve_on_the_same_socket_or_metrics_port_is_refused(tmp_path, model_path):
+    """A second ``iotcls serve`` with the first's Suricata socket refuses to start, naming
+    the socket and the process holding it (it used to unlink the live socket, and the first
+    silently received nothing); one with the first's metrics port names the address. The
+    first serves on."""
+    from iotcls.bridge.suricata import record_datagram
+
+    for d in "abc":
+        (tmp_path / d).mkdir()
+    first = SuricataServe(tmp_path / "a", model_path)
+    try:
+        first.ready()
+        second = SuricataServe(tmp_path / "b", model_path, sock=first.sock)
+        assert second.proc.wait(60) == 2
+        err = second.err.read_text().strip().splitlines()
+        assert len(err) == 1, err
+        assert f"the Suricata socket {first.sock} is in use by process {first.proc.pid} (" in err[0]
+        third = SuricataServe(tmp_path / "c", model_path, port=first.port)
+        assert third.proc.wait(60) == 2
+        err = third.err.read_text().strip().splitlines()
+        assert err == [f"iotcls serve: error: cannot serve metrics on "
+                       f"http://127.0.0.1:{first.port}/metrics: Address already in use"], err
+        assert first.sock.exists()
+        rec = _datagrams(1, seed=5)[0]
+        first.send(record_datagram(rec))
+        first.until(lambda: len(first.labels()) == 1, "the first still labels")
+        assert first.stop() == 0
+    finally:
+        first.kill()

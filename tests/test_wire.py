@@ -135,3 +135,14 @@ def test_identities_round_trip_and_are_checked():
         d["ids"] = bad
         with pytest.raises(wire.WireError, match=what):
             wire.decode(msgpack.packb(d, use_bin_type=True))
+
+
+def test_hello_carries_the_model_classes():
+    h = wire.Hello("s0", 42, "host", "m@1", {"history": 5}, "cpu", 256, "logged", ["a", "b"])
+    assert wire.decode(wire.encode(h)) == h
+    old = wire.Hello("s0", 42, "host", "m@1", {"history": 5}, "cpu", 256)  # an older scorer
+    assert wire.decode(wire.encode(old)).classes is None
+    d = msgpack.unpackb(wire.encode(h), raw=False)
+    d["classes"] = ["a", 3]
+    with pytest.raises(wire.WireError, match="'classes' holds a int"):
+        wire.decode(msgpack.packb(d))
