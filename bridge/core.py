@@ -103,6 +103,9 @@ class BridgeStats:
     drains: int = 0
     shed: int = 0  # records refused at the door (intake bound, paused)
     duplicates: int = 0  # records seen before (same uid, start and device): dropped
+    early_records: int = 0  # early records decoded (schema.early_record; not in records)
+    early_labels: int = 0  # their labels sent (IoTClass::early_label; not in labels)
+    early_shed: int = 0  # early records dropped: too many waiting, or paused
 
 
 class RecentKeys:
@@ -137,6 +140,12 @@ class _Drain:
 
     def __init__(self, records: int):
         self.records = records
+
+
+class _EarlyTick:
+    """In the queue: early records are waiting (in ``Bridge._early``) to be scored."""
+
+    __slots__ = ()
 
 
 class Bridge:
@@ -188,6 +197,7 @@ class Bridge:
         self.stats = BridgeStats()
         self.recent = RecentKeys(dedupe) if dedupe > 0 else None
         self.session_records = 0  # since the last hello: what IoTClass::drained reports
+        self._early: list[FlowRecord] = []  # early records waiting to be scored
         self.session_labels = 0
         self._queue: asyncio.Queue = asyncio.Queue()
         self._held: list[FlowRecord] = []
@@ -254,9 +264,32 @@ class Bridge:
         if self.on_shed is not None:
             self.on_shed(reason)
 
+    def add_early(self, rec: FlowRecord) -> None:
+        """An early record (a prefix of a window's final record): scored as soon as the
+        loop gets to it, with its device's history as it stands, and never joins that
+        history (its final record will). Live and offline alike: it is what lets a new
+        device be labelled within seconds."""
+        if self._paused or len(self._early) >= 16 * self.batch_size:
+            self.stats.early_shed += 1
+            self._warn_once("early-shed", "dropping early records: the bridge is behind")
+            return
+        self.stats.early_records += 1
+        self.idle.clear()
+        if not self._early:
+            self._queue.put_nowait(_EarlyTick())
+        self._early.append(rec)
+
     def on_message(self, obj: Any) -> None:
         name = rc.event_name(obj)
-        if name == rc.FLOW_EVENT:
+        if name == rc.EARLY_FLOW_EVENT:
+            try:
+                rec = rc.early_flow_record(obj)
+            except rc.RecordError as e:
+                self.stats.bad_records += 1
+                self._warn_once("bad", f"skipped undecodable flow records, first: {e}")
+                return
+            self.add_early(rec)
+        elif name == rc.FLOW_EVENT:
             try:
                 rec = rc.flow_record(obj)
             except rc.RecordError as e:
@@ -308,6 +341,8 @@ class Bridge:
             item = await self._queue.get()
             if isinstance(item, _Drain):
                 await self._drain(item)
+            elif isinstance(item, _EarlyTick):
+                await self._run_early()
             elif self.offline:
                 self._held.append(item)
             else:
@@ -317,7 +352,7 @@ class Bridge:
             self._check_idle()
 
     def _check_idle(self) -> None:
-        if self._queue.empty() and not self._tasks:
+        if self._queue.empty() and not self._tasks and not self._early:
             self.idle.set()
 
     async def submit(self, batch: list) -> None:
@@ -386,6 +421,9 @@ class Bridge:
                 batch.clear()
                 await self._drain(item)
                 return
+            if isinstance(item, _EarlyTick):  # early labels must not wait for a batch
+                await self._run_early()
+                continue
             if self.offline:
                 self._held.append(item)
             else:
@@ -457,6 +495,48 @@ class Bridge:
         self.session_labels += sent
         return sent
 
+    async def _run_early(self) -> None:
+        batch, self._early = self._early, []
+        for i in range(0, len(batch), self.batch_size):
+            await self.process_early(batch[i : i + self.batch_size])
+
+    async def process_early(self, recs: list[FlowRecord]) -> int:
+        """Score early records against their devices' history (not joining it) and send
+        their labels as early labels; returns the labels sent."""
+        t = self.assembler.table(recs)
+        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+            rows = self.layout.encode_rows(t)
+        ok = np.isfinite(rows).all(axis=1)
+        if not ok.all():
+            self.stats.early_shed += int((~ok).sum())
+            t, rows = t.take(np.flatnonzero(ok)), rows[ok]
+        if not len(t):
+            return 0
+        mats = self.assembler.seq.peek(rows, t.start, list(t.device_keys()))
+        try:
+            verdicts = await self._score(mats, t)
+            if len(verdicts) != len(t):
+                raise ValueError(f"{len(verdicts)} verdicts for {len(t)} records")
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            self.stats.scorer_failures += 1
+            log.error("scorer failed on %d early records: %s: %s", len(t), type(e).__name__, e)
+            return 0
+        frames = []
+        for i, v in enumerate(verdicts):
+            if v is None:
+                continue
+            try:
+                frames.append(self.label_frame(fb.head_record(t, i), v, early=True))
+            except (rc.RecordError, bj.BrokerJSONError, ValueError, TypeError,
+                    AttributeError) as e:  # fmt: skip
+                self.stats.label_errors += 1
+                self._warn_once("label", f"cannot send a label, first: {e}")
+        await self._send_all(frames)
+        self.stats.early_labels += len(frames)
+        return len(frames)
+
     def _refuse(self, n: int) -> None:
         """*n* decoded records are not records after all: counted as bad, not as taken."""
         self.stats.records -= n
@@ -483,10 +563,10 @@ class Bridge:
             table = table.take(np.asarray(keep, np.int64))
         return table
 
-    def label_frame(self, rec: FlowRecord, verdict: Any) -> bytes:
-        """What is sent for one label: Zeek's label event (the Suricata bridge writes an EVE
-        line instead)."""
-        return rc.label_message(self.labels_topic, rc.log_entry(rec, verdict))
+    def label_frame(self, rec: FlowRecord, verdict: Any, early: bool = False) -> bytes:
+        """What is sent for one label: Zeek's label event, or early label event (the
+        Suricata bridge writes an EVE line instead)."""
+        return rc.label_message(self.labels_topic, rc.log_entry(rec, verdict), early)
 
     async def _score(self, mats: np.ndarray, table: FlowTable) -> Sequence[Any]:
         if inspect.iscoroutinefunction(self.scorer) or inspect.iscoroutinefunction(

@@ -38,6 +38,8 @@ WELCOME_EVENT = "IoTClass::welcome"
 DRAIN_EVENT = "IoTClass::drain"
 HELLO_EVENT = "IoTClass::hello"
 LABEL_EVENT = "IoTClass::label"
+EARLY_FLOW_EVENT = "IoTClass::early_flow"  # the early record of a window (schema.early_record)
+EARLY_LABEL_EVENT = "IoTClass::early_label"  # its label: for the device log, not iot_class.log
 DRAINED_EVENT = "IoTClass::drained"
 
 # IoTClass::FlowRecord, in order: (field, Broker @data-type). Field names are those of
@@ -300,6 +302,7 @@ def flow_record_raw(raw: bytes) -> FlowRecord | None:
 
 _ONE = {"@data-type": "count", "data": 1}
 _FLOW_NAME = {"@data-type": "string", "data": FLOW_EVENT}
+_EARLY_FLOW_NAME = {"@data-type": "string", "data": EARLY_FLOW_EVENT}
 
 
 def flow_record(obj: Any) -> FlowRecord:
@@ -355,6 +358,20 @@ def flow_record(obj: Any) -> FlowRecord:
         )
     except (KeyError, IndexError, TypeError, ValueError, AttributeError, OverflowError):
         return flow_record_generic(obj)
+
+
+def early_flow_record(obj: Any) -> FlowRecord:
+    """The FlowRecord of a parsed ``IoTClass::early_flow`` data message: the same record
+    type as ``IoTClass::flow``, so the same decoder reads it (under the flow event's name)."""
+    try:
+        body = obj["data"][2]["data"]
+        if body[0] != _EARLY_FLOW_NAME:
+            raise RecordError(f"not an {EARLY_FLOW_EVENT} event")
+        renamed = dict(obj, data=[*obj["data"][:2], dict(obj["data"][2],
+                                                         data=[_FLOW_NAME, *body[1:]])])
+    except (KeyError, IndexError, TypeError, AttributeError):
+        raise RecordError(f"not an {EARLY_FLOW_EVENT} event") from None
+    return flow_record(renamed)
 
 
 def flow_record_generic(obj: Any) -> FlowRecord:
@@ -465,17 +482,23 @@ def label_values(e: LogEntry) -> list:
         raise RecordError(f"label for {e.uid or e.device_ip}: {err}") from None
 
 
-def label_message_generic(topic: str, e: LogEntry) -> bytes:
-    """The ``IoTClass::label`` frame through the generic codec (the reference)."""
-    return bj.event_message(topic, LABEL_EVENT, [label_values(e)])
+def label_message_generic(topic: str, e: LogEntry, early: bool = False) -> bytes:
+    """The ``IoTClass::label`` (``early``: ``early_label``) frame through the generic codec
+    (the reference)."""
+    return bj.event_message(topic, EARLY_LABEL_EVENT if early else LABEL_EVENT, [label_values(e)])
 
 
-_LABEL_HEAD = (
-    '{"@data-type":"vector","data":[{"@data-type":"count","data":1},'
-    '{"@data-type":"count","data":1},{"@data-type":"vector","data":['
-    '{"@data-type":"string","data":"IoTClass::label"},{"@data-type":"vector","data":['
-    '{"@data-type":"vector","data":['
-)
+def _label_head(event: str) -> str:
+    return (
+        '{"@data-type":"vector","data":[{"@data-type":"count","data":1},'
+        '{"@data-type":"count","data":1},{"@data-type":"vector","data":['
+        '{"@data-type":"string","data":"' + event + '"},{"@data-type":"vector","data":['
+        '{"@data-type":"vector","data":['
+    )
+
+
+_LABEL_HEAD = _label_head(LABEL_EVENT)
+_EARLY_LABEL_HEAD = _label_head(EARLY_LABEL_EVENT)
 _LABEL_TAIL = "]}]}]}]}}"
 _dumps = json.JSONEncoder(ensure_ascii=False).encode
 
@@ -489,9 +512,10 @@ def _real(x: float) -> str:
     return bj._real_text(float(x))
 
 
-def label_message(topic: str, e: LogEntry) -> bytes:
-    """The ``IoTClass::label`` frame for one log entry: the same bytes as
-    :func:`label_message_generic` (a test checks), formatted directly."""
+def label_message(topic: str, e: LogEntry, early: bool = False) -> bytes:
+    """The ``IoTClass::label`` frame for one log entry (``early``: ``IoTClass::early_label``,
+    the label of an early record): the same bytes as :func:`label_message_generic` (a test
+    checks), formatted directly."""
     proto = _PORT_PROTO.get(e.proto, "?")
     try:
         n_flows = int(e.n_flows)
@@ -523,7 +547,8 @@ def label_message(topic: str, e: LogEntry) -> bytes:
             raise TypeError("label fields must be strings")
     except (ValueError, TypeError, bj.BrokerJSONError) as err:
         raise RecordError(f"label for {e.uid or e.device_ip}: {err}") from None
-    head = '{"type":"data-message","topic":' + _dumps(topic) + "," + _LABEL_HEAD[1:]
+    head = '{"type":"data-message","topic":' + _dumps(topic) + "," + \
+        (_EARLY_LABEL_HEAD if early else _LABEL_HEAD)[1:]  # fmt: skip
     return (head + "".join(parts) + _LABEL_TAIL[:-1]).encode("utf-8", "surrogateescape")
 
 

@@ -170,7 +170,19 @@ def parse_datagram(data: bytes) -> FlowRecord:
     """The flow record in one line of a datagram of the script (a datagram holds one or
     more records, one JSON object a line); DatagramError says what is wrong. Every field
     is checked for type and range (see the limits above)."""
+    return parse_line(data)[0]
+
+
+def parse_line(data: bytes) -> tuple[FlowRecord, bool]:
+    """:func:`parse_datagram`, and whether the record is an early one (``"early": true``)."""
     d = _document(data)
+    early = d.get("early", False)
+    if not isinstance(early, bool):
+        raise DatagramError(f"early must be true or false, not {_short(early)}")
+    return _record(d), early
+
+
+def _record(d: dict) -> FlowRecord:
     try:
         ips = [_address(d, "device_ip"), _address(d, "remote_ip")]
         start, last = _time(d, "start"), _time(d, "last")
@@ -431,10 +443,13 @@ class SuricataBridge(_serve_bridge()):  # type: ignore[misc]
         self._reject_logged = 0.0
         self._reject_unlogged = 0
 
-    def label_frame(self, rec: FlowRecord, verdict: Any) -> bytes:
-        line = json.dumps(eve_label(rec, verdict, self.community_id_seed),
-                          separators=(",", ":"))  # fmt: skip
-        return line.encode() + b"\n"
+    def label_frame(self, rec: FlowRecord, verdict: Any, early: bool = False) -> bytes:
+        """One EVE line; an early record's label is marked ``"early": true`` in its
+        ``iot_class`` object (count the final ones: those without it)."""
+        event = eve_label(rec, verdict, self.community_id_seed)
+        if early:
+            event[EVENT_TYPE]["early"] = True
+        return json.dumps(event, separators=(",", ":")).encode() + b"\n"
 
     def take(self, datagrams: list[bytes]) -> None:
         """Datagrams from the socket: records go to the bridge, the rest are refused, one
@@ -443,14 +458,17 @@ class SuricataBridge(_serve_bridge()):  # type: ignore[misc]
             self.intake.datagrams += 1
             for line in data.split(b"\n"):
                 try:
-                    rec = parse_datagram(line)
+                    rec, early = parse_line(line)
                 except DatagramError as e:
                     self._reject(str(e), line, e.kind)
                     continue
                 except Exception as e:  # a bug must cost this line, not the datagram
                     self._reject(f"{type(e).__name__}: {e}", line, "internal")
                     continue
-                self._add(rec)
+                if early:
+                    self.add_early(rec)
+                else:
+                    self._add(rec)
 
     def _reject(self, why: str, data: bytes, kind: str = "malformed") -> None:
         self.intake.rejected[kind] = self.intake.rejected.get(kind, 0) + 1

@@ -404,6 +404,27 @@ class SequenceAssembler:
             self._add_chunk(mats[lo:hi], rows[lo:hi], starts[lo:hi], devices[lo:hi])
         return mats
 
+    def peek(self, rows: np.ndarray, starts: np.ndarray, devices: list[str]) -> np.ndarray:
+        """Matrices for records that do not join their device's history (early records: their
+        final record will): each row, then the device's stored entries that start no later
+        than it, newest first, as :meth:`add` would give it; nothing is stored."""
+        k, n = self.layout.history, len(rows)
+        mats = np.zeros((n, k + 1, self.layout.width), np.float32)
+        mats[:, 0] = rows
+        slots = np.array([self._slots.get(d, -1) for d in devices], np.intp)
+        i = np.flatnonzero(slots >= 0)
+        if not len(i):
+            return mats
+        s, t = slots[i], np.asarray(starts, np.float64)[i]
+        ka = np.arange(k)[:, None]
+        stored = self._start[:, s]
+        b = ((ka < self._count[s]) & (stored <= t)).sum(0)  # entries below: a prefix
+        j, col = np.nonzero(ka < b)  # j-th newest entry of record col
+        pos = b[col] - 1 - j
+        mats[i[col], j + 1] = self._pool[s[col] * k + self._cell[pos, s[col]]]
+        mats[i[col], j + 1, 0] = rel_time(t[col] - stored[pos, col])
+        return mats
+
     def _add_chunk(self, mats: np.ndarray, rows: np.ndarray, starts: np.ndarray,
                    devices: list[str]) -> None:  # fmt: skip
         n = len(rows)

@@ -68,7 +68,7 @@ local cfg = {
     dhcp_payload_bytes = "548",
     link_header_bytes = "14",
     reorder_s = "2",
-    early_records = "no",
+    early_records = "yes",
     early_idle_s = "0.5",
 }
 
@@ -721,7 +721,7 @@ function deinit(args)
     end
     api.log_info(string.format("iotcls: %d packets, %d records sent, %d dropped (bridge not " ..
         "taking them), %d datagrams, %d pseudo-packets ignored, %d packets without a flow, " ..
-        "%d of the records sent early", stats.packets, sender.sent, sender.dropped,
+        "%d of the records made were early ones", stats.packets, sender.sent, sender.dropped,
         sender.datagrams, stats.pseudo, stats.no_flow, stats.early))
     sender:close()
 end

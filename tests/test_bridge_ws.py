@@ -777,3 +777,51 @@ def test_the_client_survives_whatever_a_frame_holds(caplog):
     client = run_async(main())
     assert client.stats.malformed == 2 and client.stats.handler_errors == 1
     assert client.stats.connects == 1 and client.stats.disconnects == 1
+
+
+def test_early_records_get_early_labels_and_leave_the_history_alone():
+    """Over a real WebSocket: each record's early record (schema.early_record) first, then
+    the record. Early ones come back as IoTClass::early_label, scored against the device's
+    history as it stands; the final labels, their matrices and the counts are those of the
+    records alone (the early ones never join a device's history)."""
+    from iotcls.schema import early_record
+
+    early = {r.uid + r.device_ip + repr(r.start): early_record(r) for r in RECORDS}
+
+    async def scenario():
+        zeek = FakeZeek(welcome_on_hello=False, on_event=answer_hello(offline=False))
+        await zeek.start()
+        scorer = ProjectionScorer()
+        bridge = Bridge(LAYOUT, scorer, labels_topic=LABELS, max_delay_s=0.005)
+        client = attach(bridge, zeek.url, [FLOWS], **FAST)
+        task = asyncio.create_task(run(bridge, client))
+        await until(lambda: bridge.welcome is not None, what="welcome")
+        sent_early = 0
+        for r in sorted(RECORDS, key=lambda r: r.start):
+            e = early[r.uid + r.device_ip + repr(r.start)]
+            if e is not None:
+                frame = rc.flow_frame(FLOWS, e).replace(b'"IoTClass::flow"',
+                                                        b'"IoTClass::early_flow"', 1)
+                assert await zeek.publish(FLOWS, frame) == 1
+                sent_early += 1
+                await until(lambda: bridge.stats.early_labels == sent_early, what="early")
+            assert await zeek.publish(FLOWS, rc.flow_frame(FLOWS, r)) == 1
+        await until(lambda: len(zeek.events_named("IoTClass::label")) == len(RECORDS),
+                    what="all labels")  # fmt: skip
+        early_labels = zeek.events_named("IoTClass::early_label")
+        assert sent_early > 10 and len(early_labels) == sent_early
+        assert zeek.errors_sent == []  # Zeek accepted the early labels as declared too
+        assert bridge.stats.records == bridge.stats.labels == len(RECORDS)
+        assert bridge.stats.early_records == bridge.stats.early_labels == sent_early
+        client.stop()
+        await task
+        await zeek.stop()
+        return scorer.seen, sent_early
+
+    seen, sent_early = run_async(scenario())
+    assert len(seen) == len(RECORDS) + sent_early
+    alone = Bridge(LAYOUT, ProjectionScorer())
+    mats, _ = alone.assembler.assemble(sorted(RECORDS, key=lambda r: r.start))
+    # every final matrix is the one the records alone give (early records joined no history)
+    for m in mats:
+        assert any(np.array_equal(m, x) for x in seen)

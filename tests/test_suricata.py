@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from iotcls.bridge.suricata import DatagramError, community_id, parse_datagram
+from iotcls.bridge.suricata import DatagramError, community_id, parse_datagram, parse_line
 from iotcls.bridge.core import FlowAssembler
 from iotcls.bundle import ModelBundle
 from iotcls.flows import DeviceSelector, capture_flows
@@ -81,10 +81,15 @@ def run_suricata(tmp: Path, pcap: Path, outputs: str, eve: bool = False,
     return out
 
 
-def sent_count(out: str) -> tuple[int, int]:
-    m = re.search(r"iotcls: \d+ packets, (\d+) records sent, (\d+) dropped", out)
+def sent_count(out: str, with_early: bool = False) -> tuple[int, int]:
+    """(records sent, dropped) from the script's last log line; early records are counted
+    among those sent, and left out unless ``with_early`` (when nothing was dropped, every
+    early record made was sent)."""
+    m = re.search(r"iotcls: \d+ packets, (\d+) records sent, (\d+) dropped.*, (\d+) of the "
+                  r"records made were early ones", out)  # fmt: skip
     assert m, out
-    return int(m.group(1)), int(m.group(2))
+    early = 0 if with_early else int(m.group(3))
+    return int(m.group(1)) - early, int(m.group(2))
 
 
 class Receiver:
@@ -113,7 +118,15 @@ class Receiver:
         self._stop.set()
         self._t.join()
         self.sock.close()
-        return [parse_datagram(line) for d in self.data for line in d.split(b"\n")]
+        lines = [parse_line(line) for d in self.data for line in d.split(b"\n")]
+        self.early = [r for r, early in lines if early]  # early records (schema.early_record)
+        return [r for r, early in lines if not early]
+
+
+def early_record(r):
+    from iotcls.schema import early_record as schema_early
+
+    return schema_early(r)
 
 
 def key(r) -> tuple:
@@ -191,11 +204,21 @@ def test_suricata_records_equal_the_pcap_sensors(tmp_path, capture):
     sock = tmp_path / "s.sock"
     rx = Receiver(sock)
     out = run_suricata(tmp_path, DATA / capture, install_script(tmp_path, sock))
-    sent, dropped = sent_count(out)
+    sent, dropped = sent_count(out, with_early=True)
     got = rx.records(sent)
-    assert dropped == 0 and len(got) == sent > 0
+    assert dropped == 0 and len(got) + len(rx.early) == sent > 0
+    early = bridge_table(rx.early).records()
     got = bridge_table(got).records()
     want = capture_flows(DATA / capture, DeviceSelector.from_lists(nets=NETS.split(","))).table.records()
+    # the early records are the schema's early records of the pcap reader's (same rule)
+    E = {key(r): early_record(r) for r in want}
+    assert early and len({key(r) for r in early}) == len(early)
+    for a in early:
+        b = E[key(a)]
+        assert b is not None, key(a)
+        assert (a.total_packets, a.sizes, a.directions, a.payloads) == \
+            (b.total_packets, b.sizes, b.directions, b.payloads), key(a)  # fmt: skip
+    assert len(early) >= sum(e is not None for k, e in E.items() if k[0][4] != 2) - 3
     S, P = {key(r): r for r in got}, {key(r): r for r in want}
     assert len(S) == len(got)
     assert set(S) <= set(P)
@@ -267,7 +290,7 @@ def test_suricata_keeps_whole_dhcp_messages(tmp_path):
 @needs_data
 def test_without_a_bridge_suricata_runs_on_and_counts_the_drops(tmp_path):
     out = run_suricata(tmp_path, DATA / CAPTURES[0], install_script(tmp_path, tmp_path / "none.sock"))
-    sent, dropped = sent_count(out)
+    sent, dropped = sent_count(out, with_early=True)
     assert sent == 0 and dropped > 0
     assert out.count("iotcls: dropping records: cannot send to the bridge") == 1
 
@@ -317,7 +340,10 @@ def test_end_to_end_serve_writes_eve_labels(tmp_path):
                            env={"IOTCLS_REORDER_S": "0"})  # fmt: skip
         sent, dropped = sent_count(out)
         assert dropped == 0 and sent > 0
-        while not eve_log.is_file() or len(eve_log.read_text().splitlines()) < sent:
+        def finals() -> int:  # EVE lines of final records: early ones say "early": true
+            return sum('"early":true' not in x for x in eve_log.read_text().splitlines())
+
+        while not eve_log.is_file() or finals() < sent:
             assert serve.poll() is None and time.monotonic() < deadline + 60, err.read_text()
             time.sleep(0.1)
         metrics = _metrics(port)
@@ -329,7 +355,10 @@ def test_end_to_end_serve_writes_eve_labels(tmp_path):
     assert serve.returncode == 0, err.read_text()
     assert "zeek off; suricata " in stdout
     lines = [json.loads(x) for x in eve_log.read_text().splitlines()]
-    assert len(lines) == sent
+    early = [e for e in lines if e["iot_class"].get("early")]
+    lines = [e for e in lines if "early" not in e["iot_class"]]
+    assert len(lines) == sent and len(early) > 0  # early labels too, marked as such
+    assert {e["iot_class"]["device_ip"] for e in early} <= {e["iot_class"]["device_ip"] for e in lines}
     flows = {}
     for x in (tmp_path / "suricata-logs" / "eve.json").read_text().splitlines():
         ev = json.loads(x)
