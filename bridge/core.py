@@ -514,7 +514,7 @@ class Bridge:
             return 0
         mats = self.assembler.seq.peek(rows, t.start, list(t.device_keys()))
         try:
-            verdicts = await self._score(mats, t)
+            verdicts = await self._score(mats, t, early=True)
             if len(verdicts) != len(t):
                 raise ValueError(f"{len(verdicts)} verdicts for {len(t)} records")
         except asyncio.CancelledError:
@@ -568,12 +568,16 @@ class Bridge:
         Suricata bridge writes an EVE line instead)."""
         return rc.label_message(self.labels_topic, rc.log_entry(rec, verdict), early)
 
-    async def _score(self, mats: np.ndarray, table: FlowTable) -> Sequence[Any]:
-        if inspect.iscoroutinefunction(self.scorer) or inspect.iscoroutinefunction(
-            getattr(self.scorer, "__call__", None)
+    async def _score(self, mats: np.ndarray, table: FlowTable, early: bool = False
+                     ) -> Sequence[Any]:  # fmt: skip
+        """The scorer's verdicts; for early records its ``early`` method where it has one
+        (a scorer that keeps device state keeps it out of early labels)."""
+        scorer = getattr(self.scorer, "early", self.scorer) if early else self.scorer
+        if inspect.iscoroutinefunction(scorer) or inspect.iscoroutinefunction(
+            getattr(scorer, "__call__", None)
         ):
-            return await self.scorer(mats, table)
-        r = await asyncio.to_thread(self.scorer, mats, table)
+            return await scorer(mats, table)
+        r = await asyncio.to_thread(scorer, mats, table)
         if inspect.isawaitable(r):
             r = await r
         return r

@@ -76,6 +76,7 @@ class Item:
     labelled: bool  # the device had a recent label when the record arrived
     attempts: int = 0
     identity: str | None = None  # the device's latest DHCP identity as the record arrived
+    early: bool = False  # an early record: its label changes no device state (see submit)
 
 
 @dataclass(slots=True)
@@ -345,7 +346,8 @@ class Dispatcher:
     def scorers(self) -> list[str]:
         return [s.hello.name for s in self._scorers.values()]
 
-    def submit(self, matrices: np.ndarray, devices: Sequence[str], ctxs: Sequence[Any]) -> None:
+    def submit(self, matrices: np.ndarray, devices: Sequence[str], ctxs: Sequence[Any],
+               early: bool = False) -> None:  # fmt: skip
         """Queues one record per matrix; every one of them ends as exactly one outcome."""
         now = time.monotonic()
         n = len(matrices)
@@ -363,9 +365,12 @@ class Dispatcher:
         for i in range(n):
             dev = devices[i]
             lab = labelled_first and self.policy.recently_labelled(dev, now, self.b.recent_label_s)
-            item = Item(self._seq, dev, matrices[i], ctxs[i], now, lab)
+            item = Item(self._seq, dev, matrices[i], ctxs[i], now, lab, early=early)
             if track:
-                self.identities.note(dev, own[i])
+                # an early record's final record notes the identity, in its place: noted
+                # now, it would reach records that start before it (classify's order)
+                if not early:
+                    self.identities.note(dev, own[i])
                 item.identity = self.identities.latest(dev)
             self._seq += 1
             (self._q_lab if lab else self._q_new).append(item)
@@ -650,12 +655,18 @@ class Dispatcher:
         """The outcome of a checked label: trust rules 5 and 6, then the log policy."""
         full = r.explained is None or r.explained[i]
         label, trusted, reason = r.labels[i], r.trusted[i], r.reason[i]
-        if not self.consistency.observe(it.device, label, r.confidence[i]) and trusted:
+        # an early record's label is judged against the device's labels as they stand and
+        # joins none of them (nor the log policy's): its final record's label will
+        consistent = self.consistency.check(it.device, label) if it.early else \
+            self.consistency.observe(it.device, label, r.confidence[i])  # fmt: skip
+        if not consistent and trusted:
             trusted, reason = False, INCONSISTENT
         why = self.identities.rule.reason(it.identity, label) if trusted else "-"
         if why != "-":  # rule 6 (trust.dhcp_identity)
             trusted, reason = False, why
-        if full:
+        if it.early:
+            send = True
+        elif full:
             cheap = None if r.cheap_trusted is None else r.cheap_trusted[i]
             send = self.policy.decide(it.device, label, trusted, now, cheap)
         else:  # the same label and cheap trust as the last one sent, and not due

@@ -65,14 +65,20 @@ class DispatchScorer:
     def __init__(self, dispatcher: Dispatcher):
         self.dispatcher = dispatcher
 
-    async def __call__(self, matrices: np.ndarray, table: FlowTable) -> list[Outcome | None]:
+    async def __call__(self, matrices: np.ndarray, table: FlowTable,
+                       early: bool = False) -> list[Outcome | None]:  # fmt: skip
         n = len(matrices)
         if n == 0:
             return []
         flows = np.any(matrices != 0, axis=2).sum(axis=1).tolist()  # rows holding a flow
         group = _Group(n, flows, asyncio.get_running_loop().create_future())
-        self.dispatcher.submit(matrices, list(table.device_keys()), [(group, i) for i in range(n)])
+        self.dispatcher.submit(matrices, list(table.device_keys()), [(group, i) for i in range(n)],
+                               early=early)  # fmt: skip
         return await group.done
+
+    async def early(self, matrices: np.ndarray, table: FlowTable) -> list[Outcome | None]:
+        """Early records: labelled as the others, changing no device state."""
+        return await self(matrices, table, early=True)
 
     @staticmethod
     def deliver(outcomes: list[Outcome]) -> None:

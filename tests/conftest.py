@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+from pathlib import Path
+
 import pytest
 
 from iotcls.testing import zeek
@@ -18,6 +22,12 @@ def sample(tmp_path_factory) -> Sample:
 # -- real-Zeek tests: ``@pytest.mark.zeek`` -------------------------------------------------
 def pytest_configure(config):
     config.addinivalue_line("markers", "zeek: the test runs a real Zeek (skips without one)")
+    exe = zeek.find_zeek()
+    if exe and zeek.igmp_shim_needed(exe) and "ZEEKPATH" not in os.environ:
+        # a Zeek 8.2 built without Spicy cannot start with its default scripts: every Zeek
+        # the tests run (and the btests) gets a search path that stubs out its IGMP analyzer
+        shim = Path(tempfile.mkdtemp(prefix="iotcls-zeek-shim-"))
+        os.environ["ZEEKPATH"] = zeek.shim_igmp(exe, shim)
 
 
 def pytest_runtest_setup(item):

@@ -2,6 +2,7 @@
 other real-Zeek tests use."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -21,8 +22,10 @@ def test_btests_pass(tmp_path):
     env = dict(os.environ, PATH=f"{Path(zeek).parent}:{bindir}:{os.environ['PATH']}")
     r = subprocess.run([str(Path(bindir) / "btest"), "-c", "btest.cfg", "-d", "-j", "2"],
                        cwd=TESTING, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
-    assert r.returncode == 0, (r.stdout + r.stderr)[-6000:]
-    assert "0 tests" not in r.stdout and "all" in r.stdout.lower(), r.stdout
+    out = r.stdout + r.stderr  # btest reports on stderr
+    assert r.returncode == 0, out[-6000:]
+    m = re.search(r"all (\d+) tests successful", out)
+    assert m and int(m.group(1)) >= 5, out[-2000:]
 
 
 def _snapshot_repo(dest: Path) -> Path:
@@ -47,7 +50,7 @@ def test_zkg_install_then_zkg_test(tmp_path):
     zkg = Path(sys.executable).parent / "zkg"
     if not zkg.exists():
         pytest.skip("zkg is a dev dependency (pip install zkg)")
-    repo = _snapshot_repo(tmp_path / "repo")
+    repo = _snapshot_repo(tmp_path / "iotcls")  # zkg names the package after the directory
     cfg = tmp_path / "zkg.cfg"
     cfg.write_text("[sources]\n[paths]\n"
                    + "".join(f"{k} = {tmp_path / k}\n"
@@ -59,7 +62,8 @@ def test_zkg_install_then_zkg_test(tmp_path):
                        capture_output=True, text=True, timeout=900)  # fmt: skip
     assert r.returncode == 0, r.stdout + r.stderr
     assert (tmp_path / "script_dir" / "packages" / "iotcls" / "__load__.zeek").is_file()
-    r = subprocess.run(run + ["test", "iotcls"], env=env, capture_output=True, text=True,
-                       timeout=900)  # fmt: skip
+    # the package as it was installed: from this path (a package source would give its name)
+    r = subprocess.run(run + ["test", str(repo)], env=env, capture_output=True, text=True,
+                       timeout=900, cwd=tmp_path)  # fmt: skip
     assert r.returncode == 0, r.stdout + r.stderr
     assert "all tests passed" in (r.stdout + r.stderr).lower() or "pass" in r.stdout.lower()

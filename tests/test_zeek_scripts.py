@@ -265,10 +265,11 @@ def _macs_arg(macs: list[str]) -> str:
 
 
 def _zeek_with_bridge(pcap: Path, cwd: Path, *zeek_args: str, pre: tuple[str, ...] = (),
-                      tables: list | None = None):  # fmt: skip
+                      tables: list | None = None, early: list | None = None):  # fmt: skip
     """``zeek -C -r pcap [pre] iotcls`` with an in-process bridge whose scorer keeps every
-    record it is given (and each FlowTable it is given in *tables*); returns Zeek's result,
-    the records, the bridge and its layout."""
+    final record it is given (and each FlowTable it is given in *tables*); returns Zeek's
+    result, the records, the bridge and its layout. Zeek sends early records only when
+    *early* is a list, which gets them."""
     from iotcls.bridge.core import Bridge, attach, run
     from iotcls.bridge.records import Verdict
     from iotcls.layout import MatrixLayout
@@ -284,6 +285,17 @@ def _zeek_with_bridge(pcap: Path, cwd: Path, *zeek_args: str, pre: tuple[str, ..
 
     layout = MatrixLayout()
     bridge = Bridge(layout, scorer)
+    if early is not None:
+
+        async def process_early(recs):
+            early.extend(recs)
+            verdicts = [Verdict("D-LinkCam", 0.9) for _ in recs]
+            frames = [bridge.label_frame(r, v, early=True) for r, v in zip(recs, verdicts)]
+            await bridge._send_all(frames)
+            bridge.stats.early_labels += len(frames)
+            return len(frames)
+
+        bridge.process_early = process_early
     client = attach(bridge, f"ws://127.0.0.1:{port}/v1/messages/json",
                     reconnect_min_s=0.1, reconnect_max_s=0.5)  # fmt: skip
     loop = asyncio.new_event_loop()
@@ -292,6 +304,7 @@ def _zeek_with_bridge(pcap: Path, cwd: Path, *zeek_args: str, pre: tuple[str, ..
     try:
         cmd = [ZEEK, "-C", "-r", str(pcap), *pre, str(PKG),
                f"IoTClass::websocket_port={port}/tcp", "IoTClass::hold_timeout=60sec",
+               f"IoTClass::early_records={'T' if early is not None else 'F'}",
                *zeek_args]  # fmt: skip
         r = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=180)
     finally:
@@ -359,6 +372,33 @@ def test_zeek_records_by_mac_equal_the_pcap_sensors(tmp_path, sample):
         assert [getattr(z, f) for f in fields] == [getattr(p, f) for f in fields], _rkey(z)
     assert {x.proto for x in got} == {1, 2, 6, 17, 58}
     assert any(x.proto == 2 and any(x.payloads) for x in got)  # IGMP payloads
+
+
+@needs_zeek
+def test_zeek_early_records_are_the_schemas(tmp_path, sample):
+    """IoTClass::early_flow: one per window that has one, each the schema's early record of
+    the pcap sensor's final record (the same rule, live in script land)."""
+    from iotcls.flows import DeviceSelector, capture_flows
+    from iotcls.schema import early_record
+
+    early: list = []
+    r, got, bridge, _ = _zeek_with_bridge(sample.pcap, tmp_path, _macs_arg(sample.macs),
+                                          early=early)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    want = {}
+    for x in capture_flows(sample.pcap, DeviceSelector.from_lists(sample.macs)).table.records():
+        e = early_record(x)
+        if e is not None:
+            want[_rkey(e)] = e
+    assert len(got) == 288 and len(early) > 100
+    assert bridge.stats.early_labels == len(early)
+    early = bridge.assembler.table(early).records()  # DHCP payloads as their view, as got's
+    fields = ["total_packets", "total_bytes", "sizes", "directions", "payloads"]
+    by_key = {_rkey(e): e for e in early}
+    assert set(by_key) <= set(want)
+    for k, e in by_key.items():
+        assert [getattr(e, f) for f in fields] == [getattr(want[k], f) for f in fields], k
+    assert len(by_key) >= 0.95 * len(want)
 
 
 def _has_zeromq() -> bool:
@@ -494,7 +534,7 @@ def test_zeek_and_iotcls_serve_log_what_classify_writes(tmp_path, sample):
 
     # the notices and the device log: one New_Device and one iot_devices.log line per device
     notices = _json_or_ascii(zdir / "notice.log")
-    new = sorted(n["identifier"] for n in notices if n["note"] == "IoTClass::New_Device")
+    new = sorted(n["msg"].split()[2] for n in notices if n["note"] == "IoTClass::New_Device")
     assert new == sorted(sample.macs)
     devices = _json_or_ascii(zdir / "iot_devices.log")
     assert sorted(d["device"] for d in devices) == sorted(sample.macs)

@@ -50,3 +50,38 @@ def version(zeek: str) -> tuple[int, int, int]:
 def has_plugin(zeek: str, name: str) -> bool:
     r = subprocess.run([zeek, "-N", name], capture_output=True, text=True, timeout=60)
     return r.returncode == 0
+
+
+def igmp_shim_needed(zeek: str) -> bool:
+    """Whether this Zeek is 8.2+ built without Spicy: its default scripts then fail at start
+    ("Failed to register IGMP Spicy analyzer"), whatever else is loaded. Packaged Zeeks have
+    Spicy; the ones these tests are run with may be built with ``--disable-spicy``."""
+    return version(zeek) >= (8, 2, 0) and not has_plugin(zeek, "Zeek::Spicy")
+
+
+def search_path(zeek: str) -> str:
+    """Zeek's own ZEEKPATH, as ``zeek --help`` prints it."""
+    out = subprocess.run([zeek, "--help"], capture_output=True, text=True, timeout=60)
+    m = re.search(r"file search path \(([^)]*)\)", out.stdout + out.stderr)
+    if not m:
+        raise RuntimeError(f"{zeek} --help names no search path")
+    return m.group(1)
+
+
+def shim_igmp(zeek: str, into: Path) -> str:
+    """A ZEEKPATH for a Zeek that :func:`igmp_shim_needed`: ``.`` first as always, then a
+    directory whose ``base/packet-protocols/igmp`` loads nothing (the tests capture IGMP
+    themselves; only Zeek's Spicy-based IGMP analyzer is missing), then Zeek's own path."""
+    rest = [p for p in search_path(zeek).split(":") if p and p != "."]
+    own = next(Path(p) / "base" / "packet-protocols" for p in rest
+               if (Path(p) / "base" / "packet-protocols" / "__load__.zeek").is_file())
+    stub = into / "base" / "packet-protocols" / "igmp"
+    stub.mkdir(parents=True, exist_ok=True)
+    (stub / "__load__.zeek").write_text(
+        "# Test environment only: this Zeek was built without Spicy, which its IGMP\n"
+        "# analyzer needs; Zeek's base/packet-protocols/igmp would stop it at start.\n")
+    # the directory above now hides Zeek's own: its __load__.zeek (which loads each protocol
+    # by its full name, so all but IGMP still come from Zeek) must be there too
+    text = (own / "__load__.zeek").read_text().replace("@load ./", f"@load {own}/")
+    (stub.parent / "__load__.zeek").write_text(text)
+    return ":".join([".", str(into), *rest])

@@ -462,6 +462,15 @@ class DeviceConsistencyTracker:
     def __len__(self) -> int:
         return len(self._recent)
 
+    def check(self, device: str, label: str) -> bool:
+        """Whether this label would pass the rule, leaving the device's window as it is (an
+        early record's label: its final record's label will join the window)."""
+        r, w = self.rule, self._recent.get(device)
+        if r.window < 1 or w is None or len(w.labels) < r.min_prior or w.total <= 0:
+            return True
+        other = max((v for lab, v in w.weight.items() if lab != label), default=0)
+        return not other >= r.share * w.total
+
     def observe(self, device: str, label: str, confidence: float) -> bool:
         """Whether this label passes the rule; then it joins the device's window."""
         r = self.rule

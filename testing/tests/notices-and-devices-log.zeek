@@ -6,7 +6,7 @@
 # label (its line is written when Zeek ends).
 # @TEST-EXEC: zeek -b $PACKAGE %INPUT
 # @TEST-EXEC: btest-diff iot_devices.log
-# @TEST-EXEC: zeek-cut note msg sub src identifier <notice.log >notices
+# @TEST-EXEC: zeek-cut note msg sub src <notice.log >notices
 # @TEST-EXEC: btest-diff notices
 
 redef IoTClass::websocket_listen = F;

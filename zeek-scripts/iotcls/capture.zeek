@@ -210,18 +210,20 @@ function await_early(s: State)
 	early_pending[s$wid] = s;
 	}
 
-# Whether the window's early record is due before a packet at t is counted (t: 0 for the
-# window's end): its first packets are in, or it has been idle for early_idle, which must
-# have ended before the window did (iotcls.schema.early_cut).
-function early_due(s: State, t: time): bool
+# Whether the window's early record exists (iotcls.schema.early_cut): its first packets are
+# in, or it went idle for early_idle before the window's end.
+function early_exists(s: State): bool
 	{
 	if ( s$early_sent || s$done || s$pkts == 0 )
 		return F;
-	if ( |s$sizes| >= packets )
-		return T;
-	if ( s$last + early_idle >= s$start + window_length )
-		return F;
-	return t == 0 || t - s$last >= early_idle;
+	return |s$sizes| >= packets || s$last + early_idle < s$start + window_length;
+	}
+
+# Whether the window's early record is due before a packet at t is counted.
+function early_due(s: State, t: time): bool
+	{
+	return early_exists(s)
+	    && ( |s$sizes| >= packets || t - s$last >= early_idle );
 	}
 
 # Publishes the window's early record: the window as it stands.
@@ -241,7 +243,7 @@ function emit(s: State)
 	if ( s$done || s$pkts == 0 )
 		return;
 
-	if ( early_due(s, 0) )
+	if ( early_exists(s) )
 		emit_early(s);
 	s$early_sent = T;
 	delete early_pending[s$wid];
