@@ -17,7 +17,7 @@ Phases (each starts a fresh ``iotcls serve``):
 Phases 1 and 2 run ``log.policy: all`` (every record's label comes back, so every latency
 is measured) with ``scorers.explain: none`` (the confidence criterion): the full trust
 decision for every label costs about 14x the label (docs/serve.md) and is what phase 3
-avoids. Targets (issue 6): >= 5,000 records/s sustained with p99 <= 50 ms; RSS flat over a
+avoids. Targets (docs/serve.md): >= 5,000 records/s sustained with p99 <= 50 ms; RSS flat over a
 10-minute run (``--duration 600``); the 2-vs-1 scorer ratio is reported as measured. The load
 generator runs in this process, on the same machine: its CPU is part of the bill.
 

@@ -11,7 +11,7 @@ anything when loaded. The dict holds
   layout is refused);
 * ``classes``: the label of each output; ``temperature``: the calibration (logits / T);
 * ``metadata``: training facts (JSON-safe: data, split capture ids, figures, date);
-* ``trust``: an optional dict of tensors and plain values for the trust layer (issue 4);
+* ``trust``: an optional dict of tensors and plain values for the trust layer (docs/trust.md);
 * ``sha256``: a hash over all of the above, so that a damaged or edited file is noticed.
 
 A matching hash says the file is what its writer wrote, not that the writer was this program:

@@ -90,7 +90,7 @@ def classify_capture(
     voted.index = v.index[keep]
     voted.label = predictor.classes[voted.index]
     voted.confidence = v.confidence[keep]
-    # issue 4 (trust): the device label is the vote of the window's trusted labels
+    # trust (docs/trust.md): the device label is the vote of the window's trusted labels
     # (docs/trust.md); too few trusted labels: the all-label vote, untrusted.
     from .trust.decision import windowed_trusted_vote
 
@@ -128,7 +128,7 @@ def summarize(
         cm0, i0 = items[last][0], items[last][1]  # the device's address as last seen
         conf = float(v.confidence[last])
         share = float(trusted.mean())
-        # issue 4 (trust): the label is the vote of the trusted labels when there are enough
+        # trust (docs/trust.md): the label is the vote of the trusted labels when there are enough
         from .trust.decision import windowed_trusted_vote
 
         pidx = np.array([p.index[k] for _, _, k, p in items])

@@ -406,7 +406,7 @@ def evaluate_report(
         png = confusion_png(seq["confusion"], classes, out_dir / "confusion.png",
                             f"{bundle.name}: per-sequence labels, {scope}")  # fmt: skip
         report["confusion_png"] = str(png)
-    # issue 4 (trust): refinement before/after, calibration (ECE, reliability PNG), devices
+    # trust (docs/trust.md): refinement before/after, calibration (ECE, reliability PNG), devices
     from .trust.evaluation import trust_section
 
     report["trust"] = trust_section(predictor, d, out_dir, bundle.name)
@@ -460,7 +460,7 @@ def format_report(r: dict) -> str:
                      f"rate {p['rate']:.3f}")  # fmt: skip
     if "confusion_png" in r:
         lines += ["", f"confusion matrix: {r['confusion_png']}"]
-    if "trust" in r:  # issue 4 (trust)
+    if "trust" in r:  # docs/trust.md
         from .trust.evaluation import format_trust
 
         lines += ["", format_trust(r["trust"])]

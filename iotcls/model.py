@@ -185,7 +185,7 @@ class IoTCNN(nn.Module):
         mask = (x != 0).any(dim=2).unsqueeze(1).to(x.dtype)  # (B, 1, R): which rows hold a flow
         return self.sequence_head(self.flow(x.reshape(b * r, w)).view(b, r, -1), mask)
 
-    # issue 4 (trust): the inter-flow stage on its own, so that exact Shapley values
+    # trust (docs/trust.md): the inter-flow stage on its own, so that exact Shapley values
     # (iotcls.trust.shapley) encode each masked variant of a row once, not once per coalition.
     def sequence_head(self, rows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Inter-flow stage: row vectors ``(B, R, row_dim)`` and row presence ``(B, 1, R)``

@@ -3,7 +3,7 @@
 Every consumer (``classify``, ``evaluate``, the scorer beside Zeek) calls
 :meth:`Predictor.predict`. It runs the CNN in batches under :func:`torch.inference_mode`,
 calibrates with the bundle's temperature and attaches the trust fields. Until the trust layer
-(issue 4) takes over :meth:`Predictor.assess`, a label is trusted when its calibrated
+(docs/trust.md) takes over :meth:`Predictor.assess`, a label is trusted when its calibrated
 confidence reaches ``threshold``.
 """
 
@@ -99,7 +99,7 @@ class Predictor:
             else threshold
         )
         self.classes = np.array(bundle.classes, dtype=object)
-        # issue 4 (trust): with a trust state in the bundle, every label's trusted/reason/
+        # trust (docs/trust.md): with a trust state in the bundle, every label's trusted/reason/
         # top_groups come from iotcls.trust (Shapley values + the fitted decision); the
         # confidence criterion uses the state's threshold. explain=False keeps labels cheap
         # (confidence threshold only); assess_subset() then explains the labels to be logged.
@@ -183,7 +183,7 @@ class Predictor:
         """Labels of ``matrices``; ``identities`` (per matrix, its device's latest DHCP
         identity, see :meth:`device_identities`) refine them (:mod:`.trust.dhcp_identity`)."""
         allowed = self.allowed(identities)
-        if self.explain:  # issue 4 (trust): one batched pass gives the label and its trust
+        if self.explain:  # trust (docs/trust.md): one batched pass gives the label and its trust
             return self._predict_explained(matrices, allowed)
         probs = self.probabilities(matrices, allowed)
         index = probs.argmax(axis=1) if len(probs) else np.zeros(0, np.int64)
@@ -222,7 +222,7 @@ class Predictor:
             return None
         return self.identity_map.allowed(identities, list(self.classes))
 
-    # -- issue 4 (trust) -------------------------------------------------------------------
+    # -- trust (docs/trust.md) ----------------------------------------------------------------
     def _predict_explained(self, matrices: np.ndarray, allowed: np.ndarray | None) -> Predictions:
         x = self._checked(matrices)
         with _few_threads(self._few(len(x))):

@@ -40,7 +40,7 @@ class TrainConfig:
     max_per_capture: int = 0  # cap on matrices per capture file (0: all)
     threads: int = 0  # torch threads (0: torch's choice)
     model: dict = field(default_factory=dict)  # ModelConfig overrides
-    trust: bool = True  # issue 4: fit the trust state (iotcls.trust) on the validation split
+    trust: bool = True  # fit the trust state (iotcls.trust) on the validation split
 
 
 @dataclass
@@ -335,7 +335,7 @@ def train(
         }
     )
     log(f"best epoch {best_epoch}: val macro-F1 {best[0]:.4f}; temperature {temperature:.3f}")
-    # issue 4 (trust): the trust state, fitted on the validation split (data the model did
+    # trust (docs/trust.md): the trust state, fitted on the validation split (data the model did
     # not learn from, so its mistakes there are like the ones it will make).
     trust = None
     if cfg.trust and len(va):

@@ -42,7 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-time-to-label", dest="time_to_label", action="store_false",
                    help="skip the table of labels by time since each device's first packet "
                         "(early and final records; read from the captures again)")
-    # issue 4 (trust): the unseen-device test
+    # trust (docs/trust.md): the unseen-device test
     p.add_argument("--leave-out", action="append", metavar="TYPE", default=[],
                    help="train without TYPE (repeatable; quick training, the same code path "
                         "as iotcls train) and report the share of TYPE's labels that come out "
@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.leave_out and args.folds is not None:
         raise CliError("--leave-out and --folds are two different runs: give one")
-    if args.leave_out:  # issue 4 (trust)
+    if args.leave_out:  # the unseen-device test (docs/trust.md)
         return _run_leave_out(args)
     if args.folds is not None:
         return _run_folds(args)
@@ -154,7 +154,7 @@ def _run_folds(args: argparse.Namespace) -> int:
 
 
 def _run_leave_out(args: argparse.Namespace) -> int:
-    """issue 4 (trust): ``--leave-out TYPE``: see iotcls.trust.evaluation.leave_out."""
+    """``--leave-out TYPE`` (docs/trust.md): see iotcls.trust.evaluation.leave_out."""
     from ..trust.evaluation import DEFAULT_LEAVE_OUT_EPOCHS, format_leave_out, leave_out
 
     types = list(dict.fromkeys(args.leave_out))
