@@ -35,9 +35,10 @@ import numpy as np
 from iotcls.config import Config
 from iotcls.flowtable import FlowTable
 
-from .core import SHED_PAUSED, Bridge
-from .dispatch import SHED_LABEL_BACKLOG, SHED_SHUTDOWN, Dispatcher, Outcome
+from .core import Bridge
+from .dispatch import Dispatcher, Outcome
 from .metrics import PrometheusExporter, ServeMetrics
+from .serve_bridge import ServeBridge
 
 log = logging.getLogger("iotcls.serve")
 
@@ -91,30 +92,6 @@ class DispatchScorer:
             group.left -= 1
             if group.left == 0 and not group.done.done():
                 group.done.set_result(group.verdicts)
-
-
-class ServeBridge(Bridge):
-    """The :class:`Bridge` of ``iotcls serve``: batches are scored concurrently (the base
-    class's ``max_inflight``, so every scorer is kept busy) and the intake is bounded
-    (``max_live_records``); records refused at the door are counted in the serve metrics
-    as shed, ``label_backlog`` (labels are made faster than Zeek takes them: the
-    dispatcher's queue bounds the rest) or ``shutdown`` (after :meth:`pause`)."""
-
-    def __init__(self, *args: Any, metrics: ServeMetrics, max_live_records: int, **kw: Any):
-        # batches hold at least one record each, so the intake bound bounds them too: a batch
-        # never waits for a slot, it reaches the dispatcher (and its metrics) at once
-        kw.setdefault("max_inflight", max_live_records + 1)
-        super().__init__(*args, max_live_records=max_live_records, on_shed=self._count_shed,
-                         **kw)  # fmt: skip
-        self.metrics = metrics
-
-    def _count_shed(self, reason: str) -> None:
-        self.metrics.records_in += 1
-        self.metrics.add_shed(SHED_SHUTDOWN if reason == SHED_PAUSED else SHED_LABEL_BACKLOG)
-
-    async def hand_over(self, timeout: float) -> None:
-        """Shutdown: moves every record the Bridge still holds on to the dispatcher."""
-        await self.flush(timeout)
 
 
 def _client_rejections(client: Any, bridge: Bridge) -> dict[tuple[str, str], int]:

@@ -46,6 +46,7 @@ from iotcls.schema import PROTO_ICMP, PROTO_ICMP6, PROTO_TCP, PROTO_UDP, FlowRec
 
 from . import records as rc
 from . import safejson
+from .serve_bridge import ServeBridge
 
 log = logging.getLogger("iotcls.suricata")
 
@@ -425,13 +426,7 @@ class DatagramReader:
 # the bridge
 
 
-def _serve_bridge():
-    from .serving import ServeBridge  # serving imports this module for serve
-
-    return ServeBridge
-
-
-class SuricataBridge(_serve_bridge()):  # type: ignore[misc]
+class SuricataBridge(ServeBridge):
     """The serve bridge for Suricata's records: the same decoding-free intake (records
     arrive parsed), matrix assembly, dispatcher and log policy as for Zeek; labels become
     EVE lines."""

@@ -30,6 +30,23 @@ class CliError(Exception):
     """A user-facing error: printed as one line, exit status 2."""
 
 
+def add_renamed(parser: argparse.ArgumentParser, old: str, new: str, **kw) -> None:
+    """Option ``new``, and its former spelling ``old`` still accepted with a one-line notice on
+    stderr: one name per meaning across commands (``--devices`` names MACs, ``--torch-device``
+    the CPU or GPU), without breaking scripts that used the old one."""
+    parser.add_argument(new, **kw)
+
+    class Renamed(argparse.Action):
+        def __call__(self, parser, namespace, values, option_string=None):
+            print(f"iotcls: {old} is now {new} (the old spelling will go)", file=sys.stderr)
+            setattr(namespace, self.dest, values)
+
+    extra = {k: v for k, v in kw.items() if k in ("dest", "choices", "metavar", "type")}
+    parser.add_argument(old, action=Renamed, help=argparse.SUPPRESS,
+                        dest=kw.get("dest", new.lstrip("-").replace("-", "_")),
+                        **{k: v for k, v in extra.items() if k != "dest"})  # fmt: skip
+
+
 def build_parser(command: str | None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="iotcls", description=__doc__)
     parser.add_argument("--version", action="version", version=f"iotcls {__version__}")

@@ -20,7 +20,8 @@ from dataclasses import asdict, replace
 
 import numpy as np
 
-from .evaluate import class_report, device_sessions, hardest_pairs
+from .evaluate import class_report, hardest_pairs
+from .splits import device_sessions
 from .strategies import VoteConfig, device_vote
 from .train import Split, TrainConfig
 

@@ -25,13 +25,7 @@ from .dataset import Dataset
 from .model import count_flops, count_parameters
 from .predict import Predictions, Predictor
 from .strategies import STRATEGIES, VoteConfig, device_vote, strategy_input
-from .train import Split, macro_f1
-
-
-def device_sessions(captures: np.ndarray, devices: np.ndarray) -> np.ndarray:
-    """One id per (capture, device): a device in another capture is another session."""
-    keys = np.array([f"{c}\x00{d}" for c, d in zip(captures, devices)], object)
-    return np.unique(keys, return_inverse=True)[1]
+from .splits import Split, device_sessions, macro_f1  # noqa: F401  (device_sessions: re-exported)
 
 
 @dataclass

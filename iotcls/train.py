@@ -19,9 +19,7 @@ from tqdm import tqdm
 from .bundle import ModelBundle
 from .layout import MatrixLayout
 from .model import IoTCNN, ModelConfig, count_flops, count_parameters
-
-SPLITS = ("train", "val", "test")
-
+from .splits import SPLITS, Split, device_sessions, macro_f1, split_captures  # noqa: F401
 
 @dataclass
 class TrainConfig:
@@ -41,63 +39,6 @@ class TrainConfig:
     threads: int = 0  # torch threads (0: torch's choice)
     model: dict = field(default_factory=dict)  # ModelConfig overrides
     trust: bool = True  # fit the trust state (iotcls.trust) on the validation split
-
-
-@dataclass
-class Split:
-    """Capture ids of each part; a capture belongs to exactly one part."""
-
-    train: list[str]
-    val: list[str]
-    test: list[str]
-
-    def part_of(self, captures: np.ndarray) -> np.ndarray:
-        """Per entry: 0 train, 1 val, 2 test, -1 none."""
-        out = np.full(len(captures), -1, np.int8)
-        for i, ids in enumerate((self.train, self.val, self.test)):
-            out[np.isin(captures, np.array(ids, dtype=object))] = i
-        return out
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def split_captures(
-    captures: np.ndarray, labels: np.ndarray, seed: int, val: float, test: float
-) -> Split:
-    """Per label, shuffle its capture files (seeded) and deal them into train/val/test.
-
-    A label with at least three files gets at least one validation and one test file; with
-    two, one train and one test file; with one, a train file only. A capture's label is that
-    of its labelled flows (the label of the capture's device).
-    """
-    pairs = sorted({(str(c), str(l)) for c, l in zip(captures, labels)})
-    by_label: dict[str, list[str]] = {}
-    for c, l in pairs:
-        by_label.setdefault(l, []).append(c)
-    rng = np.random.default_rng(seed)
-    parts: dict[str, list[str]] = {s: [] for s in SPLITS}
-    for label in sorted(by_label):
-        files = list(by_label[label])
-        rng.shuffle(files)
-        n = len(files)
-        n_test = max(1, round(test * n)) if n >= 2 else 0
-        n_val = max(1, round(val * n)) if n >= 3 else 0
-        parts["test"] += files[:n_test]
-        parts["val"] += files[n_test : n_test + n_val]
-        parts["train"] += files[n_test + n_val :]
-    return Split(**{k: sorted(v) for k, v in parts.items()})
-
-
-def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> float:
-    """Macro-F1 over the classes present in ``y_true`` or ``y_pred``."""
-    cm = np.bincount(y_true * n_classes + y_pred, minlength=n_classes * n_classes)
-    cm = cm.reshape(n_classes, n_classes).astype(np.float64)
-    tp = np.diag(cm)
-    support, predicted = cm.sum(1), cm.sum(0)
-    present = (support + predicted) > 0
-    f1 = np.where(support + predicted > 0, 2 * tp / np.maximum(support + predicted, 1), 0.0)
-    return float(f1[present].mean()) if present.any() else 0.0
 
 
 def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
@@ -186,7 +127,6 @@ def ambiguous_identities(bundle: ModelBundle, x_va: np.ndarray, y_names: np.ndar
                          captures: np.ndarray, devices: np.ndarray, times: np.ndarray) -> list[str]:
     """Rule 6's shared identities that the bundle's model, refined as ``classify`` refines
     it, gets wrong on the validation split."""
-    from .evaluate import device_sessions
     from .predict import Predictor
     from .trust.decision import TrustConfig
     from .trust.dhcp_identity import fit_ambiguous

@@ -223,7 +223,7 @@ def test_commands_exit_2_with_one_line_for_a_bad_trust_section(tmp_path, trusted
                                                       value=["c", "b", "a"])):  # fmt: skip
         f = resaved(tmp_path, edited(trusted_payload, "trust", value=bad))
         which = ["--devices", "02:00:00:00:00:01", "-o", str(tmp_path / "out")] \
-            if command == "classify" else ["--device", "02:00:00:00:00:01"]  # fmt: skip
+            if command == "classify" else ["--devices", "02:00:00:00:00:01"]  # fmt: skip
         rc = main([command, str(pcap), "--model", str(f)] + which)
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 2 and len(err) == 1 and "Traceback" not in err[0], err

@@ -77,7 +77,7 @@ class ThreadScorer:
 def scorer_process(model_path: str, addr: str, name: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "iotcls", "serve", "--scorer-only", "--connect", addr,
-         "--name", name, "--model", model_path, "--device", "cpu", "--log-level", "warning"],
+         "--name", name, "--model", model_path, "--torch-device", "cpu", "--log-level", "warning"],
         start_new_session=True,
     )  # fmt: skip
 

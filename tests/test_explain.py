@@ -1,4 +1,4 @@
-"""``iotcls explain PCAP --device MAC`` on the sample capture (tests/conftest.py), with a tiny model
+"""``iotcls explain PCAP --devices MAC`` on the sample capture (tests/conftest.py), with a tiny model
 trained here on that capture's own flows (the project's training code path)."""
 
 import json
@@ -39,7 +39,7 @@ def model_path(tmp_path_factory, sample):
 def test_text_and_png(model_path, tmp_path, capsys, sample):
     aria = sample.mac_of("Aria")
     png = tmp_path / "aria.png"
-    assert main(["explain", str(sample.pcap), "--device", aria.upper(), "--model", model_path,
+    assert main(["explain", str(sample.pcap), "--devices", aria.upper(), "--model", model_path,
                  "-o", str(png)]) == 0  # fmt: skip
     out = capsys.readouterr()
     lines = out.out.strip().splitlines()
@@ -57,7 +57,7 @@ def test_text_and_png(model_path, tmp_path, capsys, sample):
 def test_json_values_are_exact_shapley_values(model_path, capsys, sample):
     from iotcls.bundle import ModelBundle
 
-    assert main(["explain", str(sample.pcap), "--device", sample.mac_of("HueBridge"), "--model", model_path, "--json"]) == 0
+    assert main(["explain", str(sample.pcap), "--devices", sample.mac_of("HueBridge"), "--model", model_path, "--json"]) == 0
     rows = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert len(rows) > 50 and all(r["label"] for r in rows)
     assert [r["ts"] for r in rows] == sorted(r["ts"] for r in rows)
@@ -76,18 +76,27 @@ def test_json_values_are_exact_shapley_values(model_path, capsys, sample):
 def test_errors_are_one_line(model_path, tmp_path, capsys, sample):
     aria = sample.mac_of("Aria")
     cases = [
-        (["--device", "02:00:00:00:00:99", "--model", model_path], "no flows of device"),
-        (["--device", "not-a-mac", "--model", model_path], "not a MAC address"),
-        (["--device", aria, "--model", str(tmp_path / "none.pt")], "no such model file"),
+        (["--devices", "02:00:00:00:00:99", "--model", model_path], "no flows of device"),
+        (["--devices", "not-a-mac", "--model", model_path], "not a MAC address"),
+        (["--devices", aria, "--model", str(tmp_path / "none.pt")], "no such model file"),
     ]
     for extra, msg in cases:
         assert main(["explain", str(sample.pcap), *extra]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("iotcls explain: error: ") and msg in err[0]
-    assert main(["explain", str(tmp_path / "x.pcap"), "--device", aria]) == 2
+    assert main(["explain", str(tmp_path / "x.pcap"), "--devices", aria]) == 2
     assert "no such capture file" in capsys.readouterr().err
     bad = tmp_path / "bad.pcap"
     bad.write_bytes(b"not a capture at all")
-    assert main(["explain", str(bad), "--device", aria, "--model", model_path]) == 2
+    assert main(["explain", str(bad), "--devices", aria, "--model", model_path]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(bad) in err[0]
+
+
+def test_the_old_spelling_still_works_with_a_notice(model_path, capsys, sample):
+    """--device MAC (explain) is now --devices, as for every other command; the old spelling
+    is accepted and says so."""
+    assert main(["explain", str(sample.pcap), "--device", sample.mac_of("Aria"), "--model",
+                 model_path, "--json"]) == 0  # fmt: skip
+    err = capsys.readouterr().err
+    assert "iotcls: --device is now --devices (the old spelling will go)" in err

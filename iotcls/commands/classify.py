@@ -19,8 +19,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="directory for iot_class.log (default: the current one)")
     p.add_argument("--strategy", choices=STRATEGIES, default="sequence",
                    help="which labels the log carries (docs/strategies.md; default %(default)s)")
-    p.add_argument("--device", dest="compute", default="cpu", choices=("cpu", "cuda"),
-                   help="where the model runs")
+    from ..cli import add_renamed
+
+    add_renamed(p, "--device", "--torch-device", dest="compute", default="cpu",
+                choices=("cpu", "cuda"), help="where the model runs")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -19,7 +19,10 @@ import numpy as np
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("pcap", metavar="PCAP", help="a pcap/pcapng capture")
-    p.add_argument("--device", required=True, metavar="MAC", help="the device's MAC address")
+    from ..cli import add_renamed
+
+    add_renamed(p, "--device", "--devices", dest="mac", metavar="MAC",
+                help="the device's MAC address (required)")
     p.add_argument("--model", metavar="MODEL", help="model bundle (default: the shipped model)")
     p.add_argument("-o", "--output", metavar="PNG", help="also plot the explanations to PNG")
     p.add_argument("--top", type=int, default=3, help="groups named per label (default 3)")
@@ -164,7 +167,9 @@ def run(args: argparse.Namespace) -> int:
     from ..dataset import capture_matrices
     from ..trust.decision import TrustError
 
-    mac = _norm_mac(args.device, "--device")
+    if not args.mac:
+        raise CliError("--devices MAC is required: the device to explain")
+    mac = _norm_mac(args.mac, "--devices")
     pcap = Path(args.pcap)
     if not pcap.is_file():
         raise CliError(f"{pcap}: no such capture file")

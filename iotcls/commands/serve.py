@@ -27,7 +27,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="print the default configuration, with comments, and exit")  # fmt: skip
     p.add_argument("--scorers", type=int, metavar="N", help="scorer processes to start")
     p.add_argument("--model", metavar="PATH", help="model bundle (default: the bundled model)")
-    p.add_argument("--device", choices=DEVICES, help="where scorers run the model")
+    from ..cli import add_renamed
+
+    add_renamed(p, "--device", "--torch-device", dest="device", choices=DEVICES,
+                help="where scorers run the model")
     p.add_argument("--scorer-only", action="store_true",
                    help="run one scorer that connects to a bridge (see --connect)")  # fmt: skip
     p.add_argument("--connect", metavar="ADDR",

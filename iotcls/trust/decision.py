@@ -56,11 +56,11 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .dhcp_identity import DHCP_AMBIGUOUS, DHCP_MISMATCH, DhcpIdentity  # rule 6
+
 UNKNOWN = "unknown"
 TRUST_VERSION = 1
 INCONSISTENT = "inconsistent_with_device"  # rule 5's reason
-DHCP_MISMATCH = "dhcp_identity_mismatch"  # rule 6's reasons (trust.dhcp_identity)
-DHCP_AMBIGUOUS = "dhcp_identity_ambiguous"
 REASONS = ("-", "low_confidence", "unverified_class", "atypical_explanation",
            "error_like_explanation", INCONSISTENT, DHCP_MISMATCH, DHCP_AMBIGUOUS)  # fmt: skip
 
@@ -516,8 +516,6 @@ def apply_device_rules(state: "TrustState | None", classes: Sequence[str], pred:
     """Rules 5 and 6, in place, on labels whose device history is known together (one
     capture, a whole evaluation); ``identities``: each label's device's latest DHCP identity
     (:func:`.dhcp_identity.latest`), for rule 6."""
-    from .dhcp_identity import DhcpIdentity
-
     agrees = DeviceConsistency.of(state).agrees(pred, confidence, groups, times, len(classes))
     apply_device_rule(trusted, reason, agrees)
     rule6 = DhcpIdentity.of(state)

@@ -32,7 +32,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .decision import DHCP_AMBIGUOUS, DHCP_MISMATCH
+DHCP_MISMATCH = "dhcp_identity_mismatch"  # rule 6: the identity was never seen with the class
+DHCP_AMBIGUOUS = "dhcp_identity_ambiguous"  # rule 6: an identity its classes are mixed up under
 
 __all__ = ["DHCP_AMBIGUOUS", "DHCP_MISMATCH", "DhcpIdentity", "DhcpIdentityTracker", "fit_ambiguous",
            "fit_identities", "latest"]

@@ -113,9 +113,9 @@ DEFAULT_LEAVE_OUT_EPOCHS = 15
 
 def leave_out(ds, types: list[str], cfg, progress: bool = False, log=print) -> dict:
     """Train without each type in ``types`` and label that type's flows."""
-    from ..evaluate import device_sessions
     from ..predict import Predictor
-    from ..train import Split, train
+    from ..splits import Split, device_sessions
+    from ..train import train
 
     labelled = ds.labels != ""
     known = sorted(set(ds.labels[labelled].tolist()))
