@@ -7,8 +7,9 @@ import pytest
 
 from iotcls.capture import add_capture_arguments, sentinel_specs, specs_from_args
 from iotcls.cli import CliError
+from iotcls.testing.shared import require, sentinel_dir
 
-DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "iot-sentinel"
+DATA = sentinel_dir()  # ../shared, or $IOTCLS_SHARED
 
 
 def parse(*argv):
@@ -22,7 +23,7 @@ def specs(*argv):
 
 
 def data():
-    assert DATA.exists(), f"IoT Sentinel data not found at {DATA} (expected beside the repo)"
+    require(DATA)
     return DATA
 
 

@@ -12,8 +12,9 @@ from iotcls.capture import CaptureSpec, sentinel_specs
 from iotcls.dataset import Dataset, DatasetError, build_dataset, capture_matrices
 from iotcls.dataset import _dataset_part, sensor_options
 from iotcls.layout import MatrixLayout
+from iotcls.testing.shared import require, sentinel_dir
 
-DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "iot-sentinel"
+DATA = sentinel_dir()  # ../shared, or $IOTCLS_SHARED
 CAM = "aa:bb:cc:00:00:01"
 PLUG = "aa:bb:cc:00:00:02"
 GW = "02:00:00:00:00:fe"
@@ -153,7 +154,7 @@ def test_sensor_options_follow_the_layout():
 
 
 def test_real_captures_every_flow_of_the_mac_gets_its_label():
-    assert DATA.exists(), f"IoT Sentinel data not found at {DATA} (expected beside the repo)"
+    require(DATA)
     specs = [s for d in ("Aria", "HueBridge", "HueSwitch", "EdimaxCam2")
              for s in sentinel_specs(DATA / d)][::3]  # fmt: skip
     ds = build_dataset(specs, MatrixLayout(), progress=False)
@@ -176,7 +177,7 @@ def test_real_captures_every_flow_of_the_mac_gets_its_label():
 
 def test_grouped_small_captures_equal_one_by_one(tmp_path):
     """build_dataset runs small captures through one builder pass; rows must not change."""
-    assert DATA.exists(), f"IoT Sentinel data not found at {DATA} (expected beside the repo)"
+    require(DATA)
     bad = tmp_path / "bad.pcap"
     bad.write_bytes(b"not a capture at all, not at all")
     specs = sentinel_specs(DATA)[::12]

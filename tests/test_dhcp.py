@@ -13,14 +13,14 @@ from iotcls.flows import DeviceSelector, capture_flows
 from iotcls.flowtable import FlowTable
 from iotcls.pcap import CaptureReader
 from iotcls.schema import DHCP_PAYLOAD_BYTES
+from iotcls.testing.shared import require, sentinel_dir
 
-DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "iot-sentinel"
+DATA = sentinel_dir()  # ../shared, or $IOTCLS_SHARED
 
 
 def capture(device: str, name: str = "Setup-A-1-STA.pcap") -> tuple[Path, str]:
     p = DATA / device / name
-    if not p.exists():
-        pytest.skip(f"IoT Sentinel data not found at {p}")
+    require(p)
     return p, (DATA / device / "_iotdevice-mac.txt").read_text().strip().lower()
 
 

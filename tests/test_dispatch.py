@@ -23,6 +23,7 @@ from iotcls.config import Config
 from iotcls.layout import MatrixLayout
 from iotcls.predict import Predictor
 from iotcls.scorer.service import Scorer, ScorerSettings
+from iotcls.testing.shared import require, sentinel_dir
 from tiny_model import tiny_bundle
 
 LAYOUT = MatrixLayout(history=2, packets=4, payload_bytes=4)
@@ -528,7 +529,7 @@ def test_dhcp_identity_live_equals_classify():
     from iotcls.trust.decision import DHCP_AMBIGUOUS, DHCP_MISMATCH
     from iotcls.trust.dhcp_identity import DhcpIdentity
 
-    data = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "iot-sentinel"
+    data = require(sentinel_dir())
     pcap = data / "TP-LinkPlugHS110" / "Setup-A-1-STA.pcap"
     if not pcap.exists():
         pytest.skip(f"IoT Sentinel data not found at {pcap}")

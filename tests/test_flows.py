@@ -9,12 +9,13 @@ import pytest
 from iotcls import pcapgen as g
 from iotcls.flows import DeviceSelector, FlowBuilder, capture_flows, make_uids
 from iotcls.pcap import CaptureReader
+from iotcls.testing.shared import require, sentinel_dir
 
 DEV = "aa:bb:cc:00:00:01"
 DEV2 = "aa:bb:cc:00:00:02"
 GW = "02:00:00:00:00:fe"
 T0 = 1_700_000_000.0
-DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "iot-sentinel"
+DATA = sentinel_dir()  # ../shared, or $IOTCLS_SHARED
 
 
 def up(t, payload=b"", sport=40000, dport=443, proto="tcp", src="192.168.1.10",
@@ -200,13 +201,14 @@ def test_uids_stable_and_unordered():
 
 def sentinel(name):
     p = DATA / name
-    assert p.exists(), f"IoT Sentinel data not found at {DATA} (expected beside the repo)"
+    require(p)
     return p
 
 
 def test_real_capture_record_counts():
+    pcap = sentinel("Aria/Setup-A-1-STA.pcap")
     mac = (DATA / "Aria" / "_iotdevice-mac.txt").read_text().strip()
-    cf = capture_flows(sentinel("Aria/Setup-A-1-STA.pcap"), DeviceSelector.from_lists([mac]))
+    cf = capture_flows(pcap, DeviceSelector.from_lists([mac]))
     t = cf.table
     assert len(t) == 5 and cf.stats.ip_packets == 40 and cf.stats.frames == 49
     assert int(t.total_packets.sum()) == 40 and int(t.total_bytes.sum()) == 6455

@@ -26,11 +26,10 @@ from iotcls.flowtable import FlowTable
 from iotcls.layout import MatrixLayout
 from iotcls.logschema import FIELD_NAMES
 from iotcls.predict import Predictor
+from iotcls.testing.shared import require, sentinel_dir
 from tiny_model import tiny_bundle
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "iot-sentinel"
-if not DATA.is_dir():
-    DATA = Path("/work/shared/data/iot-sentinel")
+DATA = sentinel_dir()  # ../shared, or $IOTCLS_SHARED
 NETS = "10.0.0.0/8,192.168.0.0/16"
 # an ICMP error Suricata files under a UDP flow, IGMP (no Suricata flow), pseudo-packets
 CAPTURES = ["D-LinkCam/Setup-A-1-STA.pcap", "WeMoLink/Setup-A-1-STA.pcap",

@@ -10,9 +10,10 @@ from iotcls.bundle import ModelBundle
 from iotcls.cli import main
 from iotcls.dataset import Dataset
 from iotcls.train import Split, cut_history, fit_temperature, macro_f1, split_captures
+from iotcls.testing.shared import require, sentinel_dir
 
 ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT.parent / "shared" / "data" / "iot-sentinel"
+DATA = sentinel_dir()  # ../shared, or $IOTCLS_SHARED
 # small devices with distinct behaviour: a quick run that must still learn them apart
 DEVICES = ("Aria", "D-LinkCam", "Lightify", "MAXGateway", "EdnetGateway")
 FILES_PER_DEVICE = 6
@@ -87,6 +88,7 @@ def test_cut_history_keeps_row_zero():
 
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory):
+    require(DATA)
     d = tmp_path_factory.mktemp("train")
     rows = ["pcap,mac,label"]
     for dev in DEVICES:
@@ -195,6 +197,7 @@ def test_train_on_a_dataset_file(trained, manifest, tmp_path):
 
 
 def test_train_errors(tmp_path, capsys):
+    require(DATA)
     one = tmp_path / "one.csv"
     mac = (DATA / "Aria" / "_iotdevice-mac.txt").read_text().strip()
     one.write_text(f"pcap,mac,label\n{DATA / 'Aria' / 'Setup-A-1-STA.pcap'},{mac},Aria\n")
