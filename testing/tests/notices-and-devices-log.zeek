@@ -1,6 +1,7 @@
 # The device summary and the notices, from labels as the bridge sends them:
-# 02:..:02 starts untrusted, settles as camera (New_Device, one "new" line), then two trusted
-# plug labels in a row (Type_Changed, a "type_changed" line; one stray label would not do);
+# 02:..:02 starts untrusted, settles as camera (New_Device, one "new" line), then three trusted
+# plug labels in a row (Type_Changed, a "type_changed" line; one or two stray labels would
+# not do);
 # 02:..:03 stays untrusted for more than unknown_after (Unknown_Device, its first line says
 # so); 02:..:04 is labelled on two days (a "daily" line); 02:..:05 gets a single untrusted
 # label (its line is written when Zeek ends).
@@ -32,6 +33,7 @@ event zeek_init() &priority=-20
 	lab(t + 40, "02:00:00:00:00:02", 10.0.0.2, "camera", 0.99, T);
 	lab(t + 50, "02:00:00:00:00:02", 10.0.0.2, "plug", 0.97, T);
 	lab(t + 60, "02:00:00:00:00:02", 10.0.0.2, "plug", 0.98, T);
+	lab(t + 70, "02:00:00:00:00:02", 10.0.0.2, "plug", 0.99, T);
 	lab(t, "02:00:00:00:00:03", 10.0.0.3, "hub", 0.3, F);
 	lab(t + 300, "02:00:00:00:00:03", 10.0.0.3, "hub", 0.35, F);
 	lab(t + 700, "02:00:00:00:00:03", 10.0.0.3, "bulb", 0.38, F);

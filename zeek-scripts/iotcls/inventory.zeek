@@ -43,7 +43,7 @@ export {
 
 	## Trusted labels in a row of a new type before a device's type counts as changed;
 	## a single stray label does not raise :zeek:enum:`IoTClass::Type_Changed`.
-	option type_change_labels: count = 2;
+	option type_change_labels: count = 3;
 
 	## How long a device that sends nothing is remembered; after that it is new again.
 	const device_expire = 7day &redef;
