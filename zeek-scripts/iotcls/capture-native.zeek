@@ -1,8 +1,9 @@
 ##! Flow records from the native capture plugin (zeek-plugin/, ``IoTClass::Capture``): an
 ##! analyzer on each connection with a device endpoint keeps the windows in C++ exactly as
 ##! capture.zeek does in script land, and raises one :zeek:see:`IoTClass::native_flow` per
-##! finished record. Nothing runs per packet in script land, and UDP contents are not turned
-##! on for every connection.
+##! finished record (and one :zeek:see:`IoTClass::native_early_flow` per early record).
+##! Nothing runs per packet in script land, and UDP contents are not turned on for every
+##! connection.
 
 @load ./main
 @load ./devices
@@ -13,6 +14,10 @@ module IoTClass;
 export {
 	## Plugin to script: one finished flow record.
 	global native_flow: event(rec: FlowRecord);
+
+	## Plugin to script: the early record of a window (with
+	## :zeek:see:`IoTClass::early_records`).
+	global native_early_flow: event(rec: FlowRecord);
 }
 
 # Raised after the plugin's flush: every record of the trace is published before the drain.
@@ -27,6 +32,11 @@ event zeek_init()
 event IoTClass::native_flow(rec: FlowRecord)
 	{
 	publish_flow(rec);
+	}
+
+event IoTClass::native_early_flow(rec: FlowRecord)
+	{
+	publish_early(rec);
 	}
 
 event Pcap::file_done(path: string)

@@ -1,0 +1,225 @@
+"""What iotcls costs a Zeek: CPU time of ``zeek -C -r X`` alone, with the iotcls package and
+the native capture plugin (zeek-plugin/), and with the package's script capture.
+
+Three inputs:
+
+  (a) a synthetic busy link (bench_sensor.py's generator: 200 devices, 20,000 flows),
+      every device inside IoTClass::device_nets;
+  (b) the same with IoTClass::device_nets matching nothing (the cost of looking);
+  (c) the IoT Sentinel captures, one after the other in one pcap (each shifted to start
+      10 minutes after the previous one ended), devices by MAC.
+
+Runs are paired: each round runs plain Zeek, the plugin and the script capture on the same
+input, one after the other; CPU time is user + system of the Zeek process (os.wait4), the
+figure a shared machine disturbs least. Prints medians over the rounds and their ratios to
+plain Zeek (targets: (a) <= 1.15, (b) <= 1.03, (c) <= 1.10). The package runs without a
+bridge (no WebSocket server, no offline hold): what a Zeek spends, not what waiting costs.
+A fourth run per round keeps every record back with an IoTClass::flow_policy hook: the
+plugin's cost without the package's Cluster::publish of each record.
+
+    python benchmarks/bench_zeek.py [--packets 1000000] [--rounds 3] [--cases a,b,c]
+                                    [--plugin DIR] [--zeek PATH] [--data DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import shutil
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_sensor import synthetic_pcap  # noqa: E402
+
+from iotcls.testing.zeek import find_zeek, igmp_shim_needed, shim_igmp  # noqa: E402
+
+PKG = ROOT / "zeek-scripts" / "iotcls"
+TARGETS = {"a": 1.15, "b": 1.03, "c": 1.10}
+NO_BRIDGE = ["IoTClass::hold_offline=F", "IoTClass::websocket_listen=F"]
+SENT = re.compile(r"no bridge connected, (\d+) flow records")
+
+
+def build_plugin(zeek: str, out: Path) -> Path:
+    """Builds zeek-plugin/ against *zeek*'s zeek-config into *out*; returns the plugin dir."""
+    zc = Path(zeek).parent / "zeek-config"
+    zeek_config = str(zc) if zc.exists() else shutil.which("zeek-config")
+    if not zeek_config:
+        sys.exit(f"no zeek-config beside {zeek} or on PATH: pass --plugin DIR")
+    t = time.perf_counter()
+    for cmd in ([str(ROOT / "zeek-plugin" / "configure"), f"--zeek-config={zeek_config}",
+                 f"--builddir={out}"], ["make", "-C", str(out), "-j2"]):  # fmt: skip
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            sys.exit(f"{' '.join(cmd)} failed:\n{r.stdout[-3000:]}{r.stderr[-3000:]}")
+    print(f"plugin built in {out} ({time.perf_counter() - t:.0f} s)")
+    return out
+
+
+def sentinel_concat(data: Path, out: Path) -> tuple[int, list[str]]:
+    """Every IoT Sentinel capture, one after the other, into *out*; (packets, device MACs)."""
+    pcaps = sorted(data.glob("*/*.pcap"))
+    mac_files = [d / "_iotdevice-mac.txt" for d in {p.parent for p in pcaps}]
+    macs = sorted({m.lower() for f in mac_files if f.exists()
+                   for m in f.read_text().replace(",", " ").split()})  # fmt: skip
+    n, next_start = 0, 1_500_000_000 * 1_000_000
+    with out.open("wb") as f:
+        f.write(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 262144, 1))
+        for p in pcaps:
+            b = p.read_bytes()
+            magic, *_, linktype = struct.unpack_from("<IHHiIII", b, 0)
+            if magic != 0xA1B2C3D4 or linktype != 1:
+                print(f"  skipped {p} (not a little-endian usec Ethernet pcap)")
+                continue
+            off, shift, last = 24, None, next_start
+            while off + 16 <= len(b):
+                sec, usec, incl, orig = struct.unpack_from("<IIII", b, off)
+                t = sec * 1_000_000 + usec
+                if shift is None:
+                    shift = next_start - t
+                t += shift
+                last = max(last, t)
+                f.write(struct.pack("<IIII", t // 1_000_000, t % 1_000_000, incl, orig))
+                f.write(b[off + 16: off + 16 + incl])
+                off += 16 + incl
+                n += 1
+            next_start = last + 600 * 1_000_000  # past every inactivity timeout
+    return n, macs
+
+
+def run(zeek: str, pcap: Path, args: list[str], plugin: Path | None,
+        cwd: Path) -> tuple[float, int | None]:  # fmt: skip
+    """CPU seconds (user + sys) of one Zeek run, and the records it published (None: no
+    package)."""
+    env = {k: v for k, v in os.environ.items() if k != "ZEEK_PLUGIN_PATH"}
+    if plugin:
+        env["ZEEK_PLUGIN_PATH"] = str(plugin)
+    shutil.rmtree(cwd, ignore_errors=True)
+    cwd.mkdir(parents=True)
+    err = cwd / "stderr"
+    with err.open("w") as e:
+        p = subprocess.Popen([zeek, "-C", "-r", str(pcap), *args], cwd=cwd, env=env,
+                             stdout=subprocess.DEVNULL, stderr=e)  # fmt: skip
+        _, status, ru = os.wait4(p.pid, 0)
+    p.returncode = os.waitstatus_to_exitcode(status)
+    text = err.read_text()
+    if p.returncode != 0:
+        sys.exit(f"zeek failed ({p.returncode}): {text[-2000:]}")
+    m = SENT.search(text)
+    return ru.ru_utime + ru.ru_stime, int(m.group(1)) if m else None
+
+
+# Keeps every record back (IoTClass::flow_policy): what capture costs without publishing.
+KEEP_BACK = """
+hook IoTClass::flow_policy(rec: IoTClass::FlowRecord, early: bool)
+	{
+	break;
+	}
+"""
+
+
+def bench(name: str, zeek: str, pcap: Path, select: list[str], plugin: Path, rounds: int,
+          work: Path) -> None:  # fmt: skip
+    keep_back = work / "keep-back.zeek"
+    keep_back.parent.mkdir(parents=True, exist_ok=True)
+    keep_back.write_text(KEEP_BACK)
+    configs = {
+        "plain": ([], None),
+        "plugin": ([str(PKG), *NO_BRIDGE, *select], plugin),
+        "script": ([str(PKG), *NO_BRIDGE, *select], None),
+        "plugin, nothing published": ([str(PKG), *NO_BRIDGE, *select, str(keep_back)], plugin),
+    }
+    cpu: dict[str, list[float]] = {k: [] for k in configs}
+    recs: dict[str, set] = {k: set() for k in configs}
+    pcap.read_bytes()  # page cache
+    for i in range(rounds):
+        order = list(configs)[i % len(configs):] + list(configs)[: i % len(configs)]  # rotate
+        for k in order:
+            args, plug = configs[k]
+            s, n = run(zeek, pcap, args, plug, work / k)
+            cpu[k].append(s)
+            recs[k].add(n)
+    med = {k: statistics.median(v) for k, v in cpu.items()}
+    print(f"  {'':27}{'median CPU s':>13}{'vs plain':>10}{'records':>9}   runs (CPU s)")
+    for k in configs:
+        runs = " ".join(f"{x:.2f}" for x in cpu[k])
+        ratio = med[k] / med["plain"]
+        n = ",".join(str(x) for x in sorted(recs[k], key=str)) if k != "plain" else "-"
+        print(f"  {k:27}{med[k]:>13.2f}{ratio:>9.3f}x{n:>9}   {runs}")
+    keep = "plugin, nothing published"
+    paired = statistics.median(p / q for p, q in zip(cpu["plugin"], cpu["plain"]))
+    target = TARGETS[name]
+    script = statistics.median(p / q for p, q in zip(cpu["script"], cpu["plain"]))
+    print(f"  plugin/plain, median of paired ratios: {paired:.3f}x (target <= {target:.2f}x: "
+          f"{'met' if paired <= target else 'NOT met'}); script/plain {script:.3f}x")
+    print(f"  without publishing (flow_policy keeps every record back): plugin/plain "
+          f"{statistics.median(p / q for p, q in zip(cpu[keep], cpu['plain'])):.3f}x")
+    if recs["plugin"] != recs["script"]:
+        print(f"  !! record counts differ: plugin {recs['plugin']}, script {recs['script']}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--packets", type=int, default=1_000_000, help="synthetic packets (a, b)")
+    ap.add_argument("--flows", type=int, default=20_000)
+    ap.add_argument("--devices", type=int, default=200)
+    ap.add_argument("--rounds", type=int, default=3, help="paired rounds per input")
+    ap.add_argument("--cases", default="a,b,c")
+    ap.add_argument("--zeek", default=find_zeek(), help="default: $ZEEK_HOME/bin/zeek, else PATH")
+    ap.add_argument("--plugin", help="a built plugin directory (default: build one)")
+    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "iot-sentinel"))
+    args = ap.parse_args()
+    if not args.zeek:
+        sys.exit("no zeek: set ZEEK_HOME or PATH, or pass --zeek")
+    cases = set(args.cases.split(","))
+    version = subprocess.run([args.zeek, "--version"], capture_output=True,
+                             text=True).stdout.strip()  # fmt: skip
+    print(f"{version}; {platform.node()}: {os.cpu_count()} cores visible, "
+          f"load average {os.getloadavg()[0]:.1f} at start; {args.rounds} paired rounds")
+
+    with tempfile.TemporaryDirectory(prefix="bench-zeek-") as tmp:
+        work = Path(tmp)
+        if igmp_shim_needed(args.zeek) and "ZEEKPATH" not in os.environ:
+            # a Zeek 8.2 built without Spicy cannot load its IGMP analyzer (as in the tests)
+            os.environ["ZEEKPATH"] = shim_igmp(args.zeek, work / "shim")
+            print("this Zeek has no Spicy: its IGMP analyzer is stubbed out (ZEEKPATH)")
+        plugin = Path(args.plugin) if args.plugin else build_plugin(args.zeek, work / "plugin")
+        if cases & {"a", "b"}:
+            syn = work / "synthetic.pcap"
+            n = synthetic_pcap(syn, args.packets, devices=args.devices, keys=args.flows)
+            print(f"synthetic: {n:,} packets, {syn.stat().st_size / 2**20:,.0f} MiB, "
+                  f"{args.devices} devices (10.0.0.0/16), {args.flows:,} flows")  # fmt: skip
+            if "a" in cases:
+                print("(a) every device in IoTClass::device_nets")
+                bench("a", args.zeek, syn, ["IoTClass::device_nets={10.0.0.0/16}"], plugin,
+                      args.rounds, work / "runs")  # fmt: skip
+            if "b" in cases:
+                print("(b) IoTClass::device_nets matching nothing")
+                bench("b", args.zeek, syn, ["IoTClass::device_nets={192.0.2.0/24}"], plugin,
+                      args.rounds, work / "runs")  # fmt: skip
+        if "c" in cases:
+            data = Path(args.data)
+            if not data.is_dir():
+                print(f"(c) skipped: {data} not found")
+            else:
+                cat = work / "sentinel.pcap"
+                n, macs = sentinel_concat(data, cat)
+                print(f"(c) IoT Sentinel: {len(list(data.glob('*/*.pcap')))} captures one after "
+                      f"the other, {n:,} frames, {len(macs)} device MACs")  # fmt: skip
+                sel = "IoTClass::device_macs={" + ",".join(f'"{m}"' for m in macs) + "}"
+                bench("c", args.zeek, cat, [sel], plugin, args.rounds, work / "runs")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,278 @@
+// SPDX-License-Identifier: BSD-3-Clause
+//
+// Flow-record windows of device connections, kept in C++ instead of in script land.
+//
+// zeek-scripts/iotcls/capture.zeek is the specification: per connection key, one window
+// of at most IoTClass::window_length records its first IoTClass::packets packets (offset,
+// IP length, direction, first payload bytes) and counts all of them; a packet at or after
+// start + window_length publishes the window and opens the next one; a window whose
+// connection ended first is parked by its unordered endpoints, continued by a later
+// connection with the same endpoints, else published when it ends; at the trace's end every
+// window is published. Each published window becomes one IoTClass::FlowRecord per device
+// side, raised as IoTClass::native_flow. Before that, a window's early record (its first
+// packets, or what it holds once idle for IoTClass::early_idle; iotcls/schema.py's
+// early_cut) is raised as IoTClass::native_early_flow. The pcap sensor (iotcls/flows.py)
+// builds the same records.
+//
+// Which endpoints are devices is not decided here: IoTClass::is_device_endpoint (script
+// land) is asked once per endpoint of each new connection, so Config::set_value changes and
+// Site::local_nets apply as they do for the script capture.
+
+#pragma once
+
+#include <zeek/Conn.h>
+#include <zeek/EventHandler.h>
+#include <zeek/Func.h>
+#include <zeek/ID.h>
+#include <zeek/IP.h>
+#include <zeek/IPAddr.h>
+#include <zeek/Type.h>
+#include <zeek/Val.h>
+#include <zeek/ZVal.h>
+#include <zeek/zeek-version.h>
+#include <cstdint>
+#include <memory>
+#include <queue>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+namespace plugin::IoTClass_Capture {
+
+/**
+ * One window of one connection key: what capture.zeek's IoTClass::State holds. Shared by
+ * the mirrored records of a device-to-device connection.
+ */
+struct Window {
+    // Endpoints, oriented like the connection the window's packets currently belong to.
+    zeek::IPAddr orig_h;
+    zeek::IPAddr resp_h;
+    uint32_t orig_p = 0; // host order; ICMP: type
+    uint32_t resp_p = 0; // host order; ICMP: code
+    bool orig_dev = false;
+    bool resp_dev = false;
+    std::string orig_mac; // device MAC for the record: "" when none or a group MAC
+    std::string resp_mac;
+    std::string uid;
+    uint32_t proto = 0; // IP protocol number
+
+    double start = 0.0; // the window's first packet (the connection's start for the first)
+    double last = 0.0;  // the window's latest packet
+    uint64_t pkts = 0;
+    uint64_t bytes = 0;
+
+    // The recorded packets, at most IoTClass::packets of them.
+    std::vector<double> offsets;
+    std::vector<uint32_t> sizes;
+    std::vector<uint8_t> from_orig;    // sent by orig_h
+    std::vector<std::string> payloads; // raw bytes, hex-encoded when published
+
+    // Script values of the fields above, made for the first record that needs them and
+    // shared by the window's later records (Flip() swaps them, a new uid drops uid_val).
+    zeek::AddrValPtr orig_h_val;
+    zeek::AddrValPtr resp_h_val;
+    zeek::StringValPtr orig_mac_val;
+    zeek::StringValPtr resp_mac_val;
+    zeek::StringValPtr uid_val;
+
+    bool done = false;       // published for good (trace end); later packets wait for a roll
+    bool mac_split = false;  // see ConnCapture::ByMac()
+    bool early_sent = false; // the early record is out, or will not be due
+
+    /** Swaps the roles of the endpoints (a flipped or restarted connection). */
+    void Flip();
+
+    /** Restarts the window at time *t* (after it was published). */
+    void Reset(double t);
+
+    /** Sets the uid of the connection the window's packets belong to. */
+    void SetUID(std::string arg_uid) {
+        if ( arg_uid != uid ) {
+            uid = std::move(arg_uid);
+            uid_val = nullptr;
+        }
+    }
+};
+
+using WindowPtr = std::shared_ptr<Window>;
+
+/**
+ * The capture state of one device connection (capture.zeek's ``c$iotcls`` and, for a
+ * mac_split connection, its ``split`` entries). Fed by the analyzer or tap analyzer that
+ * HookSetupAnalyzerTree() attached to the connection.
+ */
+class ConnCapture {
+public:
+    ConnCapture(zeek::Connection* conn, WindowPtr w, const std::string& orig_l2);
+    ~ConnCapture();
+
+    ConnCapture(const ConnCapture&) = delete;
+    ConnCapture& operator=(const ConnCapture&) = delete;
+
+    /**
+     * One packet of the connection (each packet that raises ``new_packet``).
+     *
+     * @param t the packet's own timestamp (get_current_packet_ts(), not network time).
+     * @param ip its IP header.
+     * @param l2_src its link-layer source address, or null.
+     * @param payload the bytes a payload is cut from: the transport payload (TCP, UDP) or
+     * the IP payload (other IP protocols); null where none is recorded (ICMP, and packets
+     * Zeek's transport analyzers skip, for which the script's tcp_packet/udp_contents never
+     * come).
+     * @param len the number of bytes at *payload*.
+     */
+    void Packet(double t, const zeek::IP_Hdr* ip, const u_char* l2_src, const u_char* payload, int len);
+
+    /** The connection ends: publish or park its windows. */
+    void Done();
+
+    /** The trace ended: publish every window (they stay, marked done). */
+    void Flush();
+
+private:
+    friend class Recorder;
+
+    // Orients *w* by the connection, which Zeek may have flipped since.
+    void Orient(Window& w) const;
+
+    // The window of the device that sent the current packet of a mac_split connection.
+    Window* ByMac(const u_char* l2_src, double t);
+
+    zeek::Connection* conn;
+    WindowPtr cur; // capture.zeek's c$iotcls
+    bool dhcp;     // UDP with port 67 or 68 on either side
+
+    // mac_split: windows by source MAC, as Zeek formats it; the first is keyed by the
+    // originator's l2 address even when that is a group MAC.
+    std::unordered_map<std::string, WindowPtr> split;
+
+    // Intrusive list of live connections, for Recorder::Flush().
+    ConnCapture* prev = nullptr;
+    ConnCapture* next = nullptr;
+    bool linked = false;
+};
+
+/**
+ * Plugin-wide state: the script-land handles (options, is_device_endpoint, the record
+ * type, native_flow), the parked windows and the live connections.
+ */
+class Recorder {
+public:
+    /** Looks up the package's script-land pieces; without them nothing is captured. */
+    void InitPostScript();
+
+    /** Attaches capture to a new connection when it has a device endpoint. */
+    void Attach(zeek::Connection* conn);
+
+    /** Network time advanced to *t*: publish parked windows that have ended. */
+    void Advance(double t);
+
+    /** Publishes every open and parked window; returns the number of records raised. */
+    uint64_t Flush();
+
+    /** Publishes *w* (one record per device side) unless already done or empty, after
+     * its early record where it has one. */
+    void Emit(Window& w);
+
+    /** A new window: whether it will have an early record. */
+    void AwaitEarly(Window& w) const { w.early_sent = ! EarlyRecords(); }
+
+    /** Whether *w* has an early record not published yet (capture.zeek's early_exists()). */
+    bool EarlyExists(const Window& w) const;
+
+    /** Whether the early record of *w* is due at time *t* (capture.zeek's early_due()). */
+    bool EarlyDue(const Window& w, double t) const;
+
+    /** Publishes the early record of *w*: the window as it stands. */
+    void EmitEarly(Window& w);
+
+    /** *w* recorded a packet: publish its early record if that completed it, else note when
+     * it will be due if no packet comes. */
+    void Recorded(const WindowPtr& w);
+
+    /** A connection whose window has not ended is gone: keep the window for a successor. */
+    void Park(const WindowPtr& w, TransportProto transport);
+
+    void Link(ConnCapture* c);
+    void Unlink(ConnCapture* c);
+
+    // Current option values (Config::set_value may change them at any time).
+    double WindowLength() const { return window_length->GetVal()->AsInterval(); }
+    uint64_t Packets() const { return packets->GetVal()->AsCount(); }
+    uint64_t PayloadBytes() const { return payload_bytes->GetVal()->AsCount(); }
+    uint64_t DhcpPayloadBytes() const { return dhcp_payload_bytes->GetVal()->AsCount(); }
+    bool MacListed(const std::string& mac) const;
+    bool MacsListed() const;
+    bool EarlyRecords() const { return early_records && early_records->GetVal()->AsBool(); }
+    double EarlyIdle() const { return early_idle ? early_idle->GetVal()->AsInterval() : 0.0; }
+
+    bool TraceDone() const { return trace_done; }
+
+    /** Whether the iotcls package is loaded, so that there is anything to capture for. */
+    bool Ready() const { return ready; }
+
+private:
+    bool IsDevice(const zeek::IPAddr& a, const std::string& l2);
+    bool CaptureNode();
+    void Raise(const zeek::EventHandlerPtr& ev, Window& w, bool dev_is_orig);
+    std::string ParkKey(const Window& w, TransportProto transport) const;
+
+    bool ready = false;
+    int capture_node = -1; // unknown until the first connection
+
+    zeek::detail::IDPtr window_length;
+    zeek::detail::IDPtr packets;
+    zeek::detail::IDPtr payload_bytes;
+    zeek::detail::IDPtr dhcp_payload_bytes;
+    zeek::detail::IDPtr device_macs;
+    zeek::detail::IDPtr early_records;
+    zeek::detail::IDPtr early_idle;
+    zeek::FuncPtr is_device_endpoint;
+    zeek::FuncPtr capture_node_func;
+    zeek::EventHandlerPtr native_flow;
+    zeek::EventHandlerPtr native_early_flow;
+    zeek::RecordTypePtr flow_record;
+    zeek::VectorTypePtr interval_vec;
+    zeek::VectorTypePtr count_vec;
+    zeek::VectorTypePtr string_vec;
+
+    // FlowRecord field offsets.
+    int f_device_mac, f_device_ip, f_device_port, f_remote_ip, f_remote_port, f_proto, f_start, f_last, f_total_bytes,
+        f_total_packets, f_offsets, f_sizes, f_directions, f_payloads, f_uid, f_device_is_orig;
+
+    // endpoint record: l2_addr.
+    int f_conn_orig = -1, f_conn_resp = -1, f_endp_l2 = -1;
+
+    // Parked windows by unordered endpoints, and when each ends (earliest first); an entry
+    // whose window was taken over or replaced since is skipped.
+    struct Parked {
+        WindowPtr w;
+    };
+    struct Expiry {
+        double at;
+        double start;
+        std::string key;
+        bool operator>(const Expiry& o) const { return at > o.at; }
+    };
+    std::unordered_map<std::string, Parked> parked;
+    std::priority_queue<Expiry, std::vector<Expiry>, std::greater<Expiry>> expiries;
+
+    // Windows whose early record falls due at a network time unless a packet comes first
+    // (capture.zeek's early_sweep, which runs every early_idle); an entry is stale once its
+    // window recorded another packet, was published or is gone.
+    struct IdleEntry {
+        double at;
+        double last;
+        std::weak_ptr<Window> w;
+        bool operator>(const IdleEntry& o) const { return at > o.at; }
+    };
+    std::priority_queue<IdleEntry, std::vector<IdleEntry>, std::greater<IdleEntry>> idle;
+
+    ConnCapture* live = nullptr; // head of the list of live connections
+    bool trace_done = false;
+    uint64_t raised = 0;
+};
+
+extern Recorder recorder;
+
+} // namespace plugin::IoTClass_Capture
