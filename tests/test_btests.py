@@ -62,6 +62,8 @@ def test_zkg_install_then_zkg_test(tmp_path):
                        capture_output=True, text=True, timeout=900)  # fmt: skip
     assert r.returncode == 0, r.stdout + r.stderr
     assert (tmp_path / "script_dir" / "packages" / "iotcls" / "__load__.zeek").is_file()
+    # zkg built the native capture plugin too (zkg.meta's build_command, plugin_dir)
+    assert list((tmp_path / "plugin_dir").rglob("__zeek_plugin__")), "no plugin installed"
     # the package as it was installed: from this path (a package source would give its name)
     r = subprocess.run(run + ["test", str(repo)], env=env, capture_output=True, text=True,
                        timeout=900, cwd=tmp_path)  # fmt: skip
