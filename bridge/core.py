@@ -281,22 +281,18 @@ class Bridge:
 
     def on_message(self, obj: Any) -> None:
         name = rc.event_name(obj)
-        if name == rc.EARLY_FLOW_EVENT:
+        if name in (rc.FLOW_EVENT, rc.EARLY_FLOW_EVENT):
+            early = name == rc.EARLY_FLOW_EVENT
             try:
-                rec = rc.early_flow_record(obj)
+                rec = rc.early_flow_record(obj) if early else rc.flow_record(obj)
             except rc.RecordError as e:
                 self.stats.bad_records += 1
                 self._warn_once("bad", f"skipped undecodable flow records, first: {e}")
                 return
-            self.add_early(rec)
-        elif name == rc.FLOW_EVENT:
-            try:
-                rec = rc.flow_record(obj)
-            except rc.RecordError as e:
-                self.stats.bad_records += 1
-                self._warn_once("bad", f"skipped undecodable flow records, first: {e}")
-                return
-            self._add(rec)
+            if early:
+                self.add_early(rec)
+            else:
+                self._add(rec)
         elif name in (rc.WELCOME_EVENT, rc.DRAIN_EVENT):
             ev = rc.control_event(obj)
             try:
