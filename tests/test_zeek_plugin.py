@@ -345,6 +345,34 @@ def test_nothing_without_device_endpoints(native, tmp_path, sample):
 
 
 @needs_zeek
+def test_device_selection_follows_option_changes(native, tmp_path, sample):
+    """Option::set on the options IoTClass::is_device_endpoint reads, while Zeek runs: the
+    plugin asks again (it remembers answers only while those options keep their values),
+    so both captures select the same connections throughout."""
+    from test_zeek_scripts import _macs_arg
+
+    two = ",".join(f'"{m}"' for m in sample.macs[:2])
+    change = tmp_path / "change.zeek"
+    change.write_text(f"""
+global n = 0;
+event new_connection(c: connection) &priority=-10
+	{{
+	++n;
+	if ( n == 150 )
+		Option::set("IoTClass::device_macs", set({two}));
+	if ( n == 400 )
+		Option::set("IoTClass::device_nets", set(10.0.0.0/8));
+	if ( n == 700 )
+		Option::set("Site::local_nets", set(192.168.0.0/16));
+	if ( n == 800 )
+		Option::set("IoTClass::device_macs", set());
+	}}
+""")  # fmt: skip
+    recs = _same_as_script(sample.pcap, tmp_path, native, _macs_arg(sample.macs), str(change))
+    assert 0 < sum(not x["early"] for x in recs) != 288
+
+
+@needs_zeek
 def test_capture_can_be_switched_off(native, tmp_path, sample):
     """Analyzer::disable_analyzer(Analyzer::ANALYZER_IOTCLASS_CAPTURE): no new capture."""
     from test_zeek_scripts import _macs_arg

@@ -413,11 +413,13 @@ void Recorder::InitPostScript() {
     payload_bytes = zeek::id::find("IoTClass::payload_bytes");
     dhcp_payload_bytes = zeek::id::find("IoTClass::dhcp_payload_bytes");
     device_macs = zeek::id::find("IoTClass::device_macs");
+    device_nets = zeek::id::find("IoTClass::device_nets");
+    local_nets = zeek::id::find("Site::local_nets");
     early_records = zeek::id::find("IoTClass::early_records"); // none: no early records
     early_idle = zeek::id::find("IoTClass::early_idle");
 
     if ( ! flow_record || ! is_device_endpoint || ! window_length || ! packets || ! payload_bytes ||
-         ! dhcp_payload_bytes || ! device_macs )
+         ! dhcp_payload_bytes || ! device_macs || ! device_nets || ! local_nets )
         return;
 
     if ( auto* h = zeek::event_registry->Lookup("IoTClass::native_flow") )
@@ -472,9 +474,33 @@ bool Recorder::CaptureNode() {
 }
 
 bool Recorder::IsDevice(const zeek::IPAddr& a, const std::string& l2) {
+    // Calling into script land costs some 8,000 instructions, twice for each connection,
+    // whether it has a device endpoint or not. is_device_endpoint() (devices.zeek) answers
+    // from the endpoint and three options (and what its change handlers derive from them),
+    // so its answers hold until one of them gets a new value.
+    const auto& macs = device_macs->GetVal();
+    const auto& nets = device_nets->GetVal();
+    const auto& local = local_nets->GetVal();
+    if ( macs != devices_macs || nets != devices_nets || local != devices_local || devices.size() >= 65536 ) {
+        devices.clear();
+        devices_macs = macs;
+        devices_nets = nets;
+        devices_local = local;
+    }
+
+    uint32_t bytes[4];
+    a.CopyIPv6(bytes);
+    std::string key(reinterpret_cast<const char*>(bytes), sizeof(bytes));
+    key += l2;
+
+    if ( auto it = devices.find(key); it != devices.end() )
+        return it->second;
+
     auto v =
         is_device_endpoint->Invoke(zeek::make_intrusive<zeek::AddrVal>(a), zeek::make_intrusive<zeek::StringVal>(l2));
-    return v && v->AsBool();
+    bool is_device = v && v->AsBool();
+    devices.emplace(std::move(key), is_device);
+    return is_device;
 }
 
 bool Recorder::MacsListed() const { return device_macs->GetVal()->AsTableVal()->Size() > 0; }

@@ -225,6 +225,8 @@ private:
     zeek::detail::IDPtr payload_bytes;
     zeek::detail::IDPtr dhcp_payload_bytes;
     zeek::detail::IDPtr device_macs;
+    zeek::detail::IDPtr device_nets;
+    zeek::detail::IDPtr local_nets;
     zeek::detail::IDPtr early_records;
     zeek::detail::IDPtr early_idle;
     zeek::FuncPtr is_device_endpoint;
@@ -267,6 +269,12 @@ private:
         bool operator>(const IdleEntry& o) const { return at > o.at; }
     };
     std::priority_queue<IdleEntry, std::vector<IdleEntry>, std::greater<IdleEntry>> idle;
+
+    // IoTClass::is_device_endpoint()'s answers by endpoint (address and l2_addr), valid
+    // while the options it reads keep their values (Option::set replaces a value; holding
+    // them keeps a replaced one from coming back at the same address).
+    std::unordered_map<std::string, bool> devices;
+    zeek::ValPtr devices_macs, devices_nets, devices_local;
 
     ConnCapture* live = nullptr; // head of the list of live connections
     bool trace_done = false;
