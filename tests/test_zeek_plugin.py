@@ -571,3 +571,98 @@ def test_packets_the_transport_analyzers_skip(native, tmp_path, checksums):
     _malformed_pcap(pcap, skipped=True)
     macs = 'IoTClass::device_macs={"02:aa:00:00:00:01","02:aa:00:00:00:02"}'
     _same_as_script(pcap, tmp_path, native, macs, checksums=checksums)
+
+
+# -- iotcls zeek-install builds and installs it --------------------------------------------
+def _bin_with(tmp_path: Path, *names: str) -> Path:
+    """A PATH directory holding links to these programs only (what the build may find)."""
+    d = tmp_path / "bin"
+    d.mkdir(exist_ok=True)
+    for name in names:
+        found = shutil.which(name)
+        if found:
+            (d / name).symlink_to(found)
+    return d
+
+
+def test_zeek_install_without_zeek_config_says_so(tmp_path, capsys, monkeypatch):
+    """No Zeek development files at all: one line naming zeek-config and the way out, and
+    nothing installed."""
+    from iotcls import cli
+
+    monkeypatch.setenv("PATH", str(_bin_with(tmp_path)))
+    site = tmp_path / "site"
+    site.mkdir()
+    assert cli.main(["zeek-install", "--zeek-site", str(site)]) == 2
+    (err,) = capsys.readouterr().err.strip().splitlines()
+    assert err == ("iotcls zeek-install: error: cannot build the native capture plugin: no "
+                   "zeek-config on PATH (Zeek's bin directory, or --zeek-config PATH); or pass "
+                   "--no-plugin to keep the script capture (per-packet script events: slower)")  # fmt: skip
+    assert list(site.iterdir()) == []
+
+
+@needs_zeek
+@pytest.mark.parametrize("missing", ["cmake", "compiler", "headers"])
+def test_zeek_install_names_what_the_build_lacks(missing, tmp_path, capsys, monkeypatch):
+    """A real zeek-config with one prerequisite taken away: the error names it, before
+    anything is built or installed."""
+    from iotcls import cli
+
+    zeek_config = _zeek_config()
+    assert zeek_config, "a zeek without zeek-config"
+    tools = {"cmake": ["make", "c++", "sh", "sed", "cat"], "compiler": ["cmake", "make", "sh", "sed", "cat"],
+             "headers": ["cmake", "make", "c++", "sh", "sed", "cat"]}[missing]  # fmt: skip
+    monkeypatch.setenv("PATH", str(_bin_with(tmp_path, *tools)))
+    monkeypatch.delenv("CXX", raising=False)
+    if missing == "headers":  # the same zeek-config, pointing at an include dir without Zeek's
+        (tmp_path / "include").mkdir()
+        lines = Path(zeek_config).read_text().splitlines(keepends=True)
+        fake = tmp_path / "zeek-config"
+        fake.write_text("".join(f'include_dir="{tmp_path / "include"}"\n' if ln.startswith("include_dir=") else ln
+                                for ln in lines))  # fmt: skip
+        fake.chmod(0o755)
+        zeek_config = str(fake)
+    site = tmp_path / "site"
+    site.mkdir()
+    args = ["zeek-install", "--zeek-site", str(site), "--zeek-config", zeek_config,
+            "--plugin-dir", str(tmp_path / "plugins")]  # fmt: skip
+    assert cli.main(args) == 2
+    (err,) = capsys.readouterr().err.strip().splitlines()
+    assert err.startswith("iotcls zeek-install: error: cannot build the native capture plugin: ")
+    assert err.endswith("or pass --no-plugin to keep the script capture (per-packet script events: slower)")
+    expect = {"cmake": "no cmake on PATH", "compiler": "no C++ compiler",
+              "headers": "headers are missing (no zeek/zeek-config.h"}[missing]  # fmt: skip
+    assert expect in err
+    assert list(site.iterdir()) == [] and not (tmp_path / "plugins").exists()
+
+
+@needs_zeek
+def test_zeek_install_builds_and_installs_the_plugin(tmp_path, capsys, sample):
+    """The whole install for a real Zeek: scripts in the site dir, the plugin built with its
+    zeek-config and unpacked in the plugin dir; that Zeek then lists it, runs the package with
+    the native capture and says so once; a second install replaces its own plugin."""
+    from iotcls import cli
+
+    site, plugins = tmp_path / "site", tmp_path / "plugins"
+    site.mkdir()
+    args = ["zeek-install", "--zeek-site", str(site), "--zeek-config", _zeek_config(),
+            "--plugin-dir", str(plugins)]  # fmt: skip
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert f"installed the native capture plugin IoTClass::Capture in {plugins / 'IoTClass_Capture'}\n" in out
+    assert (plugins / "IoTClass_Capture" / "__zeek_plugin__").read_text().strip() == "IoTClass::Capture"
+    assert (site / "iotcls" / "capture-native.zeek").is_file()
+
+    zeekpath = os.environ.get("ZEEKPATH") or zeek_testing.search_path(ZEEK)
+    env = {**_env(plugins), "ZEEKPATH": f"{site}:{zeekpath}"}
+    from test_zeek_scripts import _macs_arg
+
+    r = subprocess.run([ZEEK, "-C", "-r", str(sample.pcap), "iotcls", *NO_BRIDGE, _macs_arg(sample.macs)],
+                       cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    reporter = (tmp_path / "reporter.log").read_text()
+    assert reporter.count("iotcls: capture in the native plugin (IoTClass::Capture)") == 1
+    assert "capture in script land" not in reporter
+
+    assert cli.main(args) == 0  # again: its own plugin is replaced
+    assert "installed the native capture plugin" in capsys.readouterr().out

@@ -175,17 +175,17 @@ def no_zeek_env(tmp_path, monkeypatch):
 def test_install_copies_and_reinstalls(tmp_path, capsys, no_zeek_env):
     site = tmp_path / "site"
     site.mkdir()
-    assert cli.main(["zeek-install", "--zeek-site", str(site)]) == 0
+    assert cli.main(["zeek-install", "--no-plugin", "--zeek-site", str(site)]) == 0
     out = capsys.readouterr().out
     target = site / "iotcls"
     assert f"to {target}" in out and "zeek -i eth0 iotcls" in out
     assert sorted(p.name for p in target.glob("*.zeek")) == FILES
     assert (target / "main.zeek").read_bytes() == (PKG / "main.zeek").read_bytes()
-    assert cli.main(["zeek-install", "--zeek-site", str(site)]) == 0  # replaces its own
+    assert cli.main(["zeek-install", "--no-plugin", "--zeek-site", str(site)]) == 0  # replaces its own
     assert f"removed the previous {target}" in capsys.readouterr().out
-    assert cli.main(["zeek-install", "--zeek-site", str(site), "--link"]) == 0
+    assert cli.main(["zeek-install", "--no-plugin", "--zeek-site", str(site), "--link"]) == 0
     assert target.is_symlink() and target.resolve() == PKG.resolve()
-    assert cli.main(["zeek-install", "--zeek-site", str(site)]) == 0  # link -> copy again
+    assert cli.main(["zeek-install", "--no-plugin", "--zeek-site", str(site)]) == 0  # link -> copy again
     assert not target.is_symlink() and (target / "__load__.zeek").is_file()
 
 
@@ -195,7 +195,7 @@ def test_install_notices_zkgs_copy(tmp_path, capsys, no_zeek_env):
     site = tmp_path / "site"
     shutil.copytree(PKG, site / "packages" / "iotcls")
     (site / "iotcls").symlink_to(Path("packages") / "iotcls")
-    assert cli.main(["zeek-install", "--zeek-site", str(site)]) == 2
+    assert cli.main(["zeek-install", "--no-plugin", "--zeek-site", str(site)]) == 2
     (err,) = capsys.readouterr().err.strip().splitlines()
     assert err == (f"iotcls zeek-install: error: zkg has installed iotcls in "
                    f"{site / 'packages' / 'iotcls'}: Zeek already finds it as 'iotcls'; keep that "
@@ -207,11 +207,11 @@ def test_install_refuses_a_foreign_directory_without_force(tmp_path, capsys, no_
     site = tmp_path / "site"
     (site / "iotcls").mkdir(parents=True)
     (site / "iotcls" / "__load__.zeek").write_text("# someone else's\n")
-    assert cli.main(["zeek-install", "--zeek-site", str(site)]) == 2
+    assert cli.main(["zeek-install", "--no-plugin", "--zeek-site", str(site)]) == 2
     err = capsys.readouterr().err
     assert err.strip() == (f"iotcls zeek-install: error: {site / 'iotcls'} exists and was not "
                            "installed by iotcls; use --force to replace it")  # fmt: skip
-    assert cli.main(["zeek-install", "--zeek-site", str(site), "--force"]) == 0
+    assert cli.main(["zeek-install", "--no-plugin", "--zeek-site", str(site), "--force"]) == 0
     assert (site / "iotcls" / "main.zeek").is_file()
 
 
@@ -232,7 +232,7 @@ def test_install_finds_the_site_dir_like_zeek_does(tmp_path, capsys, no_zeek_env
     other = tmp_path / "other-site"
     other.mkdir()
     write_exe(no_zeek_env / "zeek-config", f"#!/bin/sh\n[ \"$1\" = --site_dir ] && echo {other}\n")
-    assert cli.main(["zeek-install"]) == 0
+    assert cli.main(["zeek-install", "--no-plugin"]) == 0
     assert f"Zeek site directory: {other} (from {no_zeek_env / 'zeek-config'} --site_dir)" in \
         capsys.readouterr().out  # fmt: skip
     (no_zeek_env / "zeek-config").unlink()

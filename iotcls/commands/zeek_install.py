@@ -1,4 +1,5 @@
-"""``iotcls zeek-install``: put the iotcls Zeek scripts where ``zeek iotcls`` finds them.
+"""``iotcls zeek-install``: put the iotcls Zeek scripts where ``zeek iotcls`` finds them, and
+build and install the native capture plugin (``zeek-plugin/``) for that Zeek.
 
 Zeek resolves ``zeek -i eth0 iotcls`` (and ``@load iotcls``) through ZEEKPATH, which always
 holds the site directory (``<prefix>/share/zeek/site``). This command finds that directory
@@ -6,6 +7,12 @@ holds the site directory (``<prefix>/share/zeek/site``). This command finds that
 environment variable) and installs the scripts there as ``site/iotcls``: copied (default)
 or linked to this installation of iotcls (``--link``: upgrades of iotcls then reach Zeek
 without reinstalling).
+
+The plugin is what keeps a busy Zeek fast (no per-packet script events); without it the
+scripts fall back to their own capture and say so at start-up. It is built unless
+``--no-plugin`` is given, and everything the build needs is checked before anything is
+installed (:mod:`._zeek_plugin`), so a sensor without a compiler gets one line naming what
+is missing and nothing half-installed.
 
 The scripts live once in the repository (``zeek-scripts/iotcls``); a wheel ships them as the
 package data of ``iotcls.zeek_scripts`` (a directory mapped in pyproject.toml), an editable
@@ -23,6 +30,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..cli import CliError
+from . import _zeek_plugin
 from ._shipped import shipped
 
 PACKAGE = "iotcls"
@@ -41,6 +49,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true",
                    help="replace an existing site/iotcls that iotcls did not install")  # fmt: skip
     p.set_defaults(mode="copy")
+    plugin = p.add_argument_group("the native capture plugin (built with CMake and a C++ compiler)")
+    plugin.add_argument("--no-plugin", action="store_true",
+                        help="install the scripts only; Zeek then uses the script capture "
+                             "(per-packet script events, up to 3x the CPU on a busy link)")  # fmt: skip
+    plugin.add_argument("--zeek-config", metavar="PATH",
+                        help="the Zeek to build for (default: the zeek-config beside zeek on "
+                             "PATH, else zeek-config on PATH)")  # fmt: skip
+    plugin.add_argument("--plugin-dir", metavar="DIR",
+                        help="install the plugin here (default: zeek-config --plugin_dir); Zeek "
+                             "finds it there through ZEEK_PLUGIN_PATH")  # fmt: skip
 
 
 def scripts_dir() -> Path:
@@ -142,15 +160,37 @@ def install(site: Path, mode: str = "copy", force: bool = False) -> tuple[Path, 
     return target, done
 
 
+def _plugin(args: argparse.Namespace) -> _zeek_plugin.Toolchain | None:
+    """The toolchain for the plugin, checked before anything is installed (None: --no-plugin)."""
+    if args.no_plugin:
+        return None
+    given = Path(args.plugin_dir).expanduser() if args.plugin_dir else None
+    return _zeek_plugin.find_toolchain(_zeek_plugin.find_zeek_config(args.zeek_config), given)
+
+
 def run(args: argparse.Namespace) -> int:
     if args.zeek_site:
         site, how = Path(args.zeek_site).expanduser(), "--zeek-site"
     else:
         site, how = find_site_dir()
+    tools = _plugin(args)
+    if tools is not None:
+        print(f"building the native capture plugin for Zeek {tools.zeek_version} "
+              f"({tools.zeek_config}) ...", flush=True)  # fmt: skip
+        tarball = _zeek_plugin.build(tools)
     target, done = install(site, args.mode, args.force)
     print(f"Zeek site directory: {site} (from {how})")
     for line in done:
         print(line)
+    if tools is not None:
+        installed = _zeek_plugin.install(tarball, tools.plugin_dir)
+        shutil.rmtree(tarball.parent.parent, ignore_errors=True)
+        listed = _zeek_plugin.zeek_lists(tools, tools.plugin_dir)
+        print(f"installed the native capture plugin {_zeek_plugin.PLUGIN} in {installed}"
+              + ("" if listed else f" (zeek -N does not list it: add {tools.plugin_dir} to "
+                                   "ZEEK_PLUGIN_PATH)"))  # fmt: skip
+    else:
+        print("no native capture plugin (--no-plugin): Zeek uses the script capture")
     print(f"Zeek now finds the package as '{PACKAGE}':\n"
           f"  zeek -i eth0 {PACKAGE} 'IoTClass::device_nets={{192.168.0.0/16}}'\n"
           f"  zeek -r capture.pcap {PACKAGE}\n"
