@@ -33,6 +33,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     history_dropout: float = 0.3  # share of training matrices whose history is cut short
     early_share: float = 0.3  # share whose current flow is cut to its first packets (early)
+    dhcp_dropout: float = 0.0  # share whose history loses its DHCP rows (device seen late)
     flow_loss: float = 0.5  # weight of a second loss on the current flow alone (row 0)
     class_weight_power: float = 0.5  # loss weight of a class ~ count ** -power
     max_per_capture: int = 0  # cap on matrices per capture file (0: all)
@@ -114,6 +115,29 @@ def cut_packets(x: torch.Tensor, share: float, layout: MatrixLayout,
     return x
 
 
+def drop_dhcp_rows(x: torch.Tensor, dhcp: torch.Tensor, share: float,
+                   gen: torch.Generator) -> torch.Tensor:  # fmt: skip
+    """For ``share`` of the matrices, their history as it is without the device's DHCP
+    flows: DHCP rows (``dhcp``, (b, rows) bool) removed, the older rows moved up in their
+    place and the freed rows left empty. A device that joined before the sensor started
+    shows no DHCP exchange; trained on such histories too, the model does not hinge on it.
+    The current flow (row 0) is kept as it is."""
+    if share <= 0 or x.shape[1] < 2:
+        return x
+    b, r = dhcp.shape
+    cut = (torch.rand(b, generator=gen) < share) & dhcp[:, 1:].any(dim=1)
+    if not bool(cut.any()):
+        return x
+    drop = dhcp & cut[:, None]
+    drop[:, 0] = False
+    key = drop.to(torch.int64) * r + torch.arange(r)[None, :]  # kept rows first, in order
+    order = key.argsort(dim=1)
+    x = torch.gather(x, 1, order[:, :, None].expand(-1, -1, x.shape[2]))
+    kept = (~drop).sum(dim=1)
+    mask = torch.arange(r)[None, :] < kept[:, None]
+    return x * mask[:, :, None].to(x.dtype)
+
+
 def _logits(model: IoTCNN, x: np.ndarray, batch: int = 4096) -> np.ndarray:
     model.eval()
     out = []
@@ -154,6 +178,182 @@ def cap_per_capture(captures: np.ndarray, limit: int, rng: np.random.Generator) 
     return np.sort(np.concatenate(keep)) if keep else idx
 
 
+@dataclass
+class TrainData:
+    """The training and validation parts of the data, as the loop needs them."""
+
+    classes: list[str]
+    labels: np.ndarray  # (n,) object: every matrix's class name
+    y: np.ndarray  # (n,) class index
+    split: Split
+    part: np.ndarray  # (n,) 0 train, 1 validation, 2 test
+    tr: np.ndarray  # indices of the training matrices (after max_per_capture)
+    va: np.ndarray  # indices of the validation matrices
+    x_tr: torch.Tensor
+    y_tr: torch.Tensor
+    dhcp_tr: torch.Tensor  # (n_tr, rows) bool: which rows are DHCP flows
+    x_va: np.ndarray
+    y_va: np.ndarray
+    weight: torch.Tensor  # loss weight per class
+
+
+@dataclass
+class FitResult:
+    """The training loop's outcome: the best epoch's weights and the loop's history."""
+
+    model: IoTCNN
+    best_epoch: int
+    val_macro_f1: float
+    history: list[dict]
+
+
+def prepare_data(matrices: np.ndarray, labels: np.ndarray, captures: np.ndarray,
+                 cfg: TrainConfig, classes: list[str] | None, split: Split | None,
+                 log=print) -> TrainData:  # fmt: skip
+    """Class indices, the split by capture file and the tensors of its training part."""
+    from .trust.shift import dhcp_rows
+
+    labels = np.asarray(labels, dtype=object)
+    captures = np.asarray(captures, dtype=object)
+    classes = sorted(set(labels.tolist()) if classes is None else classes)
+    if len(classes) < 2:
+        raise ValueError(f"training needs at least two labels, found {len(classes)}")
+    y = np.searchsorted(np.array(classes, dtype=object), labels).astype(np.int64)
+    if split is None:
+        split = split_captures(captures, labels, cfg.seed, cfg.val_fraction, cfg.test_fraction)
+    part = split.part_of(captures)
+    rng = np.random.default_rng(cfg.seed)
+    tr = np.flatnonzero(part == 0)
+    tr = tr[cap_per_capture(captures[tr], cfg.max_per_capture, rng)]
+    va = np.flatnonzero(part == 1)
+    log(
+        f"split by capture file (seed {cfg.seed}): {len(split.train)} train, {len(split.val)} "
+        f"validation, {len(split.test)} test files; {len(tr)} / {len(va)} / "
+        f"{int((part == 2).sum())} matrices"
+    )
+    counts = np.bincount(y[tr], minlength=len(classes)).astype(np.float64)
+    w = np.where(counts > 0, np.maximum(counts, 1) ** -cfg.class_weight_power, 0.0)
+    w = w / (w[y[tr]].mean() if len(tr) else 1.0)
+    x_tr = np.ascontiguousarray(matrices[tr])
+    return TrainData(classes, labels, y, split, part, tr, va, torch.from_numpy(x_tr),
+                     torch.from_numpy(y[tr]), torch.from_numpy(dhcp_rows(x_tr)),
+                     np.ascontiguousarray(matrices[va]), y[va],
+                     torch.tensor(w, dtype=torch.float32))  # fmt: skip
+
+
+def _augment(xb: torch.Tensor, dhcp: torch.Tensor, cfg: TrainConfig, layout: MatrixLayout,
+             gen: torch.Generator) -> torch.Tensor:  # fmt: skip
+    """A batch as live sensors also see it: DHCP rows missing, history cut, early records."""
+    xb = drop_dhcp_rows(xb, dhcp, cfg.dhcp_dropout, gen)
+    xb = cut_history(xb, cfg.history_dropout, gen)
+    return cut_packets(xb, cfg.early_share, layout, gen)
+
+
+def train_epoch(model: IoTCNN, data: TrainData, cfg: TrainConfig, layout: MatrixLayout,
+                opt, sched, gen: torch.Generator, desc: str, progress: bool) -> float:  # fmt: skip
+    """One pass over the training part; returns the mean training loss."""
+    model.train()
+    steps = max(1, math.ceil(len(data.tr) / cfg.batch_size))
+    perm = torch.randperm(len(data.tr), generator=gen)
+    total, seen = 0.0, 0
+    bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False, unit="batch")
+    for step in bar:
+        idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+        xb = _augment(data.x_tr[idx], data.dhcp_tr[idx], cfg, layout, gen)
+        yb = data.y_tr[idx]
+        loss = F.cross_entropy(model(xb), yb, weight=data.weight)
+        if cfg.flow_loss > 0:  # the per-flow strategy's input: one row, a sixth the cost
+            loss = loss + cfg.flow_loss * F.cross_entropy(model(xb[:, :1]), yb,
+                                                          weight=data.weight)  # fmt: skip
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        total += loss.item() * len(idx)
+        seen += len(idx)
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{total / max(seen, 1):.4f}")
+    bar.close()
+    return total / max(seen, 1)
+
+
+def fit(data: TrainData, layout: MatrixLayout, cfg: TrainConfig, progress: bool = True,
+        log=print) -> FitResult:  # fmt: skip
+    """The training loop with early stopping on validation macro-F1 (best epoch kept)."""
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    model = IoTCNN(ModelConfig.from_layout(layout, len(data.classes), **cfg.model))
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = max(1, math.ceil(len(data.tr) / cfg.batch_size))
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=0.15
+    )
+    best, best_state, best_epoch, history = (-1.0, -math.inf), None, 0, []
+    for epoch in range(1, cfg.epochs + 1):
+        train_loss = train_epoch(model, data, cfg, layout, opt, sched, gen,
+                                 f"epoch {epoch}/{cfg.epochs}", progress)  # fmt: skip
+        if len(data.va):
+            lv = _logits(model, data.x_va)
+            val_loss = float(F.cross_entropy(torch.from_numpy(lv), torch.from_numpy(data.y_va)))
+            val_f1 = macro_f1(data.y_va, lv.argmax(1), len(data.classes))
+        else:  # no validation files: keep the last epoch
+            val_loss, val_f1 = -train_loss, 0.0
+        history.append({"epoch": epoch, "train_loss": round(train_loss, 5),
+                        "val_loss": round(val_loss, 5), "val_macro_f1": round(val_f1, 5)})
+        log(f"epoch {epoch:2d}: train loss {train_loss:.4f}  val loss {val_loss:.4f}  "
+            f"val macro-F1 {val_f1:.4f}")  # fmt: skip
+        if (val_f1, -val_loss) > best:
+            best, best_epoch = (val_f1, -val_loss), epoch
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        elif epoch - best_epoch >= cfg.patience:
+            log(f"early stop: no better validation macro-F1 since epoch {best_epoch}")
+            break
+    model.load_state_dict(best_state)
+    model.eval()
+    return FitResult(model, best_epoch, best[0], history)
+
+
+def fit_trust(model: IoTCNN, layout: MatrixLayout, temperature: float, data: TrainData,
+              matrices: np.ndarray, meta: dict, log=print) -> dict:  # fmt: skip
+    """The trust state (docs/trust.md), fitted on the validation split (data the model did
+    not learn from, so its mistakes there are like the ones it will make); records its
+    figures in ``meta["trust"]``."""
+    from .trust.dhcp_identity import fit_identities
+    from .trust.layer import fit_state
+
+    state, meta["trust"] = fit_state(model, layout, temperature, data.classes, data.x_va,
+                                     data.y_va, fallback=(matrices[data.tr], data.y[data.tr]))
+    known = np.flatnonzero((data.part == 0) | (data.part == 1))  # rule 6: classes' identities
+    state.dhcp_identities = fit_identities(layout.dhcp_identities(matrices[known, 0]),
+                                           data.labels[known])  # fmt: skip
+    meta["trust"]["dhcp_identities"] = len(state.dhcp_identities)
+    log(f"trust state: {meta['trust']['references']} reference explanations from "
+        f"{meta['trust']['labels']} validation labels ({meta['trust']['seconds']:.1f}s)")
+    return state.to_dict()
+
+
+def train_metadata(metadata: dict | None, cfg: TrainConfig, data: TrainData, res: FitResult,
+                   t0: float) -> dict:  # fmt: skip
+    meta = dict(metadata or {})
+    meta.update(
+        {
+            "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "train_seconds": round(time.time() - t0, 1),
+            "train_config": asdict(cfg),
+            "split": data.split.to_dict(),
+            "matrices": {"train": int(len(data.tr)), "val": int(len(data.va)),
+                         "test": int((data.part == 2).sum())},  # fmt: skip
+            "best_epoch": res.best_epoch,
+            "val_macro_f1": round(res.val_macro_f1, 5),
+            "history": res.history,
+            "parameters": count_parameters(res.model),
+            "flops": {"sequence": count_flops(res.model),
+                      "flow": count_flops(res.model, rows=1)},  # fmt: skip
+        }
+    )
+    return meta
+
+
 def train(
     matrices: np.ndarray,
     labels: np.ndarray,
@@ -179,122 +379,20 @@ def train(
     t0 = time.time()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    labels = np.asarray(labels, dtype=object)
-    captures = np.asarray(captures, dtype=object)
-    classes = sorted(set(labels.tolist()) if classes is None else classes)
-    if len(classes) < 2:
-        raise ValueError(f"training needs at least two labels, found {len(classes)}")
-    y = np.searchsorted(np.array(classes, dtype=object), labels).astype(np.int64)
-    if split is None:
-        split = split_captures(captures, labels, cfg.seed, cfg.val_fraction, cfg.test_fraction)
-    part = split.part_of(captures)
-    rng = np.random.default_rng(cfg.seed)
-    tr = np.flatnonzero(part == 0)
-    tr = tr[cap_per_capture(captures[tr], cfg.max_per_capture, rng)]
-    va = np.flatnonzero(part == 1)
-    log(
-        f"split by capture file (seed {cfg.seed}): {len(split.train)} train, {len(split.val)} "
-        f"validation, {len(split.test)} test files; {len(tr)} / {len(va)} / "
-        f"{int((part == 2).sum())} matrices"
-    )
-    torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    mcfg = ModelConfig.from_layout(layout, len(classes), **cfg.model)
-    model = IoTCNN(mcfg)
-    counts = np.bincount(y[tr], minlength=len(classes)).astype(np.float64)
-    w = np.where(counts > 0, np.maximum(counts, 1) ** -cfg.class_weight_power, 0.0)
-    w = w / (w[y[tr]].mean() if len(tr) else 1.0)
-    weight = torch.tensor(w, dtype=torch.float32)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = max(1, math.ceil(len(tr) / cfg.batch_size))
-    sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=0.15
-    )
-    x_tr = torch.from_numpy(np.ascontiguousarray(matrices[tr]))
-    y_tr = torch.from_numpy(y[tr])
-    x_va, y_va = np.ascontiguousarray(matrices[va]), y[va]
-    best = (-1.0, -math.inf)
-    best_state, best_epoch, history = None, 0, []
-    for epoch in range(1, cfg.epochs + 1):
-        model.train()
-        perm = torch.randperm(len(tr), generator=gen)
-        total, seen = 0.0, 0
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{cfg.epochs}",
-                   disable=not progress, leave=False, unit="batch")  # fmt: skip
-        for step in bar:
-            idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
-            xb = cut_history(x_tr[idx], cfg.history_dropout, gen)
-            xb = cut_packets(xb, cfg.early_share, layout, gen)
-            loss = F.cross_entropy(model(xb), y_tr[idx], weight=weight)
-            if cfg.flow_loss > 0:  # the per-flow strategy's input: one row, a sixth the cost
-                flow = F.cross_entropy(model(xb[:, :1]), y_tr[idx], weight=weight)
-                loss = loss + cfg.flow_loss * flow
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += loss.item() * len(idx)
-            seen += len(idx)
-            if step % 20 == 0:
-                bar.set_postfix(loss=f"{total / max(seen, 1):.4f}")
-        bar.close()
-        if len(va):
-            lv = _logits(model, x_va)
-            val_loss = float(F.cross_entropy(torch.from_numpy(lv), torch.from_numpy(y_va)))
-            val_f1 = macro_f1(y_va, lv.argmax(1), len(classes))
-        else:  # no validation files: keep the last epoch
-            val_loss, val_f1 = -total / max(seen, 1), 0.0
-        history.append({"epoch": epoch, "train_loss": round(total / max(seen, 1), 5),
-                        "val_loss": round(val_loss, 5),
-                        "val_macro_f1": round(val_f1, 5)})  # fmt: skip
-        log(f"epoch {epoch:2d}: train loss {total / max(seen, 1):.4f}  val loss {val_loss:.4f}  "
-            f"val macro-F1 {val_f1:.4f}")  # fmt: skip
-        if (val_f1, -val_loss) > best:
-            best, best_epoch = (val_f1, -val_loss), epoch
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        elif epoch - best_epoch >= cfg.patience:
-            log(f"early stop: no better validation macro-F1 since epoch {best_epoch}")
-            break
-    model.load_state_dict(best_state)
-    model.eval()
-    temperature = fit_temperature(_logits(model, x_va), y_va) if len(va) else 1.0
-    meta = dict(metadata or {})
-    meta.update(
-        {
-            "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "train_seconds": round(time.time() - t0, 1),
-            "train_config": asdict(cfg),
-            "split": split.to_dict(),
-            "matrices": {"train": int(len(tr)), "val": int(len(va)),
-                         "test": int((part == 2).sum())},  # fmt: skip
-            "best_epoch": best_epoch,
-            "val_macro_f1": round(best[0], 5),
-            "history": history,
-            "parameters": count_parameters(model),
-            "flops": {"sequence": count_flops(model), "flow": count_flops(model, rows=1)},
-        }
-    )
-    log(f"best epoch {best_epoch}: val macro-F1 {best[0]:.4f}; temperature {temperature:.3f}")
-    # trust (docs/trust.md): the trust state, fitted on the validation split (data the model did
-    # not learn from, so its mistakes there are like the ones it will make).
+    data = prepare_data(matrices, labels, captures, cfg, classes, split, log)
+    res = fit(data, layout, cfg, progress, log)
+    va = data.va
+    temperature = fit_temperature(_logits(res.model, data.x_va), data.y_va) if len(va) else 1.0
+    meta = train_metadata(metadata, cfg, data, res, t0)
+    log(f"best epoch {res.best_epoch}: val macro-F1 {res.val_macro_f1:.4f}; "
+        f"temperature {temperature:.3f}")
     trust = None
     if cfg.trust and len(va):
-        from .trust.dhcp_identity import fit_identities
-        from .trust.layer import fit_state
-
-        state, meta["trust"] = fit_state(model, layout, temperature, classes, x_va, y_va,
-                                         fallback=(matrices[tr], y[tr]))  # fmt: skip
-        known = np.flatnonzero((part == 0) | (part == 1))  # rule 6: each class's DHCP identities
-        state.dhcp_identities = fit_identities(layout.dhcp_identities(matrices[known, 0]),
-                                               labels[known])  # fmt: skip
-        meta["trust"]["dhcp_identities"] = len(state.dhcp_identities)
-        trust = state.to_dict()
-        log(f"trust state: {meta['trust']['references']} reference explanations from "
-            f"{meta['trust']['labels']} validation labels ({meta['trust']['seconds']:.1f}s)")
-    bundle = ModelBundle(model=model, layout=layout, classes=classes, temperature=temperature,
-                         metadata=meta, trust=trust)  # fmt: skip
+        trust = fit_trust(res.model, layout, temperature, data, matrices, meta, log)
+    bundle = ModelBundle(model=res.model, layout=layout, classes=data.classes,
+                         temperature=temperature, metadata=meta, trust=trust)  # fmt: skip
     if trust is not None and devices is not None and times is not None:
-        amb = ambiguous_identities(bundle, x_va, labels[va], captures[va],
+        amb = ambiguous_identities(bundle, data.x_va, data.labels[va], np.asarray(captures)[va],
                                    np.asarray(devices)[va], np.asarray(times)[va])  # fmt: skip
         bundle.trust["dhcp_ambiguous"] = meta["trust"]["dhcp_ambiguous"] = amb
     return bundle

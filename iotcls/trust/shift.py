@@ -1,0 +1,43 @@
+"""Distribution shift on a dataset: the captures as a sensor sees them when a device's DHCP
+exchange is not in them (a device that joined before the sensor started).
+
+:func:`without_dhcp` removes every DHCP record (DHCPv4 and DHCPv6) and rebuilds each
+remaining record's history from the device's other records, exactly as the sensor would
+have assembled it without those packets. :func:`dhcp_rows` tells, per matrix row, which
+rows are DHCP flows (read back from the encoded row), for training's DHCP dropout.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..dhcp import DHCP_PORTS, PROTO_UDP
+
+DHCP6_PORTS = (546, 547)
+
+
+def dhcp_rows(x: np.ndarray) -> np.ndarray:
+    """(..., W) encoded rows -> (...) bool: the row is a DHCPv4 or DHCPv6 flow."""
+    x = np.asarray(x)
+    udp = x[..., 9] > 0
+    ports = np.rint(x[..., 6:8] * 65535.0)
+    hit = np.zeros(x.shape[:-1], bool)
+    for p in (*DHCP_PORTS, *DHCP6_PORTS):
+        hit |= (ports == p).any(axis=-1)
+    present = np.abs(x).sum(axis=-1) > 0
+    return udp & hit & present
+
+
+def without_dhcp(ds):
+    """The dataset ``ds`` (:class:`iotcls.dataset.Dataset`) with every DHCP record removed
+    and the remaining matrices' histories rebuilt from the device's other records."""
+    keep = np.flatnonzero(~dhcp_rows(ds.matrices[:, 0]))
+    out = ds.take(keep)
+    if not len(keep):
+        return out
+    keys = np.char.add(np.char.add(out.captures.astype(str), "|"), out.devices.astype(str))
+    mats, order = out.layout.assemble(out.matrices[:, 0], out.timestamps, keys)
+    back = np.empty_like(order)
+    back[order] = np.arange(len(order))
+    out.matrices = mats[back]
+    return out
