@@ -34,6 +34,8 @@ UPPER = {
     "scorers.count": 256, "scorers.batch_size": 4096, "scorers.max_wait_ms": 10_000.0,
     "scorers.threads": 1024, "scorers.row_cache": 10_000_000, "scorers.heartbeat_s": 3600.0,
     "scorers.restart_backoff_s": 3600.0, "log.interval_s": 30 * 86400.0,
+    "record.max_mb": 1 << 24, "record.retention_days": 3650.0,
+    "record.segment_records": 1_000_000, "record.segment_s": 86400.0,
 }  # fmt: skip
 SWITCHES = {"bridge.curve"}  # choices that also take YAML's true/false (on/off, yes/no)
 _SHOW = reprlib.Repr()
@@ -117,6 +119,16 @@ class SuricataConfig:
 
 
 @dataclass
+class RecordConfig:
+    enabled: bool = False
+    directory: str = "/var/lib/iotcls/store"
+    max_mb: int = 2048
+    retention_days: float = 30.0
+    segment_records: int = 20_000
+    segment_s: float = 300.0
+
+
+@dataclass
 class Config:
     zeek: ZeekConfig = field(default_factory=ZeekConfig)
     suricata: SuricataConfig = field(default_factory=SuricataConfig)
@@ -124,6 +136,7 @@ class Config:
     scorers: ScorersConfig = field(default_factory=ScorersConfig)
     log: LogConfig = field(default_factory=LogConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    record: RecordConfig = field(default_factory=RecordConfig)
 
     def to_dict(self) -> dict:
         return {f.name: _section_dict(getattr(self, f.name)) for f in fields(self)}
@@ -248,6 +261,21 @@ metrics:
   enabled: false
   address: 127.0.0.1
   port: 9464
+
+record:
+  # Keep the flow records serve receives (Zeek or Suricata) and the labels it gave them, on
+  # disk, for iotcls inventory / train / evaluate (docs/learn.md). Off by default: the
+  # records hold the first payload bytes of each flow's first packets.
+  enabled: false
+  # Where the segments go (seg-*.npz, each written whole: a temporary file, then renamed).
+  directory: /var/lib/iotcls/store
+  # Size cap, MiB: beyond it the oldest segments are deleted.
+  max_mb: 2048
+  # Segments older than this many days are deleted.
+  retention_days: 30.0
+  # A segment is written when it holds this many records, or segment_s after its first one.
+  segment_records: 20000
+  segment_s: 300.0
 """
 
 
@@ -345,6 +373,12 @@ def validate(cfg: Config, source: str = "config") -> Config:
          f"must be one of {', '.join(LOG_POLICIES)}, not {show(lg.policy)}")  # fmt: skip
     need(lg.interval_s >= 0, "log.interval_s", "must not be negative")
     need(0 < m.port < 65536, "metrics.port", f"must be a TCP port (1-65535), not {m.port}")
+    r = cfg.record
+    need(r.directory != "", "record.directory", "must be a directory")
+    need(r.max_mb >= 1, "record.max_mb", "must be at least 1")
+    need(r.retention_days > 0, "record.retention_days", "must be positive")
+    need(r.segment_records >= 1, "record.segment_records", "must be at least 1")
+    need(r.segment_s > 0, "record.segment_s", "must be positive")
     return cfg
 
 

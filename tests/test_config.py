@@ -63,7 +63,7 @@ def test_partial_file_keeps_other_defaults(tmp_path):
         ("x: " + "9" * 5000, "not valid YAML: Exceeds the limit"),
         ("[" * 100000, "not valid YAML"),
         ("bridge: {queue: 5}", "bridge.queue: unknown key (known: bind,"),
-        ("scorer: {count: 1}", "scorer: unknown section (known: bridge, log, metrics, scorers, suricata, zeek)"),
+        ("scorer: {count: 1}", "scorer: unknown section (known: bridge, log, metrics, record, scorers, suricata, zeek)"),
         ("zeek: {url: http://x}", "zeek.url: must be a ws:// or wss:// URL, not 'http://x'"),
         ("log: {policy: sometimes}", "log.policy: must be one of changes, all, not 'sometimes'"),
         ("metrics: {enabled: yes please}", "metrics.enabled: must be true or false, not 'yes please'"),
