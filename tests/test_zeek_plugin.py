@@ -252,6 +252,41 @@ def test_native_records_equal_the_sensors_and_the_scripts(name, native, tmp_path
     _same_as_script(pcap, tmp_path, native, _macs_arg([mac]))
 
 
+def _sentinel_devices() -> list[str]:
+    d = sentinel_dir()
+    return sorted(p.name for p in d.iterdir() if (p / "_iotdevice-mac.txt").is_file()) if d.is_dir() else []
+
+
+@needs_zeek
+@pytest.mark.parametrize("device", _sentinel_devices())
+def test_native_records_of_each_sentinel_device(device, native, tmp_path):
+    """One real capture of each IoT Sentinel device (its first, by name), the device by MAC:
+    the plugin's records are the script capture's and the pcap sensor's."""
+    pcap = sorted((sentinel_dir() / device).glob("*.pcap"))[0]
+    mac = _mac_of(device)
+    from test_zeek_scripts import _macs_arg
+
+    got = _same_as_script(pcap, tmp_path, native, _macs_arg([mac]))
+    finals = sorted((round(r["start"], 3), r["remote_ip"], r["remote_port"], r["proto"],
+                     r["total_packets"], r["total_bytes"]) for r in got if not r["early"])  # fmt: skip
+    assert finals, f"no records of {device} in {pcap.name}"
+    sensor = capture_flows(pcap, DeviceSelector.from_lists([mac])).table.records()
+    assert finals == sorted((round(r.start, 3), r.remote_ip, r.remote_port, r.proto,
+                             r.total_packets, r.total_bytes) for r in sensor)  # fmt: skip
+
+
+@needs_zeek
+def test_native_zeek_and_serve_log_what_classify_writes(native, tmp_path, sample):
+    """The deployment with the plugin: ``iotcls serve`` and ``zeek -r sample.pcap iotcls``
+    log the labels ``iotcls classify`` writes (the script capture's test, run with the
+    plugin on ZEEK_PLUGIN_PATH), and Zeek says the native capture is the active one."""
+    from test_zeek_scripts import test_zeek_and_iotcls_serve_log_what_classify_writes as e2e
+
+    e2e(tmp_path, sample)
+    reporter = (tmp_path / "zeek" / "reporter.log").read_text()
+    assert "capture in the native plugin (IoTClass::Capture)" in reporter
+
+
 @needs_zeek
 def test_native_records_of_the_sample_by_mac(native, tmp_path, sample):
     """Several devices by MAC in one capture: 288 records, as the sensor and the script

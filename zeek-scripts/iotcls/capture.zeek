@@ -122,6 +122,32 @@ const unspecified: set[addr] = {
 	[::]
 };
 
+# The second hex digit of a group MAC's first byte (its low bit set).
+const odd_hex: set[string] = {
+	"1",
+	"3",
+	"5",
+	"7",
+	"9",
+	"b",
+	"d",
+	"f"
+};
+
+# Whether a connection endpoint is a device (devices.zeek decides from its address and MAC).
+function is_device(a: addr, ep: endpoint): bool
+	{
+	return is_device_endpoint(a, ep?$l2_addr ? ep$l2_addr : "");
+	}
+
+# The device's MAC for the record: empty for a group (multicast/broadcast) MAC.
+function device_mac(ep: endpoint): string
+	{
+	if ( ! ep?$l2_addr || sub_bytes(ep$l2_addr, 2, 1) in odd_hex )
+		return "";
+	return ep$l2_addr;
+	}
+
 function ip_proto(id: conn_id): count
 	{
 	# conn_id carries the IP protocol, also for connections of other IP protocols (IGMP:

@@ -20,18 +20,6 @@ const multicast_nets: set[subnet] = {
 	[ff00::]/8
 };
 
-# The second hex digit of a group MAC's first byte (its low bit set).
-const odd_hex: set[string] = {
-	"1",
-	"3",
-	"5",
-	"7",
-	"9",
-	"b",
-	"d",
-	"f"
-};
-
 # Directed broadcast addresses of the IPv4 device networks up to /30; recomputed when
 # device_nets or Site::local_nets change (Config::set_value, Option::set).
 global directed_broadcasts: set[addr] = {};
@@ -78,19 +66,6 @@ function is_device_endpoint(a: addr, l2: string): bool
 	if ( |device_macs| > 0 )
 		return F;
 	return a in Site::local_nets;
-	}
-
-function is_device(a: addr, ep: endpoint): bool
-	{
-	return is_device_endpoint(a, ep?$l2_addr ? ep$l2_addr : "");
-	}
-
-# The device's MAC for the record: empty for a group (multicast/broadcast) MAC.
-function device_mac(ep: endpoint): string
-	{
-	if ( ! ep?$l2_addr || sub_bytes(ep$l2_addr, 2, 1) in odd_hex )
-		return "";
-	return ep$l2_addr;
 	}
 
 # Where flow records are captured: the workers of a cluster, or a standalone Zeek.
