@@ -7,7 +7,12 @@ Three inputs:
       every device inside IoTClass::device_nets;
   (b) the same with IoTClass::device_nets matching nothing (the cost of looking);
   (c) the IoT Sentinel captures, one after the other in one pcap (each shifted to start
-      10 minutes after the previous one ended), devices by MAC.
+      10 minutes after the previous one ended), devices by MAC;
+  (m) memory: --conns TCP connections that never end (a SYN each, unanswered), all open
+      at once (Zeek keeps an unanswered SYN's connection for its 5-minute inactivity
+      timeout; they all start within 200 s), once with every device endpoint in
+      IoTClass::device_nets and once with none: peak RSS of plain Zeek, the plugin and the
+      script capture. State exists only for device connections and goes at window end.
 
 Runs are paired: each round runs plain Zeek, the plugin and the script capture on the same
 input, one after the other; CPU time is user + system of the Zeek process (os.wait4), the
@@ -18,7 +23,7 @@ A fourth run per round keeps every record back with an IoTClass::flow_policy hoo
 plugin's cost without the package's Cluster::publish of each record.
 
     python benchmarks/bench_zeek.py [--packets 1000000] [--rounds 3] [--cases a,b,c]
-                                    [--plugin DIR] [--zeek PATH] [--data DIR]
+                                    [--plugin DIR] [--zeek PATH] [--data DIR] [--conns N]
 """
 
 from __future__ import annotations
@@ -97,10 +102,28 @@ def sentinel_concat(data: Path, out: Path) -> tuple[int, list[str]]:
     return n, macs
 
 
+def churn_pcap(path: Path, conns: int, seconds: float = 200.0) -> None:
+    """*conns* TCP SYNs, each opening its own connection (device 10.0.x.y to 198.18.x.y:443),
+    evenly over *seconds*, none answered or closed."""
+    ip_hdr = struct.Struct("!BBHHHBBH4s4s")
+    frames = bytearray(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1))
+    eth = bytes.fromhex("020000000002" "020000000001" "0800")
+    t0 = 1_600_000_000 * 1_000_000
+    for i in range(conns):
+        src = bytes((10, 0, (i >> 8) & 0xFF, i & 0xFF))
+        dst = bytes((198, 18, (i >> 16) & 0xFF, (i >> 8) & 0xFF))
+        tcp = struct.pack("!HHIIBBHHH", 1024 + (i % 60000), 443, i, 0, 5 << 4, 0x02, 65535, 0, 0)
+        ip = ip_hdr.pack(0x45, 0, 20 + len(tcp), i & 0xFFFF, 0, 64, 6, 0, src, dst) + tcp
+        t = t0 + int(i * seconds * 1_000_000 / conns)
+        frames += struct.pack("<IIII", t // 1_000_000, t % 1_000_000, 14 + len(ip), 14 + len(ip))
+        frames += eth + ip
+    path.write_bytes(frames)
+
+
 def run(zeek: str, pcap: Path, args: list[str], plugin: Path | None,
-        cwd: Path) -> tuple[float, int | None]:  # fmt: skip
+        cwd: Path, rss: list | None = None) -> tuple[float, int | None]:  # fmt: skip
     """CPU seconds (user + sys) of one Zeek run, and the records it published (None: no
-    package)."""
+    package); its peak RSS (bytes) is appended to *rss* when given."""
     env = {k: v for k, v in os.environ.items() if k != "ZEEK_PLUGIN_PATH"}
     if plugin:
         env["ZEEK_PLUGIN_PATH"] = str(plugin)
@@ -115,6 +138,8 @@ def run(zeek: str, pcap: Path, args: list[str], plugin: Path | None,
     text = err.read_text()
     if p.returncode != 0:
         sys.exit(f"zeek failed ({p.returncode}): {text[-2000:]}")
+    if rss is not None:
+        rss.append(ru.ru_maxrss * 1024)
     m = SENT.search(text)
     return ru.ru_utime + ru.ru_stime, int(m.group(1)) if m else None
 
@@ -168,6 +193,22 @@ def bench(name: str, zeek: str, pcap: Path, select: list[str], plugin: Path, rou
         print(f"  !! record counts differ: plugin {recs['plugin']}, script {recs['script']}")
 
 
+def bench_memory(zeek: str, pcap: Path, conns: int, plugin: Path, work: Path) -> None:
+    """Peak RSS with many open connections, device ones and others."""
+    print(f"  {'':38}{'peak RSS MiB':>13}{'vs plain':>10}{'per conn':>10}")
+    for label, select in (("every endpoint a device", "IoTClass::device_nets={10.0.0.0/8}"),
+                          ("no device endpoint", "IoTClass::device_nets={192.0.2.0/24}")):  # fmt: skip
+        peak: dict[str, int] = {}
+        for k, args, plug in (("plain", [], None), ("plugin", [str(PKG), *NO_BRIDGE, select], plugin),
+                              ("script", [str(PKG), *NO_BRIDGE, select], None)):  # fmt: skip
+            got: list[int] = []
+            run(zeek, pcap, args, plug, work / k, got)
+            peak[k] = got[0]
+            more = peak[k] - peak["plain"]
+            print(f"  {label + ', ' + k:38}{peak[k] / 2**20:>13,.0f}{more / 2**20:>+9,.0f}M"
+                  f"{more / conns:>9,.0f}B")  # fmt: skip
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--packets", type=int, default=1_000_000, help="synthetic packets (a, b)")
@@ -178,6 +219,7 @@ def main() -> int:
     ap.add_argument("--zeek", default=find_zeek(), help="default: $ZEEK_HOME/bin/zeek, else PATH")
     ap.add_argument("--plugin", help="a built plugin directory (default: build one)")
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "iot-sentinel"))
+    ap.add_argument("--conns", type=int, default=1_000_000, help="open connections (m)")
     args = ap.parse_args()
     if not args.zeek:
         sys.exit("no zeek: set ZEEK_HOME or PATH, or pass --zeek")
@@ -218,6 +260,11 @@ def main() -> int:
                       f"the other, {n:,} frames, {len(macs)} device MACs")  # fmt: skip
                 sel = "IoTClass::device_macs={" + ",".join(f'"{m}"' for m in macs) + "}"
                 bench("c", args.zeek, cat, [sel], plugin, args.rounds, work / "runs")
+        if "m" in cases:
+            churn = work / "open-connections.pcap"
+            churn_pcap(churn, args.conns)
+            print(f"(m) {args.conns:,} TCP connections open at once (a SYN each, never answered)")
+            bench_memory(args.zeek, churn, args.conns, plugin, work / "runs")
     return 0
 
 
