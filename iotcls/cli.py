@@ -19,6 +19,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "classify": ("classify", "classify the devices in captures and write iot_class.log"),
     "explain": ("explain", "explain a device's labels (Shapley values over feature groups)"),
     "serve": ("serve", "run the bridge and scorer processes beside Zeek"),
+    "reload": ("reload", "make a running iotcls serve load its model bundle again (SIGHUP)"),
+    "inventory": ("inventory", "list the devices in a flow store as a CSV the operator labels"),
     "keys": ("keys", "create the CURVE keys that authenticate scorers to the bridge"),
     "zeek-install": ("zeek_install", "install the iotcls Zeek scripts into Zeek's site dir"),
     "suricata-config": ("suricata_config", "print the Suricata Lua output settings"),

@@ -113,13 +113,10 @@ def put_views(payload: np.ndarray, payload_len: np.ndarray, rows: np.ndarray, co
 IDENTITY_OPTIONS = ((12, "host"), (60, "vendor"), (55, "params"))
 
 
-def identity_of(view: bytes) -> str | None:
-    """A client's DHCP identity from its view: host name, vendor class and parameter request
-    list, what a device repeats in every message (discover, request, renewal). None for a
-    server's message, or one that carries none of them.
-
-    An option whose value the view's width cut short is left out, so a cut never makes a
-    false identity (a request, with more option codes in front, may then lose its list)."""
+def client_options(view: bytes) -> dict[int, bytes] | None:
+    """The option values a client's message keeps in its view (:data:`VALUE_OPTIONS`, code
+    -> value), or None for a server's message or what is no view. A value the view's width
+    cut short is left out."""
     if len(view) < 8 or view[0] != 1 | VIEW_MARK:
         return None
     i = view.find(255, 7) + 1
@@ -131,6 +128,20 @@ def identity_of(view: bytes) -> str | None:
         if i + 2 + n <= len(view):
             values[code] = view[i + 2 : i + 2 + n]
         i += 2 + n
+    return values
+
+
+def identity_of(view: bytes) -> str | None:
+    """A client's DHCP identity from its view: host name, vendor class and parameter request
+    list, what a device repeats in every message (discover, request, renewal). None for a
+    server's message, or one that carries none of them.
+
+    An option whose value the view's width cut short is left out, so a cut never makes a
+    false identity (a request, with more option codes in front, may then lose its list)."""
+    values = client_options(view)
+    if values is None:
+        return None
+
     def text(code: int) -> str:  # the list as hex, names as text
         v = values[code]
         return v.hex() if code == 55 else v.decode("ascii", "backslashreplace")

@@ -1,0 +1,229 @@
+"""The device list an operator edits: ``iotcls inventory STORE -o devices.csv``.
+
+One row per device in a flow store (:mod:`iotcls.store`): what the sensor saw of it (its
+MAC and addresses, first and last seen, how many records), what the model said (its latest
+label, whether that was trusted, the share of its labels that were, the model's name), what
+the device says about itself (its DHCP host name, vendor class and identity, the names it
+looks up in DNS, its MAC's vendor from the IEEE OUI list that ``netaddr`` ships), an empty
+``label`` column for the operator, and a ``suggested`` label where the device's own DHCP
+identity names one class of the model (:mod:`iotcls.trust.dhcp_identity`).
+
+``iotcls train STORE --labels devices.csv`` trains on the rows whose ``label`` is filled in.
+Running the inventory again updates what was observed and keeps what the operator wrote: the
+``label`` column, any column it added, and the rows of devices no longer in the store.
+
+(:mod:`iotcls.inventory` is another inventory: the HTML report's, from ``iot_class.log``.)
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .dhcp import client_options, identity_of, is_dhcp
+from .flowtable import bytes_to_ip
+from .schema import DIR_TO_REMOTE, PROTO_UDP
+from .store import StoreData
+
+KEY = "device"
+OPERATOR = ("label",)  # written by the operator, never by iotcls
+COLUMNS = (KEY, "label", "suggested", "suggested_by", "current_label", "trusted",
+           "trusted_share", "confidence", "model", "mac", "mac_vendor", "addresses",
+           "first_seen", "last_seen", "records", "dhcp_host", "dhcp_vendor", "dhcp_identity",
+           "dns_names")  # fmt: skip
+MAX_NAMES = 8  # DNS names listed per device, the most frequent first
+
+
+class InventoryError(ValueError):
+    """A devices.csv that cannot be read or merged: one line naming the file."""
+
+
+def _when(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+def dns_query_name(payload: bytes) -> str | None:
+    """The name a DNS query asks for, from the first bytes of its UDP payload; None when
+    the bytes hold no complete name (a sensor keeps only the first payload bytes)."""
+    if len(payload) < 13 or payload[2] & 0x80:  # too short, or a response
+        return None
+    i, labels = 12, []
+    while i < len(payload):
+        n = payload[i]
+        if n == 0:
+            name = ".".join(labels)
+            return name.lower() if name and name.isprintable() else None
+        if n > 63 or i + 1 + n > len(payload):
+            return None
+        labels.append(payload[i + 1 : i + 1 + n].decode("ascii", "replace"))
+        i += 1 + n
+    return None
+
+
+def mac_vendor(mac: str) -> str:
+    """The organisation the IEEE registered the MAC's OUI to (netaddr's copy of the list);
+    "" when unknown or the MAC is locally administered (randomised)."""
+    if not mac:
+        return ""
+    try:
+        if int(mac.split(":")[0], 16) & 0x02:
+            return "(locally administered)"
+        import netaddr
+
+        return str(netaddr.EUI(mac).oui.registration().org)
+    except Exception:  # not registered, not a MAC, netaddr absent: no vendor
+        return ""
+
+
+@dataclass
+class _Device:
+    """What one device's records say, in the CSV's words."""
+
+    rows: np.ndarray  # its records, by start
+
+    def observed(self, data: StoreData) -> dict[str, str]:
+        t, lab, r = data.table, data.labels, self.rows
+        mac = str(t.device_mac[r[0]])
+        addrs = sorted({bytes_to_ip(b) for b in {x.tobytes() for x in t.device_ip[r]}})
+        out = {"mac": mac, "mac_vendor": mac_vendor(mac), "addresses": " ".join(addrs),
+               "first_seen": _when(float(t.start[r].min())),
+               "last_seen": _when(float(t.last[r].max())), "records": str(len(r))}  # fmt: skip
+        given = r[lab.label[r] != ""]
+        if len(given):
+            last = given[-1]
+            out.update(current_label=str(lab.label[last]), trusted="T" if lab.trusted[last] else "F",
+                       trusted_share=f"{lab.trusted[given].mean():.2f}",
+                       confidence=f"{lab.confidence[last]:.3f}", model=str(lab.model[last]))  # fmt: skip
+        out.update(self._dhcp(data))
+        names = Counter(self._dns(data))
+        out["dns_names"] = " ".join(n for n, _ in names.most_common(MAX_NAMES))
+        return out
+
+    def _sent_payloads(self, data: StoreData, rows: np.ndarray):
+        t = data.table
+        for i in rows.tolist():
+            for j in range(int(t.n_pkts[i])):
+                if t.directions[i, j] == DIR_TO_REMOTE:
+                    yield t.payload[i, j, : t.payload_len[i, j]].tobytes()
+
+    def _dhcp(self, data: StoreData) -> dict[str, str]:
+        """The device's latest DHCP client message: host name, vendor class, identity."""
+        t, r = data.table, self.rows
+        dhcp = r[is_dhcp(t.proto[r], t.device_port[r], t.remote_port[r])]
+        found: dict[str, str] = {}
+        for view in self._sent_payloads(data, dhcp):
+            opts = client_options(view)
+            if not opts:
+                continue
+            ident = identity_of(view)
+            found = {"dhcp_identity": ident or "",
+                     "dhcp_host": opts.get(12, b"").decode("ascii", "backslashreplace"),
+                     "dhcp_vendor": opts.get(60, b"").decode("ascii", "backslashreplace")}  # fmt: skip
+        return found
+
+    def _dns(self, data: StoreData) -> list[str]:
+        t, r = data.table, self.rows
+        dns = r[(t.proto[r] == PROTO_UDP) & (t.remote_port[r] == 53)]
+        return [n for n in map(dns_query_name, self._sent_payloads(data, dns)) if n]
+
+
+def observe(data: StoreData) -> dict[str, dict[str, str]]:
+    """Per device (its MAC, else its address), the observed columns."""
+    t = data.table
+    if not len(t):
+        return {}
+    keys = t.device_keys().astype(str)
+    order = np.lexsort((t.start, keys))
+    names, first = np.unique(keys[order], return_index=True)
+    bounds = [*first.tolist(), len(order)]
+    return {str(k).lower(): _Device(order[bounds[i] : bounds[i + 1]]).observed(data)
+            for i, k in enumerate(names)}  # fmt: skip
+
+
+def suggest(row: dict[str, str], seen: dict[str, frozenset[str]]) -> tuple[str, str]:
+    """(suggested label, why) from the device's DHCP identity and the model's map of the
+    identities it learnt (rule 6's): one class, or the model's current label among several."""
+    classes = sorted(seen.get(row.get("dhcp_identity", ""), ()))
+    if len(classes) == 1:
+        return classes[0], "its DHCP identity is that type's in training"
+    if classes and row.get("current_label") in classes:
+        return row["current_label"], f"its DHCP identity is one of {', '.join(classes)}'s"
+    if classes:
+        return "", f"its DHCP identity is one of {', '.join(classes)}'s"
+    return "", ""
+
+
+def read_csv(path: Path) -> tuple[list[str], dict[str, dict[str, str]]]:
+    """(columns, rows by device) of an existing devices.csv."""
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            cols = [c for c in (reader.fieldnames or [])]
+            rows = list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise InventoryError(f"{path}: cannot read: {e}") from None
+    if KEY not in cols:
+        raise InventoryError(f"{path}: no {KEY!r} column: not an iotcls device list")
+    out = {}
+    for i, row in enumerate(rows, start=2):
+        key = (row.get(KEY) or "").strip().lower()
+        if not key:
+            raise InventoryError(f"{path}: line {i}: empty {KEY}")
+        out[key] = {k: (v or "").strip() for k, v in row.items() if k is not None}
+    return cols, out
+
+
+def labels_of(path: str | Path) -> dict[str, str]:
+    """device -> label, for the rows the operator labelled."""
+    _, rows = read_csv(Path(path))
+    return {k: r["label"] for k, r in rows.items() if r.get("label", "")}
+
+
+def merge(observed: dict[str, dict[str, str]], old_cols: list[str],
+          old: dict[str, dict[str, str]], seen: dict[str, frozenset[str]]) -> tuple[list[str], list[dict[str, str]]]:  # fmt: skip
+    """The new file's columns and rows: observed columns renewed, the operator's kept."""
+    extra = [c for c in old_cols if c not in COLUMNS]
+    rows = []
+    for key in sorted(set(observed) | set(old)):
+        row = {c: "" for c in (*COLUMNS, *extra)}
+        prev = old.get(key)
+        if key in observed:
+            row.update(observed[key])
+            row["suggested"], row["suggested_by"] = suggest(row, seen)
+        elif prev is not None:  # no longer in the store: the row stays as it was
+            row.update(prev)
+        if prev is not None:
+            for c in (*OPERATOR, *extra):
+                row[c] = prev.get(c, "")
+        row[KEY] = key
+        rows.append(row)
+    return [*COLUMNS, *extra], rows
+
+
+def write_csv(path: Path, columns: list[str], rows: list[dict[str, Any]]) -> None:
+    """Written whole: a temporary file renamed over *path*."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=columns)
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, path)
+
+
+def inventory(data: StoreData, out: Path, seen: dict[str, frozenset[str]]) -> dict[str, int]:
+    """Writes (or updates) *out* from a store; returns counts for the summary line."""
+    old_cols, old = read_csv(out) if out.exists() else ([], {})
+    observed = observe(data)
+    cols, rows = merge(observed, old_cols, old, seen)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_csv(out, cols, rows)
+    return {"devices": len(rows), "new": len(set(observed) - set(old)),
+            "labelled": sum(1 for r in rows if r["label"]),
+            "suggested": sum(1 for r in rows if r["suggested"])}  # fmt: skip
