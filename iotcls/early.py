@@ -16,7 +16,7 @@ import numpy as np
 
 from .flowtable import FlowTable
 from .layout import MatrixLayout, rel_time
-from .schema import DEFAULT_PACKETS, DEFAULT_WINDOW_S, EARLY_IDLE_S
+from .schema import DEFAULT_PACKETS, DEFAULT_WINDOW_S, EARLY_IDLE_S, PROTO_TCP, PROTO_UDP
 
 
 @dataclass
@@ -94,6 +94,7 @@ class DeviceLabels:
     label: np.ndarray  # object
     trusted: np.ndarray  # bool
     confidence: np.ndarray
+    first_port_flow: float = float("inf")  # start of the device's first TCP or UDP flow
 
 
 def _labels(predictor, layout: MatrixLayout, t: FlowTable, mats: np.ndarray, rows: np.ndarray,
@@ -129,9 +130,12 @@ def capture_device_labels(predictor, cm, early: bool = True) -> list[DeviceLabel
     for d in np.unique(devices):
         sel = np.flatnonzero(devices == d)
         sel = sel[np.argsort(at[sel], kind="stable")]
-        first = float(t.start[t.device_keys() == d].min())
+        mine = t.device_keys() == d
+        first = float(t.start[mine].min())
+        ported = mine & ((t.proto == PROTO_TCP) | (t.proto == PROTO_UDP))
+        first_port = float(t.start[ported].min()) if ported.any() else float("inf")
         out.append(DeviceLabels(str(truth[sel[0]]), first, at[sel], label[sel], trusted[sel],
-                                conf[sel]))  # fmt: skip
+                                conf[sel], first_port))  # fmt: skip
     return out
 
 
@@ -148,16 +152,20 @@ def _macro_f1(truth: list[str], pred: list[str]) -> float:
 
 def device_label(d: DeviceLabels, known: np.ndarray) -> tuple[str, bool, float]:
     """The device's label from its labels ``known`` so far, as an analyst would read them:
-    the most frequent trusted label (ties: the latest), else the most frequent of all;
-    with its trust and the mean confidence of the labels that named it."""
+    the trusted label with the largest sum of calibrated confidence (ties: the latest), else
+    the same over all labels; with its trust and the mean confidence of the labels that
+    named it. Summing confidence rather than counting labels lets one confident label
+    outweigh two that were near guesses (a device's first flows, before its type shows)."""
     pool = known[d.trusted[known]]
     is_trusted = len(pool) > 0
     pool = pool if is_trusted else known
-    names, counts = np.unique(d.label[pool], return_counts=True)
-    best = set(names[counts == counts.max()].tolist())
+    names = d.label[pool]
+    weight = {str(n): float(d.confidence[pool][names == n].sum()) for n in set(names.tolist())}
+    top = max(weight.values())
+    best = {n for n, w in weight.items() if w >= top - 1e-9}
     latest = next(j for j in pool[::-1] if d.label[j] in best)
     label = str(d.label[latest])
-    conf = float(d.confidence[pool][d.label[pool] == label].mean())
+    conf = float(d.confidence[pool][names == label].mean())
     return label, is_trusted, conf
 
 
@@ -166,11 +174,14 @@ def time_to_label(devices: list[DeviceLabels], times: tuple[float, ...] = TIMES_
     """Per time since each device's first packet: how many devices have a label, the
     per-device accuracy and macro-F1 of their label then (:func:`device_label`; none yet
     counts as wrong),
-    the share trusted, and trusted labels that are wrong at confidence >= ``high``; and the
+    the share trusted, and trusted labels that are wrong at confidence >= ``high``; the share
+    of devices that have begun a TCP or UDP flow by then (the others have sent only ICMP,
+    such as IPv6 router solicitations, or non-IP frames: nothing that tells types apart); and the
     same for the final label (the device's last one), and the median time to a first label."""
     rows = []
     for t in (*times, float("inf")):
         truth, pred, trusted, bad = [], [], 0, 0
+        ported = sum(d.first_port_flow <= d.first_seen + t for d in devices)
         for d in devices:
             known = np.flatnonzero(d.at <= d.first_seen + t)
             truth.append(d.truth)
@@ -189,6 +200,7 @@ def time_to_label(devices: list[DeviceLabels], times: tuple[float, ...] = TIMES_
             "macro_f1": round(_macro_f1(truth, pred), 4),
             "trusted": round(trusted / n, 4),
             "high_confidence_trusted_errors": bad,
+            "with_port_flow": round(ported / n, 4),
         })  # fmt: skip
     first = [float(d.at[0] - d.first_seen) for d in devices if len(d.at)]
     return {"devices": len(devices), "table": rows,
@@ -201,13 +213,14 @@ def format_time_to_label(r: dict, title: str = "labels by time since a device's 
     lines = [f"{title} ({r['devices']} devices; first label median "
              f"{r['first_label_s']['median']} s, max {r['first_label_s']['max']} s):",
              f"  {'after':>7} {'labelled':>9} {'accuracy':>9} {'macro-F1':>9} {'trusted':>8} "
-             f"{'hc errors':>10}"]  # fmt: skip
+             f"{'hc errors':>10} {'TCP/UDP seen':>13}"]  # fmt: skip
     for row in r["table"]:
         s = row["seconds"]
         when = s if isinstance(s, str) else f"{s:g} s"
         lines.append(f"  {when:>7} {row['labelled']:>9.3f} {row['accuracy']:>9.3f} "
                      f"{row['macro_f1']:>9.3f} {row['trusted']:>8.3f} "
-                     f"{row['high_confidence_trusted_errors']:>10}")  # fmt: skip
+                     f"{row['high_confidence_trusted_errors']:>10} "
+                     f"{row.get('with_port_flow', float('nan')):>13.3f}")  # fmt: skip
     return "\n".join(lines)
 
 

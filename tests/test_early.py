@@ -121,3 +121,14 @@ def test_training_cuts_flows_as_early_records_are_cut(sample):
         want.append(e)
     rows = layout.encode_rows(FlowTable.from_records(want, t.packets, t.payload_bytes))
     np.testing.assert_allclose(cut, rows, atol=1e-5)
+
+
+def test_device_label_weighs_labels_by_confidence():
+    from iotcls.early import DeviceLabels, device_label
+
+    d = DeviceLabels("A", 0.0, np.array([0.5, 1.0, 2.0]), np.array(["B", "B", "A"], object),
+                     np.zeros(3, bool), np.array([0.2, 0.25, 0.9]))  # fmt: skip
+    assert device_label(d, np.arange(3))[0] == "A"  # 0.9 outweighs 0.2 + 0.25
+    assert device_label(d, np.arange(2)) == ("B", False, 0.225)
+    d.trusted[:] = [True, True, False]  # trusted labels first, whatever their confidence
+    assert device_label(d, np.arange(3))[:2] == ("B", True)
