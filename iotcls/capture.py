@@ -81,15 +81,29 @@ def add_capture_arguments(parser: argparse.ArgumentParser, many: bool = True) ->
                         help="device MACs to follow in unlabelled captures")  # fmt: skip
     parser.add_argument("--local-nets", metavar="CIDR[,CIDR...]",
                         help="devices are the endpoints inside these networks")  # fmt: skip
-    parser.add_argument("--labels", choices=("type", "dir"), default=None,
+    parser.add_argument("--labels", type=_labels_option, default=None, metavar="type|dir|CSV",
                         help="IoT Sentinel layout: label by devices.csv's type (default when "
-                             "devices.csv exists) or by directory name")  # fmt: skip
+                             "devices.csv exists) or by directory name; flow stores: the "
+                             "device list of iotcls inventory (devices.csv)")  # fmt: skip
     parser.add_argument("--window", type=float, default=None, metavar="SECONDS",
                         help=f"flow window length (default {DEFAULT_WINDOW_S:g})")  # fmt: skip
     parser.add_argument("--packets", type=int, default=None, metavar="N",
                         help=f"first packets kept per flow (default {DEFAULT_PACKETS})")
     parser.add_argument("--payload-bytes", type=int, default=None, metavar="B",
                         help="payload bytes kept per packet (default: what the layout needs)")
+
+
+def _labels_option(value: str) -> str:
+    """``--labels``: ``type`` or ``dir`` (IoT Sentinel layout), or a device list (``.csv``)."""
+    if value in ("type", "dir") or value.lower().endswith(".csv"):
+        return value
+    raise argparse.ArgumentTypeError(f"{value!r}: expected type, dir or a devices.csv file")
+
+
+def sentinel_labels(args: argparse.Namespace) -> str | None:
+    """How IoT Sentinel directories are labelled (``--labels type|dir``), None: the default."""
+    mode = getattr(args, "labels", None)
+    return mode if mode in ("type", "dir") else None
 
 
 def _find_pcaps(d: Path) -> list[Path]:
@@ -207,7 +221,7 @@ def specs_from_args(args: argparse.Namespace) -> list[CaptureSpec]:
             if (p / MAC_FILE).exists() or any(
                 (d / MAC_FILE).exists() for d in p.iterdir() if d.is_dir()
             ):
-                specs += sentinel_specs(p, getattr(args, "labels", None))
+                specs += sentinel_specs(p, sentinel_labels(args))
             else:
                 found = _find_pcaps(p)
                 if not found:

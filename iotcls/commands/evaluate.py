@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..cli import CliError
-from ._data import is_dataset_file, load_data
+from ._data import is_dataset_file, load_data, store_args
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise CliError(str(e)) from None
     out = Path(args.out)
-    if args.time_to_label and not is_dataset_file(args):
+    if args.time_to_label and not is_dataset_file(args) and not store_args(args):  # needs pcaps
         report["time_to_label"] = _time_to_label(args, bundle, ds, split, out)
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     if args.json:

@@ -10,11 +10,12 @@ from dataclasses import fields
 import numpy as np
 
 from ..cli import CliError
-from ._data import is_dataset_file, layout_from_arg, load_data
+from ._data import data_sources, is_dataset_file, layout_from_arg, load_data
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..capture import add_capture_arguments
+    from ..finetune import FinetuneConfig
     from ..train import TrainConfig
 
     add_capture_arguments(p)
@@ -24,7 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="matrix layout: default, paper, no-payload or a YAML file "
                         "(a dataset .npz brings its own)")  # fmt: skip
     p.add_argument("--seed", type=int, default=d.seed, help="split and training seed")
-    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--epochs", type=int, default=None,
+                   help=f"default {d.epochs}; with --from, {FinetuneConfig().epochs}")
     p.add_argument("--patience", type=int, default=d.patience,
                    help="stop after this many epochs without a better validation macro-F1")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
@@ -35,12 +37,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="share of each label's capture files held out for evaluate")
     p.add_argument("--threads", type=int, default=d.threads, help="torch threads (0: all)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--from", dest="from_model", metavar="MODEL",
+                   help="fine-tune this bundle (default-model: the shipped one) instead of "
+                        "training anew: its types stay, new labels are added (docs/learn.md)")
 
 
 def run(args: argparse.Namespace) -> int:
     from ..bundle import BundleError
     from ..train import TrainConfig, train
 
+    if args.from_model:
+        from ._finetune import run_finetune
+
+        return run_finetune(args)
     t0 = time.time()
     progress = not args.quiet and sys.stderr.isatty()
     if is_dataset_file(args) and args.layout:
@@ -60,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
           f"({ds.layout.payload_mode}, {ds.layout.payload_bytes} payload bytes/packet); "
           f"read in {extract_s:.1f}s", file=sys.stderr)  # fmt: skip
     known = {f.name for f in fields(TrainConfig)}
-    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in known})
+    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in known and v is not None})
     meta = {
         "data": {
             "captures": [str(c) for c in (args.captures if isinstance(args.captures, list)
@@ -72,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
         },
         "extract_seconds": round(extract_s, 1),
     }
+    meta["data"].update(data_sources(args))
     bundle = train(ds.matrices, ds.labels, ds.captures, ds.layout, cfg, classes=classes,
                    metadata=meta, progress=progress, log=lambda m: print(m, file=sys.stderr),
                    devices=ds.devices, times=ds.timestamps)  # fmt: skip
