@@ -204,6 +204,7 @@ class _Scorer:
     last_seen: float
     last_sent: float = 0.0
     inflight: dict[int, _Batch] = field(default_factory=dict)
+    retiring: bool = False  # a model reload replaced it: no new batches, stop once idle
 
     @property
     def label(self) -> str:
@@ -442,7 +443,7 @@ class Dispatcher:
     def _flush(self) -> None:
         self._flush_scheduled = False
         while self.pending and self._sock is not None:
-            ready = [s for s in self._scorers.values() if s.credit > 0]
+            ready = [s for s in self._scorers.values() if s.credit > 0 and not s.retiring]
             if not ready:
                 break
             sc = max(ready, key=lambda s: (s.credit, -s.last_sent))
@@ -552,6 +553,7 @@ class Dispatcher:
                 sc.credit += 1
                 log.warning("scorer %s failed a batch of %d: %s", sc.label, len(batch.items), msg.error)
                 self._requeue(batch.items, f"scorer error: {msg.error}")
+                self._stop_if_retired(sc)
         elif isinstance(msg, wire.Bye):
             self._lose(sc, f"left ({msg.reason or 'no reason'})")
         elif isinstance(msg, wire.Heartbeat):
@@ -648,6 +650,7 @@ class Dispatcher:
             self.deliver(outcomes)
         if refused:
             self._requeue(refused, f"scorer {sc.hello.name}: unusable labels")
+        self._stop_if_retired(sc)
         self._schedule_flush()
         self._check_idle()
 
@@ -677,6 +680,33 @@ class Dispatcher:
             trusted=trusted, reason=reason, top_groups=list(r.top_groups[i]),
             model=r.model, send=send, latency_s=now - it.arrived, explained=full,
         )  # fmt: skip
+
+    # -- model reload ---------------------------------------------------------------------
+    def use_model(self, model_id: str, classes: Sequence[str],
+                  consistency: DeviceConsistency | None = None,
+                  identities: DhcpIdentity | None = None) -> None:  # fmt: skip
+        """A reloaded model's name, classes and (given) trust rules 5 and 6: each device's
+        label window starts afresh (its labels were another model's), its DHCP identity is
+        kept. ``classes`` must include those of scorers still running the old model."""
+        self.model_id = model_id
+        self.classes = frozenset(classes)
+        if consistency is not None:
+            self.consistency = consistency.online(self.b.max_devices)
+        if identities is not None:
+            self.identities.rule = identities
+
+    def retire(self, names: set[str]) -> None:
+        """Scorers named *names* get no new batches, and are told to stop once they have
+        answered the ones they hold (a model reload: nothing is re-sent or lost)."""
+        for sc in list(self._scorers.values()):
+            if sc.hello.name in names:
+                sc.retiring = True
+                self._stop_if_retired(sc)
+        self._schedule_flush()
+
+    def _stop_if_retired(self, sc: _Scorer) -> None:
+        if sc.retiring and not sc.inflight:
+            self._send(sc.name, wire.encode(wire.Stop()))
 
     # -- scorer loss ----------------------------------------------------------------------
     def scorer_lost(self, name: str, why: str) -> bool:

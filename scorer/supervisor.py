@@ -51,10 +51,14 @@ class Supervisor:
         backoff_s: float = 1.0,
         on_restart: Callable[[], None] | None = None,
         on_give_up: Callable[[str, str, int | None], None] | None = None,
+        prefix: str = "scorer",
     ):
         """``command(name)`` is the argv of scorer ``name``; ``on_exit(name, why)`` is called
-        when one exits unasked, ``on_give_up(name, why, status)`` when it is not restarted."""
+        when one exits unasked, ``on_give_up(name, why, status)`` when it is not restarted.
+        Scorers are named ``<prefix>-<slot>.<start>``: a model reload starts its scorers
+        under another prefix, since two scorers of one name cannot share the bridge."""
         self.command, self.on_exit, self.backoff_s = command, on_exit, backoff_s
+        self.prefix = prefix
         self.on_restart, self.on_give_up = on_restart, on_give_up
         self.slots = [_Slot(i) for i in range(count)]
         self._stopping = False
@@ -66,6 +70,11 @@ class Supervisor:
     @property
     def pids(self) -> dict[str, int]:
         return {s.name: s.proc.pid for s in self.slots if s.proc and s.proc.returncode is None}
+
+    @property
+    def names(self) -> set[str]:
+        """The names of the scorers it runs now."""
+        return {s.name for s in self.slots if s.name}
 
     @property
     def all_given_up(self) -> bool:
@@ -82,7 +91,7 @@ class Supervisor:
         young = 0
         while not self._stopping:
             slot.generation += 1
-            slot.name = f"scorer-{slot.index}.{slot.generation}"
+            slot.name = f"{self.prefix}-{slot.index}.{slot.generation}"
             argv = self.command(slot.name)
             started = time.monotonic()
             try:

@@ -95,3 +95,16 @@ def test_session_split_keeps_few_sessions_for_training():
     assert len(set(s.val) & {"b1", "b2", "b3", "b4", "b5"}) == 1
     assert len(set(s.val) & {"u1", "u2", "u3", "u4"}) == 1
     assert read_stores([]).table is not None
+
+
+def test_reload_finds_the_serve_bridge_not_its_scorers(tmp_path):
+    from iotcls.commands.reload import serve_processes
+
+    for pid, argv in {100: ["python3", "-m", "iotcls", "serve", "--config", "s.yaml"],
+                      101: ["python3", "-m", "iotcls", "serve", "--scorer-only", "--connect", "x"],
+                      102: ["/opt/iotcls/bin/iotcls", "serve"], 103: ["bash"],
+                      104: ["python3", "-m", "iotcls", "inventory", "serve"]}.items():  # fmt: skip
+        (tmp_path / str(pid)).mkdir()
+        (tmp_path / str(pid) / "cmdline").write_bytes(b"\0".join(a.encode() for a in argv) + b"\0")
+    (tmp_path / "self").mkdir()
+    assert [p for p, _ in serve_processes(tmp_path)] == [100, 102]

@@ -26,6 +26,7 @@ from iotcls.flowtable import FlowTable
 from iotcls.layout import MatrixLayout
 from iotcls.model import IoTCNN, ModelConfig
 from iotcls.predict import Predictor
+from iotcls.store import read_stores
 from iotcls.testing.fake_zeek import FakeZeek
 from iotcls.testing.synth import synthetic_records
 from tiny_model import tiny_bundle
@@ -63,7 +64,7 @@ class Serve:
         }  # fmt: skip
         for key, value in extra.items():
             section, _, name = key.partition("__")
-            sections[section][name] = value
+            sections.setdefault(section, {})[name] = value
         self.cfg.write_text(json.dumps(sections))  # JSON is YAML
         self.out, self.err = tmp / "stdout.txt", tmp / "stderr.txt"
         self.zeek = zeek
@@ -184,6 +185,74 @@ def test_end_to_end_labels_come_back(tmp_path, model_path):
     assert m["iotcls_label_latency_seconds_count"] == 240
     s = serve.summary()
     assert (s["records_in"], s["labelled"], s["shed"], s["pending"]) == ("240", "240", "0", "0")
+
+
+def test_sighup_swaps_the_model_mid_stream_recording_every_record_once(tmp_path, model_path):
+    """A serve that records gets SIGHUP (iotcls reload) mid-stream with a new bundle (a
+    fifth class) in its model file: every record is labelled exactly once, each label by the
+    model it names (the offline path's label of that model), and the store holds every record
+    once with the label it was given. A second reload with a bundle of another matrix layout
+    is refused in one line and the new model keeps serving."""
+    records = synthetic_records(3000, devices=60, seed=12)
+    live = tmp_path / "live.pt"
+    live.write_bytes(Path(model_path).read_bytes())
+    new = tiny_bundle(LAYOUT, [*CLASSES, "kettle"], seed=21).save(tmp_path / "new.pt")
+    store = tmp_path / "store"
+
+    async def main():
+        zeek = await FakeZeek().start()
+        serve = Serve(tmp_path, zeek, str(live), scorers=2, scorers__batch_size=16,
+                      record__enabled=True, record__directory=str(store),
+                      record__segment_records=500).start()  # fmt: skip
+        try:
+            await serve.ready(scorers=2)
+            for k, r in enumerate(records):
+                await zeek.publish_flow(r)
+                if k == 1200:  # as an operator installs a fine-tuned bundle:
+                    (tmp_path / "staged.pt").write_bytes(new.read_bytes())
+                    os.replace(tmp_path / "staged.pt", live)
+                    out = subprocess.run([sys.executable, "-m", "iotcls", "reload", "--pid",
+                                          str(serve.proc.pid)], capture_output=True, text=True)  # fmt: skip
+                    assert out.returncode == 0 and "sent SIGHUP" in out.stdout, out.stderr
+                if k == 1800:
+                    await until(lambda: "reload: serving model" in serve.stdout(), 60, "reload")
+            await until(lambda: len(zeek.labels) >= 3000, 60, "3000 labels")
+            other = MatrixLayout(history=1, packets=4, payload_bytes=4)
+            tiny_bundle(other, CLASSES, seed=1).save(tmp_path / "other.pt")
+            os.replace(tmp_path / "other.pt", live)
+            serve.proc.send_signal(signal.SIGHUP)
+            await until(lambda: "has another matrix layout" in serve.stderr(), 30, "refusal")
+            m = serve.metrics()
+            assert await serve.stop() == 0
+        finally:
+            serve.kill()
+            await zeek.close()
+        return zeek, serve, m
+
+    zeek, serve, m = run(main(), 180)
+    uids = [lb.uid for lb in zeek.labels]
+    assert len(uids) == 3000 and set(uids) == {r.uid for r in records}  # each exactly once
+    old_name = ModelBundle.load(model_path).name.replace("m@", "live@")
+    new_name = ModelBundle.load(new).name.replace("new@", "live@")
+    want = {old_name: expected_labels(records, model_path), new_name: expected_labels(records, new)}
+    models = [lb.fields["model"] for lb in zeek.labels]
+    assert set(models) == {old_name, new_name} and models[-1] == new_name
+    for lb in zeek.labels:  # each label is what the model it names gives that record
+        label, conf, _, _ = want[lb.fields["model"]][lb.uid]
+        assert lb.fields["label"] == label and lb.fields["confidence"] == pytest.approx(conf, rel=1e-5)
+    assert "kettle" in {lb.fields["label"] for lb in zeek.labels if lb.fields["model"] == new_name}
+    err = serve.stderr()
+    assert f"reload: keeping model {new_name}:" in err and "restart serve to change layouts" in err
+    assert re.search(r"scorer scorer-r1-\d\.1 \(pid \d+ .*connected: model " + re.escape(new_name), err)
+    s = serve.summary()
+    assert (s["records_in"], s["labelled"], s["shed"]) == ("3000", "3000", "0")
+    assert m["iotcls_model_reloads_total"] == 1 and m["iotcls_records_stored_total"] >= 2500
+    data = read_stores([store])  # every record once, with the label it was given
+    assert sorted(data.table.uid.tolist()) == sorted(uids)
+    given = {lb.uid: (lb.fields["label"], lb.fields["model"]) for lb in zeek.labels}
+    assert {u: (lab, mod) for u, lab, mod in zip(data.table.uid, data.labels.label,
+                                                 data.labels.model)} == given  # fmt: skip
+    assert set(data.labels.sensor) == {"zeek"} and data.labels.sent.all()
 
 
 def test_killed_scorer_loses_nothing(tmp_path, model_path):

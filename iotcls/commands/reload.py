@@ -34,9 +34,9 @@ def serve_processes(proc: Path = Path("/proc")) -> list[tuple[int, str]]:
         except OSError:
             continue
         args = [a.decode("utf-8", "replace") for a in argv if a]
-        names = [Path(a).name for a in args[:3]]
-        is_iotcls = "iotcls" in names or ("-m" in args[:3] and "iotcls" in args[:4])
-        if is_iotcls and "serve" in args[1:5] and "--scorer-only" not in args:
+        # the program (or python's -m module) is iotcls, and its command serve
+        at = next((i for i, a in enumerate(args[:4]) if Path(a).name == "iotcls"), None)
+        if at is not None and args[at + 1 : at + 2] == ["serve"] and "--scorer-only" not in args:
             out.append((int(d.name), " ".join(args)))
     return sorted(out)
 

@@ -88,7 +88,8 @@ def run(args: argparse.Namespace) -> int:
     from ..bundle import BundleError
 
     try:
-        return asyncio.run(Service(cfg, args.config, args.log_level).run())
+        return asyncio.run(Service(cfg, args.config, args.log_level,
+                                   model_fixed=args.model is not None).run())  # fmt: skip
     except (OSError, BundleError, KeyFileError) as e:
         raise CliError(str(e)) from None
 
