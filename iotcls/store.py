@@ -402,11 +402,35 @@ def sessions(devices: np.ndarray, starts: np.ndarray) -> np.ndarray:
     return out
 
 
-def store_dataset(data: StoreData, layout: Any, labels: dict[str, str]) -> tuple[Any, Labels]:
+MAX_UNLABELLED = 50_000  # records of unlabelled devices a dataset takes from a store
+
+
+def _bounded(data: StoreData, labels: dict[str, str], limit: int, seed: int) -> tuple[FlowTable, Labels]:
+    """Every record of a labelled device, and whole sessions of the unlabelled ones (a
+    seeded sample, about *limit* records): a month of a busy network would not fit in
+    memory as matrices, and distillation needs a sample of it, not all."""
+    t = data.table
+    keys = t.device_keys().astype(str)
+    unl = np.array([not labels.get(k.lower(), "") for k in keys.tolist()], bool)
+    if unl.sum() <= limit:
+        return t, data.labels
+    caps = sessions(keys, t.start)
+    names, inv, sizes = np.unique(caps[unl], return_inverse=True, return_counts=True)
+    order = np.random.default_rng(seed).permutation(len(names))
+    take = order[: int(np.searchsorted(np.cumsum(sizes[order]), limit)) + 1]
+    keep = ~unl
+    keep[np.flatnonzero(unl)[np.isin(inv, take)]] = True
+    idx = np.flatnonzero(keep)
+    return t.take(idx), data.labels.take(idx)
+
+
+def store_dataset(data: StoreData, layout: Any, labels: dict[str, str],
+                  max_unlabelled: int = MAX_UNLABELLED, seed: int = 0) -> tuple[Any, Labels]:  # fmt: skip
     """The :class:`~iotcls.dataset.Dataset` of a store's records (matrices assembled as
     ``iotcls classify`` assembles them: each device's history in start order, across the
     whole store), labelled by ``labels`` (device -> label; "" or absent: unlabelled), and
-    the labels the service gave each row. Sessions are its capture ids."""
+    the labels the service gave each row. Sessions are its capture ids. Unlabelled devices
+    give whole sessions up to about ``max_unlabelled`` records (:func:`_bounded`)."""
     from .dataset import CaptureTable, Dataset
 
     t = data.table
@@ -417,6 +441,7 @@ def store_dataset(data: StoreData, layout: Any, labels: dict[str, str]) -> tuple
                          f"{layout.required_payload_bytes()}")  # fmt: skip
     if not len(t):
         return Dataset.empty(layout), data.labels
+    t, served = _bounded(data, labels, max_unlabelled, seed)
     mats, o = layout.matrices(t)
     dev = t.device_keys()[o].astype(str)
     caps = sessions(dev, t.start[o]).astype(str)
@@ -443,4 +468,4 @@ def store_dataset(data: StoreData, layout: Any, labels: dict[str, str]) -> tuple
     )  # fmt: skip
     if not len(ds.labels):
         ds.labels = np.zeros(0, "U1")
-    return ds, data.labels.take(o)
+    return ds, served.take(o)

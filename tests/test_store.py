@@ -208,3 +208,22 @@ def test_dns_query_names():
     assert dns_query_name(dns_query("a.example.com")) == "a.example.com"
     assert dns_query_name(dns_query("a.example.com")[:20]) is None  # cut short
     assert dns_query_name(b"\x12\x34\x81\x80" + bytes(12)) is None  # a response
+
+
+def test_store_dataset_samples_whole_sessions_of_unlabelled_devices(tmp_path):
+    recs = synthetic_records(400, devices=4, seed=6)
+    for k, r in enumerate(recs):  # device 3's records in 10 sessions an hour apart
+        if r.device_mac.endswith(":03"):
+            r.start = r.last = 1_700_000_000.0 + (k // 40) * 3600.0 + k
+    record(tmp_path, recs)
+    lay = MatrixLayout(history=2, packets=10, payload_bytes=16)
+    ds, served = store_dataset(read_stores([tmp_path]), lay, {"02:00:00:00:00:00": "cam"},
+                               max_unlabelled=150)  # fmt: skip
+    assert (ds.labels == "cam").sum() == 100  # every record of the labelled device
+    other = ds.captures[ds.labels == ""]
+    assert 150 <= len(other) < 250 and len(served) == len(ds)
+    whole = {c: n for c, n in zip(*np.unique(ds.captures, return_counts=True))}
+    full = {c: n for c, n in zip(*np.unique(sessions(np.array([r.device_mac for r in recs], object),
+                                                      np.array([r.start for r in recs])),
+                                            return_counts=True))}  # fmt: skip
+    assert all(whole[c] == full[c] for c in whole)  # sessions are taken whole
