@@ -14,6 +14,13 @@ Three inputs:
       IoTClass::device_nets and once with none: peak RSS of plain Zeek, the plugin and the
       script capture. State exists only for device connections and goes at window end.
 
+With ``--instructions``, each configuration runs once more under valgrind's callgrind and
+the figure is the instructions executed (Ir), exact and unaffected by what else the machine
+runs; the synthetic link is then --instr-packets long (callgrind runs some 50x slower), and
+Zeek's start-up (loading scripts, the same whatever the traffic) is reported apart: a run on
+the first 10 packets of the same input is subtracted, so the ratio is that of the traffic's
+cost.
+
 Runs are paired: each round runs plain Zeek, the plugin and the script capture on the same
 input, one after the other; CPU time is user + system of the Zeek process (os.wait4), the
 figure a shared machine disturbs least. Prints medians over the rounds and their ratios to
@@ -24,6 +31,7 @@ plugin's cost without the package's Cluster::publish of each record.
 
     python benchmarks/bench_zeek.py [--packets 1000000] [--rounds 3] [--cases a,b,c]
                                     [--plugin DIR] [--zeek PATH] [--data DIR] [--conns N]
+                                    [--instructions [--instr-packets 100000]]
 """
 
 from __future__ import annotations
@@ -153,6 +161,56 @@ hook IoTClass::flow_policy(rec: IoTClass::FlowRecord, early: bool)
 """
 
 
+def instructions(zeek: str, pcap: Path, args: list[str], plugin: Path | None, cwd: Path) -> int:
+    """Instructions (callgrind's Ir) of one ``zeek -C -r pcap`` run."""
+    env = {k: v for k, v in os.environ.items() if k != "ZEEK_PLUGIN_PATH"}
+    if plugin:
+        env["ZEEK_PLUGIN_PATH"] = str(plugin)
+    shutil.rmtree(cwd, ignore_errors=True)
+    cwd.mkdir(parents=True)
+    r = subprocess.run(["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", zeek, "-C",
+                        "-r", str(pcap), *args], cwd=cwd, env=env, capture_output=True, text=True)  # fmt: skip
+    m = re.search(r"Collected : (\d+)", r.stderr)
+    if r.returncode != 0 or not m:
+        sys.exit(f"zeek under callgrind failed ({r.returncode}): {r.stderr[-2000:]}")
+    return int(m.group(1))
+
+
+def head_pcap(pcap: Path, out: Path, n: int = 10) -> Path:
+    """The first *n* frames of a little-endian pcap."""
+    b = pcap.read_bytes()
+    off = 24
+    for _ in range(n):
+        off += 16 + struct.unpack_from("<I", b, off + 8)[0]
+    out.write_bytes(b[:off])
+    return out
+
+
+def bench_instructions(name: str, zeek: str, pcap: Path, select: list[str], plugin: Path,
+                       work: Path) -> None:  # fmt: skip
+    """Callgrind's instruction counts of each configuration, start-up subtracted."""
+    keep_back = work / "keep-back.zeek"
+    keep_back.parent.mkdir(parents=True, exist_ok=True)
+    keep_back.write_text(KEEP_BACK)
+    head = head_pcap(pcap, work / f"head-{pcap.name}")
+    configs = {
+        "plain": ([], None),
+        "plugin": ([str(PKG), *NO_BRIDGE, *select], plugin),
+        "script": ([str(PKG), *NO_BRIDGE, *select], None),
+        "plugin, nothing published": ([str(PKG), *NO_BRIDGE, *select, str(keep_back)], plugin),
+    }
+    traffic = {}
+    print(f"  {'':27}{'instructions':>15}{'start-up':>15}{'traffic':>15}{'vs plain':>10}")
+    for k, (args, plug) in configs.items():
+        total = instructions(zeek, pcap, args, plug, work / k)
+        start = instructions(zeek, head, args, plug, work / k)
+        traffic[k] = total - start
+        print(f"  {k:27}{total:>15,}{start:>15,}{traffic[k]:>15,}{traffic[k] / traffic['plain']:>9.3f}x")
+    ratio = traffic["plugin"] / traffic["plain"]
+    print(f"  plugin/plain, instructions for the traffic: {ratio:.3f}x (target <= {TARGETS[name]:.2f}x: "
+          f"{'met' if ratio <= TARGETS[name] else 'NOT met'})")
+
+
 def bench(name: str, zeek: str, pcap: Path, select: list[str], plugin: Path, rounds: int,
           work: Path) -> None:  # fmt: skip
     keep_back = work / "keep-back.zeek"
@@ -220,6 +278,10 @@ def main() -> int:
     ap.add_argument("--plugin", help="a built plugin directory (default: build one)")
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "iot-sentinel"))
     ap.add_argument("--conns", type=int, default=1_000_000, help="open connections (m)")
+    ap.add_argument("--instructions", action="store_true",
+                    help="also count instructions under callgrind (exact; slow)")
+    ap.add_argument("--instr-packets", type=int, default=100_000,
+                    help="synthetic packets for --instructions (a, b)")
     args = ap.parse_args()
     if not args.zeek:
         sys.exit("no zeek: set ZEEK_HOME or PATH, or pass --zeek")
@@ -241,14 +303,20 @@ def main() -> int:
             n = synthetic_pcap(syn, args.packets, devices=args.devices, keys=args.flows)
             print(f"synthetic: {n:,} packets, {syn.stat().st_size / 2**20:,.0f} MiB, "
                   f"{args.devices} devices (10.0.0.0/16), {args.flows:,} flows")  # fmt: skip
-            if "a" in cases:
-                print("(a) every device in IoTClass::device_nets")
-                bench("a", args.zeek, syn, ["IoTClass::device_nets={10.0.0.0/16}"], plugin,
-                      args.rounds, work / "runs")  # fmt: skip
-            if "b" in cases:
-                print("(b) IoTClass::device_nets matching nothing")
-                bench("b", args.zeek, syn, ["IoTClass::device_nets={192.0.2.0/24}"], plugin,
-                      args.rounds, work / "runs")  # fmt: skip
+            small = work / "synthetic-small.pcap"
+            if args.instructions:
+                synthetic_pcap(small, args.instr_packets, devices=args.devices,
+                               keys=max(1, args.flows * args.instr_packets // args.packets))  # fmt: skip
+            for case, nets, title in (("a", "10.0.0.0/16", "every device in IoTClass::device_nets"),
+                                      ("b", "192.0.2.0/24", "IoTClass::device_nets matching nothing")):  # fmt: skip
+                if case not in cases:
+                    continue
+                select = [f"IoTClass::device_nets={{{nets}}}"]
+                print(f"({case}) {title}")
+                bench(case, args.zeek, syn, select, plugin, args.rounds, work / "runs")
+                if args.instructions:
+                    print(f"  callgrind, {args.instr_packets:,} packets of the same link:")
+                    bench_instructions(case, args.zeek, small, select, plugin, work / "instr")
         if "c" in cases:
             data = Path(args.data)
             if not data.is_dir():
@@ -260,6 +328,9 @@ def main() -> int:
                       f"the other, {n:,} frames, {len(macs)} device MACs")  # fmt: skip
                 sel = "IoTClass::device_macs={" + ",".join(f'"{m}"' for m in macs) + "}"
                 bench("c", args.zeek, cat, [sel], plugin, args.rounds, work / "runs")
+                if args.instructions:
+                    print("  callgrind, the same capture:")
+                    bench_instructions("c", args.zeek, cat, [sel], plugin, work / "instr")
         if "m" in cases:
             churn = work / "open-connections.pcap"
             churn_pcap(churn, args.conns)
