@@ -227,3 +227,13 @@ def test_store_dataset_samples_whole_sessions_of_unlabelled_devices(tmp_path):
                                                       np.array([r.start for r in recs])),
                                             return_counts=True))}  # fmt: skip
     assert all(whole[c] == full[c] for c in whole)  # sessions are taken whole
+
+
+def test_an_unwritable_store_directory_is_one_line_at_start(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(OSError, match=r"^record.directory .*file/store: cannot write there: "):
+        Recorder.from_config(_Cfg(tmp_path / "file" / "store", 100, 1), 60.0)
+    (tmp_path / "ok" / ".seg-x.npz.tmp").parent.mkdir()
+    (tmp_path / "ok" / ".seg-x.npz.tmp").write_bytes(b"half a segment")  # a crash left it
+    Recorder.from_config(_Cfg(tmp_path / "ok", 100, 1), 60.0)
+    assert list((tmp_path / "ok").iterdir()) == []
