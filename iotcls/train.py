@@ -33,7 +33,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     history_dropout: float = 0.3  # share of training matrices whose history is cut short
     early_share: float = 0.3  # share whose current flow is cut to its first packets (early)
-    dhcp_dropout: float = 0.0  # share whose history loses its DHCP rows (device seen late)
+    dhcp_dropout: float = 0.5  # share whose history loses its DHCP rows (device seen late)
     flow_loss: float = 0.5  # weight of a second loss on the current flow alone (row 0)
     class_weight_power: float = 0.5  # loss weight of a class ~ count ** -power
     max_per_capture: int = 0  # cap on matrices per capture file (0: all)
@@ -122,8 +122,8 @@ def drop_dhcp_rows(x: torch.Tensor, dhcp: torch.Tensor, share: float,
     place and the freed rows left empty. A device that joined before the sensor started
     shows no DHCP exchange; trained on such histories too, the model does not hinge on it.
     The current flow (row 0) is kept as it is."""
-    if share <= 0 or x.shape[1] < 2:
-        return x
+    if share <= 0 or x.shape[1] < 2 or not bool(dhcp[:, 1:].any()):
+        return x  # (no random draw: data without DHCP trains as before)
     b, r = dhcp.shape
     cut = (torch.rand(b, generator=gen) < share) & dhcp[:, 1:].any(dim=1)
     if not bool(cut.any()):
@@ -162,6 +162,27 @@ def ambiguous_identities(bundle: ModelBundle, x_va: np.ndarray, y_names: np.ndar
     pred = p.predict(x_va, ids).label
     return fit_ambiguous(bundle.trust["dhcp_identities"], ids, pred, y_names,
                          TrustConfig().dhcp_min_accuracy)  # fmt: skip
+
+
+def needed_identities(bundle: ModelBundle, x_va: np.ndarray, y_names: np.ndarray,
+                       captures: np.ndarray, devices: np.ndarray, times: np.ndarray) -> list[str]:
+    """Rule 7's classes (:func:`iotcls.trust.dhcp_identity.fit_needed`): the bundle's gate on
+    the validation split with its DHCP records removed, as a sensor that started after the
+    devices joined sees them."""
+    from .predict import Predictor
+    from .trust.decision import TrustConfig
+    from .trust.dhcp_identity import fit_needed
+    from .trust.shift import remove_dhcp
+
+    sessions = device_sessions(captures, devices)
+    keep, mats = remove_dhcp(x_va, sessions, times, bundle.layout)
+    p = Predictor(bundle)
+    pred = p.predict(mats)
+    p.check_devices(pred, sessions[keep], np.asarray(times)[keep])
+    names = np.asarray(bundle.classes, object)[pred.index]
+    return fit_needed(bundle.trust["dhcp_identities"], bundle.trust.get("dhcp_ambiguous", []),
+                      names, np.asarray(y_names, object)[keep], pred.trusted, pred.confidence,
+                      TrustConfig().dhcp_needed_max_error)  # fmt: skip
 
 
 def cap_per_capture(captures: np.ndarray, limit: int, rng: np.random.Generator) -> np.ndarray:
@@ -395,4 +416,7 @@ def train(
         amb = ambiguous_identities(bundle, data.x_va, data.labels[va], np.asarray(captures)[va],
                                    np.asarray(devices)[va], np.asarray(times)[va])  # fmt: skip
         bundle.trust["dhcp_ambiguous"] = meta["trust"]["dhcp_ambiguous"] = amb
+        need = needed_identities(bundle, data.x_va, data.labels[va], np.asarray(captures)[va],
+                                 np.asarray(devices)[va], np.asarray(times)[va])  # fmt: skip
+        bundle.trust["dhcp_needed"] = meta["trust"]["dhcp_needed"] = need
     return bundle

@@ -57,6 +57,7 @@ import numpy as np
 import torch
 
 from .dhcp_identity import DHCP_AMBIGUOUS, DHCP_MISMATCH, DhcpIdentity  # rule 6
+from .features import FeatureDistance  # the open-set signal
 
 UNKNOWN = "unknown"
 TRUST_VERSION = 1
@@ -86,6 +87,8 @@ class TrustConfig:
     device_share: float = 0.5  # a previous class this dominant makes a different label suspect
     device_min_prior: int = 2  # fewer previous labels: no consistency check
     dhcp_min_accuracy: float = 0.9  # a shared DHCP identity below this on validation: ambiguous
+    dhcp_needed_max_error: float = 0.05  # rule 7: trusted-error share without DHCP, per class
+    feature_quantile: float = 0.0  # open-set signal (trust.features): 0 off; else the quantile
 
 
 _FLOATS = ("conf_threshold", "quantile", "min_precision", "prior_strength", "prior_precision")
@@ -120,6 +123,9 @@ class TrustState:
     # rule 6 (trust.dhcp_identity): DHCP identity -> classes seen with it; empty: rule off
     dhcp_identities: dict[str, list[str]] = field(default_factory=dict)
     dhcp_ambiguous: list[str] = field(default_factory=list)  # identities rule 6 refuses
+    dhcp_needed: list[str] = field(default_factory=list)  # classes rule 7 holds back
+    # the open-set signal (trust.features): None where the state predates it
+    features: "FeatureDistance | None" = None
 
     def to_dict(self) -> dict:
         d = {"version": self.version, "groups": list(self.groups), "history": self.history,
@@ -136,6 +142,9 @@ class TrustState:
         d["dhcp_identities"] = {str(k): [str(c) for c in v]
                                 for k, v in self.dhcp_identities.items()}  # fmt: skip
         d["dhcp_ambiguous"] = [str(k) for k in self.dhcp_ambiguous]
+        d["dhcp_needed"] = [str(k) for k in self.dhcp_needed]
+        if self.features is not None:
+            d.update(self.features.to_dict())
         return d
 
     @classmethod
@@ -160,6 +169,8 @@ class TrustState:
                 dhcp_identities={str(k): [str(c) for c in v]
                                  for k, v in dict(d.get("dhcp_identities", {})).items()},
                 dhcp_ambiguous=[str(k) for k in d.get("dhcp_ambiguous", [])],
+                dhcp_needed=[str(k) for k in d.get("dhcp_needed", [])],
+                features=FeatureDistance.from_dict(d),
             )  # fmt: skip
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise TrustError(f"trust state: malformed ({type(e).__name__}: {e})") from None
@@ -344,7 +355,7 @@ def decide(
     shape = (n, len(state.groups), len(state.classes))
     if values.shape != shape:
         raise TrustError(f"trust: values must be {shape}, got {values.shape}")
-    values = values.reshape(n, -1)
+    values = values.reshape(n, shape[1] * shape[2])  # n may be 0: an empty batch
     pred = log_probs.argmax(1) if pred is None else np.asarray(pred)
     conf = np.exp(log_probs[np.arange(n), pred])
     prof = torch.from_numpy(values / state.scale.double().numpy()).float()

@@ -21,7 +21,14 @@ of the device:
   between siblings.
 
 Identities shared by several classes (same firmware, MAC-derived host names that the view
-blanks) allow any of them, and a device not seen in DHCP yet is neither refined nor checked.
+blanks) allow any of them. A device not seen in DHCP yet (it joined before the sensor
+started, or has not renewed its lease since) is not refined, and:
+
+* **rule 7**, ``dhcp_identity_needed``: its labels of a class that needs the identity are
+  untrusted until the identity is known (:func:`fit_needed`): classes of an ambiguous
+  identity (whatever the device turns out to be, such a label would be refused or narrowed
+  down to the siblings), and classes whose labels, on the validation captures with their
+  DHCP records removed, the gate trusted wrongly at high confidence more than once.
 """
 
 from __future__ import annotations
@@ -34,8 +41,9 @@ import numpy as np
 
 DHCP_MISMATCH = "dhcp_identity_mismatch"  # rule 6: the identity was never seen with the class
 DHCP_AMBIGUOUS = "dhcp_identity_ambiguous"  # rule 6: an identity its classes are mixed up under
+DHCP_NEEDED = "dhcp_identity_needed"  # rule 7: a class trusted only once the identity is known
 
-__all__ = ["DHCP_AMBIGUOUS", "DHCP_MISMATCH", "DhcpIdentity", "DhcpIdentityTracker", "fit_ambiguous",
+__all__ = ["DHCP_AMBIGUOUS", "DHCP_MISMATCH", "DHCP_NEEDED", "fit_needed", "DhcpIdentity", "DhcpIdentityTracker", "fit_ambiguous",
            "fit_identities", "latest"]
 
 
@@ -67,6 +75,25 @@ def fit_ambiguous(seen: dict[str, list[str]], identities: Sequence[str | None],
     return sorted(out)
 
 
+def fit_needed(seen: dict[str, list[str]], ambiguous: Sequence[str], pred: Sequence[str],
+               truth: Sequence[str], trusted: np.ndarray, confidence: np.ndarray,
+               max_error: float, high: float = 0.9, min_errors: int = 2) -> list[str]:  # fmt: skip
+    """Rule 7's classes: those of an ambiguous identity, and those whose trusted labels on
+    held-out captures without DHCP (``pred``, ``truth``, ``trusted``, ``confidence``: the
+    gate's decisions there, rules 1-5) were wrong at confidence >= ``high`` more than
+    ``max_error`` of the time (and at least ``min_errors`` times)."""
+    out = {c for ident in ambiguous for c in seen.get(ident, ())}
+    pred, truth = np.asarray(pred, object), np.asarray(truth, object)
+    tr = np.asarray(trusted, bool)
+    sure = np.asarray(confidence, float) >= high
+    for c in sorted(set(pred[tr].tolist())):
+        mine = tr & (pred == c)
+        wrong = int((mine & sure & (truth != c)).sum())
+        if wrong >= min_errors and wrong > max_error * int(mine.sum()):
+            out.add(str(c))
+    return sorted(out)
+
+
 @dataclass(frozen=True)
 class DhcpIdentity:
     """The identity map of a model: which labels an identity allows (the refinement) and
@@ -76,12 +103,14 @@ class DhcpIdentity:
 
     seen: dict[str, frozenset[str]] = field(default_factory=dict)
     ambiguous: frozenset[str] = frozenset()  # shared identities the model mixes up
+    needed: frozenset[str] = frozenset()  # classes trusted only once the identity is known
 
     @classmethod
     def of(cls, state) -> "DhcpIdentity":
         ids = getattr(state, "dhcp_identities", None) or {}
         return cls({k: frozenset(v) for k, v in ids.items()},
-                   frozenset(getattr(state, "dhcp_ambiguous", None) or ()))  # fmt: skip
+                   frozenset(getattr(state, "dhcp_ambiguous", None) or ()),
+                   frozenset(getattr(state, "dhcp_needed", None) or ()))  # fmt: skip
 
     def accepts(self, identity: str | None, label: str) -> bool:
         """Rule 6: the label's class was seen with the identity (or there is none)."""
@@ -92,7 +121,9 @@ class DhcpIdentity:
         seen with the identity; or the identity is one the model mixes its classes up on)."""
         if not self.accepts(identity, label):
             return DHCP_MISMATCH
-        return DHCP_AMBIGUOUS if identity is not None and identity in self.ambiguous else "-"
+        if identity is None:
+            return DHCP_NEEDED if label in self.needed else "-"
+        return DHCP_AMBIGUOUS if identity in self.ambiguous else "-"
 
     def allowed(self, identities: Sequence[str | None], classes: Sequence[str]) -> np.ndarray | None:
         """Per label, the classes its device's identity was seen with (all where the identity

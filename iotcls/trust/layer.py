@@ -16,6 +16,7 @@ import torch
 
 from ..layout import MatrixLayout
 from .decision import TrustConfig, TrustDecision, TrustError, TrustState, decide, fit_trust
+from .features import ATYPICAL_FEATURES, fit_features, penultimate
 from .shapley import Explanation, GroupShapley
 
 
@@ -49,6 +50,7 @@ class TrustLayer:
 
                 raise TrustError("trust state: fitted for other classes than the model's")
         self.layout, self.classes, self.state, self.top_k = layout, list(classes), state, top_k
+        self.model = model
         self.explainer = GroupShapley.for_layout(
             model, layout, history=history, temperature=temperature, chunk=chunk
         )
@@ -90,6 +92,14 @@ class TrustLayer:
         if allowed is not None:
             e = e.restricted(allowed)
         d = decide(self.state, e.log_probs, e.all_values, e.target, e.top_groups(self.top_k))
+        fd = self.state.features
+        if fd is not None and d.trusted.any():  # the open-set signal, on trusted labels only
+            idx = np.flatnonzero(d.trusted)
+            x = self.full_rows(np.asarray(matrices)[idx])
+            far = idx[fd.atypical(penultimate(self.model, x), d.pred[idx])]
+            d.trusted[far] = False
+            for i in far.tolist():
+                d.reason[i] = ATYPICAL_FEATURES
         return Assessed(e, d)
 
 
@@ -137,6 +147,9 @@ def fit_state(
             y = np.concatenate([y, fy[pick]])
     state = fit_trust(values, pred, y, layer.groups, classes, history=history, config=cfg,
                       fitted_on=fitted_on)  # fmt: skip
+    if cfg.feature_quantile > 0 and fallback is not None and len(fallback[0]):
+        state.features = fit_features(model, np.asarray(fallback[0]), fallback[1], matrices,
+                                      labels, len(classes), cfg.feature_quantile)  # fmt: skip
     per = state.refs_per_class()
     facts = {
         "fitted_on": fitted_on,

@@ -28,16 +28,26 @@ def dhcp_rows(x: np.ndarray) -> np.ndarray:
     return udp & hit & present
 
 
+def remove_dhcp(matrices: np.ndarray, devices: np.ndarray, starts: np.ndarray, layout
+                ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """The records that are not DHCP flows (indices into ``matrices``) and their matrices
+    as the sensor assembles them without the DHCP records: each history rebuilt from the
+    device's (``devices``: one id per device session) other records by start."""
+    keep = np.flatnonzero(~dhcp_rows(np.asarray(matrices)[:, 0]))
+    if not len(keep):
+        return keep, np.asarray(matrices)[keep]
+    mats, order = layout.assemble(matrices[keep, 0], np.asarray(starts)[keep],
+                                  np.asarray(devices)[keep])  # fmt: skip
+    back = np.empty_like(order)
+    back[order] = np.arange(len(order))
+    return keep, mats[back]
+
+
 def without_dhcp(ds):
     """The dataset ``ds`` (:class:`iotcls.dataset.Dataset`) with every DHCP record removed
     and the remaining matrices' histories rebuilt from the device's other records."""
-    keep = np.flatnonzero(~dhcp_rows(ds.matrices[:, 0]))
+    keys = np.char.add(np.char.add(ds.captures.astype(str), "|"), ds.devices.astype(str))
+    keep, mats = remove_dhcp(ds.matrices, keys, ds.timestamps, ds.layout)
     out = ds.take(keep)
-    if not len(keep):
-        return out
-    keys = np.char.add(np.char.add(out.captures.astype(str), "|"), out.devices.astype(str))
-    mats, order = out.layout.assemble(out.matrices[:, 0], out.timestamps, keys)
-    back = np.empty_like(order)
-    back[order] = np.arange(len(order))
-    out.matrices = mats[back]
+    out.matrices = mats
     return out
