@@ -13,11 +13,12 @@ rows are: "weight imprinting"), and learns for a few epochs at a low rate from
   as the bundle knew them on the traffic this site actually has, without the original
   captures, and teaches the new classes what they are not.
 
-Then calibration and the trust state are fitted again (the classes changed, so every
-explanation profile did): on validation sessions, where records of unlabelled devices count
-with the label the service gave them when it was trusted (the bundle trusted it; the new model
-is judged on agreeing with it), and with training records for classes that lack validation
-references. A known class the data never shows has no references and its labels come out
+Then calibration (on validation sessions) and the trust state are fitted again (the classes
+changed, so every explanation profile did). Trust references are the validation records and
+the records of unlabelled devices whose label the service trusted, counted with that label
+(the bundle trusted it; the new model is judged on agreeing with it; it never learnt those
+labels, only the bundle's probabilities), and the labelled training records for classes that
+lack references otherwise. A known class the data never shows has no references and its labels come out
 untrusted (``unverified_class``): mix the original capture set in to keep it trusted. The DHCP
 identity map (rule 6) keeps the bundle's identities and adds those of the labelled devices.
 
@@ -242,9 +243,32 @@ def finetune(base: ModelBundle, ds: Dataset, served: np.ndarray, cfg: FinetuneCo
     bundle = ModelBundle(model=model, layout=base.layout, classes=classes,
                          temperature=temperature, metadata=meta)  # fmt: skip
     if cfg.trust and base.trust is not None:
-        _refit_trust(bundle, base, ds, yv, tr, vj, meta, log)
+        _refit_trust(bundle, base, ds, y, yv, tr, vj, meta, log)
+        _extend_identities(bundle, base, ds, y)
     meta["train_seconds"] = round(time.time() - t0, 1)
     return bundle
+
+
+def _extend_identities(bundle: ModelBundle, base: ModelBundle, ds: Dataset, y: np.ndarray) -> None:
+    """Rule 6's map: the bundle's identities, and those the labelled records show (only
+    labels someone gave: an identity learnt from the model's own trusted labels would let
+    an unknown device that fooled it once pass rule 6 for ever); then the shared identities
+    the bundle refused, and those the grown model mixes up on the labelled records."""
+    assert bundle.trust is not None
+    rows = np.flatnonzero(y >= 0)
+    names = np.array(bundle.classes, object)[y[rows]]
+    ids = {k: list(v) for k, v in base.trust.get("dhcp_identities", {}).items()}
+    for ident, cls in fit_identities(bundle.layout.dhcp_identities(ds.matrices[rows, 0]),
+                                     names).items():  # fmt: skip
+        ids[ident] = sorted(set(ids.get(ident, [])) | set(cls))
+    bundle.trust["dhcp_identities"] = ids
+    amb = set(base.trust.get("dhcp_ambiguous", []))
+    if len(rows):
+        amb |= set(ambiguous_identities(bundle, ds.matrices[rows], names, ds.captures[rows],
+                                        ds.devices[rows], ds.timestamps[rows]))  # fmt: skip
+    amb = sorted(amb)
+    bundle.trust["dhcp_ambiguous"] = amb
+    bundle.metadata["trust"].update(dhcp_identities=len(ids), dhcp_ambiguous=amb)
 
 
 def _joined_split(base: ModelBundle, split: Split) -> dict:
@@ -254,24 +278,21 @@ def _joined_split(base: ModelBundle, split: Split) -> dict:
     return {k: sorted(set(old.get(k, [])) | set(getattr(split, k))) for k in ("train", "val", "test")}
 
 
-def _refit_trust(bundle: ModelBundle, base: ModelBundle, ds: Dataset, yv: np.ndarray,
-                 tr: np.ndarray, vj: np.ndarray, meta: dict, log: Callable[[str], None]) -> None:  # fmt: skip
-    """The trust state for the grown model (see the module docstring)."""
-    tj = tr[yv[tr] >= 0]
+def _refit_trust(bundle: ModelBundle, base: ModelBundle, ds: Dataset, y: np.ndarray,
+                 yv: np.ndarray, tr: np.ndarray, vj: np.ndarray, meta: dict,
+                 log: Callable[[str], None]) -> None:  # fmt: skip
+    """The trust state for the grown model (see the module docstring). References: the
+    validation rows, and the training rows the service trusted (the model never learnt
+    their labels, only the bundle's probabilities on them); the training rows someone
+    labelled, which it did learn, only for classes with too few references otherwise."""
+    pseudo = tr[(y[tr] < 0) & (yv[tr] >= 0)]
+    refs = np.concatenate([vj, pseudo])
+    tj = tr[y[tr] >= 0]
     state, facts = fit_state(bundle.model, bundle.layout, bundle.temperature, bundle.classes,
-                             ds.matrices[vj], yv[vj], fitted_on="fine-tuning validation sessions",
+                             ds.matrices[refs], yv[refs], fitted_on="fine-tuning sessions",
                              fallback=(ds.matrices[tj], yv[tj]))  # fmt: skip
-    known = np.concatenate([tj, vj])
-    names = np.array(bundle.classes, object)[yv[known]]
-    ids = dict(base.trust.get("dhcp_identities", {}))
-    for ident, cls in fit_identities(bundle.layout.dhcp_identities(ds.matrices[known, 0]), names).items():
-        ids[ident] = sorted(set(ids.get(ident, [])) | set(cls))
-    state.dhcp_identities = ids
-    facts["dhcp_identities"] = len(ids)
+    state.dhcp_identities = dict(base.trust.get("dhcp_identities", {}))
     bundle.trust = state.to_dict()
-    amb = ambiguous_identities(bundle, ds.matrices[vj], names[len(tj):], ds.captures[vj],
-                               ds.devices[vj], ds.timestamps[vj]) if len(vj) else []  # fmt: skip
-    bundle.trust["dhcp_ambiguous"] = facts["dhcp_ambiguous"] = amb
     meta["trust"] = facts
     missing = facts["classes_without_profile"]
     log(f"trust state: {facts['references']} references from {facts['labels']} validation "
