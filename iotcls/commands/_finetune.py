@@ -6,10 +6,8 @@ import argparse
 import sys
 import time
 
-import numpy as np
-
 from ..cli import CliError
-from ._data import data_sources, is_dataset_file, load_learning_data
+from ._data import data_sources, load_learning_data
 
 DEFAULT_MODEL = "default-model"  # --from: the bundle shipped with iotcls
 
@@ -27,8 +25,6 @@ def run_finetune(args: argparse.Namespace) -> int:
     except BundleError as e:
         raise CliError(str(e)) from None
     ds, served = load_learning_data(args, base.layout, exact_layout=True, progress=progress)
-    if is_dataset_file(args):
-        served = np.full(len(ds), "", object)
     labelled = ds.labels != ""
     if not labelled.any():
         raise CliError("no labelled records: fill in the label column of the device list "
