@@ -18,19 +18,21 @@ Running the inventory again updates what was observed and keeps what the operato
 from __future__ import annotations
 
 import csv
+import math
 import os
 import time
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .dhcp import client_options, identity_of, is_dhcp
-from .flowtable import bytes_to_ip
+from .flowtable import FlowTable, bytes_to_ip
 from .schema import DIR_TO_REMOTE, PROTO_UDP
-from .store import StoreData
+from .store import Labels
 
 KEY = "device"
 OPERATOR = ("label",)  # written by the operator, never by iotcls
@@ -83,68 +85,84 @@ def mac_vendor(mac: str) -> str:
 
 
 @dataclass
-class _Device:
-    """What one device's records say, in the CSV's words."""
+class _Seen:
+    """What the records read so far say of one device (segments are read one at a time)."""
 
-    rows: np.ndarray  # its records, by start
+    mac: str = ""
+    addresses: set = field(default_factory=set)
+    first: float = math.inf
+    last: float = -math.inf
+    records: int = 0
+    labels: int = 0
+    trusted: int = 0
+    latest: tuple = (-math.inf,)  # (start, label, trusted, confidence, model) of the last label
+    dhcp: tuple = (-math.inf, {})  # (start, columns) of the last DHCP client message
+    names: Counter = field(default_factory=Counter)
 
-    def observed(self, data: StoreData) -> dict[str, str]:
-        t, lab, r = data.table, data.labels, self.rows
-        mac = str(t.device_mac[r[0]])
-        addrs = sorted({bytes_to_ip(b) for b in {x.tobytes() for x in t.device_ip[r]}})
-        out = {"mac": mac, "mac_vendor": mac_vendor(mac), "addresses": " ".join(addrs),
-               "first_seen": _when(float(t.start[r].min())),
-               "last_seen": _when(float(t.last[r].max())), "records": str(len(r))}  # fmt: skip
+    def add(self, t: FlowTable, lab: Labels, r: np.ndarray) -> None:
+        """Records *r* (by start) of this device, from one segment."""
+        self.mac = self.mac or str(t.device_mac[r[0]])
+        self.addresses |= {bytes_to_ip(b) for b in {x.tobytes() for x in t.device_ip[r]}}
+        self.first, self.last = min(self.first, float(t.start[r].min())), max(self.last, float(t.last[r].max()))
+        self.records += len(r)
         given = r[lab.label[r] != ""]
-        if len(given):
-            last = given[-1]
-            out.update(current_label=str(lab.label[last]), trusted="T" if lab.trusted[last] else "F",
-                       trusted_share=f"{lab.trusted[given].mean():.2f}",
-                       confidence=f"{lab.confidence[last]:.3f}", model=str(lab.model[last]))  # fmt: skip
-        out.update(self._dhcp(data))
-        names = Counter(self._dns(data))
-        out["dns_names"] = " ".join(n for n, _ in names.most_common(MAX_NAMES))
+        self.labels += len(given)
+        self.trusted += int(lab.trusted[given].sum())
+        if len(given) and float(t.start[given[-1]]) >= self.latest[0]:
+            i = given[-1]
+            self.latest = (float(t.start[i]), str(lab.label[i]), bool(lab.trusted[i]),
+                           float(lab.confidence[i]), str(lab.model[i]))  # fmt: skip
+        self._dhcp(t, r)
+        dns = r[(t.proto[r] == PROTO_UDP) & (t.remote_port[r] == 53)]
+        self.names.update(n for n in map(dns_query_name, _sent(t, dns)) if n)
+
+    def _dhcp(self, t: FlowTable, r: np.ndarray) -> None:
+        """The device's latest DHCP client message: host name, vendor class, identity."""
+        for i in r[is_dhcp(t.proto[r], t.device_port[r], t.remote_port[r])].tolist():
+            for view in _sent(t, np.array([i])):
+                opts = client_options(view)
+                if opts and float(t.start[i]) >= self.dhcp[0]:
+                    self.dhcp = (float(t.start[i]), {
+                        "dhcp_identity": identity_of(view) or "",
+                        "dhcp_host": opts.get(12, b"").decode("ascii", "backslashreplace"),
+                        "dhcp_vendor": opts.get(60, b"").decode("ascii", "backslashreplace")})  # fmt: skip
+
+    def columns(self) -> dict[str, str]:
+        out = {"mac": self.mac, "mac_vendor": mac_vendor(self.mac),
+               "addresses": " ".join(sorted(self.addresses)), "first_seen": _when(self.first),
+               "last_seen": _when(self.last), "records": str(self.records),
+               "dns_names": " ".join(n for n, _ in self.names.most_common(MAX_NAMES)),
+               **self.dhcp[1]}  # fmt: skip
+        if self.labels:
+            _, label, trusted, conf, model = self.latest
+            out.update(current_label=label, trusted="T" if trusted else "F",
+                       trusted_share=f"{self.trusted / self.labels:.2f}",
+                       confidence=f"{conf:.3f}", model=model)  # fmt: skip
         return out
 
-    def _sent_payloads(self, data: StoreData, rows: np.ndarray):
-        t = data.table
-        for i in rows.tolist():
-            for j in range(int(t.n_pkts[i])):
-                if t.directions[i, j] == DIR_TO_REMOTE:
-                    yield t.payload[i, j, : t.payload_len[i, j]].tobytes()
 
-    def _dhcp(self, data: StoreData) -> dict[str, str]:
-        """The device's latest DHCP client message: host name, vendor class, identity."""
-        t, r = data.table, self.rows
-        dhcp = r[is_dhcp(t.proto[r], t.device_port[r], t.remote_port[r])]
-        found: dict[str, str] = {}
-        for view in self._sent_payloads(data, dhcp):
-            opts = client_options(view)
-            if not opts:
-                continue
-            ident = identity_of(view)
-            found = {"dhcp_identity": ident or "",
-                     "dhcp_host": opts.get(12, b"").decode("ascii", "backslashreplace"),
-                     "dhcp_vendor": opts.get(60, b"").decode("ascii", "backslashreplace")}  # fmt: skip
-        return found
-
-    def _dns(self, data: StoreData) -> list[str]:
-        t, r = data.table, self.rows
-        dns = r[(t.proto[r] == PROTO_UDP) & (t.remote_port[r] == 53)]
-        return [n for n in map(dns_query_name, self._sent_payloads(data, dns)) if n]
+def _sent(t: FlowTable, rows: np.ndarray):
+    """The payloads of the packets the device sent, in records *rows*."""
+    for i in rows.tolist():
+        for j in range(int(t.n_pkts[i])):
+            if t.directions[i, j] == DIR_TO_REMOTE:
+                yield t.payload[i, j, : t.payload_len[i, j]].tobytes()
 
 
-def observe(data: StoreData) -> dict[str, dict[str, str]]:
-    """Per device (its MAC, else its address), the observed columns."""
-    t = data.table
-    if not len(t):
-        return {}
-    keys = t.device_keys().astype(str)
-    order = np.lexsort((t.start, keys))
-    names, first = np.unique(keys[order], return_index=True)
-    bounds = [*first.tolist(), len(order)]
-    return {str(k).lower(): _Device(order[bounds[i] : bounds[i + 1]]).observed(data)
-            for i, k in enumerate(names)}  # fmt: skip
+def observe(segments: Iterable[tuple[Any, FlowTable, Labels, float]]) -> dict[str, dict[str, str]]:
+    """Per device (its MAC, else its address), the observed columns; *segments* as
+    :func:`iotcls.store.iter_segments` gives them, read one at a time."""
+    seen: dict[str, _Seen] = {}
+    for _, t, lab, _ in segments:
+        if not len(t):
+            continue
+        keys = np.char.lower(t.device_keys().astype(str))
+        order = np.lexsort((t.start, keys))
+        names, first = np.unique(keys[order], return_index=True)
+        bounds = [*first.tolist(), len(order)]
+        for i, k in enumerate(names.tolist()):
+            seen.setdefault(k, _Seen()).add(t, lab, order[bounds[i] : bounds[i + 1]])
+    return {k: v.columns() for k, v in seen.items()}
 
 
 def suggest(row: dict[str, str], seen: dict[str, frozenset[str]]) -> tuple[str, str]:
@@ -217,10 +235,11 @@ def write_csv(path: Path, columns: list[str], rows: list[dict[str, Any]]) -> Non
     os.replace(tmp, path)
 
 
-def inventory(data: StoreData, out: Path, seen: dict[str, frozenset[str]]) -> dict[str, int]:
-    """Writes (or updates) *out* from a store; returns counts for the summary line."""
+def inventory(segments: Iterable[tuple[Any, FlowTable, Labels, float]], out: Path,
+              seen: dict[str, frozenset[str]]) -> dict[str, int]:  # fmt: skip
+    """Writes (or updates) *out* from a store's segments; returns counts for the summary."""
     old_cols, old = read_csv(out) if out.exists() else ([], {})
-    observed = observe(data)
+    observed = observe(segments)
     cols, rows = merge(observed, old_cols, old, seen)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_csv(out, cols, rows)

@@ -31,8 +31,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -196,12 +196,13 @@ class _Trainer:
         return history
 
 
-def finetune(base: ModelBundle, ds: Dataset, served: np.ndarray, cfg: FinetuneConfig = FinetuneConfig(),
+def finetune(base: ModelBundle, ds: Dataset, served: np.ndarray, cfg: FinetuneConfig | None = None,
              metadata: dict | None = None, log: Callable[[str], None] = print) -> ModelBundle:  # fmt: skip
     """A bundle fine-tuned from *base* on *ds* (labels "" for unlabelled rows, which are
     distilled); ``served``: per row, the label the service gave it when trusted, else ""
     (the pseudo-labels of the trust refit)."""
     t0 = time.time()
+    cfg = cfg or FinetuneConfig()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)

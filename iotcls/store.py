@@ -29,10 +29,11 @@ import logging
 import os
 import time
 import zipfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -65,7 +66,7 @@ class Labels:
         return len(self.label)
 
     @classmethod
-    def of(cls, outcomes: Sequence[Any], sensor: str) -> "Labels":
+    def of(cls, outcomes: Sequence[Any], sensor: str) -> Labels:
         """From the outcomes of one scoring call (None: no label), in record order."""
         n = len(outcomes)
         got = [o for o in outcomes if o is not None]
@@ -83,11 +84,11 @@ class Labels:
                    sensor=np.full(n, sensor, object))  # fmt: skip
 
     @classmethod
-    def concat(cls, parts: Sequence["Labels"]) -> "Labels":
+    def concat(cls, parts: Sequence[Labels]) -> Labels:
         return cls(**{f.name: np.concatenate([getattr(p, f.name) for p in parts])
                       for f in fields(cls)})  # fmt: skip
 
-    def take(self, index: np.ndarray) -> "Labels":
+    def take(self, index: np.ndarray) -> Labels:
         return Labels(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
 
 
@@ -205,7 +206,7 @@ class Recorder:
         self._warned = 0.0
 
     @classmethod
-    def from_config(cls, cfg: Any, window_s: float) -> "Recorder":
+    def from_config(cls, cfg: Any, window_s: float) -> Recorder:
         """From a :class:`~iotcls.config.RecordConfig`; makes the directory (an OSError
         names it) and removes temporary files a crash left behind."""
         r = cls(cfg.directory, cfg.max_mb, cfg.retention_days, cfg.segment_records,
@@ -345,25 +346,37 @@ def _widen(t: FlowTable, packets: int, payload_bytes: int) -> FlowTable:
     return w
 
 
-def read_stores(paths: Iterable[str | Path],
-                warn: Callable[[str], None] | None = None) -> StoreData:  # fmt: skip
-    """The records of every readable segment under *paths*; a damaged segment is skipped
-    and reported to *warn* (default: a logged warning) with its name and why."""
+def iter_segments(paths: Iterable[str | Path], warn: Callable[[str], None] | None = None,
+                  skipped: list[str] | None = None) -> Iterator[tuple[Path, FlowTable, Labels, float]]:  # fmt: skip
+    """``(path, records, labels, window_s)`` of every readable segment under *paths*, oldest
+    first, one at a time (what fits in memory is one segment); a damaged segment is skipped,
+    reported to *warn* (default: a logged warning) with its name and why, and appended to
+    *skipped*."""
     warn = warn or (lambda m: log.warning("%s", m))
-    tables, labels, seg, names, skipped = [], [], [], [], []
-    window = 60.0
     for root in paths:
         for p in segment_paths(Path(root)):
             try:
                 t, lab, window = read_segment(p)
             except SegmentError as e:
-                skipped.append(str(e))
+                if skipped is not None:
+                    skipped.append(str(e))
                 warn(f"skipped {e}")
                 continue
-            seg.append(np.full(len(t), len(names), np.int64))
-            names.append(str(p))
-            tables.append(t)
-            labels.append(lab)
+            yield p, t, lab, window
+
+
+def read_stores(paths: Iterable[str | Path],
+                warn: Callable[[str], None] | None = None) -> StoreData:  # fmt: skip
+    """The records of every readable segment under *paths*, at once (see
+    :func:`iter_segments`)."""
+    tables, labels, seg, names, skipped, windows = [], [], [], [], [], [60.0]
+    for p, t, lab, w in iter_segments(paths, warn, skipped):
+        seg.append(np.full(len(t), len(names), np.int64))
+        names.append(str(p))
+        tables.append(t)
+        labels.append(lab)
+        windows.append(w)
+    window = windows[-1]
     if not tables:
         return StoreData(FlowTable.empty(1, 0), Labels.of([], ""), np.zeros(0, np.int64),
                          names, skipped, window)  # fmt: skip

@@ -19,8 +19,8 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from .service import EXIT_MODEL, EXIT_REJECTED
 

@@ -13,8 +13,8 @@ import numpy as np
 from iotcls.bundle import ModelBundle
 from iotcls.finetune import session_split
 from iotcls.store import read_stores, segment_paths
-from test_store import record
 from iotcls.testing.synth import synthetic_records
+from test_store import record
 
 
 def iotcls(*args: str) -> subprocess.CompletedProcess:

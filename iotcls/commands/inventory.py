@@ -23,7 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..bundle import BundleError, ModelBundle
     from ..device_inventory import InventoryError, inventory
-    from ..store import is_store, read_stores
+    from ..store import is_store, iter_segments
     from ..trust.decision import TrustState
     from ..trust.dhcp_identity import DhcpIdentity
 
@@ -35,13 +35,21 @@ def run(args: argparse.Namespace) -> int:
     except BundleError as e:
         raise CliError(str(e)) from None
     seen = DhcpIdentity.of(TrustState.from_dict(bundle.trust) if bundle.trust else None).seen
-    data = read_stores(args.stores, warn=lambda m: print(f"iotcls: warning: {m}", file=sys.stderr))
+    skipped: list[str] = []
+    read = {"records": 0, "segments": 0}
+
+    def segments():  # one at a time: a store may not fit in memory whole
+        warn = lambda m: print(f"iotcls: warning: {m}", file=sys.stderr)  # noqa: E731
+        for seg in iter_segments(args.stores, warn, skipped):
+            read["records"] += len(seg[1])
+            read["segments"] += 1
+            yield seg
+
     try:
-        n = inventory(data, Path(args.output), seen)
+        n = inventory(segments(), Path(args.output), seen)
     except InventoryError as e:
         raise CliError(str(e)) from None
     print(f"{args.output}: {n['devices']} devices ({n['new']} new), {n['labelled']} labelled by "
-          f"you, {n['suggested']} with a suggested label; from {len(data)} records in "
-          f"{len(data.segments)} segments" + (f", {len(data.skipped)} skipped" if data.skipped
-                                               else ""))  # fmt: skip
+          f"you, {n['suggested']} with a suggested label; from {read['records']} records in "
+          f"{read['segments']} segments" + (f", {len(skipped)} skipped" if skipped else ""))  # fmt: skip
     return 0
