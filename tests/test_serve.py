@@ -70,7 +70,7 @@ class Serve:
         self.zeek = zeek
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> "Serve":
+    def start(self) -> Serve:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "iotcls", "serve", "--config", str(self.cfg)],
             stdout=self.out.open("w"), stderr=self.err.open("w"),
@@ -151,7 +151,7 @@ def test_end_to_end_labels_come_back(tmp_path, model_path):
         try:
             await serve.ready()
             out = serve.stdout()
-            assert f"model m@" in out and f"scorers connect to tcp://127.0.0.1:{serve.zmq_port}" in out
+            assert "model m@" in out and f"scorers connect to tcp://127.0.0.1:{serve.zmq_port}" in out
             assert f"metrics http://127.0.0.1:{serve.metrics_port}/metrics" in out
             for r in records:
                 await zeek.publish_flow(r)
