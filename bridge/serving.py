@@ -52,7 +52,7 @@ from .dispatch import Dispatcher, Outcome
 from .metrics import PrometheusExporter, ServeMetrics
 from .serve_bridge import ServeBridge
 from .suricata import SuricataSide
-from .zeek_ws import ZeekClient, tls_context
+from .zeek_ws import ZeekClient
 
 log = logging.getLogger("iotcls.serve")
 
@@ -287,8 +287,6 @@ class Service:
             cfg.zeek.url, cfg.zeek.topics, on_message=bridge.on_message,
             on_raw=bridge.on_raw, on_connect=bridge.on_connect,
             reconnect_max_s=cfg.zeek.reconnect_max_s,
-            ssl_context=tls_context(cfg.zeek.tls_ca, cfg.zeek.tls_cert, cfg.zeek.tls_key)
-            if cfg.zeek.url.startswith("wss://") else None,
         )  # fmt: skip
         self.metrics.rejected_sources.append(lambda: _client_rejections(zc, zb))
         self.metrics.gauge_sources += [
