@@ -103,7 +103,8 @@ class _Seen:
         """Records *r* (by start) of this device, from one segment."""
         self.mac = self.mac or str(t.device_mac[r[0]])
         self.addresses |= {bytes_to_ip(b) for b in {x.tobytes() for x in t.device_ip[r]}}
-        self.first, self.last = min(self.first, float(t.start[r].min())), max(self.last, float(t.last[r].max()))
+        self.first = min(self.first, float(t.start[r].min()))
+        self.last = max(self.last, float(t.last[r].max()))
         self.records += len(r)
         given = r[lab.label[r] != ""]
         self.labels += len(given)
