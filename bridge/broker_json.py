@@ -46,9 +46,10 @@ import ipaddress
 import json
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any, Iterable
+from typing import Any
 
 from . import safejson
 
@@ -77,7 +78,7 @@ class BrokerJSONError(ValueError):
 class Count(int):
     """A Broker ``count``: unsigned 64-bit."""
 
-    def __new__(cls, value: int = 0) -> "Count":
+    def __new__(cls, value: int = 0) -> Count:
         v = int(value)
         if not 0 <= v <= COUNT_MAX:
             raise BrokerJSONError(f"count out of range: {v}")
@@ -90,7 +91,7 @@ class Count(int):
 class Integer(int):
     """A Broker ``integer``: signed 64-bit."""
 
-    def __new__(cls, value: int = 0) -> "Integer":
+    def __new__(cls, value: int = 0) -> Integer:
         v = int(value)
         if not INT_MIN <= v <= INT_MAX:
             raise BrokerJSONError(f"integer out of range: {v}")
@@ -120,7 +121,7 @@ class Port:
         return f"{self.number}/{self.proto}"
 
     @classmethod
-    def parse(cls, s: str) -> "Port":
+    def parse(cls, s: str) -> Port:
         num, sep, proto = s.partition("/")
         if not sep or not num.isdigit():
             raise BrokerJSONError(f"invalid port {s!r}")
@@ -138,7 +139,7 @@ class Timestamp:
         return self.ns / 1_000_000_000
 
     @classmethod
-    def from_seconds(cls, s: float) -> "Timestamp":
+    def from_seconds(cls, s: float) -> Timestamp:
         return cls(round(s * 1_000_000_000))
 
     def iso(self) -> str:
@@ -148,7 +149,7 @@ class Timestamp:
         return f"{tm}.{rest // 1_000_000:03d}"
 
     @classmethod
-    def parse(cls, s: str) -> "Timestamp":
+    def parse(cls, s: str) -> Timestamp:
         m = _TS_RE.match(s)
         if not m:
             raise BrokerJSONError(f"invalid timestamp {s!r}")
@@ -179,7 +180,7 @@ class Timespan:
         return self.ns / 1_000_000_000
 
     @classmethod
-    def from_seconds(cls, s: float) -> "Timespan":
+    def from_seconds(cls, s: float) -> Timespan:
         return cls(round(s * 1_000_000_000))
 
     def text(self) -> str:
@@ -194,7 +195,7 @@ class Timespan:
         return f"{v}s"
 
     @classmethod
-    def parse(cls, s: str) -> "Timespan":
+    def parse(cls, s: str) -> Timespan:
         m = _SPAN_RE.match(s)
         if not m:
             raise BrokerJSONError(f"invalid timespan {s!r}")

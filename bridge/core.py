@@ -21,9 +21,10 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from collections import deque
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -47,6 +48,9 @@ Shed = Callable[[str], Any]
 
 SHED_BACKLOG = "backlog"  # the intake bound was reached
 SHED_PAUSED = "paused"  # taken after pause(): shutting down
+# Outcomes whose records Zeek keeps (no ack, no shed sent): the bridge is stopping, and Zeek
+# publishes them again to the next bridge that says hello (the dispatcher's "shutdown").
+KEPT_BY_ZEEK = frozenset({"shutdown", SHED_PAUSED})
 
 
 class FlowAssembler:
@@ -110,28 +114,117 @@ class BridgeStats:
 
 class RecentKeys:
     """The last *capacity* record keys seen, to drop a record that arrives twice (Zeek
-    publishes again what a lost connection did not acknowledge)."""
+    publishes again what the bridge has not acknowledged when a bridge says hello), and
+    whether the bridge is done with each (settled) or still has it (in flight)."""
 
     def __init__(self, capacity: int):
         self.capacity = capacity
-        self._set: set = set()
-        self._order: deque = deque()
+        self._d: OrderedDict[Any, bool] = OrderedDict()  # key -> settled
 
     def __len__(self) -> int:
-        return len(self._set)
+        return len(self._d)
+
+    def admit(self, keys: Iterable[Any]) -> tuple[list[int], list[int]]:
+        """``(fresh, settled)``: indices of the keys not seen before (nor earlier in *keys*),
+        remembered as in flight; and of the duplicates of records already settled (those
+        of records in flight are in neither: the first copy's outcome answers for them)."""
+        fresh, settled = [], []
+        d = self._d
+        for i, k in enumerate(keys):
+            st = d.get(k)
+            if st is None:
+                d[k] = False
+                fresh.append(i)
+            elif st:
+                settled.append(i)
+        while len(d) > self.capacity:
+            d.popitem(last=False)
+        return fresh, settled
 
     def fresh(self, keys: Iterable[Any]) -> list[int]:
         """Indices of the keys not seen before (nor earlier in *keys*); remembers them."""
-        out = []
-        seen, order = self._set, self._order
-        for i, k in enumerate(keys):
-            if k in seen:
-                continue
-            seen.add(k)
-            order.append(k)
-            out.append(i)
-        while len(order) > self.capacity:
-            seen.discard(order.popleft())
+        return self.admit(keys)[0]
+
+    def settle(self, keys: Iterable[Any]) -> None:
+        """The bridge is done with these records: a later copy is acknowledged at once."""
+        d = self._d
+        for k in keys:
+            if k in d:
+                d[k] = True
+
+    def forget(self, keys: Iterable[Any]) -> None:
+        """These records were not done (the scorer failed, shutdown): a later copy is new."""
+        for k in keys:
+            self._d.pop(k, None)
+
+
+def _keys(table: FlowTable) -> list[int]:
+    """The duplicate-detection key of each row: the hash of (uid, start, device), 64 bits,
+    about 70 bytes a record kept (a clash among 100,000 keys is a one in a billion event,
+    and costs one record)."""
+    return list(map(hash, zip(table.uid.tolist(), table.start.tolist(),
+                              table.device_keys().tolist())))  # fmt: skip
+
+
+def _record_id(table: FlowTable, i: int) -> rc.RecordId:
+    """How Zeek names row *i* (uid, device MAC, device IP, start)."""
+    return (str(table.uid[i]), str(table.device_mac[i]), fb._ip_text(table.device_ip[i].tobytes()),
+            float(table.start[i]))  # fmt: skip
+
+
+def _shed_reason(v: Any) -> str | None:
+    """Why a verdict is no verdict: the record was shed (a dispatcher outcome), else None."""
+    return None if v is None else getattr(v, "shed", None)
+
+
+def _is_label(v: Any) -> bool:
+    """Whether a verdict is a label to send: not None, not shed, not held back by the log
+    policy (a dispatcher outcome's ``send``)."""
+    return v is not None and getattr(v, "shed", None) is None and getattr(v, "send", True)
+
+
+class _Acks:
+    """What one batch tells Zeek besides its labels: the records the bridge is done with
+    (``IoTClass::ack``) and those it shed, by reason (``IoTClass::shed``). Records shed
+    because the bridge is stopping are not named: Zeek keeps them for the next bridge."""
+
+    __slots__ = ("bridge", "done", "shed", "settled")
+
+    def __init__(self, bridge: Bridge):
+        self.bridge = bridge
+        self.done: list[rc.RecordId] = []
+        self.shed: dict[str, list[rc.RecordId]] = {}
+        self.settled: list[FlowTable] = []  # tables whose keys become settled
+
+    def done_table(self, t: FlowTable | None, settle: bool = False) -> None:
+        if t is None or not len(t):
+            return
+        if self.bridge.acks:
+            self.done += [_record_id(t, i) for i in range(len(t))]
+        if settle and self.bridge.recent is not None:
+            self.bridge.recent.settle(_keys(t))
+
+    def done_row(self, t: FlowTable, i: int, key: Any) -> None:
+        if self.bridge.acks:
+            self.done.append(_record_id(t, i))
+        if self.bridge.recent is not None:
+            self.bridge.recent.settle((key,))
+
+    def shed_row(self, t: FlowTable, i: int, key: Any, reason: str) -> None:
+        b = self.bridge
+        if b.recent is not None:  # never labelled: a copy (Zeek publishes it again) is scored
+            b.recent.forget((key,))
+        if b.acks and reason not in KEPT_BY_ZEEK:
+            self.shed.setdefault(reason, []).append(_record_id(t, i))
+
+    def shed_table(self, t: FlowTable, reason: str) -> None:
+        if self.bridge.acks and len(t):
+            self.shed.setdefault(reason, []).extend(_record_id(t, i) for i in range(len(t)))
+
+    def frames(self) -> list[bytes]:
+        topic = self.bridge.labels_topic
+        out = [rc.ack_message(topic, self.done)] if self.done else []
+        out += [rc.shed_message(topic, ids, reason) for reason, ids in self.shed.items()]
         return out
 
 
@@ -160,6 +253,13 @@ class Bridge:
     or in a batch being scored; the offline hold is not counted): beyond it, and after
     :meth:`pause`, records are refused, counted in ``stats.shed`` and reported to
     ``on_shed(reason)``. ``send_many`` (optional) sends a batch's label frames at once.
+
+    Acknowledgements (once :meth:`on_connect` ran, that is, toward Zeek): with each batch's
+    labels goes one ``IoTClass::ack`` naming every record of the batch the bridge is done
+    with (labelled, label held back by the log policy, unusable, or a copy of one already
+    done) and one ``IoTClass::shed`` per reason for those shed unlabelled (overload); Zeek
+    keeps every other record and publishes it again to the next bridge that says hello:
+    those of a batch the scorer failed, and those shed because the bridge is stopping.
     """
 
     def __init__(
@@ -196,6 +296,8 @@ class Bridge:
         self.welcome: rc.Welcome | None = None
         self.stats = BridgeStats()
         self.recent = RecentKeys(dedupe) if dedupe > 0 else None
+        self.acks = False  # send IoTClass::ack and IoTClass::shed (set by on_connect)
+        self._door: list = []  # records refused at the door, waiting to be named in a shed
         self.session_records = 0  # since the last hello: what IoTClass::drained reports
         self._early: list[FlowRecord] = []  # early records waiting to be scored
         self.session_labels = 0
@@ -237,6 +339,7 @@ class Bridge:
     # -- transport callbacks ----------------------------------------------------------------
     async def on_connect(self, ack: bj.Ack) -> None:
         self.session_records = self.session_labels = 0
+        self.acks = True
         await self._send(rc.hello_message(self.labels_topic, self.name, ack.endpoint))
 
     def on_raw(self, raw: bytes) -> bool:
@@ -253,6 +356,8 @@ class Bridge:
             return self._shed(SHED_PAUSED)
         if (self.max_live_records is not None and not self.offline
                 and self.live_records >= self.max_live_records):  # fmt: skip
+            if self.acks and len(self._door) < 16 * self.batch_size:
+                self._door.append(rec)  # named to Zeek as shed with the next batch
             return self._shed(SHED_BACKLOG)
         self.stats.records += 1
         self.session_records += 1
@@ -439,26 +544,39 @@ class Bridge:
         log.info("drained: %d records, %d labels", self.session_records, self.session_labels)
 
     async def process(self, batch: list[FlowRecord | fb.RawFlow]) -> int:
-        """Assemble, score and send labels for *batch*; returns the labels sent."""
+        """Assemble, score and send labels for *batch* (and, toward Zeek, what became of
+        each record: see the class); returns the labels sent."""
+        door = self._take_door()
+        if not batch and not door:
+            return 0
+        acks = _Acks(self)
+        if door:
+            acks.shed_table(self.assembler.decode(door).table, "label_backlog")
         if not batch:
+            await self._send_all(acks.frames())
             return 0
         dec = self.assembler.decode(batch)
         if dec.errors:
             self._refuse(len(dec.errors))
             self._warn_once("bad", f"skipped undecodable flow records, first: {dec.errors[0][1]}")
-        table = self._fresh(dec.table)
+        table, again = self._fresh(dec.table)
+        acks.done_table(again)
         if not len(table):
+            await self._send_all(acks.frames())
             return 0
         order = np.argsort(table.start, kind="stable")  # start order; arrival breaks ties
         if np.any(order != np.arange(len(order))):
             table = table.take(order)
+        whole = table
         mats, table, bad = self.assembler.assemble_finite(table)
         if len(bad):
             self._refuse(len(bad))
             self._warn_once("nonfinite", "skipped flow records whose values make no finite "
                             "matrix row (a negative count or offset?)")  # fmt: skip
+            acks.done_table(whole.take(bad), settle=True)  # unusable: done with
         n = len(table)
         if not n:
+            await self._send_all(acks.frames())
             return 0
         try:
             verdicts = await self._score(mats, table)
@@ -470,11 +588,21 @@ class Bridge:
             self.stats.scorer_failures += 1
             self.stats.unlabelled += n
             log.error("scorer failed on %d records: %s: %s", n, type(e).__name__, e)
+            if self.recent is not None:  # Zeek keeps them: a copy is scored again
+                self.recent.forget(_keys(table))
+            await self._send_all(acks.frames())
             return 0
         self.stats.scored += n
         frames: list[bytes] = []
+        keys = _keys(table) if self.recent is not None else [None] * n
         for i, v in enumerate(verdicts):
-            if v is None:
+            shed = _shed_reason(v)
+            if shed is not None:
+                self.stats.unlabelled += 1
+                acks.shed_row(table, i, keys[i], shed)
+                continue
+            acks.done_row(table, i, keys[i])
+            if not _is_label(v):
                 self.stats.unlabelled += 1
                 continue
             try:
@@ -485,11 +613,16 @@ class Bridge:
                 self._warn_once("label", f"cannot send a label, first: {e}")
                 continue
             frames.append(frame)
-        await self._send_all(frames)
         sent = len(frames)
+        # one write: a label never reaches Zeek without the acknowledgements of its batch
+        await self._send_all(frames + acks.frames())
         self.stats.labels += sent
         self.session_labels += sent
         return sent
+
+    def _take_door(self) -> list:
+        door, self._door = self._door, []
+        return door
 
     async def _run_early(self) -> None:
         batch, self._early = self._early, []
@@ -521,7 +654,7 @@ class Bridge:
             return 0
         frames = []
         for i, v in enumerate(verdicts):
-            if v is None:
+            if not _is_label(v):
                 continue
             try:
                 frames.append(self.label_frame(fb.head_record(t, i), v, early=True))
@@ -539,25 +672,24 @@ class Bridge:
         self.session_records -= n
         self.stats.bad_records += n
 
-    def _fresh(self, table: FlowTable) -> FlowTable:
+    def _fresh(self, table: FlowTable) -> tuple[FlowTable, FlowTable | None]:
         """*table* without the records seen before (same uid, start and device), which are
-        counted in ``stats.duplicates``."""
+        counted in ``stats.duplicates``; and the table of those among them the bridge is done
+        with already (to acknowledge again: Zeek did not get the first acknowledgement)."""
         if self.recent is None or not len(table):
-            return table
-        # a key is the hash of (uid, start, device): 64 bits, about 70 bytes a record kept
-        # (a clash among 100,000 keys is a one in a billion event, and costs one record)
-        keys = map(hash, zip(table.uid.tolist(), table.start.tolist(),
-                             table.device_keys().tolist()))  # fmt: skip
-        keep = self.recent.fresh(keys)
+            return table, None
+        keep, settled = self.recent.admit(_keys(table))
         dup = len(table) - len(keep)
+        again = None
         if dup:
             self.stats.duplicates += dup
-            self.stats.records -= dup
-            self.session_records -= dup
+            self.stats.records -= dup  # a copy still counts in session_records: Zeek counts it
             self._warn_once("dup", "dropped flow records that arrived twice (same uid, start "
                             "and device); counted as duplicates")  # fmt: skip
+            if settled:
+                again = table.take(np.asarray(settled, np.int64))
             table = table.take(np.asarray(keep, np.int64))
-        return table
+        return table, again
 
     def label_frame(self, rec: FlowRecord, verdict: Any, early: bool = False) -> bytes:
         """What is sent for one label: Zeek's label event, or early label event (the
@@ -569,9 +701,8 @@ class Bridge:
         """The scorer's verdicts; for early records its ``early`` method where it has one
         (a scorer that keeps device state keeps it out of early labels)."""
         scorer = getattr(self.scorer, "early", self.scorer) if early else self.scorer
-        if inspect.iscoroutinefunction(scorer) or inspect.iscoroutinefunction(
-            getattr(scorer, "__call__", None)
-        ):
+        call = type(scorer).__call__ if not inspect.isroutine(scorer) else None
+        if inspect.iscoroutinefunction(scorer) or inspect.iscoroutinefunction(call):
             return await scorer(mats, table)
         r = await asyncio.to_thread(scorer, mats, table)
         if inspect.isawaitable(r):
@@ -598,7 +729,7 @@ class Bridge:
 
 
 def attach(bridge: Bridge, url: str, topics: Sequence[str] = ("zeek/iotcls/flows",),
-           **client_options: Any) -> "ZeekClient":  # fmt: skip
+           **client_options: Any) -> ZeekClient:  # fmt: skip
     """A :class:`~iotcls.bridge.zeek_ws.ZeekClient` wired to *bridge* (hello on connect,
     flow records via the raw fast path, labels sent through the client)."""
     from .zeek_ws import ZeekClient
@@ -609,7 +740,7 @@ def attach(bridge: Bridge, url: str, topics: Sequence[str] = ("zeek/iotcls/flows
     return client
 
 
-async def run(bridge: Bridge, client: "ZeekClient") -> None:
+async def run(bridge: Bridge, client: ZeekClient) -> None:
     """Run the client and the bridge until cancelled (or the client is stopped)."""
     task = asyncio.create_task(bridge.run(), name="iotcls-bridge")
     try:

@@ -24,9 +24,10 @@ import ipaddress
 import json
 import re
 from binascii import unhexlify
-from functools import lru_cache
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from functools import lru_cache
+from typing import Any
 
 from iotcls.logschema import LogEntry
 from iotcls.schema import FlowRecord, proto_name
@@ -41,6 +42,8 @@ LABEL_EVENT = "IoTClass::label"
 EARLY_FLOW_EVENT = "IoTClass::early_flow"  # the early record of a window (schema.early_record)
 EARLY_LABEL_EVENT = "IoTClass::early_label"  # its label: for the device log, not iot_class.log
 DRAINED_EVENT = "IoTClass::drained"
+ACK_EVENT = "IoTClass::ack"  # the bridge is done with these records: Zeek stops keeping them
+SHED_EVENT = "IoTClass::shed"  # the bridge dropped these records unlabelled, for a reason
 
 # IoTClass::FlowRecord, in order: (field, Broker @data-type). Field names are those of
 # iotcls.schema.FlowRecord (a test checks both and the Zeek record).
@@ -63,6 +66,15 @@ FLOW_FIELDS: tuple[tuple[str, str], ...] = (
     ("device_is_orig", "boolean"),
 )
 FLOW_TYPES = tuple(t for _, t in FLOW_FIELDS)
+
+# IoTClass::RecordId, in order: (field, Broker @data-type): how the bridge names a record to
+# Zeek in IoTClass::ack and IoTClass::shed (a label names its record by the same fields).
+RECORD_ID_FIELDS: tuple[tuple[str, str], ...] = (
+    ("uid", "string"),
+    ("device_mac", "string"),
+    ("device_ip", "address"),
+    ("start", "real"),
+)
 
 # IoTClass::Label, in order: (field, Broker @data-type).
 LABEL_FIELDS: tuple[tuple[str, str], ...] = (
@@ -550,6 +562,45 @@ def label_message(topic: str, e: LogEntry, early: bool = False) -> bytes:
     head = '{"type":"data-message","topic":' + _dumps(topic) + "," + \
         (_EARLY_LABEL_HEAD if early else _LABEL_HEAD)[1:]  # fmt: skip
     return (head + "".join(parts) + _LABEL_TAIL[:-1]).encode("utf-8", "surrogateescape")
+
+
+RecordId = tuple[str, str, str, float]  # uid, device MAC ("" when none), device IP, start
+
+
+def record_ids_generic(ids: Iterable[RecordId]) -> list:
+    """``vector of IoTClass::RecordId`` as Broker values (the reference for the encoders)."""
+    return [[uid, mac, ipaddress.ip_address(ip), float(start)] for uid, mac, ip, start in ids]
+
+
+def _ids_text(ids: Iterable[RecordId]) -> str:
+    return ",".join(
+        '{"@data-type":"vector","data":[{"@data-type":"string","data":' + _dumps(uid)
+        + '},{"@data-type":"string","data":' + _dumps(mac)
+        + '},{"@data-type":"address","data":"' + _addr_text(ip)
+        + '"},{"@data-type":"real","data":' + _real(start) + "}]}"
+        for uid, mac, ip, start in ids
+    )  # fmt: skip
+
+
+def _event_text(topic: str, event: str, args: str) -> bytes:
+    return ('{"type":"data-message","topic":' + _dumps(topic) + ',"@data-type":"vector","data":['
+            '{"@data-type":"count","data":1},{"@data-type":"count","data":1},'
+            '{"@data-type":"vector","data":[{"@data-type":"string","data":"' + event + '"},'
+            '{"@data-type":"vector","data":[' + args + "]}]}]}"
+            ).encode("utf-8", "surrogateescape")  # fmt: skip
+
+
+def ack_message(topic: str, ids: Iterable[RecordId]) -> bytes:
+    """``IoTClass::ack(ids)``: the bridge is done with these records (labelled, their label
+    held back by the log policy, or unusable); Zeek stops keeping them. The same bytes as
+    the generic codec (a test checks)."""
+    return _event_text(topic, ACK_EVENT, '{"@data-type":"vector","data":[' + _ids_text(ids) + "]}")
+
+
+def shed_message(topic: str, ids: Iterable[RecordId], reason: str) -> bytes:
+    """``IoTClass::shed(ids, reason)``: the bridge dropped these records unlabelled."""
+    return _event_text(topic, SHED_EVENT, '{"@data-type":"vector","data":[' + _ids_text(ids)
+                       + ']},{"@data-type":"string","data":' + _dumps(reason) + "}")  # fmt: skip
 
 
 def hello_message(topic: str, bridge: str, endpoint: str) -> bytes:

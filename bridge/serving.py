@@ -52,7 +52,7 @@ from .dispatch import Dispatcher, Outcome
 from .metrics import PrometheusExporter, ServeMetrics
 from .serve_bridge import ServeBridge
 from .suricata import SuricataSide
-from .zeek_ws import ZeekClient
+from .zeek_ws import ZeekClient, tls_context
 
 log = logging.getLogger("iotcls.serve")
 
@@ -65,7 +65,7 @@ class _Group:
     __slots__ = ("verdicts", "outcomes", "flows", "left", "done")
 
     def __init__(self, n: int, flows: list[int], done: asyncio.Future):
-        self.verdicts: list[Outcome | None] = [None] * n  # the labels to send
+        self.verdicts: list[Outcome | None] = [None] * n  # every outcome (labels to send: send)
         self.outcomes: list[Outcome | None] = [None] * n  # every label given, sent or not
         self.flows, self.left, self.done = flows, n, done
 
@@ -74,8 +74,9 @@ class DispatchScorer:
     """The Bridge's scorer: ``await scorer(matrices, table)`` -> one verdict per matrix (an
     :class:`Outcome`, which has the fields of :class:`~iotcls.bridge.records.Verdict`).
 
-    A verdict is None when the record was shed (see the dispatcher) or when the log policy
-    keeps its label from Zeek; the dispatcher's metrics tell the two apart. With a
+    A verdict is the record's :class:`Outcome`: a label to send, one the log policy keeps
+    from Zeek (``send`` false) or a shed record (``shed`` says why); the Bridge sends the
+    first kind and tells Zeek what became of the others. With a
     *recorder* (``record:``), every final record and the label it was given (sent or not)
     go to the flow store (:mod:`iotcls.store`) once the batch is labelled; ``sensor`` names
     where the records came from.
@@ -112,7 +113,8 @@ class DispatchScorer:
                 group.outcomes[i] = o
                 if o.send:  # the outcome is the verdict (records.Verdict's fields)
                     o.strategy, o.n_flows = STRATEGY, group.flows[i]
-                    group.verdicts[i] = o
+            # every outcome: the Bridge sends the labels and tells Zeek what became of the rest
+            group.verdicts[i] = o
             group.left -= 1
             if group.left == 0 and not group.done.done():
                 group.done.set_result(group.verdicts)
@@ -287,6 +289,8 @@ class Service:
             cfg.zeek.url, cfg.zeek.topics, on_message=bridge.on_message,
             on_raw=bridge.on_raw, on_connect=bridge.on_connect,
             reconnect_max_s=cfg.zeek.reconnect_max_s,
+            ssl_context=tls_context(cfg.zeek.tls_ca, cfg.zeek.tls_cert, cfg.zeek.tls_key)
+            if cfg.zeek.url.startswith("wss://") else None,
         )  # fmt: skip
         self.metrics.rejected_sources.append(lambda: _client_rejections(zc, zb))
         self.metrics.gauge_sources += [

@@ -19,6 +19,10 @@ Behaviour:
   and logged (at most once per ``log_every_s`` per kind).
 * :meth:`send` while disconnected buffers up to ``max_buffer`` frames (oldest dropped and
   counted) and sends them after the next ack.
+* ``wss://`` URLs: Zeek's certificate is verified (:func:`tls_context`: a CA file, else the
+  system's CAs, and the URL's host name), and the bridge presents its own certificate when
+  given one (for a Zeek that verifies its clients). A Zeek whose certificate fails is not
+  talked to: the failure is logged, and the client retries.
 """
 
 from __future__ import annotations
@@ -27,10 +31,12 @@ import asyncio
 import inspect
 import json
 import logging
+import ssl
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
@@ -45,6 +51,25 @@ NO_ACK_HINT = (
     "backend (a standalone Zeek 8.1+ needs one; the iotcls scripts load Broker's when none is "
     "set, so check that iotcls is loaded) or it is overloaded; retrying"
 )
+
+
+def tls_context(ca: str = "", cert: str = "", key: str = "") -> ssl.SSLContext:
+    """The client side of TLS to Zeek's WebSocket server: Zeek's certificate must chain to
+    *ca* (a PEM file; empty: the system's CAs) and name the host the URL names; *cert* and
+    *key* (PEM) are the bridge's own, for a Zeek that verifies its clients. A file that
+    cannot be used is an OSError naming it, in one line."""
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    for what, path, load in (("zeek.tls_ca", ca, lambda: ctx.load_verify_locations(cafile=ca)),
+                             ("zeek.tls_cert", cert, lambda: ctx.load_cert_chain(cert, key))):
+        if not path:
+            continue
+        try:
+            load()
+        except (OSError, ssl.SSLError, ValueError) as e:
+            raise OSError(f"{what} {path}: cannot be used: {getattr(e, 'strerror', None) or e}"
+                          ) from None  # fmt: skip
+    return ctx
 
 
 @dataclass
@@ -104,7 +129,10 @@ class ZeekClient:
         app_name: str = "iotcls-bridge",
         max_buffer: int = 100_000,
         log_every_s: float = 10.0,
+        ssl_context: ssl.SSLContext | None = None,
     ):
+        """``ssl_context``: for a ``wss://`` URL (default: :func:`tls_context` with the
+        system's CAs)."""
         if not all(isinstance(t, str) for t in topics):
             raise ValueError("topics must be strings")
         self.url, self.topics = url, list(topics)
@@ -113,6 +141,9 @@ class ZeekClient:
         self.reconnect_min_s, self.reconnect_max_s = reconnect_min_s, reconnect_max_s
         self.ack_timeout_s, self.open_timeout_s = ack_timeout_s, open_timeout_s
         self.app_name, self.max_buffer, self.log_every_s = app_name, max_buffer, log_every_s
+        self.ssl_context = ssl_context
+        if url.startswith("wss://") and ssl_context is None:
+            self.ssl_context = tls_context()
         self.stats = ClientStats()
         self.ack: bj.Ack | None = None
         self.connected = asyncio.Event()
@@ -210,9 +241,11 @@ class ZeekClient:
     async def _session(self) -> bool:
         """One connection; True if it got as far as the ack."""
         try:
+            tls = {"ssl": self.ssl_context} if self.url.startswith("wss://") else {}
             ws = await connect(
                 self.url, open_timeout=self.open_timeout_s, proxy=None, compression=None,
                 max_size=64 * 2**20, additional_headers={"X-Application-Name": self.app_name},
+                **tls,
             )  # fmt: skip
         except (OSError, asyncio.TimeoutError, InvalidHandshake, InvalidURI) as e:
             self.stats.failures += 1

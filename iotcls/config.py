@@ -65,6 +65,9 @@ class ZeekConfig:
     topics: list[str] = field(default_factory=lambda: ["zeek/iotcls/flows"])
     label_topic: str = "zeek/iotcls/labels"
     reconnect_max_s: float = 5.0
+    tls_ca: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
 
 
 @dataclass
@@ -166,6 +169,13 @@ zeek:
   label_topic: zeek/iotcls/labels
   # Longest wait between two reconnection attempts, seconds.
   reconnect_max_s: 5.0
+  # TLS (a wss:// url; Zeek's IoTClass::websocket_tls): the CA certificate (PEM) that signed
+  # Zeek's; empty: the system's CAs. Zeek's certificate must name the url's host.
+  tls_ca: ""
+  # The bridge's own certificate and key (PEM), for a Zeek that verifies its clients
+  # ($enable_peer_verification=T); empty: none.
+  tls_cert: ""
+  tls_key: ""
 
 suricata:
   # Take flow records from Suricata (the iotcls Lua output script, see iotcls suricata-config);
@@ -341,6 +351,11 @@ def validate(cfg: Config, source: str = "config") -> Config:
          f"must be 0-65535, not {su.community_id_seed}")  # fmt: skip
     need(z.url.startswith(("ws://", "wss://")), "zeek.url", f"must be a ws:// or wss:// URL, not {show(z.url)}")
     need(z.reconnect_max_s > 0, "zeek.reconnect_max_s", "must be positive")
+    tls = z.tls_ca or z.tls_cert or z.tls_key
+    need(not tls or z.url.startswith("wss://"), "zeek.url",
+         f"must be a wss:// URL when zeek.tls_* are set, not {show(z.url)}")
+    need(bool(z.tls_cert) == bool(z.tls_key), "zeek.tls_cert",
+         "tls_cert and tls_key go together (the bridge's certificate and its key)")
     for a in b.bind:
         need(a.startswith(("tcp://", "ipc://", "inproc://")), "bridge.bind",
              f"{show(a)} is not a ZeroMQ address (tcp://HOST:PORT or ipc://PATH)")  # fmt: skip

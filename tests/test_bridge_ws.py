@@ -8,14 +8,12 @@ import asyncio
 import ipaddress
 import json
 import logging
-import socket
 from dataclasses import fields
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from iotcls.testing.fake_zeek import FakeZeek, drain_frame, welcome_frame
+from conftest import free_port
 from iotcls.bridge import broker_json as bj
 from iotcls.bridge import records as rc
 from iotcls.bridge.core import Bridge, FlowAssembler, attach, run
@@ -25,8 +23,8 @@ from iotcls.flows import DeviceSelector, capture_flows
 from iotcls.flowtable import FlowTable
 from iotcls.layout import MatrixLayout
 from iotcls.logschema import LogEntry
-from iotcls.schema import SCHEMA_VERSION
-from iotcls.schema import FlowRecord
+from iotcls.schema import SCHEMA_VERSION, FlowRecord
+from iotcls.testing.fake_zeek import FakeZeek, drain_frame, welcome_frame
 from iotcls.testing.shared import require, sentinel_capture, zeek_fixtures_dir
 
 FLOWS, LABELS = "zeek/iotcls/flows", "zeek/iotcls/labels"
@@ -81,12 +79,6 @@ class ProjectionScorer:
         return self.verdicts(mats)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 async def until(cond, timeout: float = 5.0, what: str = "condition") -> None:
     loop = asyncio.get_running_loop()
     end = loop.time() + timeout
@@ -104,6 +96,16 @@ def answer_hello(offline: bool):
             await z.publish(FLOWS, welcome_frame(FLOWS, offline))
 
     return on_event
+
+
+def record_id(r: FlowRecord) -> tuple:
+    """How Zeek names a record (IoTClass::RecordId)."""
+    return (r.uid, r.device_mac, r.device_ip, r.start)
+
+
+def acked_ids(zeek: FakeZeek, event: str = rc.ACK_EVENT) -> list[tuple]:
+    """The records named in every IoTClass::ack (or shed) Zeek received, in order."""
+    return [(u, m, str(ip), st) for ev in zeek.events_named(event) for u, m, ip, st in ev.args[0]]
 
 
 def expected_entry(r: FlowRecord, v: Verdict) -> LogEntry:
@@ -217,7 +219,7 @@ def test_from_records_matches_a_plain_loop():
     for i in range(60):
         k = int(rng.integers(0, 14))
         recs.append(FlowRecord(
-            device_mac="" if i % 3 else "aa:bb:cc:dd:ee:0%d" % (i % 7),
+            device_mac="" if i % 3 else f"aa:bb:cc:dd:ee:0{i % 7}",
             device_ip=["10.0.0.1", "2001:db8::5"][i % 2], device_port=int(rng.integers(65536)),
             remote_ip=["8.8.8.8", "fe80::1", "192.168.1.1"][i % 3],
             remote_port=int(rng.integers(65536)), proto=[6, 17, 1, 58][i % 4],
@@ -389,7 +391,11 @@ def test_records_in_labels_out_live():
             assert any(g[0] == r.start and (str(g[2]), g[3].number, str(g[4]), g[5].number)
                        == r.conn_id() for g in got)  # fmt: skip
         assert bridge.stats.records == bridge.stats.labels == len(RECORDS)
-        assert client.stats.sent == len(RECORDS) + 1  # + hello
+        # and with each batch's labels, one IoTClass::ack naming every record of the batch
+        await until(lambda: len(acked_ids(zeek)) == len(RECORDS), what="all acks")
+        assert sorted(acked_ids(zeek)) == sorted(record_id(r) for r in RECORDS)
+        acks = zeek.events_named(rc.ACK_EVENT)
+        assert client.stats.sent == len(RECORDS) + 1 + len(acks)  # + hello
         client.stop()
         await task
         await zeek.stop()
@@ -490,12 +496,13 @@ def test_reconnects_after_zeek_restarts_and_sends_what_waited():
         await until(lambda: client.stats.disconnects == 1, what="disconnect")
         # records already received are still labelled while Zeek is down: buffered
         assert bridge.on_raw(rc.flow_frame(FLOWS, RECORDS[3]))
-        await until(lambda: client.buffered == 1, what="buffered label")
+        await until(lambda: client.buffered == 2, what="buffered label and ack")
         zeek2 = FakeZeek(welcome_on_hello=False, on_event=answer_hello(offline=False))
         await zeek2.start(port)
         await until(lambda: zeek2.events_named("IoTClass::label"), what="label after restart")
         names = [e.name for e in zeek2.received]
-        assert names[:2] == ["IoTClass::hello", "IoTClass::label"]  # hello first, then backlog
+        # hello first, then the backlog
+        assert names[:3] == ["IoTClass::hello", "IoTClass::label", rc.ACK_EVENT]
         assert client.stats.connects == 2 and client.buffered == 0
         await zeek2.publish(FLOWS, rc.flow_frame(FLOWS, RECORDS[4]))
         await until(lambda: len(zeek2.events_named("IoTClass::label")) == 2, what="new label")
@@ -631,9 +638,14 @@ def test_batches_in_flight_are_bounded_and_labels_match_one_at_a_time():
 def test_bounded_intake_sheds_at_the_door_and_after_pause():
     async def scenario():
         scorer = SlowScorer()
-        shed = []
-        bridge = Bridge(LAYOUT, scorer, None, labels_topic=LABELS, batch_size=4, max_delay_s=0.0,
+        shed, frames = [], []
+
+        async def send(frame):
+            frames.append(json.loads(frame))
+
+        bridge = Bridge(LAYOUT, scorer, send, labels_topic=LABELS, batch_size=4, max_delay_s=0.0,
                         max_inflight=2, max_live_records=10, on_shed=shed.append)  # fmt: skip
+        bridge.acks = True  # as after a hello: Zeek is told what became of each record
         task = asyncio.create_task(bridge.run())
         for r in RECORDS[:16]:
             assert bridge.on_raw(rc.flow_frame(FLOWS, r))
@@ -647,6 +659,12 @@ def test_bounded_intake_sheds_at_the_door_and_after_pause():
         await bridge.settle()
         await until(lambda: bridge.stats.scored == 10, what="the ten taken records scored")
         assert bridge.live_records == 0
+        # the six refused at the door are named to Zeek as shed; the one refused after pause()
+        # is not (Zeek keeps it for the next bridge)
+        sheds = [bj.decode_event(bj.decode_message(f).data) for f in frames
+                 if rc.event_name(f) == rc.SHED_EVENT]  # fmt: skip
+        assert [e.args[1] for e in sheds] == ["label_backlog"]
+        assert [ids[0] for ids in sheds[0].args[0]] == [r.uid for r in RECORDS[10:16]]
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
 
@@ -745,6 +763,87 @@ def test_records_that_arrive_twice_are_dropped_and_counted():
     assert len(keys) == 3 and keys.fresh([1]) == [0]  # the oldest was forgotten
 
 
+def test_what_became_of_each_record_goes_back_to_zeek():
+    """Toward Zeek, each batch names every record the bridge is done with (IoTClass::ack:
+    labelled, label held back by the log policy, unusable) and those it shed (IoTClass::shed,
+    by reason); records shed because the bridge stops, and those of a batch the scorer
+    failed, are not named: Zeek keeps them and publishes them again, and that copy is scored.
+    A copy of a record already done with is acknowledged again, not scored again; a copy of
+    a shed record is scored."""
+    import copy
+
+    from iotcls.bridge.dispatch import Outcome
+
+    one = list({r.uid: r for r in reversed(RECORDS)}.values())[::-1]  # one record per uid
+    recs = one[:8]
+    bad = copy.deepcopy(one[8])
+    bad.total_bytes = -1  # no finite matrix row: unusable
+    fates = ["label", "held", "queue_full", "shutdown", "label", "label", "held", "queue_full"]
+    fail = [False]
+
+    async def scorer(mats, table):
+        if fail[0]:
+            raise RuntimeError("scorer down")
+        out = []
+        for uid in table.uid.tolist():
+            fate = fates[[r.uid for r in recs].index(uid)]
+            if fate in ("queue_full", "shutdown"):
+                out.append(Outcome(ctx=None, device="d", shed=fate))
+            else:
+                out.append(Outcome(ctx=None, device="d", label="Aria", confidence=0.9,
+                                   send=fate == "label", model="m"))  # fmt: skip
+        return out
+
+    async def scenario():
+        zeek = FakeZeek(welcome_on_hello=False, on_event=answer_hello(offline=False))
+        await zeek.start()
+        bridge = Bridge(LAYOUT, scorer, labels_topic=LABELS, max_delay_s=0.005)
+        client = attach(bridge, zeek.url, [FLOWS], **FAST)
+        task = asyncio.create_task(run(bridge, client))
+        await until(lambda: bridge.welcome is not None, what="welcome")
+        assert await bridge.process([*recs, bad]) == 3
+        await until(lambda: len(zeek.events_named(rc.SHED_EVENT)) == 1, what="shed")
+        assert zeek.errors_sent == []  # as main.zeek declares them
+        want = {f: sorted(record_id(r) for r, x in zip(recs, fates) if x == f) for f in fates}
+        assert sorted(acked_ids(zeek)) == sorted(want["label"] + want["held"] + [record_id(bad)])
+        assert sorted(acked_ids(zeek, rc.SHED_EVENT)) == want["queue_full"]
+        assert [e.args[1] for e in zeek.events_named(rc.SHED_EVENT)] == ["queue_full"]
+        assert len(zeek.events_named(rc.LABEL_EVENT)) == 3
+        # Zeek publishes again what it was not told about, and a copy of the rest
+        zeek.received.clear()
+        fates[3] = "held"  # never labelled: scored again (the others done with: acked again)
+        assert await bridge.process(recs) == 0
+        await until(lambda: len(acked_ids(zeek)) == 6, what="acks of the copies")
+        assert sorted(acked_ids(zeek)) == sorted(want["label"] + want["held"] + want["shutdown"])
+        assert sorted(acked_ids(zeek, rc.SHED_EVENT)) == want["queue_full"]
+        assert bridge.stats.duplicates == 5
+        # a batch the scorer failed is not acknowledged, and its copy is scored later
+        zeek.received.clear()
+        fail[0] = True
+        assert await bridge.process(one[9:11]) == 0
+        fail[0] = False
+        fates[:2] = ["label", "label"]
+        recs[:2] = one[9:11]
+        assert await bridge.process(one[9:11]) == 2
+        await until(lambda: len(acked_ids(zeek)) == 2, what="acks of the copies")
+        assert sorted(acked_ids(zeek)) == sorted(map(record_id, one[9:11]))
+        client.stop()
+        await task
+        await zeek.stop()
+
+    run_async(scenario())
+
+
+def test_ack_and_shed_frames_are_the_codecs():
+    ids = [(r.uid, r.device_mac, r.device_ip, r.start) for r in RECORDS[:5]]
+    ids.append(("Cx", "", "fe80::1", 1.25e9))
+    assert rc.ack_message(LABELS, ids) == \
+        bj.event_message(LABELS, rc.ACK_EVENT, [rc.record_ids_generic(ids)])  # fmt: skip
+    assert rc.shed_message(LABELS, ids, "queue_full") == \
+        bj.event_message(LABELS, rc.SHED_EVENT, [rc.record_ids_generic(ids), "queue_full"])  # fmt: skip
+    assert rc.ack_message(LABELS, []) == bj.event_message(LABELS, rc.ACK_EVENT, [[]])
+
+
 def test_the_client_survives_whatever_a_frame_holds(caplog):
     """Frames nested 100,000 deep (Python's parser would raise RecursionError, which used
     to end the client's task and the service with it) and a handler that raises: counted,
@@ -804,7 +903,7 @@ def test_early_records_get_early_labels_and_leave_the_history_alone():
                                                         b'"IoTClass::early_flow"', 1)
                 assert await zeek.publish(FLOWS, frame) == 1
                 sent_early += 1
-                await until(lambda: bridge.stats.early_labels == sent_early, what="early")
+                await until(lambda n=sent_early: bridge.stats.early_labels == n, what="early")
             assert await zeek.publish(FLOWS, rc.flow_frame(FLOWS, r)) == 1
         await until(lambda: len(zeek.events_named("IoTClass::label")) == len(RECORDS),
                     what="all labels")  # fmt: skip

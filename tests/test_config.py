@@ -20,6 +20,7 @@ def test_default_yaml_is_exactly_the_defaults():
             assert f.name in d[section.name]
 
 
+@pytest.mark.e2e
 def test_print_config_prints_the_commented_default():
     out = subprocess.run(
         [sys.executable, "-m", "iotcls", "serve", "--print-config"],
@@ -123,6 +124,7 @@ def test_unreadable_file(tmp_path):
         c.load(p)
 
 
+@pytest.mark.e2e
 def test_cli_reports_config_errors_in_one_line(tmp_path):
     p = tmp_path / "serve.yaml"
     p.write_text("bridge:\n  max_attempts: 0\n")
@@ -141,6 +143,7 @@ def test_cli_reports_config_errors_in_one_line(tmp_path):
         "100000000000000000000\n")  # fmt: skip
 
 
+@pytest.mark.e2e
 def test_unusable_model_is_a_one_line_error(tmp_path):
     bad = tmp_path / "model.pt"
     bad.write_text("not a model\n")

@@ -245,6 +245,12 @@ def test_fit_and_decide():
     assert 0.8 < d.trusted.mean() < 0.97
 
 
+def test_decide_on_an_empty_batch():
+    state, _ = fitted_state()
+    d = decide(state, np.zeros((0, 3)), np.zeros((0, 1, 3)))
+    assert d.pred.tolist() == d.trusted.tolist() == d.reason == [] and len(d.confidence) == 0
+
+
 def test_state_round_trip_through_weights_only_load():
     state, _ = fitted_state()
     buf = io.BytesIO()

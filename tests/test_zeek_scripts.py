@@ -17,12 +17,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from iotcls.testing.fake_zeek import zeek_events, zeek_records
+from conftest import free_port
 from iotcls import cli
 from iotcls.bridge import records as rc
 from iotcls.commands import zeek_install
 from iotcls.logschema import FIELDS
 from iotcls.schema import FlowRecord
+from iotcls.testing.fake_zeek import zeek_events, zeek_records
 from iotcls.testing.shared import require, sentinel_capture
 from iotcls.testing.zeek import find_zeek, has_plugin
 from iotcls.testing.zeek import version as zeek_version
@@ -33,7 +34,7 @@ SCRIPTS = sorted(PKG.glob("*.zeek"))
 BIN = Path(sys.executable).parent
 MAIN = (PKG / "main.zeek").read_text()
 FILES = ["__load__.zeek", "bridge.zeek", "capture-native.zeek", "capture.zeek", "compat.zeek",
-         "devices.zeek", "inventory.zeek", "main.zeek"]  # fmt: skip
+         "delivery.zeek", "devices.zeek", "inventory.zeek", "main.zeek"]  # fmt: skip
 ALL = "\n".join(p.read_text() for p in SCRIPTS)  # the whole package
 RECORDS = zeek_records(ALL)
 EVENTS = zeek_events(ALL)
@@ -107,14 +108,23 @@ def test_label_record_and_events_match_the_bridge():
     assert EVENTS[rc.HELLO_EVENT] == [("bridge", "string"), ("endpoint", "string")]
     assert EVENTS[rc.DRAINED_EVENT] == [("records", "count"), ("labels", "count")]
     assert EVENTS[rc.DRAIN_EVENT] == [("records", "count")]
+    # delivery: how the bridge names records to Zeek
+    assert [(n, broker[t]) for n, t in RECORDS["RecordId"]] == list(rc.RECORD_ID_FIELDS)
+    assert EVENTS[rc.ACK_EVENT] == [("ids", "vector of RecordId")]
+    assert EVENTS[rc.SHED_EVENT] == [("ids", "vector of RecordId"), ("reason", "string")]
     assert [t for _, t in EVENTS[rc.WELCOME_EVENT]] == [
         "count", "string", "interval", "count", "count", "bool"]
 
 
 def test_defaults_agree_with_the_python_side():
     from iotcls.config import ZeekConfig
-    from iotcls.schema import DEFAULT_PACKETS, DEFAULT_PAYLOAD_BYTES, DEFAULT_WINDOW_S
-    from iotcls.schema import DHCP_PAYLOAD_BYTES, SCHEMA_VERSION
+    from iotcls.schema import (
+        DEFAULT_PACKETS,
+        DEFAULT_PAYLOAD_BYTES,
+        DEFAULT_WINDOW_S,
+        DHCP_PAYLOAD_BYTES,
+        SCHEMA_VERSION,
+    )
 
     def default(name):
         return re.search(rf"(?:option|const) {name}(?:: [^=]+)? = ([^;&]+?)\s*(?:&redef)?;",
@@ -254,12 +264,6 @@ def test_zeek_parses_the_package(bare):
     assert r.returncode == 0, r.stderr
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _macs_arg(macs: list[str]) -> str:
     return "IoTClass::device_macs={" + ",".join(f'"{m}"' for m in macs) + "}"
 
@@ -274,7 +278,7 @@ def _zeek_with_bridge(pcap: Path, cwd: Path, *zeek_args: str, pre: tuple[str, ..
     from iotcls.bridge.records import Verdict
     from iotcls.layout import MatrixLayout
 
-    port = _free_port()
+    port = free_port()
     got = []
 
     def scorer(mats, table):
@@ -411,7 +415,7 @@ def test_zeek_standalone_with_the_zeromq_backend(tmp_path, sample):
     Zeek otherwise lacks (without it Zeek never acks the bridge)."""
     if not _has_zeromq():
         pytest.skip("this zeek has no ZeroMQ cluster backend")
-    xpub, xsub = _free_port(), _free_port()
+    xpub, xsub = free_port(), free_port()
     zmq = [f"Cluster::Backend::ZeroMQ::listen_xpub_endpoint=tcp://127.0.0.1:{xpub}",
            f"Cluster::Backend::ZeroMQ::connect_xsub_endpoint=tcp://127.0.0.1:{xpub}",
            f"Cluster::Backend::ZeroMQ::listen_xsub_endpoint=tcp://127.0.0.1:{xsub}",
@@ -428,7 +432,7 @@ def test_zeek_standalone_with_the_zeromq_backend(tmp_path, sample):
 def test_zeek_without_a_bridge_goes_on_and_ends(tmp_path, sample):
     """Offline with nobody listening: the hold ends after hold_timeout (wall clock, through
     the Input framework's raw reader) and Zeek terminates at the trace's end, saying so."""
-    cmd = [ZEEK, "-C", "-r", str(sample.pcap), str(PKG), f"IoTClass::websocket_port={_free_port()}/tcp",
+    cmd = [ZEEK, "-C", "-r", str(sample.pcap), str(PKG), f"IoTClass::websocket_port={free_port()}/tcp",
            "IoTClass::hold_timeout=1sec", _macs_arg(sample.macs)]  # fmt: skip
     r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
@@ -445,7 +449,7 @@ def test_zeek_drain_times_out_on_a_silent_bridge(tmp_path, sample):
     terminates by itself."""
     from websockets.sync.client import connect
 
-    port = _free_port()
+    port = free_port()
     seen: list[str] = []
 
     def silent_bridge():
@@ -487,7 +491,7 @@ def test_zeek_and_iotcls_serve_log_what_classify_writes(tmp_path, sample):
     """The deployment: ``iotcls serve`` (the bundled model, every label logged) and
     ``zeek -r sample.pcap iotcls``; Zeek's iot_class.log has the labels ``iotcls classify
     --devices`` writes for the same capture (the offline hold and drain: same matrices)."""
-    ws_port, zmq_port = _free_port(), _free_port()
+    ws_port, zmq_port = free_port(), free_port()
     cfg = tmp_path / "serve.yaml"
     cfg.write_text(json.dumps({
         "zeek": {"url": f"ws://127.0.0.1:{ws_port}/v1/messages/json", "reconnect_max_s": 0.5},
@@ -599,7 +603,7 @@ def test_zeek_cluster_worker_to_bridge_to_logger(tmp_path, backend):
         pytest.skip("capturing on the loopback interface needs root")
     if backend == "zeromq" and not _has_zeromq():
         pytest.skip("this zeek has no ZeroMQ cluster backend")
-    ports = {n: _free_port() for n in ("logger-1", "manager", "worker-1", "ws", "udp", "a", "b")}
+    ports = {n: free_port() for n in ("logger-1", "manager", "worker-1", "ws", "udp", "a", "b")}
     (tmp_path / "cluster-layout.zeek").write_text(
         "redef Cluster::manager_is_logger = F;\nredef Cluster::nodes = {\n"
         f'\t["logger-1"] = [$node_type=Cluster::LOGGER, $ip=127.0.0.1, $p={ports["logger-1"]}/tcp],\n'
@@ -672,6 +676,12 @@ def test_zeek_cluster_worker_to_bridge_to_logger(tmp_path, backend):
     logged = [row for f in (tmp_path / "logger-1").glob("iot_class*.log") for row in _log_rows(f)]
     assert len(logged) >= 2 and {row[9] for row in logged} == {"cam"}
     assert not list((tmp_path / "manager").glob("iot_class*.log"))  # the logger logs
+    # the worker kept its records until the bridge's acknowledgements, which the manager
+    # forwarded to it (what was still open at the stop went to the worker's spool file)
+    worker = (tmp_path / "worker-1" / "stderr").read_text()
+    m = re.search(r"iotcls: delivery: (\d+) flow records kept .*?, (\d+) acknowledged, 0 shed "
+                  r"by the bridge, 0 dropped", worker)  # fmt: skip
+    assert m and int(m.group(2)) >= 2, worker[-2000:]
 
 
 @needs_zeek

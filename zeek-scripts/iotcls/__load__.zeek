@@ -7,6 +7,8 @@
 ##! * compat: what differs between the supported Zeek versions and cluster backends
 ##! * main: the exported API (options, records, events) and iot_class.log
 ##! * devices: which endpoints are devices
+##! * delivery: records kept until the bridge is done with them, published again to a bridge
+##!   that says hello, spooled to disk when Zeek stops
 ##! * bridge: publishing records, the offline hold and drain, the bridge's events
 ##! * capture-native or capture: per-connection windows, by the native plugin where it is
 ##!   loaded (zeek-plugin/, C++, nothing per packet in script land), else from packet events
@@ -18,6 +20,7 @@
 @load ./compat
 @load ./main
 @load ./devices
+@load ./delivery
 @load ./bridge
 @ifdef ( IoTClass::__native_flush )
 @load ./capture-native

@@ -3,16 +3,20 @@
 ##! :zeek:see:`IoTClass::drained` received on :zeek:see:`IoTClass::labels_topic` through
 ##! Zeek's WebSocket server. Offline (``zeek -r``) processing is held until the bridge is
 ##! there and Zeek waits, after the trace, until every record is labelled: both on the wall
-##! clock, since network time stands still then.
+##! clock, since network time stands still then. Every final record published is kept until
+##! the bridge is done with it, and published again to a bridge that says hello
+##! (delivery.zeek).
 
 @load base/frameworks/cluster
 @load base/frameworks/input
 @load ./main
 @load ./devices
+@load ./delivery
 
 module IoTClass;
 
-# Flow records published (this node), and labels logged (the label node).
+# Flow records published (this node), and labels logged (the label node), since the
+# bridge's last hello: what IoTClass::drain and IoTClass::drained compare.
 global records_sent: count = 0;
 global labels_logged: count = 0;
 
@@ -51,6 +55,7 @@ function publish_flow(rec: FlowRecord)
 
 	Cluster::publish(records_topic, IoTClass::flow, rec);
 	++records_sent;
+	keep(rec);
 	}
 
 # Publishes the early record of a window (not counted: the drain counts final records).
@@ -63,7 +68,7 @@ function publish_early(rec: FlowRecord)
 function listen(): bool
 	{
 	return Cluster::listen_websocket([$listen_addr=websocket_address,
-	    $listen_port=websocket_port]);
+	    $listen_port=websocket_port, $tls_options=websocket_tls]);
 	}
 
 # Offline, network time stands still while processing is suspended and after the trace
@@ -147,7 +152,7 @@ event wallclock_fired(desc: Input::EventDescription, tpe: Input::Event,
 		}
 
 	if ( s == "hold" )
-		release_hold(fmt("no bridge connected within %s, processing continues: flow records published before one connects are lost",
+		release_hold(fmt("no bridge connected within %s, processing continues: flow records are kept for one (at most IoTClass::unacked_max)",
 		    hold_timeout));
 	else
 		{
@@ -162,10 +167,36 @@ event IoTClass::hello(bridge: string, endpoint: string)
 	{
 	bridge_up = T;
 	bridge_endpoint = endpoint;
+	records_sent = 0;
+	labels_logged = 0;
 	Reporter::info(fmt("iotcls: bridge %s connected (%s)", bridge, endpoint));
 	Cluster::publish(records_topic, IoTClass::welcome, schema_version, node_name(),
 	    window_length, packets, payload_bytes, reading_traces());
 	release_hold(fmt("bridge %s connected, processing continues", bridge));
+	if ( capture_node() )
+		event IoTClass::republish();
+	}
+
+# A bridge said hello (or the spool file was read): what it has not acknowledged is
+# published again, oldest first (the bridge drops what it has already); while an offline
+# drain waits, the drain is asked again too.
+event IoTClass::republish()
+	{
+	if ( ! capture_node() || ( ! Cluster::is_enabled() && ! bridge_up ) )
+		return;
+
+	local recs = kept_records();
+	for ( i in recs )
+		{
+		Cluster::publish(records_topic, IoTClass::flow, recs[i]);
+		++records_sent;
+		++republished;
+		}
+	if ( |recs| > 0 )
+		Reporter::info(fmt("iotcls: %d flow records the bridge had not acknowledged are published again",
+		    |recs|));
+	if ( draining )
+		Cluster::publish(records_topic, IoTClass::drain, records_sent);
 	}
 
 event Cluster::websocket_client_lost(endpoint: Cluster::EndpointInfo,
@@ -175,7 +206,7 @@ event Cluster::websocket_client_lost(endpoint: Cluster::EndpointInfo,
 		return;
 
 	bridge_up = F;
-	Reporter::warning(fmt("iotcls: bridge %s disconnected (code %d): labels are lost until it reconnects",
+	Reporter::warning(fmt("iotcls: bridge %s disconnected (code %d): flow records are kept for it until it reconnects (at most IoTClass::unacked_max)",
 	    endpoint$id, code));
 	}
 

@@ -83,6 +83,21 @@ export {
 	## Port the WebSocket server listens on (Zeek's and zeekctl's default).
 	const websocket_port = 27759/tcp &redef;
 
+	## TLS for the WebSocket server: set ``$cert_file`` and ``$key_file`` (PEM) to serve
+	## ``wss://`` only; with ``$enable_peer_verification=T`` and ``$ca_file``, only clients
+	## with a certificate that CA signed may connect. See docs/zeek.md.
+	const websocket_tls = Cluster::WebSocketTLSOptions() &redef;
+
+	## Final flow records kept (per capture node) until the bridge is done with them, and
+	## published again when a bridge says :zeek:see:`IoTClass::hello`; past this many, the
+	## oldest is dropped and counted. 0: none is kept. About 2.7 kB each (10 packets, 64 bytes).
+	option unacked_max: count = 100000;
+
+	## Live: where the kept records and the windows still open go when Zeek stops, to be read
+	## back at the next start (relative to Zeek's working directory; zeekctl keeps a node's
+	## ``.state`` across restarts). Empty: they are lost, counted in a warning.
+	option spool_file: string = ".state/iotcls-spool.json";
+
 	## Offline (``zeek -r``): hold packet processing until the bridge has said
 	## :zeek:see:`IoTClass::hello`, so that no record is published before anyone listens.
 	const hold_offline = T &redef;
@@ -130,6 +145,20 @@ export {
 		uid: string;
 		## Whether the device originated the connection.
 		device_is_orig: bool;
+	};
+
+	## Names one published flow record in :zeek:see:`IoTClass::ack` and
+	## :zeek:see:`IoTClass::shed` (a :zeek:type:`IoTClass::Label` names its record the same
+	## way: ``uid``, ``device_mac``, ``device_ip`` and ``ts``, the window start).
+	type RecordId: record {
+		## The connection's uid.
+		uid: string;
+		## MAC of the device endpoint, empty when Zeek saw none.
+		device_mac: string;
+		## Address of the device endpoint.
+		device_ip: addr;
+		## Time of the window's first packet.
+		start: double;
 	};
 
 	## A label from the bridge: one per classified flow record.
@@ -232,6 +261,15 @@ export {
 	## Bridge to Zeek: the label of an early record: for the device log and the notices,
 	## not for iot_class.log.
 	global early_label: event(l: Label);
+
+	## Bridge to Zeek: the bridge is done with these flow records (each labelled, its label
+	## sent before or held back by the log policy, or refused as unusable): Zeek stops
+	## keeping them.
+	global ack: event(ids: vector of RecordId);
+
+	## Bridge to Zeek: the bridge dropped these flow records unlabelled for *reason*
+	## (overload: ``queue_full``, ``label_backlog``...): counted, not published again.
+	global shed: event(ids: vector of RecordId, reason: string);
 
 	## Bridge to Zeek: all *records* records received so far are scored and *labels*
 	## label events were sent before this event.
