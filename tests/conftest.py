@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import tempfile
 from pathlib import Path
 
@@ -17,6 +18,13 @@ def sample(tmp_path_factory) -> Sample:
     """Several IoT Sentinel devices set up a few seconds apart, in one capture (never tracked)."""
     require(sentinel_dir() / "devices.csv")
     return write_sample(tmp_path_factory.mktemp("sample"))
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (yet)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 # -- real-Zeek tests: ``@pytest.mark.zeek`` -------------------------------------------------
