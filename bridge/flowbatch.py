@@ -1,25 +1,31 @@
 """Many ``IoTClass::flow`` frames straight into one :class:`~iotcls.flowtable.FlowTable`.
 
-The bridge's intake is bound by per-record Python: one regex match per frame is unavoidable
-(it is what proves a frame has the plain shape), everything after it is done here for a whole
-batch at once. The vectors of all records are joined into one byte string, Broker's
-per-element wrapping is stripped with a few ``bytes.replace`` and ``bytes.translate`` calls,
-and numbers and hex payloads are read with numpy. Each step checks the text is exactly what
-Broker renders; when anything in a batch is not (an escape, another time unit, a value out
-of the table's range), the whole batch is decoded record by record with
-:func:`records.flow_record_raw` and, where that declines, the JSON parser and the generic
-codec, so the result is always the one the generic path gives (tests check both on real and
-on mutated frames).
+One decode path per frame, and one fallback:
+
+* **the path**: a frame in the plain shape Zeek sends (:func:`match_flow`: one regex match per
+  frame, which is what proves the shape) is queued as it is, and its batch is decoded at
+  once (:func:`decode_batch`). The vectors of all records are joined into one byte string,
+  Broker's per-element wrapping is stripped with a few ``bytes.replace`` and
+  ``bytes.translate`` calls, and numbers and hex payloads are read with numpy. Each step
+  checks the text is exactly what Broker renders.
+* **the fallback**: a frame the path does not take (not the plain shape: an escape, event
+  metadata; or a value the batch decoder declines: another time unit, a number out of the
+  table's range) is parsed as JSON and decoded by :func:`records.flow_record
+  <iotcls.bridge.records.flow_record>`, which names the bad field when there is one. A batch
+  the path declines is halved until the frames it declines stand alone, so an odd frame
+  costs only itself.
+
+Both give the same table for the same frames (tests check it on real and on mutated frames).
 """
 
 from __future__ import annotations
 
 import binascii
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Sequence
-
+from typing import Any
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
@@ -79,25 +85,61 @@ class Decoded:
 def decode_batch(items: Sequence[Any], packets: int, payload_bytes: int) -> Decoded:
     """FlowRecords and RawFlows, in order, to one FlowTable (records truncated to the
     table's packets and payload bytes, as :meth:`FlowTable.from_records` does)."""
-    raws = [i for i, x in enumerate(items) if isinstance(x, RawFlow)]
-    if len(raws) == len(items) and items:
-        t = _fast_table([x.groups for x in items], packets, payload_bytes)
-        if t is not None:
-            return Decoded(t, list(range(len(items))), [])
+    plain = [i for i, x in enumerate(items) if isinstance(x, RawFlow)]
+    parts: list[tuple[FlowTable, list[int]]] = []
+    declined: list[int] = []
+    _plain_tables(items, plain, packets, payload_bytes, parts, declined)
+    if len(plain) == len(items) and not declined and len(parts) == 1:
+        return Decoded(*parts[0], [])  # the usual batch: all plain, decoded at once
+    rest = sorted(declined + [i for i, x in enumerate(items) if not isinstance(x, RawFlow)])
     recs: list[FlowRecord] = []
     index: list[int] = []
     errors: list[tuple[int, str]] = []
-    for i, x in enumerate(items):
+    for i in rest:
+        x = items[i]
         if isinstance(x, RawFlow):
             try:
-                x = slow_record(x.raw)
+                x = fallback_record(x.raw)
             except rc.RecordError as e:
                 errors.append((i, str(e)))
                 continue
         recs.append(x)
         index.append(i)
+    parts.append(_records_table(recs, index, packets, payload_bytes, errors))
+    errors.sort()
+    tables = [t for t, _ in parts]
+    rows = [i for _, idx in parts for i in idx]
+    table = tables[0] if len(tables) == 1 else FlowTable.concat(tables, packets, payload_bytes)
+    order = np.argsort(np.asarray(rows, np.int64), kind="stable")
+    if len(order) and np.any(order != np.arange(len(order))):
+        table = table.take(order)
+    return Decoded(table, sorted(rows), errors)
+
+
+def _plain_tables(items: Sequence[Any], idx: list[int], packets: int, payload_bytes: int,
+                  parts: list, declined: list[int]) -> None:  # fmt: skip
+    """The path: the tables of the plain frames ``items[idx]``, appended to ``parts`` with
+    their item numbers. A run the batch decoder declines is halved until each frame it
+    declines stands alone; those go to ``declined`` (for the fallback)."""
+    if not idx:
+        return
+    t = _fast_table([items[i].groups for i in idx], packets, payload_bytes)
+    if t is not None:
+        parts.append((t, idx))
+    elif len(idx) == 1:
+        declined.append(idx[0])
+    else:
+        mid = len(idx) // 2
+        _plain_tables(items, idx[:mid], packets, payload_bytes, parts, declined)
+        _plain_tables(items, idx[mid:], packets, payload_bytes, parts, declined)
+
+
+def _records_table(recs: list[FlowRecord], index: list[int], packets: int, payload_bytes: int,
+                   errors: list[tuple[int, str]]) -> tuple[FlowTable, list[int]]:  # fmt: skip
+    """The table of decoded records (item numbers ``index``); a record holding a value the
+    table cannot hold is left out with an error."""
     try:
-        table = FlowTable.from_records(recs, packets, payload_bytes)
+        return FlowTable.from_records(recs, packets, payload_bytes), index
     except (OverflowError, ValueError):  # a value the table cannot hold: find it
         keep_recs, keep_idx = [], []
         for i, r in zip(index, recs):
@@ -108,17 +150,12 @@ def decode_batch(items: Sequence[Any], packets: int, payload_bytes: int) -> Deco
                 continue
             keep_recs.append(r)
             keep_idx.append(i)
-        table, index = FlowTable.from_records(keep_recs, packets, payload_bytes), keep_idx
-        errors.sort()
-    return Decoded(table, index, errors)
+        return FlowTable.from_records(keep_recs, packets, payload_bytes), keep_idx
 
 
-def slow_record(raw: bytes) -> FlowRecord:
-    """One frame the exact way: the raw fast path, else JSON and the codec (may raise
-    :class:`records.RecordError`)."""
-    rec = rc.flow_record_raw(raw)
-    if rec is not None:
-        return rec
+def fallback_record(raw: bytes) -> FlowRecord:
+    """The fallback: one frame parsed as JSON and decoded by :func:`records.flow_record`
+    (raises :class:`records.RecordError` naming what is wrong)."""
     try:
         obj, _ = bj.parse_frame(raw)
     except (ValueError, bj.BrokerJSONError) as e:
@@ -394,8 +431,8 @@ def _fast_table(groups: list[tuple], packets: int, payload_bytes: int) -> FlowTa
             dh = np.flatnonzero(is_dhcp(proto_v[r_], dport_v[r_], rport_v[r_]))
             if len(dh):  # DHCP: the view of the whole message (iotcls.dhcp)
                 full = plens[keep]
-                put_views(t.payload, t.payload_len, r_[dh], c_[dh],
-                          [blob[s : s + n].tobytes() for s, n in zip(src0[dh], full[dh])])  # fmt: skip
+                msgs = [blob[s : s + n].tobytes() for s, n in zip(src0[dh], full[dh])]
+                put_views(t.payload, t.payload_len, r_[dh], c_[dh], msgs)
     return t
 
 

@@ -1,10 +1,16 @@
 """Classify the devices in captures: per-flow labels for ``iot_class.log`` and a summary.
 
-The pcap twin of what the scorer does beside Zeek: read each capture with the sensor, build
-each device's flow-sequence matrices, label them with :class:`~iotcls.predict.Predictor`
-and write one ``iot_class.log`` entry per label (:mod:`iotcls.logschema`). An entry's ``ts``
-is the start of its labelled window, as under Zeek (like ``conn.log``'s ``ts``: when the
-activity began). A device's history restarts with every capture, as a sensor's would.
+The pcap twin of what the scorer does beside Zeek. One capture goes through each stage once,
+top to bottom (:func:`classify_capture`):
+
+    read -> records -> matrices     iotcls.dataset.capture_matrices (iotcls.pcap, .flows, .layout)
+    -> scores -> refined -> trusted Predictor.label (iotcls.predict, iotcls.trust)
+    -> the strategy's labels        iotcls.strategies (docs/strategies.md)
+    -> log entries                  Classified.entries (iotcls.logschema)
+
+An entry's ``ts`` is the start of its labelled window, as under Zeek (like ``conn.log``'s
+``ts``: when the activity began). A device's history restarts with every capture, as a
+sensor's would.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from .flowtable import bytes_to_ip
 from .logschema import LogEntry
 from .predict import Predictions, Predictor
 from .schema import proto_name
-from .strategies import STRATEGIES, VoteConfig, device_vote, strategy_input
+from .strategies import STRATEGIES, VoteConfig, device_labels, strategy_input
 
 
 @dataclass
@@ -42,7 +48,7 @@ class Classified:
     pred: Predictions  # per label
     n_flows: np.ndarray  # flows the label rests on
     strategy: str
-    sequences: Predictions | None = None  # per-sequence labels of every flow, when computed
+    sequences: Predictions  # every flow's sequence label (the summary votes over them)
 
     def entries(self, model: str) -> list[LogEntry]:
         t = self.capture.table
@@ -71,39 +77,38 @@ def _conn_id(t, i: int) -> tuple[str, int, str, int]:
 def classify_capture(
     predictor: Predictor, cm: CaptureMatrices, strategy: str, vote: VoteConfig = VoteConfig()
 ) -> Classified:
+    """One capture's labels under ``strategy`` (its matrices already read: ``cm``), and
+    every flow's sequence label for the summary (:func:`summarize`)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r} (one of {', '.join(STRATEGIES)})")
-    t, order = cm.table, cm.order
-    devices = t.device_keys()[order] if len(order) else np.zeros(0, object)
-    groups = np.unique(devices, return_inverse=True)[1] if len(order) else np.zeros(0, int)
-    ids = predictor.device_identities(cm.matrices, groups, t.start[order])  # DHCP identity
-    pred = predictor.predict(strategy_input(cm.matrices, strategy), ids)
-    predictor.check_devices(pred, groups, t.start[order], ids)  # trust rules 5, 6
-    rows_present = (cm.matrices != 0).any(axis=2).sum(axis=1)
+    order = cm.order
+    groups, times = _histories(cm)
+    pred = predictor.label(strategy_input(cm.matrices, strategy), groups, times)
     if strategy == "flow":
-        return Classified(cm, order, pred, np.ones(len(order), np.int64), strategy)
+        # the summary votes over sequence labels: the model's plain ones over full matrices
+        return Classified(cm, order, pred, np.ones(len(order), np.int64), strategy,
+                          predictor.predict(cm.matrices))  # fmt: skip
     if strategy == "sequence":
+        rows_present = (cm.matrices != 0).any(axis=2).sum(axis=1)
         return Classified(cm, order, pred, rows_present, strategy, pred)
-    v = device_vote(pred.probs, groups, t.start[order], vote)
-    keep = np.flatnonzero(v.emitted)
+    d = device_labels(pred.probs, pred.index, pred.confidence, pred.trusted, groups, times, vote)
+    keep = np.flatnonzero(d.emitted)
     voted = pred.take(keep)
-    voted.index = v.index[keep]
+    voted.index = d.index[keep]
     voted.label = predictor.classes[voted.index]
-    voted.confidence = v.confidence[keep]
-    # trust (docs/trust.md): the device label is the vote of the window's trusted labels
-    # (docs/trust.md); too few trusted labels: the all-label vote, untrusted.
-    from .trust.decision import windowed_trusted_vote
+    voted.confidence = d.confidence[keep].astype(np.float32)
+    voted.trusted = d.trusted[keep]
+    voted.reason = np.where(voted.trusted, "-", "few_trusted_labels").astype(object)
+    return Classified(cm, order[keep], voted, d.n_votes[keep], strategy, pred)
 
-    tv, _, tconf = windowed_trusted_vote(pred.index, pred.confidence, pred.trusted, groups,
-                                         t.start[order], len(predictor.classes), vote.window,
-                                         vote.min_votes, with_confidence=True)  # fmt: skip
-    ok = tv[keep] >= 0
-    voted.index = np.where(ok, tv[keep], voted.index)
-    voted.label = predictor.classes[voted.index]
-    voted.confidence = np.where(ok, tconf[keep], voted.confidence).astype(np.float32)
-    voted.trusted = ok
-    voted.reason = np.where(ok, "-", "few_trusted_labels").astype(object)
-    return Classified(cm, order[keep], voted, v.n_votes[keep], strategy, pred)
+
+def _histories(cm: CaptureMatrices) -> tuple[np.ndarray, np.ndarray]:
+    """Per matrix, its device (a group number) and its flow's window start."""
+    t, order = cm.table, cm.order
+    if not len(order):
+        return np.zeros(0, int), t.start[order]
+    devices = t.device_keys()[order]
+    return np.unique(devices, return_inverse=True)[1], t.start[order]
 
 
 def summarize(
@@ -118,26 +123,18 @@ def summarize(
             per_dev.setdefault(str(keys[k]), []).append((cm, i, k, pred))
     out = []
     for dev, items in per_dev.items():
-        probs = np.stack([p.probs[k] for _, _, k, p in items])
         trusted = np.array([p.trusted[k] for _, _, k, p in items])
         starts = np.array([cm.table.start[i] for cm, i, _, _ in items])
-        v = device_vote(probs, np.zeros(len(items), np.int64), starts,
-                        VoteConfig(window=len(items), min_votes=1))  # fmt: skip
+        # the vote of all its sequences (min_votes 1), of the trusted ones where enough are
+        d = device_labels(np.stack([p.probs[k] for _, _, k, p in items]),
+                          np.array([p.index[k] for _, _, k, p in items]),
+                          np.array([p.confidence[k] for _, _, k, p in items]), trusted,
+                          np.zeros(len(items), np.int64), starts,
+                          VoteConfig(window=len(items), min_votes=1))  # fmt: skip
         last = int(np.argmax(starts))
-        cls = int(v.index[last])
+        cls, conf = int(d.index[last]), float(d.confidence[last])
         cm0, i0 = items[last][0], items[last][1]  # the device's address as last seen
-        conf = float(v.confidence[last])
         share = float(trusted.mean())
-        # trust (docs/trust.md): the label is the vote of the trusted labels when there are enough
-        from .trust.decision import windowed_trusted_vote
-
-        pidx = np.array([p.index[k] for _, _, k, p in items])
-        pconf = np.array([p.confidence[k] for _, _, k, p in items])
-        tv, _, tconf = windowed_trusted_vote(pidx, pconf, trusted, np.zeros(len(items)), starts,
-                                             len(predictor.classes), len(items), 1,
-                                             with_confidence=True)  # fmt: skip
-        if tv[last] >= 0:
-            cls, conf = int(tv[last]), float(tconf[last])
         out.append(DeviceSummary(
             device=dev, ip=bytes_to_ip(cm0.table.device_ip[i0].tobytes()),
             label=str(predictor.classes[cls]), confidence=conf,

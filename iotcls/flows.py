@@ -43,12 +43,25 @@ from pathlib import Path
 
 import numpy as np
 
+from .columns import Columns
 from .dhcp import is_dhcp, put_views
 from .flowtable import FlowTable
-from .pcap import DEFAULT_CHUNK_BYTES, TS_LIMIT_NS, CaptureReader, PacketBatch, ReadStats
-from .pcap import int_to_mac, mac_to_int
-from .schema import DEFAULT_PACKETS, DEFAULT_PAYLOAD_BYTES, DEFAULT_WINDOW_S, DHCP_PAYLOAD_BYTES
-from .schema import PROTO_TCP
+from .pcap import (
+    DEFAULT_CHUNK_BYTES,
+    TS_LIMIT_NS,
+    CaptureReader,
+    PacketBatch,
+    ReadStats,
+    int_to_mac,
+    mac_to_int,
+)
+from .schema import (
+    DEFAULT_PACKETS,
+    DEFAULT_PAYLOAD_BYTES,
+    DEFAULT_WINDOW_S,
+    DHCP_PAYLOAD_BYTES,
+    PROTO_TCP,
+)
 
 NS = 1_000_000_000
 TCP_TIMEOUT_NS = 300 * NS  # Zeek's tcp_inactivity_timeout
@@ -84,7 +97,7 @@ class DeviceSelector:
     @classmethod
     def from_lists(
         cls, macs: Iterable[str] | None = None, nets: Iterable[str] | None = None
-    ) -> "DeviceSelector":
+    ) -> DeviceSelector:
         """Raises ValueError naming the bad MAC or CIDR."""
         m = tuple(sorted({mac_to_int(x) for x in (macs or ()) if x.strip()}))
         n = []
@@ -260,6 +273,24 @@ _KEY_FIELDS = ("dev_mac", "dev_hi", "dev_lo", "rem_hi", "rem_lo", "dev_port", "r
 
 
 @dataclass
+class _FirstPackets(Columns):
+    """The first P packets of each window (m windows)."""
+
+    t: np.ndarray  # (m, P) int64 ns
+    size: np.ndarray  # (m, P) int32
+    dir: np.ndarray  # (m, P) int8
+    pay: np.ndarray  # (m, P, B) uint8
+    plen: np.ndarray  # (m, P) int32
+
+    @classmethod
+    def zeros(cls, m: int, packets: int, payload_bytes: int) -> _FirstPackets:
+        return cls(np.zeros((m, packets), np.int64), np.zeros((m, packets), np.int32),
+                   np.zeros((m, packets), np.int8),
+                   np.zeros((m, packets, payload_bytes), np.uint8),
+                   np.zeros((m, packets), np.int32))  # fmt: skip
+
+
+@dataclass
 class _Open:
     """Windows still open after a chunk: one aggregate row each, sorted by key hash."""
 
@@ -271,11 +302,7 @@ class _Open:
     nbytes: np.ndarray
     npkts: np.ndarray
     nfirst: np.ndarray
-    f_t: np.ndarray  # (m, P) int64 ns
-    f_size: np.ndarray  # (m, P) int32
-    f_dir: np.ndarray  # (m, P) int8
-    f_pay: np.ndarray  # (m, P, B) uint8
-    f_plen: np.ndarray  # (m, P) int32
+    first: _FirstPackets
     cstart: np.ndarray  # connection first packet, ns
     dorig: np.ndarray  # bool
 
@@ -283,18 +310,98 @@ class _Open:
         return len(self.h)
 
     @classmethod
-    def empty(cls, packets: int, payload_bytes: int) -> "_Open":
+    def empty(cls, packets: int, payload_bytes: int) -> _Open:
         i = np.zeros(0, np.int64)
         u = np.zeros(0, np.uint64)
+        words = ("dev_mac", "dev_hi", "dev_lo", "rem_hi", "rem_lo")  # uint64 key fields
         return cls(
-            h=u, h2=u, key={k: (u if k in ("dev_mac", "dev_hi", "dev_lo", "rem_hi", "rem_lo") else i)
-                      for k in _KEY_FIELDS},
+            h=u, h2=u, key={k: (u if k in words else i) for k in _KEY_FIELDS},
             start=i, last=i, nbytes=i, npkts=i, nfirst=i,
-            f_t=np.zeros((0, packets), np.int64), f_size=np.zeros((0, packets), np.int32),
-            f_dir=np.zeros((0, packets), np.int8),
-            f_pay=np.zeros((0, packets, payload_bytes), np.uint8),
-            f_plen=np.zeros((0, packets), np.int32), cstart=i, dorig=np.zeros(0, bool),
+            first=_FirstPackets.zeros(0, packets, payload_bytes), cstart=i,
+            dorig=np.zeros(0, bool),
         )  # fmt: skip
+
+
+# What one batch hands from phase to phase in FlowBuilder._step (module docstring, 1 to 5).
+
+
+@dataclass
+class _Entries:
+    """Phase 1: the batch's device-side entries (one per packet and device side)."""
+
+    pk: np.ndarray  # packet index in the batch
+    d: np.ndarray  # int8 direction: 1 the device sent it
+    key: dict[str, np.ndarray]  # the device-side key, _KEY_FIELDS
+    ts: np.ndarray  # int64 ns
+    ip_len: np.ndarray
+
+
+@dataclass
+class _Rows:
+    """The merged rows: the open windows' aggregate rows first (``v`` of them), then the
+    entries."""
+
+    open: _Open
+    key: dict[str, np.ndarray]
+    t: np.ndarray  # window start (open) or packet time (entry), ns
+    tl: np.ndarray  # last packet, ns
+    nb: np.ndarray  # bytes
+    v: int
+    n: int
+
+    @classmethod
+    def merge(cls, ow: _Open, ent: _Entries) -> _Rows:
+        key = {k: np.concatenate([ow.key[k], ent.key[k]]) for k in _KEY_FIELDS}
+        return cls(ow, key, np.concatenate([ow.start, ent.ts]),
+                   np.concatenate([ow.last, ent.ts]), np.concatenate([ow.nbytes, ent.ip_len]),
+                   len(ow), len(ow) + len(ent.pk))  # fmt: skip
+
+
+@dataclass
+class _Groups:
+    """Phase 2: the rows in key order (``o``), one group per key, row order kept inside."""
+
+    o: np.ndarray  # sort order of the rows
+    H: np.ndarray  # first hash, sorted
+    h2: np.ndarray  # second hash, in the same order
+    T: np.ndarray  # time, in the same order
+    gs: np.ndarray  # first sorted row of each group
+    gid: np.ndarray  # group of each sorted row
+
+
+@dataclass
+class _Windows:
+    """Phase 3: one entry per window, in sorted-row order (``row_*``: per sorted row)."""
+
+    src: np.ndarray  # merged-row index of the window's head
+    start: np.ndarray
+    last: np.ndarray
+    nbytes: np.ndarray
+    npkts: np.ndarray
+    nfirst: np.ndarray  # first packets kept
+    group: np.ndarray
+    islast: np.ndarray  # the key's last window in this batch
+    gfirst: np.ndarray  # the key's first window in this batch
+    vhead: np.ndarray  # headed by an open window's row
+    vid: np.ndarray  # that open window (0 otherwise)
+    base: np.ndarray  # first packets the open window already holds, minus one
+    hidx: np.ndarray  # sorted-row index of the head
+    row_wid: np.ndarray  # window of each sorted row
+    row_is_v: np.ndarray  # the sorted row is an open window's
+
+    def __len__(self) -> int:
+        return len(self.src)
+
+
+@dataclass
+class _Connections:
+    """Phase 5: each window's connection, and the connection table's view of the keys."""
+
+    cstart: np.ndarray  # connection first packet, ns
+    dorig: np.ndarray  # bool: the device sent it
+    gh: np.ndarray  # hash of each group
+    kt_pos: np.ndarray  # its place in the connection table
+    kt_found: np.ndarray  # bool: it is there
 
 
 @dataclass
@@ -397,15 +504,30 @@ class FlowBuilder:
         return pk, d
 
     def _step(self, b: PacketBatch, final: bool) -> FlowTable:
-        P, B, W = self.packets, self.payload_bytes, self.window_ns
-        ow = self._open
+        """One batch through the phases of the module docstring: the devices' entries and
+        their keys, merged after the open windows; rows grouped by key; windows; their first
+        packets; their connections. Then the windows that are done become records and the
+        rest stay open."""
+        ent = self._device_entries(b)
+        if ent is None:
+            return FlowTable.empty(self.packets, self.payload_bytes)
+        rows = _Rows.merge(self._open, ent)
+        grp = self._group(rows)
+        win = self._windows(rows, grp)
+        first = self._first_packets(b, ent, rows, grp, win)
+        conn = self._connections(ent, rows, grp, win)
+        return self._close(rows, grp, win, first, conn, final)
+
+    def _device_entries(self, b: PacketBatch) -> _Entries | None:
+        """The batch's entries with their device-side keys; None when there is nothing to do
+        (no entry, no open window)."""
         pk, d = self._entries(b)
         e = len(pk)
         self.stats.device_packets += e
         if e:
             self.stats.device_bytes += int(b.ip_len[pk].sum())
-        if e == 0 and len(ow) == 0:
-            return FlowTable.empty(P, B)
+        if e == 0 and len(self._open) == 0:
+            return None
         out_dir = d.astype(bool)
         key = {
             "dev_mac": np.where(out_dir, b.src_mac[pk], b.dst_mac[pk]),
@@ -430,19 +552,17 @@ class FlowBuilder:
             n_caps = len(getattr(self.selector, "per_capture", ()))
             self.cap_device_packets = np.bincount(cap, minlength=n_caps)
             self.cap_device_bytes = np.bincount(cap, weights=b.ip_len[pk], minlength=n_caps)
-        v = len(ow)
-        # merged rows: the open windows first (their aggregate rows), then the entries
-        allkey = {k: np.concatenate([ow.key[k], key[k]]) for k in _KEY_FIELDS}
-        ts = b.ts_ns[pk]
-        t = np.concatenate([ow.start, ts])
-        tl = np.concatenate([ow.last, ts])
-        nb = np.concatenate([ow.nbytes, b.ip_len[pk]])
-        n = v + e
+        return _Entries(pk, d, key, b.ts_ns[pk], b.ip_len[pk])
+
+    def _group(self, rows: _Rows) -> _Groups:
+        """Rows grouped by key, in row order within a key.
+
+        Two independent 64-bit hashes: the first groups, the second proves the groups
+        (different keys agreeing on both is a 2**-128 event); if it ever happens, all hashes
+        change seed and the connection table starts afresh."""
+        ow, v, n = rows.open, rows.v, rows.n
         while True:
-            # two independent 64-bit hashes: the first groups, the second proves the groups
-            # (different keys agreeing on both is a 2**-128 event); if it ever happens, all
-            # hashes change seed and the connection table starts afresh
-            e1, e2 = self._key_hashes({k: a[v:] for k, a in allkey.items()}, self._seed)
+            e1, e2 = self._key_hashes({k: a[v:] for k, a in rows.key.items()}, self._seed)
             h = np.concatenate([ow.h, e1]) if v else e1
             o = _group_order(h)
             H = h[o]
@@ -457,112 +577,124 @@ class FlowBuilder:
             self._kt_h = self._kt_h[:0]
             for name in ("_kt_last", "_kt_cstart", "_kt_dorig"):
                 setattr(self, name, getattr(self, name)[:0])
-        T = t[o]
-        gs = np.flatnonzero(gflag)
-        gid = np.cumsum(gflag) - 1
-        heads = _window_heads(T, gid, gs, W)
+        return _Groups(o, H, h2, rows.t[o], np.flatnonzero(gflag), np.cumsum(gflag) - 1)
+
+    def _windows(self, rows: _Rows, grp: _Groups) -> _Windows:
+        """The windows of the grouped rows: their heads, totals and place in their key."""
+        P, ow, v, n = self.packets, rows.open, rows.v, rows.n
+        o = grp.o
+        heads = _window_heads(grp.T, grp.gid, grp.gs, self.window_ns)
         hidx = np.flatnonzero(heads)
         nw = len(hidx)
-        wid = np.cumsum(heads) - 1
         is_v = o < v
         w_src = o[hidx]  # merged-row index of each window's head
-        w_start = T[hidx]
-        w_last = np.maximum.reduceat(tl[o], hidx)
-        w_bytes = np.add.reduceat(nb[o], hidx)
         w_rows = np.diff(np.append(hidx, n))
         w_vhead = is_v[hidx]
         w_vid = np.where(w_vhead, w_src, 0)
         w_pkts = w_rows - w_vhead + np.where(w_vhead, ow.npkts[w_vid] if v else 0, 0)
         base = np.where(w_vhead, (ow.nfirst[w_vid] if v else 0) - 1, 0)
-        w_nfirst = np.minimum(P, w_rows - w_vhead + np.where(w_vhead, base + 1, 0))
-        w_group = gid[hidx]
+        w_group = grp.gid[hidx]
         change = w_group[1:] != w_group[:-1]
         w_islast = np.empty(nw, bool)
         w_islast[:-1], w_islast[-1] = change, True
         w_gfirst = np.empty(nw, bool)
         w_gfirst[1:], w_gfirst[0] = change, True
+        return _Windows(
+            src=w_src, start=grp.T[hidx], last=np.maximum.reduceat(rows.tl[o], hidx),
+            nbytes=np.add.reduceat(rows.nb[o], hidx), npkts=w_pkts,
+            nfirst=np.minimum(P, w_rows - w_vhead + np.where(w_vhead, base + 1, 0)),
+            group=w_group, islast=w_islast, gfirst=w_gfirst, vhead=w_vhead, vid=w_vid,
+            base=base, hidx=hidx, row_wid=np.cumsum(heads) - 1, row_is_v=is_v,
+        )  # fmt: skip
 
-        # first packets: open windows' stored ones, then the entries ranked after them
-        f_t = np.zeros((nw, P), np.int64)
-        f_size = np.zeros((nw, P), np.int32)
-        f_dir = np.zeros((nw, P), np.int8)
-        f_pay = np.zeros((nw, P, B), np.uint8)
-        f_plen = np.zeros((nw, P), np.int32)
+    def _first_packets(self, b: PacketBatch, ent: _Entries, rows: _Rows, grp: _Groups,
+                       win: _Windows) -> _FirstPackets:  # fmt: skip
+        """Each window's first packets: an open window's stored ones, then the entries
+        ranked after them."""
+        P, B, v, n = self.packets, self.payload_bytes, rows.v, rows.n
+        f = _FirstPackets.zeros(len(win), P, B)
         if v:
-            wv = np.flatnonzero(w_vhead)
-            src = w_vid[wv]
-            f_t[wv], f_size[wv], f_dir[wv] = ow.f_t[src], ow.f_size[src], ow.f_dir[src]
-            f_pay[wv], f_plen[wv] = ow.f_pay[src], ow.f_plen[src]
-        rank = np.arange(n) - hidx[wid] + base[wid]
-        sel = np.flatnonzero(~is_v & (rank < P))
-        if len(sel):
-            sw, sr = wid[sel], rank[sel]
-            ei = o[sel] - v  # entry index
-            pki = pk[ei]
-            f_t[sw, sr] = ts[ei]
-            f_size[sw, sr] = b.ip_len[pki]
-            f_dir[sw, sr] = d[ei]
-            if B:
-                pay, plen = b.payload(pki, B)
-                f_pay[sw, sr] = pay
-                f_plen[sw, sr] = plen
-                dh = np.flatnonzero(is_dhcp(b.proto[pki], b.sport[pki], b.dport[pki]))
-                if len(dh):  # DHCP: the view of the whole message (iotcls.dhcp)
-                    raw, rlen = b.payload(pki[dh], DHCP_PAYLOAD_BYTES)
-                    put_views(f_pay, f_plen, sw[dh], sr[dh],
-                              [raw[i, : rlen[i]].tobytes() for i in range(len(dh))])  # fmt: skip
+            wv = np.flatnonzero(win.vhead)
+            src, ow = win.vid[wv], rows.open.first
+            f.t[wv], f.size[wv], f.dir[wv] = ow.t[src], ow.size[src], ow.dir[src]
+            f.pay[wv], f.plen[wv] = ow.pay[src], ow.plen[src]
+        wid = win.row_wid
+        rank = np.arange(n) - win.hidx[wid] + win.base[wid]
+        sel = np.flatnonzero(~win.row_is_v & (rank < P))
+        if not len(sel):
+            return f
+        sw, sr = wid[sel], rank[sel]
+        ei = grp.o[sel] - v  # entry index
+        pki = ent.pk[ei]
+        f.t[sw, sr] = ent.ts[ei]
+        f.size[sw, sr] = b.ip_len[pki]
+        f.dir[sw, sr] = ent.d[ei]
+        if B:
+            pay, plen = b.payload(pki, B)
+            f.pay[sw, sr] = pay
+            f.plen[sw, sr] = plen
+            dh = np.flatnonzero(is_dhcp(b.proto[pki], b.sport[pki], b.dport[pki]))
+            if len(dh):  # DHCP: the view of the whole message (iotcls.dhcp)
+                raw, rlen = b.payload(pki[dh], DHCP_PAYLOAD_BYTES)
+                put_views(f.pay, f.plen, sw[dh], sr[dh],
+                          [raw[i, : rlen[i]].tobytes() for i in range(len(dh))])  # fmt: skip
+        return f
 
-        # connections: continue an open window's, a known key's (if not idle too long), or
-        # the previous window's; otherwise the head packet starts a new one
-        proto_w = allkey["proto"][w_src]
+    def _connections(self, ent: _Entries, rows: _Rows, grp: _Groups,
+                     win: _Windows) -> _Connections:  # fmt: skip
+        """Each window's connection: an open window's, a known key's (if not idle too long),
+        or the previous window's; otherwise the head packet starts a new one."""
+        ow, v, nw = rows.open, rows.v, len(win)
+        proto_w = rows.key["proto"][win.src]
         timeout = np.where(proto_w == PROTO_TCP, TCP_TIMEOUT_NS, OTHER_TIMEOUT_NS)
         prev_last = np.full(nw, _NEVER, np.int64)
-        prev_last[1:] = np.where(w_gfirst[1:], prev_last[1:], w_last[:-1])
-        gh = H[gs]
+        prev_last[1:] = np.where(win.gfirst[1:], prev_last[1:], win.last[:-1])
+        gh = grp.H[grp.gs]
         kt_pos = np.searchsorted(self._kt_h, gh)
         kt_found = kt_pos < len(self._kt_h)
         kt_found[kt_found] = self._kt_h[kt_pos[kt_found]] == gh[kt_found]
-        wf = np.flatnonzero(w_gfirst & ~w_vhead)
-        g_of_wf = w_group[wf]
+        wf = np.flatnonzero(win.gfirst & ~win.vhead)
+        g_of_wf = win.group[wf]
         known = kt_found[g_of_wf]
         prev_last[wf[known]] = self._kt_last[kt_pos[g_of_wf[known]]]
-        new_conn = ~w_vhead & (w_start - prev_last > timeout)
+        new_conn = ~win.vhead & (win.start - prev_last > timeout)
         w_cstart = np.zeros(nw, np.int64)
         w_dorig = np.zeros(nw, bool)
         if v:
-            w_cstart[w_vhead] = ow.cstart[w_vid[w_vhead]]
-            w_dorig[w_vhead] = ow.dorig[w_vid[w_vhead]]
+            w_cstart[win.vhead] = ow.cstart[win.vid[win.vhead]]
+            w_dorig[win.vhead] = ow.dorig[win.vid[win.vhead]]
         from_kt = wf[known & ~new_conn[wf]]
-        kp = kt_pos[w_group[from_kt]]
+        kp = kt_pos[win.group[from_kt]]
         w_cstart[from_kt] = self._kt_cstart[kp]
         w_dorig[from_kt] = self._kt_dorig[kp]
-        w_cstart[new_conn] = w_start[new_conn]
-        head_entry = np.maximum(w_src - v, 0)
-        w_dorig[new_conn] = d[head_entry[new_conn]] == 1 if e else False
-        defined = w_vhead | new_conn | w_gfirst
+        w_cstart[new_conn] = win.start[new_conn]
+        head_entry = np.maximum(win.src - v, 0)
+        w_dorig[new_conn] = ent.d[head_entry[new_conn]] == 1 if len(ent.pk) else False
+        defined = win.vhead | new_conn | win.gfirst
         fill = np.maximum.accumulate(np.where(defined, np.arange(nw), 0))
-        w_cstart = w_cstart[fill]
-        w_dorig = w_dorig[fill]
+        return _Connections(w_cstart[fill], w_dorig[fill], gh, kt_pos, kt_found)
 
-        # which windows are done
-        closed = ~w_islast | final | (w_start + W <= self._tmax)
-        keep = np.flatnonzero(w_islast & ~closed)
+    def _close(self, rows: _Rows, grp: _Groups, win: _Windows, first: _FirstPackets,
+               conn: _Connections, final: bool) -> FlowTable:  # fmt: skip
+        """Windows that are done become records (by start); the others stay open, and the
+        connection table and the devices' first packets learn this batch."""
+        closed = ~win.islast | final | (win.start + self.window_ns <= self._tmax)
+        keep = np.flatnonzero(win.islast & ~closed)
+        head = win.hidx[keep]
         self._open = _Open(
-            h=H[hidx[keep]],
-            h2=h2[hidx[keep]],
-            key={k: allkey[k][w_src[keep]] for k in _KEY_FIELDS},
-            start=w_start[keep], last=w_last[keep], nbytes=w_bytes[keep],
-            npkts=w_pkts[keep], nfirst=w_nfirst[keep], f_t=f_t[keep], f_size=f_size[keep],
-            f_dir=f_dir[keep], f_pay=f_pay[keep], f_plen=f_plen[keep],
-            cstart=w_cstart[keep], dorig=w_dorig[keep],
+            h=grp.H[head], h2=grp.h2[head],
+            key={k: rows.key[k][win.src[keep]] for k in _KEY_FIELDS},
+            start=win.start[keep], last=win.last[keep], nbytes=win.nbytes[keep],
+            npkts=win.npkts[keep], nfirst=win.nfirst[keep], first=first.take(keep),
+            cstart=conn.cstart[keep], dorig=conn.dorig[keep],
         )  # fmt: skip
-        self._update_keys(gh, w_last[w_islast], w_cstart[w_islast], w_dorig[w_islast],
-                          kt_pos, kt_found, final)  # fmt: skip
-        self._note_first_seen(allkey, o, gs, T)
+        il = win.islast
+        self._update_keys(conn.gh, win.last[il], conn.cstart[il], conn.dorig[il], conn.kt_pos,
+                          conn.kt_found, final)  # fmt: skip
+        self._note_first_seen(rows.key, grp.o, grp.gs, grp.T)
         cw = np.flatnonzero(closed)
-        cw = cw[np.argsort(w_start[cw], kind="stable")]
-        return self._table(cw, allkey, w_src, w_start, w_last, w_bytes, w_pkts, w_nfirst,
-                           f_t, f_size, f_dir, f_pay, f_plen, w_cstart, w_dorig)  # fmt: skip
+        cw = cw[np.argsort(win.start[cw], kind="stable")]
+        return self._table(cw, rows.key, win, first, conn)
 
     @staticmethod
     def _key_hashes(key: dict[str, np.ndarray], seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -621,20 +753,21 @@ class FlowBuilder:
             if t < fs.get((m, a, c), t + 1):
                 fs[(m, a, c)] = t
 
-    def _table(self, cw, allkey, w_src, w_start, w_last, w_bytes, w_pkts, w_nfirst,
-               f_t, f_size, f_dir, f_pay, f_plen, w_cstart, w_dorig) -> FlowTable:  # fmt: skip
+    def _table(self, cw: np.ndarray, allkey: dict[str, np.ndarray], w: _Windows,
+               f: _FirstPackets, c: _Connections) -> FlowTable:  # fmt: skip
+        """The records of the windows ``cw``, in that order."""
         m = len(cw)
         P, B = self.packets, self.payload_bytes
         if m == 0:
             return FlowTable.empty(P, B)
         self.stats.records += m
-        src = w_src[cw]
+        src = w.src[cw]
         k = {name: allkey[name][src] for name in _KEY_FIELDS}
-        start = w_start[cw]
-        nf = w_nfirst[cw]
+        start = w.start[cw]
+        nf = w.nfirst[cw]
         present = np.arange(P)[None, :] < nf[:, None]
-        offs = np.where(present, (f_t[cw] - start[:, None]) / NS, 0.0)
-        cstart = w_cstart[cw]
+        offs = np.where(present, (f.t[cw] - start[:, None]) / NS, 0.0)
+        cstart = c.cstart[cw]
         uid = make_uids(k["dev_hi"], k["dev_lo"], k["dev_port"], k["rem_hi"], k["rem_lo"],
                         k["rem_port"], k["proto"], cstart)  # fmt: skip
         self.emitted_caps = (k["dev_mac"] >> _U64(48)).astype(np.int64)
@@ -646,17 +779,17 @@ class FlowBuilder:
             remote_port=k["rem_port"].astype(np.int32),
             proto=k["proto"].astype(np.int16),
             start=ns_to_s(start),
-            last=ns_to_s(w_last[cw]),
-            total_bytes=w_bytes[cw].astype(np.int64),
-            total_packets=w_pkts[cw].astype(np.int64),
+            last=ns_to_s(w.last[cw]),
+            total_bytes=w.nbytes[cw].astype(np.int64),
+            total_packets=w.npkts[cw].astype(np.int64),
             n_pkts=nf.astype(np.int16),
             offsets=offs,
-            sizes=np.where(present, f_size[cw], 0).astype(np.int32),
-            directions=np.where(present, f_dir[cw], 0).astype(np.int8),
-            payload=f_pay[cw],
-            payload_len=np.where(present, f_plen[cw], 0).astype(np.int32),
+            sizes=np.where(present, f.size[cw], 0).astype(np.int32),
+            directions=np.where(present, f.dir[cw], 0).astype(np.int8),
+            payload=f.pay[cw],
+            payload_len=np.where(present, f.plen[cw], 0).astype(np.int32),
             uid=uid,
-            device_is_orig=w_dorig[cw].copy(),
+            device_is_orig=c.dorig[cw].copy(),
         )
 
 

@@ -78,11 +78,11 @@ class FlowTable:
         return self.payload.shape[2]
 
     @classmethod
-    def empty(cls, packets: int, payload_bytes: int) -> "FlowTable":
+    def empty(cls, packets: int, payload_bytes: int) -> FlowTable:
         return cls.allocate(0, packets, payload_bytes)
 
     @classmethod
-    def allocate(cls, n: int, packets: int, payload_bytes: int) -> "FlowTable":
+    def allocate(cls, n: int, packets: int, payload_bytes: int) -> FlowTable:
         return cls(
             device_mac=np.full(n, "", dtype=object),
             device_ip=np.zeros((n, 16), np.uint8),
@@ -107,7 +107,7 @@ class FlowTable:
     @classmethod
     def from_records(
         cls, records: list[FlowRecord], packets: int, payload_bytes: int
-    ) -> "FlowTable":
+    ) -> FlowTable:
         """Records with more packets or payload than the table holds are truncated.
 
         One Python pass gathers the per-packet lists, numpy scatters them: the bridge turns
@@ -180,11 +180,11 @@ class FlowTable:
     def records(self) -> list[FlowRecord]:
         return [self.record(i) for i in range(len(self))]
 
-    def take(self, index: np.ndarray) -> "FlowTable":
+    def take(self, index: np.ndarray) -> FlowTable:
         return FlowTable(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
 
     @classmethod
-    def concat(cls, tables: list["FlowTable"], packets: int, payload_bytes: int) -> "FlowTable":
+    def concat(cls, tables: list[FlowTable], packets: int, payload_bytes: int) -> FlowTable:
         tables = [t for t in tables if len(t)]
         if not tables:
             return cls.empty(packets, payload_bytes)

@@ -2,9 +2,10 @@
 
 Why this shape: per-packet Python is the cost that decides whether the sensor keeps up, so
 Python touches each record exactly once, in the tightest loop that can find where records
-start (:func:`_walk_classic`, :func:`_walk_pcapng`). Everything else (link layer, IPv4/IPv6,
-extension headers, TCP/UDP/ICMP) is parsed by numpy over all the packets of a chunk at once,
-from fixed-size gathers at the collected offsets.
+start (:func:`_walk_classic`, :meth:`CaptureReader._walk_pcapng`). Everything else (link
+layer, IPv4/IPv6, extension headers, TCP/UDP/ICMP) is parsed by numpy over all the packets of
+a chunk at once, from fixed-size gathers at the collected offsets: one method per header
+(:meth:`CaptureReader._parse`), each handing the next a small dataclass of columns.
 
 The file is read in chunks of ``chunk_bytes`` (8 MiB by default); a record cut by the end of
 a chunk moves to the next one, so memory stays bounded whatever the capture's size. Each chunk
@@ -37,6 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from .columns import Columns
 
 DEFAULT_CHUNK_BYTES = 8 << 20  # measured: as fast as 32 MiB, a third of the memory
 _PAD = 256  # zero bytes after a chunk so fixed-size gathers never leave the buffer
@@ -175,18 +178,18 @@ class PacketBatch:
         return out, lens.astype(np.int32)
 
     @classmethod
-    def empty(cls) -> "PacketBatch":
+    def empty(cls) -> PacketBatch:
         i = np.zeros(0, np.int64)
         u = np.zeros(0, np.uint64)
         return cls(np.zeros(_PAD, np.uint8), i, i, i, i, u, u, u, u, i, i, u, u, i, i, i)
 
-    def take(self, idx: np.ndarray) -> "PacketBatch":
+    def take(self, idx: np.ndarray) -> PacketBatch:
         kw = {k: getattr(self, k)[idx] for k in self.__dataclass_fields__
               if k != "buf" and getattr(self, k) is not None}  # fmt: skip
         return PacketBatch(buf=self.buf, **kw)
 
     @classmethod
-    def merge(cls, batches: list["PacketBatch"], caps: list[int]) -> "PacketBatch":
+    def merge(cls, batches: list[PacketBatch], caps: list[int]) -> PacketBatch:
         """One batch of several files' batches, each packet tagged with its file's ``caps``
         entry: lets many small captures share one pass of the flow builder."""
         bufs = [b.buf for b in batches]
@@ -276,6 +279,17 @@ class _Section:
         return np.searchsorted(np.asarray(self.idb_at, np.int64), rec_at)
 
 
+@dataclass
+class _BlockWalk:
+    """One chunk's pcapng blocks: its packet blocks' offsets by section (enhanced, simple),
+    where the walk stopped, why if the framing is corrupt, and the section it ended in."""
+
+    groups: list[tuple[_Section, list[int], list[int]]]
+    stop: int
+    corrupt: str
+    section: _Section | None
+
+
 def _parse_idb(b: bytearray, off: int, bl: int, big: bool) -> tuple[_Iface, str]:
     """The interface of the block at ``off`` (length ``bl``, checked by the caller) and a
     problem ("" when none). An option whose length runs past the block ends the options: the
@@ -297,6 +311,59 @@ def _parse_idb(b: bytearray, off: int, bl: int, big: bool) -> tuple[_Iface, str]
             iface.ts_offset = struct.unpack_from(e + "q", b, p + 4)[0]
         p += 4 + ((length + 3) & ~3)
     return iface, ""
+
+
+# --------------------------------------------------------------------------------------------
+# what each header step hands to the next: columns, one entry per packet
+
+
+@dataclass
+class _Records(Columns):
+    """A chunk's packet records: where each starts in the buffer, its captured and wire
+    lengths, its time (ns) and its file offset."""
+
+    off: np.ndarray
+    cap: np.ndarray
+    wire: np.ndarray
+    ts: np.ndarray
+    rec: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.off)
+
+
+@dataclass
+class _LinkLayer(Columns):
+    """The IP packets of a chunk, past their link layer."""
+
+    r: _Records
+    l3: np.ndarray  # int64: the IP header's offset in the record
+    smac: np.ndarray  # uint64, 0 when the link layer has none
+    dmac: np.ndarray
+    is4: np.ndarray  # bool: IPv4, else IPv6
+
+
+@dataclass
+class _IPHeader(Columns):
+    """What the IP header (and IPv6's extension headers) say."""
+
+    g: np.ndarray  # (n, 40) the header's first bytes: the addresses are read from here
+    ip_len: np.ndarray  # int64: IPv4 total length, IPv6 payload length + 40
+    proto: np.ndarray  # int64: transport protocol
+    l4: np.ndarray  # int64: the transport header's offset in the record
+    rem: np.ndarray  # int64: bytes after the IP (and extension) headers
+    bad: np.ndarray  # bool: malformed, skip
+    nonfirst: np.ndarray  # bool: a later fragment, skip
+    all4: bool
+
+
+@dataclass
+class _Transport(Columns):
+    sport: np.ndarray  # int64; ICMP: type; other protocols: 0
+    dport: np.ndarray  # int64; ICMP: counterpart type, else code
+    th: np.ndarray  # int64: transport header length (other: 0, ICMP: all of it)
+    l4_len: np.ndarray  # int64: transport payload length per the headers
+    skip: np.ndarray  # bool: packets no batch carries
 
 
 # --------------------------------------------------------------------------------------------
@@ -447,77 +514,17 @@ class CaptureReader:
         last_ts = 0
         while True:
             arr, size, base, eof = item
-            pos = 0
-            # packets grouped by section (byte order and interface table change with it)
-            groups: list[tuple[_Section, list[int], list[int]]] = []
-            epbs: list[int] = []
-            spbs: list[int] = []
-            corrupt = ""
-            unpack = struct.Struct(">II" if section and section.big else "<II").unpack_from
-            while pos + 12 <= size:
-                bt, bl = unpack(arr, pos)
-                if bt == 6 and section is not None:
-                    if bl < 32 or bl % 4 or bl > MAX_BLOCK:
-                        corrupt = f"pcapng: bad block length {bl}"
-                        break
-                    if pos + bl > size:
-                        break
-                    epbs.append(pos)
-                    pos += bl
-                    continue
-                if bt == _PCAPNG_SHB:
-                    bom = struct.unpack_from("<I", arr, pos + 8)[0]
-                    if bom not in (_PCAPNG_BOM, 0x4D3C2B1A):
-                        corrupt = "pcapng: bad byte-order magic"
-                        break
-                    big = bom != _PCAPNG_BOM
-                    unpack = struct.Struct(">II" if big else "<II").unpack_from
-                    bl = unpack(arr, pos)[1]
-                    if bl < 28 or bl % 4 or bl > MAX_BLOCK:
-                        corrupt = f"pcapng: bad section header length {bl}"
-                        break
-                    if pos + bl > size:
-                        break
-                    if epbs or spbs:
-                        groups.append((section, epbs, spbs))  # type: ignore[arg-type]
-                        epbs, spbs = [], []
-                    section = _Section(big)
-                    pos += bl
-                    continue
-                if section is None:
-                    corrupt = "pcapng: expected a section header block"
-                    break
-                if bl < 12 or bl % 4 or bl > MAX_BLOCK:
-                    corrupt = f"pcapng: bad block length {bl}"
-                    break
-                if pos + bl > size:
-                    break
-                if bt == 3:
-                    if bl < 16:
-                        corrupt = "pcapng: simple packet block too short"
-                        break
-                    spbs.append(pos)
-                elif bt == 1:
-                    if bl < 20:
-                        corrupt = "pcapng: interface block too short"
-                        break
-                    iface, problem = _parse_idb(arr, pos, bl, section.big)
-                    if problem:
-                        st.warn(base + pos, problem + "; the options after it are ignored")
-                    section.ifaces.append(iface)
-                    section.idb_at.append(base + pos)
-                    self.linktypes.add(iface.linktype)
-                pos += bl
-            if epbs or spbs:
-                groups.append((section, epbs, spbs))  # type: ignore[arg-type]
+            walk = self._walk_pcapng(arr, size, base, section)
+            section = walk.section
             buf = np.frombuffer(arr, np.uint8)
-            for sec, e_offs, s_offs in groups:
+            for sec, e_offs, s_offs in walk.groups:
                 batch, last_ts = self._pcapng_packets(buf, base, sec, e_offs, s_offs, last_ts)
                 if batch is not None and len(batch):
                     yield batch
-            if corrupt:
+            pos = walk.stop
+            if walk.corrupt:
                 st.truncated = True
-                st.warn(base + pos, corrupt + "; stopped reading this file")
+                st.warn(base + pos, walk.corrupt + "; stopped reading this file")
                 gen.close()
                 return
             if eof:
@@ -526,6 +533,77 @@ class CaptureReader:
                     st.warn(base + pos, f"file ends inside a block ({size - pos} bytes left)")
                 return
             item = gen.send(pos)
+
+    def _walk_pcapng(self, arr: bytearray, size: int, base: int,
+                     section: _Section | None) -> _BlockWalk:  # fmt: skip
+        """The blocks of one chunk, from its start: packet blocks collected by section, each
+        section and interface block read as it comes. Stops at the first block the chunk
+        does not hold whole, or at corrupt framing (``corrupt`` says which)."""
+        st = self.stats
+        pos = 0
+        # packets grouped by section (byte order and interface table change with it)
+        groups: list[tuple[_Section, list[int], list[int]]] = []
+        epbs: list[int] = []
+        spbs: list[int] = []
+        corrupt = ""
+        unpack = struct.Struct(">II" if section and section.big else "<II").unpack_from
+        while pos + 12 <= size:
+            bt, bl = unpack(arr, pos)
+            if bt == 6 and section is not None:
+                if bl < 32 or bl % 4 or bl > MAX_BLOCK:
+                    corrupt = f"pcapng: bad block length {bl}"
+                    break
+                if pos + bl > size:
+                    break
+                epbs.append(pos)
+                pos += bl
+                continue
+            if bt == _PCAPNG_SHB:
+                bom = struct.unpack_from("<I", arr, pos + 8)[0]
+                if bom not in (_PCAPNG_BOM, 0x4D3C2B1A):
+                    corrupt = "pcapng: bad byte-order magic"
+                    break
+                big = bom != _PCAPNG_BOM
+                unpack = struct.Struct(">II" if big else "<II").unpack_from
+                bl = unpack(arr, pos)[1]
+                if bl < 28 or bl % 4 or bl > MAX_BLOCK:
+                    corrupt = f"pcapng: bad section header length {bl}"
+                    break
+                if pos + bl > size:
+                    break
+                if epbs or spbs:
+                    groups.append((section, epbs, spbs))  # type: ignore[arg-type]
+                    epbs, spbs = [], []
+                section = _Section(big)
+                pos += bl
+                continue
+            if section is None:
+                corrupt = "pcapng: expected a section header block"
+                break
+            if bl < 12 or bl % 4 or bl > MAX_BLOCK:
+                corrupt = f"pcapng: bad block length {bl}"
+                break
+            if pos + bl > size:
+                break
+            if bt == 3:
+                if bl < 16:
+                    corrupt = "pcapng: simple packet block too short"
+                    break
+                spbs.append(pos)
+            elif bt == 1:
+                if bl < 20:
+                    corrupt = "pcapng: interface block too short"
+                    break
+                iface, problem = _parse_idb(arr, pos, bl, section.big)
+                if problem:
+                    st.warn(base + pos, problem + "; the options after it are ignored")
+                section.ifaces.append(iface)
+                section.idb_at.append(base + pos)
+                self.linktypes.add(iface.linktype)
+            pos += bl
+        if epbs or spbs:
+            groups.append((section, epbs, spbs))  # type: ignore[arg-type]
+        return _BlockWalk(groups, pos, corrupt, section)
 
     def _pcapng_packets(
         self, buf: np.ndarray, base: int, sec: _Section, e_offs: list[int],
@@ -596,117 +674,149 @@ class CaptureReader:
         self, buf: np.ndarray, off: np.ndarray, cap: np.ndarray, wire: np.ndarray,
         ts: np.ndarray, rec: np.ndarray, linktype: int | np.ndarray,
     ) -> PacketBatch:  # fmt: skip
-        """Link layer, then IP, then transport, all vectorised over the chunk's records.
-        First, packets whose time lies outside [0, TS_LIMIT_NS) are skipped (module
-        docstring): later steps may then add and subtract times and windows freely."""
+        """Link layer, then IP, then transport, all vectorised over the chunk's records; each
+        step returns what it read as a small dataclass of columns. First, packets whose time
+        lies outside [0, TS_LIMIT_NS) are skipped (module docstring): later steps may then add
+        and subtract times and windows freely."""
+        r, linktype = self._in_time(_Records(off, cap, wire, ts, rec), linktype)
+        link = self._link_layer(buf, r, linktype)
+        if link is None:
+            return PacketBatch.empty()
+        ip = self._ip_header(buf, link)
+        if not ip.all4:
+            self._ipv6_extensions(buf, link, ip)
+        l4 = self._transport(buf, link, ip)
+        return self._batch(buf, link, ip, l4)
+
+    def _in_time(
+        self, r: _Records, linktype: int | np.ndarray
+    ) -> tuple[_Records, int | np.ndarray]:
+        """The records whose time lies in [0, TS_LIMIT_NS), and their link types."""
+        late = (r.ts < 0) | (r.ts >= TS_LIMIT_NS)
+        if not late.any():
+            return r, linktype
+        self._malformed(r.rec, late, "packet time out of range (1970 to 2116)")
+        keep = np.flatnonzero(~late)
+        if not isinstance(linktype, (int, np.integer)):
+            linktype = linktype[keep]
+        return r.take(keep), linktype
+
+    def _link_layer(self, buf: np.ndarray, r: _Records,
+                    linktype: int | np.ndarray) -> _LinkLayer | None:  # fmt: skip
+        """The IP packets among the records, read past their link layer; None when none is
+        left (or the link type is unknown)."""
         st = self.stats
-        late = (ts < 0) | (ts >= TS_LIMIT_NS)
-        if late.any():
-            self._malformed(rec, late, "packet time out of range (1970 to 2116)")
-            keep = np.flatnonzero(~late)
-            off, cap, wire, ts, rec = off[keep], cap[keep], wire[keep], ts[keep], rec[keep]
-            if not isinstance(linktype, (int, np.integer)):
-                linktype = linktype[keep]
-        n = len(off)
+        n = len(r)
         if isinstance(linktype, (int, np.integer)):
-            l3, et, smac, dmac, bad2 = _link(buf, off, cap, int(linktype))
+            l3, et, smac, dmac, bad2 = _link(buf, r.off, r.cap, int(linktype))
             if bad2 is None:
                 st.unknown_link += n
-                st.warn(int(rec[0]) if n else None,
+                st.warn(int(r.rec[0]) if n else None,
                         f"unknown link type {int(linktype)}; {n} packets skipped")  # fmt: skip
-                return PacketBatch.empty()
+                return None
             unknown = np.zeros(n, bool)
         else:
-            l3 = np.zeros(n, np.int64)
-            et = np.zeros(n, np.int64)
-            smac = np.zeros(n, np.uint64)
-            dmac = np.zeros(n, np.uint64)
-            bad2 = np.zeros(n, bool)
-            unknown = np.zeros(n, bool)
-            for k in np.unique(linktype):
-                m = np.flatnonzero(linktype == k)
-                r = _link(buf, off[m], cap[m], int(k))
-                if r[4] is None:
-                    unknown[m] = True
-                    st.unknown_link += len(m)
-                    st.warn(int(rec[m[0]]), f"unknown link type {int(k)}; "
-                                            f"{len(m)} packets skipped")  # fmt: skip
-                    continue
-                l3[m], et[m], smac[m], dmac[m], bad2[m] = r
-        self._malformed(rec, bad2, "frame shorter than its link-layer header")
+            l3, et, smac, dmac, bad2, unknown = self._mixed_links(buf, r, linktype)
+        self._malformed(r.rec, bad2, "frame shorter than its link-layer header")
         is4 = (et == ETH_IPV4) & ~bad2
         is6 = (et == ETH_IPV6) & ~bad2
         ip = is4 | is6
         st.non_ip += int((~ip & ~bad2 & ~unknown).sum())
+        link = _LinkLayer(r, l3, smac, dmac, is4)
         keep = np.flatnonzero(ip)
         if len(keep) < n:
-            off, cap, wire, ts, rec, l3, smac, dmac, is4 = (
-                a[keep] for a in (off, cap, wire, ts, rec, l3, smac, dmac, is4)
-            )
-        n = len(off)
-        if n == 0:
-            return PacketBatch.empty()
-        a3 = off + l3
-        g = _rows(buf, a3, 40)
+            link = link.take(keep)
+        return link if len(link.r) else None
+
+    def _mixed_links(self, buf: np.ndarray, r: _Records, linktype: np.ndarray) -> tuple:
+        """:func:`_link` per link type, for a chunk whose packets have several (pcapng);
+        adds a last item: the packets of unknown link types."""
+        st = self.stats
+        n = len(r)
+        l3 = np.zeros(n, np.int64)
+        et = np.zeros(n, np.int64)
+        smac = np.zeros(n, np.uint64)
+        dmac = np.zeros(n, np.uint64)
+        bad2 = np.zeros(n, bool)
+        unknown = np.zeros(n, bool)
+        for k in np.unique(linktype):
+            m = np.flatnonzero(linktype == k)
+            got = _link(buf, r.off[m], r.cap[m], int(k))
+            if got[4] is None:
+                unknown[m] = True
+                st.unknown_link += len(m)
+                st.warn(int(r.rec[m[0]]), f"unknown link type {int(k)}; "
+                                          f"{len(m)} packets skipped")  # fmt: skip
+                continue
+            l3[m], et[m], smac[m], dmac[m], bad2[m] = got
+        return l3, et, smac, dmac, bad2, unknown
+
+    def _ip_header(self, buf: np.ndarray, link: _LinkLayer) -> _IPHeader:
+        """IPv4 and IPv6 fixed headers; IPv6 packets reread the same 40 bytes."""
+        r, l3, is4 = link.r, link.l3, link.is4
+        g = _rows(buf, r.off + l3, 40)
         ver = g[:, 0] >> 4
         all4 = bool(is4.all())
-        # IPv4 (and, for IPv6 packets, the same bytes reread below)
         ihl = (g[:, 0] & 15).astype(np.int64) << 2
         tot = _be16(g, 2)
         proto = g[:, 9].astype(np.int64)
+        bad4 = (ver != 4) | (ihl < 20) | (tot < ihl) | (r.cap < l3 + np.maximum(ihl, 20))
         if all4:
             ip_len = tot
             hlen = ihl
-            bad = (ver != 4) | (ihl < 20) | (tot < ihl) | (cap < l3 + np.maximum(ihl, 20))
+            bad = bad4
             nonfirst = (_be16(g, 6) & 0x1FFF) != 0
         else:
             plen = _be16(g, 4)
             ip_len = np.where(is4, tot, plen + 40)
             hlen = np.where(is4, ihl, 40)
-            bad = np.where(
-                is4,
-                (ver != 4) | (ihl < 20) | (tot < ihl) | (cap < l3 + np.maximum(ihl, 20)),
-                (ver != 6) | (cap < l3 + 40),
-            )
+            bad = np.where(is4, bad4, (ver != 6) | (r.cap < l3 + 40))
             proto = np.where(is4, proto, g[:, 6])
             nonfirst = is4 & ((_be16(g, 6) & 0x1FFF) != 0)
-        self._malformed(rec, bad, "malformed IP header")
-        cut = ~bad & (wire < l3 + ip_len)
+        self._malformed(r.rec, bad, "malformed IP header")
+        cut = ~bad & (r.wire < l3 + ip_len)
         if cut.any():
-            self._malformed(rec, cut, "IP packet longer than the frame")
+            self._malformed(r.rec, cut, "IP packet longer than the frame")
             bad |= cut
-        l4 = l3 + hlen  # relative to off
-        rem = ip_len - hlen  # bytes after the IP (and extension) headers
-        if not all4:
-            # IPv6 extension headers: a few vectorised rounds over the packets that have them
-            ext = ~is4 & ~bad & _IS_EXT[proto]
-            for _ in range(8):
-                m = np.flatnonzero(ext)
-                if not len(m):
-                    break
-                short = cap[m] < l4[m] + 8
-                e = _rows(buf, off[m] + l4[m], 8)
-                nh = proto[m]
-                hl = e[:, 1].astype(np.int64)
-                size = np.where(nh == 44, 8, np.where(nh == 51, (hl + 2) * 4, (hl + 1) * 8))
-                nonfirst[m] |= (nh == 44) & ((_be16(e, 2) >> 3) != 0)
-                l4[m] += size
-                rem[m] -= size
-                proto[m] = e[:, 0]
-                broken = short | (rem[m] < 0)
-                bad[m[broken]] = True
-                self._malformed(rec[m], broken, "malformed IPv6 extension header")
-                ext[m] = ~broken & _IS_EXT[e[:, 0]] & ~nonfirst[m]
-        skip = bad | nonfirst
-        if nonfirst.any():
-            st.fragments += int((nonfirst & ~bad).sum())
-        kind = _L4_KIND[proto]  # 0 other, 1 tcp, 2 udp, 3 icmp
+        return _IPHeader(g, ip_len, proto, l3 + hlen, ip_len - hlen, bad, nonfirst, all4)
+
+    def _ipv6_extensions(self, buf: np.ndarray, link: _LinkLayer, ip: _IPHeader) -> None:
+        """Past the IPv6 extension headers, in place: a few vectorised rounds over the
+        packets that have them (``l4``, ``rem``, ``proto``, ``bad``, ``nonfirst`` move)."""
+        r = link.r
+        ext = ~link.is4 & ~ip.bad & _IS_EXT[ip.proto]
+        for _ in range(8):
+            m = np.flatnonzero(ext)
+            if not len(m):
+                break
+            short = r.cap[m] < ip.l4[m] + 8
+            e = _rows(buf, r.off[m] + ip.l4[m], 8)
+            nh = ip.proto[m]
+            hl = e[:, 1].astype(np.int64)
+            size = np.where(nh == 44, 8, np.where(nh == 51, (hl + 2) * 4, (hl + 1) * 8))
+            ip.nonfirst[m] |= (nh == 44) & ((_be16(e, 2) >> 3) != 0)
+            ip.l4[m] += size
+            ip.rem[m] -= size
+            ip.proto[m] = e[:, 0]
+            broken = short | (ip.rem[m] < 0)
+            ip.bad[m[broken]] = True
+            self._malformed(r.rec[m], broken, "malformed IPv6 extension header")
+            ext[m] = ~broken & _IS_EXT[e[:, 0]] & ~ip.nonfirst[m]
+
+    def _transport(self, buf: np.ndarray, link: _LinkLayer, ip: _IPHeader) -> _Transport:
+        """Ports (ICMP: type and counterpart), transport header and payload lengths, and
+        which packets to skip (broken, cut, or a later fragment)."""
+        r, rem, l4 = link.r, ip.rem, ip.l4
+        skip = ip.bad | ip.nonfirst
+        if ip.nonfirst.any():
+            self.stats.fragments += int((ip.nonfirst & ~ip.bad).sum())
+        kind = _L4_KIND[ip.proto]  # 0 other, 1 tcp, 2 udp, 3 icmp
         need = _L4_NEED[kind]
-        short = ~skip & ((rem < need) | (cap < l4 + need))
+        short = ~skip & ((rem < need) | (r.cap < l4 + need))
         if short.any():
-            self._malformed(rec, short, "transport header cut short")
+            self._malformed(r.rec, short, "transport header cut short")
             skip |= short
-        g4 = _rows(buf, off + l4, 16)
+        g4 = _rows(buf, r.off + l4, 16)
         sport = _be16(g4, 0)
         dport = _be16(g4, 2)
         tcp = kind == 1
@@ -714,7 +824,7 @@ class CaptureReader:
         doff = (g4[:, 12] >> 4).astype(np.int64) << 2
         badtcp = ~skip & tcp & ((doff < 20) | (doff > rem))
         if badtcp.any():
-            self._malformed(rec, badtcp, "malformed TCP header")
+            self._malformed(r.rec, badtcp, "malformed TCP header")
             skip |= badtcp
         ports = tcp | udp
         th = np.where(tcp, doff, 8)  # transport header length (other: 0, ICMP: all of it)
@@ -722,50 +832,51 @@ class CaptureReader:
         if not ports.all():
             icmp = kind == 3
             itype = g4[:, 0].astype(np.int64)
-            peer = np.where(is4, _ICMP4_PEER[itype], _ICMP6_PEER[itype])
+            peer = np.where(link.is4, _ICMP4_PEER[itype], _ICMP6_PEER[itype])
             peer = np.where(peer >= 0, peer, g4[:, 1])
             sport = np.where(ports, sport, np.where(icmp, itype, 0))
             dport = np.where(ports, dport, np.where(icmp, peer, 0))
             th = np.where(ports, th, np.where(icmp, rem, 0))
             l4_len = np.where(ports, l4_len, np.where(icmp, 0, rem))
-        if skip.any():
-            good = np.flatnonzero(~skip)
-            (off, cap, ts, rec, l3, smac, dmac, is4, g, ip_len, proto, sport, dport, l4, th,
-             l4_len) = (
-                a[good] for a in (off, cap, ts, rec, l3, smac, dmac, is4, g, ip_len, proto,
-                                  sport, dport, l4, th, l4_len)
-            )  # fmt: skip
-            all4 = bool(is4.all())
-        st.ip_packets += len(off)
-        st.ip_bytes += int(ip_len.sum())
+        return _Transport(sport, dport, th, l4_len, skip)
+
+    def _batch(self, buf: np.ndarray, link: _LinkLayer, ip: _IPHeader,
+               l4: _Transport) -> PacketBatch:  # fmt: skip
+        """The batch of the packets no step skipped, with their addresses."""
+        if l4.skip.any():
+            good = np.flatnonzero(~l4.skip)
+            link, ip, l4 = link.take(good), ip.take(good), l4.take(good)
+        r, g, n = link.r, ip.g, len(link.r)
+        self.stats.ip_packets += n
+        self.stats.ip_bytes += int(ip.ip_len.sum())
         mapped = np.uint64(0xFFFF << 32)
         src_lo = mapped | _be32(g, 12)
         dst_lo = mapped | _be32(g, 16)
-        src_hi = np.zeros(len(off), np.uint64)
-        dst_hi = np.zeros(len(off), np.uint64)
-        if not all4:
-            v6 = np.flatnonzero(~is4)
+        src_hi = np.zeros(n, np.uint64)
+        dst_hi = np.zeros(n, np.uint64)
+        if not bool(link.is4.all()):
+            v6 = np.flatnonzero(~link.is4)
             g6 = g[v6]
             src_hi[v6], src_lo[v6] = _be64(g6, 8), _be64(g6, 16)
             dst_hi[v6], dst_lo[v6] = _be64(g6, 24), _be64(g6, 32)
-        pay = l4 + th
+        pay = ip.l4 + l4.th
         return PacketBatch(
             buf=buf,
-            ts_ns=ts,
-            rec_off=rec,
-            ip_len=ip_len,
-            proto=proto,
+            ts_ns=r.ts,
+            rec_off=r.rec,
+            ip_len=ip.ip_len,
+            proto=ip.proto,
             src_hi=src_hi,
             src_lo=src_lo,
             dst_hi=dst_hi,
             dst_lo=dst_lo,
-            sport=sport,
-            dport=dport,
-            src_mac=smac,
-            dst_mac=dmac,
-            l4_len=l4_len,
-            pay_off=off + pay,
-            pay_cap=np.maximum(np.minimum(cap, l3 + ip_len) - pay, 0),
+            sport=l4.sport,
+            dport=l4.dport,
+            src_mac=link.smac,
+            dst_mac=link.dmac,
+            l4_len=l4.l4_len,
+            pay_off=r.off + pay,
+            pay_cap=np.maximum(np.minimum(r.cap, link.l3 + ip.ip_len) - pay, 0),
         )
 
     def _malformed(self, rec: np.ndarray, mask: np.ndarray, what: str) -> None:

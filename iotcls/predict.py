@@ -1,22 +1,29 @@
 """Labels for matrices: the one place where a model's output becomes a label.
 
-Every consumer (``classify``, ``evaluate``, the scorer beside Zeek) calls
-:meth:`Predictor.predict`. It runs the CNN in batches under :func:`torch.inference_mode`,
-calibrates with the bundle's temperature and attaches the trust fields. Until the trust layer
-(docs/trust.md) takes over :meth:`Predictor.assess`, a label is trusted when its calibrated
-confidence reaches ``threshold``.
+A device history whose devices and times are known together (a capture, a dataset split)
+goes through :meth:`Predictor.label` once, its stages in order: each matrix's device's DHCP
+identity -> the model's calibrated scores -> refined by the identity -> trusted (rules 1-4
+per label, then 5 and 6 over the device history; docs/trust.md). A stream of single
+matrices (the scorer beside Zeek) calls :meth:`Predictor.predict`, and the bridge applies
+rules 5 and 6 as labels arrive. The CNN runs in batches under :func:`torch.inference_mode`.
+A bundle without a trust state trusts a label when its calibrated confidence reaches
+``threshold`` (:meth:`Predictor.assess`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
-from typing import Sequence
 
 import numpy as np
 import torch
 
 from .bundle import ModelBundle
+from .rowcache import RowCache
+from .trust.decision import apply_device_rules
+from .trust.dhcp_identity import DhcpIdentity, latest
+from .trust.layer import TrustLayer
 
 DEFAULT_THRESHOLD = 0.5
 # Below this many matrices the CPU runs on one thread: intra-op parallelism gains nothing on
@@ -55,7 +62,7 @@ class Predictions:
     def __len__(self) -> int:
         return len(self.index)
 
-    def take(self, idx: np.ndarray) -> "Predictions":
+    def take(self, idx: np.ndarray) -> Predictions:
         out = {}
         for f in fields(self):
             v = getattr(self, f.name)
@@ -87,8 +94,6 @@ class Predictor:
         self.model = bundle.model.to(self.device).eval()
         self.row_cache = None
         if row_cache > 0 and self.device.type == "cpu":
-            from .rowcache import RowCache
-
             self.row_cache = RowCache(self.model, row_cache)
         # Chunks of 256 matrices on a CPU: their intermediates stay in cache (measured on the
         # 2-core VM: 6,800 matrices/s in chunks of 256, 4,300 in chunks of 4,096).
@@ -103,14 +108,10 @@ class Predictor:
         # top_groups come from iotcls.trust (Shapley values + the fitted decision); the
         # confidence criterion uses the state's threshold. explain=False keeps labels cheap
         # (confidence threshold only); assess_subset() then explains the labels to be logged.
-        from .trust.layer import TrustLayer
-
         self.trust = TrustLayer.from_bundle(bundle, require_state=True)
         self.explain = explain and self.trust is not None
         if self.trust is not None and threshold is None:
             self.threshold = self.trust.state.conf_threshold
-        from .trust.dhcp_identity import DhcpIdentity
-
         self.identity_map = DhcpIdentity.of(self._state)  # the DHCP identity refinement
 
     @property
@@ -172,11 +173,25 @@ class Predictor:
         return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
 
     def assess(self, matrices: np.ndarray, probs: np.ndarray, index: np.ndarray) -> Assessment:
-        """The trust decision for each label. Issue 4 replaces this confidence threshold."""
+        """The trust decision of a bundle without a trust state: the confidence threshold."""
         conf = probs[np.arange(len(index)), index]
         trusted = conf >= self.threshold
         reason = np.where(trusted, REASON_OK, REASON_LOW_CONFIDENCE).astype(object)
         return Assessment(trusted, reason, [[] for _ in range(len(index))])
+
+    def label(self, matrices: np.ndarray, groups: np.ndarray, times: np.ndarray) -> Predictions:
+        """The labels of a device history known together (a capture, a dataset split): each
+        stage once, in order. ``groups`` names each matrix's device and ``times`` orders a
+        device's matrices (the flow's window start).
+
+        1. identities: each matrix's device's latest DHCP identity (:meth:`device_identities`);
+        2. scores, refined and trusted by rules 1-4 (:meth:`predict`): the calibrated class
+           probabilities, restricted to the classes the identity was seen with, the label
+           and its trust decision;
+        3. rules 5 and 6 over the device history (:meth:`check_devices`)."""
+        identities = self.device_identities(matrices, groups, times)
+        pred = self.predict(matrices, identities)
+        return self.check_devices(pred, groups, times, identities)
 
     def predict(self, matrices: np.ndarray,
                 identities: Sequence[str | None] | None = None) -> Predictions:  # fmt: skip
@@ -196,8 +211,6 @@ class Predictor:
         ``identities`` (:meth:`device_identities`), 6 (``dhcp_identity_mismatch``) in place,
         given each label's device (``groups``) and time; for labels whose device history is
         known."""
-        from .trust.decision import apply_device_rules
-
         apply_device_rules(self._state, self.classes, pred.index, pred.confidence, groups, times,
                            identities, pred.trusted, pred.reason)  # fmt: skip
         return pred
@@ -209,9 +222,8 @@ class Predictor:
     def device_identities(self, matrices: np.ndarray, groups: np.ndarray,
                           times: np.ndarray) -> np.ndarray | None:  # fmt: skip
         """Per matrix, its device's latest DHCP identity up to it (None: none yet), read from
-        the matrices' own DHCP flows; None when the model has no identity map."""
-        from .trust.dhcp_identity import latest
-
+        the matrices' own DHCP flows (row 0: the labelled flow); None when the model has no
+        identity map."""
         if not self.identity_map.seen:
             return None
         return latest(self.layout.dhcp_identities(np.asarray(matrices)[:, 0]), groups, times)

@@ -8,6 +8,8 @@
   sequences in the same capture (or sensor session): each sequence votes for every class with
   its calibrated probability, so a sequence torn between two classes moves neither much and
   a confident one decides. A label is emitted once at least ``min_votes`` sequences voted.
+  Where enough of the window's labels are trusted, the device label is their vote instead
+  (:func:`device_labels`; docs/trust.md), and trusted.
 
 Every strategy emits at most one label per flow, at the time the flow's record is complete.
 """
@@ -77,3 +79,40 @@ def device_vote(
     out = Vote(np.empty(n, np.int64), np.empty(n, np.float32), np.empty(n, np.int64))
     out.index[order], out.confidence[order], out.n_votes[order] = winner, conf, n_votes
     return out
+
+
+@dataclass
+class DeviceLabels:
+    """The ``device`` strategy's label after each sequence (``emitted``: one is given)."""
+
+    index: np.ndarray  # (n,) int64 class, -1 before min_votes
+    confidence: np.ndarray  # (n,) float64
+    trusted: np.ndarray  # (n,) bool: the trusted labels' vote, else the vote of all, untrusted
+    n_votes: np.ndarray  # (n,) int64 sequences in the window
+    emitted: np.ndarray  # (n,) bool
+
+
+def device_labels(
+    probs: np.ndarray,
+    index: np.ndarray,
+    confidence: np.ndarray,
+    trusted: np.ndarray,
+    groups: np.ndarray,
+    times: np.ndarray,
+    cfg: VoteConfig = VoteConfig(),
+) -> DeviceLabels:
+    """The device label after each sequence, from the sequences' labels (``index``,
+    ``confidence``, ``trusted``) and calibrated ``probs``: the vote of the window's trusted
+    labels (:func:`~iotcls.trust.decision.windowed_trusted_vote`, with its confidence), and
+    where too few are trusted the soft vote of all of them (:func:`device_vote`), untrusted.
+    ``groups`` and ``times`` as for :func:`device_vote`."""
+    # here, not at the top: the command line imports STRATEGIES, and trust.decision brings torch
+    from .trust.decision import windowed_trusted_vote
+
+    v = device_vote(probs, groups, times, cfg)
+    tv, _, tconf = windowed_trusted_vote(index, confidence, trusted, groups, times,
+                                         probs.shape[1], cfg.window, cfg.min_votes,
+                                         with_confidence=True)  # fmt: skip
+    ok = tv >= 0
+    return DeviceLabels(np.where(ok, tv, v.index), np.where(ok, tconf, v.confidence), ok,
+                        v.n_votes, v.emitted)  # fmt: skip

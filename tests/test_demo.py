@@ -26,6 +26,7 @@ def demo_run(tmp_path_factory):
     return out, r
 
 
+@pytest.mark.e2e
 def test_demo_writes_its_capture_log_and_report(demo_run):
     out, r = demo_run
     assert r.returncode == 0, r.stderr
@@ -61,6 +62,7 @@ def test_demo_capture_is_what_its_profiles_say(tmp_path):
         assert float(mine.start.min()) == pytest.approx(d.joins_at, abs=1e-3)
 
 
+@pytest.mark.e2e
 def test_demo_refuses_a_bad_duration(tmp_path):
     r = subprocess.run([sys.executable, "-m", "iotcls", "demo", "-o", str(tmp_path),
                         "--duration", "-5"], capture_output=True, text=True, timeout=60)

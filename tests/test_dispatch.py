@@ -84,6 +84,7 @@ def scorer_process(model_path: str, addr: str, name: str) -> subprocess.Popen:
 
 
 # -- labels ------------------------------------------------------------------------------
+@pytest.mark.e2e
 def test_labels_match_the_predictor_exactly(model_path):
     """Records split over batches and a scorer process come back as the offline labels."""
     m = matrices(300)
@@ -124,6 +125,7 @@ def test_labels_match_the_predictor_exactly(model_path):
     assert d.metrics.shed_total == 0 and d.metrics.batch_size.count == d.metrics.batches_sent
 
 
+@pytest.mark.e2e
 def test_killed_scorer_loses_nothing(model_path):
     """SIGKILL a scorer process holding batches: they are re-sent, each record labelled once."""
     cfg = config(scorer_timeout_s=2.0)
@@ -605,6 +607,7 @@ def test_a_scorer_of_other_classes_is_refused_and_batch_sizes_are_capped():
     assert size == 4096 and scorers == ["big"]
 
 
+@pytest.mark.e2e
 def test_curve_admits_authorized_scorers_only(model_path, tmp_path):
     """A dispatcher with CURVE keys: a real scorer with an authorized key labels; a peer
     without keys and one with an unknown key are turned away at the handshake (counted),

@@ -1,7 +1,6 @@
 """Flow records from hand-built captures (exact values) and from real IoT Sentinel captures."""
 
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -148,7 +147,7 @@ def test_streaming_chunks_equal_one_pass(tmp_path):
     rng = np.random.default_rng(7)
     pk = []
     t = T0
-    for i in range(3000):
+    for _ in range(3000):
         t += float(rng.exponential(0.2))
         port = int(rng.integers(40000, 40040))
         pay = bytes(rng.integers(0, 256, int(rng.integers(0, 300)), dtype=np.uint8))

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from iotcls.bundle import ModelBundle
 from iotcls.finetune import session_split
@@ -41,6 +42,7 @@ def labelled_store(tmp_path):
     return store, csv_path
 
 
+@pytest.mark.e2e
 def test_finetune_from_the_default_model_adds_a_type_and_says_where_its_data_came_from(tmp_path):
     store, devices = labelled_store(tmp_path)
     out = tmp_path / "site.pt"
@@ -65,6 +67,7 @@ def test_finetune_from_the_default_model_adds_a_type_and_says_where_its_data_cam
     assert json.loads(ev.stdout.splitlines()[-1])
 
 
+@pytest.mark.e2e
 def test_train_anew_from_a_store_and_captures_refuse_unlabelled_data(tmp_path):
     store, devices = labelled_store(tmp_path)
     rows = list(csv.DictReader(devices.open()))

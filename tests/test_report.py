@@ -248,6 +248,7 @@ def chromium(args: list[str], profile: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (apt install chromium)")
+@pytest.mark.e2e
 def test_report_renders_in_chromium(tmp_path, sample_logs, sample):
     out = tmp_path / "report.html"
     assert main(["report", *map(str, sample_logs[:1]), "-o", str(out)]) == 0

@@ -20,6 +20,7 @@ import pytest
 import torch
 import zmq
 
+from conftest import free_port
 from iotcls.bridge import records as rec
 from iotcls.bundle import ModelBundle
 from iotcls.flowtable import FlowTable
@@ -39,12 +40,6 @@ CLASSES = ["cam", "plug", "hub", "bulb"]
 def model_path(tmp_path_factory):
     b = tiny_bundle(LAYOUT, CLASSES, seed=5)
     return str(b.save(tmp_path_factory.mktemp("model") / "m.pt"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Serve:
@@ -140,6 +135,7 @@ def expected_labels(records, model_path):
             for k, i in enumerate(order)}  # fmt: skip
 
 
+@pytest.mark.e2e
 def test_end_to_end_labels_come_back(tmp_path, model_path):
     """Records over a real WebSocket come back as the labels of the offline path, in Zeek's
     label event format; Zeek's drain is answered with the exact counts."""
@@ -187,6 +183,7 @@ def test_end_to_end_labels_come_back(tmp_path, model_path):
     assert (s["records_in"], s["labelled"], s["shed"], s["pending"]) == ("240", "240", "0", "0")
 
 
+@pytest.mark.e2e
 def test_sighup_swaps_the_model_mid_stream_recording_every_record_once(tmp_path, model_path):
     """A serve that records gets SIGHUP (iotcls reload) mid-stream with a new bundle (a
     fifth class) in its model file: every record is labelled exactly once, each label by the
@@ -255,6 +252,7 @@ def test_sighup_swaps_the_model_mid_stream_recording_every_record_once(tmp_path,
     assert set(data.labels.sensor) == {"zeek"} and data.labels.sent.all()
 
 
+@pytest.mark.e2e
 def test_killed_scorer_loses_nothing(tmp_path, model_path):
     """SIGKILL a scorer process mid-stream: its batches are re-sent, it is restarted, and
     every record is labelled exactly once."""
@@ -294,6 +292,7 @@ def test_killed_scorer_loses_nothing(tmp_path, model_path):
     assert int(s["scorers_lost"]) >= 1
 
 
+@pytest.mark.e2e
 def test_garbage_on_every_socket(tmp_path, model_path):
     """Garbage on the WebSocket (from Zeek's side), on the ZeroMQ scorer socket and on the
     metrics port: the service stays up, logs and counts what it rejected, and labels on."""
@@ -365,6 +364,7 @@ def test_garbage_on_every_socket(tmp_path, model_path):
     assert (s["records_in"], s["labelled"], s["shed"]) == ("20", "20", "0")
 
 
+@pytest.mark.e2e
 def test_sigterm_finishes_in_flight_work(tmp_path, model_path):
     """SIGTERM while records wait and are being scored: all of them are labelled and sent
     before the process exits (status 0)."""
@@ -397,6 +397,7 @@ def test_sigterm_finishes_in_flight_work(tmp_path, model_path):
     assert (s["records_in"], s["labelled"], s["shed"], s["pending"]) == ("1500", "1500", "0", "0")
 
 
+@pytest.mark.e2e
 def test_remote_scorer_only(tmp_path, model_path):
     """A bridge with no local scorers serves through a scorer started on its own, as on
     another machine; a scorer whose model has another layout is refused and exits 3."""
@@ -440,6 +441,7 @@ def test_remote_scorer_only(tmp_path, model_path):
 
 
 
+@pytest.mark.e2e
 def test_a_zeek_that_does_not_read_labels_cannot_grow_memory(tmp_path, model_path):
     """Zeek stops reading (labels back up over TCP): records beyond the bound are shed as
     label_backlog, counted; once Zeek reads again, every labelled record's label arrives."""
@@ -479,6 +481,7 @@ def test_a_zeek_that_does_not_read_labels_cannot_grow_memory(tmp_path, model_pat
     assert len(zeek.labels) == int(s["labelled"])  # every label made was delivered
 
 
+@pytest.mark.e2e
 def test_offline_trace_is_held_until_drain(tmp_path, model_path):
     """A Zeek reading a trace (welcome says offline): records are held until its drain, then
     scored in start order, all labels sent before ``drained`` (the classify path's labels)."""
@@ -511,6 +514,7 @@ def test_offline_trace_is_held_until_drain(tmp_path, model_path):
 
 
 # -- hardening: what peers send cannot stop, fool or starve the service ------------------
+@pytest.mark.e2e
 def test_deeply_nested_frames_do_not_stop_the_service(tmp_path, model_path):
     """100,000 ``[`` in one WebSocket frame (and other deep frames) are refused as malformed;
     the service labels on and exits 0 when asked (it used to stop at once, with exit status
@@ -614,6 +618,7 @@ class FakeScorer:
         self.sock.close(0)
 
 
+@pytest.mark.e2e
 def test_scorer_replies_are_checked_like_records(tmp_path, model_path):
     """A scorer answers NaN confidence for some records and a forged label (``PWNED\\t<script>``)
     for others: those records are refused one by one (counted as bad replies), re-sent, and
@@ -671,6 +676,7 @@ def _keys(tmp: Path, name: str = "keys") -> Path:
     return d
 
 
+@pytest.mark.e2e
 def test_curve_lets_only_authorized_scorers_in(tmp_path, model_path):
     """With ``bridge.curve: on`` a local scorer with the service's keys labels; a scorer
     without keys, one with keys of its own, and a real scorer process whose key is not
@@ -748,6 +754,7 @@ def test_curve_lets_only_authorized_scorers_in(tmp_path, model_path):
     assert "scorer unauthorized" not in serve.stderr() and "scorer no-keys" not in serve.stderr()
 
 
+@pytest.mark.e2e
 def test_a_scorer_holding_a_batch_loses_it_heartbeats_or_not(tmp_path, model_path):
     """A scorer that takes batches and never answers, heartbeating all the while, loses them
     after ``scorer_timeout_s`` to the real scorer: every record is labelled."""
@@ -813,6 +820,7 @@ def test_check_bundle_scores_one_matrix_as_a_scorer_would(model_path):
     assert str(e.value).startswith(f"{model_path}: unusable model: ") and "\n" not in str(e.value)
 
 
+@pytest.mark.e2e
 def test_an_unusable_model_stops_serve_once_and_never_loops(tmp_path, model_path):
     """A bundle whose trust classes differ from its model's: ``serve`` refuses it at start
     (one line, exit 2) and so does ``--scorer-only``. Replaced under a running service, the

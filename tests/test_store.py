@@ -90,6 +90,7 @@ def test_segments_hold_every_record_and_its_label(tmp_path):
     assert set(data.labels.model) == {"m@1"} and set(data.labels.sensor) == {"zeek"}
 
 
+@pytest.mark.e2e
 def test_a_damaged_segment_is_skipped_and_named_the_rest_is_read(tmp_path):
     record(tmp_path, synthetic_records(300, devices=7, seed=1), per_segment=100)
     segs = segment_paths(tmp_path)
@@ -118,6 +119,7 @@ def test_the_size_cap_deletes_the_oldest_segments(tmp_path):
     assert data.table.uid[0] != "C00000000000000000"
 
 
+@pytest.mark.e2e
 def test_inventory_round_trip_keeps_what_the_operator_wrote(tmp_path):
     store = tmp_path / "store"
     recs = special_records() + synthetic_records(120, devices=3, seed=2)
@@ -170,6 +172,7 @@ def test_inventory_round_trip_keeps_what_the_operator_wrote(tmp_path):
                               "aa:bb:cc:00:00:01": "Kettle"}  # fmt: skip
 
 
+@pytest.mark.e2e
 def test_inventory_refuses_a_file_that_is_not_a_device_list(tmp_path):
     record(tmp_path / "s", synthetic_records(10, devices=2, seed=1))
     (tmp_path / "x.csv").write_text("pcap,mac,label\na.pcap,aa:bb:cc:dd:ee:ff,x\n")

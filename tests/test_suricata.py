@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import free_port
 from iotcls.bridge.suricata import DatagramError, community_id, parse_datagram, parse_line
 from iotcls.bridge.core import FlowAssembler
 from iotcls.bundle import ModelBundle
@@ -173,6 +174,7 @@ def test_community_id_of_the_spec_examples():
         "1:3V71V58M3Ksw/yuFALMcW0LAHvc="  # fmt: skip
 
 
+@pytest.mark.e2e
 def test_suricata_config_prints_the_outputs_snippet_and_installs(tmp_path):
     r = iotcls("suricata-config", "--local-nets", "192.168.0.0/16")
     assert r.returncode == 0, r.stderr
@@ -195,6 +197,7 @@ def test_suricata_config_prints_the_outputs_snippet_and_installs(tmp_path):
 @needs_suricata
 @needs_data
 @pytest.mark.parametrize("capture", CAPTURES)
+@pytest.mark.e2e
 def test_suricata_records_equal_the_pcap_sensors(tmp_path, capture):
     """Every record Suricata's script sends, decoded by the bridge, equals the pcap reader's
     record of the same key and window (offsets to a microsecond, sizes, directions, payloads
@@ -240,6 +243,7 @@ def _dhcp_client_rows(t: FlowTable) -> dict[tuple, int]:
 
 @needs_suricata
 @needs_data
+@pytest.mark.e2e
 def test_suricata_keeps_whole_dhcp_messages(tmp_path):
     """DHCP packets keep dhcp_payload_bytes, not payload_bytes: the script sends the plug's
     whole DHCP messages (548 bytes from the client, 300 from the server), and the table the
@@ -287,6 +291,7 @@ def test_suricata_keeps_whole_dhcp_messages(tmp_path):
 
 @needs_suricata
 @needs_data
+@pytest.mark.e2e
 def test_without_a_bridge_suricata_runs_on_and_counts_the_drops(tmp_path):
     out = run_suricata(tmp_path, DATA / CAPTURES[0], install_script(tmp_path, tmp_path / "none.sock"))
     sent, dropped = sent_count(out, with_early=True)
@@ -306,6 +311,7 @@ def _labels_offline(records, model_path):
 
 @needs_suricata
 @needs_data
+@pytest.mark.e2e
 def test_end_to_end_serve_writes_eve_labels(tmp_path):
     """Suricata -> the Lua script -> ``iotcls serve`` (Suricata only) -> a scorer -> EVE
     lines: one label per record (log policy all), the offline path's label, EVE's flow_id
@@ -314,7 +320,7 @@ def test_end_to_end_serve_writes_eve_labels(tmp_path):
     capture = DATA / CAPTURES[0]
     model = str(tiny_bundle(LAYOUT, CLASSES, seed=5).save(tmp_path / "m.pt"))
     sock, eve_log = tmp_path / "run" / "iotcls.sock", tmp_path / "suricata-logs" / "iot_class.json"
-    port = _free_port()
+    port = free_port()
     cfg = tmp_path / "serve.yaml"
     cfg.write_text(json.dumps({
         "zeek": {"enabled": False},
@@ -404,12 +410,6 @@ def _epoch(ts: str) -> float:
     return dt.datetime.strptime(ts, "%Y-%m-%dT%H:%M:%S.%f%z").timestamp()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _metrics(port: int) -> dict[str, float]:
     import urllib.request
 
@@ -434,7 +434,7 @@ class SuricataServe:
         self.tmp = tmp
         self.sock = sock or tmp / "run" / "iotcls.sock"
         self.eve = tmp / "iot_class.json"
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self.cfg = tmp / "serve.yaml"
         self.cfg.write_text(json.dumps({
             "zeek": {"enabled": False},
@@ -497,6 +497,7 @@ def _datagrams(n: int, seed: int, start_uid: int = 1) -> list:
     return recs
 
 
+@pytest.mark.e2e
 def test_intake_checks_every_field_and_refuses_one_record_at_a_time(tmp_path, model_path):
     """Each datagram carries good records and one bad one (30k-deep JSON, an offset of
     10^400, a start of 1e300 or -1e18, negative byte and packet counts, ...): the bad record
@@ -583,6 +584,7 @@ def test_the_intake_refuses_what_the_matrix_code_cannot_take():
     assert e.value.kind == "malformed"
 
 
+@pytest.mark.e2e
 def test_a_second_serve_on_the_same_socket_or_metrics_port_is_refused(tmp_path, model_path):
     """A second ``iotcls serve`` with the first's Suricata socket refuses to start, naming
     the socket and the process holding it (it used to unlink the live socket, and the first

@@ -65,8 +65,7 @@ def run(args: argparse.Namespace) -> int:
                 continue  # read, but no flow of the selected devices: nothing to label
             c = classify_capture(predictor, cm, args.strategy)
             entries += c.entries(bundle.name)
-            seq = c.sequences if c.sequences is not None else predictor.predict(cm.matrices)
-            results.append((cm, seq))
+            results.append((cm, c.sequences))
         entries.sort(key=lambda e: e.ts)
         for e in entries:
             writer.write(e)
