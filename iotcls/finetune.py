@@ -269,6 +269,8 @@ def _extend_identities(bundle: ModelBundle, base: ModelBundle, ds: Dataset, y: n
                                         ds.devices[rows], ds.timestamps[rows]))  # fmt: skip
     amb = sorted(amb)
     bundle.trust["dhcp_ambiguous"] = amb
+    if base.trust.get("dhcp_needed"):  # rule 7's classes, as the bundle fitted them
+        bundle.trust["dhcp_needed"] = list(base.trust["dhcp_needed"])
     bundle.metadata["trust"].update(dhcp_identities=len(ids), dhcp_ambiguous=amb)
 
 

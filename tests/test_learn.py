@@ -58,6 +58,7 @@ def test_finetune_from_the_default_model_adds_a_type_and_says_where_its_data_cam
     assert m["data"]["stores"][0]["segments"] == [p.name for p in segment_paths(store)]
     assert m["data"]["class_counts"] == {"Thermostat": 80} and m["data"]["records"] == 640
     assert b.trust is not None and b.trust["classes"] == b.classes  # refitted for 28 classes
+    assert b.trust.get("dhcp_needed", []) == base.trust.get("dhcp_needed", [])  # rule 7 kept
     assert b.trust["fitted_on"] == "fine-tuning sessions"
     # the base model's split is kept (evaluate keeps scoring its held-out captures)
     assert set(base.metadata["split"]["test"]) <= set(m["split"]["test"])
