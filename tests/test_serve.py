@@ -628,10 +628,14 @@ def test_scorer_replies_are_checked_like_records(tmp_path, model_path):
     records = synthetic_records(40, devices=8, seed=12)
     bad: dict[int, tuple[str, float]] = {}
 
+    poisons = [("cam", float("nan")), ("PWNED\t<script>", 0.9), ("cam", 7.5)]
+
     def answer(refs):
-        if not bad:  # the first request's first records are the poisoned ones
-            bad.update({refs[0]: ("cam", float("nan")), refs[1]: ("PWNED\t<script>", 0.9),
-                        refs[2]: ("cam", 7.5)})  # fmt: skip
+        # the first three records the scorer sees are the poisoned ones, however the bridge
+        # batches them (under load the first request can hold fewer than three)
+        for ref in refs:
+            if len(bad) < len(poisons) and ref not in bad:
+                bad[ref] = poisons[len(bad)]
         return [bad.get(ref, ("plug", 0.75)) for ref in refs]
 
     async def main():

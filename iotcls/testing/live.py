@@ -117,8 +117,9 @@ class Serve:
 
 
 def connects(err: Path) -> int:
-    """How many times a bridge said hello to the Zeek writing *err*."""
-    return len(re.findall(r"iotcls: bridge \S+ connected", err.read_text())) if err.exists() else 0
+    """How many times a bridge said hello to the Zeek writing *err* (its hello line names the
+    endpoint; the line that ends an offline hold does not count)."""
+    return len(re.findall(r"iotcls: bridge \S+ connected \(", err.read_text())) if err.exists() else 0
 
 
 def delivery_line(err: str) -> str:
