@@ -1,6 +1,6 @@
 # Two commands do all set-up on a fresh machine:
 #   make run    create .venv, install iotcls, classify a synthetic home network (iotcls demo)
-#   make test   create .venv, install iotcls, lint (ruff check), run the test suite
+#   make test   create .venv, install iotcls, lint (ruff check, ruff format --check), run the test suite
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -18,6 +18,7 @@ run: $(BIN)/iotcls
 
 test: $(BIN)/iotcls
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q
 
 bench: $(BIN)/iotcls

@@ -69,12 +69,25 @@ def base_model(ds, kind: str, epochs: int, out: Path) -> Path:
         return path
     shipped = Split(**ModelBundle.load().metadata["split"])
     keep = ds.labels != kind
-    split = Split(*[[c for c in part if not c.startswith(f"{kind}/")]
-                    for part in (shipped.train, shipped.val, shipped.test)])  # fmt: skip
+    split = Split(
+        *[
+            [c for c in part if not c.startswith(f"{kind}/")]
+            for part in (shipped.train, shipped.val, shipped.test)
+        ]
+    )
     t0 = time.time()
-    b = train(ds.matrices[keep], ds.labels[keep], ds.captures[keep], ds.layout,
-              TrainConfig(epochs=epochs, seed=0), progress=False, log=lambda m: None,
-              devices=ds.devices[keep], times=ds.timestamps[keep], split=split)  # fmt: skip
+    b = train(
+        ds.matrices[keep],
+        ds.labels[keep],
+        ds.captures[keep],
+        ds.layout,
+        TrainConfig(epochs=epochs, seed=0),
+        progress=False,
+        log=lambda m: None,
+        devices=ds.devices[keep],
+        times=ds.timestamps[keep],
+        split=split,
+    )
     b.save(path)
     print(f"base model without {kind}: {len(b.classes)} classes, {time.time() - t0:.0f} s")
     return path
@@ -84,8 +97,9 @@ def site_records(specs, layout: MatrixLayout):
     """Each capture's records of its labelled devices, in start order, capture by capture."""
     out = []
     for s in specs:
-        cf = capture_flows(s.pcap, s.selector(), layout.window_s, layout.packets,
-                           layout.required_payload_bytes())  # fmt: skip
+        cf = capture_flows(
+            s.pcap, s.selector(), layout.window_s, layout.packets, layout.required_payload_bytes()
+        )
         recs = [r for r in cf.table.records() if s.labels.get(r.device_mac)]
         out += sorted(recs, key=lambda r: r.start)
     return out
@@ -94,14 +108,25 @@ def site_records(specs, layout: MatrixLayout):
 async def serve_site(tmp: Path, live: Path, site, later, site_pt: Path) -> dict:
     """Steps 2, 5: serve records the site; after the reload, *later* records are labelled."""
     zeek = await FakeZeek().start()
-    cfg = {"zeek": {"url": zeek.url}, "log": {"policy": "all"},
-           "bridge": {"bind": [f"tcp://127.0.0.1:{free_port()}"]},
-           "scorers": {"count": 1, "model": str(live), "device": "cpu"},
-           "record": {"enabled": True, "directory": str(tmp / "store"), "segment_records": 2000, "segment_s": 1.0}}  # fmt: skip
+    cfg = {
+        "zeek": {"url": zeek.url},
+        "log": {"policy": "all"},
+        "bridge": {"bind": [f"tcp://127.0.0.1:{free_port()}"]},
+        "scorers": {"count": 1, "model": str(live), "device": "cpu"},
+        "record": {
+            "enabled": True,
+            "directory": str(tmp / "store"),
+            "segment_records": 2000,
+            "segment_s": 1.0,
+        },
+    }
     (tmp / "serve.yaml").write_text(json.dumps(cfg))
     err = (tmp / "serve.err").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "iotcls", "serve", "--config",
-                             str(tmp / "serve.yaml")], stdout=err, stderr=err)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "iotcls", "serve", "--config", str(tmp / "serve.yaml")],
+        stdout=err,
+        stderr=err,
+    )
     figures: dict = {}
     try:
         await asyncio.wait_for(zeek.bridge_connected.wait(), 120)
@@ -131,8 +156,10 @@ async def serve_site(tmp: Path, live: Path, site, later, site_pt: Path) -> dict:
         new = ModelBundle.load(live).name
         after = zeek.labels[n0:]
         figures["after_reload"] = {
-            "labels": len(after), "by_new_model": sum(lb.fields["model"] == new for lb in after),
-            "label_counts": _counts([lb.fields["label"] for lb in after])}  # fmt: skip
+            "labels": len(after),
+            "by_new_model": sum(lb.fields["model"] == new for lb in after),
+            "label_counts": _counts([lb.fields["label"] for lb in after]),
+        }
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
@@ -148,8 +175,21 @@ def _counts(xs) -> dict:
 def finetune_step(tmp: Path, site_pt: Path) -> dict:
     """Steps 3-4: the inventory, the operator's label, the fine-tuning (timed)."""
     store, devices = tmp / "store", tmp / "devices.csv"
-    subprocess.run([sys.executable, "-m", "iotcls", "inventory", str(store), "-o", str(devices),
-                    "--model", str(tmp / "base.pt")], check=True, capture_output=True)  # fmt: skip
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "iotcls",
+            "inventory",
+            str(store),
+            "-o",
+            str(devices),
+            "--model",
+            str(tmp / "base.pt"),
+        ],
+        check=True,
+        capture_output=True,
+    )
     rows = list(csv.DictReader(devices.open()))
     for r in rows:
         r["label"] = LABELS.get(r["device"], "")
@@ -158,13 +198,31 @@ def finetune_step(tmp: Path, site_pt: Path) -> dict:
         w.writeheader()
         w.writerows(rows)
     t0 = time.time()
-    out = subprocess.run([sys.executable, "-m", "iotcls", "train", str(store), "--labels",
-                          str(devices), "--from", str(tmp / "base.pt"), "-o", str(site_pt),
-                          "--quiet"], capture_output=True, text=True)  # fmt: skip
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "iotcls",
+            "train",
+            str(store),
+            "--labels",
+            str(devices),
+            "--from",
+            str(tmp / "base.pt"),
+            "-o",
+            str(site_pt),
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+    )
     if out.returncode:
         raise RuntimeError(out.stderr)
-    return {"seconds": round(time.time() - t0, 1), "devices": len(rows),
-            "log": out.stderr.strip().splitlines()[-2:]}  # fmt: skip
+    return {
+        "seconds": round(time.time() - t0, 1),
+        "devices": len(rows),
+        "log": out.stderr.strip().splitlines()[-2:],
+    }
 
 
 LABELS: dict[str, str] = {}  # the operator's labels: device -> type
@@ -176,24 +234,30 @@ def f1_scores(bundle_path: Path, ds, rows: np.ndarray, kind: str) -> dict:
 
     p = Predictor(ModelBundle.load(bundle_path))
     x = ds.matrices[rows]
-    ids = p.device_identities(x, device_sessions(ds.captures[rows], ds.devices[rows]),
-                              ds.timestamps[rows])  # fmt: skip
+    ids = p.device_identities(
+        x, device_sessions(ds.captures[rows], ds.devices[rows]), ds.timestamps[rows]
+    )
     out = p.predict(x, ids)
     pred, trusted = np.asarray(out.label, object), np.asarray(out.trusted, bool)
     truth = ds.labels[rows].astype(object)
     others = sorted(set(truth.tolist()) - {kind})
     mine = truth == kind
     right = pred == truth
-    return {"type_f1": round(float(f1_score(truth, pred, labels=[kind], average="macro",
-                                            zero_division=0)), 4),
-            "others_macro_f1": round(float(f1_score(truth, pred, labels=others, average="macro",
-                                                    zero_division=0)), 4),
-            # trust: the share of labels trusted, and of those the share right
-            "type_trusted": round(float(trusted[mine].mean()), 4),
-            "type_trusted_right": round(float(right[mine & trusted].mean()), 4)
-            if (mine & trusted).any() else None,
-            "others_trusted": round(float(trusted[~mine].mean()), 4),
-            "others_trusted_right": round(float(right[~mine & trusted].mean()), 4)}  # fmt: skip
+    return {
+        "type_f1": round(
+            float(f1_score(truth, pred, labels=[kind], average="macro", zero_division=0)), 4
+        ),
+        "others_macro_f1": round(
+            float(f1_score(truth, pred, labels=others, average="macro", zero_division=0)), 4
+        ),
+        # trust: the share of labels trusted, and of those the share right
+        "type_trusted": round(float(trusted[mine].mean()), 4),
+        "type_trusted_right": round(float(right[mine & trusted].mean()), 4)
+        if (mine & trusted).any()
+        else None,
+        "others_trusted": round(float(trusted[~mine].mean()), 4),
+        "others_trusted_right": round(float(right[~mine & trusted].mean()), 4),
+    }
 
 
 def main() -> int:
@@ -215,31 +279,44 @@ def main() -> int:
     recorded, rest = mine[: args.sessions], mine[args.sessions :]
     for s in recorded:
         LABELS.update({m.lower(): args.type for m in s.labels})
-    site_specs = recorded + [s for s in specs if s.capture_id in set(shipped.val)
-                             and not s.capture_id.startswith(f"{args.type}/")]  # fmt: skip
+    site_specs = recorded + [
+        s
+        for s in specs
+        if s.capture_id in set(shipped.val) and not s.capture_id.startswith(f"{args.type}/")
+    ]
     tmp = out / "run"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     shutil.copy(base, tmp / "base.pt")
     shutil.copy(base, tmp / "live.pt")
     site, later = site_records(site_specs, layout), site_records(rest[:1], layout)
-    figures = {"type": args.type, "sessions": args.sessions,
-               "recorded": [s.capture_id for s in recorded], "site_records": len(site)}  # fmt: skip
+    figures = {
+        "type": args.type,
+        "sessions": args.sessions,
+        "recorded": [s.capture_id for s in recorded],
+        "site_records": len(site),
+    }
     figures.update(asyncio.run(serve_site(tmp, tmp / "live.pt", site, later, tmp / "site.pt")))
     held = {s.capture_id for s in rest}
-    rows = np.flatnonzero(np.isin(ds.captures, list(held)) |
-                          (np.isin(ds.captures, shipped.test) & (ds.labels != args.type)))  # fmt: skip
+    rows = np.flatnonzero(
+        np.isin(ds.captures, list(held))
+        | (np.isin(ds.captures, shipped.test) & (ds.labels != args.type))
+    )
     figures["before"] = f1_scores(base, ds, rows, args.type)
     figures["after"] = f1_scores(tmp / "site.pt", ds, rows, args.type)
-    figures["eval_records"] = {"type": int((ds.labels[rows] == args.type).sum()),
-                               "others": int((ds.labels[rows] != args.type).sum())}  # fmt: skip
+    figures["eval_records"] = {
+        "type": int((ds.labels[rows] == args.type).sum()),
+        "others": int((ds.labels[rows] != args.type).sum()),
+    }
     b, a = figures["before"], figures["after"]
     print(json.dumps(figures, indent=1))
-    print(f"{args.type}, {args.sessions} sessions: F1 {a['type_f1']:.3f} on its other captures "
-          f"(target >= 0.90); other types {b['others_macro_f1']:.3f} -> {a['others_macro_f1']:.3f} "
-          f"(target: within 0.01); fine-tuning {figures['fine_tune']['seconds']:.0f} s (target < 180); "
-          f"reload {figures['reload_s']:.1f} s, {figures['after_reload']['by_new_model']} of "
-          f"{figures['after_reload']['labels']} later labels by the new model")  # fmt: skip
+    print(
+        f"{args.type}, {args.sessions} sessions: F1 {a['type_f1']:.3f} on its other captures "
+        f"(target >= 0.90); other types {b['others_macro_f1']:.3f} -> {a['others_macro_f1']:.3f} "
+        f"(target: within 0.01); fine-tuning {figures['fine_tune']['seconds']:.0f} s (target < 180); "
+        f"reload {figures['reload_s']:.1f} s, {figures['after_reload']['by_new_model']} of "
+        f"{figures['after_reload']['labels']} later labels by the new model"
+    )
     (out / "bench_adapt.json").write_text(json.dumps(figures, indent=1) + "\n")
     return 0
 

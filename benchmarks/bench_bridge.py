@@ -69,11 +69,16 @@ def make_records(base: list[FlowRecord], n: int, devices: int) -> list[FlowRecor
         r = base[i % len(base)]
         d = i % devices
         v4 = "." in r.device_ip  # devices keep their address; times move on
-        out.append(replace(r, device_ip=f"10.{(d >> 8) & 255}.{d & 255}.2" if v4 else r.device_ip,
-                           device_mac=f"02:00:00:00:{(d >> 8) & 255:02x}:{d & 255:02x}",
-                           start=r.start + 3600.0 * (i // len(base)) + 1e-3 * (i % 997),
-                           last=r.last + 3600.0 * (i // len(base)) + 1e-3 * (i % 997),
-                           uid=f"C{i:017d}"))  # fmt: skip
+        out.append(
+            replace(
+                r,
+                device_ip=f"10.{(d >> 8) & 255}.{d & 255}.2" if v4 else r.device_ip,
+                device_mac=f"02:00:00:00:{(d >> 8) & 255:02x}:{d & 255:02x}",
+                start=r.start + 3600.0 * (i // len(base)) + 1e-3 * (i % 997),
+                last=r.last + 3600.0 * (i // len(base)) + 1e-3 * (i % 997),
+                uid=f"C{i:017d}",
+            )
+        )
     return [rc.flow_record_raw(rc.flow_frame(TOPIC, r)) for r in out]  # as Zeek's times
 
 
@@ -95,10 +100,19 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--files", type=int, default=60, help="captures to take records from")
-    ap.add_argument("--payload-bytes", type=int, default=None,
-                    help="payload bytes per packet in the layout (default: the layout's)")
-    ap.add_argument("--data", type=Path, default=Path(os.environ.get(
-        "IOTCLS_DATA", ROOT.parent / "shared" / "data" / "iot-sentinel")))  # fmt: skip
+    ap.add_argument(
+        "--payload-bytes",
+        type=int,
+        default=None,
+        help="payload bytes per packet in the layout (default: the layout's)",
+    )
+    ap.add_argument(
+        "--data",
+        type=Path,
+        default=Path(
+            os.environ.get("IOTCLS_DATA", ROOT.parent / "shared" / "data" / "iot-sentinel")
+        ),
+    )
     a = ap.parse_args()
 
     base = base_records(a.data, a.files)
@@ -108,10 +122,12 @@ def main() -> int:
     size = sum(map(len, frames)) / n
     assert all(rc.flow_record_raw(f) == r for f, r in zip(frames[:2000], recs[:2000]))
     layout = MatrixLayout(**({} if a.payload_bytes is None else {"payload_bytes": a.payload_bytes}))
-    print(f"bridge benchmark: {n} IoTClass::flow frames ({size:.0f} bytes each on average) from "
-          f"{len(base)} records of real captures, {a.devices} devices, batches of {a.batch}, "
-          f"layout {layout.shape}; load average {os.getloadavg()[0]:.2f} on "
-          f"{os.cpu_count()} CPUs")  # fmt: skip
+    print(
+        f"bridge benchmark: {n} IoTClass::flow frames ({size:.0f} bytes each on average) from "
+        f"{len(base)} records of real captures, {a.devices} devices, batches of {a.batch}, "
+        f"layout {layout.shape}; load average {os.getloadavg()[0]:.2f} on "
+        f"{os.cpu_count()} CPUs"
+    )
 
     def fast():
         for f in frames:
@@ -158,11 +174,15 @@ def main() -> int:
     for name, fn, count in rows:
         cpu, wall = best(fn, a.repeat)
         results[name] = count / cpu
-        print(f"  {name:62s} {count / cpu:>10,.0f} records/s per CPU second "
-              f"({count / wall:,.0f}/s wall, {cpu / count * 1e6:.1f} us each)")  # fmt: skip
+        print(
+            f"  {name:62s} {count / cpu:>10,.0f} records/s per CPU second "
+            f"({count / wall:,.0f}/s wall, {cpu / count * 1e6:.1f} us each)"
+        )
     got = results["decode + assemble (the bridge's intake)"]
-    print(f"target >= {TARGET:,} records/s decoded and assembled on one core: "
-          f"{'met' if got >= TARGET else 'NOT met'} ({got:,.0f}/s)")  # fmt: skip
+    print(
+        f"target >= {TARGET:,} records/s decoded and assembled on one core: "
+        f"{'met' if got >= TARGET else 'NOT met'} ({got:,.0f}/s)"
+    )
     return 0
 
 

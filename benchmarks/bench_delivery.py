@@ -32,20 +32,35 @@ from iotcls.testing import live  # noqa: E402
 from iotcls.testing import zeek as zk  # noqa: E402
 
 
-def run(work: Path, zeek: str, flows: int, window: float, seconds: float, kill_at: float,
-        explain: str) -> dict:  # fmt: skip
+def run(
+    work: Path, zeek: str, flows: int, window: float, seconds: float, kill_at: float, explain: str
+) -> dict:
     port, ws = live.free_port(), live.free_port()
-    serve = live.Serve(work, f"ws://127.0.0.1:{ws}/v1/messages/json",
-                       scorers={"batch_size": 256, "explain": explain}).start()  # fmt: skip
+    serve = live.Serve(
+        work,
+        f"ws://127.0.0.1:{ws}/v1/messages/json",
+        scorers={"batch_size": 256, "explain": explain},
+    ).start()
     zdir, pub = work / "zeek", work / "published.txt"
-    z = live.live_zeek(zeek, zdir, port, ws, pub, f"IoTClass::window_length={window}sec",
-                       f"udp_inactivity_timeout={max(2.0, window + 1):.1f}sec")  # fmt: skip
+    z = live.live_zeek(
+        zeek,
+        zdir,
+        port,
+        ws,
+        pub,
+        f"IoTClass::window_length={window}sec",
+        f"udp_inactivity_timeout={max(2.0, window + 1):.1f}sec",
+    )
     zerr = zdir / "zeek.err"
     traffic = live.Traffic(port, flows, window / 5)
     down_s = 0.0
     try:
-        live.wait_for(lambda: live.connects(zerr) >= 1 and "listening on lo" in zerr.read_text(),
-                      180, "Zeek and the bridge", [z])  # fmt: skip
+        live.wait_for(
+            lambda: live.connects(zerr) >= 1 and "listening on lo" in zerr.read_text(),
+            180,
+            "Zeek and the bridge",
+            [z],
+        )
         serve.ready(180)
         traffic.ticking(True)
         killed = []
@@ -62,8 +77,9 @@ def run(work: Path, zeek: str, flows: int, window: float, seconds: float, kill_a
         down_s = min(down_s, time.monotonic() - t0)
         time.sleep(2 * window + 3)  # the flows end, their last windows end
         n = len(live.published_keys(pub))
-        live.wait_for(lambda: len(live.log_rows(zdir / "iot_class.log")) >= n, 300,
-                      "the labels", [z])  # fmt: skip
+        live.wait_for(
+            lambda: len(live.log_rows(zdir / "iot_class.log")) >= n, 300, "the labels", [z]
+        )
     finally:
         traffic.close()
         if z.poll() is None:
@@ -74,22 +90,33 @@ def run(work: Path, zeek: str, flows: int, window: float, seconds: float, kill_a
     keys = live.label_keys(live.log_rows(zdir / "iot_class.log"))
     c = live.counts(live.delivery_line(zerr.read_text()))
     return {
-        "zeek": ".".join(map(str, zk.version(zeek))), "flows": flows, "window_s": window,
-        "seconds": seconds, "packets_sent": traffic.sent,
+        "zeek": ".".join(map(str, zk.version(zeek))),
+        "flows": flows,
+        "window_s": window,
+        "seconds": seconds,
+        "packets_sent": traffic.sent,
         "packets_in_records": sum(published.values()),
-        "records_published": len(published), "labels": len(keys),
+        "records_published": len(published),
+        "labels": len(keys),
         "labelled_twice": len(keys) - len(set(keys)),
-        "lost": len(set(published) - set(keys)), "published_again": c["again"],
-        "acknowledged": c["acked"], "shed": c["shed"], "dropped_past_cap": c["dropped"],
-        "spooled_at_stop": c["spooled"], "bridge_restart_s": round(serve_restart_s(serve), 1),
-    }  # fmt: skip
+        "lost": len(set(published) - set(keys)),
+        "published_again": c["again"],
+        "acknowledged": c["acked"],
+        "shed": c["shed"],
+        "dropped_past_cap": c["dropped"],
+        "spooled_at_stop": c["spooled"],
+        "bridge_restart_s": round(serve_restart_s(serve), 1),
+    }
 
 
 def serve_restart_s(serve: live.Serve) -> float:
     """Seconds from the second run's start to its connection to Zeek (serve's log times)."""
     text = serve.text().split("==== run 2")[-1]
-    stamps = [time.mktime(time.strptime(ln[:19], "%Y-%m-%d %H:%M:%S"))
-              for ln in text.splitlines() if ln[:4].isdigit()]  # fmt: skip
+    stamps = [
+        time.mktime(time.strptime(ln[:19], "%Y-%m-%d %H:%M:%S"))
+        for ln in text.splitlines()
+        if ln[:4].isdigit()
+    ]
     conn = [ln for ln in text.splitlines() if "connected to Zeek" in ln]
     if not stamps or not conn:
         return float("nan")

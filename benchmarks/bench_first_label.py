@@ -76,11 +76,16 @@ def inside(work: Path, seconds: float, zeek: str, early: bool = True) -> dict:
     sh("ip", "link", "set", "veth1", "up")
     devices = json.loads((work / "devices.json").read_text())
     ws, log = free_port(), work / "serve.err"
-    (work / "serve.yaml").write_text(json.dumps({
-        "zeek": {"url": f"ws://127.0.0.1:{ws}/v1/messages/json", "reconnect_max_s": 0.5},
-        "bridge": {"bind": ["tcp://127.0.0.1:*"]},
-        "scorers": {"count": 1, "device": "cpu"}, "log": {"policy": "all"},
-    }))  # fmt: skip
+    (work / "serve.yaml").write_text(
+        json.dumps(
+            {
+                "zeek": {"url": f"ws://127.0.0.1:{ws}/v1/messages/json", "reconnect_max_s": 0.5},
+                "bridge": {"bind": ["tcp://127.0.0.1:*"]},
+                "scorers": {"count": 1, "device": "cpu"},
+                "log": {"policy": "all"},
+            }
+        )
+    )
     zdir = work / "zeek"
     zdir.mkdir()
     env = dict(os.environ)
@@ -89,25 +94,54 @@ def inside(work: Path, seconds: float, zeek: str, early: bool = True) -> dict:
     macs = "IoTClass::device_macs={" + ",".join(f'"{m}"' for m in devices) + "}"
     procs = []
     try:
-        serve = subprocess.Popen([sys.executable, "-m", "iotcls", "serve", "--config",
-                                  str(work / "serve.yaml")], stdout=subprocess.DEVNULL,
-                                 stderr=log.open("w"))  # fmt: skip
+        serve = subprocess.Popen(
+            [sys.executable, "-m", "iotcls", "serve", "--config", str(work / "serve.yaml")],
+            stdout=subprocess.DEVNULL,
+            stderr=log.open("w"),
+        )
         procs.append(serve)
-        z = subprocess.Popen([zeek, "-C", "-i", "veth1", str(PKG),
-                              f"IoTClass::websocket_port={ws}/tcp", macs,
-                              f"IoTClass::early_records={'T' if early else 'F'}"], cwd=zdir, env=env,
-                             stdout=subprocess.DEVNULL, stderr=(work / "zeek.err").open("w"))  # fmt: skip
+        z = subprocess.Popen(
+            [
+                zeek,
+                "-C",
+                "-i",
+                "veth1",
+                str(PKG),
+                f"IoTClass::websocket_port={ws}/tcp",
+                macs,
+                f"IoTClass::early_records={'T' if early else 'F'}",
+            ],
+            cwd=zdir,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=(work / "zeek.err").open("w"),
+        )
         procs.append(z)
         deadline = time.monotonic() + 90
-        while "bridge" not in (work / "zeek.err").read_text() or \
-                "connected" not in (work / "zeek.err").read_text():  # fmt: skip
+        while (
+            "bridge" not in (work / "zeek.err").read_text()
+            or "connected" not in (work / "zeek.err").read_text()
+        ):
             if time.monotonic() > deadline or z.poll() is not None or serve.poll() is not None:
-                raise SystemExit("Zeek and the bridge did not connect:\n"
-                                 + (work / "zeek.err").read_text()[-2000:] + log.read_text()[-2000:])
+                raise SystemExit(
+                    "Zeek and the bridge did not connect:\n"
+                    + (work / "zeek.err").read_text()[-2000:]
+                    + log.read_text()[-2000:]
+                )
             time.sleep(0.2)
         t0 = time.time()
-        subprocess.run(["tcpreplay", "-i", "veth0", f"--duration={int(seconds)}", "-q",
-                        str(work / "replay.pcap")], check=True, capture_output=True)  # fmt: skip
+        subprocess.run(
+            [
+                "tcpreplay",
+                "-i",
+                "veth0",
+                f"--duration={int(seconds)}",
+                "-q",
+                str(work / "replay.pcap"),
+            ],
+            check=True,
+            capture_output=True,
+        )
         time.sleep(3)
     finally:
         for p in reversed(procs):
@@ -156,15 +190,33 @@ def inside_suricata(work: Path, seconds: float) -> dict:
     devices = json.loads((work / "devices.json").read_text())
     ips = json.loads((work / "ips.json").read_text())
     eve, sock, log = work / "iot_class.json", work / "suricata.sock", work / "serve.err"
-    (work / "serve.yaml").write_text(json.dumps({
-        "zeek": {"enabled": False},
-        "suricata": {"enabled": True, "socket": str(sock), "eve_log": str(eve)},
-        "bridge": {"bind": ["tcp://127.0.0.1:*"]},
-        "scorers": {"count": 1, "device": "cpu"}, "log": {"policy": "all"},
-    }))  # fmt: skip
-    r = subprocess.run([sys.executable, "-m", "iotcls", "suricata-config", "--config",
-                        str(work / "serve.yaml"), "--devices", ",".join([*ips.values(), "127.0.0.0"]),
-                        "--install", str(work / "lua")], capture_output=True, text=True)  # fmt: skip
+    (work / "serve.yaml").write_text(
+        json.dumps(
+            {
+                "zeek": {"enabled": False},
+                "suricata": {"enabled": True, "socket": str(sock), "eve_log": str(eve)},
+                "bridge": {"bind": ["tcp://127.0.0.1:*"]},
+                "scorers": {"count": 1, "device": "cpu"},
+                "log": {"policy": "all"},
+            }
+        )
+    )
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "iotcls",
+            "suricata-config",
+            "--config",
+            str(work / "serve.yaml"),
+            "--devices",
+            ",".join([*ips.values(), "127.0.0.0"]),
+            "--install",
+            str(work / "lua"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     if r.returncode != 0:
         raise SystemExit(r.stderr)
     outputs = "\n".join(ln for ln in r.stdout.splitlines() if not ln.startswith("#"))
@@ -172,28 +224,53 @@ def inside_suricata(work: Path, seconds: float) -> dict:
     (work / "suricata-logs").mkdir()
     procs, seen = [], {}
     try:
-        serve = subprocess.Popen([sys.executable, "-m", "iotcls", "serve", "--config",
-                                  str(work / "serve.yaml")], stdout=subprocess.DEVNULL,
-                                 stderr=log.open("w"))  # fmt: skip
+        serve = subprocess.Popen(
+            [sys.executable, "-m", "iotcls", "serve", "--config", str(work / "serve.yaml")],
+            stdout=subprocess.DEVNULL,
+            stderr=log.open("w"),
+        )
         procs.append(serve)
         deadline = time.monotonic() + 90
         while not sock.exists():
             if time.monotonic() > deadline or serve.poll() is not None:
-                raise SystemExit("serve did not open its Suricata socket:\n" + log.read_text()[-2000:])
+                raise SystemExit(
+                    "serve did not open its Suricata socket:\n" + log.read_text()[-2000:]
+                )
             time.sleep(0.1)
         sout = work / "suricata.out"
-        sur = subprocess.Popen(["suricata", "-c", str(work / "suricata.yaml"), "-i", "veth1",
-                                "-l", str(work / "suricata-logs"), "-k", "none"],
-                               stdout=sout.open("w"), stderr=subprocess.STDOUT)  # fmt: skip
+        sur = subprocess.Popen(
+            [
+                "suricata",
+                "-c",
+                str(work / "suricata.yaml"),
+                "-i",
+                "veth1",
+                "-l",
+                str(work / "suricata-logs"),
+                "-k",
+                "none",
+            ],
+            stdout=sout.open("w"),
+            stderr=subprocess.STDOUT,
+        )
         procs.append(sur)
         while "ngine started" not in sout.read_text():
             if time.monotonic() > deadline or sur.poll() is not None:
                 raise SystemExit("suricata did not start:\n" + sout.read_text()[-2000:])
             time.sleep(0.2)
         t0 = time.time()
-        replay = subprocess.Popen(["tcpreplay", "-i", "veth0", f"--duration={int(seconds)}", "-q",
-                                   str(work / "replay.pcap")], stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.DEVNULL)  # fmt: skip
+        replay = subprocess.Popen(
+            [
+                "tcpreplay",
+                "-i",
+                "veth0",
+                f"--duration={int(seconds)}",
+                "-q",
+                str(work / "replay.pcap"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         by_ip = {ip: mac for mac, ip in ips.items()}
         end = None
         while end is None or time.monotonic() < end:
@@ -225,8 +302,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=40.0, help="seconds of the sample replayed")
     ap.add_argument("--zeek", default=zk.find_zeek(), help="zeek binary")
-    ap.add_argument("--no-early", action="store_true",
-                    help="Zeek without early records (IoTClass::early_records=F), to compare")
+    ap.add_argument(
+        "--no-early",
+        action="store_true",
+        help="Zeek without early records (IoTClass::early_records=F), to compare",
+    )
     ap.add_argument("--json", action="store_true", help="print the result as one JSON line")
     ap.add_argument("--sensor", choices=("zeek", "suricata"), default="zeek")
     ap.add_argument("--inside", metavar="DIR", help=argparse.SUPPRESS)
@@ -237,7 +317,13 @@ def main() -> int:
         else:
             print(json.dumps(inside(Path(a.inside), a.seconds, a.zeek, not a.no_early)))
         return 0
-    need = ("unshare", "ip", "tcpreplay", "tcprewrite", *(["suricata"] if a.sensor == "suricata" else []))
+    need = (
+        "unshare",
+        "ip",
+        "tcpreplay",
+        "tcprewrite",
+        *(["suricata"] if a.sensor == "suricata" else []),
+    )
     missing = [t for t in need if not shutil.which(t)]
     if os.geteuid() != 0 or missing or (a.sensor == "zeek" and not a.zeek):
         print(f"needs root, a zeek and {', '.join(missing) or 'the tools'}: not run")
@@ -245,18 +331,42 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         sample = write_sample(work)
-        subprocess.run(["tcprewrite", f"--infile={sample.pcap}", f"--outfile={work / 'replay.pcap'}",
-                        "--pnat=0.0.0.0/0:127.0.0.0/8"], check=True)  # fmt: skip
+        subprocess.run(
+            [
+                "tcprewrite",
+                f"--infile={sample.pcap}",
+                f"--outfile={work / 'replay.pcap'}",
+                "--pnat=0.0.0.0/0:127.0.0.0/8",
+            ],
+            check=True,
+        )
         (work / "devices.json").write_text(json.dumps(sample.devices))
         (work / "first.json").write_text(json.dumps(first_packets(sample.pcap, sample.macs)))
         # as --pnat rewrote them: 127 for the first byte
-        ips = {m: "127." + ip.split(".", 1)[1] for m, ip in device_ips(sample.pcap, sample.macs).items()}
+        ips = {
+            m: "127." + ip.split(".", 1)[1]
+            for m, ip in device_ips(sample.pcap, sample.macs).items()
+        }
         (work / "ips.json").write_text(json.dumps(ips))
-        r = subprocess.run(["unshare", "-n", sys.executable, __file__, "--inside", tmp,
-                            "--seconds", str(a.seconds), "--zeek", a.zeek or "zeek",
-                            "--sensor", a.sensor,
-                            *(["--no-early"] if a.no_early else [])],
-                           capture_output=True, text=True)  # fmt: skip
+        r = subprocess.run(
+            [
+                "unshare",
+                "-n",
+                sys.executable,
+                __file__,
+                "--inside",
+                tmp,
+                "--seconds",
+                str(a.seconds),
+                "--zeek",
+                a.zeek or "zeek",
+                "--sensor",
+                a.sensor,
+                *(["--no-early"] if a.no_early else []),
+            ],
+            capture_output=True,
+            text=True,
+        )
         if r.returncode != 0:
             print(r.stdout[-3000:], r.stderr[-3000:])
             return 1
@@ -267,19 +377,25 @@ def main() -> int:
         return 0
     if a.sensor == "suricata":
         ver = subprocess.run(["suricata", "-V"], capture_output=True, text=True).stdout.strip()
-        print(f"{ver}, {a.seconds:g} s of the sample at 1x, {len(res['devices'])} devices by "
-              "address, early records on (the Lua script's default)")  # fmt: skip
+        print(
+            f"{ver}, {a.seconds:g} s of the sample at 1x, {len(res['devices'])} devices by "
+            "address, early records on (the Lua script's default)"
+        )
     else:
-        print(f"zeek {'.'.join(map(str, zk.version(a.zeek)))}, {a.seconds:g} s of the sample at 1x, "
-              f"{len(res['devices'])} devices, early records {'off' if a.no_early else 'on'}")
+        print(
+            f"zeek {'.'.join(map(str, zk.version(a.zeek)))}, {a.seconds:g} s of the sample at 1x, "
+            f"{len(res['devices'])} devices, early records {'off' if a.no_early else 'on'}"
+        )
     for mac, label in res["devices"].items():
         got = f"{lat[mac]:6.2f} s" if mac in lat else "  none"
         print(f"  {mac}  {label:<20} first label {got}")
     if lat:
         v = list(lat.values())
-        print(f"time to first label: median {statistics.median(v):.2f} s, max {max(v):.2f} s "
-              f"({len(v)} of {len(res['devices'])} devices labelled; target median <= 5 s, "
-              f"max <= 15 s)")  # fmt: skip
+        print(
+            f"time to first label: median {statistics.median(v):.2f} s, max {max(v):.2f} s "
+            f"({len(v)} of {len(res['devices'])} devices labelled; target median <= 5 s, "
+            f"max <= 15 s)"
+        )
     return 0
 
 

@@ -14,11 +14,11 @@ import json
 import statistics
 import time
 
-import iotcls  # noqa: F401  first: it sets OMP_WAIT_POLICY before torch loads
 import numpy as np
 import torch
 import torch.nn as nn
 
+import iotcls  # noqa: F401  first: it sets OMP_WAIT_POLICY before torch loads
 from iotcls.bundle import BundleError, ModelBundle
 from iotcls.layout import MatrixLayout
 from iotcls.model import IoTCNN, ModelConfig, count_flops, count_parameters
@@ -46,8 +46,9 @@ class BertSized(nn.Module):
         super().__init__()
         self.tok = nn.Embedding(259, 768)
         self.pos = nn.Embedding(tokens, 768)
-        layer = nn.TransformerEncoderLayer(768, 12, 3072, dropout=0.0, activation="gelu",
-                                           batch_first=True, norm_first=False)  # fmt: skip
+        layer = nn.TransformerEncoderLayer(
+            768, 12, 3072, dropout=0.0, activation="gelu", batch_first=True, norm_first=False
+        )
         self.encoder = nn.TransformerEncoder(layer, 12, enable_nested_tensor=False)
         self.head = nn.Linear(768, n_classes)
 
@@ -89,8 +90,9 @@ def main() -> None:
     except BundleError as e:
         print(f"({e}; timing a fresh model of the default layout)")
         layout = MatrixLayout()
-        bundle = ModelBundle(IoTCNN(ModelConfig.from_layout(layout, 27)).eval(), layout,
-                             [f"c{i}" for i in range(27)])  # fmt: skip
+        bundle = ModelBundle(
+            IoTCNN(ModelConfig.from_layout(layout, 27)).eval(), layout, [f"c{i}" for i in range(27)]
+        )
         source = "fresh model, default layout"
     layout, threads = bundle.layout, torch.get_num_threads()
     reps = 3 if args.quick else 10
@@ -126,13 +128,19 @@ def main() -> None:
     flops, params = count_flops(bundle.model), count_parameters(bundle.model)
     print(f"CNN ({source}; layout {layout.rows}x{layout.width}, {threads} torch threads)")
     print(f"  parameters {params:,}  FLOPs/matrix {flops / 1e6:.2f} M")
-    print(f"  batched ({args.batch} per call), plain labels: {plain:,.0f} matrices/s  "
-          "(target >= 5,000)")
+    print(
+        f"  batched ({args.batch} per call), plain labels: {plain:,.0f} matrices/s  "
+        "(target >= 5,000)"
+    )
     print(f"  batched, with Shapley values and trust decision: {batched:,.0f} matrices/s")
-    print(f"  single matrix, plain label: p50 {plain_p50:.2f} ms  p99 {plain_p99:.2f} ms  "
-          "(target <= 10 ms)")
-    print(f"  single matrix, with Shapley values and trust decision: p50 {p50:.2f} ms  "
-          f"p99 {p99:.2f} ms")
+    print(
+        f"  single matrix, plain label: p50 {plain_p50:.2f} ms  p99 {plain_p99:.2f} ms  "
+        "(target <= 10 ms)"
+    )
+    print(
+        f"  single matrix, with Shapley values and trust decision: p50 {p50:.2f} ms  "
+        f"p99 {p99:.2f} ms"
+    )
 
     torch.manual_seed(0)
     bert = BertSized(len(bundle.classes)).eval()
@@ -153,20 +161,33 @@ def main() -> None:
     print(f"ET-BERT-sized transformer (BERT-base shape, {BERT_TOKENS} byte tokens, random weights)")
     print(f"  parameters {bparams / 1e6:.1f} M  FLOPs/matrix {bflops / 1e9:.1f} G")
     print(f"  batched: {bert_batched:.2f} matrices/s  single: {bert_single_ms:.0f} ms")
-    print(f"ratio: the CNN scores {plain / bert_batched:,.0f}x as many matrices/s batched, "
-          f"{bert_single_ms / plain_p50:,.0f}x faster single (p50), with "
-          f"{bflops / flops:,.0f}x fewer FLOPs and {bparams / params:,.0f}x fewer "
-          "parameters")
+    print(
+        f"ratio: the CNN scores {plain / bert_batched:,.0f}x as many matrices/s batched, "
+        f"{bert_single_ms / plain_p50:,.0f}x faster single (p50), with "
+        f"{bflops / flops:,.0f}x fewer FLOPs and {bparams / params:,.0f}x fewer "
+        "parameters"
+    )
     if args.json:
-        print(json.dumps({"cnn_matrices_per_s": round(plain),
-                          "cnn_explained_per_s": round(batched),
-                          "cnn_plain_p50_ms": round(plain_p50, 3),
-                          "cnn_plain_p99_ms": round(plain_p99, 3), "cnn_p50_ms": round(p50, 3),
-                          "cnn_p99_ms": round(p99, 3), "cnn_flops": flops, "cnn_params": params,
-                          "bert_matrices_per_s": round(bert_batched, 3),
-                          "bert_single_ms": round(bert_single_ms, 1), "bert_flops": bflops,
-                          "bert_params": bparams, "ratio": round(plain / bert_batched, 1),
-                          "threads": threads}))  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "cnn_matrices_per_s": round(plain),
+                    "cnn_explained_per_s": round(batched),
+                    "cnn_plain_p50_ms": round(plain_p50, 3),
+                    "cnn_plain_p99_ms": round(plain_p99, 3),
+                    "cnn_p50_ms": round(p50, 3),
+                    "cnn_p99_ms": round(p99, 3),
+                    "cnn_flops": flops,
+                    "cnn_params": params,
+                    "bert_matrices_per_s": round(bert_batched, 3),
+                    "bert_single_ms": round(bert_single_ms, 1),
+                    "bert_flops": bflops,
+                    "bert_params": bparams,
+                    "ratio": round(plain / bert_batched, 1),
+                    "threads": threads,
+                }
+            )
+        )
 
 
 if __name__ == "__main__":

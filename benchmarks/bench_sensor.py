@@ -31,8 +31,14 @@ from iotcls.layout import MatrixLayout  # noqa: E402
 from iotcls.pcap import CaptureReader  # noqa: E402
 
 
-def synthetic_pcap(path: Path, n: int, devices: int = 200, keys: int = 20_000,
-                   seconds: float = 600.0, seed: int = 1) -> int:  # fmt: skip
+def synthetic_pcap(
+    path: Path,
+    n: int,
+    devices: int = 200,
+    keys: int = 20_000,
+    seconds: float = 600.0,
+    seed: int = 1,
+) -> int:
     """Write a classic pcap of ``n`` Ethernet/IPv4 TCP+UDP packets of ``keys`` flows between
     ``devices`` local devices (10.0.0.0/16) and remote hosts, written in chunks with numpy."""
     rng = np.random.default_rng(seed)
@@ -80,10 +86,28 @@ def synthetic_pcap(path: Path, n: int, devices: int = 200, keys: int = 20_000,
             gw_mac = np.full(m, 0x020000000001, np.uint64)
             src_mac = np.where(up, dev_mac, gw_mac)
             dst_mac = np.where(up, gw_mac, dev_mac)
-            put(16, 6, (dst_mac << np.uint64(16)).astype(">u8").view(np.uint8)
-                .reshape(m, 8)[:, :6].copy().view(np.uint8), np.uint8)  # fmt: skip
-            put(22, 6, (src_mac << np.uint64(16)).astype(">u8").view(np.uint8)
-                .reshape(m, 8)[:, :6].copy().view(np.uint8), np.uint8)  # fmt: skip
+            put(
+                16,
+                6,
+                (dst_mac << np.uint64(16))
+                .astype(">u8")
+                .view(np.uint8)
+                .reshape(m, 8)[:, :6]
+                .copy()
+                .view(np.uint8),
+                np.uint8,
+            )
+            put(
+                22,
+                6,
+                (src_mac << np.uint64(16))
+                .astype(">u8")
+                .view(np.uint8)
+                .reshape(m, 8)[:, :6]
+                .copy()
+                .view(np.uint8),
+                np.uint8,
+            )
             put(28, 2, np.full(m, 0x0800), ">u2")
             ip = 30
             put(ip, 2, np.full(m, 0x4500), ">u2")
@@ -131,8 +155,10 @@ def timed(fn, repeat: int = 3) -> tuple[float, float, object]:
 
 
 def line(what: str, packets: int, cpu: float, wall: float, extra: str = "") -> None:
-    print(f"  {what:<28}{packets / cpu:>12,.0f} packets/s CPU  {packets / wall:>12,.0f} "
-          f"packets/s wall  {extra}")  # fmt: skip
+    print(
+        f"  {what:<28}{packets / cpu:>12,.0f} packets/s CPU  {packets / wall:>12,.0f} "
+        f"packets/s wall  {extra}"
+    )
 
 
 def read_only(path: Path) -> int:
@@ -142,8 +168,9 @@ def read_only(path: Path) -> int:
 def records_streaming(path: Path, selector: DeviceSelector, layout: MatrixLayout) -> int:
     """Records chunk by chunk, nothing kept: what a sensor beside a live capture does."""
     n = 0
-    for t, _, _ in iter_capture_flows(path, selector, layout.window_s, layout.packets,
-                                      layout.required_payload_bytes()):  # fmt: skip
+    for t, _, _ in iter_capture_flows(
+        path, selector, layout.window_s, layout.packets, layout.required_payload_bytes()
+    ):
         n += len(t)
     return n
 
@@ -168,9 +195,11 @@ def main() -> int:
     if args.child:
         return child(args)
     layout = MatrixLayout()
-    print(f"machine: {os.cpu_count()} cores visible, one used; default layout "
-          f"({layout.shape[0]} x {layout.shape[1]} per matrix, "
-          f"{layout.required_payload_bytes()} payload bytes per packet); best of 3 runs")
+    print(
+        f"machine: {os.cpu_count()} cores visible, one used; default layout "
+        f"({layout.shape[0]} x {layout.shape[1]} per matrix, "
+        f"{layout.required_payload_bytes()} payload bytes per packet); best of 3 runs"
+    )
 
     data = Path(args.data)
     if data.is_dir():
@@ -178,20 +207,31 @@ def main() -> int:
         for s in specs:  # warm the page cache: measure the sensor, not the disk
             s.pcap.read_bytes()
         pk = sum(read_only(s.pcap) for s in specs)
-        print(f"iot-sentinel: {len(specs)} files, {pk:,} IP packets "
-              f"({pk / len(specs):,.0f} per file: per-file costs dominate)")  # fmt: skip
+        print(
+            f"iot-sentinel: {len(specs)} files, {pk:,} IP packets "
+            f"({pk / len(specs):,.0f} per file: per-file costs dominate)"
+        )
         cpu, wall, _ = timed(lambda: [read_only(s.pcap) for s in specs])
         line("read", pk, cpu, wall)
         sels = [s.selector() for s in specs]
-        cpu, wall, recs = timed(lambda: sum(len(capture_flows(s.pcap, sel, 60.0, 10, 16).table)
-                                            for s, sel in zip(specs, sels)))  # fmt: skip
+        cpu, wall, recs = timed(
+            lambda: sum(
+                len(capture_flows(s.pcap, sel, 60.0, 10, 16).table) for s, sel in zip(specs, sels)
+            )
+        )
         line("records", pk, cpu, wall, f"{recs:,} records")
-        cpu, wall, rows = timed(lambda: sum(len(capture_matrices(s, layout).matrices)
-                                            for s in specs))  # fmt: skip
+        cpu, wall, rows = timed(
+            lambda: sum(len(capture_matrices(s, layout).matrices) for s in specs)
+        )
         line("records + matrices", pk, cpu, wall, f"{rows:,} labelled matrices, per file")
         cpu, wall, ds = timed(lambda: build_dataset(specs, layout, progress=False))
-        line("dataset (files grouped)", pk, cpu, wall,
-             f"{len(ds):,} matrices: build_dataset, small files share passes")  # fmt: skip
+        line(
+            "dataset (files grouped)",
+            pk,
+            cpu,
+            wall,
+            f"{len(ds):,} matrices: build_dataset, small files share passes",
+        )
     else:
         print(f"iot-sentinel: {data} not found, skipped")
 
@@ -200,24 +240,37 @@ def main() -> int:
         t = time.perf_counter()
         n = synthetic_pcap(path, args.packets)
         size = path.stat().st_size
-        print(f"synthetic: {n:,} packets, {size / 2**20:,.0f} MiB, 200 devices, 20,000 flows "
-              f"(written in {time.perf_counter() - t:.1f} s)")  # fmt: skip
+        print(
+            f"synthetic: {n:,} packets, {size / 2**20:,.0f} MiB, 200 devices, 20,000 flows "
+            f"(written in {time.perf_counter() - t:.1f} s)"
+        )
         path.read_bytes()
         sel = DeviceSelector.from_lists(nets=["10.0.0.0/16"])
         cpu, wall, _ = timed(lambda: read_only(path))
         line("read", n, cpu, wall)
         cpu, wall, recs = timed(lambda: records_streaming(path, sel, layout))
         line("records (streaming)", n, cpu, wall, f"{recs:,} records")
-        r = subprocess.run([sys.executable, __file__, "--child", str(path)], capture_output=True,
-                           text=True, check=True)  # fmt: skip
+        r = subprocess.run(
+            [sys.executable, __file__, "--child", str(path)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         _, secs, rss = r.stdout.split()
-        print(f"  records (streaming), fresh process: {float(secs):.2f} s wall, "
-              f"peak RSS {int(rss):,} MiB for a {size / 2**20:,.0f} MiB capture")
+        print(
+            f"  records (streaming), fresh process: {float(secs):.2f} s wall, "
+            f"peak RSS {int(rss):,} MiB for a {size / 2**20:,.0f} MiB capture"
+        )
         spec = CaptureSpec(path, "synthetic", {}, ("10.0.0.0/16",))
         cpu, wall, cm = timed(lambda: capture_matrices(spec, layout))
         mats = cm.matrices  # type: ignore[union-attr]
-        line("records + matrices", n, cpu, wall,
-             f"{len(mats):,} matrices, {mats.nbytes / 2**20:,.0f} MiB")  # fmt: skip
+        line(
+            "records + matrices",
+            n,
+            cpu,
+            wall,
+            f"{len(mats):,} matrices, {mats.nbytes / 2**20:,.0f} MiB",
+        )
     print(f"peak RSS of this process: {peak_rss_mib():,.0f} MiB")
     return 0
 

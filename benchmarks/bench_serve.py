@@ -76,12 +76,15 @@ def model_path(arg: str | None, tmp: Path) -> tuple[str, str]:
     state, _ = fit_state(b.model, lay, 1.0, classes, x, y)
     b.trust = state.to_dict()
     out = b.save(tmp / "bench-model.pt")
-    return str(out), ("random-weight model of the default layout and size, trust state fitted "
-                      "on synthetic records (no bundled model yet)")  # fmt: skip
+    return str(out), (
+        "random-weight model of the default layout and size, trust state fitted "
+        "on synthetic records (no bundled model yet)"
+    )
 
 
-def write_config(path: Path, url: str, model: str, scorers: int, args, policy: str = "all",
-                 explain: str = "none") -> None:  # fmt: skip
+def write_config(
+    path: Path, url: str, model: str, scorers: int, args, policy: str = "all", explain: str = "none"
+) -> None:
     path.write_text(
         f"zeek: {{url: '{url}', reconnect_max_s: 0.5}}\n"
         f"bridge: {{bind: ['tcp://127.0.0.1:*'], queue_records: {args.queue}}}\n"
@@ -99,12 +102,19 @@ class Serve:
         self.proc: asyncio.subprocess.Process | None = None
         self.summary = ""
 
-    async def __aenter__(self) -> "Serve":
+    async def __aenter__(self) -> Serve:
         self.zeek.bridge_connected.clear()
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "iotcls", "serve", "--config", str(self.cfg),
-            "--log-level", "warning", stdout=asyncio.subprocess.PIPE,
-        )  # fmt: skip
+            sys.executable,
+            "-m",
+            "iotcls",
+            "serve",
+            "--config",
+            str(self.cfg),
+            "--log-level",
+            "warning",
+            stdout=asyncio.subprocess.PIPE,
+        )
         await asyncio.wait_for(self.zeek.bridge_connected.wait(), 60)
         await asyncio.sleep(4.0)  # scorers: python + torch start, model load
         return self
@@ -135,8 +145,10 @@ class CpuMeter:
     def per_record_us(self, n: int) -> str:
         end = self._now()
         d = [(e - s) / max(n, 1) * 1e6 for s, e in zip(self.start, end)]
-        return (f"CPU per record: load generator {d[0]:.0f} us, bridge {d[1]:.0f} us, "
-                f"scorers {d[2]:.0f} us, total {sum(d):.0f} us")  # fmt: skip
+        return (
+            f"CPU per record: load generator {d[0]:.0f} us, bridge {d[1]:.0f} us, "
+            f"scorers {d[2]:.0f} us, total {sum(d):.0f} us"
+        )
 
 
 async def capacity(zeek, gen, cfg, model, n, args) -> float:
@@ -146,16 +158,22 @@ async def capacity(zeek, gen, cfg, model, n, args) -> float:
         cpu = CpuMeter(serve.proc.pid)
         r = await gen.closed_loop(args.window, args.capacity_s, settle_s=10.0)
         cpu_line = cpu.per_record_us(r.labelled)
-    print(f"  {n} scorer(s): {r.labels_per_s:8.0f} labels/s over {r.seconds:.1f} s "
-          f"({r.labelled} of {r.sent} labelled; p50 {r.pct_ms(50):.1f} ms, "
-          f"p99 {r.pct_ms(99):.1f} ms with {args.window} outstanding)", flush=True)  # fmt: skip
+    print(
+        f"  {n} scorer(s): {r.labels_per_s:8.0f} labels/s over {r.seconds:.1f} s "
+        f"({r.labelled} of {r.sent} labelled; p50 {r.pct_ms(50):.1f} ms, "
+        f"p99 {r.pct_ms(99):.1f} ms with {args.window} outstanding)",
+        flush=True,
+    )
     print(f"    {cpu_line}", flush=True)
     return r.labels_per_s
 
 
 async def sustained(zeek, gen, cfg, model, args) -> None:
-    print(f"sustained: {args.rate:.0f} records/s for {args.duration:.0f} s, {args.scorers} "
-          f"scorer(s), log.policy all, explain none:", flush=True)  # fmt: skip
+    print(
+        f"sustained: {args.rate:.0f} records/s for {args.duration:.0f} s, {args.scorers} "
+        f"scorer(s), log.policy all, explain none:",
+        flush=True,
+    )
     write_config(cfg, zeek.url, model, args.scorers, args)
     async with Serve(zeek, cfg, args.scorers) as serve:
         # ready = labels come back (the scorers may still be loading the model after the
@@ -168,46 +186,69 @@ async def sustained(zeek, gen, cfg, model, args) -> None:
         cpu_line = cpu.per_record_us(r.labelled)
         st.cancel()
     lat = r.latencies_s
-    print(f"  sent {r.sent} ({r.sent_per_s:.0f}/s), labelled {r.labelled} "
-          f"({r.labelled / max(args.duration, 1e-9):.0f}/s over the send period), "
-          f"outstanding after 10 s: {r.outstanding}")  # fmt: skip
-    print(f"  latency record -> label: p50 {r.pct_ms(50):.1f} ms, p90 {r.pct_ms(90):.1f} ms, "
-          f"p99 {r.pct_ms(99):.1f} ms, p99.9 {r.pct_ms(99.9):.1f} ms, max "
-          f"{(lat.max() * 1000 if len(lat) else float('nan')):.1f} ms")  # fmt: skip
+    print(
+        f"  sent {r.sent} ({r.sent_per_s:.0f}/s), labelled {r.labelled} "
+        f"({r.labelled / max(args.duration, 1e-9):.0f}/s over the send period), "
+        f"outstanding after 10 s: {r.outstanding}"
+    )
+    print(
+        f"  latency record -> label: p50 {r.pct_ms(50):.1f} ms, p90 {r.pct_ms(90):.1f} ms, "
+        f"p99 {r.pct_ms(99):.1f} ms, p99.9 {r.pct_ms(99.9):.1f} ms, max "
+        f"{(lat.max() * 1000 if len(lat) else float('nan')):.1f} ms"
+    )
     warm = r.after(WARM_UP_S)
     if len(warm):
-        print(f"  after the first {WARM_UP_S:.0f} s (model, caches and allocator warm): p50 "
-              f"{np.percentile(warm, 50) * 1000:.1f} ms, p99 {np.percentile(warm, 99) * 1000:.1f} "
-              f"ms, max {warm.max() * 1000:.1f} ms over {len(warm)} labels")  # fmt: skip
-        worst = max(range(int(args.duration)), key=lambda t: np.percentile(
-            r.latencies_s[(r.sent_at_s >= t) & (r.sent_at_s < t + 1)], 99)
-            if ((r.sent_at_s >= t) & (r.sent_at_s < t + 1)).any() else 0.0)  # fmt: skip
+        print(
+            f"  after the first {WARM_UP_S:.0f} s (model, caches and allocator warm): p50 "
+            f"{np.percentile(warm, 50) * 1000:.1f} ms, p99 {np.percentile(warm, 99) * 1000:.1f} "
+            f"ms, max {warm.max() * 1000:.1f} ms over {len(warm)} labels"
+        )
+        worst = max(
+            range(int(args.duration)),
+            key=lambda t: (
+                np.percentile(r.latencies_s[(r.sent_at_s >= t) & (r.sent_at_s < t + 1)], 99)
+                if ((r.sent_at_s >= t) & (r.sent_at_s < t + 1)).any()
+                else 0.0
+            ),
+        )
         sec = r.latencies_s[(r.sent_at_s >= worst) & (r.sent_at_s < worst + 1)]
         print(f"  worst second: {worst}-{worst + 1} s, p99 {np.percentile(sec, 99) * 1000:.1f} ms")
     s = sampler.samples
     if s:
         skip = min(60.0, args.duration / 4)
         late = [x for x in s if x[0] >= skip] or s
-        print(f"  RSS bridge: {late[0][1]:.0f} MiB at {late[0][0]:.0f} s -> {s[-1][1]:.0f} MiB at "
-              f"{s[-1][0]:.0f} s (max {max(x[1] for x in s):.0f}), trend after {skip:.0f} s "
-              f"{sampler.slope_mib_per_min(1, skip):+.2f} MiB/min")  # fmt: skip
-        print(f"  RSS scorers: {late[0][2]:.0f} MiB -> {s[-1][2]:.0f} MiB (max "
-              f"{max(x[2] for x in s):.0f}), trend {sampler.slope_mib_per_min(2, skip):+.2f} MiB/min")  # fmt: skip
+        print(
+            f"  RSS bridge: {late[0][1]:.0f} MiB at {late[0][0]:.0f} s -> {s[-1][1]:.0f} MiB at "
+            f"{s[-1][0]:.0f} s (max {max(x[1] for x in s):.0f}), trend after {skip:.0f} s "
+            f"{sampler.slope_mib_per_min(1, skip):+.2f} MiB/min"
+        )
+        print(
+            f"  RSS scorers: {late[0][2]:.0f} MiB -> {s[-1][2]:.0f} MiB (max "
+            f"{max(x[2] for x in s):.0f}), trend {sampler.slope_mib_per_min(2, skip):+.2f} MiB/min"
+        )
         if args.rss_log:
-            Path(args.rss_log).write_text("t_s,bridge_mib,scorers_mib\n" + "".join(
-                f"{t:.1f},{b:.1f},{k:.1f}\n" for t, b, k in s))  # fmt: skip
+            Path(args.rss_log).write_text(
+                "t_s,bridge_mib,scorers_mib\n"
+                + "".join(f"{t:.1f},{b:.1f},{k:.1f}\n" for t, b, k in s)
+            )
     print(f"  {cpu_line}")
     print(f"  serve: {serve.summary}")
     ok_rate = r.labelled >= 0.99 * r.sent and r.sent_per_s >= 0.98 * args.rate
-    print(f"  targets: {args.rate:.0f}/s sustained: {'met' if ok_rate else 'NOT met'}; p99 <= 50 ms: "
-          f"{'met' if r.pct_ms(99) <= 50 else 'NOT met'}", flush=True)  # fmt: skip
+    print(
+        f"  targets: {args.rate:.0f}/s sustained: {'met' if ok_rate else 'NOT met'}; p99 <= 50 ms: "
+        f"{'met' if r.pct_ms(99) <= 50 else 'NOT met'}",
+        flush=True,
+    )
 
 
 async def default_deployment(zeek, cfg, model, args) -> None:
     """log.policy changes + explain logged; devices repeat their traffic (stable labels)."""
-    print(f"default deployment: log.policy changes, explain logged, {args.devices} devices "
-          f"repeating their flows, {args.rate:.0f} records/s for {args.default_s:.0f} s, "
-          f"{args.scorers} scorer(s):", flush=True)  # fmt: skip
+    print(
+        f"default deployment: log.policy changes, explain logged, {args.devices} devices "
+        f"repeating their flows, {args.rate:.0f} records/s for {args.default_s:.0f} s, "
+        f"{args.scorers} scorer(s):",
+        flush=True,
+    )
     gen = LoadGen(zeek, synthetic_records(args.devices, devices=args.devices, seed=2))
     write_config(cfg, zeek.url, model, args.scorers, args, policy="changes", explain="logged")
     async with Serve(zeek, cfg, args.scorers) as serve:
@@ -218,11 +259,13 @@ async def default_deployment(zeek, cfg, model, args) -> None:
         secs = time.monotonic() - t0
     c = serve.counts()
     m = re.search(r"latency_p99<=(\S+)", serve.summary)
-    print(f"  sent {r.sent} ({r.sent / args.default_s:.0f}/s); serve: labelled "
-          f"{c.get('labelled')}, explained {c.get('explained')}, label events sent "
-          f"{c.get('labels_sent')}, suppressed {c.get('suppressed')}, shed "
-          f"{c.get('shed')}, in {secs:.0f} s; bridge-side p99 (dispatch to label) <= "
-          f"{m.group(1) if m else '?'}")  # fmt: skip
+    print(
+        f"  sent {r.sent} ({r.sent / args.default_s:.0f}/s); serve: labelled "
+        f"{c.get('labelled')}, explained {c.get('explained')}, label events sent "
+        f"{c.get('labels_sent')}, suppressed {c.get('suppressed')}, shed "
+        f"{c.get('shed')}, in {secs:.0f} s; bridge-side p99 (dispatch to label) <= "
+        f"{m.group(1) if m else '?'}"
+    )
     print(f"  {cpu_line}")
     print(f"  serve: {serve.summary}", flush=True)
 
@@ -245,10 +288,28 @@ async def scorer_tier(model: str, n: int, seconds: float, tmp: Path) -> float:
     (addr,) = await d.start()
     scfg = tmp / "tier.yaml"
     scfg.write_text("scorers: {explain: none, threads: 1}\n")  # as phases 1 and 2
-    procs = [await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "iotcls", "serve", "--scorer-only", "--connect", addr,
-        "--name", f"tier{i}", "--model", model, "--device", "cpu", "--log-level", "warning",
-        "--config", str(scfg)) for i in range(n)]  # fmt: skip
+    procs = [
+        await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "iotcls",
+            "serve",
+            "--scorer-only",
+            "--connect",
+            addr,
+            "--name",
+            f"tier{i}",
+            "--model",
+            model,
+            "--device",
+            "cpu",
+            "--log-level",
+            "warning",
+            "--config",
+            str(scfg),
+        )
+        for i in range(n)
+    ]
     while len(d.scorers) < n:
         await asyncio.sleep(0.05)
     m = np.random.default_rng(0).random((100, *lay.shape), dtype=np.float32)
@@ -276,18 +337,23 @@ async def scorer_tier(model: str, n: int, seconds: float, tmp: Path) -> float:
 async def main(args) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     model, what = model_path(args.model, tmp)
-    print(f"bench_serve: model: {what}; {os.cpu_count()} CPUs; load generator in this process; "
-          f"load average at start {os.getloadavg()[0]:.1f}", flush=True)  # fmt: skip
+    print(
+        f"bench_serve: model: {what}; {os.cpu_count()} CPUs; load generator in this process; "
+        f"load average at start {os.getloadavg()[0]:.1f}",
+        flush=True,
+    )
     zeek = await FakeZeek(strict=False, payload_bytes=64).start()
     gen = LoadGen(zeek, synthetic_records(args.templates, devices=args.devices, seed=1))
     gc.freeze()  # as iotcls serve does: full collections scan only what the run allocates
     cfg = tmp / "serve.yaml"
     if not args.skip_tier:
         tier = {n: await scorer_tier(model, n, args.capacity_s, tmp) for n in (1, 2)}
-        print(f"scorer tier alone (dispatcher + scorer processes, no WebSocket): 1 scorer "
-              f"{tier[1]:.0f} matrices/s, 2 scorers {tier[2]:.0f}: ratio {tier[2] / tier[1]:.2f} "
-              f"(explain none)",
-              flush=True)  # fmt: skip
+        print(
+            f"scorer tier alone (dispatcher + scorer processes, no WebSocket): 1 scorer "
+            f"{tier[1]:.0f} matrices/s, 2 scorers {tier[2]:.0f}: ratio {tier[2] / tier[1]:.2f} "
+            f"(explain none)",
+            flush=True,
+        )
     if not args.skip_capacity:
         print("capacity (closed loop, log.policy all, explain none):", flush=True)
         rates = {n: await capacity(zeek, gen, cfg, model, n, args) for n in (1, 2)}
@@ -296,8 +362,10 @@ async def main(args) -> int:
         await sustained(zeek, gen, cfg, model, args)
     if not args.skip_default:
         await default_deployment(zeek, cfg, model, args)
-    print(f"load average at end {os.getloadavg()[0]:.1f} (other work on this machine competes "
-          f"for the same cores)")  # fmt: skip
+    print(
+        f"load average at end {os.getloadavg()[0]:.1f} (other work on this machine competes "
+        f"for the same cores)"
+    )
     await zeek.close()
     return 0
 

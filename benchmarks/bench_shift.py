@@ -55,8 +55,10 @@ def held_out(bundle: ModelBundle, ds: Dataset) -> dict:
     out = {}
     for name, d in (("with_dhcp", base), ("dhcp_removed", without_dhcp(base))):
         r = evaluate_report(bundle, d, None, use_all=True)
-        ident = r.get("dhcp_identity") or {"sequence": r["strategies"]["sequence"],
-                                           "device": r["strategies"]["device"]}
+        ident = r.get("dhcp_identity") or {
+            "sequence": r["strategies"]["sequence"],
+            "device": r["strategies"]["device"],
+        }
         tr = r["trust"]["rows"]["trust"]
         out[name] = {
             "labels": r["data"]["flows"],
@@ -66,8 +68,9 @@ def held_out(bundle: ModelBundle, ds: Dataset) -> dict:
             "coverage": tr["coverage"],
             "macro_f1_trusted": tr["macro_f1_trusted"],
             "high_conf_trusted_errors": tr["high_conf_errors"]["count"],
-            "high_conf_errors_untrusted_model": r["trust"]["rows"]["raw"]["high_conf_errors"]
-            ["count"],
+            "high_conf_errors_untrusted_model": r["trust"]["rows"]["raw"]["high_conf_errors"][
+                "count"
+            ],
         }
     return out
 
@@ -87,9 +90,12 @@ def label_type(bundle: ModelBundle, d: Dataset) -> dict:
     names = np.array(bundle.classes, object)[pr.index[tr]]
     as_what, counts = np.unique(names, return_counts=True) if tr.any() else ([], [])
     top = sorted(zip(counts.tolist(), as_what.tolist()), reverse=True)[:4] if tr.any() else []
-    return {"labels": int(len(d)), "trusted_share": round(float(tr.mean()), 4),
-            "high_confidence_trusted": int((tr & (pr.confidence >= 0.9)).sum()),
-            "trusted_as": {k: c for c, k in top}}  # fmt: skip
+    return {
+        "labels": int(len(d)),
+        "trusted_share": round(float(tr.mean()), 4),
+        "high_confidence_trusted": int((tr & (pr.confidence >= 0.9)).sum()),
+        "trusted_as": {k: c for c, k in top},
+    }
 
 
 def leave_out_all(ds: Dataset, types: list[str], cfg, cache: Path | None) -> dict:
@@ -105,46 +111,69 @@ def leave_out_all(ds: Dataset, types: list[str], cfg, cache: Path | None) -> dic
             bundle = ModelBundle.load(path)
         else:
             keep = np.flatnonzero(ds.labels != x)
-            bundle = train(ds.matrices[keep], ds.labels[keep], ds.captures[keep], ds.layout,
-                           replace(cfg), progress=False, log=lambda m: None,
-                           devices=ds.devices[keep], times=ds.timestamps[keep])  # fmt: skip
+            bundle = train(
+                ds.matrices[keep],
+                ds.labels[keep],
+                ds.captures[keep],
+                ds.layout,
+                replace(cfg),
+                progress=False,
+                log=lambda m: None,
+                devices=ds.devices[keep],
+                times=ds.timestamps[keep],
+            )
             if path is not None:
                 bundle.save(path)
         d = ds.take(np.flatnonzero(ds.labels == x))
-        out[x] = {"with_dhcp": label_type(bundle, d),
-                  "dhcp_removed": label_type(bundle, without_dhcp(d)),
-                  "seconds": round(time.time() - t0, 1)}  # fmt: skip
-        print(f"leave-out {x}: trusted {out[x]['with_dhcp']['trusted_share']:.3f} with DHCP, "
-              f"{out[x]['dhcp_removed']['trusted_share']:.3f} without "
-              f"({out[x]['seconds']:.0f}s)", file=sys.stderr)  # fmt: skip
-    return {"types": out, "train_config": {"epochs": cfg.epochs,
-                                           "max_per_capture": cfg.max_per_capture}}
+        out[x] = {
+            "with_dhcp": label_type(bundle, d),
+            "dhcp_removed": label_type(bundle, without_dhcp(d)),
+            "seconds": round(time.time() - t0, 1),
+        }
+        print(
+            f"leave-out {x}: trusted {out[x]['with_dhcp']['trusted_share']:.3f} with DHCP, "
+            f"{out[x]['dhcp_removed']['trusted_share']:.3f} without "
+            f"({out[x]['seconds']:.0f}s)",
+            file=sys.stderr,
+        )
+    return {
+        "types": out,
+        "train_config": {"epochs": cfg.epochs, "max_per_capture": cfg.max_per_capture},
+    }
 
 
 def format_held_out(r: dict) -> str:
-    lines = [f"{'':<14}{'labels':>7}{'seq F1':>8}{'dev F1':>8}{'CNN seq':>8}{'coverage':>9}"
-             f"{'F1 trusted':>11}{'hi-conf trusted errors':>24}"]
+    lines = [
+        f"{'':<14}{'labels':>7}{'seq F1':>8}{'dev F1':>8}{'CNN seq':>8}{'coverage':>9}"
+        f"{'F1 trusted':>11}{'hi-conf trusted errors':>24}"
+    ]
     for k, v in r.items():
-        lines.append(f"{k:<14}{v['labels']:>7}{v['sequence_macro_f1']:>8.3f}"
-                     f"{v['device_macro_f1']:>8.3f}{v['cnn_sequence_macro_f1']:>8.3f}"
-                     f"{v['coverage']:>9.3f}{v['macro_f1_trusted']:>11.4f}"
-                     f"{v['high_conf_trusted_errors']:>12} (of {v['high_conf_errors_untrusted_model']})")
+        lines.append(
+            f"{k:<14}{v['labels']:>7}{v['sequence_macro_f1']:>8.3f}"
+            f"{v['device_macro_f1']:>8.3f}{v['cnn_sequence_macro_f1']:>8.3f}"
+            f"{v['coverage']:>9.3f}{v['macro_f1_trusted']:>11.4f}"
+            f"{v['high_conf_trusted_errors']:>12} (of {v['high_conf_errors_untrusted_model']})"
+        )
     return "\n".join(lines)
 
 
 def format_leave_out(r: dict) -> str:
     c = r["train_config"]
-    lines = [f"leave one type out (epochs {c['epochs']}, max {c['max_per_capture'] or 'all'} "
-             f"matrices per capture): share of the type's labels trusted (target <= 2%)",
-             f"  {'type':<20}{'labels':>7}{'with DHCP':>10}{'no DHCP':>9}  trusted as (no DHCP)"]
+    lines = [
+        f"leave one type out (epochs {c['epochs']}, max {c['max_per_capture'] or 'all'} "
+        f"matrices per capture): share of the type's labels trusted (target <= 2%)",
+        f"  {'type':<20}{'labels':>7}{'with DHCP':>10}{'no DHCP':>9}  trusted as (no DHCP)",
+    ]
     over = []
     for x, f in r["types"].items():
         a, b = f["with_dhcp"], f["dhcp_removed"]
         if max(a["trusted_share"], b["trusted_share"]) > 0.02:
             over.append(x)
-        lines.append(f"  {x:<20}{a['labels']:>7}{a['trusted_share']:>10.3f}"
-                     f"{b['trusted_share']:>9.3f}  "
-                     + ", ".join(f"{k} {v}" for k, v in b["trusted_as"].items()))
+        lines.append(
+            f"  {x:<20}{a['labels']:>7}{a['trusted_share']:>10.3f}"
+            f"{b['trusted_share']:>9.3f}  "
+            + ", ".join(f"{k} {v}" for k, v in b["trusted_as"].items())
+        )
     lines.append(f"  types over 2%: {', '.join(over) if over else 'none'}")
     return "\n".join(lines)
 
@@ -154,15 +183,26 @@ def main(argv=None) -> int:
     p.add_argument("captures")
     p.add_argument("--model", help="model bundle (default: the shipped model)")
     p.add_argument("--no-held-out", dest="held_out", action="store_false")
-    p.add_argument("--leave-out-all", action="store_true",
-                   help="train without each type in turn (27 trainings)")
+    p.add_argument(
+        "--leave-out-all",
+        action="store_true",
+        help="train without each type in turn (27 trainings)",
+    )
     p.add_argument("--types", nargs="*", help="--leave-out-all: only these types")
     p.add_argument("--epochs", type=int, default=8, help="leave-out trainings (default 8)")
-    p.add_argument("--max-per-capture", type=int, default=0,
-                   help="leave-out trainings: matrices per capture file (0: all)")
+    p.add_argument(
+        "--max-per-capture",
+        type=int,
+        default=0,
+        help="leave-out trainings: matrices per capture file (0: all)",
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dhcp-dropout", type=float, default=None,
-                   help="leave-out trainings: TrainConfig.dhcp_dropout (default: its default)")
+    p.add_argument(
+        "--dhcp-dropout",
+        type=float,
+        default=None,
+        help="leave-out trainings: TrainConfig.dhcp_dropout (default: its default)",
+    )
     p.add_argument("--cache", metavar="DIR", help="leave-out bundles: kept here, reused")
     p.add_argument("--json", metavar="FILE", help="also write the figures here")
     args = p.parse_args(argv)
@@ -180,8 +220,7 @@ def main(argv=None) -> int:
         types = args.types or ds.classes
         from iotcls.train import TrainConfig
 
-        cfg = TrainConfig(seed=args.seed, epochs=args.epochs,
-                          max_per_capture=args.max_per_capture)
+        cfg = TrainConfig(seed=args.seed, epochs=args.epochs, max_per_capture=args.max_per_capture)
         if args.dhcp_dropout is not None:
             cfg = replace(cfg, dhcp_dropout=args.dhcp_dropout)
         cache = Path(args.cache) if args.cache else None

@@ -32,15 +32,33 @@ def run(tmp: Path, pcaps: Path, lua: bool, sock: Path | None) -> tuple[int, floa
     if lua:
         conf = tmp / "iotcls-suricata.conf"
         conf.write_text(f"socket = {sock}\nlocal_nets = 10.0.0.0/8,192.168.0.0/16\n")
-        outputs = (f"outputs:\n  - lua:\n      enabled: yes\n      scripts-dir: {ROOT / 'suricata'}\n"
-                   "      scripts:\n        - iotcls.lua\n")  # fmt: skip
+        outputs = (
+            f"outputs:\n  - lua:\n      enabled: yes\n      scripts-dir: {ROOT / 'suricata'}\n"
+            "      scripts:\n        - iotcls.lua\n"
+        )
     yaml = tmp / "suricata.yaml"
     yaml.write_text("%YAML 1.1\n---\n" + outputs)
     logs = tmp / "logs"
     logs.mkdir(exist_ok=True)
     env = {**os.environ, "IOTCLS_CONFIG": str(tmp / "iotcls-suricata.conf")}
-    r = subprocess.run(["suricata", "-c", str(yaml), "-r", str(pcaps), "-l", str(logs), "-k",
-                        "none", "--runmode", "single"], capture_output=True, text=True, env=env)  # fmt: skip
+    r = subprocess.run(
+        [
+            "suricata",
+            "-c",
+            str(yaml),
+            "-r",
+            str(pcaps),
+            "-l",
+            str(logs),
+            "-k",
+            "none",
+            "--runmode",
+            "single",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     out = r.stdout + r.stderr
     pk = re.search(r"read \d+ files?, (\d+) packets", out)
     el = re.search(r"time elapsed ([\d.]+)s", out)
@@ -59,8 +77,10 @@ def main() -> None:
         sys.exit("suricata is not installed")
     pcaps = sorted(DATA.glob("*/*.pcap"), key=lambda p: -p.stat().st_size)[: args.captures]
     ver = subprocess.run(["suricata", "-V"], capture_output=True, text=True).stdout.strip()
-    print(f"{ver}; {platform.machine()}, {os.cpu_count()} CPUs ({platform.node()}); "
-          f"{len(pcaps)} IoT Sentinel captures, {sum(p.stat().st_size for p in pcaps) / 1e6:.1f} MB")
+    print(
+        f"{ver}; {platform.machine()}, {os.cpu_count()} CPUs ({platform.node()}); "
+        f"{len(pcaps)} IoT Sentinel captures, {sum(p.stat().st_size for p in pcaps) / 1e6:.1f} MB"
+    )
     with tempfile.TemporaryDirectory() as t:
         tmp = Path(t)
         d = tmp / "pcaps"
@@ -78,13 +98,16 @@ def main() -> None:
             while not stop.is_set():
                 try:
                     got[0] += rx.recv(65536).count(b"\n") + 1
-                except socket.timeout:
+                except TimeoutError:
                     pass
 
         th = threading.Thread(target=reader, daemon=True)
         th.start()
-        cases = [("no script", False, None), ("script, bridge reading", True, sock),
-                 ("script, no bridge", True, tmp / "absent.sock")]  # fmt: skip
+        cases = [
+            ("no script", False, None),
+            ("script, bridge reading", True, sock),
+            ("script, no bridge", True, tmp / "absent.sock"),
+        ]
         best = {}
         for _ in range(args.repeat):
             for name, lua, s in cases:
@@ -96,8 +119,10 @@ def main() -> None:
     base = best["no script"][0] / best["no script"][1]
     for name, (n, el, info) in best.items():
         pps = n / el
-        print(f"{name:24s} {n:8d} packets in {el:6.3f} s: {pps:10,.0f} packets/s "
-              f"({pps / base:5.2f}x)  {info}")
+        print(
+            f"{name:24s} {n:8d} packets in {el:6.3f} s: {pps:10,.0f} packets/s "
+            f"({pps / base:5.2f}x)  {info}"
+        )
 
 
 if __name__ == "__main__":

@@ -17,8 +17,6 @@ Run: ``python benchmarks/bench_trust.py [--model M] [--n 4096] [--threads 1]``.
 
 from __future__ import annotations
 
-import iotcls  # noqa: F401  first: it sets OMP_WAIT_POLICY before torch loads
-
 import argparse
 import time
 from pathlib import Path
@@ -26,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import iotcls  # noqa: F401  first: it sets OMP_WAIT_POLICY before torch loads
 from iotcls.bundle import BundleError, ModelBundle
 from iotcls.capture import CaptureSpec
 from iotcls.dataset import capture_matrices
@@ -34,6 +33,7 @@ from iotcls.model import IoTCNN, ModelConfig
 from iotcls.predict import Predictor
 from iotcls.trust.layer import fit_state
 from iotcls.trust.shapley import GroupShapley
+
 
 def sample_matrices(layout: MatrixLayout) -> np.ndarray:
     """The real devices of the tests' sample (merged from ../shared), else the demo network."""
@@ -97,17 +97,22 @@ def main() -> None:
     x = np.ascontiguousarray(np.resize(x, (args.n, *x.shape[1:])))
     rng = np.random.default_rng(0)
     logged = np.sort(rng.choice(args.n, max(1, int(args.logged * args.n)), replace=False))
-    print(f"bench_trust: {bundle.source or bundle.name}, {args.n} matrices "
-          f"{bundle.layout.rows}x{bundle.layout.width}, torch threads {args.threads}")
+    print(
+        f"bench_trust: {bundle.source or bundle.name}, {args.n} matrices "
+        f"{bundle.layout.rows}x{bundle.layout.width}, torch threads {args.threads}"
+    )
     for batch in args.batch:
         plain_p = Predictor(bundle, batch_size=batch, explain=False)
         expl_p = Predictor(bundle, batch_size=batch)
         plain_p.predict(x[:64])
         expl_p.predict(x[:64])
-        t_plain = best_of(lambda: [plain_p.predict(x[i : i + batch])
-                                   for i in range(0, args.n, batch)], args.repeat)  # fmt: skip
-        t_expl = best_of(lambda: [expl_p.predict(x[i : i + batch])
-                                  for i in range(0, args.n, batch)], args.repeat)  # fmt: skip
+        t_plain = best_of(
+            lambda: [plain_p.predict(x[i : i + batch]) for i in range(0, args.n, batch)],
+            args.repeat,
+        )
+        t_expl = best_of(
+            lambda: [expl_p.predict(x[i : i + batch]) for i in range(0, args.n, batch)], args.repeat
+        )
 
         def logged_only():
             for i in range(0, args.n, batch):
@@ -118,18 +123,35 @@ def main() -> None:
         t_logged = best_of(logged_only, args.repeat)
         generic = GroupShapley.for_layout(bundle.model, bundle.layout, structured=False)
         n_gen = min(args.n, 1024)
-        t_gen = best_of(lambda: [generic.explain(x[i : i + batch], all_classes=True)
-                                 for i in range(0, n_gen, batch)], 1) * args.n / n_gen  # fmt: skip
+        t_gen = (
+            best_of(
+                lambda: [
+                    generic.explain(x[i : i + batch], all_classes=True)
+                    for i in range(0, n_gen, batch)
+                ],
+                1,
+            )
+            * args.n
+            / n_gen
+        )
         us = 1e6 / args.n
         print(f"batch {batch}:")
-        print(f"  plain label            {t_plain * us:9.1f} us/label  "
-              f"{args.n / t_plain:9.0f} labels/s")  # fmt: skip
-        print(f"  explained (all)        {t_expl * us:9.1f} us/label  "
-              f"{args.n / t_expl:9.0f} labels/s  {t_expl / t_plain:5.2f}x plain")  # fmt: skip
-        print(f"  explained, generic     {t_gen * us:9.1f} us/label  "
-              f"{args.n / t_gen:9.0f} labels/s  {t_gen / t_plain:5.2f}x plain")  # fmt: skip
-        print(f"  logged only ({args.logged:.0%})     {t_logged * us:9.1f} us/label  "
-              f"{args.n / t_logged:9.0f} labels/s  {t_logged / t_plain:5.2f}x plain")  # fmt: skip
+        print(
+            f"  plain label            {t_plain * us:9.1f} us/label  "
+            f"{args.n / t_plain:9.0f} labels/s"
+        )
+        print(
+            f"  explained (all)        {t_expl * us:9.1f} us/label  "
+            f"{args.n / t_expl:9.0f} labels/s  {t_expl / t_plain:5.2f}x plain"
+        )
+        print(
+            f"  explained, generic     {t_gen * us:9.1f} us/label  "
+            f"{args.n / t_gen:9.0f} labels/s  {t_gen / t_plain:5.2f}x plain"
+        )
+        print(
+            f"  logged only ({args.logged:.0%})     {t_logged * us:9.1f} us/label  "
+            f"{args.n / t_logged:9.0f} labels/s  {t_logged / t_plain:5.2f}x plain"
+        )
 
 
 if __name__ == "__main__":

@@ -71,8 +71,14 @@ def build_plugin(zeek: str, out: Path) -> Path:
     if not zeek_config:
         sys.exit(f"no zeek-config beside {zeek} or on PATH: pass --plugin DIR")
     t = time.perf_counter()
-    for cmd in ([str(ROOT / "zeek-plugin" / "configure"), f"--zeek-config={zeek_config}",
-                 f"--builddir={out}"], ["make", "-C", str(out), "-j2"]):  # fmt: skip
+    for cmd in (
+        [
+            str(ROOT / "zeek-plugin" / "configure"),
+            f"--zeek-config={zeek_config}",
+            f"--builddir={out}",
+        ],
+        ["make", "-C", str(out), "-j2"],
+    ):
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
             sys.exit(f"{' '.join(cmd)} failed:\n{r.stdout[-3000:]}{r.stderr[-3000:]}")
@@ -84,8 +90,14 @@ def sentinel_concat(data: Path, out: Path) -> tuple[int, list[str]]:
     """Every IoT Sentinel capture, one after the other, into *out*; (packets, device MACs)."""
     pcaps = sorted(data.glob("*/*.pcap"))
     mac_files = [d / "_iotdevice-mac.txt" for d in {p.parent for p in pcaps}]
-    macs = sorted({m.lower() for f in mac_files if f.exists()
-                   for m in f.read_text().replace(",", " ").split()})  # fmt: skip
+    macs = sorted(
+        {
+            m.lower()
+            for f in mac_files
+            if f.exists()
+            for m in f.read_text().replace(",", " ").split()
+        }
+    )
     n, next_start = 0, 1_500_000_000 * 1_000_000
     with out.open("wb") as f:
         f.write(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 262144, 1))
@@ -104,7 +116,7 @@ def sentinel_concat(data: Path, out: Path) -> tuple[int, list[str]]:
                 t += shift
                 last = max(last, t)
                 f.write(struct.pack("<IIII", t // 1_000_000, t % 1_000_000, incl, orig))
-                f.write(b[off + 16: off + 16 + incl])
+                f.write(b[off + 16 : off + 16 + incl])
                 off += 16 + incl
                 n += 1
             next_start = last + 600 * 1_000_000  # past every inactivity timeout
@@ -116,7 +128,7 @@ def churn_pcap(path: Path, conns: int, seconds: float = 200.0) -> None:
     evenly over *seconds*, none answered or closed."""
     ip_hdr = struct.Struct("!BBHHHBBH4s4s")
     frames = bytearray(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1))
-    eth = bytes.fromhex("020000000002" "020000000001" "0800")
+    eth = bytes.fromhex("0200000000020200000000010800")
     t0 = 1_600_000_000 * 1_000_000
     for i in range(conns):
         src = bytes((10, 0, (i >> 8) & 0xFF, i & 0xFF))
@@ -129,8 +141,9 @@ def churn_pcap(path: Path, conns: int, seconds: float = 200.0) -> None:
     path.write_bytes(frames)
 
 
-def run(zeek: str, pcap: Path, args: list[str], plugin: Path | None,
-        cwd: Path, rss: list | None = None) -> tuple[float, int | None]:  # fmt: skip
+def run(
+    zeek: str, pcap: Path, args: list[str], plugin: Path | None, cwd: Path, rss: list | None = None
+) -> tuple[float, int | None]:
     """CPU seconds (user + sys) of one Zeek run, and the records it published (None: no
     package); its peak RSS (bytes) is appended to *rss* when given."""
     env = {k: v for k, v in os.environ.items() if k != "ZEEK_PLUGIN_PATH"}
@@ -140,8 +153,13 @@ def run(zeek: str, pcap: Path, args: list[str], plugin: Path | None,
     cwd.mkdir(parents=True)
     err = cwd / "stderr"
     with err.open("w") as e:
-        p = subprocess.Popen([zeek, "-C", "-r", str(pcap), *args], cwd=cwd, env=env,
-                             stdout=subprocess.DEVNULL, stderr=e)  # fmt: skip
+        p = subprocess.Popen(
+            [zeek, "-C", "-r", str(pcap), *args],
+            cwd=cwd,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=e,
+        )
         _, status, ru = os.wait4(p.pid, 0)
     p.returncode = os.waitstatus_to_exitcode(status)
     text = err.read_text()
@@ -169,8 +187,22 @@ def instructions(zeek: str, pcap: Path, args: list[str], plugin: Path | None, cw
         env["ZEEK_PLUGIN_PATH"] = str(plugin)
     shutil.rmtree(cwd, ignore_errors=True)
     cwd.mkdir(parents=True)
-    r = subprocess.run(["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", zeek, "-C",
-                        "-r", str(pcap), *args], cwd=cwd, env=env, capture_output=True, text=True)  # fmt: skip
+    r = subprocess.run(
+        [
+            "valgrind",
+            "--tool=callgrind",
+            "--callgrind-out-file=/dev/null",
+            zeek,
+            "-C",
+            "-r",
+            str(pcap),
+            *args,
+        ],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     m = re.search(r"Collected : (\d+)", r.stderr)
     if r.returncode != 0 or not m:
         sys.exit(f"zeek under callgrind failed ({r.returncode}): {r.stderr[-2000:]}")
@@ -187,8 +219,9 @@ def head_pcap(pcap: Path, out: Path, n: int = 10) -> Path:
     return out
 
 
-def bench_instructions(name: str, zeek: str, pcap: Path, select: list[str], plugin: Path,
-                       work: Path) -> None:  # fmt: skip
+def bench_instructions(
+    name: str, zeek: str, pcap: Path, select: list[str], plugin: Path, work: Path
+) -> None:
     """Callgrind's instruction counts of each configuration, start-up subtracted."""
     keep_back = work / "keep-back.zeek"
     keep_back.parent.mkdir(parents=True, exist_ok=True)
@@ -206,14 +239,19 @@ def bench_instructions(name: str, zeek: str, pcap: Path, select: list[str], plug
         total = instructions(zeek, pcap, args, plug, work / k)
         start = instructions(zeek, head, args, plug, work / k)
         traffic[k] = total - start
-        print(f"  {k:27}{total:>15,}{start:>15,}{traffic[k]:>15,}{traffic[k] / traffic['plain']:>9.3f}x")
+        print(
+            f"  {k:27}{total:>15,}{start:>15,}{traffic[k]:>15,}{traffic[k] / traffic['plain']:>9.3f}x"
+        )
     ratio = traffic["plugin"] / traffic["plain"]
-    print(f"  plugin/plain, instructions for the traffic: {ratio:.3f}x (target <= {TARGETS[name]:.2f}x: "
-          f"{'met' if ratio <= TARGETS[name] else 'NOT met'})")
+    print(
+        f"  plugin/plain, instructions for the traffic: {ratio:.3f}x (target <= {TARGETS[name]:.2f}x: "
+        f"{'met' if ratio <= TARGETS[name] else 'NOT met'})"
+    )
 
 
-def bench(name: str, zeek: str, pcap: Path, select: list[str], plugin: Path, rounds: int,
-          work: Path) -> None:  # fmt: skip
+def bench(
+    name: str, zeek: str, pcap: Path, select: list[str], plugin: Path, rounds: int, work: Path
+) -> None:
     keep_back = work / "keep-back.zeek"
     keep_back.parent.mkdir(parents=True, exist_ok=True)
     keep_back.write_text(KEEP_BACK)
@@ -227,7 +265,7 @@ def bench(name: str, zeek: str, pcap: Path, select: list[str], plugin: Path, rou
     recs: dict[str, set] = {k: set() for k in configs}
     pcap.read_bytes()  # page cache
     for i in range(rounds):
-        order = list(configs)[i % len(configs):] + list(configs)[: i % len(configs)]  # rotate
+        order = list(configs)[i % len(configs) :] + list(configs)[: i % len(configs)]  # rotate
         for k in order:
             args, plug = configs[k]
             s, n = run(zeek, pcap, args, plug, work / k)
@@ -244,10 +282,14 @@ def bench(name: str, zeek: str, pcap: Path, select: list[str], plugin: Path, rou
     paired = statistics.median(p / q for p, q in zip(cpu["plugin"], cpu["plain"]))
     target = TARGETS[name]
     script = statistics.median(p / q for p, q in zip(cpu["script"], cpu["plain"]))
-    print(f"  plugin/plain, median of paired ratios: {paired:.3f}x (target <= {target:.2f}x: "
-          f"{'met' if paired <= target else 'NOT met'}); script/plain {script:.3f}x")
-    print(f"  without publishing (flow_policy keeps every record back): plugin/plain "
-          f"{statistics.median(p / q for p, q in zip(cpu[keep], cpu['plain'])):.3f}x")
+    print(
+        f"  plugin/plain, median of paired ratios: {paired:.3f}x (target <= {target:.2f}x: "
+        f"{'met' if paired <= target else 'NOT met'}); script/plain {script:.3f}x"
+    )
+    print(
+        f"  without publishing (flow_policy keeps every record back): plugin/plain "
+        f"{statistics.median(p / q for p, q in zip(cpu[keep], cpu['plain'])):.3f}x"
+    )
     if recs["plugin"] != recs["script"]:
         print(f"  !! record counts differ: plugin {recs['plugin']}, script {recs['script']}")
 
@@ -255,17 +297,24 @@ def bench(name: str, zeek: str, pcap: Path, select: list[str], plugin: Path, rou
 def bench_memory(zeek: str, pcap: Path, conns: int, plugin: Path, work: Path) -> None:
     """Peak RSS with many open connections, device ones and others."""
     print(f"  {'':38}{'peak RSS MiB':>13}{'vs plain':>10}{'per conn':>10}")
-    for label, select in (("every endpoint a device", "IoTClass::device_nets={10.0.0.0/8}"),
-                          ("no device endpoint", "IoTClass::device_nets={192.0.2.0/24}")):  # fmt: skip
+    for label, select in (
+        ("every endpoint a device", "IoTClass::device_nets={10.0.0.0/8}"),
+        ("no device endpoint", "IoTClass::device_nets={192.0.2.0/24}"),
+    ):
         peak: dict[str, int] = {}
-        for k, args, plug in (("plain", [], None), ("plugin", [str(PKG), *NO_BRIDGE, select], plugin),
-                              ("script", [str(PKG), *NO_BRIDGE, select], None)):  # fmt: skip
+        for k, args, plug in (
+            ("plain", [], None),
+            ("plugin", [str(PKG), *NO_BRIDGE, select], plugin),
+            ("script", [str(PKG), *NO_BRIDGE, select], None),
+        ):
             got: list[int] = []
             run(zeek, pcap, args, plug, work / k, got)
             peak[k] = got[0]
             more = peak[k] - peak["plain"]
-            print(f"  {label + ', ' + k:38}{peak[k] / 2**20:>13,.0f}{more / 2**20:>+9,.0f}M"
-                  f"{more / conns:>9,.0f}B")  # fmt: skip
+            print(
+                f"  {label + ', ' + k:38}{peak[k] / 2**20:>13,.0f}{more / 2**20:>+9,.0f}M"
+                f"{more / conns:>9,.0f}B"
+            )
 
 
 def main() -> int:
@@ -279,18 +328,28 @@ def main() -> int:
     ap.add_argument("--plugin", help="a built plugin directory (default: build one)")
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "iot-sentinel"))
     ap.add_argument("--conns", type=int, default=1_000_000, help="open connections (m)")
-    ap.add_argument("--instructions", action="store_true",
-                    help="also count instructions under callgrind (exact; slow)")
-    ap.add_argument("--instr-packets", type=int, default=100_000,
-                    help="synthetic packets for --instructions (a, b)")
+    ap.add_argument(
+        "--instructions",
+        action="store_true",
+        help="also count instructions under callgrind (exact; slow)",
+    )
+    ap.add_argument(
+        "--instr-packets",
+        type=int,
+        default=100_000,
+        help="synthetic packets for --instructions (a, b)",
+    )
     args = ap.parse_args()
     if not args.zeek:
         sys.exit("no zeek: set ZEEK_HOME or PATH, or pass --zeek")
     cases = set(args.cases.split(","))
-    version = subprocess.run([args.zeek, "--version"], capture_output=True,
-                             text=True).stdout.strip()  # fmt: skip
-    print(f"{version}; {platform.node()}: {os.cpu_count()} cores visible, "
-          f"load average {os.getloadavg()[0]:.1f} at start; {args.rounds} paired rounds")
+    version = subprocess.run(
+        [args.zeek, "--version"], capture_output=True, text=True
+    ).stdout.strip()
+    print(
+        f"{version}; {platform.node()}: {os.cpu_count()} cores visible, "
+        f"load average {os.getloadavg()[0]:.1f} at start; {args.rounds} paired rounds"
+    )
 
     with tempfile.TemporaryDirectory(prefix="bench-zeek-") as tmp:
         work = Path(tmp)
@@ -302,14 +361,22 @@ def main() -> int:
         if cases & {"a", "b"}:
             syn = work / "synthetic.pcap"
             n = synthetic_pcap(syn, args.packets, devices=args.devices, keys=args.flows)
-            print(f"synthetic: {n:,} packets, {syn.stat().st_size / 2**20:,.0f} MiB, "
-                  f"{args.devices} devices (10.0.0.0/16), {args.flows:,} flows")  # fmt: skip
+            print(
+                f"synthetic: {n:,} packets, {syn.stat().st_size / 2**20:,.0f} MiB, "
+                f"{args.devices} devices (10.0.0.0/16), {args.flows:,} flows"
+            )
             small = work / "synthetic-small.pcap"
             if args.instructions:
-                synthetic_pcap(small, args.instr_packets, devices=args.devices,
-                               keys=max(1, args.flows * args.instr_packets // args.packets))  # fmt: skip
-            for case, nets, title in (("a", "10.0.0.0/16", "every device in IoTClass::device_nets"),
-                                      ("b", "192.0.2.0/24", "IoTClass::device_nets matching nothing")):  # fmt: skip
+                synthetic_pcap(
+                    small,
+                    args.instr_packets,
+                    devices=args.devices,
+                    keys=max(1, args.flows * args.instr_packets // args.packets),
+                )
+            for case, nets, title in (
+                ("a", "10.0.0.0/16", "every device in IoTClass::device_nets"),
+                ("b", "192.0.2.0/24", "IoTClass::device_nets matching nothing"),
+            ):
                 if case not in cases:
                     continue
                 select = [f"IoTClass::device_nets={{{nets}}}"]
@@ -325,8 +392,10 @@ def main() -> int:
             else:
                 cat = work / "sentinel.pcap"
                 n, macs = sentinel_concat(data, cat)
-                print(f"(c) IoT Sentinel: {len(list(data.glob('*/*.pcap')))} captures one after "
-                      f"the other, {n:,} frames, {len(macs)} device MACs")  # fmt: skip
+                print(
+                    f"(c) IoT Sentinel: {len(list(data.glob('*/*.pcap')))} captures one after "
+                    f"the other, {n:,} frames, {len(macs)} device MACs"
+                )
                 sel = "IoTClass::device_macs={" + ",".join(f'"{m}"' for m in macs) + "}"
                 bench("c", args.zeek, cat, [sel], plugin, args.rounds, work / "runs")
                 if args.instructions:

@@ -72,8 +72,9 @@ def real_captures(n: int) -> list[Path]:
     return out
 
 
-def fuzz_format(fmt: str, pool: list[bytes], n: int, seed: int, hang_s: float, work: Path,
-                out: Path) -> dict:  # fmt: skip
+def fuzz_format(
+    fmt: str, pool: list[bytes], n: int, seed: int, hang_s: float, work: Path, out: Path
+) -> dict:
     path = work / f"input.{fmt}"
     crashes: Counter = Counter()
     examples: dict[str, str] = {}
@@ -107,22 +108,34 @@ def fuzz_format(fmt: str, pool: list[bytes], n: int, seed: int, hang_s: float, w
             gp.write_bytes(data)
             group.append((gp, data))
             if len(group) == 4:
-                for (p, d), cf in zip(group, capture_flows_many([p for p, _ in group], [_SEL] * 4)):
+                for (_p, d), cf in zip(
+                    group, capture_flows_many([p for p, _ in group], [_SEL] * 4)
+                ):
                     if "cannot read this capture" in cf.error:
-                        record("many-captures path: " + cf.error.split("(")[-1][:60], i, d,
-                               cf.error)  # fmt: skip
+                        record(
+                            "many-captures path: " + cf.error.split("(")[-1][:60], i, d, cf.error
+                        )
                 group = []
         if i % 10_000 == 0:
             rss_samples.append(rss_kib())
-            print(f"  {fmt}: {i:,} inputs, {sum(crashes.values())} crashes, {hangs} hangs, "
-                  f"RSS {rss_samples[-1] / 1024:.0f} MiB, {time.perf_counter() - t0:.0f} s",
-                  file=sys.stderr, flush=True)  # fmt: skip
+            print(
+                f"  {fmt}: {i:,} inputs, {sum(crashes.values())} crashes, {hangs} hangs, "
+                f"RSS {rss_samples[-1] / 1024:.0f} MiB, {time.perf_counter() - t0:.0f} s",
+                file=sys.stderr,
+                flush=True,
+            )
     return {
-        "format": fmt, "inputs": n, "seeds": len(pool), "crashes": sum(crashes.values()),
-        "crash_kinds": dict(crashes), "examples": examples, "hangs": hangs,
-        "slowest_input_s": round(slowest, 3), "wall_s": round(time.perf_counter() - t0, 1),
+        "format": fmt,
+        "inputs": n,
+        "seeds": len(pool),
+        "crashes": sum(crashes.values()),
+        "crash_kinds": dict(crashes),
+        "examples": examples,
+        "hangs": hangs,
+        "slowest_input_s": round(slowest, 3),
+        "wall_s": round(time.perf_counter() - t0, 1),
         "rss_mib_samples": [round(x / 1024) for x in rss_samples],
-    }  # fmt: skip
+    }
 
 
 def main() -> int:
@@ -144,25 +157,33 @@ def main() -> int:
     with tempfile.TemporaryDirectory(dir="/dev/shm" if Path("/dev/shm").is_dir() else None) as w:
         for fmt in args.formats.split(","):
             pool = seeds(fmt, real)
-            print(f"{fmt}: {len(pool)} seeds ({len(real)} real), {args.inputs:,} inputs",
-                  file=sys.stderr)  # fmt: skip
-            results.append(fuzz_format(fmt, pool, args.inputs, args.seed, args.hang_s, Path(w),
-                                       out))  # fmt: skip
+            print(
+                f"{fmt}: {len(pool)} seeds ({len(real)} real), {args.inputs:,} inputs",
+                file=sys.stderr,
+            )
+            results.append(
+                fuzz_format(fmt, pool, args.inputs, args.seed, args.hang_s, Path(w), out)
+            )
     total = {
-        "decoders": results, "wall_s": round(time.perf_counter() - t0, 1),
+        "decoders": results,
+        "wall_s": round(time.perf_counter() - t0, 1),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python "
-                   f"{platform.python_version()}", "reproducers": str(out),
-    }  # fmt: skip
-    print(f"\n{'decoder':<8}{'inputs':>10}{'crashes':>9}{'hangs':>7}{'slowest s':>11}"
-          f"{'wall s':>9}  RSS MiB along the run")  # fmt: skip
+        f"{platform.python_version()}",
+        "reproducers": str(out),
+    }
+    print(
+        f"\n{'decoder':<8}{'inputs':>10}{'crashes':>9}{'hangs':>7}{'slowest s':>11}"
+        f"{'wall s':>9}  RSS MiB along the run"
+    )
     for r in results:
-        print(f"{r['format']:<8}{r['inputs']:>10,}{r['crashes']:>9}{r['hangs']:>7}"
-              f"{r['slowest_input_s']:>11.3f}{r['wall_s']:>9.0f}  {r['rss_mib_samples']}")
+        print(
+            f"{r['format']:<8}{r['inputs']:>10,}{r['crashes']:>9}{r['hangs']:>7}"
+            f"{r['slowest_input_s']:>11.3f}{r['wall_s']:>9.0f}  {r['rss_mib_samples']}"
+        )
         for kind, ex in r["examples"].items():
             print(f"  {kind}: {ex}")
-    print(f"peak RSS {total['peak_rss_mib']} MiB, wall {total['wall_s']:.0f} s, "
-          f"{total['machine']}")  # fmt: skip
+    print(f"peak RSS {total['peak_rss_mib']} MiB, wall {total['wall_s']:.0f} s, {total['machine']}")
     if args.json:
         Path(args.json).write_text(json.dumps(total, indent=1) + "\n")
     return 1 if any(r["crashes"] or r["hangs"] for r in results) else 0

@@ -68,8 +68,11 @@ def run_one(name: str, n: int, seed: int, hang_s: float) -> dict:
     for k in ("ok", "refused", "crashes", "hangs"):
         out[k] = getattr(first, k) + getattr(rest, k)
     out["slowest_ms"] = round(max(first.slowest_s, rest.slowest_s) * 1000, 1)
-    out["rss_mib"] = {"start": round(rss_start, 1), "after_10pct": round(rss_tenth, 1),
-                      "end": round(_rss_mib(), 1)}  # fmt: skip
+    out["rss_mib"] = {
+        "start": round(rss_start, 1),
+        "after_10pct": round(rss_tenth, 1),
+        "end": round(_rss_mib(), 1),
+    }
     out["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     out["wall_s"] = round(wall, 1)
     out["inputs_per_s"] = round(out["inputs"] / wall)
@@ -91,9 +94,12 @@ def main() -> None:
     from iotcls.testing import fuzz
 
     names = [t.name for t in fuzz.targets()]
-    print(f"fuzz_service: {args.inputs} inputs per decoder, seed {args.seed}, hang > "
-          f"{args.hang_s} s; {platform.node()}, {os.cpu_count()} CPUs, Python "
-          f"{platform.python_version()}", flush=True)  # fmt: skip
+    print(
+        f"fuzz_service: {args.inputs} inputs per decoder, seed {args.seed}, hang > "
+        f"{args.hang_s} s; {platform.node()}, {os.cpu_count()} CPUs, Python "
+        f"{platform.python_version()}",
+        flush=True,
+    )
     results = []
     ctx = mp.get_context("fork")
     t0 = time.perf_counter()
@@ -104,17 +110,22 @@ def main() -> None:
         r = q.get()
         p.join()
         results.append(r)
-        print(f"  {r['decoder']:18} {r['inputs']:>8} inputs: {r['ok']:>7} read, "
-              f"{r['refused']:>7} refused, {r['crashes']} crashes, {r['hangs']} hangs; "
-              f"slowest {r['slowest_ms']} ms; RSS {r['rss_mib']['after_10pct']} -> "
-              f"{r['rss_mib']['end']} MiB (peak {r['peak_rss_mib']}); {r['wall_s']} s "
-              f"({r['inputs_per_s']}/s)", flush=True)  # fmt: skip
+        print(
+            f"  {r['decoder']:18} {r['inputs']:>8} inputs: {r['ok']:>7} read, "
+            f"{r['refused']:>7} refused, {r['crashes']} crashes, {r['hangs']} hangs; "
+            f"slowest {r['slowest_ms']} ms; RSS {r['rss_mib']['after_10pct']} -> "
+            f"{r['rss_mib']['end']} MiB (peak {r['peak_rss_mib']}); {r['wall_s']} s "
+            f"({r['inputs_per_s']}/s)",
+            flush=True,
+        )
         for ex in r["examples"]:
             print(f"      {ex}")
     total = {k: sum(r[k] for r in results) for k in ("inputs", "crashes", "hangs")}
     total["wall_s"] = round(time.perf_counter() - t0, 1)
-    print(f"fuzz_service: {total['inputs']} inputs, {total['crashes']} crashes, "
-          f"{total['hangs']} hangs, {total['wall_s']} s")  # fmt: skip
+    print(
+        f"fuzz_service: {total['inputs']} inputs, {total['crashes']} crashes, "
+        f"{total['hangs']} hangs, {total['wall_s']} s"
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"decoders": results, "total": total}, f, indent=2)

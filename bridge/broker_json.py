@@ -54,19 +54,41 @@ from typing import Any
 from . import safejson
 
 __all__ = [
-    "Ack", "BrokerJSONError", "Count", "DataMessage", "Enum", "ErrorMessage", "Event",
-    "Integer", "Port", "Timespan", "Timestamp", "decode", "decode_event", "decode_message",
-    "dumps", "encode", "encode_event", "event_message", "parse_frame", "render_zeek",
+    "Ack",
+    "BrokerJSONError",
+    "Count",
+    "DataMessage",
+    "Enum",
+    "ErrorMessage",
+    "Event",
+    "Integer",
+    "Port",
+    "Timespan",
+    "Timestamp",
+    "decode",
+    "decode_event",
+    "decode_message",
+    "dumps",
+    "encode",
+    "encode_event",
+    "event_message",
+    "parse_frame",
+    "render_zeek",
     "string_bytes",
-]  # fmt: skip
+]
 
 COUNT_MAX = 2**64 - 1
 INT_MIN, INT_MAX = -(2**63), 2**63 - 1
 PORT_PROTOS = ("tcp", "udp", "icmp", "?")
 TIMESPAN_UNITS_NS = {
-    "ns": 1, "us": 1_000, "ms": 1_000_000, "s": 1_000_000_000, "min": 60_000_000_000,
-    "h": 3_600_000_000_000, "d": 86_400_000_000_000,
-}  # fmt: skip
+    "ns": 1,
+    "us": 1_000,
+    "ms": 1_000_000,
+    "s": 1_000_000_000,
+    "min": 60_000_000_000,
+    "h": 3_600_000_000_000,
+    "d": 86_400_000_000_000,
+}
 NETWORK_TIMESTAMP = 1  # metadata key Zeek uses for an event's network time
 
 
@@ -158,8 +180,13 @@ class Timestamp:
             secs = calendar.timegm((int(y), int(mo), int(d), int(h), int(mi), int(sec), 0, 0, 0))
         except (ValueError, OverflowError):
             raise BrokerJSONError(f"invalid timestamp {s!r}") from None
-        if not (1 <= int(mo) <= 12 and 1 <= int(d) <= 31 and int(h) < 24 and int(mi) < 60
-                and int(sec) < 61):  # fmt: skip
+        if not (
+            1 <= int(mo) <= 12
+            and 1 <= int(d) <= 31
+            and int(h) < 24
+            and int(mi) < 60
+            and int(sec) < 61
+        ):
             raise BrokerJSONError(f"invalid timestamp {s!r}")
         ns = int((frac or "").ljust(9, "0")[:9] or 0)
         if zone and zone != "Z":
@@ -267,8 +294,9 @@ def _hashable(v: Any) -> Any:
 def decode(obj: Any, where: str = "$") -> Any:
     """One ``{"@data-type", "data"}`` object (as parsed by :mod:`json`) to a Python value."""
     if not isinstance(obj, dict):
-        raise BrokerJSONError(f"{where}: expected an object with @data-type, got "
-                              f"{type(obj).__name__}")  # fmt: skip
+        raise BrokerJSONError(
+            f"{where}: expected an object with @data-type, got {type(obj).__name__}"
+        )
     try:
         dtype, data = obj["@data-type"], obj["data"]
     except KeyError as e:
@@ -286,13 +314,21 @@ def decode(obj: Any, where: str = "$") -> Any:
 
 def _expect(data: Any, types: type | tuple, dtype: str, where: str) -> Any:
     if not isinstance(data, types) or (types is not bool and isinstance(data, bool)):
-        raise BrokerJSONError(f"{where}: {dtype} needs JSON {_json_kind(types)}, got {data!r}"[:200])
+        raise BrokerJSONError(
+            f"{where}: {dtype} needs JSON {_json_kind(types)}, got {data!r}"[:200]
+        )
     return data
 
 
 def _json_kind(types: type | tuple) -> str:
-    names = {bool: "true/false", int: "integer", float: "number", str: "string",
-             list: "array", dict: "object"}  # fmt: skip
+    names = {
+        bool: "true/false",
+        int: "integer",
+        float: "number",
+        str: "string",
+        list: "array",
+        dict: "object",
+    }
     ts = types if isinstance(types, tuple) else (types,)
     return " or ".join(names.get(t, t.__name__) for t in ts)
 
@@ -387,22 +423,42 @@ def _dec_table(data: Any, where: str) -> dict:
 
 
 _DECODERS = {
-    "none": _dec_none, "boolean": _dec_bool, "count": _dec_count, "integer": _dec_integer,
-    "real": _dec_real, "string": _dec_string, "enum-value": _dec_enum,
-    "address": _dec_address, "subnet": _dec_subnet, "port": _dec_port,
-    "timestamp": _dec_timestamp, "timespan": _dec_timespan, "vector": _dec_vector,
-    "set": _dec_set, "table": _dec_table,
-}  # fmt: skip
+    "none": _dec_none,
+    "boolean": _dec_bool,
+    "count": _dec_count,
+    "integer": _dec_integer,
+    "real": _dec_real,
+    "string": _dec_string,
+    "enum-value": _dec_enum,
+    "address": _dec_address,
+    "subnet": _dec_subnet,
+    "port": _dec_port,
+    "timestamp": _dec_timestamp,
+    "timespan": _dec_timespan,
+    "vector": _dec_vector,
+    "set": _dec_set,
+    "table": _dec_table,
+}
 
 
 def decode_event(value: Any) -> Event | None:
     """The :class:`Event` a decoded data-message value encodes, or None if it is no event."""
-    if not (isinstance(value, list) and len(value) == 3 and value[0] == 1 and value[1] == 1
-            and type(value[0]) is Count and type(value[1]) is Count):  # fmt: skip
+    if not (
+        isinstance(value, list)
+        and len(value) == 3
+        and value[0] == 1
+        and value[1] == 1
+        and type(value[0]) is Count
+        and type(value[1]) is Count
+    ):
         return None
     body = value[2]
-    if not (isinstance(body, list) and len(body) in (2, 3) and isinstance(body[0], str)
-            and isinstance(body[1], list)):  # fmt: skip
+    if not (
+        isinstance(body, list)
+        and len(body) in (2, 3)
+        and isinstance(body[0], str)
+        and isinstance(body[1], list)
+    ):
         return None
     meta = None
     if len(body) == 3:
@@ -518,8 +574,10 @@ def encode(value: Any) -> dict:
     if isinstance(value, (set, frozenset)):
         return {"@data-type": "set", "data": [encode(v) for v in value]}
     if isinstance(value, dict):
-        return {"@data-type": "table",
-                "data": [{"key": encode(k), "value": encode(v)} for k, v in value.items()]}  # fmt: skip
+        return {
+            "@data-type": "table",
+            "data": [{"key": encode(k), "value": encode(v)} for k, v in value.items()],
+        }
     raise BrokerJSONError(f"no Broker type for a Python {type(value).__name__}")
 
 
@@ -586,8 +644,9 @@ def dumps(topic: str, value: Any) -> bytes:
     return "".join(out).encode("utf-8", "surrogateescape")
 
 
-def event_message(topic: str, name: str, args: Iterable[Any],
-                  metadata: Iterable | None = None) -> bytes:  # fmt: skip
+def event_message(
+    topic: str, name: str, args: Iterable[Any], metadata: Iterable | None = None
+) -> bytes:
     """A Zeek event as a client sends it, ready for the WebSocket."""
     return dumps(topic, encode_event(name, args, metadata))
 
@@ -595,9 +654,18 @@ def event_message(topic: str, name: str, args: Iterable[Any],
 # -- Zeek's own rendering (for tests, fakes and benchmarks) ----------------------------------
 def _zeek_string(s: str) -> bytes:
     b = s.encode("utf-8", "surrogateescape")
-    return (b"\"" + b.replace(b"\\", b"\\\\").replace(b"\b", b"\\b").replace(b"\f", b"\\f")
-            .replace(b"\n", b"\\n").replace(b"\r", b"\\r").replace(b"\t", b"\\t")
-            .replace(b"\v", b"\\v").replace(b"\"", b"\\\"") + b"\"")  # fmt: skip
+    return (
+        b'"'
+        + b.replace(b"\\", b"\\\\")
+        .replace(b"\b", b"\\b")
+        .replace(b"\f", b"\\f")
+        .replace(b"\n", b"\\n")
+        .replace(b"\r", b"\\r")
+        .replace(b"\t", b"\\t")
+        .replace(b"\v", b"\\v")
+        .replace(b'"', b'\\"')
+        + b'"'
+    )
 
 
 def _render(node: dict, out: list[bytes]) -> None:

@@ -20,7 +20,8 @@ import asyncio
 import datetime as dt
 import ipaddress
 import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from . import broker_json as bj
 
@@ -49,8 +50,15 @@ def to_codec(v: Any, broker: Any) -> Any:
         return bj.Count(v.value)
     if isinstance(v, int):
         return bj.Integer(v)
-    if isinstance(v, (ipaddress.IPv4Address, ipaddress.IPv6Address, ipaddress.IPv4Network,
-                      ipaddress.IPv6Network)):  # fmt: skip
+    if isinstance(
+        v,
+        (
+            ipaddress.IPv4Address,
+            ipaddress.IPv6Address,
+            ipaddress.IPv4Network,
+            ipaddress.IPv6Network,
+        ),
+    ):
         return v
     if isinstance(v, broker.Port):
         names = {broker.Port.TCP: "tcp", broker.Port.UDP: "udp", broker.Port.ICMP: "icmp"}
@@ -115,8 +123,10 @@ class NativeBrokerClient:
     ):
         self.broker = _bindings()
         if self.broker is None:
-            raise RuntimeError("Zeek's Broker Python bindings are not importable here "
-                               "(import broker); use the WebSocket transport")  # fmt: skip
+            raise RuntimeError(
+                "Zeek's Broker Python bindings are not importable here "
+                "(import broker); use the WebSocket transport"
+            )
         self.host, self.port, self.topics = host, port, list(topics)
         self.on_message, self.on_connect = on_message, on_connect
         self.retry_s, self.poll_s = retry_s, poll_s
@@ -151,8 +161,11 @@ class NativeBrokerClient:
                     try:
                         ev = b.zeek.Event(data)
                         args = [to_codec(a, b) for a in ev.args()]
-                        obj = {"type": "data-message", "topic": topic,
-                               **bj.encode(bj.encode_event(ev.name(), args))}  # fmt: skip
+                        obj = {
+                            "type": "data-message",
+                            "topic": topic,
+                            **bj.encode(bj.encode_event(ev.name(), args)),
+                        }
                         r = self.on_message(obj)
                         if asyncio.iscoroutine(r):
                             await r

@@ -162,14 +162,19 @@ def _keys(table: FlowTable) -> list[int]:
     """The duplicate-detection key of each row: the hash of (uid, start, device), 64 bits,
     about 70 bytes a record kept (a clash among 100,000 keys is a one in a billion event,
     and costs one record)."""
-    return list(map(hash, zip(table.uid.tolist(), table.start.tolist(),
-                              table.device_keys().tolist())))  # fmt: skip
+    return list(
+        map(hash, zip(table.uid.tolist(), table.start.tolist(), table.device_keys().tolist()))
+    )
 
 
 def _record_id(table: FlowTable, i: int) -> rc.RecordId:
     """How Zeek names row *i* (uid, device MAC, device IP, start)."""
-    return (str(table.uid[i]), str(table.device_mac[i]), fb._ip_text(table.device_ip[i].tobytes()),
-            float(table.start[i]))  # fmt: skip
+    return (
+        str(table.uid[i]),
+        str(table.device_mac[i]),
+        fb._ip_text(table.device_ip[i].tobytes()),
+        float(table.start[i]),
+    )
 
 
 def _shed_reason(v: Any) -> str | None:
@@ -354,8 +359,11 @@ class Bridge:
     def _add(self, rec: FlowRecord | fb.RawFlow) -> None:
         if self._paused:
             return self._shed(SHED_PAUSED)
-        if (self.max_live_records is not None and not self.offline
-                and self.live_records >= self.max_live_records):  # fmt: skip
+        if (
+            self.max_live_records is not None
+            and not self.offline
+            and self.live_records >= self.max_live_records
+        ):
             if self.acks and len(self._door) < 16 * self.batch_size:
                 self._door.append(rec)  # named to Zeek as shed with the next batch
             return self._shed(SHED_BACKLOG)
@@ -418,22 +426,43 @@ class Bridge:
         self.welcome = w
         if self.offline_forced is None:
             self.offline = w.offline
-        log.info("Zeek node %s: window %.0f s, %d packets, %d payload bytes%s", w.node,
-                 w.window_s, w.packets, w.payload_bytes, ", offline" if w.offline else "")  # fmt: skip
+        log.info(
+            "Zeek node %s: window %.0f s, %d packets, %d payload bytes%s",
+            w.node,
+            w.window_s,
+            w.packets,
+            w.payload_bytes,
+            ", offline" if w.offline else "",
+        )
         lay = self.layout
         if w.schema_version != SCHEMA_VERSION:
-            log.error("Zeek sends flow record schema %d, this bridge reads %d: upgrade the one "
-                      "that is behind", w.schema_version, SCHEMA_VERSION)  # fmt: skip
+            log.error(
+                "Zeek sends flow record schema %d, this bridge reads %d: upgrade the one "
+                "that is behind",
+                w.schema_version,
+                SCHEMA_VERSION,
+            )
         if w.packets < lay.packets:
-            log.warning("the model reads %d packets per flow, Zeek records %d: set "
-                        "IoTClass::packets=%d", lay.packets, w.packets, lay.packets)  # fmt: skip
+            log.warning(
+                "the model reads %d packets per flow, Zeek records %d: set IoTClass::packets=%d",
+                lay.packets,
+                w.packets,
+                lay.packets,
+            )
         if w.payload_bytes < lay.required_payload_bytes():
-            log.warning("the model reads %d payload bytes per packet, Zeek keeps %d: set "
-                        "IoTClass::payload_bytes=%d", lay.required_payload_bytes(),
-                        w.payload_bytes, lay.required_payload_bytes())  # fmt: skip
+            log.warning(
+                "the model reads %d payload bytes per packet, Zeek keeps %d: set "
+                "IoTClass::payload_bytes=%d",
+                lay.required_payload_bytes(),
+                w.payload_bytes,
+                lay.required_payload_bytes(),
+            )
         if abs(w.window_s - lay.window_s) > 1e-9:
-            log.warning("the model's windows are %.0f s, Zeek's %.0f s: set "
-                        "IoTClass::window_length", lay.window_s, w.window_s)  # fmt: skip
+            log.warning(
+                "the model's windows are %.0f s, Zeek's %.0f s: set IoTClass::window_length",
+                lay.window_s,
+                w.window_s,
+            )
 
     # -- processing -----------------------------------------------------------------------
     async def run(self) -> None:
@@ -537,10 +566,14 @@ class Bridge:
         for i in range(0, len(held), self.batch_size):
             await self.process(held[i : i + self.batch_size])
         if d.records != self.session_records:
-            log.warning("Zeek published %d flow records, the bridge received %d", d.records,
-                        self.session_records)  # fmt: skip
-        await self._send(rc.drained_message(self.labels_topic, self.session_records,
-                                            self.session_labels))  # fmt: skip
+            log.warning(
+                "Zeek published %d flow records, the bridge received %d",
+                d.records,
+                self.session_records,
+            )
+        await self._send(
+            rc.drained_message(self.labels_topic, self.session_records, self.session_labels)
+        )
         log.info("drained: %d records, %d labels", self.session_records, self.session_labels)
 
     async def process(self, batch: list[FlowRecord | fb.RawFlow]) -> int:
@@ -571,8 +604,11 @@ class Bridge:
         mats, table, bad = self.assembler.assemble_finite(table)
         if len(bad):
             self._refuse(len(bad))
-            self._warn_once("nonfinite", "skipped flow records whose values make no finite "
-                            "matrix row (a negative count or offset?)")  # fmt: skip
+            self._warn_once(
+                "nonfinite",
+                "skipped flow records whose values make no finite "
+                "matrix row (a negative count or offset?)",
+            )
             acks.done_table(whole.take(bad), settle=True)  # unusable: done with
         n = len(table)
         if not n:
@@ -607,8 +643,7 @@ class Bridge:
                 continue
             try:
                 frame = self.label_frame(fb.head_record(table, i), v)
-            except (rc.RecordError, bj.BrokerJSONError, ValueError, TypeError,
-                    AttributeError) as e:  # fmt: skip
+            except (rc.RecordError, bj.BrokerJSONError, ValueError, TypeError, AttributeError) as e:
                 self.stats.label_errors += 1
                 self._warn_once("label", f"cannot send a label, first: {e}")
                 continue
@@ -658,8 +693,7 @@ class Bridge:
                 continue
             try:
                 frames.append(self.label_frame(fb.head_record(t, i), v, early=True))
-            except (rc.RecordError, bj.BrokerJSONError, ValueError, TypeError,
-                    AttributeError) as e:  # fmt: skip
+            except (rc.RecordError, bj.BrokerJSONError, ValueError, TypeError, AttributeError) as e:
                 self.stats.label_errors += 1
                 self._warn_once("label", f"cannot send a label, first: {e}")
         await self._send_all(frames)
@@ -684,8 +718,11 @@ class Bridge:
         if dup:
             self.stats.duplicates += dup
             self.stats.records -= dup  # a copy still counts in session_records: Zeek counts it
-            self._warn_once("dup", "dropped flow records that arrived twice (same uid, start "
-                            "and device); counted as duplicates")  # fmt: skip
+            self._warn_once(
+                "dup",
+                "dropped flow records that arrived twice (same uid, start "
+                "and device); counted as duplicates",
+            )
             if settled:
                 again = table.take(np.asarray(settled, np.int64))
             table = table.take(np.asarray(keep, np.int64))
@@ -696,8 +733,9 @@ class Bridge:
         Suricata bridge writes an EVE line instead)."""
         return rc.label_message(self.labels_topic, rc.log_entry(rec, verdict), early)
 
-    async def _score(self, mats: np.ndarray, table: FlowTable, early: bool = False
-                     ) -> Sequence[Any]:  # fmt: skip
+    async def _score(
+        self, mats: np.ndarray, table: FlowTable, early: bool = False
+    ) -> Sequence[Any]:
         """The scorer's verdicts; for early records its ``early`` method where it has one
         (a scorer that keeps device state keeps it out of early labels)."""
         scorer = getattr(self.scorer, "early", self.scorer) if early else self.scorer
@@ -728,14 +766,21 @@ class Bridge:
             log.warning("%s", msg)
 
 
-def attach(bridge: Bridge, url: str, topics: Sequence[str] = ("zeek/iotcls/flows",),
-           **client_options: Any) -> ZeekClient:  # fmt: skip
+def attach(
+    bridge: Bridge, url: str, topics: Sequence[str] = ("zeek/iotcls/flows",), **client_options: Any
+) -> ZeekClient:
     """A :class:`~iotcls.bridge.zeek_ws.ZeekClient` wired to *bridge* (hello on connect,
     flow records via the raw fast path, labels sent through the client)."""
     from .zeek_ws import ZeekClient
 
-    client = ZeekClient(url, list(topics), on_raw=bridge.on_raw, on_message=bridge.on_message,
-                        on_connect=bridge.on_connect, **client_options)  # fmt: skip
+    client = ZeekClient(
+        url,
+        list(topics),
+        on_raw=bridge.on_raw,
+        on_message=bridge.on_message,
+        on_connect=bridge.on_connect,
+        **client_options,
+    )
     bridge.send, bridge.send_many = client.send, client.send_many
     return client
 

@@ -84,8 +84,10 @@ def enabled(mode: str, addresses: list[str]) -> bool:
 
 
 # -- key files ------------------------------------------------------------------------------
-_BANNER = ("#   ****  Generated on {when} by iotcls keys  ****\n"
-           "#   ZeroMQ CURVE {what} Certificate\n{warn}\n")  # fmt: skip
+_BANNER = (
+    "#   ****  Generated on {when} by iotcls keys  ****\n"
+    "#   ZeroMQ CURVE {what} Certificate\n{warn}\n"
+)
 
 
 def _write(path: Path, text: str, mode: int) -> None:
@@ -102,12 +104,23 @@ def write_pair(directory: Path, name: str) -> KeyPair:
     public, secret = zmq.curve_keypair()
     when = datetime.datetime.now().isoformat(timespec="seconds")
     curve_pub = f'curve\n    public-key = "{public.decode()}"\n'
-    _write(directory / f"{name}.key_secret",
-           _BANNER.format(when=when, what="**Secret**",
-                          warn="#   Keep this file readable by the iotcls user only.\n")
-           + "metadata\n" + curve_pub + f'    secret-key = "{secret.decode()}"\n', 0o600)  # fmt: skip
-    _write(directory / f"{name}.key", _BANNER.format(when=when, what="Public", warn="")
-           + "metadata\n" + curve_pub, 0o644)  # fmt: skip
+    _write(
+        directory / f"{name}.key_secret",
+        _BANNER.format(
+            when=when,
+            what="**Secret**",
+            warn="#   Keep this file readable by the iotcls user only.\n",
+        )
+        + "metadata\n"
+        + curve_pub
+        + f'    secret-key = "{secret.decode()}"\n',
+        0o600,
+    )
+    _write(
+        directory / f"{name}.key",
+        _BANNER.format(when=when, what="Public", warn="") + "metadata\n" + curve_pub,
+        0o644,
+    )
     return KeyPair(public, secret)
 
 
@@ -115,13 +128,16 @@ def _check_private(path: Path) -> None:
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        raise KeyFileError(f"{path}: no such key file (create keys with: iotcls keys --dir "
-                        f"{path.parent})") from None  # fmt: skip
+        raise KeyFileError(
+            f"{path}: no such key file (create keys with: iotcls keys --dir {path.parent})"
+        ) from None
     except OSError as e:
         raise KeyFileError(f"{path}: cannot read key file: {e.strerror or e}") from None
     if st.st_mode & 0o077:
-        raise KeyFileError(f"{path}: secret key readable by others (mode "
-                        f"{stat.S_IMODE(st.st_mode):04o}): chmod 600 it")  # fmt: skip
+        raise KeyFileError(
+            f"{path}: secret key readable by others (mode "
+            f"{stat.S_IMODE(st.st_mode):04o}): chmod 600 it"
+        )
 
 
 def _load(path: Path, secret: bool) -> KeyPair:
@@ -130,8 +146,9 @@ def _load(path: Path, secret: bool) -> KeyPair:
     try:
         public, sec = zmq.auth.load_certificate(path)
     except FileNotFoundError:
-        raise KeyFileError(f"{path}: no such key file (create keys with: iotcls keys --dir "
-                        f"{path.parent})") from None  # fmt: skip
+        raise KeyFileError(
+            f"{path}: no such key file (create keys with: iotcls keys --dir {path.parent})"
+        ) from None
     except (OSError, ValueError) as e:
         raise KeyFileError(f"{path}: not a ZeroMQ CURVE key file ({e})"[:300]) from None
     if not public or (secret and not sec):
@@ -145,8 +162,10 @@ def server_keys(directory: str | Path) -> ServerKeys:
     pair = _load(d / f"{BRIDGE}.key_secret", secret=True)
     auth = d / AUTHORIZED
     if not auth.is_dir() or not any(auth.glob("*.key")):
-        raise KeyFileError(f"{auth}: no authorized scorer keys (*.key); iotcls keys --dir {d} "
-                        "puts the scorer's there")  # fmt: skip
+        raise KeyFileError(
+            f"{auth}: no authorized scorer keys (*.key); iotcls keys --dir {d} "
+            "puts the scorer's there"
+        )
     return ServerKeys(pair, auth)
 
 
@@ -187,8 +206,11 @@ def authenticator(ctx: zmq.asyncio.Context, keys: ServerKeys):
     return auth
 
 
-HANDSHAKE_FAILURES = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-                      | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)  # fmt: skip
+HANDSHAKE_FAILURES = (
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+)
 
 
 def failure_kind(event: int) -> str:

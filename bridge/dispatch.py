@@ -39,8 +39,9 @@ import math
 import re
 import time
 from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import zmq
@@ -62,8 +63,13 @@ SHED_QUEUE_FULL_LABELLED = "queue_full_labelled"
 SHED_SCORER_FAILED = "scorer_failed"
 SHED_SHUTDOWN = "shutdown"
 SHED_LABEL_BACKLOG = "label_backlog"  # counted by the bridge, before the dispatcher
-SHED_REASONS = (SHED_QUEUE_FULL, SHED_QUEUE_FULL_LABELLED, SHED_SCORER_FAILED, SHED_SHUTDOWN,
-                SHED_LABEL_BACKLOG)  # fmt: skip
+SHED_REASONS = (
+    SHED_QUEUE_FULL,
+    SHED_QUEUE_FULL_LABELLED,
+    SHED_SCORER_FAILED,
+    SHED_SHUTDOWN,
+    SHED_LABEL_BACKLOG,
+)
 
 
 @dataclass(slots=True)
@@ -137,8 +143,9 @@ class LabelPolicy:
             st[3] = now
             self._state.move_to_end(device)
 
-    def decide(self, device: str, label: str, trusted: bool, now: float,
-               cheap: bool | None = None) -> bool:  # fmt: skip
+    def decide(
+        self, device: str, label: str, trusted: bool, now: float, cheap: bool | None = None
+    ) -> bool:
         """Whether to send this fully judged label; ``cheap`` is its confidence criterion
         alone (default: ``trusted``), remembered for :meth:`hint` whether sent or not."""
         cheap = trusted if cheap is None else cheap
@@ -150,8 +157,12 @@ class LabelPolicy:
             return True
         self._state.move_to_end(device)
         st[3], st[4] = now, cheap
-        if self.policy == "all" or label != st[0] or trusted != st[1] or \
-                now - st[2] >= self.interval_s:  # fmt: skip
+        if (
+            self.policy == "all"
+            or label != st[0]
+            or trusted != st[1]
+            or now - st[2] >= self.interval_s
+        ):
             st[0], st[1], st[2] = label, trusted, now
             return True
         return False
@@ -173,7 +184,9 @@ _MAX_MODEL = 200
 def _model_problem(model: str) -> str | None:
     """Why a reply's model name cannot go into a log line, or None."""
     if len(model) > _MAX_MODEL or not model.isprintable():
-        return f"model name {model[:40]!r} is not a printable name of at most {_MAX_MODEL} characters"
+        return (
+            f"model name {model[:40]!r} is not a printable name of at most {_MAX_MODEL} characters"
+        )
     return None
 
 
@@ -184,8 +197,9 @@ def verdict_problem(r: wire.Reply, i: int, classes: frozenset[str] | None) -> st
     label, conf = r.labels[i], r.confidence[i]
     if classes is not None and label not in classes:
         return f"label {label[:40]!r} is not a class of the model"
-    if isinstance(conf, bool) or not (isinstance(conf, (int, float)) and math.isfinite(conf)
-                                      and 0.0 <= conf <= 1.0):  # fmt: skip
+    if isinstance(conf, bool) or not (
+        isinstance(conf, (int, float)) and math.isfinite(conf) and 0.0 <= conf <= 1.0
+    ):
         return f"confidence {conf!r} is not a number in [0, 1]"
     if r.reason[i] != "-" and not _WORD_RE.fullmatch(r.reason[i]):
         return f"reason {r.reason[i][:40]!r} is not a word"
@@ -255,8 +269,9 @@ class Dispatcher:
         self.identities = (identities or DhcpIdentity()).online(self.b.max_devices)
         # CURVE's ZAP handler belongs to a context: a dispatcher with keys gets its own
         self._own_ctx = ctx is None and keys is not None
-        self._ctx = ctx or (zmq.asyncio.Context() if keys is not None else
-                            zmq.asyncio.Context.instance())  # fmt: skip
+        self._ctx = ctx or (
+            zmq.asyncio.Context() if keys is not None else zmq.asyncio.Context.instance()
+        )
         self._auth: Any = None
         self._sock: zmq.asyncio.Socket | None = None
         self._scorers: dict[bytes, _Scorer] = {}
@@ -328,8 +343,11 @@ class Dispatcher:
             while True:
                 ev = parse_monitor_message(await mon.recv_multipart())
                 kind = cv.failure_kind(ev["event"])
-                why = "its key is not authorized" if kind == "auth_failed" else \
-                    "no CURVE handshake (no keys, or not a scorer)"  # fmt: skip
+                why = (
+                    "its key is not authorized"
+                    if kind == "auth_failed"
+                    else "no CURVE handshake (no keys, or not a scorer)"
+                )
                 self._refuse_connection(kind, ev.get("endpoint", b"?"), why)
         finally:
             mon.close(linger=0)
@@ -347,15 +365,18 @@ class Dispatcher:
     def scorers(self) -> list[str]:
         return [s.hello.name for s in self._scorers.values()]
 
-    def submit(self, matrices: np.ndarray, devices: Sequence[str], ctxs: Sequence[Any],
-               early: bool = False) -> None:  # fmt: skip
+    def submit(
+        self, matrices: np.ndarray, devices: Sequence[str], ctxs: Sequence[Any], early: bool = False
+    ) -> None:
         """Queues one record per matrix; every one of them ends as exactly one outcome."""
         now = time.monotonic()
         n = len(matrices)
         self.metrics.records_in += n
         if self._closing:
-            self._shed([Item(0, d, m, c, now, False) for m, d, c in zip(matrices, devices, ctxs)],
-                       SHED_SHUTDOWN)  # fmt: skip
+            self._shed(
+                [Item(0, d, m, c, now, False) for m, d, c in zip(matrices, devices, ctxs)],
+                SHED_SHUTDOWN,
+            )
             return
         # a DHCP record tells its device's identity: it refines the device's labels from
         # this record on, in the scorer, and is checked by rule 6 (trust.dhcp_identity)
@@ -386,8 +407,11 @@ class Dispatcher:
     def _victim(self) -> tuple[Item, str]:
         policy = self.b.shed_policy
         if policy == "newest":
-            q = self._q_lab if (self._q_lab and (not self._q_new or
-                                self._q_lab[-1].seq > self._q_new[-1].seq)) else self._q_new  # fmt: skip
+            q = (
+                self._q_lab
+                if (self._q_lab and (not self._q_new or self._q_lab[-1].seq > self._q_new[-1].seq))
+                else self._q_new
+            )
             return q.pop(), SHED_QUEUE_FULL
         if policy == "labelled-first" and self._q_lab:
             return self._q_lab.popleft(), SHED_QUEUE_FULL_LABELLED
@@ -403,8 +427,12 @@ class Dispatcher:
             return
         self.metrics.add_shed(reason, len(items))
         now = time.monotonic()
-        self.deliver([Outcome(ctx=it.ctx, device=it.device, shed=reason,
-                              latency_s=now - it.arrived) for it in items])  # fmt: skip
+        self.deliver(
+            [
+                Outcome(ctx=it.ctx, device=it.device, shed=reason, latency_s=now - it.arrived)
+                for it in items
+            ]
+        )
 
     def _requeue(self, items: Iterable[Item], why: str) -> None:
         """Puts records back at the head of the queue (or sheds those out of attempts)."""
@@ -412,12 +440,18 @@ class Dispatcher:
         for it in items:
             (dead if it.attempts >= self.b.max_attempts else back).append(it)
         if dead:
-            log.warning("shedding %d records sent %d times without an answer (%s)",
-                        len(dead), self.b.max_attempts, why)  # fmt: skip
+            log.warning(
+                "shedding %d records sent %d times without an answer (%s)",
+                len(dead),
+                self.b.max_attempts,
+                why,
+            )
             self._shed(dead, SHED_SCORER_FAILED)
         if back:
             lab = [it for it in back if it.labelled and self.b.shed_policy == "labelled-first"]
-            new = [it for it in back if not (it.labelled and self.b.shed_policy == "labelled-first")]
+            new = [
+                it for it in back if not (it.labelled and self.b.shed_policy == "labelled-first")
+            ]
             if lab:
                 self._q_lab = deque(sorted([*lab, *self._q_lab], key=lambda it: it.seq))
             if new:
@@ -509,8 +543,13 @@ class Dispatcher:
         now = time.monotonic()
         if n <= 5 or now - self._rejected_logged.get(kind, 0.0) >= 10.0:
             self._rejected_logged[kind] = now
-            log.warning("rejected a message on the scorer socket from %s (%s, %d so far): %s",
-                        who, kind, n, why)  # fmt: skip
+            log.warning(
+                "rejected a message on the scorer socket from %s (%s, %d so far): %s",
+                who,
+                kind,
+                n,
+                why,
+            )
 
     def _refuse_connection(self, kind: str, endpoint: bytes, why: str) -> None:
         """A peer CURVE turned away (it retries: counted each time, logged now and then)."""
@@ -518,14 +557,21 @@ class Dispatcher:
         now = time.monotonic()
         if n <= 5 or now - self._rejected_logged.get(kind, 0.0) >= 10.0:
             self._rejected_logged[kind] = now
-            log.warning("refused a connection on the scorer socket %s (%s, %d so far): %s",
-                        endpoint.decode("ascii", "replace"), kind, n, why)  # fmt: skip
+            log.warning(
+                "refused a connection on the scorer socket %s (%s, %d so far): %s",
+                endpoint.decode("ascii", "replace"),
+                kind,
+                n,
+                why,
+            )
 
     def _on_message(self, frames: list[bytes]) -> None:
         ident = frames[0]
         who = _printable(ident)
         if len(frames) != 2:
-            self._reject("malformed", who, f"{len(frames) - 1} frames after the identity, expected 1")
+            self._reject(
+                "malformed", who, f"{len(frames) - 1} frames after the identity, expected 1"
+            )
             return
         try:
             msg = wire.decode(frames[1])
@@ -551,7 +597,9 @@ class Dispatcher:
             batch = sc.inflight.pop(msg.batch, None)
             if batch is not None:
                 sc.credit += 1
-                log.warning("scorer %s failed a batch of %d: %s", sc.label, len(batch.items), msg.error)
+                log.warning(
+                    "scorer %s failed a batch of %d: %s", sc.label, len(batch.items), msg.error
+                )
                 self._requeue(batch.items, f"scorer error: {msg.error}")
                 self._stop_if_retired(sc)
         elif isinstance(msg, wire.Bye):
@@ -563,23 +611,43 @@ class Dispatcher:
 
     def _on_hello(self, ident: bytes, h: wire.Hello, now: float) -> None:
         if h.layout != self._layout_dict:
-            diff = {k: (h.layout.get(k), v) for k, v in self._layout_dict.items()
-                    if h.layout.get(k) != v}  # fmt: skip
+            diff = {
+                k: (h.layout.get(k), v)
+                for k, v in self._layout_dict.items()
+                if h.layout.get(k) != v
+            }
             keys = ", ".join(sorted(diff)) or "its keys"
             why = f"its model's matrix layout differs from the bridge's ({keys})"
-            log.error("refused scorer %s (pid %d on %s, model %s): %s: %s", _safe(h.name),
-                      h.pid, _safe(h.host), _safe(h.model), why,
-                      _safe(str(diff or h.layout), 300))  # fmt: skip
+            log.error(
+                "refused scorer %s (pid %d on %s, model %s): %s: %s",
+                _safe(h.name),
+                h.pid,
+                _safe(h.host),
+                _safe(h.model),
+                why,
+                _safe(str(diff or h.layout), 300),
+            )
             self.metrics.add_rejected("zmq", "incompatible_scorer")
             # only the names of the differing keys: the bridge's values are not for any peer
             self._send(ident, wire.encode(wire.Reject(why)))
             return
-        if self.classes is not None and h.classes is not None and \
-                not set(h.classes) <= self.classes:  # fmt: skip
-            why = (f"its model's classes are not the bridge's ({len(set(h.classes) - self.classes)}"
-                   " unknown): its labels would be refused")  # fmt: skip
-            log.error("refused scorer %s (pid %d on %s, model %s): %s", _safe(h.name), h.pid,
-                      _safe(h.host), _safe(h.model), why)  # fmt: skip
+        if (
+            self.classes is not None
+            and h.classes is not None
+            and not set(h.classes) <= self.classes
+        ):
+            why = (
+                f"its model's classes are not the bridge's ({len(set(h.classes) - self.classes)}"
+                " unknown): its labels would be refused"
+            )
+            log.error(
+                "refused scorer %s (pid %d on %s, model %s): %s",
+                _safe(h.name),
+                h.pid,
+                _safe(h.host),
+                _safe(h.model),
+                why,
+            )
             self.metrics.add_rejected("zmq", "incompatible_scorer")
             self._send(ident, wire.encode(wire.Reject(why)))
             return
@@ -592,17 +660,30 @@ class Dispatcher:
         self._scorers.pop(ident, None)
         if old is not None and old.inflight:  # it restarted under the same name
             self._lose(old, "said hello again", register=False)
-        sc = _Scorer(ident, h, self.b.inflight_per_scorer,
-                     min(MAX_SCORER_BATCH, max(1, h.batch_size)), now)  # fmt: skip
+        sc = _Scorer(
+            ident, h, self.b.inflight_per_scorer, min(MAX_SCORER_BATCH, max(1, h.batch_size)), now
+        )
         self._scorers[ident] = sc
-        if not self._send(ident, wire.encode(wire.Welcome(sc.credit, self.cfg.scorers.heartbeat_s))):
+        if not self._send(
+            ident, wire.encode(wire.Welcome(sc.credit, self.cfg.scorers.heartbeat_s))
+        ):
             self._scorers.pop(ident, None)
             return
         if self.model_id and h.model != self.model_id:
-            log.warning("scorer %s runs model %s, the bridge loaded %s (same layout: accepted)",
-                        sc.label, _safe(h.model), self.model_id)  # fmt: skip
-        log.info("scorer %s connected: model %s on %s, batch size %d, explains %s labels",
-                 sc.label, _safe(h.model), _safe(h.device), sc.batch_size, _safe(h.explain))  # fmt: skip
+            log.warning(
+                "scorer %s runs model %s, the bridge loaded %s (same layout: accepted)",
+                sc.label,
+                _safe(h.model),
+                self.model_id,
+            )
+        log.info(
+            "scorer %s connected: model %s on %s, batch size %d, explains %s labels",
+            sc.label,
+            _safe(h.model),
+            _safe(h.device),
+            sc.batch_size,
+            _safe(h.explain),
+        )
         self._update_gauges()
         self._schedule_flush()
 
@@ -614,8 +695,12 @@ class Dispatcher:
         sc.credit += 1
         items = batch.items
         if len(r) != len(items):
-            log.warning("scorer %s answered %d labels for a batch of %d; re-sending it",
-                        sc.label, len(r), len(items))  # fmt: skip
+            log.warning(
+                "scorer %s answered %d labels for a batch of %d; re-sending it",
+                sc.label,
+                len(r),
+                len(items),
+            )
             self._reject("bad_reply", sc.label, f"{len(r)} labels for a batch of {len(items)}")
             self._requeue(items, "wrong reply length")
             return
@@ -638,8 +723,13 @@ class Dispatcher:
         sent = sum(o.send for o in outcomes)
         expl = r.explained
         mode = sc.hello.explain
-        m.labels_explained += sum(expl[i] for i in used) if expl is not None else \
-            len(outcomes) if mode == "all" else 0  # fmt: skip
+        m.labels_explained += (
+            sum(expl[i] for i in used)
+            if expl is not None
+            else len(outcomes)
+            if mode == "all"
+            else 0
+        )
         m.labelled += len(outcomes)
         m.labels_sent += sent
         m.labels_suppressed += len(outcomes) - sent
@@ -660,8 +750,11 @@ class Dispatcher:
         label, trusted, reason = r.labels[i], r.trusted[i], r.reason[i]
         # an early record's label is judged against the device's labels as they stand and
         # joins none of them (nor the log policy's): its final record's label will
-        consistent = self.consistency.check(it.device, label) if it.early else \
-            self.consistency.observe(it.device, label, r.confidence[i])  # fmt: skip
+        consistent = (
+            self.consistency.check(it.device, label)
+            if it.early
+            else self.consistency.observe(it.device, label, r.confidence[i])
+        )
         if not consistent and trusted:
             trusted, reason = False, INCONSISTENT
         why = self.identities.rule.reason(it.identity, label) if trusted else "-"
@@ -676,15 +769,27 @@ class Dispatcher:
             send = False
             self.policy.touch(it.device, now)
         return Outcome(
-            ctx=it.ctx, device=it.device, label=label, confidence=float(r.confidence[i]),
-            trusted=trusted, reason=reason, top_groups=list(r.top_groups[i]),
-            model=r.model, send=send, latency_s=now - it.arrived, explained=full,
-        )  # fmt: skip
+            ctx=it.ctx,
+            device=it.device,
+            label=label,
+            confidence=float(r.confidence[i]),
+            trusted=trusted,
+            reason=reason,
+            top_groups=list(r.top_groups[i]),
+            model=r.model,
+            send=send,
+            latency_s=now - it.arrived,
+            explained=full,
+        )
 
     # -- model reload ---------------------------------------------------------------------
-    def use_model(self, model_id: str, classes: Sequence[str],
-                  consistency: DeviceConsistency | None = None,
-                  identities: DhcpIdentity | None = None) -> None:  # fmt: skip
+    def use_model(
+        self,
+        model_id: str,
+        classes: Sequence[str],
+        consistency: DeviceConsistency | None = None,
+        identities: DhcpIdentity | None = None,
+    ) -> None:
         """A reloaded model's name, classes and (given) trust rules 5 and 6: each device's
         label window starts afresh (its labels were another model's), its DHCP identity is
         kept. ``classes`` must include those of scorers still running the old model."""
@@ -717,8 +822,9 @@ class Dispatcher:
                 return True
         return False
 
-    def _lose(self, sc: _Scorer, why: str, items: list[Item] | None = None,
-              register: bool = True) -> None:  # fmt: skip
+    def _lose(
+        self, sc: _Scorer, why: str, items: list[Item] | None = None, register: bool = True
+    ) -> None:
         if register:
             self._scorers.pop(sc.name, None)
         batches = list(sc.inflight.values())
@@ -727,8 +833,13 @@ class Dispatcher:
         self.metrics.scorers_lost += 1
         self.metrics.batches_resent += len(batches)
         level = logging.INFO if why.startswith("left") and not back else logging.WARNING
-        log.log(level, "scorer %s lost: %s; %d in-flight records go back to the queue",
-                sc.label, why, len(back))  # fmt: skip
+        log.log(
+            level,
+            "scorer %s lost: %s; %d in-flight records go back to the queue",
+            sc.label,
+            why,
+            len(back),
+        )
         self._requeue(back, f"scorer {sc.hello.name} {why}")
         self._update_gauges()
         self._check_idle()
@@ -773,8 +884,12 @@ class Dispatcher:
                 left.extend(b.items)
             sc.inflight.clear()
         if left:
-            log.warning("shutdown: %d records were not scored in %.1f s; shed as %s",
-                        len(left), timeout, SHED_SHUTDOWN)  # fmt: skip
+            log.warning(
+                "shutdown: %d records were not scored in %.1f s; shed as %s",
+                len(left),
+                timeout,
+                SHED_SHUTDOWN,
+            )
         self._shed(left, SHED_SHUTDOWN)
         self._update_gauges()
         return len(left)

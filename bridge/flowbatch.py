@@ -116,8 +116,14 @@ def decode_batch(items: Sequence[Any], packets: int, payload_bytes: int) -> Deco
     return Decoded(table, sorted(rows), errors)
 
 
-def _plain_tables(items: Sequence[Any], idx: list[int], packets: int, payload_bytes: int,
-                  parts: list, declined: list[int]) -> None:  # fmt: skip
+def _plain_tables(
+    items: Sequence[Any],
+    idx: list[int],
+    packets: int,
+    payload_bytes: int,
+    parts: list,
+    declined: list[int],
+) -> None:
     """The path: the tables of the plain frames ``items[idx]``, appended to ``parts`` with
     their item numbers. A run the batch decoder declines is halved until each frame it
     declines stands alone; those go to ``declined`` (for the fallback)."""
@@ -134,8 +140,13 @@ def _plain_tables(items: Sequence[Any], idx: list[int], packets: int, payload_by
         _plain_tables(items, idx[mid:], packets, payload_bytes, parts, declined)
 
 
-def _records_table(recs: list[FlowRecord], index: list[int], packets: int, payload_bytes: int,
-                   errors: list[tuple[int, str]]) -> tuple[FlowTable, list[int]]:  # fmt: skip
+def _records_table(
+    recs: list[FlowRecord],
+    index: list[int],
+    packets: int,
+    payload_bytes: int,
+    errors: list[tuple[int, str]],
+) -> tuple[FlowTable, list[int]]:
     """The table of decoded records (item numbers ``index``); a record holding a value the
     table cannot hold is left out with an error."""
     try:
@@ -168,8 +179,13 @@ def fallback_record(raw: bytes) -> FlowRecord:
 # last element's tail (None: an empty vector): what is left between elements is exactly
 # Broker's separator, which one replace per batch turns into one byte.
 def _vec(head: bytes, tail: bytes) -> bytes:
-    return rb'\{"@data-type":"vector","data":\[(?:' + re.escape(head) + rb"([^\[\]]*)" + \
-        re.escape(tail) + rb")?\]\}"  # fmt: skip
+    return (
+        rb'\{"@data-type":"vector","data":\[(?:'
+        + re.escape(head)
+        + rb"([^\[\]]*)"
+        + re.escape(tail)
+        + rb")?\]\}"
+    )
 
 
 _H_SPAN, _H_COUNT, _H_STRING = (
@@ -178,26 +194,39 @@ _H_SPAN, _H_COUNT, _H_STRING = (
 _BATCH_RE = re.compile(
     rc._FLOW_RE.pattern.replace(
         b",".join([rc._F_VEC] * 4),
-        b",".join([_vec(_H_SPAN + b'"', b'"}'), _vec(_H_COUNT, b"}"), _vec(_H_COUNT, b"}"),
-                   _vec(_H_STRING + b'"', b'"}')]),
+        b",".join(
+            [
+                _vec(_H_SPAN + b'"', b'"}'),
+                _vec(_H_COUNT, b"}"),
+                _vec(_H_COUNT, b"}"),
+                _vec(_H_STRING + b'"', b'"}'),
+            ]
+        ),
     ),
     re.S,
-)  # fmt: skip
+)
 assert _BATCH_RE.pattern != rc._FLOW_RE.pattern
 _ENV_HEAD = b'{"type":"data-message","topic":"'
-_ENV_TAIL = (b'","@data-type":"vector","data":[{"@data-type":"count","data":1},'
-             b'{"@data-type":"count","data":1},{"@data-type":"vector","data":['
-             b'{"@data-type":"string","data":"IoTClass::flow"},{"@data-type":"vector","data":['
-             b'{"@data-type":"vector","data":[')  # fmt: skip
+_ENV_TAIL = (
+    b'","@data-type":"vector","data":[{"@data-type":"count","data":1},'
+    b'{"@data-type":"count","data":1},{"@data-type":"vector","data":['
+    b'{"@data-type":"string","data":"IoTClass::flow"},{"@data-type":"vector","data":['
+    b'{"@data-type":"vector","data":['
+)
 # The record after the envelope. The vectors, most of a frame, are matched as runs of
 # anything but "]": the regex engine crosses a run of one excluded byte about twice as fast
 # as of a set, so match_flow counts their "["s apart (groups 10 and 15 lie around them).
-_BODY_RE = re.compile(_BATCH_RE.pattern[_BATCH_RE.pattern.index(rc._F_MAC) :]
-                      .replace(rb"([^\[\]]*)", rb"([^\]]*)"), re.S)  # fmt: skip
+_BODY_RE = re.compile(
+    _BATCH_RE.pattern[_BATCH_RE.pattern.index(rc._F_MAC) :].replace(rb"([^\[\]]*)", rb"([^\]]*)"),
+    re.S,
+)
 assert _BODY_RE.groups == 16 and _BODY_RE.pattern.count(rb"([^\]]*)") == 4
 # the envelope part of the regex is literal but for the topic: these bytes are what it matches
-assert re.fullmatch(_BATCH_RE.pattern[: _BATCH_RE.pattern.index(rc._F_MAC)],
-                    _ENV_HEAD + b"zeek/iotcls/flows" + _ENV_TAIL, re.S)  # fmt: skip
+assert re.fullmatch(
+    _BATCH_RE.pattern[: _BATCH_RE.pattern.index(rc._F_MAC)],
+    _ENV_HEAD + b"zeek/iotcls/flows" + _ENV_TAIL,
+    re.S,
+)
 _SEP_SPAN = b'"},' + _H_SPAN + b'"'
 _SEP_COUNT = b"}," + _H_COUNT
 _SEP_STRING = b'"},' + _H_STRING + b'"'
@@ -298,7 +327,7 @@ def _numbers(inners: tuple, n: int):
     if _LEADING_ZERO.search(r):  # "07" is not a JSON number: the generic path refuses it
         return None
     v = _ints(r, len(lens))
-    return (None if v is None else (v, k))
+    return None if v is None else (v, k)
 
 
 def _spans(inners: tuple, n: int):
@@ -330,8 +359,12 @@ def _spans(inners: tuple, n: int):
     suffix = 1 + (unit > 57)  # "s" after a digit, else "ns", "us", "ms"
     ndig = lens - suffix
     digits = r.translate(None, _UNITS)
-    if np.any(scale < 0) or np.any(ndig < 1) or np.any(ndig + scale > 18) or \
-            len(r) - len(digits) != int(suffix.sum()):  # fmt: skip
+    if (
+        np.any(scale < 0)
+        or np.any(ndig < 1)
+        or np.any(ndig + scale > 18)
+        or len(r) - len(digits) != int(suffix.sum())
+    ):
         return None
     v = _ints(digits, len(lens))
     if v is None:
@@ -366,9 +399,8 @@ def _payloads(inners: tuple, k: np.ndarray, n: int):
 
 def _fast_table(groups: list[tuple], packets: int, payload_bytes: int) -> FlowTable | None:
     n = len(groups)
-    cols = list(zip(*groups))
-    (_, mac, dip, dport, rip, rport, proto, start, last, tbytes, tpkts, offs, sizes, dirs, pays,
-     uid, orig) = cols  # fmt: skip
+    # one name per column, in the event's field order (one line: the formatter would make it 19)
+    _, mac, dip, dport, rip, rport, proto, start, last, tbytes, tpkts, offs, sizes, dirs, pays, uid, orig = zip(*groups)  # fmt: skip
     sz = _numbers(sizes, n)
     if sz is None:
         return None
@@ -465,10 +497,16 @@ def head_record(t: FlowTable, i: int) -> FlowRecord:
     """Row *i* of *t* as a FlowRecord without its packets: what a label needs (the
     connection, the device, the window start)."""
     return FlowRecord(
-        device_mac=str(t.device_mac[i]), device_ip=_ip_text(t.device_ip[i].tobytes()),
-        device_port=int(t.device_port[i]), remote_ip=_ip_text(t.remote_ip[i].tobytes()),
-        remote_port=int(t.remote_port[i]), proto=int(t.proto[i]), start=float(t.start[i]),
-        last=float(t.last[i]), total_bytes=int(t.total_bytes[i]),
-        total_packets=int(t.total_packets[i]), uid=str(t.uid[i]),
+        device_mac=str(t.device_mac[i]),
+        device_ip=_ip_text(t.device_ip[i].tobytes()),
+        device_port=int(t.device_port[i]),
+        remote_ip=_ip_text(t.remote_ip[i].tobytes()),
+        remote_port=int(t.remote_port[i]),
+        proto=int(t.proto[i]),
+        start=float(t.start[i]),
+        last=float(t.last[i]),
+        total_bytes=int(t.total_bytes[i]),
+        total_packets=int(t.total_packets[i]),
+        uid=str(t.uid[i]),
         device_is_orig=bool(t.device_is_orig[i]),
-    )  # fmt: skip
+    )

@@ -8,15 +8,31 @@ are still kept: the shutdown summary and the tests read them directly.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
 LATENCY_BUCKETS_S = (
-    0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1,
-    0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-)  # fmt: skip
+    0.001,
+    0.0025,
+    0.005,
+    0.0075,
+    0.01,
+    0.015,
+    0.02,
+    0.03,
+    0.04,
+    0.05,
+    0.075,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
 
 
@@ -78,8 +94,9 @@ class ServeMetrics:
     scorers: int = 0
     latency: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS_S))
     batch_size: Histogram = field(default_factory=lambda: Histogram(BATCH_BUCKETS))
-    score_ms: Histogram = field(default_factory=lambda: Histogram(
-        tuple(b * 1000 for b in LATENCY_BUCKETS_S)))  # fmt: skip
+    score_ms: Histogram = field(
+        default_factory=lambda: Histogram(tuple(b * 1000 for b in LATENCY_BUCKETS_S))
+    )
     # counters kept elsewhere (the Zeek client's), read when reported
     rejected_sources: list[Callable[[], dict[tuple[str, str], int]]] = field(default_factory=list)
     # counters and gauges kept elsewhere, read when scraped: (name, help, read)
@@ -111,7 +128,9 @@ class ServeMetrics:
     def summary(self) -> str:
         """One line for the log: what came in, what went out, what was dropped and why."""
         shed = ",".join(f"{k}:{v}" for k, v in sorted(self.shed.items())) or "none"
-        rej = ",".join(f"{s}/{k}:{v}" for (s, k), v in sorted(self.all_rejected().items())) or "none"
+        rej = (
+            ",".join(f"{s}/{k}:{v}" for (s, k), v in sorted(self.all_rejected().items())) or "none"
+        )
         p99 = self.latency.quantile(0.99)
         return (
             f"records_in={self.records_in} labelled={self.labelled} "
@@ -132,12 +151,12 @@ class PrometheusExporter:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Collector(metrics))
         try:
-            self.server, self.thread = start_http_server(port, addr=address,
-                                                         registry=self.registry)  # fmt: skip
+            self.server, self.thread = start_http_server(port, addr=address, registry=self.registry)
         except OSError as e:  # the address in the message: which port is busy, and where
             host = f"[{address}]" if ":" in address else address
-            raise OSError(f"cannot serve metrics on http://{host}:{port}/metrics: "
-                          f"{e.strerror or e}") from None  # fmt: skip
+            raise OSError(
+                f"cannot serve metrics on http://{host}:{port}/metrics: {e.strerror or e}"
+            ) from None
         self.port = self.server.server_address[1]
 
     def close(self) -> None:
@@ -161,29 +180,32 @@ class _Collector:
             ("iotcls_records_in", "Flow records received from Zeek", m.records_in),
             ("iotcls_labels_out", "Records scored (labelled)", m.labelled),
             ("iotcls_labels_sent", "Label events sent to Zeek (log policy)", m.labels_sent),
-            ("iotcls_labels_suppressed", "Labels not sent by the log policy",
-             m.labels_suppressed),
-            ("iotcls_labels_dropped", "Label events dropped on the way to Zeek",
-             m.labels_dropped),
-            ("iotcls_labels_explained", "Labels given the full trust decision",
-             m.labels_explained),
+            ("iotcls_labels_suppressed", "Labels not sent by the log policy", m.labels_suppressed),
+            ("iotcls_labels_dropped", "Label events dropped on the way to Zeek", m.labels_dropped),
+            ("iotcls_labels_explained", "Labels given the full trust decision", m.labels_explained),
             ("iotcls_batches_sent", "Batches sent to scorers", m.batches_sent),
-            ("iotcls_batches_resent", "Batches re-sent after a scorer was lost",
-             m.batches_resent),
+            ("iotcls_batches_resent", "Batches re-sent after a scorer was lost", m.batches_resent),
             ("iotcls_scorers_lost", "Scorers lost (died, left or went silent)", m.scorers_lost),
             ("iotcls_scorer_restarts", "Scorer processes restarted", m.scorer_restarts),
-        ):  # fmt: skip
+        ):
             yield CounterMetricFamily(name, doc, value=value)
-        shed = CounterMetricFamily("iotcls_records_shed", "Records shed, by reason", labels=["reason"])
+        shed = CounterMetricFamily(
+            "iotcls_records_shed", "Records shed, by reason", labels=["reason"]
+        )
         for reason, v in sorted(m.shed.items()):
             shed.add_metric([reason], v)
         yield shed
-        rej = CounterMetricFamily("iotcls_messages_rejected",
-                                  "Messages rejected, by socket and kind", labels=["socket", "kind"])  # fmt: skip
+        rej = CounterMetricFamily(
+            "iotcls_messages_rejected",
+            "Messages rejected, by socket and kind",
+            labels=["socket", "kind"],
+        )
         for (sock, kind), v in sorted(m.all_rejected().items()):
             rej.add_metric([sock, kind], v)
         yield rej
-        yield GaugeMetricFamily("iotcls_queue_depth", "Records waiting for a scorer", value=m.queue_depth)
+        yield GaugeMetricFamily(
+            "iotcls_queue_depth", "Records waiting for a scorer", value=m.queue_depth
+        )
         yield GaugeMetricFamily("iotcls_inflight_records", "Records at scorers", value=m.inflight)
         yield GaugeMetricFamily("iotcls_scorers", "Scorers connected", value=m.scorers)
         for name, doc, read in m.gauge_sources:

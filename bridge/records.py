@@ -177,19 +177,53 @@ _F_REAL = _node(b"real", rb"(-?(?:0|[1-9]\d{0,19})\.\d{1,20})")
 _F_BOOL = _node(b"boolean", rb"(true|false)")
 _F_VEC = _node(b"vector", rb"\[([^\[\]]*)\]")
 # The only metadata Zeek attaches (with EventMetadata::add_network_timestamp): network time.
-_META_NETWORK_TIME = _node(b"vector", rb"\[" + _node(b"vector", rb"\[" + _node(b"count", b"1")
-                           + b"," + _node(b"timestamp", rb'"[0-9T:.-]{19,30}"') + rb"\]")
-                           + rb"\]")  # fmt: skip
+_META_NETWORK_TIME = _node(
+    b"vector",
+    rb"\["
+    + _node(
+        b"vector",
+        rb"\["
+        + _node(b"count", b"1")
+        + b","
+        + _node(b"timestamp", rb'"[0-9T:.-]{19,30}"')
+        + rb"\]",
+    )
+    + rb"\]",
+)
 _FLOW_RE = re.compile(
     rb'\{"type":"data-message","topic":"((?:[^"\\]|\\.)*)",'
-    + rb'"@data-type":"vector","data":\[' + _node(b"count", b"1") + b"," + _node(b"count", b"1")
-    + rb',\{"@data-type":"vector","data":\[' + _node(b"string", b'"IoTClass::flow"')
+    + rb'"@data-type":"vector","data":\['
+    + _node(b"count", b"1")
+    + b","
+    + _node(b"count", b"1")
+    + rb',\{"@data-type":"vector","data":\['
+    + _node(b"string", b'"IoTClass::flow"')
     + rb',\{"@data-type":"vector","data":\[\{"@data-type":"vector","data":\['
-    + b",".join([_F_MAC, _F_ADDR, _F_COUNT, _F_ADDR, _F_COUNT, _F_COUNT, _F_REAL, _F_REAL,
-                 _F_COUNT, _F_COUNT, _F_VEC, _F_VEC, _F_VEC, _F_VEC, _F_UID, _F_BOOL])
-    + rb"\]\}\]\}(?:," + _META_NETWORK_TIME + rb")?\]\}\]\}",
+    + b",".join(
+        [
+            _F_MAC,
+            _F_ADDR,
+            _F_COUNT,
+            _F_ADDR,
+            _F_COUNT,
+            _F_COUNT,
+            _F_REAL,
+            _F_REAL,
+            _F_COUNT,
+            _F_COUNT,
+            _F_VEC,
+            _F_VEC,
+            _F_VEC,
+            _F_VEC,
+            _F_UID,
+            _F_BOOL,
+        ]
+    )
+    + rb"\]\}\]\}(?:,"
+    + _META_NETWORK_TIME
+    + rb")?\]\}\]\}",
     re.S,
-)  # fmt: skip
+)
 
 _COUNT_MAX = 2**64 - 1
 _ip_cache: dict[bytes, str] = {}
@@ -239,8 +273,11 @@ def _spans_ns(inner: bytes) -> list[int] | None:
     joined = b",".join(vals) + b","
     if joined.count(b"ns,") == len(vals):  # the usual case: every offset in nanoseconds
         digits = joined.replace(b"ns,", b",")[:-1]
-        if b",," in b"," + digits + b"," or not digits.replace(b",", b"").isdigit() or \
-                max(map(len, vals)) > 21:  # fmt: skip
+        if (
+            b",," in b"," + digits + b","
+            or not digits.replace(b",", b"").isdigit()
+            or max(map(len, vals)) > 21
+        ):
             return None
         return list(map(int, digits.split(b",")))
     out = []
@@ -289,25 +326,60 @@ def flow_record_raw(raw: bytes) -> FlowRecord | None:
     m = _FLOW_RE.fullmatch(raw)
     if m is None:
         return None
-    (_, mac, dip, dport, rip, rport, proto, start, last, tbytes, tpkts, offs, sizes, dirs, pays,
-     uid, orig) = m.groups()  # fmt: skip
+    (
+        _,
+        mac,
+        dip,
+        dport,
+        rip,
+        rport,
+        proto,
+        start,
+        last,
+        tbytes,
+        tpkts,
+        offs,
+        sizes,
+        dirs,
+        pays,
+        uid,
+        orig,
+    ) = m.groups()
     off_ns, sizes_i, dirs_i, payloads = _spans_ns(offs), _counts(sizes), _counts(dirs), _hexes(pays)
-    if off_ns is None or sizes_i is None or dirs_i is None or payloads is None or \
-            (off_ns and max(off_ns) > MAX_OFFSET_NS):  # fmt: skip
+    if (
+        off_ns is None
+        or sizes_i is None
+        or dirs_i is None
+        or payloads is None
+        or (off_ns and max(off_ns) > MAX_OFFSET_NS)
+    ):
         return None
     ints = [int(dport), int(rport), int(proto), int(tbytes), int(tpkts)]
-    if max(ints) > _COUNT_MAX or (sizes_i and max(sizes_i) > _COUNT_MAX) or \
-            (dirs_i and max(dirs_i) > 1):  # fmt: skip
+    if (
+        max(ints) > _COUNT_MAX
+        or (sizes_i and max(sizes_i) > _COUNT_MAX)
+        or (dirs_i and max(dirs_i) > 1)
+    ):
         return None
     try:
         return FlowRecord(
-            device_mac=mac.decode(), device_ip=_ip(dip), device_port=ints[0],
-            remote_ip=_ip(rip), remote_port=ints[1], proto=ints[2], start=_time(float(start)),
-            last=_time(float(last)), total_bytes=ints[3], total_packets=ints[4],
-            offsets=[((n + 500) // 1000 * 1000) / 1e9 for n in off_ns], sizes=sizes_i,
+            device_mac=mac.decode(),
+            device_ip=_ip(dip),
+            device_port=ints[0],
+            remote_ip=_ip(rip),
+            remote_port=ints[1],
+            proto=ints[2],
+            start=_time(float(start)),
+            last=_time(float(last)),
+            total_bytes=ints[3],
+            total_packets=ints[4],
+            offsets=[((n + 500) // 1000 * 1000) / 1e9 for n in off_ns],
+            sizes=sizes_i,
             directions=dirs_i,
-            payloads=payloads, uid=uid.decode(), device_is_orig=orig == b"true",
-        )  # fmt: skip
+            payloads=payloads,
+            uid=uid.decode(),
+            device_is_orig=orig == b"true",
+        )
     except ValueError:  # an address Python does not read, vectors of unequal length
         return None
 
@@ -324,11 +396,19 @@ def flow_record(obj: Any) -> FlowRecord:
         d = obj["data"]
         body = d[2]["data"]
         rec = body[1]["data"][0]
-        if (obj["@data-type"] != "vector" or len(d) != 3 or d[0] != _ONE or d[1] != _ONE
-                or d[2]["@data-type"] != "vector" or len(body) not in (2, 3)
-                or body[0] != _FLOW_NAME or body[1]["@data-type"] != "vector"
-                or len(body[1]["data"]) != 1 or rec["@data-type"] != "vector"
-                or not isinstance(obj["topic"], str)):  # fmt: skip
+        if (
+            obj["@data-type"] != "vector"
+            or len(d) != 3
+            or d[0] != _ONE
+            or d[1] != _ONE
+            or d[2]["@data-type"] != "vector"
+            or len(body) not in (2, 3)
+            or body[0] != _FLOW_NAME
+            or body[1]["@data-type"] != "vector"
+            or len(body[1]["data"]) != 1
+            or rec["@data-type"] != "vector"
+            or not isinstance(obj["topic"], str)
+        ):
             raise ValueError
         if len(body) == 3:  # metadata: let the codec check it
             raise ValueError
@@ -341,14 +421,22 @@ def flow_record(obj: Any) -> FlowRecord:
         sizes = [n["data"] for n in siz if n["@data-type"] == "count"]
         directions = [n["data"] for n in dirs if n["@data-type"] == "count"]
         payloads = [bytes.fromhex(n["data"]) for n in pay if n["@data-type"] == "string"]
-        if not (len(offsets) == len(off) and len(sizes) == len(siz) and len(directions) == len(dirs)
-                and len(payloads) == len(pay)):  # fmt: skip
+        if not (
+            len(offsets) == len(off)
+            and len(sizes) == len(siz)
+            and len(directions) == len(dirs)
+            and len(payloads) == len(pay)
+        ):
             raise ValueError
         ints = (v[2], v[4], v[5], v[8], v[9], *sizes, *directions)
         if not all(type(x) is int and x >= 0 for x in ints):
             raise ValueError
-        if not (type(v[0]) is str and type(v[14]) is str and type(v[15]) is bool
-                and all(d in (0, 1) for d in directions)):  # fmt: skip
+        if not (
+            type(v[0]) is str
+            and type(v[14]) is str
+            and type(v[15]) is bool
+            and all(d in (0, 1) for d in directions)
+        ):
             raise ValueError
         return FlowRecord(
             device_mac=v[0],
@@ -379,8 +467,9 @@ def early_flow_record(obj: Any) -> FlowRecord:
         body = obj["data"][2]["data"]
         if body[0] != _EARLY_FLOW_NAME:
             raise RecordError(f"not an {EARLY_FLOW_EVENT} event")
-        renamed = dict(obj, data=[*obj["data"][:2], dict(obj["data"][2],
-                                                         data=[_FLOW_NAME, *body[1:]])])
+        renamed = dict(
+            obj, data=[*obj["data"][:2], dict(obj["data"][2], data=[_FLOW_NAME, *body[1:]])]
+        )
     except (KeyError, IndexError, TypeError, AttributeError):
         raise RecordError(f"not an {EARLY_FLOW_EVENT} event") from None
     return flow_record(renamed)
@@ -403,13 +492,18 @@ def flow_record_generic(obj: Any) -> FlowRecord:
 def record_from_values(values: list) -> FlowRecord:
     """A FlowRecord from the decoded field values of ``IoTClass::FlowRecord``."""
     if len(values) != len(FLOW_FIELDS):
-        raise RecordError(f"{FLOW_EVENT}: record has {len(values)} fields, expected "
-                          f"{len(FLOW_FIELDS)}")  # fmt: skip
+        raise RecordError(
+            f"{FLOW_EVENT}: record has {len(values)} fields, expected {len(FLOW_FIELDS)}"
+        )
     addr = (ipaddress.IPv4Address, ipaddress.IPv6Address)
     expect = {
-        "string": str, "address": addr, "count": bj.Count, "real": float, "boolean": bool,
+        "string": str,
+        "address": addr,
+        "count": bj.Count,
+        "real": float,
+        "boolean": bool,
         "vector": list,
-    }  # fmt: skip
+    }
     for (name, dtype), v in zip(FLOW_FIELDS, values):
         if not isinstance(v, expect[dtype]):
             raise RecordError(f"{FLOW_EVENT}: field {name} must be {dtype}, got {v!r}"[:200])
@@ -458,16 +552,27 @@ def flow_values(r: FlowRecord) -> list:
     ``duration_cast``). For tests and benchmarks; the scripts are the real producer."""
     start_us = round(r.start * 1e6)
     t0 = us_to_time(start_us)
-    offsets = [bj.Timespan(int((us_to_time(start_us + round(o * 1e6)) - t0) * 1e9))
-               for o in r.offsets]  # fmt: skip
+    offsets = [
+        bj.Timespan(int((us_to_time(start_us + round(o * 1e6)) - t0) * 1e9)) for o in r.offsets
+    ]
     return [
-        r.device_mac, ipaddress.ip_address(r.device_ip), bj.Count(r.device_port),
-        ipaddress.ip_address(r.remote_ip), bj.Count(r.remote_port), bj.Count(r.proto),
-        t0, us_to_time(round(r.last * 1e6)), bj.Count(r.total_bytes),
-        bj.Count(r.total_packets), offsets, [bj.Count(s) for s in r.sizes],
-        [bj.Count(d) for d in r.directions], [p.hex() for p in r.payloads], r.uid,
+        r.device_mac,
+        ipaddress.ip_address(r.device_ip),
+        bj.Count(r.device_port),
+        ipaddress.ip_address(r.remote_ip),
+        bj.Count(r.remote_port),
+        bj.Count(r.proto),
+        t0,
+        us_to_time(round(r.last * 1e6)),
+        bj.Count(r.total_bytes),
+        bj.Count(r.total_packets),
+        offsets,
+        [bj.Count(s) for s in r.sizes],
+        [bj.Count(d) for d in r.directions],
+        [p.hex() for p in r.payloads],
+        r.uid,
         bool(r.device_is_orig),
-    ]  # fmt: skip
+    ]
 
 
 def flow_frame(topic: str, r: FlowRecord) -> bytes:
@@ -484,12 +589,23 @@ def label_values(e: LogEntry) -> list:
     proto = _PORT_PROTO.get(e.proto, "?")
     try:
         return [
-            float(e.ts), e.uid, ipaddress.ip_address(e.orig_h), bj.Port(int(e.orig_p), proto),
-            ipaddress.ip_address(e.resp_h), bj.Port(int(e.resp_p), proto), e.device_mac or "",
-            ipaddress.ip_address(e.device_ip), e.label, float(e.confidence), e.strategy,
-            bj.Count(int(e.n_flows)), bool(e.trusted), e.reason or "-",
-            [str(g) for g in e.top_groups], e.model,
-        ]  # fmt: skip
+            float(e.ts),
+            e.uid,
+            ipaddress.ip_address(e.orig_h),
+            bj.Port(int(e.orig_p), proto),
+            ipaddress.ip_address(e.resp_h),
+            bj.Port(int(e.resp_p), proto),
+            e.device_mac or "",
+            ipaddress.ip_address(e.device_ip),
+            e.label,
+            float(e.confidence),
+            e.strategy,
+            bj.Count(int(e.n_flows)),
+            bool(e.trusted),
+            e.reason or "-",
+            [str(g) for g in e.top_groups],
+            e.model,
+        ]
     except (ValueError, TypeError) as err:
         raise RecordError(f"label for {e.uid or e.device_ip}: {err}") from None
 
@@ -535,32 +651,52 @@ def label_message(topic: str, e: LogEntry, early: bool = False) -> bytes:
         if not (0 <= n_flows <= bj.COUNT_MAX and 0 <= orig_p <= 65535 and 0 <= resp_p <= 65535):
             raise ValueError("count or port out of range")
         parts = (
-            '{"@data-type":"real","data":', _real(e.ts),
-            '},{"@data-type":"string","data":', _dumps(e.uid),
-            '},{"@data-type":"address","data":"', _addr_text(e.orig_h),
-            '"},{"@data-type":"port","data":"', f"{orig_p}/{proto}",
-            '"},{"@data-type":"address","data":"', _addr_text(e.resp_h),
-            '"},{"@data-type":"port","data":"', f"{resp_p}/{proto}",
-            '"},{"@data-type":"string","data":', _dumps(e.device_mac or ""),
-            '},{"@data-type":"address","data":"', _addr_text(e.device_ip),
-            '"},{"@data-type":"string","data":', _dumps(e.label),
-            '},{"@data-type":"real","data":', _real(e.confidence),
-            '},{"@data-type":"string","data":', _dumps(e.strategy),
-            '},{"@data-type":"count","data":', str(n_flows),
-            '},{"@data-type":"boolean","data":', "true" if e.trusted else "false",
-            '},{"@data-type":"string","data":', _dumps(e.reason or "-"),
+            '{"@data-type":"real","data":',
+            _real(e.ts),
+            '},{"@data-type":"string","data":',
+            _dumps(e.uid),
+            '},{"@data-type":"address","data":"',
+            _addr_text(e.orig_h),
+            '"},{"@data-type":"port","data":"',
+            f"{orig_p}/{proto}",
+            '"},{"@data-type":"address","data":"',
+            _addr_text(e.resp_h),
+            '"},{"@data-type":"port","data":"',
+            f"{resp_p}/{proto}",
+            '"},{"@data-type":"string","data":',
+            _dumps(e.device_mac or ""),
+            '},{"@data-type":"address","data":"',
+            _addr_text(e.device_ip),
+            '"},{"@data-type":"string","data":',
+            _dumps(e.label),
+            '},{"@data-type":"real","data":',
+            _real(e.confidence),
+            '},{"@data-type":"string","data":',
+            _dumps(e.strategy),
+            '},{"@data-type":"count","data":',
+            str(n_flows),
+            '},{"@data-type":"boolean","data":',
+            "true" if e.trusted else "false",
+            '},{"@data-type":"string","data":',
+            _dumps(e.reason or "-"),
             '},{"@data-type":"vector","data":[',
-            ",".join('{"@data-type":"string","data":' + _dumps(str(g)) + "}"
-                     for g in e.top_groups),
-            ']},{"@data-type":"string","data":', _dumps(e.model), "}",
-        )  # fmt: skip
-        if not all(isinstance(x, str) for x in (e.uid, e.label, e.strategy, e.model)) or \
-                (e.reason and not isinstance(e.reason, str)):  # fmt: skip
+            ",".join('{"@data-type":"string","data":' + _dumps(str(g)) + "}" for g in e.top_groups),
+            ']},{"@data-type":"string","data":',
+            _dumps(e.model),
+            "}",
+        )
+        if not all(isinstance(x, str) for x in (e.uid, e.label, e.strategy, e.model)) or (
+            e.reason and not isinstance(e.reason, str)
+        ):
             raise TypeError("label fields must be strings")
     except (ValueError, TypeError, bj.BrokerJSONError) as err:
         raise RecordError(f"label for {e.uid or e.device_ip}: {err}") from None
-    head = '{"type":"data-message","topic":' + _dumps(topic) + "," + \
-        (_EARLY_LABEL_HEAD if early else _LABEL_HEAD)[1:]  # fmt: skip
+    head = (
+        '{"type":"data-message","topic":'
+        + _dumps(topic)
+        + ","
+        + (_EARLY_LABEL_HEAD if early else _LABEL_HEAD)[1:]
+    )
     return (head + "".join(parts) + _LABEL_TAIL[:-1]).encode("utf-8", "surrogateescape")
 
 
@@ -574,20 +710,26 @@ def record_ids_generic(ids: Iterable[RecordId]) -> list:
 
 def _ids_text(ids: Iterable[RecordId]) -> str:
     return ",".join(
-        '{"@data-type":"vector","data":[{"@data-type":"string","data":' + _dumps(uid)
-        + '},{"@data-type":"string","data":' + _dumps(mac)
-        + '},{"@data-type":"address","data":"' + _addr_text(ip)
-        + '"},{"@data-type":"real","data":' + _real(start) + "}]}"
+        '{"@data-type":"vector","data":[{"@data-type":"string","data":'
+        + _dumps(uid)
+        + '},{"@data-type":"string","data":'
+        + _dumps(mac)
+        + '},{"@data-type":"address","data":"'
+        + _addr_text(ip)
+        + '"},{"@data-type":"real","data":'
+        + _real(start)
+        + "}]}"
         for uid, mac, ip, start in ids
-    )  # fmt: skip
+    )
 
 
 def _event_text(topic: str, event: str, args: str) -> bytes:
-    return ('{"type":"data-message","topic":' + _dumps(topic) + ',"@data-type":"vector","data":['
-            '{"@data-type":"count","data":1},{"@data-type":"count","data":1},'
-            '{"@data-type":"vector","data":[{"@data-type":"string","data":"' + event + '"},'
-            '{"@data-type":"vector","data":[' + args + "]}]}]}"
-            ).encode("utf-8", "surrogateescape")  # fmt: skip
+    return (
+        '{"type":"data-message","topic":' + _dumps(topic) + ',"@data-type":"vector","data":['
+        '{"@data-type":"count","data":1},{"@data-type":"count","data":1},'
+        '{"@data-type":"vector","data":[{"@data-type":"string","data":"' + event + '"},'
+        '{"@data-type":"vector","data":[' + args + "]}]}]}"
+    ).encode("utf-8", "surrogateescape")
 
 
 def ack_message(topic: str, ids: Iterable[RecordId]) -> bytes:
@@ -599,8 +741,15 @@ def ack_message(topic: str, ids: Iterable[RecordId]) -> bytes:
 
 def shed_message(topic: str, ids: Iterable[RecordId], reason: str) -> bytes:
     """``IoTClass::shed(ids, reason)``: the bridge dropped these records unlabelled."""
-    return _event_text(topic, SHED_EVENT, '{"@data-type":"vector","data":[' + _ids_text(ids)
-                       + ']},{"@data-type":"string","data":' + _dumps(reason) + "}")  # fmt: skip
+    return _event_text(
+        topic,
+        SHED_EVENT,
+        '{"@data-type":"vector","data":['
+        + _ids_text(ids)
+        + ']},{"@data-type":"string","data":'
+        + _dumps(reason)
+        + "}",
+    )
 
 
 def hello_message(topic: str, bridge: str, endpoint: str) -> bytes:
@@ -630,14 +779,24 @@ def log_entry(r: FlowRecord, v: Any) -> LogEntry:
     with ``label`` and ``confidence``, optionally the other Verdict fields)."""
     orig_h, orig_p, resp_h, resp_p = r.conn_id()
     return LogEntry(
-        ts=r.start, uid=r.uid, orig_h=orig_h, orig_p=orig_p, resp_h=resp_h, resp_p=resp_p,
-        proto=proto_name(r.proto), device_mac=r.device_mac, device_ip=r.device_ip,
-        label=str(v.label), confidence=float(v.confidence),
-        strategy=str(getattr(v, "strategy", "flow")), n_flows=int(getattr(v, "n_flows", 1)),
-        trusted=bool(getattr(v, "trusted", True)), reason=str(getattr(v, "reason", "-") or "-"),
+        ts=r.start,
+        uid=r.uid,
+        orig_h=orig_h,
+        orig_p=orig_p,
+        resp_h=resp_h,
+        resp_p=resp_p,
+        proto=proto_name(r.proto),
+        device_mac=r.device_mac,
+        device_ip=r.device_ip,
+        label=str(v.label),
+        confidence=float(v.confidence),
+        strategy=str(getattr(v, "strategy", "flow")),
+        n_flows=int(getattr(v, "n_flows", 1)),
+        trusted=bool(getattr(v, "trusted", True)),
+        reason=str(getattr(v, "reason", "-") or "-"),
         top_groups=[str(g) for g in getattr(v, "top_groups", [])],
         model=str(getattr(v, "model", "")),
-    )  # fmt: skip
+    )
 
 
 @dataclass(frozen=True)

@@ -22,8 +22,7 @@ class ServeBridge(Bridge):
         # batches hold at least one record each, so the intake bound bounds them too: a batch
         # never waits for a slot, it reaches the dispatcher (and its metrics) at once
         kw.setdefault("max_inflight", max_live_records + 1)
-        super().__init__(*args, max_live_records=max_live_records, on_shed=self._count_shed,
-                         **kw)  # fmt: skip
+        super().__init__(*args, max_live_records=max_live_records, on_shed=self._count_shed, **kw)
         self.metrics = metrics
 
     def _count_shed(self, reason: str) -> None:

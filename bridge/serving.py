@@ -82,19 +82,22 @@ class DispatchScorer:
     where the records came from.
     """
 
-    def __init__(self, dispatcher: Dispatcher, recorder: Recorder | None = None,
-                 sensor: str = "zeek"):  # fmt: skip
+    def __init__(
+        self, dispatcher: Dispatcher, recorder: Recorder | None = None, sensor: str = "zeek"
+    ):
         self.dispatcher, self.recorder, self.sensor = dispatcher, recorder, sensor
 
-    async def __call__(self, matrices: np.ndarray, table: FlowTable,
-                       early: bool = False) -> list[Outcome | None]:  # fmt: skip
+    async def __call__(
+        self, matrices: np.ndarray, table: FlowTable, early: bool = False
+    ) -> list[Outcome | None]:
         n = len(matrices)
         if n == 0:
             return []
         flows = np.any(matrices != 0, axis=2).sum(axis=1).tolist()  # rows holding a flow
         group = _Group(n, flows, asyncio.get_running_loop().create_future())
-        self.dispatcher.submit(matrices, list(table.device_keys()), [(group, i) for i in range(n)],
-                               early=early)  # fmt: skip
+        self.dispatcher.submit(
+            matrices, list(table.device_keys()), [(group, i) for i in range(n)], early=early
+        )
         verdicts = await group.done
         if self.recorder is not None and not early:
             self.recorder.add(table, Labels.of(group.outcomes, self.sensor))
@@ -123,11 +126,14 @@ class DispatchScorer:
 def _client_rejections(client: Any, bridge: Bridge) -> dict[tuple[str, str], int]:
     """What the Zeek side refused, as metrics counters."""
     s, b = client.stats, bridge.stats
-    out = {("websocket", "malformed"): s.malformed, ("websocket", "unexpected"): s.unexpected,
-           ("websocket", "handler_error"): s.handler_errors,
-           ("websocket", "bad_flow_record"): b.bad_records,
-           ("websocket", "duplicate"): b.duplicates,
-           ("websocket", "unexpected_event"): b.other_events}  # fmt: skip
+    out = {
+        ("websocket", "malformed"): s.malformed,
+        ("websocket", "unexpected"): s.unexpected,
+        ("websocket", "handler_error"): s.handler_errors,
+        ("websocket", "bad_flow_record"): b.bad_records,
+        ("websocket", "duplicate"): b.duplicates,
+        ("websocket", "unexpected_event"): b.other_events,
+    }
     for code, n in s.zeek_errors.items():
         out[("zeek", code)] = n
     return {k: v for k, v in out.items() if v}
@@ -158,8 +164,13 @@ class Service:
     ``model_fixed``: the model path came from the command line, so a reload reads that path
     again rather than ``scorers.model`` of the configuration file."""
 
-    def __init__(self, cfg: Config, config_path: str | None, log_level: str = "info",
-                 model_fixed: bool = False):  # fmt: skip
+    def __init__(
+        self,
+        cfg: Config,
+        config_path: str | None,
+        log_level: str = "info",
+        model_fixed: bool = False,
+    ):
         self.cfg = cfg
         self.config_path = config_path
         self.log_level = log_level
@@ -224,19 +235,28 @@ class Service:
             self.exporter = PrometheusExporter(self.metrics, cfg.metrics.address, cfg.metrics.port)
         consistency, identities = trust_rules(self.bundle)
         self.dispatcher = Dispatcher(
-            cfg, self.bundle.layout, DispatchScorer.deliver, self.metrics,
-            model_id=self.bundle.name, consistency=consistency, identities=identities,
-            classes=self.bundle.classes, keys=self.keys,
-        )  # fmt: skip
+            cfg,
+            self.bundle.layout,
+            DispatchScorer.deliver,
+            self.metrics,
+            model_id=self.bundle.name,
+            consistency=consistency,
+            identities=identities,
+            classes=self.bundle.classes,
+            keys=self.keys,
+        )
         try:
             self.endpoints = await self.dispatcher.start()
             if cfg.record.enabled:
                 self.recorder = Recorder.from_config(cfg.record, self.bundle.layout.window_s)
             if cfg.suricata.enabled:
                 self.suri = await SuricataSide.start(
-                    cfg.suricata, self.bundle.layout, self._scorer("suricata"), self.metrics,
+                    cfg.suricata,
+                    self.bundle.layout,
+                    self._scorer("suricata"),
+                    self.metrics,
                     **self._bridge_options(),
-                )  # fmt: skip
+                )
         except BaseException:
             await self.dispatcher.close()
             if self.exporter:
@@ -258,9 +278,12 @@ class Service:
 
     def _bridge_options(self) -> dict[str, Any]:
         c = self.cfg
-        return dict(batch_size=c.scorers.batch_size, max_delay_s=c.scorers.max_wait_ms / 1000.0,
-                    max_devices=c.bridge.max_devices,
-                    max_live_records=2 * c.bridge.queue_records)  # fmt: skip
+        return dict(
+            batch_size=c.scorers.batch_size,
+            max_delay_s=c.scorers.max_wait_ms / 1000.0,
+            max_devices=c.bridge.max_devices,
+            max_live_records=2 * c.bridge.queue_records,
+        )
 
     def _scorer(self, sensor: str) -> DispatchScorer:
         assert self.dispatcher is not None
@@ -279,56 +302,100 @@ class Service:
             await self.client.send_many(frames)
 
         bridge = ServeBridge(
-            self.bundle.layout, self._scorer("zeek"), send, metrics=self.metrics,
-            labels_topic=cfg.zeek.label_topic, name="iotcls-serve", send_many=send_many,
+            self.bundle.layout,
+            self._scorer("zeek"),
+            send,
+            metrics=self.metrics,
+            labels_topic=cfg.zeek.label_topic,
+            name="iotcls-serve",
+            send_many=send_many,
             **self._bridge_options(),
-        )  # fmt: skip
+        )
         self.bridges.insert(0, bridge)
         self.zeek_bridge = zb = bridge
         self.client = zc = ZeekClient(
-            cfg.zeek.url, cfg.zeek.topics, on_message=bridge.on_message,
-            on_raw=bridge.on_raw, on_connect=bridge.on_connect,
+            cfg.zeek.url,
+            cfg.zeek.topics,
+            on_message=bridge.on_message,
+            on_raw=bridge.on_raw,
+            on_connect=bridge.on_connect,
             reconnect_max_s=cfg.zeek.reconnect_max_s,
             ssl_context=tls_context(cfg.zeek.tls_ca, cfg.zeek.tls_cert, cfg.zeek.tls_key)
-            if cfg.zeek.url.startswith("wss://") else None,
-        )  # fmt: skip
+            if cfg.zeek.url.startswith("wss://")
+            else None,
+        )
         self.metrics.rejected_sources.append(lambda: _client_rejections(zc, zb))
         self.metrics.gauge_sources += [
-            ("iotcls_zeek_connected", "1 while the WebSocket session to Zeek is up",
-             lambda: float(zc.connected.is_set())),
-            ("iotcls_zeek_buffered_frames", "Frames held for Zeek while it is unreachable",
-             lambda: zc.buffered),
-        ]  # fmt: skip
+            (
+                "iotcls_zeek_connected",
+                "1 while the WebSocket session to Zeek is up",
+                lambda: float(zc.connected.is_set()),
+            ),
+            (
+                "iotcls_zeek_buffered_frames",
+                "Frames held for Zeek while it is unreachable",
+                lambda: zc.buffered,
+            ),
+        ]
         self.metrics.counter_sources += [
-            ("iotcls_zeek_frames_dropped", "Frames for Zeek dropped from a full buffer "
-             "while it was unreachable", lambda: zc.stats.dropped),
-            ("iotcls_zeek_reconnects", "WebSocket sessions to Zeek established",
-             lambda: zc.stats.connects),
-        ]  # fmt: skip
+            (
+                "iotcls_zeek_frames_dropped",
+                "Frames for Zeek dropped from a full buffer while it was unreachable",
+                lambda: zc.stats.dropped,
+            ),
+            (
+                "iotcls_zeek_reconnects",
+                "WebSocket sessions to Zeek established",
+                lambda: zc.stats.connects,
+            ),
+        ]
 
     def _add_metric_sources(self) -> None:
         bridges, m = self.bridges, self.metrics
         m.gauge_sources += [
-            ("iotcls_decoded_waiting", "Decoded records waiting for matrix assembly",
-             lambda: sum(b.queued for b in bridges)),
-            ("iotcls_batches_scoring", "Batches between assembly and their labels",
-             lambda: sum(b.batches_in_flight for b in bridges)),
-            ("iotcls_live_records", "Records decoded and not yet done (bound: 2 x "
-             "bridge.queue_records per sensor)", lambda: sum(b.live_records for b in bridges)),
-        ]  # fmt: skip
-        m.counter_sources.append(("iotcls_model_reloads", "Model reloads that took effect "
-                                  "(SIGHUP)", lambda: self.reloads))  # fmt: skip
+            (
+                "iotcls_decoded_waiting",
+                "Decoded records waiting for matrix assembly",
+                lambda: sum(b.queued for b in bridges),
+            ),
+            (
+                "iotcls_batches_scoring",
+                "Batches between assembly and their labels",
+                lambda: sum(b.batches_in_flight for b in bridges),
+            ),
+            (
+                "iotcls_live_records",
+                "Records decoded and not yet done (bound: 2 x bridge.queue_records per sensor)",
+                lambda: sum(b.live_records for b in bridges),
+            ),
+        ]
+        m.counter_sources.append(
+            (
+                "iotcls_model_reloads",
+                "Model reloads that took effect (SIGHUP)",
+                lambda: self.reloads,
+            )
+        )
         rec = self.recorder
         if rec is not None:
             st = rec.stats
             m.counter_sources += [
-                ("iotcls_records_stored", "Flow records written to the store (record:)",
-                 lambda: st.records),
-                ("iotcls_store_write_errors", "Store segments that could not be written",
-                 lambda: st.errors),
-                ("iotcls_store_records_lost", "Records of segments that could not be written",
-                 lambda: st.lost),
-            ]  # fmt: skip
+                (
+                    "iotcls_records_stored",
+                    "Flow records written to the store (record:)",
+                    lambda: st.records,
+                ),
+                (
+                    "iotcls_store_write_errors",
+                    "Store segments that could not be written",
+                    lambda: st.errors,
+                ),
+                (
+                    "iotcls_store_records_lost",
+                    "Records of segments that could not be written",
+                    lambda: st.lost,
+                ),
+            ]
 
     def _start_scorers(self, model_path: str, prefix: str) -> Supervisor:
         """Starts ``scorers.count`` local scorers of *model_path* named ``<prefix>-N.M``."""
@@ -337,10 +404,15 @@ class Service:
         connect = self.endpoints[0].replace("tcp://0.0.0.0:", "tcp://127.0.0.1:")
         sup = Supervisor(
             cfg.scorers.count,
-            scorer_command(connect, self.config_path, model_path or None, cfg.scorers.device,
-                           self.log_level,
-                           extra=["--keys", cfg.bridge.keys_dir] if self.keys else None,
-                           curve=self.keys is not None),  # fmt: skip
+            scorer_command(
+                connect,
+                self.config_path,
+                model_path or None,
+                cfg.scorers.device,
+                self.log_level,
+                extra=["--keys", cfg.bridge.keys_dir] if self.keys else None,
+                curve=self.keys is not None,
+            ),
             on_exit=self.dispatcher.scorer_lost,
             backoff_s=cfg.scorers.restart_backoff_s,
             on_restart=self.metrics.count_restart,
@@ -355,23 +427,32 @@ class Service:
         print(
             f"iotcls serve: model {b.name} ({len(b.classes)} classes) from "
             f"{b.source}; scorers connect to {', '.join(self.endpoints)}"
-            + (" (CURVE)" if self.keys else "") + "; "
+            + (" (CURVE)" if self.keys else "")
+            + "; "
             f"{cfg.scorers.count} local scorer(s) on {cfg.scorers.device}; "
-            + (f"zeek {cfg.zeek.url} topics {','.join(cfg.zeek.topics)}; " if self.client else
-               "zeek off; ")
+            + (
+                f"zeek {cfg.zeek.url} topics {','.join(cfg.zeek.topics)}; "
+                if self.client
+                else "zeek off; "
+            )
             + (f"suricata {cfg.suricata.socket} -> {cfg.suricata.eve_log}; " if self.suri else "")
             + (f"recording to {cfg.record.directory}; " if self.recorder else "")
             + "metrics "
-            + (f"http://{cfg.metrics.address}:{self.exporter.port}/metrics" if self.exporter
-               else "off"),
+            + (
+                f"http://{cfg.metrics.address}:{self.exporter.port}/metrics"
+                if self.exporter
+                else "off"
+            ),
             flush=True,
-        )  # fmt: skip
+        )
 
     def _start_tasks(self) -> None:
         if self.client is not None and self.zeek_bridge is not None:
             self.zeek_task = asyncio.create_task(self.client.run(), name="zeek")
-            self.tasks |= {self.zeek_task,
-                           asyncio.create_task(self.zeek_bridge.run(), name="bridge")}  # fmt: skip
+            self.tasks |= {
+                self.zeek_task,
+                asyncio.create_task(self.zeek_bridge.run(), name="bridge"),
+            }
         if self.suri is not None:
             self.tasks.add(self.suri.task)
         if self.recorder is not None:
@@ -382,9 +463,11 @@ class Service:
         b = self.cfg.bridge
         if not cv.enabled(b.curve, b.bind):
             if b.curve == "off" and not all(cv.is_loopback(a) for a in b.bind):
-                log.warning("bridge.curve is off and the scorer socket binds %s: any host that "
-                            "reaches it can pose as a scorer and read flow records",
-                            ", ".join(b.bind))  # fmt: skip
+                log.warning(
+                    "bridge.curve is off and the scorer socket binds %s: any host that "
+                    "reaches it can pose as a scorer and read flow records",
+                    ", ".join(b.bind),
+                )
             return None
         return cv.server_keys(b.keys_dir)
 
@@ -401,8 +484,10 @@ class Service:
         """SIGHUP: reload the model bundle; one reload at a time (a SIGHUP during one runs
         another once it is done)."""
         if self.supervisor is None or self._stop.is_set():
-            log.warning("reload: ignored: the service is %s",
-                        "stopping" if self._stop.is_set() else "still starting")  # fmt: skip
+            log.warning(
+                "reload: ignored: the service is %s",
+                "stopping" if self._stop.is_set() else "still starting",
+            )
             return
         if self._reload_task is not None and not self._reload_task.done():
             self._reload_again = True
@@ -446,20 +531,32 @@ class Service:
             log.error("reload: keeping model %s: %s", old.name, e)
             return False
         if new.layout != old.layout:
-            log.error("reload: keeping model %s: %s has another matrix layout (%s); the "
-                      "bridge's device histories are in the old one: restart serve to change "
-                      "layouts", old.name, new.name, new.layout.to_dict())  # fmt: skip
+            log.error(
+                "reload: keeping model %s: %s has another matrix layout (%s); the "
+                "bridge's device histories are in the old one: restart serve to change "
+                "layouts",
+                old.name,
+                new.name,
+                new.layout.to_dict(),
+            )
             return False
         if new.sha256 == old.sha256:
             log.info("reload: %s is the model serving already", new.name)
             return True
         # while both run, labels of either model's classes are valid
-        d.use_model(new.name, [*old.classes, *[c for c in new.classes if c not in old.classes]],
-                    *trust_rules(new))  # fmt: skip
+        d.use_model(
+            new.name,
+            [*old.classes, *[c for c in new.classes if c not in old.classes]],
+            *trust_rules(new),
+        )
         sup = self._start_scorers(path, f"scorer-r{self.reloads + 1}")
         if not await self._scorers_ready(sup):
-            log.error("reload: keeping model %s: the scorers of %s did not connect within "
-                      "%.0f s", old.name, new.name, RELOAD_WAIT_S)  # fmt: skip
+            log.error(
+                "reload: keeping model %s: the scorers of %s did not connect within %.0f s",
+                old.name,
+                new.name,
+                RELOAD_WAIT_S,
+            )
             d.use_model(old.name, old.classes, *trust_rules(old))
             await sup.stop()
             self.supervisors.remove(sup)
@@ -523,8 +620,10 @@ class Service:
         await d.close()
         if self.exporter:
             self.exporter.close()
-        print(f"iotcls serve: stopped in {time.monotonic() - t0:.1f} s: {self.metrics.summary()}",
-              flush=True)  # fmt: skip
+        print(
+            f"iotcls serve: stopped in {time.monotonic() - t0:.1f} s: {self.metrics.summary()}",
+            flush=True,
+        )
         if self._failure is not None:
             print(f"iotcls serve: error: {self._failure[1]}", file=sys.stderr, flush=True)
             return self._failure[0]
@@ -551,7 +650,8 @@ class Service:
                 continue
             exc = None if t.cancelled() else t.exception()
             if exc is not None:
-                self.fail(EXIT_ERROR, f"{t.get_name()} stopped: {type(exc).__name__}: "
-                                      f"{str(exc)[:200]}")  # fmt: skip
+                self.fail(
+                    EXIT_ERROR, f"{t.get_name()} stopped: {type(exc).__name__}: {str(exc)[:200]}"
+                )
             elif not self._stop.is_set():
                 self.fail(EXIT_ERROR, f"{t.get_name()} stopped on its own")

@@ -57,8 +57,14 @@ _REJECT_LOG_S = 10.0
 # the label's connection fields are EVE's own (timestamp, flow_id, src/dest); the rest of
 # the iot_class.log columns go under "iot_class"
 _ENVELOPE = ("ts", "uid", "id.orig_h", "id.orig_p", "id.resp_h", "id.resp_p", "proto")
-_EVE_PROTO = {PROTO_TCP: "TCP", PROTO_UDP: "UDP", PROTO_ICMP: "ICMP", PROTO_ICMP6: "IPv6-ICMP",
-              2: "IGMP", 132: "SCTP"}  # fmt: skip
+_EVE_PROTO = {
+    PROTO_TCP: "TCP",
+    PROTO_UDP: "UDP",
+    PROTO_ICMP: "ICMP",
+    PROTO_ICMP6: "IPv6-ICMP",
+    2: "IGMP",
+    132: "SCTP",
+}
 
 
 class DatagramError(ValueError):
@@ -124,8 +130,7 @@ def _time(d: dict, name: str) -> float:
     except OverflowError:
         t = math.inf
     if not (math.isfinite(t) and 0.0 <= t <= MAX_TIME_S):
-        raise DatagramError(f"field {name!r} is {_short(v)}, not a time in seconds since the "
-                            "epoch")  # fmt: skip
+        raise DatagramError(f"field {name!r} is {_short(v)}, not a time in seconds since the epoch")
     return t
 
 
@@ -134,8 +139,9 @@ def _payloads(d: dict) -> list[bytes]:
     if len(v) > MAX_PACKETS:
         raise DatagramError(f"field 'payloads' has {len(v)} entries, at most {MAX_PACKETS}")
     if not all(isinstance(x, str) and len(x) <= 2 * MAX_PAYLOAD for x in v):
-        raise DatagramError(f"field 'payloads' must hold hex strings of at most {MAX_PAYLOAD} "
-                            "bytes")  # fmt: skip
+        raise DatagramError(
+            f"field 'payloads' must hold hex strings of at most {MAX_PAYLOAD} bytes"
+        )
     try:
         return [bytes.fromhex(x) for x in v]
     except ValueError:
@@ -162,8 +168,9 @@ def _document(data: bytes) -> dict:
     if not isinstance(d, dict):
         raise DatagramError("not a JSON object", "malformed")
     if d.get("v") != RECORD_VERSION:
-        raise DatagramError(f"record version {_short(d.get('v'))}, this bridge reads "
-                            f"{RECORD_VERSION}", "version")  # fmt: skip
+        raise DatagramError(
+            f"record version {_short(d.get('v'))}, this bridge reads {RECORD_VERSION}", "version"
+        )
     return d
 
 
@@ -191,16 +198,23 @@ def _record(d: dict) -> FlowRecord:
             raise DatagramError("start and last are not times in order")
         offsets = _ints(d, "offsets_us", 0, MAX_OFFSET_US)
         return FlowRecord(
-            device_mac="", device_ip=ips[0], device_port=_int(d, "device_port", 0, 65535),
-            remote_ip=ips[1], remote_port=_int(d, "remote_port", 0, 65535),
-            proto=_int(d, "proto", 0, 255), start=start, last=last,
+            device_mac="",
+            device_ip=ips[0],
+            device_port=_int(d, "device_port", 0, 65535),
+            remote_ip=ips[1],
+            remote_port=_int(d, "remote_port", 0, 65535),
+            proto=_int(d, "proto", 0, 255),
+            start=start,
+            last=last,
             total_bytes=_int(d, "total_bytes", 0, MAX_COUNT),
             total_packets=_int(d, "total_packets", 0, MAX_COUNT),
-            offsets=[x / 1e6 for x in offsets], sizes=_ints(d, "sizes", 0, MAX_SIZE),
-            directions=_ints(d, "directions", 0, 1), payloads=_payloads(d),
+            offsets=[x / 1e6 for x in offsets],
+            sizes=_ints(d, "sizes", 0, MAX_SIZE),
+            directions=_ints(d, "directions", 0, 1),
+            payloads=_payloads(d),
             uid=str(_int(d, "flow_id", 0, 2**64 - 1)),
             device_is_orig=_field(d, "device_is_orig", bool),
-        )  # fmt: skip
+        )
     except (ValueError, TypeError, OverflowError) as e:  # lengths differ, and the like
         if isinstance(e, DatagramError):
             raise
@@ -209,15 +223,27 @@ def _record(d: dict) -> FlowRecord:
 
 def record_datagram(r: FlowRecord, flow_id: int | None = None) -> bytes:
     """One record as the script sends it (one line; tests, benchmarks, the fuzzer)."""
-    return json.dumps({
-        "v": RECORD_VERSION, "flow_id": int(r.uid) if flow_id is None else flow_id,
-        "device_ip": r.device_ip, "device_port": r.device_port, "remote_ip": r.remote_ip,
-        "remote_port": r.remote_port, "proto": r.proto, "start": r.start, "last": r.last,
-        "total_bytes": r.total_bytes, "total_packets": r.total_packets,
-        "offsets_us": [round(o * 1e6) for o in r.offsets], "sizes": list(r.sizes),
-        "directions": list(r.directions), "payloads": [p.hex() for p in r.payloads],
-        "device_is_orig": bool(r.device_is_orig),
-    }, separators=(",", ":")).encode()  # fmt: skip
+    return json.dumps(
+        {
+            "v": RECORD_VERSION,
+            "flow_id": int(r.uid) if flow_id is None else flow_id,
+            "device_ip": r.device_ip,
+            "device_port": r.device_port,
+            "remote_ip": r.remote_ip,
+            "remote_port": r.remote_port,
+            "proto": r.proto,
+            "start": r.start,
+            "last": r.last,
+            "total_bytes": r.total_bytes,
+            "total_packets": r.total_packets,
+            "offsets_us": [round(o * 1e6) for o in r.offsets],
+            "sizes": list(r.sizes),
+            "directions": list(r.directions),
+            "payloads": [p.hex() for p in r.payloads],
+            "device_is_orig": bool(r.device_is_orig),
+        },
+        separators=(",", ":"),
+    ).encode()
 
 
 # --------------------------------------------------------------------------------------------
@@ -225,8 +251,20 @@ def record_datagram(r: FlowRecord, flow_id: int | None = None) -> bytes:
 
 
 _ICMP4_PEER = {8: 0, 0: 8, 13: 14, 14: 13, 15: 16, 16: 15, 10: 9, 9: 10, 17: 18, 18: 17}
-_ICMP6_PEER = {128: 129, 129: 128, 133: 134, 134: 133, 135: 136, 136: 135, 130: 131,
-               131: 130, 139: 140, 140: 139, 144: 145, 145: 144}  # fmt: skip
+_ICMP6_PEER = {
+    128: 129,
+    129: 128,
+    133: 134,
+    134: 133,
+    135: 136,
+    136: 135,
+    130: 131,
+    131: 130,
+    139: 140,
+    140: 139,
+    144: 145,
+    145: 144,
+}
 
 
 def community_id(src: str, sport: int, dst: str, dport: int, proto: int, seed: int = 0) -> str:
@@ -262,8 +300,14 @@ def eve_label(rec: FlowRecord, verdict: Any, cid_seed: int | None = None) -> dic
     out: dict[str, Any] = {"timestamp": eve_timestamp(rec.start)}
     if rec.uid.isdigit():
         out["flow_id"] = int(rec.uid)
-    out.update(event_type=EVENT_TYPE, src_ip=src, src_port=sport, dest_ip=dst, dest_port=dport,
-               proto=_EVE_PROTO.get(rec.proto, str(rec.proto)))  # fmt: skip
+    out.update(
+        event_type=EVENT_TYPE,
+        src_ip=src,
+        src_port=sport,
+        dest_ip=dst,
+        dest_port=dport,
+        proto=_EVE_PROTO.get(rec.proto, str(rec.proto)),
+    )
     if cid_seed is not None:
         out["community_id"] = community_id(src, sport, dst, dport, rec.proto, cid_seed)
     out[EVENT_TYPE] = {k: v for k, v in e.to_json_dict().items() if k not in _ENVELOPE}
@@ -352,17 +396,20 @@ def claim(path: Path) -> None:
     finally:
         probe.close()
     who = _holders(path)
-    raise SocketInUse(f"the Suricata socket {path} is in use by "
-                      + (f"process {', '.join(who)}" if who else "another process")
-                      + ": stop it, or give this service another suricata.socket")  # fmt: skip
+    raise SocketInUse(
+        f"the Suricata socket {path} is in use by "
+        + (f"process {', '.join(who)}" if who else "another process")
+        + ": stop it, or give this service another suricata.socket"
+    )
 
 
 class DatagramReader:
     """Binds the Unix datagram socket and reads it in a thread; ``deliver(list[bytes])`` is
     called in the event loop with the datagrams read since the last call."""
 
-    def __init__(self, path: str | Path, deliver, loop: asyncio.AbstractEventLoop,
-                 rcvbuf: int = 8 << 20):  # fmt: skip
+    def __init__(
+        self, path: str | Path, deliver, loop: asyncio.AbstractEventLoop, rcvbuf: int = 8 << 20
+    ):
         self.path = Path(path)
         self.deliver, self.loop = deliver, loop
         self._pending: list[bytes] = []
@@ -376,7 +423,9 @@ class DatagramReader:
             s.bind(str(self.path))
         except OSError as e:
             s.close()
-            raise OSError(f"cannot bind the Suricata socket {self.path}: {e.strerror or e}") from None
+            raise OSError(
+                f"cannot bind the Suricata socket {self.path}: {e.strerror or e}"
+            ) from None
         os.chmod(self.path, 0o660)  # Suricata's user must share the bridge's group
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         s.settimeout(0.2)
@@ -388,7 +437,7 @@ class DatagramReader:
         while not self._stop.is_set():
             try:
                 data = self.sock.recv(MAX_DATAGRAM)
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError:
                 if self._stop.is_set():
@@ -487,15 +536,33 @@ class SuricataSide:
     task: asyncio.Task
 
     @classmethod
-    async def start(cls, cfg: SuricataConfig, layout, scorer, metrics, *, batch_size: int,
-                    max_delay_s: float, max_devices: int, max_live_records: int) -> "SuricataSide":  # fmt: skip
+    async def start(
+        cls,
+        cfg: SuricataConfig,
+        layout,
+        scorer,
+        metrics,
+        *,
+        batch_size: int,
+        max_delay_s: float,
+        max_devices: int,
+        max_live_records: int,
+    ) -> SuricataSide:
         eve = EveWriter(cfg.eve_log)
         bridge = SuricataBridge(
-            layout, scorer, None, metrics=metrics, name="iotcls-serve-suricata",
-            batch_size=batch_size, max_delay_s=max_delay_s, max_devices=max_devices,
-            max_live_records=max_live_records, send_many=eve.write_lines, offline=False,
+            layout,
+            scorer,
+            None,
+            metrics=metrics,
+            name="iotcls-serve-suricata",
+            batch_size=batch_size,
+            max_delay_s=max_delay_s,
+            max_devices=max_devices,
+            max_live_records=max_live_records,
+            send_many=eve.write_lines,
+            offline=False,
             community_id_seed=cfg.community_id_seed if cfg.community_id else None,
-        )  # fmt: skip
+        )
         try:
             reader = DatagramReader(cfg.socket, bridge.take, asyncio.get_running_loop())
         except OSError:

@@ -60,15 +60,18 @@ def tls_context(ca: str = "", cert: str = "", key: str = "") -> ssl.SSLContext:
     cannot be used is an OSError naming it, in one line."""
     ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    for what, path, load in (("zeek.tls_ca", ca, lambda: ctx.load_verify_locations(cafile=ca)),
-                             ("zeek.tls_cert", cert, lambda: ctx.load_cert_chain(cert, key))):
+    for what, path, load in (
+        ("zeek.tls_ca", ca, lambda: ctx.load_verify_locations(cafile=ca)),
+        ("zeek.tls_cert", cert, lambda: ctx.load_cert_chain(cert, key)),
+    ):
         if not path:
             continue
         try:
             load()
         except (OSError, ssl.SSLError, ValueError) as e:
-            raise OSError(f"{what} {path}: cannot be used: {getattr(e, 'strerror', None) or e}"
-                          ) from None  # fmt: skip
+            raise OSError(
+                f"{what} {path}: cannot be used: {getattr(e, 'strerror', None) or e}"
+            ) from None
     return ctx
 
 
@@ -215,8 +218,12 @@ class ZeekClient:
         if len(self._buffer) >= self.max_buffer:
             self._buffer.popleft()
             self.stats.dropped += 1
-            self._warn("drop", "outgoing buffer full (%d frames): dropped the oldest, %d so far",
-                       self.max_buffer, self.stats.dropped)  # fmt: skip
+            self._warn(
+                "drop",
+                "outgoing buffer full (%d frames): dropped the oldest, %d so far",
+                self.max_buffer,
+                self.stats.dropped,
+            )
         self._buffer.append(frame)
 
     def _warn(self, kind: str, msg: str, *args: Any) -> None:
@@ -243,13 +250,19 @@ class ZeekClient:
         try:
             tls = {"ssl": self.ssl_context} if self.url.startswith("wss://") else {}
             ws = await connect(
-                self.url, open_timeout=self.open_timeout_s, proxy=None, compression=None,
-                max_size=64 * 2**20, additional_headers={"X-Application-Name": self.app_name},
+                self.url,
+                open_timeout=self.open_timeout_s,
+                proxy=None,
+                compression=None,
+                max_size=64 * 2**20,
+                additional_headers={"X-Application-Name": self.app_name},
                 **tls,
-            )  # fmt: skip
+            )
         except (OSError, asyncio.TimeoutError, InvalidHandshake, InvalidURI) as e:
             self.stats.failures += 1
-            self._warn("connect", "cannot connect to Zeek at %s: %s", self.url, e or type(e).__name__)
+            self._warn(
+                "connect", "cannot connect to Zeek at %s: %s", self.url, e or type(e).__name__
+            )
             return False
         self._ws = ws
         try:
@@ -257,8 +270,13 @@ class ZeekClient:
                 self.stats.failures += 1
                 return False
             self.stats.connects += 1
-            log.info("connected to Zeek %s at %s (endpoint %s), subscribed to %s",
-                     self.ack.version, self.url, self.ack.endpoint, self.topics)  # fmt: skip
+            log.info(
+                "connected to Zeek %s at %s (endpoint %s), subscribed to %s",
+                self.ack.version,
+                self.url,
+                self.ack.endpoint,
+                self.topics,
+            )
             self._last_log.pop("connect", None)
             self.connected.set()
             await self._call(self.on_connect, self.ack)
@@ -276,8 +294,12 @@ class ZeekClient:
             return self.connected.is_set()
         except Exception as e:  # a bug must cost the session, never the service
             self.stats.handler_errors += 1
-            log.error("session with Zeek at %s ended by an error: %s: %s; reconnecting",
-                      self.url, type(e).__name__, str(e)[:200])  # fmt: skip
+            log.error(
+                "session with Zeek at %s ended by an error: %s: %s; reconnecting",
+                self.url,
+                type(e).__name__,
+                str(e)[:200],
+            )
             return self.connected.is_set()
         finally:
             was = self.connected.is_set()
@@ -334,8 +356,13 @@ class ZeekClient:
                 raise
             except Exception as e:  # whatever a frame holds, it must not end the session
                 self.stats.handler_errors += 1
-                self._warn("frame", "a frame could not be handled (%d so far): %s: %s",
-                           self.stats.handler_errors, type(e).__name__, str(e)[:200])  # fmt: skip
+                self._warn(
+                    "frame",
+                    "a frame could not be handled (%d so far): %s: %s",
+                    self.stats.handler_errors,
+                    type(e).__name__,
+                    str(e)[:200],
+                )
 
     async def _frame(self, raw: bytes) -> None:
         """One frame from Zeek: the raw handler's, else parsed and dispatched by type."""
@@ -351,13 +378,22 @@ class ZeekClient:
             obj, lenient = bj.parse_frame(raw)
         except bj.BrokerJSONError as e:
             self.stats.malformed += 1
-            self._warn("malformed", "skipped a frame that is not JSON (%d so far): %s: %r",
-                       self.stats.malformed, e, raw[:120])  # fmt: skip
+            self._warn(
+                "malformed",
+                "skipped a frame that is not JSON (%d so far): %s: %r",
+                self.stats.malformed,
+                e,
+                raw[:120],
+            )
             return
         if lenient:
             self.stats.lenient += 1
-            self._warn("lenient", "frame with raw bytes in strings (%d so far): Zeek strings "
-                       "holding binary data should be hex-encoded", self.stats.lenient)  # fmt: skip
+            self._warn(
+                "lenient",
+                "frame with raw bytes in strings (%d so far): Zeek strings "
+                "holding binary data should be hex-encoded",
+                self.stats.lenient,
+            )
         kind = obj.get("type") if isinstance(obj, dict) else None
         if kind == "data-message":
             await self._call(self.on_message, obj)
@@ -365,8 +401,12 @@ class ZeekClient:
             self._on_error(obj)
         else:
             self.stats.unexpected += 1
-            self._warn("unexpected", "skipped an unexpected message (%d so far): %r",
-                       self.stats.unexpected, raw[:120])  # fmt: skip
+            self._warn(
+                "unexpected",
+                "skipped an unexpected message (%d so far): %r",
+                self.stats.unexpected,
+                raw[:120],
+            )
 
     def _on_error(self, obj: dict) -> None:
         try:
@@ -375,5 +415,10 @@ class ZeekClient:
             self.stats.unexpected += 1
             return
         self.stats.zeek_errors[msg.code] += 1
-        self._warn(f"zeek-{msg.code}", "Zeek rejected a message: %s: %s (%d so far)", msg.code,
-                   msg.context, self.stats.zeek_errors[msg.code])  # fmt: skip
+        self._warn(
+            f"zeek-{msg.code}",
+            "Zeek rejected a message: %s: %s (%d so far)",
+            msg.code,
+            msg.context,
+            self.stats.zeek_errors[msg.code],
+        )

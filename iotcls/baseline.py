@@ -17,10 +17,29 @@ import numpy as np
 from .layout import MatrixLayout
 
 FEATURES = (
-    "tcp", "udp", "icmp", "rport", "dport", "bytes", "pkts", "n", "size_mean", "size_std",
-    "size_min", "size_max", "size0", "size1", "size2", "n_up", "n_down", "bytes_up",
-    "bytes_down", "t_last", "gap_mean", "gap_max",
-)  # fmt: skip
+    "tcp",
+    "udp",
+    "icmp",
+    "rport",
+    "dport",
+    "bytes",
+    "pkts",
+    "n",
+    "size_mean",
+    "size_std",
+    "size_min",
+    "size_max",
+    "size0",
+    "size1",
+    "size2",
+    "n_up",
+    "n_down",
+    "bytes_up",
+    "bytes_down",
+    "t_last",
+    "gap_mean",
+    "gap_max",
+)
 
 
 def flow_features(matrices: np.ndarray, layout: MatrixLayout) -> np.ndarray:
@@ -40,14 +59,27 @@ def flow_features(matrices: np.ndarray, layout: MatrixLayout) -> np.ndarray:
     gaps = np.diff(offs, axis=1) * (present[:, 1:])
     first = [sizes[:, i] if sizes.shape[1] > i else np.zeros(len(row)) for i in range(3)]
     cols = [
-        row[:, 8], row[:, 9], row[:, 10], row[:, 6], row[:, 7], row[:, 11], row[:, 12],
-        n, mean, std, np.where(np.isfinite(smallest), smallest, 0), (sizes * present).max(1),
+        row[:, 8],
+        row[:, 9],
+        row[:, 10],
+        row[:, 6],
+        row[:, 7],
+        row[:, 11],
+        row[:, 12],
+        n,
+        mean,
+        std,
+        np.where(np.isfinite(smallest), smallest, 0),
+        (sizes * present).max(1),
         *first,
-        (present & up).sum(1), (present & ~up).sum(1), (sizes * (present & up)).sum(1),
-        (sizes * (present & ~up)).sum(1), (offs * present).max(1),
+        (present & up).sum(1),
+        (present & ~up).sum(1),
+        (sizes * (present & up)).sum(1),
+        (sizes * (present & ~up)).sum(1),
+        (offs * present).max(1),
         gaps.sum(1) / np.maximum(n - 1, 1),
         gaps.max(1) if gaps.shape[1] else np.zeros(len(row)),
-    ]  # fmt: skip
+    ]
     return np.stack(cols, axis=1).astype(np.float32)
 
 
@@ -57,12 +89,15 @@ class ForestBaseline:
 
         self.classes = list(classes)
         self.rf = RandomForestClassifier(
-            n_estimators=trees, class_weight="balanced", n_jobs=2, random_state=seed,
+            n_estimators=trees,
+            class_weight="balanced",
+            n_jobs=2,
+            random_state=seed,
             min_samples_leaf=1,
-        )  # fmt: skip
+        )
         self.train_seconds = 0.0
 
-    def fit(self, features: np.ndarray, y: np.ndarray) -> "ForestBaseline":
+    def fit(self, features: np.ndarray, y: np.ndarray) -> ForestBaseline:
         t0 = time.perf_counter()
         self.rf.fit(features, y)
         self.train_seconds = time.perf_counter() - t0

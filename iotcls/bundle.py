@@ -59,7 +59,7 @@ def default_model_path() -> Path:
     return Path(str(resources.files("iotcls") / "data" / DEFAULT_MODEL))
 
 
-def _feed(h: "hashlib._Hash", obj) -> None:
+def _feed(h: hashlib._Hash, obj) -> None:
     """Hash a nested value canonically: dict keys sorted, tensors by dtype, shape and bytes."""
     if isinstance(obj, torch.Tensor):
         t = obj.detach().cpu().contiguous()
@@ -138,7 +138,7 @@ class ModelBundle:
         return path
 
     @classmethod
-    def load(cls, path: str | Path | None = None) -> "ModelBundle":
+    def load(cls, path: str | Path | None = None) -> ModelBundle:
         """Load and verify a bundle (the shipped default model when ``path`` is None)."""
         path = Path(path) if path is not None else default_model_path()
         if not path.is_file():
@@ -153,14 +153,15 @@ class ModelBundle:
         except pickle.UnpicklingError as e:
             found = re.search(r"(?:unsupported|Unsupported global:) GLOBAL (\S+)", str(e))
             what = f"it would call {found.group(1)}" if found else "objects other than weights"
-            raise BundleError(f"{path}: refused: the file holds code ({what}); a model file "
-                              "holds weights only") from None  # fmt: skip
+            raise BundleError(
+                f"{path}: refused: the file holds code ({what}); a model file holds weights only"
+            ) from None
         except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
             raise BundleError(f"{path}: not a readable model file ({type(e).__name__})") from None
         return cls.from_payload(payload, str(path))
 
     @classmethod
-    def from_payload(cls, payload, source: str = "model") -> "ModelBundle":
+    def from_payload(cls, payload, source: str = "model") -> ModelBundle:
         if not isinstance(payload, dict) or not _is(payload.get("format"), str, FORMAT):
             raise BundleError(f"{source}: not an iotcls model bundle")
         if not _is(payload.get("format_version"), int, FORMAT_VERSION):
@@ -168,8 +169,15 @@ class ModelBundle:
                 f"{source}: bundle format version {payload.get('format_version')!r} is not "
                 f"supported (this is {FORMAT_VERSION})"
             )
-        missing = {"config", "layout", "classes", "temperature", "metadata", "state_dict",
-                   "sha256"} - set(payload)  # fmt: skip
+        missing = {
+            "config",
+            "layout",
+            "classes",
+            "temperature",
+            "metadata",
+            "state_dict",
+            "sha256",
+        } - set(payload)
         if missing:
             raise BundleError(f"{source}: bundle lacks {sorted(missing)}")
         if not isinstance(payload["sha256"], str):
@@ -177,8 +185,9 @@ class ModelBundle:
         try:
             intact = payload["sha256"] == content_hash(payload)
         except (TypeError, ValueError, RecursionError) as e:
-            raise BundleError(f"{source}: invalid bundle: its content cannot be hashed "
-                              f"({type(e).__name__})") from None  # fmt: skip
+            raise BundleError(
+                f"{source}: invalid bundle: its content cannot be hashed ({type(e).__name__})"
+            ) from None
         if not intact:
             raise BundleError(f"{source}: content hash mismatch: the file is damaged or was edited")
         try:
@@ -193,8 +202,16 @@ class ModelBundle:
             metadata = _metadata(payload["metadata"])
             model = _model(cfg, payload["state_dict"])
             trust = _trust(payload.get("trust"), classes, layout)
-        except (LayoutError, ValueError, TypeError, RuntimeError, KeyError, AttributeError,
-                OverflowError, IndexError) as e:  # fmt: skip
+        except (
+            LayoutError,
+            ValueError,
+            TypeError,
+            RuntimeError,
+            KeyError,
+            AttributeError,
+            OverflowError,
+            IndexError,
+        ) as e:
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise BundleError(f"{source}: invalid bundle: {msg[:300]}") from None
         model.eval()
@@ -247,8 +264,9 @@ def _metadata(d) -> dict:
     if not isinstance(d, dict):
         raise ValueError("metadata is not a mapping")
     thr = d.get("confidence_threshold")
-    if thr is not None and (isinstance(thr, bool) or not isinstance(thr, (int, float))
-                            or not 0 <= thr <= 1):  # fmt: skip
+    if thr is not None and (
+        isinstance(thr, bool) or not isinstance(thr, (int, float)) or not 0 <= thr <= 1
+    ):
         raise ValueError(f"metadata: confidence_threshold {thr!r} is not a number in [0, 1]")
     return dict(d)
 

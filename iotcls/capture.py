@@ -73,24 +73,50 @@ def add_capture_arguments(parser: argparse.ArgumentParser, many: bool = True) ->
     from .schema import DEFAULT_PACKETS, DEFAULT_WINDOW_S
 
     parser.add_argument(
-        "captures", nargs="+" if many else None, metavar="CAPTURES" if many else "PCAP",
+        "captures",
+        nargs="+" if many else None,
+        metavar="CAPTURES" if many else "PCAP",
         help="pcap/pcapng files, directories in the IoT Sentinel layout (<label>/*.pcap + "
         f"<label>/{MAC_FILE}), or CSV manifests (pcap,mac,label)",
-    )  # fmt: skip
-    parser.add_argument("--devices", metavar="MAC[,MAC...]",
-                        help="device MACs to follow in unlabelled captures")  # fmt: skip
-    parser.add_argument("--local-nets", metavar="CIDR[,CIDR...]",
-                        help="devices are the endpoints inside these networks")  # fmt: skip
-    parser.add_argument("--labels", type=_labels_option, default=None, metavar="type|dir|CSV",
-                        help="IoT Sentinel layout: label by devices.csv's type (default when "
-                             "devices.csv exists) or by directory name; flow stores: the "
-                             "device list of iotcls inventory (devices.csv)")  # fmt: skip
-    parser.add_argument("--window", type=float, default=None, metavar="SECONDS",
-                        help=f"flow window length (default {DEFAULT_WINDOW_S:g})")  # fmt: skip
-    parser.add_argument("--packets", type=int, default=None, metavar="N",
-                        help=f"first packets kept per flow (default {DEFAULT_PACKETS})")
-    parser.add_argument("--payload-bytes", type=int, default=None, metavar="B",
-                        help="payload bytes kept per packet (default: what the layout needs)")
+    )
+    parser.add_argument(
+        "--devices", metavar="MAC[,MAC...]", help="device MACs to follow in unlabelled captures"
+    )
+    parser.add_argument(
+        "--local-nets",
+        metavar="CIDR[,CIDR...]",
+        help="devices are the endpoints inside these networks",
+    )
+    parser.add_argument(
+        "--labels",
+        type=_labels_option,
+        default=None,
+        metavar="type|dir|CSV",
+        help="IoT Sentinel layout: label by devices.csv's type (default when "
+        "devices.csv exists) or by directory name; flow stores: the "
+        "device list of iotcls inventory (devices.csv)",
+    )
+    parser.add_argument(
+        "--window",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help=f"flow window length (default {DEFAULT_WINDOW_S:g})",
+    )
+    parser.add_argument(
+        "--packets",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"first packets kept per flow (default {DEFAULT_PACKETS})",
+    )
+    parser.add_argument(
+        "--payload-bytes",
+        type=int,
+        default=None,
+        metavar="B",
+        help="payload bytes kept per packet (default: what the layout needs)",
+    )
 
 
 def _labels_option(value: str) -> str:
@@ -176,8 +202,10 @@ def manifest_specs(path: Path, local_nets: tuple[str, ...] = ()) -> list[Capture
         raise _cli_error(f"{path}: not a valid CSV manifest: {e}") from None
     missing = {"pcap", "mac", "label"} - {c.strip() for c in fields}
     if missing:
-        raise _cli_error(f"{path}: manifest lacks column(s) {', '.join(sorted(missing))} "
-                         "(expected pcap,mac,label)")  # fmt: skip
+        raise _cli_error(
+            f"{path}: manifest lacks column(s) {', '.join(sorted(missing))} "
+            "(expected pcap,mac,label)"
+        )
     by_pcap: dict[Path, dict[str, str]] = {}
     for i, row in enumerate(rows, start=2):
         row = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
@@ -225,8 +253,10 @@ def specs_from_args(args: argparse.Namespace) -> list[CaptureSpec]:
             else:
                 found = _find_pcaps(p)
                 if not found:
-                    raise _cli_error(f"{p}: no captures here (*.pcap, *.pcapng) and not in the "
-                                     "IoT Sentinel layout")  # fmt: skip
+                    raise _cli_error(
+                        f"{p}: no captures here (*.pcap, *.pcapng) and not in the "
+                        "IoT Sentinel layout"
+                    )
                 loose += found
         elif p.suffix.lower() == ".csv":
             if not p.exists():
@@ -236,8 +266,10 @@ def specs_from_args(args: argparse.Namespace) -> list[CaptureSpec]:
             loose.append(p)  # read errors (missing, not a pcap) are reported per file later
     if loose:
         if not devices and not nets:
-            raise _cli_error(f"{loose[0]}: an unlabelled capture needs --devices MAC[,MAC] "
-                             "or --local-nets CIDR[,CIDR]")  # fmt: skip
+            raise _cli_error(
+                f"{loose[0]}: an unlabelled capture needs --devices MAC[,MAC] "
+                "or --local-nets CIDR[,CIDR]"
+            )
         for p in loose:
             specs.append(CaptureSpec(p, str(p.with_suffix("")), {m: "" for m in devices}, nets))
     ids: dict[str, int] = {}
@@ -245,6 +277,7 @@ def specs_from_args(args: argparse.Namespace) -> list[CaptureSpec]:
     for s in specs:  # capture ids must be unique within a set
         k = ids.get(s.capture_id, 0)
         ids[s.capture_id] = k + 1
-        out.append(s if k == 0 else CaptureSpec(s.pcap, f"{s.capture_id}#{k}", s.labels,
-                                                s.local_nets))  # fmt: skip
+        out.append(
+            s if k == 0 else CaptureSpec(s.pcap, f"{s.capture_id}#{k}", s.labels, s.local_nets)
+        )
     return out

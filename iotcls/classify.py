@@ -55,15 +55,27 @@ class Classified:
         out = []
         for k, i in enumerate(self.rows.tolist()):
             orig_h, orig_p, resp_h, resp_p = _conn_id(t, i)
-            out.append(LogEntry(
-                ts=float(t.start[i]), uid=str(t.uid[i]), orig_h=orig_h, orig_p=orig_p,
-                resp_h=resp_h, resp_p=resp_p, proto=proto_name(int(t.proto[i])),
-                device_mac=str(t.device_mac[i]), device_ip=bytes_to_ip(t.device_ip[i].tobytes()),
-                label=str(self.pred.label[k]), confidence=float(self.pred.confidence[k]),
-                strategy=self.strategy, n_flows=int(self.n_flows[k]),
-                trusted=bool(self.pred.trusted[k]), reason=str(self.pred.reason[k]),
-                top_groups=list(self.pred.top_groups[k]), model=model,
-            ))  # fmt: skip
+            out.append(
+                LogEntry(
+                    ts=float(t.start[i]),
+                    uid=str(t.uid[i]),
+                    orig_h=orig_h,
+                    orig_p=orig_p,
+                    resp_h=resp_h,
+                    resp_p=resp_p,
+                    proto=proto_name(int(t.proto[i])),
+                    device_mac=str(t.device_mac[i]),
+                    device_ip=bytes_to_ip(t.device_ip[i].tobytes()),
+                    label=str(self.pred.label[k]),
+                    confidence=float(self.pred.confidence[k]),
+                    strategy=self.strategy,
+                    n_flows=int(self.n_flows[k]),
+                    trusted=bool(self.pred.trusted[k]),
+                    reason=str(self.pred.reason[k]),
+                    top_groups=list(self.pred.top_groups[k]),
+                    model=model,
+                )
+            )
         return out
 
 
@@ -86,8 +98,9 @@ def classify_capture(
     pred = predictor.label(strategy_input(cm.matrices, strategy), groups, times)
     if strategy == "flow":
         # the summary votes over sequence labels: the model's plain ones over full matrices
-        return Classified(cm, order, pred, np.ones(len(order), np.int64), strategy,
-                          predictor.predict(cm.matrices))  # fmt: skip
+        return Classified(
+            cm, order, pred, np.ones(len(order), np.int64), strategy, predictor.predict(cm.matrices)
+        )
     if strategy == "sequence":
         rows_present = (cm.matrices != 0).any(axis=2).sum(axis=1)
         return Classified(cm, order, pred, rows_present, strategy, pred)
@@ -126,22 +139,31 @@ def summarize(
         trusted = np.array([p.trusted[k] for _, _, k, p in items])
         starts = np.array([cm.table.start[i] for cm, i, _, _ in items])
         # the vote of all its sequences (min_votes 1), of the trusted ones where enough are
-        d = device_labels(np.stack([p.probs[k] for _, _, k, p in items]),
-                          np.array([p.index[k] for _, _, k, p in items]),
-                          np.array([p.confidence[k] for _, _, k, p in items]), trusted,
-                          np.zeros(len(items), np.int64), starts,
-                          VoteConfig(window=len(items), min_votes=1))  # fmt: skip
+        d = device_labels(
+            np.stack([p.probs[k] for _, _, k, p in items]),
+            np.array([p.index[k] for _, _, k, p in items]),
+            np.array([p.confidence[k] for _, _, k, p in items]),
+            trusted,
+            np.zeros(len(items), np.int64),
+            starts,
+            VoteConfig(window=len(items), min_votes=1),
+        )
         last = int(np.argmax(starts))
         cls, conf = int(d.index[last]), float(d.confidence[last])
         cm0, i0 = items[last][0], items[last][1]  # the device's address as last seen
         share = float(trusted.mean())
-        out.append(DeviceSummary(
-            device=dev, ip=bytes_to_ip(cm0.table.device_ip[i0].tobytes()),
-            label=str(predictor.classes[cls]), confidence=conf,
-            trusted=conf >= predictor.threshold and share >= 0.5, trusted_share=share,
-            n_labels=len(items),
-            captures=sorted({cm.spec.capture_id for cm, _, _, _ in items}),
-        ))  # fmt: skip
+        out.append(
+            DeviceSummary(
+                device=dev,
+                ip=bytes_to_ip(cm0.table.device_ip[i0].tobytes()),
+                label=str(predictor.classes[cls]),
+                confidence=conf,
+                trusted=conf >= predictor.threshold and share >= 0.5,
+                trusted_share=share,
+                n_labels=len(items),
+                captures=sorted({cm.spec.capture_id for cm, _, _, _ in items}),
+            )
+        )
     out.sort(key=lambda s: s.device)
     return out
 
@@ -151,6 +173,7 @@ def format_summary(rows: list[DeviceSummary]) -> str:
     lines = [head]
     for r in rows:
         trusted = f"{'yes' if r.trusted else 'no'}"
-        lines.append(f"{r.device:<19}{r.ip:<17}{r.label:<22}{r.confidence:>11.3f}"
-                     f"{trusted:>9}{r.n_labels:>8}")  # fmt: skip
+        lines.append(
+            f"{r.device:<19}{r.ip:<17}{r.label:<22}{r.confidence:>11.3f}{trusted:>9}{r.n_labels:>8}"
+        )
     return "\n".join(lines)

@@ -44,9 +44,13 @@ def add_renamed(parser: argparse.ArgumentParser, old: str, new: str, **kw) -> No
             setattr(namespace, self.dest, values)
 
     extra = {k: v for k, v in kw.items() if k in ("dest", "choices", "metavar", "type")}
-    parser.add_argument(old, action=Renamed, help=argparse.SUPPRESS,
-                        dest=kw.get("dest", new.lstrip("-").replace("-", "_")),
-                        **{k: v for k, v in extra.items() if k != "dest"})  # fmt: skip
+    parser.add_argument(
+        old,
+        action=Renamed,
+        help=argparse.SUPPRESS,
+        dest=kw.get("dest", new.lstrip("-").replace("-", "_")),
+        **{k: v for k, v in extra.items() if k != "dest"},
+    )
 
 
 def build_parser(command: str | None) -> argparse.ArgumentParser:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import reprlib
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -27,16 +28,27 @@ MAX_LIST = 64  # entries in one list value
 # The largest value of every number, so that a typo (or 10^20) fails here, in one line, and
 # not later, in a crash loop: (dotted key, largest value).
 UPPER = {
-    "zeek.reconnect_max_s": 3600.0, "bridge.queue_records": 10_000_000,
-    "bridge.inflight_per_scorer": 64, "bridge.scorer_timeout_s": 3600.0,
-    "bridge.max_attempts": 100, "bridge.recent_label_s": 7 * 86400.0,
-    "bridge.max_devices": 10_000_000, "bridge.shutdown_timeout_s": 3600.0,
-    "scorers.count": 256, "scorers.batch_size": 4096, "scorers.max_wait_ms": 10_000.0,
-    "scorers.threads": 1024, "scorers.row_cache": 10_000_000, "scorers.heartbeat_s": 3600.0,
-    "scorers.restart_backoff_s": 3600.0, "log.interval_s": 30 * 86400.0,
-    "record.max_mb": 1 << 24, "record.retention_days": 3650.0,
-    "record.segment_records": 1_000_000, "record.segment_s": 86400.0,
-}  # fmt: skip
+    "zeek.reconnect_max_s": 3600.0,
+    "bridge.queue_records": 10_000_000,
+    "bridge.inflight_per_scorer": 64,
+    "bridge.scorer_timeout_s": 3600.0,
+    "bridge.max_attempts": 100,
+    "bridge.recent_label_s": 7 * 86400.0,
+    "bridge.max_devices": 10_000_000,
+    "bridge.shutdown_timeout_s": 3600.0,
+    "scorers.count": 256,
+    "scorers.batch_size": 4096,
+    "scorers.max_wait_ms": 10_000.0,
+    "scorers.threads": 1024,
+    "scorers.row_cache": 10_000_000,
+    "scorers.heartbeat_s": 3600.0,
+    "scorers.restart_backoff_s": 3600.0,
+    "log.interval_s": 30 * 86400.0,
+    "record.max_mb": 1 << 24,
+    "record.retention_days": 3650.0,
+    "record.segment_records": 1_000_000,
+    "record.segment_s": 86400.0,
+}
 SWITCHES = {"bridge.curve"}  # choices that also take YAML's true/false (on/off, yes/no)
 _SHOW = reprlib.Repr()
 _SHOW.maxstring = _SHOW.maxother = 60
@@ -313,16 +325,24 @@ def _check_value(source: str, key: str, default: Any, v: Any) -> Any:
         if v is None:
             return ""
         if not isinstance(v, str) or len(v) > MAX_TEXT:
-            raise _fail(source, key, f"must be a string of at most {MAX_TEXT} characters, "
-                                     f"not {show(v)}")  # fmt: skip
+            raise _fail(
+                source, key, f"must be a string of at most {MAX_TEXT} characters, not {show(v)}"
+            )
         return v
     if isinstance(default, list):
         if isinstance(v, str):
             v = [v]
-        if not isinstance(v, list) or not v or len(v) > MAX_LIST or \
-                not all(isinstance(x, str) and x and len(x) <= MAX_TEXT for x in v):  # fmt: skip
-            raise _fail(source, key, f"must be a non-empty list of at most {MAX_LIST} strings, "
-                                     f"not {show(v)}")  # fmt: skip
+        if (
+            not isinstance(v, list)
+            or not v
+            or len(v) > MAX_LIST
+            or not all(isinstance(x, str) and x and len(x) <= MAX_TEXT for x in v)
+        ):
+            raise _fail(
+                source,
+                key,
+                f"must be a non-empty list of at most {MAX_LIST} strings, not {show(v)}",
+            )
         return list(v)
     raise AssertionError(f"unhandled config type for {key}")  # pragma: no cover
 
@@ -335,57 +355,109 @@ def _at_most(source: str, key: str, v: int | float) -> int | float:
 
 
 def validate(cfg: Config, source: str = "config") -> Config:
-    """Range and choice checks that types alone do not express."""
+    """Range and choice checks that types alone do not express, one section at a time."""
 
     def need(ok: bool, key: str, msg: str) -> None:
         if not ok:
             raise _fail(source, key, msg)
 
-    z, b, s, lg, m = cfg.zeek, cfg.bridge, cfg.scorers, cfg.log, cfg.metrics
-    su = cfg.suricata
-    need(z.enabled or su.enabled, "zeek.enabled", "Zeek and Suricata are both disabled: "
-         "enable one of them (suricata.enabled: true)")  # fmt: skip
+    for check in (_check_sensors, _check_bridge, _check_scorers, _check_outputs):
+        check(cfg, need)
+    return cfg
+
+
+def _check_sensors(cfg: Config, need: Callable[[bool, str, str], None]) -> None:
+    z, su = cfg.zeek, cfg.suricata
+    need(
+        z.enabled or su.enabled,
+        "zeek.enabled",
+        "Zeek and Suricata are both disabled: enable one of them (suricata.enabled: true)",
+    )
     need(su.socket != "", "suricata.socket", "must be a path")
     need(su.eve_log != "", "suricata.eve_log", "must be a path")
-    need(0 <= su.community_id_seed < 65536, "suricata.community_id_seed",
-         f"must be 0-65535, not {su.community_id_seed}")  # fmt: skip
-    need(z.url.startswith(("ws://", "wss://")), "zeek.url", f"must be a ws:// or wss:// URL, not {show(z.url)}")
+    need(
+        0 <= su.community_id_seed < 65536,
+        "suricata.community_id_seed",
+        f"must be 0-65535, not {su.community_id_seed}",
+    )
+    need(
+        z.url.startswith(("ws://", "wss://")),
+        "zeek.url",
+        f"must be a ws:// or wss:// URL, not {show(z.url)}",
+    )
     need(z.reconnect_max_s > 0, "zeek.reconnect_max_s", "must be positive")
     tls = z.tls_ca or z.tls_cert or z.tls_key
-    need(not tls or z.url.startswith("wss://"), "zeek.url",
-         f"must be a wss:// URL when zeek.tls_* are set, not {show(z.url)}")
-    need(bool(z.tls_cert) == bool(z.tls_key), "zeek.tls_cert",
-         "tls_cert and tls_key go together (the bridge's certificate and its key)")
+    need(
+        not tls or z.url.startswith("wss://"),
+        "zeek.url",
+        f"must be a wss:// URL when zeek.tls_* are set, not {show(z.url)}",
+    )
+    need(
+        bool(z.tls_cert) == bool(z.tls_key),
+        "zeek.tls_cert",
+        "tls_cert and tls_key go together (the bridge's certificate and its key)",
+    )
+
+
+def _check_bridge(cfg: Config, need: Callable[[bool, str, str], None]) -> None:
+    b = cfg.bridge
     for a in b.bind:
-        need(a.startswith(("tcp://", "ipc://", "inproc://")), "bridge.bind",
-             f"{show(a)} is not a ZeroMQ address (tcp://HOST:PORT or ipc://PATH)")  # fmt: skip
-    need(b.curve in CURVE, "bridge.curve",
-         f"must be one of {', '.join(CURVE)}, not {show(b.curve)}")  # fmt: skip
+        need(
+            a.startswith(("tcp://", "ipc://", "inproc://")),
+            "bridge.bind",
+            f"{show(a)} is not a ZeroMQ address (tcp://HOST:PORT or ipc://PATH)",
+        )
+    need(
+        b.curve in CURVE, "bridge.curve", f"must be one of {', '.join(CURVE)}, not {show(b.curve)}"
+    )
     need(b.keys_dir != "", "bridge.keys_dir", "must be a directory")
     need(b.queue_records >= 1, "bridge.queue_records", "must be at least 1")
     need(b.inflight_per_scorer >= 1, "bridge.inflight_per_scorer", "must be at least 1")
     need(b.scorer_timeout_s > 0, "bridge.scorer_timeout_s", "must be positive")
     need(b.max_attempts >= 1, "bridge.max_attempts", "must be at least 1")
-    need(b.shed_policy in SHED_POLICIES, "bridge.shed_policy",
-         f"must be one of {', '.join(SHED_POLICIES)}, not {show(b.shed_policy)}")  # fmt: skip
+    need(
+        b.shed_policy in SHED_POLICIES,
+        "bridge.shed_policy",
+        f"must be one of {', '.join(SHED_POLICIES)}, not {show(b.shed_policy)}",
+    )
     need(b.recent_label_s >= 0, "bridge.recent_label_s", "must not be negative")
     need(b.max_devices >= 1, "bridge.max_devices", "must be at least 1")
     need(b.shutdown_timeout_s >= 0, "bridge.shutdown_timeout_s", "must not be negative")
+
+
+def _check_scorers(cfg: Config, need: Callable[[bool, str, str], None]) -> None:
+    s, b = cfg.scorers, cfg.bridge
     need(s.count >= 0, "scorers.count", "must not be negative")
-    need(s.device in DEVICES, "scorers.device",
-         f"must be one of {', '.join(DEVICES)}, not {show(s.device)}")  # fmt: skip
+    need(
+        s.device in DEVICES,
+        "scorers.device",
+        f"must be one of {', '.join(DEVICES)}, not {show(s.device)}",
+    )
     need(s.batch_size >= 1, "scorers.batch_size", "must be at least 1")
     need(s.max_wait_ms >= 0, "scorers.max_wait_ms", "must not be negative")
     need(s.threads >= 1, "scorers.threads", "must be at least 1")
     need(s.row_cache >= 0, "scorers.row_cache", "must not be negative")
-    need(s.explain in EXPLAIN, "scorers.explain",
-         f"must be one of {', '.join(EXPLAIN)}, not {show(s.explain)}")  # fmt: skip
+    need(
+        s.explain in EXPLAIN,
+        "scorers.explain",
+        f"must be one of {', '.join(EXPLAIN)}, not {show(s.explain)}",
+    )
     need(s.heartbeat_s > 0, "scorers.heartbeat_s", "must be positive")
-    need(s.heartbeat_s < b.scorer_timeout_s, "scorers.heartbeat_s",
-         f"must be shorter than bridge.scorer_timeout_s ({b.scorer_timeout_s})")  # fmt: skip
+    need(
+        s.heartbeat_s < b.scorer_timeout_s,
+        "scorers.heartbeat_s",
+        f"must be shorter than bridge.scorer_timeout_s ({b.scorer_timeout_s})",
+    )
     need(s.restart_backoff_s >= 0, "scorers.restart_backoff_s", "must not be negative")
-    need(lg.policy in LOG_POLICIES, "log.policy",
-         f"must be one of {', '.join(LOG_POLICIES)}, not {show(lg.policy)}")  # fmt: skip
+
+
+def _check_outputs(cfg: Config, need: Callable[[bool, str, str], None]) -> None:
+    lg, m = cfg.log, cfg.metrics
+    need(
+        lg.policy in LOG_POLICIES,
+        "log.policy",
+        f"must be one of {', '.join(LOG_POLICIES)}, not {show(lg.policy)}",
+    )
     need(lg.interval_s >= 0, "log.interval_s", "must not be negative")
     need(0 < m.port < 65536, "metrics.port", f"must be a TCP port (1-65535), not {m.port}")
     r = cfg.record
@@ -394,7 +466,6 @@ def validate(cfg: Config, source: str = "config") -> Config:
     need(r.retention_days > 0, "record.retention_days", "must be positive")
     need(r.segment_records >= 1, "record.segment_records", "must be at least 1")
     need(r.segment_s > 0, "record.segment_s", "must be positive")
-    return cfg
 
 
 def from_dict(d: Any, source: str = "config") -> Config:
@@ -407,8 +478,11 @@ def from_dict(d: Any, source: str = "config") -> Config:
     sections = {f.name for f in fields(cfg)}
     for name, values in d.items():
         if not isinstance(name, str) or name not in sections:
-            raise _fail(source, show(name) if not isinstance(name, str) else name[:60],
-                        f"unknown section (known: {', '.join(sorted(sections))})")  # fmt: skip
+            raise _fail(
+                source,
+                show(name) if not isinstance(name, str) else name[:60],
+                f"unknown section (known: {', '.join(sorted(sections))})",
+            )
         section = getattr(cfg, name)
         if values is None:
             continue
@@ -425,8 +499,9 @@ def from_dict(d: Any, source: str = "config") -> Config:
 
 def loads(text: str, source: str = "config") -> Config:
     if len(text) > MAX_FILE_BYTES:
-        raise ConfigError(f"{source}: {len(text)} characters: a configuration is at most "
-                          f"{MAX_FILE_BYTES}")  # fmt: skip
+        raise ConfigError(
+            f"{source}: {len(text)} characters: a configuration is at most {MAX_FILE_BYTES}"
+        )
     try:
         d = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -450,8 +525,9 @@ def load(path: str | Path | None) -> Config:
         with p.open("rb") as f:
             data = f.read(MAX_FILE_BYTES + 1)
         if len(data) > MAX_FILE_BYTES:
-            raise ConfigError(f"{p}: bigger than {MAX_FILE_BYTES} bytes: a configuration is a "
-                              "few kB")  # fmt: skip
+            raise ConfigError(
+                f"{p}: bigger than {MAX_FILE_BYTES} bytes: a configuration is a few kB"
+            )
         text = data.decode("utf-8")
     except OSError as e:
         raise ConfigError(f"{p}: cannot read config: {e.strerror or e}") from None

@@ -31,10 +31,21 @@ DATASET_FORMAT = "iotcls-dataset"
 DATASET_VERSION = 1
 
 _ROW_FIELDS = (
-    "matrices", "labels", "devices", "captures", "timestamps", "last", "total_packets",
-    "total_bytes", "inspected_packets", "inspected_bytes", "device_first_seen",
-    "capture_packets", "capture_bytes", "uids",
-)  # fmt: skip
+    "matrices",
+    "labels",
+    "devices",
+    "captures",
+    "timestamps",
+    "last",
+    "total_packets",
+    "total_bytes",
+    "inspected_packets",
+    "inspected_bytes",
+    "device_first_seen",
+    "capture_packets",
+    "capture_bytes",
+    "uids",
+)
 
 
 class DatasetError(ValueError):
@@ -57,7 +68,7 @@ class CaptureTable:
     errors: np.ndarray  # str, "" when the file was read
 
     @classmethod
-    def empty(cls) -> "CaptureTable":
+    def empty(cls) -> CaptureTable:
         s = np.zeros(0, dtype="U1")
         i = np.zeros(0, np.int64)
         return cls(s, s, i, i, i, i, i, i, i, s)
@@ -96,28 +107,32 @@ class Dataset:
         names, counts = np.unique(self.labels, return_counts=True)
         return {str(k): int(v) for k, v in zip(names, counts)}
 
-    def take(self, index: np.ndarray) -> "Dataset":
+    def take(self, index: np.ndarray) -> Dataset:
         kw = {k: getattr(self, k)[index] for k in _ROW_FIELDS}
         return Dataset(**kw, layout=self.layout, captures_table=self.captures_table)
 
     @classmethod
-    def empty(cls, layout: MatrixLayout) -> "Dataset":
+    def empty(cls, layout: MatrixLayout) -> Dataset:
         s = np.zeros(0, dtype="U1")
         f = np.zeros(0, np.float64)
         i = np.zeros(0, np.int64)
-        return cls(np.zeros((0, *layout.shape), np.float32), s, s, s, f, f, i, i, i, i, f, i, i,
-                   s, layout)  # fmt: skip
+        return cls(
+            np.zeros((0, *layout.shape), np.float32), s, s, s, f, f, i, i, i, i, f, i, i, s, layout
+        )
 
     @classmethod
-    def concat(cls, parts: list["Dataset"], layout: MatrixLayout) -> "Dataset":
+    def concat(cls, parts: list[Dataset], layout: MatrixLayout) -> Dataset:
         for p in parts:
             layout.check_compatible(p.layout, "dataset part")
         if not parts:
             return cls.empty(layout)
         kw = {k: np.concatenate([getattr(p, k) for p in parts]) for k in _ROW_FIELDS}
-        ct = CaptureTable(**{f.name: np.concatenate([getattr(p.captures_table, f.name)
-                                                     for p in parts])
-                             for f in fields(CaptureTable)})  # fmt: skip
+        ct = CaptureTable(
+            **{
+                f.name: np.concatenate([getattr(p.captures_table, f.name) for p in parts])
+                for f in fields(CaptureTable)
+            }
+        )
         return cls(**kw, layout=layout, captures_table=ct)
 
     # -- files --------------------------------------------------------------------------
@@ -138,7 +153,7 @@ class Dataset:
             save(f, **arrays)
 
     @classmethod
-    def load(cls, path: str | Path) -> "Dataset":
+    def load(cls, path: str | Path) -> Dataset:
         path = Path(path)
         if not path.exists():
             raise DatasetError(f"{path}: dataset file not found")
@@ -150,8 +165,10 @@ class Dataset:
         if str(data.get("format", "")) != DATASET_FORMAT:
             raise DatasetError(f"{path}: not an iotcls dataset file")
         if int(data.get("version", -1)) != DATASET_VERSION:
-            raise DatasetError(f"{path}: dataset version {int(data.get('version', -1))} is not "
-                               f"supported (this is {DATASET_VERSION})")  # fmt: skip
+            raise DatasetError(
+                f"{path}: dataset version {int(data.get('version', -1))} is not "
+                f"supported (this is {DATASET_VERSION})"
+            )
         missing = [k for k in _ROW_FIELDS if k not in data]
         if missing:
             raise DatasetError(f"{path}: dataset lacks {', '.join(missing)}")
@@ -160,8 +177,10 @@ class Dataset:
         except LayoutError as e:
             raise DatasetError(f"{path}: {e}") from None
         if data["matrices"].shape[1:] != layout.shape:
-            raise DatasetError(f"{path}: matrices of shape {data['matrices'].shape[1:]} do not "
-                               f"match the layout's {layout.shape}")  # fmt: skip
+            raise DatasetError(
+                f"{path}: matrices of shape {data['matrices'].shape[1:]} do not "
+                f"match the layout's {layout.shape}"
+            )
         ct = CaptureTable.empty()
         if all(f"ct_{f.name}" in data for f in fields(CaptureTable)):
             ct = CaptureTable(**{f.name: data[f"ct_{f.name}"] for f in fields(CaptureTable)})
@@ -186,14 +205,17 @@ class CaptureMatrices:
     @property
     def labels(self) -> np.ndarray:
         """Per table row."""
-        return np.array([self.spec.label_of(m) for m in self.table.device_mac.tolist()],
-                        dtype=object)  # fmt: skip
+        return np.array(
+            [self.spec.label_of(m) for m in self.table.device_mac.tolist()], dtype=object
+        )
 
 
 def sensor_options(
-    layout: MatrixLayout, window_s: float | None, packets: int | None,
+    layout: MatrixLayout,
+    window_s: float | None,
+    packets: int | None,
     payload_bytes: int | None,
-) -> tuple[MatrixLayout, float, int, int]:  # fmt: skip
+) -> tuple[MatrixLayout, float, int, int]:
     """The layout with the sensor options applied, and the (window, packets, payload bytes)
     the records need for it. Explicit options override the layout's own values. A window the
     flow builder cannot carry (beyond :data:`~iotcls.flows.MAX_WINDOW_S`, infinite) is a
@@ -256,8 +278,13 @@ def captures_matrices(
     sizes = [len(x) for x in tables]
     # prefixing the capture keeps histories apart and orders the rows capture-major
     caps = np.repeat(np.arange(len(specs)), sizes)
-    keys = np.char.add(np.char.add(np.char.zfill(caps.astype(str), 6), "|"),
-                       t.device_keys().astype(str)) if len(t) else np.zeros(0, str)  # fmt: skip
+    keys = (
+        np.char.add(
+            np.char.add(np.char.zfill(caps.astype(str), 6), "|"), t.device_keys().astype(str)
+        )
+        if len(t)
+        else np.zeros(0, str)
+    )
     mats, order = layout.assemble(layout.encode_rows(t), t.start, keys)
     out = []
     lo = 0
@@ -283,8 +310,13 @@ def _groups(specs: list[CaptureSpec]) -> list[list[CaptureSpec]]:
         except OSError:
             n = 0  # unreadable: the reader reports it, it costs nothing here
         small = n <= SMALL_CAPTURE
-        if (open_group and small and size + n <= GROUP_BYTES and len(groups[-1]) < 4096
-                and groups[-1][0].local_nets == s.local_nets):  # fmt: skip
+        if (
+            open_group
+            and small
+            and size + n <= GROUP_BYTES
+            and len(groups[-1]) < 4096
+            and groups[-1][0].local_nets == s.local_nets
+        ):
             groups[-1].append(s)
             size += n
         else:
@@ -333,14 +365,17 @@ def _dataset_part(cm: CaptureMatrices, layout: MatrixLayout) -> Dataset:
     first = cm.flows.device_first_seen
     cid = cm.spec.capture_id
     ct = CaptureTable(
-        ids=np.array([cid]), pcaps=np.array([str(cm.spec.pcap)]),
-        frames=np.array([st.frames], np.int64), packets=np.array([st.ip_packets], np.int64),
+        ids=np.array([cid]),
+        pcaps=np.array([str(cm.spec.pcap)]),
+        frames=np.array([st.frames], np.int64),
+        packets=np.array([st.ip_packets], np.int64),
         bytes=np.array([st.ip_bytes], np.int64),
         device_packets=np.array([bs.device_packets], np.int64),
         device_bytes=np.array([bs.device_bytes], np.int64),
-        records=np.array([n], np.int64), warnings=np.array([st.warning_count], np.int64),
+        records=np.array([n], np.int64),
+        warnings=np.array([st.warning_count], np.int64),
         errors=np.array([cm.flows.error]),
-    )  # fmt: skip
+    )
     return Dataset(
         matrices=cm.matrices,
         labels=labels,

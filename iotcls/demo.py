@@ -68,54 +68,109 @@ HTTP_GET = b"GET /api/v1/status HTTP/1.1\r\nHost: "
 
 PROFILES: tuple[Profile, ...] = (
     Profile(
-        "smart plug", "plug-kitchen", "demo-plug 2.1", bytes([1, 3, 6, 15, 28, 42]),
+        "smart plug",
+        "plug-kitchen",
+        "demo-plug 2.1",
+        bytes([1, 3, 6, 15, 28, 42]),
         (
-            Session("tcp", "plug.cloud.example", 443, ((1, 517), (0, 1400), (1, 126), (0, 51),
-                                                        (1, 37), (0, 37)), 30.0, TLS_HELLO),
+            Session(
+                "tcp",
+                "plug.cloud.example",
+                443,
+                ((1, 517), (0, 1400), (1, 126), (0, 51), (1, 37), (0, 37)),
+                30.0,
+                TLS_HELLO,
+            ),
             Session("udp", "time.demo.example", 123, ((1, 48), (0, 48)), 120.0, NTP_REQUEST),
         ),
-    ),  # fmt: skip
+    ),
     Profile(
-        "camera", "cam-porch", "demo-cam linux 4.9", bytes([1, 3, 6, 12, 15, 28, 42, 121]),
+        "camera",
+        "cam-porch",
+        "demo-cam linux 4.9",
+        bytes([1, 3, 6, 12, 15, 28, 42, 121]),
         (
-            Session("tcp", "video.cam.example", 443, ((1, 517), (0, 2800), (1, 1448), (1, 1448),
-                                                       (1, 1448), (1, 1448), (0, 66),
-                                                       (1, 1448), (1, 900)), 10.0, TLS_HELLO,
-                    gap_s=0.01),
-            Session("udp", "239.255.255.250", 1900, ((1, 310),), 45.0, SSDP_NOTIFY,
-                    local_port=1900),
+            Session(
+                "tcp",
+                "video.cam.example",
+                443,
+                (
+                    (1, 517),
+                    (0, 2800),
+                    (1, 1448),
+                    (1, 1448),
+                    (1, 1448),
+                    (1, 1448),
+                    (0, 66),
+                    (1, 1448),
+                    (1, 900),
+                ),
+                10.0,
+                TLS_HELLO,
+                gap_s=0.01,
+            ),
+            Session(
+                "udp", "239.255.255.250", 1900, ((1, 310),), 45.0, SSDP_NOTIFY, local_port=1900
+            ),
         ),
-    ),  # fmt: skip
+    ),
     Profile(
-        "light hub", "hub-lights", "demo-hub", bytes([1, 3, 6, 15, 28, 33, 121]),
+        "light hub",
+        "hub-lights",
+        "demo-hub",
+        bytes([1, 3, 6, 15, 28, 33, 121]),
         (
-            Session("tcp", "hub.lights.example", 80, ((1, 180), (0, 420)), 20.0,
-                    HTTP_GET, gap_s=0.12),
-            Session("udp", "224.0.0.251", 5353, ((1, 260),), 30.0, MDNS_ANNOUNCE,
-                    local_port=5353),
+            Session(
+                "tcp", "hub.lights.example", 80, ((1, 180), (0, 420)), 20.0, HTTP_GET, gap_s=0.12
+            ),
+            Session("udp", "224.0.0.251", 5353, ((1, 260),), 30.0, MDNS_ANNOUNCE, local_port=5353),
         ),
-    ),  # fmt: skip
+    ),
     Profile(
-        "thermostat", "thermo-hall", "demo-thermo 0.9", bytes([1, 3, 6, 12, 15, 42]),
+        "thermostat",
+        "thermo-hall",
+        "demo-thermo 0.9",
+        bytes([1, 3, 6, 12, 15, 42]),
         (
-            Session("tcp", "mqtt.thermo.example", 8883, ((1, 517), (0, 1300), (1, 60), (0, 4),
-                                                          (1, 88), (0, 2)), 60.0, MQTT_CONNECT,
-                    gap_s=0.2),
+            Session(
+                "tcp",
+                "mqtt.thermo.example",
+                8883,
+                ((1, 517), (0, 1300), (1, 60), (0, 4), (1, 88), (0, 2)),
+                60.0,
+                MQTT_CONNECT,
+                gap_s=0.2,
+            ),
             Session("udp", "time.demo.example", 123, ((1, 48), (0, 48)), 300.0, NTP_REQUEST),
         ),
-    ),  # fmt: skip
+    ),
     Profile(
-        "speaker", "speaker-living", "demo-audio os 12", bytes([1, 3, 6, 15, 26, 28, 51, 58,
-                                                               59, 43]),
+        "speaker",
+        "speaker-living",
+        "demo-audio os 12",
+        bytes([1, 3, 6, 15, 26, 28, 51, 58, 59, 43]),
         (
-            Session("tcp", "stream.audio.example", 443, ((1, 517), (0, 1448), (0, 1448),
-                                                          (0, 1448), (0, 1448), (1, 40),
-                                                          (0, 1448), (0, 1448)), 15.0,
-                    TLS_HELLO, gap_s=0.02),
-            Session("udp", "224.0.0.251", 5353, ((1, 140), ), 60.0, MDNS_ANNOUNCE,
-                    local_port=5353),
+            Session(
+                "tcp",
+                "stream.audio.example",
+                443,
+                (
+                    (1, 517),
+                    (0, 1448),
+                    (0, 1448),
+                    (0, 1448),
+                    (0, 1448),
+                    (1, 40),
+                    (0, 1448),
+                    (0, 1448),
+                ),
+                15.0,
+                TLS_HELLO,
+                gap_s=0.02,
+            ),
+            Session("udp", "224.0.0.251", 5353, ((1, 140),), 60.0, MDNS_ANNOUNCE, local_port=5353),
         ),
-    ),  # fmt: skip
+    ),
 )
 
 
@@ -136,9 +191,15 @@ class DemoNetwork:
 
 def network(duration_s: float = 180.0, join_gap_s: float = 8.0) -> DemoNetwork:
     """One device of each profile, joining ``join_gap_s`` apart."""
-    devices = [Device(p, f"02:1c:{i + 1:02x}:00:00:{i + 1:02x}", f"192.168.50.{20 + i}",
-                      START + 2.0 + i * join_gap_s)  # fmt: skip
-               for i, p in enumerate(PROFILES)]
+    devices = [
+        Device(
+            p,
+            f"02:1c:{i + 1:02x}:00:00:{i + 1:02x}",
+            f"192.168.50.{20 + i}",
+            START + 2.0 + i * join_gap_s,
+        )
+        for i, p in enumerate(PROFILES)
+    ]
     names: dict[str, str] = {}
     for p in PROFILES:
         for s in p.sessions:
@@ -154,13 +215,33 @@ def _is_name(remote: str) -> bool:
 # --- packets ---------------------------------------------------------------------------------
 
 
-def _dhcp(op: int, xid: int, mac: str, msg_type: int, options: list[tuple[int, bytes]],
-          yiaddr: str = "0.0.0.0") -> bytes:  # fmt: skip
+def _dhcp(
+    op: int,
+    xid: int,
+    mac: str,
+    msg_type: int,
+    options: list[tuple[int, bytes]],
+    yiaddr: str = "0.0.0.0",
+) -> bytes:
     import ipaddress
 
-    head = struct.pack("!BBBBIHH4s4s4s4s16s64s128s", op, 1, 6, 0, xid, 0, 0, bytes(4),
-                       ipaddress.IPv4Address(yiaddr).packed, bytes(4), bytes(4),
-                       g.mac_bytes(mac).ljust(16, b"\x00"), b"", b"")  # fmt: skip
+    head = struct.pack(
+        "!BBBBIHH4s4s4s4s16s64s128s",
+        op,
+        1,
+        6,
+        0,
+        xid,
+        0,
+        0,
+        bytes(4),
+        ipaddress.IPv4Address(yiaddr).packed,
+        bytes(4),
+        bytes(4),
+        g.mac_bytes(mac).ljust(16, b"\x00"),
+        b"",
+        b"",
+    )
     opts = bytes([53, 1, msg_type])
     for code, value in options:
         opts += bytes([code, len(value)]) + value
@@ -191,8 +272,16 @@ class _Writer:
         self.next_port = 40000 + (self.next_port - 40000 + 1 + int(self.rng.integers(0, 7))) % 20000
         return self.next_port
 
-    def ip(self, t: float, src: str, dst: str, proto: int, l4: bytes, to_device: bool,
-           dst_mac: str | None = None) -> None:  # fmt: skip
+    def ip(
+        self,
+        t: float,
+        src: str,
+        dst: str,
+        proto: int,
+        l4: bytes,
+        to_device: bool,
+        dst_mac: str | None = None,
+    ) -> None:
         dev = self.dev.mac
         src_mac, dmac = (ROUTER_MAC, dev) if to_device else (dev, dst_mac or ROUTER_MAC)
         self.frames.append((t, g.ether(src_mac, dmac, g.ipv4(src, dst, proto, l4))))
@@ -203,13 +292,30 @@ class _Writer:
         ident = [(12, p.hostname.encode()), (60, p.vendor_class.encode()), (55, p.params)]
         bcast = "ff:ff:ff:ff:ff:ff"
         for msg, reply, extra in ((1, 2, []), (3, 5, [(50, bytes(map(int, d.ip.split("."))))])):
-            self.ip(t, "0.0.0.0", "255.255.255.255", 17,
-                    g.udp(68, 67, _dhcp(1, xid, d.mac, msg, extra + ident)), False, bcast)
+            self.ip(
+                t,
+                "0.0.0.0",
+                "255.255.255.255",
+                17,
+                g.udp(68, 67, _dhcp(1, xid, d.mac, msg, extra + ident)),
+                False,
+                bcast,
+            )
             t += 0.004 + float(self.rng.exponential(0.01))
-            server = [(54, bytes(map(int, ROUTER_IP.split(".")))), (51, struct.pack("!I", 86400)),
-                      (1, bytes([255, 255, 255, 0])), (3, bytes(map(int, ROUTER_IP.split("."))))]
-            self.ip(t, ROUTER_IP, d.ip, 17, g.udp(67, 68, _dhcp(2, xid, d.mac, reply, server,
-                                                                 d.ip)), True)  # fmt: skip
+            server = [
+                (54, bytes(map(int, ROUTER_IP.split(".")))),
+                (51, struct.pack("!I", 86400)),
+                (1, bytes([255, 255, 255, 0])),
+                (3, bytes(map(int, ROUTER_IP.split(".")))),
+            ]
+            self.ip(
+                t,
+                ROUTER_IP,
+                d.ip,
+                17,
+                g.udp(67, 68, _dhcp(2, xid, d.mac, reply, server, d.ip)),
+                True,
+            )
             t += 0.05 + float(self.rng.exponential(0.05))
         return t
 
@@ -226,17 +332,29 @@ class _Writer:
         dst_mac = None
         if multicast:
             o = [int(x) for x in remote.split(".")]
-            dst_mac = "01:00:5e:%02x:%02x:%02x" % (o[1] & 0x7F, o[2], o[3])
+            dst_mac = f"01:00:5e:{o[1] & 0x7F:02x}:{o[2]:02x}:{o[3]:02x}"
         sport = s.local_port or self.port()
         if s.proto == "tcp":
             seq, ack = int(rng.integers(0, 2**31)), int(rng.integers(0, 2**31))
             rtt = 0.02 + float(rng.exponential(0.02))
             self.ip(t, d.ip, remote, 6, g.tcp(sport, s.port, flags=0x02, seq=seq), False)
-            self.ip(t + rtt, remote, d.ip, 6, g.tcp(s.port, sport, flags=0x12, seq=ack,
-                                                    ack=seq + 1), True)  # fmt: skip
+            self.ip(
+                t + rtt,
+                remote,
+                d.ip,
+                6,
+                g.tcp(s.port, sport, flags=0x12, seq=ack, ack=seq + 1),
+                True,
+            )
             t += rtt + 0.001
-            self.ip(t, d.ip, remote, 6, g.tcp(sport, s.port, flags=0x10, seq=seq + 1,
-                                              ack=ack + 1), False)  # fmt: skip
+            self.ip(
+                t,
+                d.ip,
+                remote,
+                6,
+                g.tcp(sport, s.port, flags=0x10, seq=seq + 1, ack=ack + 1),
+                False,
+            )
             seq, ack = seq + 1, ack + 1
         for k, (direction, size) in enumerate(s.exchange):
             t += 0.001 + float(rng.exponential(s.gap_s))
@@ -249,8 +367,9 @@ class _Writer:
                 a, b_ = (seq, ack) if direction else (ack, seq)
                 src, dst = (d.ip, remote) if direction else (remote, d.ip)
                 ps, pd = (sport, s.port) if direction else (s.port, sport)
-                self.ip(t, src, dst, 6, g.tcp(ps, pd, body, flags=0x18, seq=a, ack=b_),
-                        not direction)  # fmt: skip
+                self.ip(
+                    t, src, dst, 6, g.tcp(ps, pd, body, flags=0x18, seq=a, ack=b_), not direction
+                )
                 if direction:
                     seq += size
                 else:
@@ -262,10 +381,22 @@ class _Writer:
         if s.proto == "tcp":
             t += 0.05
             self.ip(t, d.ip, remote, 6, g.tcp(sport, s.port, flags=0x11, seq=seq, ack=ack), False)
-            self.ip(t + 0.02, remote, d.ip, 6, g.tcp(s.port, sport, flags=0x11, seq=ack,
-                                                     ack=seq + 1), True)  # fmt: skip
-            self.ip(t + 0.021, d.ip, remote, 6, g.tcp(sport, s.port, flags=0x10, seq=seq + 1,
-                                                      ack=ack + 1), False)  # fmt: skip
+            self.ip(
+                t + 0.02,
+                remote,
+                d.ip,
+                6,
+                g.tcp(s.port, sport, flags=0x11, seq=ack, ack=seq + 1),
+                True,
+            )
+            self.ip(
+                t + 0.021,
+                d.ip,
+                remote,
+                6,
+                g.tcp(sport, s.port, flags=0x10, seq=seq + 1, ack=ack + 1),
+                False,
+            )
 
 
 def device_frames(net: DemoNetwork, dev: Device, seed: int) -> list[tuple[float, bytes]]:
@@ -275,8 +406,10 @@ def device_frames(net: DemoNetwork, dev: Device, seed: int) -> list[tuple[float,
     w = _Writer(dev, rng)
     t = w.dhcp(dev.joins_at)
     end = START + net.duration_s
-    due = [(t + 0.2 + 0.3 * k + float(rng.exponential(1.0)), k)
-           for k in range(len(dev.profile.sessions))]  # fmt: skip
+    due = [
+        (t + 0.2 + 0.3 * k + float(rng.exponential(1.0)), k)
+        for k in range(len(dev.profile.sessions))
+    ]
     heapq.heapify(due)
     while due:
         at, k = heapq.heappop(due)

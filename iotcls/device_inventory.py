@@ -36,10 +36,27 @@ from .store import Labels
 
 KEY = "device"
 OPERATOR = ("label",)  # written by the operator, never by iotcls
-COLUMNS = (KEY, "label", "suggested", "suggested_by", "current_label", "trusted",
-           "trusted_share", "confidence", "model", "mac", "mac_vendor", "addresses",
-           "first_seen", "last_seen", "records", "dhcp_host", "dhcp_vendor", "dhcp_identity",
-           "dns_names")  # fmt: skip
+COLUMNS = (
+    KEY,
+    "label",
+    "suggested",
+    "suggested_by",
+    "current_label",
+    "trusted",
+    "trusted_share",
+    "confidence",
+    "model",
+    "mac",
+    "mac_vendor",
+    "addresses",
+    "first_seen",
+    "last_seen",
+    "records",
+    "dhcp_host",
+    "dhcp_vendor",
+    "dhcp_identity",
+    "dns_names",
+)
 MAX_NAMES = 8  # DNS names listed per device, the most frequent first
 
 
@@ -111,8 +128,13 @@ class _Seen:
         self.trusted += int(lab.trusted[given].sum())
         if len(given) and float(t.start[given[-1]]) >= self.latest[0]:
             i = given[-1]
-            self.latest = (float(t.start[i]), str(lab.label[i]), bool(lab.trusted[i]),
-                           float(lab.confidence[i]), str(lab.model[i]))  # fmt: skip
+            self.latest = (
+                float(t.start[i]),
+                str(lab.label[i]),
+                bool(lab.trusted[i]),
+                float(lab.confidence[i]),
+                str(lab.model[i]),
+            )
         self._dhcp(t, r)
         dns = r[(t.proto[r] == PROTO_UDP) & (t.remote_port[r] == 53)]
         self.names.update(n for n in map(dns_query_name, _sent(t, dns)) if n)
@@ -123,22 +145,35 @@ class _Seen:
             for view in _sent(t, np.array([i])):
                 opts = client_options(view)
                 if opts and float(t.start[i]) >= self.dhcp[0]:
-                    self.dhcp = (float(t.start[i]), {
-                        "dhcp_identity": identity_of(view) or "",
-                        "dhcp_host": opts.get(12, b"").decode("ascii", "backslashreplace"),
-                        "dhcp_vendor": opts.get(60, b"").decode("ascii", "backslashreplace")})  # fmt: skip
+                    self.dhcp = (
+                        float(t.start[i]),
+                        {
+                            "dhcp_identity": identity_of(view) or "",
+                            "dhcp_host": opts.get(12, b"").decode("ascii", "backslashreplace"),
+                            "dhcp_vendor": opts.get(60, b"").decode("ascii", "backslashreplace"),
+                        },
+                    )
 
     def columns(self) -> dict[str, str]:
-        out = {"mac": self.mac, "mac_vendor": mac_vendor(self.mac),
-               "addresses": " ".join(sorted(self.addresses)), "first_seen": _when(self.first),
-               "last_seen": _when(self.last), "records": str(self.records),
-               "dns_names": " ".join(n for n, _ in self.names.most_common(MAX_NAMES)),
-               **self.dhcp[1]}  # fmt: skip
+        out = {
+            "mac": self.mac,
+            "mac_vendor": mac_vendor(self.mac),
+            "addresses": " ".join(sorted(self.addresses)),
+            "first_seen": _when(self.first),
+            "last_seen": _when(self.last),
+            "records": str(self.records),
+            "dns_names": " ".join(n for n, _ in self.names.most_common(MAX_NAMES)),
+            **self.dhcp[1],
+        }
         if self.labels:
             _, label, trusted, conf, model = self.latest
-            out.update(current_label=label, trusted="T" if trusted else "F",
-                       trusted_share=f"{self.trusted / self.labels:.2f}",
-                       confidence=f"{conf:.3f}", model=model)  # fmt: skip
+            out.update(
+                current_label=label,
+                trusted="T" if trusted else "F",
+                trusted_share=f"{self.trusted / self.labels:.2f}",
+                confidence=f"{conf:.3f}",
+                model=model,
+            )
         return out
 
 
@@ -205,8 +240,12 @@ def labels_of(path: str | Path) -> dict[str, str]:
     return {k: r["label"] for k, r in rows.items() if r.get("label", "")}
 
 
-def merge(observed: dict[str, dict[str, str]], old_cols: list[str],
-          old: dict[str, dict[str, str]], seen: dict[str, frozenset[str]]) -> tuple[list[str], list[dict[str, str]]]:  # fmt: skip
+def merge(
+    observed: dict[str, dict[str, str]],
+    old_cols: list[str],
+    old: dict[str, dict[str, str]],
+    seen: dict[str, frozenset[str]],
+) -> tuple[list[str], list[dict[str, str]]]:
     """The new file's columns and rows: observed columns renewed, the operator's kept."""
     extra = [c for c in old_cols if c not in COLUMNS]
     rows = []
@@ -236,14 +275,20 @@ def write_csv(path: Path, columns: list[str], rows: list[dict[str, Any]]) -> Non
     os.replace(tmp, path)
 
 
-def inventory(segments: Iterable[tuple[Any, FlowTable, Labels, float]], out: Path,
-              seen: dict[str, frozenset[str]]) -> dict[str, int]:  # fmt: skip
+def inventory(
+    segments: Iterable[tuple[Any, FlowTable, Labels, float]],
+    out: Path,
+    seen: dict[str, frozenset[str]],
+) -> dict[str, int]:
     """Writes (or updates) *out* from a store's segments; returns counts for the summary."""
     old_cols, old = read_csv(out) if out.exists() else ([], {})
     observed = observe(segments)
     cols, rows = merge(observed, old_cols, old, seen)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_csv(out, cols, rows)
-    return {"devices": len(rows), "new": len(set(observed) - set(old)),
-            "labelled": sum(1 for r in rows if r["label"]),
-            "suggested": sum(1 for r in rows if r["suggested"])}  # fmt: skip
+    return {
+        "devices": len(rows),
+        "new": len(set(observed) - set(old)),
+        "labelled": sum(1 for r in rows if r["label"]),
+        "suggested": sum(1 for r in rows if r["suggested"]),
+    }

@@ -53,13 +53,15 @@ VIEW_MARK = 0x80
 _HEX_RUN = re.compile(rb"[0-9A-Fa-f]{6,}")
 
 
-def is_dhcp(proto: np.ndarray, port_a: np.ndarray, port_b: np.ndarray,
-            ports: tuple[int, int] = DHCP_PORTS) -> np.ndarray:  # fmt: skip
+def is_dhcp(
+    proto: np.ndarray, port_a: np.ndarray, port_b: np.ndarray, ports: tuple[int, int] = DHCP_PORTS
+) -> np.ndarray:
     """Which records (or packets) are DHCPv4: UDP with either port 67 or 68 (``ports``:
     another pair, such as DHCPv6's)."""
     lo, hi = ports
-    return (proto == PROTO_UDP) & ((port_a == lo) | (port_a == hi) |
-                                   (port_b == lo) | (port_b == hi))  # fmt: skip
+    return (proto == PROTO_UDP) & (
+        (port_a == lo) | (port_a == hi) | (port_b == lo) | (port_b == hi)
+    )
 
 
 def _unit_free(code: int, value: bytes) -> bytes:
@@ -96,8 +98,13 @@ def dhcp_view(raw: bytes, width: int) -> bytes:
     return bytes(out[:width])
 
 
-def put_views(payload: np.ndarray, payload_len: np.ndarray, rows: np.ndarray, cols: np.ndarray,
-              raws: list[bytes]) -> None:  # fmt: skip
+def put_views(
+    payload: np.ndarray,
+    payload_len: np.ndarray,
+    rows: np.ndarray,
+    cols: np.ndarray,
+    raws: list[bytes],
+) -> None:
     """Store the views of DHCP payloads ``raws`` in a table's slots ``(rows, cols)``.
 
     DHCP packets are a few per device and hour, so a Python loop over them costs nothing

@@ -11,6 +11,7 @@ published when its window ends, ``start + window_s``), the latest first.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -26,8 +27,12 @@ class EarlyTable:
     at: np.ndarray  # (m,) when it is published (epoch seconds)
 
 
-def early_table(t: FlowTable, packets: int = DEFAULT_PACKETS, idle_s: float = EARLY_IDLE_S,
-                window_s: float = DEFAULT_WINDOW_S) -> EarlyTable:  # fmt: skip
+def early_table(
+    t: FlowTable,
+    packets: int = DEFAULT_PACKETS,
+    idle_s: float = EARLY_IDLE_S,
+    window_s: float = DEFAULT_WINDOW_S,
+) -> EarlyTable:
     """The early record of every window of ``t`` that has one (schema.early_cut's rule)."""
     n = np.minimum(t.n_pkts.astype(np.int64), packets)
     p = t.offsets.shape[1]
@@ -97,8 +102,14 @@ class DeviceLabels:
     first_port_flow: float = float("inf")  # start of the device's first TCP or UDP flow
 
 
-def _labels(predictor, layout: MatrixLayout, t: FlowTable, mats: np.ndarray, rows: np.ndarray,
-            at: np.ndarray):  # fmt: skip
+def _labels(
+    predictor,
+    layout: MatrixLayout,
+    t: FlowTable,
+    mats: np.ndarray,
+    rows: np.ndarray,
+    at: np.ndarray,
+):
     devices = t.device_keys()[rows]
     groups = np.unique(devices, return_inverse=True)[1] if len(rows) else np.zeros(0, int)
     ids = predictor.device_identities(mats, groups, at)
@@ -134,8 +145,11 @@ def capture_device_labels(predictor, cm, early: bool = True) -> list[DeviceLabel
         first = float(t.start[mine].min())
         ported = mine & ((t.proto == PROTO_TCP) | (t.proto == PROTO_UDP))
         first_port = float(t.start[ported].min()) if ported.any() else float("inf")
-        out.append(DeviceLabels(str(truth[sel[0]]), first, at[sel], label[sel], trusted[sel],
-                                conf[sel], first_port))  # fmt: skip
+        out.append(
+            DeviceLabels(
+                str(truth[sel[0]]), first, at[sel], label[sel], trusted[sel], conf[sel], first_port
+            )
+        )
     return out
 
 
@@ -169,8 +183,9 @@ def device_label(d: DeviceLabels, known: np.ndarray) -> tuple[str, bool, float]:
     return label, is_trusted, conf
 
 
-def time_to_label(devices: list[DeviceLabels], times: tuple[float, ...] = TIMES_S,
-                  high: float = 0.9) -> dict:  # fmt: skip
+def time_to_label(
+    devices: list[DeviceLabels], times: tuple[float, ...] = TIMES_S, high: float = 0.9
+) -> dict:
     """Per time since each device's first packet: how many devices have a label, the
     per-device accuracy and macro-F1 of their label then (:func:`device_label`; none yet
     counts as wrong),
@@ -193,41 +208,52 @@ def time_to_label(devices: list[DeviceLabels], times: tuple[float, ...] = TIMES_
             trusted += is_trusted
             bad += bool(is_trusted and label != d.truth and conf >= high)
         n = max(len(devices), 1)
-        rows.append({
-            "seconds": "final" if t == float("inf") else t,
-            "labelled": round(sum(p != "" for p in pred) / n, 4),
-            "accuracy": round(sum(a == b for a, b in zip(truth, pred)) / n, 4),
-            "macro_f1": round(_macro_f1(truth, pred), 4),
-            "trusted": round(trusted / n, 4),
-            "high_confidence_trusted_errors": bad,
-            "with_port_flow": round(ported / n, 4),
-        })  # fmt: skip
+        rows.append(
+            {
+                "seconds": "final" if t == float("inf") else t,
+                "labelled": round(sum(p != "" for p in pred) / n, 4),
+                "accuracy": round(sum(a == b for a, b in zip(truth, pred)) / n, 4),
+                "macro_f1": round(_macro_f1(truth, pred), 4),
+                "trusted": round(trusted / n, 4),
+                "high_confidence_trusted_errors": bad,
+                "with_port_flow": round(ported / n, 4),
+            }
+        )
     first = [float(d.at[0] - d.first_seen) for d in devices if len(d.at)]
-    return {"devices": len(devices), "table": rows,
-            "first_label_s": {"median": round(float(np.median(first)), 2) if first else None,
-                              "max": round(float(np.max(first)), 2) if first else None}}
+    return {
+        "devices": len(devices),
+        "table": rows,
+        "first_label_s": {
+            "median": round(float(np.median(first)), 2) if first else None,
+            "max": round(float(np.max(first)), 2) if first else None,
+        },
+    }
 
 
-def format_time_to_label(r: dict, title: str = "labels by time since a device's first packet"
-                         ) -> str:  # fmt: skip
-    lines = [f"{title} ({r['devices']} devices; first label median "
-             f"{r['first_label_s']['median']} s, max {r['first_label_s']['max']} s):",
-             f"  {'after':>7} {'labelled':>9} {'accuracy':>9} {'macro-F1':>9} {'trusted':>8} "
-             f"{'hc errors':>10} {'TCP/UDP seen':>13}"]  # fmt: skip
+def format_time_to_label(
+    r: dict, title: str = "labels by time since a device's first packet"
+) -> str:
+    lines = [
+        f"{title} ({r['devices']} devices; first label median "
+        f"{r['first_label_s']['median']} s, max {r['first_label_s']['max']} s):",
+        f"  {'after':>7} {'labelled':>9} {'accuracy':>9} {'macro-F1':>9} {'trusted':>8} "
+        f"{'hc errors':>10} {'TCP/UDP seen':>13}",
+    ]
     for row in r["table"]:
         s = row["seconds"]
         when = s if isinstance(s, str) else f"{s:g} s"
-        lines.append(f"  {when:>7} {row['labelled']:>9.3f} {row['accuracy']:>9.3f} "
-                     f"{row['macro_f1']:>9.3f} {row['trusted']:>8.3f} "
-                     f"{row['high_confidence_trusted_errors']:>10} "
-                     f"{row.get('with_port_flow', float('nan')):>13.3f}")  # fmt: skip
+        lines.append(
+            f"  {when:>7} {row['labelled']:>9.3f} {row['accuracy']:>9.3f} "
+            f"{row['macro_f1']:>9.3f} {row['trusted']:>8.3f} "
+            f"{row['high_confidence_trusted_errors']:>10} "
+            f"{row.get('with_port_flow', float('nan')):>13.3f}"
+        )
     return "\n".join(lines)
 
 
-def time_to_label_png(early: dict, final_only: dict, path) -> "Path":
+def time_to_label_png(early: dict, final_only: dict, path) -> Path:
     """Per-device macro-F1 and the share of devices labelled, by time since the first packet,
     with early records and without."""
-    from pathlib import Path
 
     import matplotlib
 
@@ -237,13 +263,20 @@ def time_to_label_png(early: dict, final_only: dict, path) -> "Path":
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=110)
-    for r, name, style in ((early, "early + final records", "-o"),
-                           (final_only, "final records only", "--s")):  # fmt: skip
+    for r, name, style in (
+        (early, "early + final records", "-o"),
+        (final_only, "final records only", "--s"),
+    ):
         rows = [x for x in r["table"] if x["seconds"] != "final"]
         secs = [x["seconds"] for x in rows]
         ax.plot(secs, [x["macro_f1"] for x in rows], style, label=f"macro-F1, {name}")
-        ax.plot(secs, [x["labelled"] for x in rows], style, alpha=0.35,
-                label=f"devices labelled, {name}")  # fmt: skip
+        ax.plot(
+            secs,
+            [x["labelled"] for x in rows],
+            style,
+            alpha=0.35,
+            label=f"devices labelled, {name}",
+        )
     ax.set_xscale("log")
     ax.set_xlabel("seconds since the device's first packet")
     ax.set_ylim(0, 1.02)

@@ -24,8 +24,8 @@ from .bundle import ModelBundle
 from .dataset import Dataset
 from .model import count_flops, count_parameters
 from .predict import Predictions, Predictor
-from .strategies import STRATEGIES, VoteConfig, device_vote, strategy_input
 from .splits import Split, device_sessions, macro_f1  # noqa: F401  (device_sessions: re-exported)
+from .strategies import STRATEGIES, VoteConfig, device_vote, strategy_input
 
 
 @dataclass
@@ -48,15 +48,20 @@ class EvalData:
         return len(self.labels)
 
     @classmethod
-    def from_dataset(cls, ds: Dataset, idx: np.ndarray) -> "EvalData":
+    def from_dataset(cls, ds: Dataset, idx: np.ndarray) -> EvalData:
         return cls(
-            matrices=ds.matrices[idx], labels=ds.labels[idx].astype(object),
-            devices=ds.devices[idx].astype(object), captures=ds.captures[idx].astype(object),
-            start=ds.timestamps[idx], last=ds.last[idx],
-            device_first_seen=ds.device_first_seen[idx], total_packets=ds.total_packets[idx],
-            total_bytes=ds.total_bytes[idx], inspected_packets=ds.inspected_packets[idx],
+            matrices=ds.matrices[idx],
+            labels=ds.labels[idx].astype(object),
+            devices=ds.devices[idx].astype(object),
+            captures=ds.captures[idx].astype(object),
+            start=ds.timestamps[idx],
+            last=ds.last[idx],
+            device_first_seen=ds.device_first_seen[idx],
+            total_packets=ds.total_packets[idx],
+            total_bytes=ds.total_bytes[idx],
+            inspected_packets=ds.inspected_packets[idx],
             inspected_bytes=ds.inspected_bytes[idx],
-        )  # fmt: skip
+        )
 
     def device_groups(self) -> np.ndarray:
         return device_sessions(self.captures, self.devices)
@@ -74,9 +79,12 @@ def class_report(y: np.ndarray, pred: np.ndarray, classes: list[str]) -> dict:
         p = tp[i] / predicted[i] if predicted[i] else 0.0
         r = tp[i] / support[i] if support[i] else 0.0
         f = 2 * p * r / (p + r) if p + r else 0.0
-        per_class[c] = {"precision": round(float(p), 4), "recall": round(float(r), 4),
-                        "f1": round(float(f), 4),
-                        "support": int(support[i])}  # fmt: skip
+        per_class[c] = {
+            "precision": round(float(p), 4),
+            "recall": round(float(r), 4),
+            "f1": round(float(f), 4),
+            "support": int(support[i]),
+        }
     return {
         "accuracy": round(float(tp.sum() / max(len(y), 1)), 4),
         "macro_f1": round(macro_f1(y, pred, n), 4),
@@ -94,9 +102,15 @@ def hardest_pairs(cm: np.ndarray, classes: list[str], top: int = 5) -> list[dict
             errors = int(cm[a, b] + cm[b, a])
             if errors:
                 rate = errors / max(int(support[a] + support[b]), 1)
-                pairs.append({"pair": [classes[a], classes[b]], "errors": errors,
-                              "a_as_b": int(cm[a, b]), "b_as_a": int(cm[b, a]),
-                              "rate": round(rate, 4)})  # fmt: skip
+                pairs.append(
+                    {
+                        "pair": [classes[a], classes[b]],
+                        "errors": errors,
+                        "a_as_b": int(cm[a, b]),
+                        "b_as_a": int(cm[b, a]),
+                        "rate": round(rate, 4),
+                    }
+                )
     pairs.sort(key=lambda p: (-p["rate"], -p["errors"]))
     return pairs[:top]
 
@@ -200,7 +214,7 @@ def evaluate_model(
     model = predictor.model
     flops = {"flow": count_flops(model, rows=1), "sequence": count_flops(model)}
     figs, reps = {}, {}
-    seq = None
+    seq, seq_cpu, seq_wall = None, 0.0, 0.0  # set by 'sequence', which comes before 'device'
     for name in STRATEGIES:
         if name == "device":
             groups = d.device_groups()
@@ -210,17 +224,37 @@ def evaluate_model(
             device_vote(seq.probs, groups, d.start, vote)  # the vote's own cost
             vote_cpu = time.process_time() - c0
             fig, rep = strategy_figures(
-                name, d, y, v.index, v.emitted, t, seq_cpu + vote_cpu, seq_wall + vote_cpu,
-                flops["sequence"] * len(d), seq.confidence >= predictor.threshold, classes,
-            )  # fmt: skip
+                name,
+                d,
+                y,
+                v.index,
+                v.emitted,
+                t,
+                seq_cpu + vote_cpu,
+                seq_wall + vote_cpu,
+                flops["sequence"] * len(d),
+                seq.confidence >= predictor.threshold,
+                classes,
+            )
             fig["vote"] = {"window": vote.window, "min_votes": vote.min_votes}
         else:
             x = strategy_input(d.matrices, name)
             pred, explained_cpu, _ = timed_predict(predictor, x)
             cpu, wall = label_cost(predictor, x)
             emitted = np.ones(len(d), bool)
-            fig, rep = strategy_figures(name, d, y, pred.index, emitted, d.last, cpu, wall,
-                                        flops[name] * len(d), pred.trusted, classes)  # fmt: skip
+            fig, rep = strategy_figures(
+                name,
+                d,
+                y,
+                pred.index,
+                emitted,
+                d.last,
+                cpu,
+                wall,
+                flops[name] * len(d),
+                pred.trusted,
+                classes,
+            )
             fig["cost"]["explained_cpu_ms_per_label"] = round(1000 * explained_cpu / len(d), 4)
             if name == "sequence":
                 seq, seq_cpu, seq_wall = pred, cpu, wall
@@ -284,8 +318,15 @@ def confusion_png(cm: np.ndarray, classes: list[str], path: Path, title: str) ->
     for i in range(len(names)):
         for j in range(len(names)):
             if cm[i, j]:
-                ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=5,
-                        color="white" if norm[i, j] > 0.5 else "black")  # fmt: skip
+                ax.text(
+                    j,
+                    i,
+                    str(cm[i, j]),
+                    ha="center",
+                    va="center",
+                    fontsize=5,
+                    color="white" if norm[i, j] > 0.5 else "black",
+                )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -302,8 +343,10 @@ def baseline_figures(
     classes = list(bundle.classes)
     names = np.array(classes, object)
     rf = ForestBaseline(classes, seed=int(bundle.metadata.get("train_config", {}).get("seed", 0)))
-    rf.fit(flow_features(ds.matrices[train_idx], ds.layout),
-           np.searchsorted(names, ds.labels[train_idx].astype(object)))  # fmt: skip
+    rf.fit(
+        flow_features(ds.matrices[train_idx], ds.layout),
+        np.searchsorted(names, ds.labels[train_idx].astype(object)),
+    )
     y = np.searchsorted(names, d.labels)
     feats = flow_features(d.matrices, ds.layout)
     c0, w0 = time.process_time(), time.perf_counter()
@@ -311,20 +354,49 @@ def baseline_figures(
     cpu, wall = time.process_time() - c0, time.perf_counter() - w0
     index = probs.argmax(1)
     everything = np.ones(len(d), bool)
-    out = {"model": "random forest, 100 trees, balanced class weights",
-           "features": list(FEATURES), "train_flows": int(len(train_idx)),
-           "train_seconds": round(rf.train_seconds, 2)}  # fmt: skip
-    flow, _ = strategy_figures("flow", d, y, index, everything, d.last, cpu, wall, 0,
-                               probs.max(1) >= 0.5, classes)  # fmt: skip
+    out = {
+        "model": "random forest, 100 trees, balanced class weights",
+        "features": list(FEATURES),
+        "train_flows": int(len(train_idx)),
+        "train_seconds": round(rf.train_seconds, 2),
+    }
+    flow, _ = strategy_figures(
+        "flow", d, y, index, everything, d.last, cpu, wall, 0, probs.max(1) >= 0.5, classes
+    )
     groups = d.device_groups()
     v = device_vote(probs, groups, d.start, vote)
     t = running_max_by_group(d.last, groups, d.start)
-    dev, _ = strategy_figures("device", d, y, v.index, v.emitted, t, cpu, wall, 0,
-                              probs.max(1) >= 0.5, classes)  # fmt: skip
+    dev, _ = strategy_figures(
+        "device", d, y, v.index, v.emitted, t, cpu, wall, 0, probs.max(1) >= 0.5, classes
+    )
     for f in (flow, dev):
         del f["cost"]["flops_per_label"], f["trusted_share"]
     out["strategies"] = {"flow": flow, "device": dev}
     return out
+
+
+def data_section(ds: Dataset, d: EvalData, unknown: dict[str, int]) -> dict:
+    """What was evaluated, and how much of the captures' traffic the matrices looked at."""
+    caps = np.unique(d.captures)
+    ct = ds.captures_table
+    in_caps = np.isin(ct.ids.astype(object), caps)
+    data = {
+        "capture_files": int(len(caps)),
+        "flows": int(len(d)),
+        "devices": int(d.device_groups().max() + 1),
+        "labels": int(len(np.unique(d.labels))),
+        "unknown_labels": unknown,
+        "capture_packets": int(ct.packets[in_caps].sum()) if in_caps.any() else None,
+        "capture_bytes": int(ct.bytes[in_caps].sum()) if in_caps.any() else None,
+    }
+    if in_caps.any() and ct.packets[in_caps].sum():
+        data["inspected_share_of_all_packets"] = round(
+            float(d.inspected_packets.sum() / ct.packets[in_caps].sum()), 4
+        )
+        data["inspected_share_of_all_bytes"] = round(
+            float(d.inspected_bytes.sum() / max(ct.bytes[in_caps].sum(), 1)), 4
+        )
+    return data
 
 
 def evaluate_report(
@@ -344,37 +416,27 @@ def evaluate_report(
     chosen, scope = select_for_evaluation(ds.captures.astype(object), split, use_all)
     chosen &= labels != ""
     known = np.isin(labels, np.array(bundle.classes, object))
-    unknown = {str(k): int(v) for k, v in zip(*np.unique(labels[chosen & ~known],
-                                                             return_counts=True))}  # fmt: skip
+    unknown = {
+        str(k): int(v) for k, v in zip(*np.unique(labels[chosen & ~known], return_counts=True))
+    }
     idx = np.flatnonzero(chosen & known)
     if len(idx) == 0:
-        raise ValueError("nothing to evaluate: no labelled flow of the model's classes"
-                         + (f" (labels unknown to the model: {sorted(unknown)})" if unknown
-                            else ""))  # fmt: skip
+        raise ValueError(
+            "nothing to evaluate: no labelled flow of the model's classes"
+            + (f" (labels unknown to the model: {sorted(unknown)})" if unknown else "")
+        )
     d = EvalData.from_dataset(ds, idx)
     figs, reps = evaluate_model(predictor, d, vote)
     seq = reps["sequence"]
     classes = list(bundle.classes)
-    caps = np.unique(d.captures)
-    ct = ds.captures_table
-    in_caps = np.isin(ct.ids.astype(object), caps)
     report = {
         "model": bundle.name,
         "accuracy": figs["sequence"]["accuracy"],
         "macro_f1": figs["sequence"]["macro_f1"],
         "scope": scope,
-        "data": {
-            "capture_files": int(len(caps)),
-            "flows": int(len(d)),
-            "devices": int(d.device_groups().max() + 1),
-            "labels": int(len(np.unique(d.labels))),
-            "unknown_labels": unknown,
-            "capture_packets": int(ct.packets[in_caps].sum()) if in_caps.any() else None,
-            "capture_bytes": int(ct.bytes[in_caps].sum()) if in_caps.any() else None,
-        },
+        "data": data_section(ds, d, unknown),
         "parameters": count_parameters(bundle.model),
-        "flops": {"sequence": count_flops(bundle.model),
-                  "flow": count_flops(bundle.model, rows=1)},  # fmt: skip
+        "flops": {"sequence": count_flops(bundle.model), "flow": count_flops(bundle.model, rows=1)},
         "strategies": figs,
         "per_class": seq["per_class"],
         "hardest_pairs": hardest_pairs(seq["confusion"], classes),
@@ -382,23 +444,24 @@ def evaluate_report(
     ident = identity_figures(predictor, d, vote)
     if ident is not None:
         report["dhcp_identity"] = ident
-    if in_caps.any() and ct.packets[in_caps].sum():
-        report["data"]["inspected_share_of_all_packets"] = round(
-            float(d.inspected_packets.sum() / ct.packets[in_caps].sum()), 4)
-        report["data"]["inspected_share_of_all_bytes"] = round(
-            float(d.inspected_bytes.sum() / max(ct.bytes[in_caps].sum(), 1)), 4)
     if baseline:
         if split is None:
             raise ValueError("--baseline needs a model trained by iotcls train (with a split)")
         part = split.part_of(ds.captures.astype(object))
         train_idx = np.flatnonzero((part == 0) & (labels != "") & known)
         if len(train_idx) == 0:
-            raise ValueError("--baseline trains on the model's training captures: give the "
-                             "capture set the model was trained on")
+            raise ValueError(
+                "--baseline trains on the model's training captures: give the "
+                "capture set the model was trained on"
+            )
         report["baseline"] = baseline_figures(bundle, ds, train_idx, d, vote)
     if out_dir is not None:
-        png = confusion_png(seq["confusion"], classes, out_dir / "confusion.png",
-                            f"{bundle.name}: per-sequence labels, {scope}")  # fmt: skip
+        png = confusion_png(
+            seq["confusion"],
+            classes,
+            out_dir / "confusion.png",
+            f"{bundle.name}: per-sequence labels, {scope}",
+        )
         report["confusion_png"] = str(png)
     # trust (docs/trust.md): refinement before/after, calibration (ECE, reliability PNG), devices
     from .trust.evaluation import trust_section
@@ -418,9 +481,12 @@ def format_report(r: dict) -> str:
     ]
     if r["data"]["unknown_labels"]:
         lines.append(f"left out, labels the model does not know: {r['data']['unknown_labels']}")
-    lines += ["", f"{'strategy':<22}{'accuracy':>9}{'macro-F1':>9}{'labels':>8}{'dev cov':>8}"
-              f"{'flow cov':>9}{'1st label s':>12}{'CPU ms/lbl':>11}{'kFLOPs/lbl':>11}"
-              f"{'pkts insp':>10}{'bytes insp':>11}"]  # fmt: skip
+    lines += [
+        "",
+        f"{'strategy':<22}{'accuracy':>9}{'macro-F1':>9}{'labels':>8}{'dev cov':>8}"
+        f"{'flow cov':>9}{'1st label s':>12}{'CPU ms/lbl':>11}{'kFLOPs/lbl':>11}"
+        f"{'pkts insp':>10}{'bytes insp':>11}",
+    ]
     rows = [(f"CNN {k}", v) for k, v in r["strategies"].items()]
     if "baseline" in r:
         rows += [(f"RF baseline {k}", v) for k, v in r["baseline"]["strategies"].items()]
@@ -434,24 +500,31 @@ def format_report(r: dict) -> str:
             f"{cost['cpu_ms_per_label']:>11.4f}"
             f"{'-' if kflops is None else f'{kflops / 1e3:.0f}':>11}"
             f"{sel['packets']:>10.3f}{sel['bytes']:>11.3f}"
-        )  # fmt: skip
+        )
     if "dhcp_identity" in r:
         di = r["dhcp_identity"]
         lines.append(
             f"{'+ DHCP identity':<22}{di['sequence']['accuracy']:>9.4f}"
             f"{di['sequence']['macro_f1']:>9.4f}  per sequence; device vote "
             f"{di['device']['accuracy']:.4f} / {di['device']['macro_f1']:.4f} "
-            f"({di['labels_with_identity']:.1%} of labels had their device's identity)")  # fmt: skip
-    lines += ["", "per class (sequence strategy):",
-              f"  {'class':<22}{'precision':>10}{'recall':>8}{'F1':>8}{'support':>9}"]  # fmt: skip
+            f"({di['labels_with_identity']:.1%} of labels had their device's identity)"
+        )
+    lines += [
+        "",
+        "per class (sequence strategy):",
+        f"  {'class':<22}{'precision':>10}{'recall':>8}{'F1':>8}{'support':>9}",
+    ]
     for c, v in r["per_class"].items():
-        lines.append(f"  {c:<22}{v['precision']:>10.4f}{v['recall']:>8.4f}{v['f1']:>8.4f}"
-                     f"{v['support']:>9}")  # fmt: skip
+        lines.append(
+            f"  {c:<22}{v['precision']:>10.4f}{v['recall']:>8.4f}{v['f1']:>8.4f}{v['support']:>9}"
+        )
     lines += ["", "hardest class pairs (errors both ways / their flows):"]
     for p in r["hardest_pairs"]:
         a, b = p["pair"]
-        lines.append(f"  {a} <-> {b}: {p['errors']} errors ({p['a_as_b']} + {p['b_as_a']}), "
-                     f"rate {p['rate']:.3f}")  # fmt: skip
+        lines.append(
+            f"  {a} <-> {b}: {p['errors']} errors ({p['a_as_b']} + {p['b_as_a']}), "
+            f"rate {p['rate']:.3f}"
+        )
     if "confusion_png" in r:
         lines += ["", f"confusion matrix: {r['confusion_png']}"]
     if "trust" in r:  # docs/trust.md

@@ -135,8 +135,9 @@ def session_split(captures: np.ndarray, labels: np.ndarray, seed: int, val: floa
 class _Trainer:
     """The fine-tuning loop: labelled cross-entropy plus distillation from the bundle."""
 
-    def __init__(self, base: ModelBundle, model: IoTCNN, y: np.ndarray, n_new_from: int,
-                 cfg: FinetuneConfig):  # fmt: skip
+    def __init__(
+        self, base: ModelBundle, model: IoTCNN, y: np.ndarray, n_new_from: int, cfg: FinetuneConfig
+    ):
         self.base, self.model, self.cfg = base, model, cfg
         self.n_old = n_new_from
         self.gen = torch.Generator().manual_seed(cfg.seed)
@@ -148,8 +149,12 @@ class _Trainer:
     def step_loss(self, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
         """One batch's loss; ``yb`` -1 for unlabelled rows."""
         cfg, model = self.cfg, self.model
-        xb = cut_packets(cut_history(xb, cfg.history_dropout, self.gen), cfg.early_share,
-                         self.base.layout, self.gen)  # fmt: skip
+        xb = cut_packets(
+            cut_history(xb, cfg.history_dropout, self.gen),
+            cfg.early_share,
+            self.base.layout,
+            self.gen,
+        )
         logits = model(xb)
         loss = logits.new_zeros(())
         lab = yb >= 0
@@ -172,8 +177,9 @@ class _Trainer:
         rng = np.random.default_rng(cfg.seed)
         steps = max(1, math.ceil(min(len(x), cfg.max_rows) / cfg.batch_size))
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, pct_start=0.1,
-                                                    total_steps=cfg.epochs * steps)  # fmt: skip
+        sched = torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=cfg.lr, pct_start=0.1, total_steps=cfg.epochs * steps
+        )
         history = []
         for epoch in range(1, cfg.epochs + 1):
             model.train()
@@ -183,8 +189,9 @@ class _Trainer:
                 b = np.sort(idx[s * cfg.batch_size : (s + 1) * cfg.batch_size])
                 if not len(b):
                     continue
-                loss = self.step_loss(torch.from_numpy(np.ascontiguousarray(x[b])),
-                                      torch.from_numpy(y[b]))  # fmt: skip
+                loss = self.step_loss(
+                    torch.from_numpy(np.ascontiguousarray(x[b])), torch.from_numpy(y[b])
+                )
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -196,8 +203,14 @@ class _Trainer:
         return history
 
 
-def finetune(base: ModelBundle, ds: Dataset, served: np.ndarray, cfg: FinetuneConfig | None = None,
-             metadata: dict | None = None, log: Callable[[str], None] = print) -> ModelBundle:  # fmt: skip
+def finetune(
+    base: ModelBundle,
+    ds: Dataset,
+    served: np.ndarray,
+    cfg: FinetuneConfig | None = None,
+    metadata: dict | None = None,
+    log: Callable[[str], None] = print,
+) -> ModelBundle:
     """A bundle fine-tuned from *base* on *ds* (labels "" for unlabelled rows, which are
     distilled); ``served``: per row, the label the service gave it when trusted, else ""
     (the pseudo-labels of the trust refit)."""
@@ -215,10 +228,12 @@ def finetune(base: ModelBundle, ds: Dataset, served: np.ndarray, cfg: FinetuneCo
     split = session_split(ds.captures.astype(object), labels, cfg.seed, cfg.val_fraction)
     part = split.part_of(ds.captures.astype(object))
     tr, va = np.flatnonzero(part == 0), np.flatnonzero(part == 1)
-    log(f"fine-tuning {base.name} ({len(base.classes)} classes) into {len(classes)} classes "
+    log(
+        f"fine-tuning {base.name} ({len(base.classes)} classes) into {len(classes)} classes "
         f"(new: {', '.join(new) or 'none'}): {len(tr)} / {len(va)} training / validation "
         f"records, {int((y[tr] >= 0).sum())} / {int((y[va] >= 0).sum())} labelled, "
-        f"{len(split.train)} / {len(split.val)} sessions")  # fmt: skip
+        f"{len(split.train)} / {len(split.val)} sessions"
+    )
     x_new = {index[c]: ds.matrices[tr[y[tr] == index[c]]] for c in new}
     model = grow(base, classes, x_new)
     history = _Trainer(base, model, y, len(base.classes), cfg).fit(ds.matrices[tr], y[tr], log)
@@ -230,19 +245,30 @@ def finetune(base: ModelBundle, ds: Dataset, served: np.ndarray, cfg: FinetuneCo
     temperature = fit_temperature(lv, yv[vj]) if len(vj) else base.temperature
     val_f1 = macro_f1(yv[vj], lv.argmax(1), len(classes)) if len(vj) else float("nan")
     meta = dict(metadata or {})
-    meta.update({
-        "finetuned_from": {"name": base.name, "sha256": base.sha256, "source": base.source},
-        "classes_added": new, "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "finetune_config": asdict(cfg), "split": _joined_split(base, split),
-        "matrices": {"train": int(len(tr)), "val": int(len(va)), "test": 0,
-                     "labelled": int((y >= 0).sum()), "pseudo_labelled_val": int(len(vj))},
-        "history": history, "val_macro_f1": round(val_f1, 5) if val_f1 == val_f1 else None,
-        "parameters": count_parameters(model),
-        "flops": {"sequence": count_flops(model), "flow": count_flops(model, rows=1)},
-    })  # fmt: skip
+    meta.update(
+        {
+            "finetuned_from": {"name": base.name, "sha256": base.sha256, "source": base.source},
+            "classes_added": new,
+            "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "finetune_config": asdict(cfg),
+            "split": _joined_split(base, split),
+            "matrices": {
+                "train": int(len(tr)),
+                "val": int(len(va)),
+                "test": 0,
+                "labelled": int((y >= 0).sum()),
+                "pseudo_labelled_val": int(len(vj)),
+            },
+            "history": history,
+            "val_macro_f1": round(val_f1, 5) if val_f1 == val_f1 else None,
+            "parameters": count_parameters(model),
+            "flops": {"sequence": count_flops(model), "flow": count_flops(model, rows=1)},
+        }
+    )
     log(f"validation macro-F1 {val_f1:.4f} on {len(vj)} records; temperature {temperature:.3f}")
-    bundle = ModelBundle(model=model, layout=base.layout, classes=classes,
-                         temperature=temperature, metadata=meta)  # fmt: skip
+    bundle = ModelBundle(
+        model=model, layout=base.layout, classes=classes, temperature=temperature, metadata=meta
+    )
     if cfg.trust and base.trust is not None:
         _refit_trust(bundle, base, ds, y, yv, tr, vj, meta, log)
         _extend_identities(bundle, base, ds, y)
@@ -259,14 +285,23 @@ def _extend_identities(bundle: ModelBundle, base: ModelBundle, ds: Dataset, y: n
     rows = np.flatnonzero(y >= 0)
     names = np.array(bundle.classes, object)[y[rows]]
     ids = {k: list(v) for k, v in base.trust.get("dhcp_identities", {}).items()}
-    for ident, cls in fit_identities(bundle.layout.dhcp_identities(ds.matrices[rows, 0]),
-                                     names).items():  # fmt: skip
+    for ident, cls in fit_identities(
+        bundle.layout.dhcp_identities(ds.matrices[rows, 0]), names
+    ).items():
         ids[ident] = sorted(set(ids.get(ident, [])) | set(cls))
     bundle.trust["dhcp_identities"] = ids
     amb = set(base.trust.get("dhcp_ambiguous", []))
     if len(rows):
-        amb |= set(ambiguous_identities(bundle, ds.matrices[rows], names, ds.captures[rows],
-                                        ds.devices[rows], ds.timestamps[rows]))  # fmt: skip
+        amb |= set(
+            ambiguous_identities(
+                bundle,
+                ds.matrices[rows],
+                names,
+                ds.captures[rows],
+                ds.devices[rows],
+                ds.timestamps[rows],
+            )
+        )
     amb = sorted(amb)
     bundle.trust["dhcp_ambiguous"] = amb
     if base.trust.get("dhcp_needed"):  # rule 7's classes, as the bundle fitted them
@@ -278,12 +313,22 @@ def _joined_split(base: ModelBundle, split: Split) -> dict:
     """The bundle's split with the new sessions added: evaluate then keeps scoring the
     bundle's held-out captures only, when given its training set again."""
     old = base.metadata.get("split") or {}
-    return {k: sorted(set(old.get(k, [])) | set(getattr(split, k))) for k in ("train", "val", "test")}
+    return {
+        k: sorted(set(old.get(k, [])) | set(getattr(split, k))) for k in ("train", "val", "test")
+    }
 
 
-def _refit_trust(bundle: ModelBundle, base: ModelBundle, ds: Dataset, y: np.ndarray,
-                 yv: np.ndarray, tr: np.ndarray, vj: np.ndarray, meta: dict,
-                 log: Callable[[str], None]) -> None:  # fmt: skip
+def _refit_trust(
+    bundle: ModelBundle,
+    base: ModelBundle,
+    ds: Dataset,
+    y: np.ndarray,
+    yv: np.ndarray,
+    tr: np.ndarray,
+    vj: np.ndarray,
+    meta: dict,
+    log: Callable[[str], None],
+) -> None:
     """The trust state for the grown model (see the module docstring). References: the
     validation rows, and the training rows the service trusted (the model never learnt
     their labels, only the bundle's probabilities on them); the training rows someone
@@ -291,13 +336,22 @@ def _refit_trust(bundle: ModelBundle, base: ModelBundle, ds: Dataset, y: np.ndar
     pseudo = tr[(y[tr] < 0) & (yv[tr] >= 0)]
     refs = np.concatenate([vj, pseudo])
     tj = tr[y[tr] >= 0]
-    state, facts = fit_state(bundle.model, bundle.layout, bundle.temperature, bundle.classes,
-                             ds.matrices[refs], yv[refs], fitted_on="fine-tuning sessions",
-                             fallback=(ds.matrices[tj], yv[tj]))  # fmt: skip
+    state, facts = fit_state(
+        bundle.model,
+        bundle.layout,
+        bundle.temperature,
+        bundle.classes,
+        ds.matrices[refs],
+        yv[refs],
+        fitted_on="fine-tuning sessions",
+        fallback=(ds.matrices[tj], yv[tj]),
+    )
     state.dhcp_identities = dict(base.trust.get("dhcp_identities", {}))
     bundle.trust = state.to_dict()
     meta["trust"] = facts
     missing = facts["classes_without_profile"]
-    log(f"trust state: {facts['references']} references from {facts['labels']} validation "
+    log(
+        f"trust state: {facts['references']} references from {facts['labels']} validation "
         f"labels; classes without references (their labels stay untrusted): "
-        f"{', '.join(missing) or 'none'}")  # fmt: skip
+        f"{', '.join(missing) or 'none'}"
+    )

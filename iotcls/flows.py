@@ -71,9 +71,7 @@ _NEVER = -(1 << 62)  # a time before any packet
 MAX_WINDOW_S = (1 << 61) / NS  # about 73 years: see the module docstring
 _MAC48 = (1 << 48) - 1
 _MASK64 = (1 << 64) - 1
-_BASE62 = np.frombuffer(
-    b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz", np.uint8
-)
+_BASE62 = np.frombuffer(b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz", np.uint8)
 _BASE62_PAIRS = np.stack(np.meshgrid(_BASE62, _BASE62, indexing="ij"), -1).reshape(-1, 2)
 _UID_SEEDS = (0x243F6A8885A308D3, 0x13198A2E03707344)
 
@@ -140,8 +138,11 @@ class DeviceSelector:
                 bits = net.prefixlen
                 mask = ((1 << bits) - 1) << (128 - bits) if bits else 0
                 nh, nl = _ip_halves(net.network_address)
-                inside |= ~v4 & ((hi & _U64(mask >> 64)) == _U64(nh)) & (
-                    (lo & _U64(mask & _MASK64)) == _U64(nl))
+                inside |= (
+                    ~v4
+                    & ((hi & _U64(mask >> 64)) == _U64(nh))
+                    & ((lo & _U64(mask & _MASK64)) == _U64(nl))
+                )
         return inside & ~excluded
 
     def sides(self, b: PacketBatch) -> tuple[np.ndarray, np.ndarray]:
@@ -211,18 +212,29 @@ def _hash(cols: Iterable[np.ndarray], seed: int) -> np.ndarray:
 
 
 def make_uids(
-    a_hi: np.ndarray, a_lo: np.ndarray, a_port: np.ndarray, b_hi: np.ndarray,
-    b_lo: np.ndarray, b_port: np.ndarray, proto: np.ndarray, first_ns: np.ndarray,
-) -> np.ndarray:  # fmt: skip
+    a_hi: np.ndarray,
+    a_lo: np.ndarray,
+    a_port: np.ndarray,
+    b_hi: np.ndarray,
+    b_lo: np.ndarray,
+    b_port: np.ndarray,
+    proto: np.ndarray,
+    first_ns: np.ndarray,
+) -> np.ndarray:
     """Zeek-like connection uids: "C" + 17 base62 characters, from the unordered 5-tuple
     (endpoints a, b in any order) and the connection's first packet time."""
     n = len(a_hi)
     swap = (a_hi > b_hi) | (a_hi == b_hi) & ((a_lo > b_lo) | (a_lo == b_lo) & (a_port > b_port))
     cols = [
-        np.where(swap, b_hi, a_hi), np.where(swap, b_lo, a_lo), np.where(swap, b_port, a_port),
-        np.where(swap, a_hi, b_hi), np.where(swap, a_lo, b_lo), np.where(swap, a_port, b_port),
-        proto, first_ns,
-    ]  # fmt: skip
+        np.where(swap, b_hi, a_hi),
+        np.where(swap, b_lo, a_lo),
+        np.where(swap, b_port, a_port),
+        np.where(swap, a_hi, b_hi),
+        np.where(swap, a_lo, b_lo),
+        np.where(swap, a_port, b_port),
+        proto,
+        first_ns,
+    ]
     out = np.empty((n, 18), np.uint8)
     out[:, 0] = ord("C")
     col = 1
@@ -284,10 +296,13 @@ class _FirstPackets(Columns):
 
     @classmethod
     def zeros(cls, m: int, packets: int, payload_bytes: int) -> _FirstPackets:
-        return cls(np.zeros((m, packets), np.int64), np.zeros((m, packets), np.int32),
-                   np.zeros((m, packets), np.int8),
-                   np.zeros((m, packets, payload_bytes), np.uint8),
-                   np.zeros((m, packets), np.int32))  # fmt: skip
+        return cls(
+            np.zeros((m, packets), np.int64),
+            np.zeros((m, packets), np.int32),
+            np.zeros((m, packets), np.int8),
+            np.zeros((m, packets, payload_bytes), np.uint8),
+            np.zeros((m, packets), np.int32),
+        )
 
 
 @dataclass
@@ -315,11 +330,18 @@ class _Open:
         u = np.zeros(0, np.uint64)
         words = ("dev_mac", "dev_hi", "dev_lo", "rem_hi", "rem_lo")  # uint64 key fields
         return cls(
-            h=u, h2=u, key={k: (u if k in words else i) for k in _KEY_FIELDS},
-            start=i, last=i, nbytes=i, npkts=i, nfirst=i,
-            first=_FirstPackets.zeros(0, packets, payload_bytes), cstart=i,
+            h=u,
+            h2=u,
+            key={k: (u if k in words else i) for k in _KEY_FIELDS},
+            start=i,
+            last=i,
+            nbytes=i,
+            npkts=i,
+            nfirst=i,
+            first=_FirstPackets.zeros(0, packets, payload_bytes),
+            cstart=i,
             dorig=np.zeros(0, bool),
-        )  # fmt: skip
+        )
 
 
 # What one batch hands from phase to phase in FlowBuilder._step (module docstring, 1 to 5).
@@ -352,9 +374,15 @@ class _Rows:
     @classmethod
     def merge(cls, ow: _Open, ent: _Entries) -> _Rows:
         key = {k: np.concatenate([ow.key[k], ent.key[k]]) for k in _KEY_FIELDS}
-        return cls(ow, key, np.concatenate([ow.start, ent.ts]),
-                   np.concatenate([ow.last, ent.ts]), np.concatenate([ow.nbytes, ent.ip_len]),
-                   len(ow), len(ow) + len(ent.pk))  # fmt: skip
+        return cls(
+            ow,
+            key,
+            np.concatenate([ow.start, ent.ts]),
+            np.concatenate([ow.last, ent.ts]),
+            np.concatenate([ow.nbytes, ent.ip_len]),
+            len(ow),
+            len(ow) + len(ent.pk),
+        )
 
 
 @dataclass
@@ -414,8 +442,9 @@ class BuilderStats:
 def check_window(window_s: float) -> None:
     """ValueError unless ``0 < window_s <= MAX_WINDOW_S`` (NaN and infinity included)."""
     if not 0 < window_s <= MAX_WINDOW_S:
-        raise ValueError(f"window must be positive and at most {MAX_WINDOW_S:.0f} s, "
-                         f"not {window_s!r}")  # fmt: skip
+        raise ValueError(
+            f"window must be positive and at most {MAX_WINDOW_S:.0f} s, not {window_s!r}"
+        )
 
 
 class FlowBuilder:
@@ -481,8 +510,10 @@ class FlowBuilder:
         if len(b):
             lo, hi = int(b.ts_ns.min()), int(b.ts_ns.max())
             if lo < 0 or hi >= TS_LIMIT_NS:
-                raise ValueError(f"flow builder: packet time {lo if lo < 0 else hi} ns is "
-                                 f"outside [0, {TS_LIMIT_NS})")  # fmt: skip
+                raise ValueError(
+                    f"flow builder: packet time {lo if lo < 0 else hi} ns is "
+                    f"outside [0, {TS_LIMIT_NS})"
+                )
             self._tmax = max(self._tmax, hi)
         return self._step(b, final=last)
 
@@ -600,15 +631,26 @@ class FlowBuilder:
         w_gfirst = np.empty(nw, bool)
         w_gfirst[1:], w_gfirst[0] = change, True
         return _Windows(
-            src=w_src, start=grp.T[hidx], last=np.maximum.reduceat(rows.tl[o], hidx),
-            nbytes=np.add.reduceat(rows.nb[o], hidx), npkts=w_pkts,
+            src=w_src,
+            start=grp.T[hidx],
+            last=np.maximum.reduceat(rows.tl[o], hidx),
+            nbytes=np.add.reduceat(rows.nb[o], hidx),
+            npkts=w_pkts,
             nfirst=np.minimum(P, w_rows - w_vhead + np.where(w_vhead, base + 1, 0)),
-            group=w_group, islast=w_islast, gfirst=w_gfirst, vhead=w_vhead, vid=w_vid,
-            base=base, hidx=hidx, row_wid=np.cumsum(heads) - 1, row_is_v=is_v,
-        )  # fmt: skip
+            group=w_group,
+            islast=w_islast,
+            gfirst=w_gfirst,
+            vhead=w_vhead,
+            vid=w_vid,
+            base=base,
+            hidx=hidx,
+            row_wid=np.cumsum(heads) - 1,
+            row_is_v=is_v,
+        )
 
-    def _first_packets(self, b: PacketBatch, ent: _Entries, rows: _Rows, grp: _Groups,
-                       win: _Windows) -> _FirstPackets:  # fmt: skip
+    def _first_packets(
+        self, b: PacketBatch, ent: _Entries, rows: _Rows, grp: _Groups, win: _Windows
+    ) -> _FirstPackets:
         """Each window's first packets: an open window's stored ones, then the entries
         ranked after them."""
         P, B, v, n = self.packets, self.payload_bytes, rows.v, rows.n
@@ -636,12 +678,16 @@ class FlowBuilder:
             dh = np.flatnonzero(is_dhcp(b.proto[pki], b.sport[pki], b.dport[pki]))
             if len(dh):  # DHCP: the view of the whole message (iotcls.dhcp)
                 raw, rlen = b.payload(pki[dh], DHCP_PAYLOAD_BYTES)
-                put_views(f.pay, f.plen, sw[dh], sr[dh],
-                          [raw[i, : rlen[i]].tobytes() for i in range(len(dh))])  # fmt: skip
+                put_views(
+                    f.pay,
+                    f.plen,
+                    sw[dh],
+                    sr[dh],
+                    [raw[i, : rlen[i]].tobytes() for i in range(len(dh))],
+                )
         return f
 
-    def _connections(self, ent: _Entries, rows: _Rows, grp: _Groups,
-                     win: _Windows) -> _Connections:  # fmt: skip
+    def _connections(self, ent: _Entries, rows: _Rows, grp: _Groups, win: _Windows) -> _Connections:
         """Each window's connection: an open window's, a known key's (if not idle too long),
         or the previous window's; otherwise the head packet starts a new one."""
         ow, v, nw = rows.open, rows.v, len(win)
@@ -674,23 +720,43 @@ class FlowBuilder:
         fill = np.maximum.accumulate(np.where(defined, np.arange(nw), 0))
         return _Connections(w_cstart[fill], w_dorig[fill], gh, kt_pos, kt_found)
 
-    def _close(self, rows: _Rows, grp: _Groups, win: _Windows, first: _FirstPackets,
-               conn: _Connections, final: bool) -> FlowTable:  # fmt: skip
+    def _close(
+        self,
+        rows: _Rows,
+        grp: _Groups,
+        win: _Windows,
+        first: _FirstPackets,
+        conn: _Connections,
+        final: bool,
+    ) -> FlowTable:
         """Windows that are done become records (by start); the others stay open, and the
         connection table and the devices' first packets learn this batch."""
         closed = ~win.islast | final | (win.start + self.window_ns <= self._tmax)
         keep = np.flatnonzero(win.islast & ~closed)
         head = win.hidx[keep]
         self._open = _Open(
-            h=grp.H[head], h2=grp.h2[head],
+            h=grp.H[head],
+            h2=grp.h2[head],
             key={k: rows.key[k][win.src[keep]] for k in _KEY_FIELDS},
-            start=win.start[keep], last=win.last[keep], nbytes=win.nbytes[keep],
-            npkts=win.npkts[keep], nfirst=win.nfirst[keep], first=first.take(keep),
-            cstart=conn.cstart[keep], dorig=conn.dorig[keep],
-        )  # fmt: skip
+            start=win.start[keep],
+            last=win.last[keep],
+            nbytes=win.nbytes[keep],
+            npkts=win.npkts[keep],
+            nfirst=win.nfirst[keep],
+            first=first.take(keep),
+            cstart=conn.cstart[keep],
+            dorig=conn.dorig[keep],
+        )
         il = win.islast
-        self._update_keys(conn.gh, win.last[il], conn.cstart[il], conn.dorig[il], conn.kt_pos,
-                          conn.kt_found, final)  # fmt: skip
+        self._update_keys(
+            conn.gh,
+            win.last[il],
+            conn.cstart[il],
+            conn.dorig[il],
+            conn.kt_pos,
+            conn.kt_found,
+            final,
+        )
         self._note_first_seen(rows.key, grp.o, grp.gs, grp.T)
         cw = np.flatnonzero(closed)
         cw = cw[np.argsort(win.start[cw], kind="stable")]
@@ -701,8 +767,11 @@ class FlowBuilder:
         """Two independent hashes of each key. A key's hashes depend on its own fields only
         (open windows and the connection table keep them across chunks): IPv4 keys pack both
         addresses into one word, and hash under other seeds than the six-word form."""
-        ports = (key["dev_port"].astype(np.uint64) << _U64(24)) | (
-            key["rem_port"].astype(np.uint64) << _U64(8)) | key["proto"].astype(np.uint64)
+        ports = (
+            (key["dev_port"].astype(np.uint64) << _U64(24))
+            | (key["rem_port"].astype(np.uint64) << _U64(8))
+            | key["proto"].astype(np.uint64)
+        )
         dh, dl, rh, rl = key["dev_hi"], key["dev_lo"], key["rem_hi"], key["rem_lo"]
         mac = key["dev_mac"]
         seeds = (seed, ~seed & _MASK64)
@@ -748,13 +817,18 @@ class FlowBuilder:
         mins = np.full(len(uniq), -_NEVER, np.int64)
         np.minimum.at(mins, inv.ravel(), first)
         fs = self._first_seen
-        for m, a, c, t in zip(mac[idx].tolist(), hi[idx].tolist(), lo[idx].tolist(),
-                              mins.tolist()):  # fmt: skip
+        for m, a, c, t in zip(mac[idx].tolist(), hi[idx].tolist(), lo[idx].tolist(), mins.tolist()):
             if t < fs.get((m, a, c), t + 1):
                 fs[(m, a, c)] = t
 
-    def _table(self, cw: np.ndarray, allkey: dict[str, np.ndarray], w: _Windows,
-               f: _FirstPackets, c: _Connections) -> FlowTable:  # fmt: skip
+    def _table(
+        self,
+        cw: np.ndarray,
+        allkey: dict[str, np.ndarray],
+        w: _Windows,
+        f: _FirstPackets,
+        c: _Connections,
+    ) -> FlowTable:
         """The records of the windows ``cw``, in that order."""
         m = len(cw)
         P, B = self.packets, self.payload_bytes
@@ -768,8 +842,16 @@ class FlowBuilder:
         present = np.arange(P)[None, :] < nf[:, None]
         offs = np.where(present, (f.t[cw] - start[:, None]) / NS, 0.0)
         cstart = c.cstart[cw]
-        uid = make_uids(k["dev_hi"], k["dev_lo"], k["dev_port"], k["rem_hi"], k["rem_lo"],
-                        k["rem_port"], k["proto"], cstart)  # fmt: skip
+        uid = make_uids(
+            k["dev_hi"],
+            k["dev_lo"],
+            k["dev_port"],
+            k["rem_hi"],
+            k["rem_lo"],
+            k["rem_port"],
+            k["proto"],
+            cstart,
+        )
         self.emitted_caps = (k["dev_mac"] >> _U64(48)).astype(np.int64)
         return FlowTable(
             device_mac=_macs_to_str(k["dev_mac"] & _U64(_MAC48)),
@@ -933,8 +1015,10 @@ def read_failure(reader: CaptureReader, e: BaseException) -> str:
     foresee: the file, the chunk's offset and the exception, so that the capture is skipped
     and reported while the others go on (a sensor's input is hostile by definition)."""
     what = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-    return (f"{reader.path}: byte {reader.position}: cannot read this capture "
-            f"({type(e).__name__}{': ' + what if what else ''}); skipped")
+    return (
+        f"{reader.path}: byte {reader.position}: cannot read this capture "
+        f"({type(e).__name__}{': ' + what if what else ''}); skipped"
+    )
 
 
 def capture_flows_many(
@@ -977,8 +1061,9 @@ def capture_flows_many(
         else:
             table, tcaps = FlowTable.empty(packets, payload_bytes), np.zeros(0, np.int64)
     except Exception:  # noqa: BLE001 - one capture's packets broke the shared pass
-        return [capture_flows(p, s, window_s, packets, payload_bytes)
-                for p, s in zip(paths, selectors)]  # fmt: skip
+        return [
+            capture_flows(p, s, window_s, packets, payload_bytes) for p, s in zip(paths, selectors)
+        ]
     order = np.lexsort((table.start, tcaps))  # by capture, then start (stable)
     table, tcaps = table.take(order), tcaps[order]
     bounds = np.searchsorted(tcaps, np.arange(len(paths) + 1))

@@ -105,9 +105,7 @@ class FlowTable:
         )
 
     @classmethod
-    def from_records(
-        cls, records: list[FlowRecord], packets: int, payload_bytes: int
-    ) -> FlowTable:
+    def from_records(cls, records: list[FlowRecord], packets: int, payload_bytes: int) -> FlowTable:
         """Records with more packets or payload than the table holds are truncated.
 
         One Python pass gathers the per-packet lists, numpy scatters them: the bridge turns
@@ -130,9 +128,7 @@ class FlowTable:
             cut = slice(0, packets)
             t.offsets[rows, cols] = list(chain.from_iterable(r.offsets[cut] for r in records))
             t.sizes[rows, cols] = list(chain.from_iterable(r.sizes[cut] for r in records))
-            t.directions[rows, cols] = list(
-                chain.from_iterable(r.directions[cut] for r in records)
-            )
+            t.directions[rows, cols] = list(chain.from_iterable(r.directions[cut] for r in records))
             pays = [p[:payload_bytes] for r in records for p in r.payloads[cut]]
             lens = np.fromiter(map(len, pays), np.int64, total)
             t.payload_len[rows, cols] = lens
@@ -152,8 +148,9 @@ class FlowTable:
         if payload_bytes:  # DHCP payloads: their view (iotcls.dhcp), not their first bytes
             for i in np.flatnonzero(is_dhcp(t.proto, t.device_port, t.remote_port)).tolist():
                 k = int(ks[i])
-                put_views(t.payload, t.payload_len, np.full(k, i), np.arange(k),
-                          records[i].payloads[:k])  # fmt: skip
+                put_views(
+                    t.payload, t.payload_len, np.full(k, i), np.arange(k), records[i].payloads[:k]
+                )
         return t
 
     def record(self, i: int) -> FlowRecord:
@@ -189,10 +186,7 @@ class FlowTable:
         if not tables:
             return cls.empty(packets, payload_bytes)
         return cls(
-            **{
-                f.name: np.concatenate([getattr(t, f.name) for t in tables])
-                for f in fields(cls)
-            }
+            **{f.name: np.concatenate([getattr(t, f.name) for t in tables]) for f in fields(cls)}
         )
 
     def device_keys(self) -> np.ndarray:

@@ -45,14 +45,32 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from .dhcp import identity_of, is_dhcp
 from .flowtable import FlowTable
-from .schema import DEFAULT_PACKETS, DEFAULT_WINDOW_S, PRIVATE_NETS, PROTO_ICMP, PROTO_ICMP6
-from .schema import PROTO_TCP, PROTO_UDP
+from .schema import (
+    DEFAULT_PACKETS,
+    DEFAULT_WINDOW_S,
+    PRIVATE_NETS,
+    PROTO_ICMP,
+    PROTO_ICMP6,
+    PROTO_TCP,
+    PROTO_UDP,
+)
 
 LAYOUT_VERSION = 2  # 2: DHCPv4 payloads as iotcls.dhcp views
 META_COLUMNS = (
-    "rel_time", "rip0", "rip1", "rip2", "rip3", "rip_v6", "rport", "dport",
-    "tcp", "udp", "icmp", "bytes", "pkts",
-)  # fmt: skip
+    "rel_time",
+    "rip0",
+    "rip1",
+    "rip2",
+    "rip3",
+    "rip_v6",
+    "rport",
+    "dport",
+    "tcp",
+    "udp",
+    "icmp",
+    "bytes",
+    "pkts",
+)
 GROUPS = ("meta", "timing", "sizes", "directions", "payload")
 STREAM_START = -4.0
 STREAM_END = -8.0
@@ -121,8 +139,9 @@ class MatrixLayout:
 
     def __post_init__(self) -> None:
         if self.payload_mode not in ("packet", "stream", "none"):
-            raise LayoutError(f"layout: payload_mode must be packet, stream or none, "
-                              f"not {self.payload_mode!r}")  # fmt: skip
+            raise LayoutError(
+                f"layout: payload_mode must be packet, stream or none, not {self.payload_mode!r}"
+            )
         for name in ("history", "packets", "payload_bytes", "stream_bytes"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 0:
@@ -134,7 +153,7 @@ class MatrixLayout:
 
     # -- presets and serialisation ---------------------------------------------------------
     @classmethod
-    def preset(cls, name: str) -> "MatrixLayout":
+    def preset(cls, name: str) -> MatrixLayout:
         if name == "default":
             return cls()
         if name == "paper":
@@ -147,7 +166,7 @@ class MatrixLayout:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "MatrixLayout":
+    def from_dict(cls, d: dict) -> MatrixLayout:
         if not isinstance(d, dict):
             raise LayoutError(f"layout: expected a mapping, got {type(d).__name__}")
         known = {f.name for f in fields(cls)}
@@ -165,14 +184,14 @@ class MatrixLayout:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     @classmethod
-    def from_yaml(cls, text: str) -> "MatrixLayout":
+    def from_yaml(cls, text: str) -> MatrixLayout:
         try:
             d = yaml.safe_load(text)
         except yaml.YAMLError as e:
             raise LayoutError(f"layout: not valid YAML: {e}") from None
         return cls.from_dict(d)
 
-    def check_compatible(self, other: "MatrixLayout", what: str = "data") -> None:
+    def check_compatible(self, other: MatrixLayout, what: str = "data") -> None:
         if self != other:
             diff = {
                 f.name: (getattr(self, f.name), getattr(other, f.name))
@@ -425,8 +444,9 @@ class SequenceAssembler:
         mats[i[col], j + 1, 0] = rel_time(t[col] - stored[pos, col])
         return mats
 
-    def _add_chunk(self, mats: np.ndarray, rows: np.ndarray, starts: np.ndarray,
-                   devices: list[str]) -> None:  # fmt: skip
+    def _add_chunk(
+        self, mats: np.ndarray, rows: np.ndarray, starts: np.ndarray, devices: list[str]
+    ) -> None:
         n = len(rows)
         slot = self._touch(devices)
         if len(self._pool) < self._zero + 1 + n:
@@ -482,8 +502,9 @@ class SequenceAssembler:
         pool[: old * k] = self._pool[: old * k]
         self._pool = pool
 
-    def _add_ordered(self, mats: np.ndarray, starts: np.ndarray, slot: np.ndarray,
-                     base: int) -> None:  # fmt: skip
+    def _add_ordered(
+        self, mats: np.ndarray, starts: np.ndarray, slot: np.ndarray, base: int
+    ) -> None:
         """Matrices for records whose device's records (here) come in start order, their
         rows at pool rows ``base...``; then the rings updated.
 
@@ -533,8 +554,9 @@ class SequenceAssembler:
         mats[:, 1:, 0] = rel_time(age).T
         self._update_rings(starts, by, first, ss[first], base)
 
-    def _update_rings(self, starts: np.ndarray, by: np.ndarray, first: np.ndarray,
-                      slots: np.ndarray, base: int) -> None:  # fmt: skip
+    def _update_rings(
+        self, starts: np.ndarray, by: np.ndarray, first: np.ndarray, slots: np.ndarray, base: int
+    ) -> None:
         """Each ring becomes the top k of itself and its device's records here (in start
         order, so their newest k suffice). The entries kept from the ring are its newest and
         keep their cells; new rows take the cells of the dropped and unused positions."""

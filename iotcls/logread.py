@@ -13,10 +13,11 @@ import gzip
 import json
 import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any
 
 from .logschema import FIELDS
 
@@ -46,7 +47,7 @@ def _unescape(s: str) -> str:
     return re.sub(r"\\x([0-9a-fA-F]{2})", lambda m: chr(int(m.group(1), 16)), s)
 
 
-def _parse_ascii(raw: str, ztype: str, header: "_AsciiHeader") -> Any:
+def _parse_ascii(raw: str, ztype: str, header: _AsciiHeader) -> Any:
     if raw == header.unset:
         return None
     if ztype.startswith(("vector", "set")):
@@ -137,8 +138,10 @@ def read_log(path: str | Path) -> Iterator[LogRow]:
                 elif s.lstrip().startswith("{"):
                     yield from _read_json(p, lineno, s, lines)
                 else:
-                    raise LogReadError(f"{p}:{lineno}: not an iot_class.log: expected a Zeek "
-                                       "ASCII header (#separator) or a JSON object")  # fmt: skip
+                    raise LogReadError(
+                        f"{p}:{lineno}: not an iot_class.log: expected a Zeek "
+                        "ASCII header (#separator) or a JSON object"
+                    )
                 return
     except OSError as e:
         raise LogReadError(f"{p}: cannot read: {e.strerror or e}") from None
@@ -170,7 +173,7 @@ def _read_ascii(
 
 def _header_line(p: Path, lineno: int, s: str, h: _AsciiHeader) -> None:
     if s.startswith("#separator "):
-        h.sep = _unescape(s[len("#separator "):])
+        h.sep = _unescape(s[len("#separator ") :])
         return
     key, _, value = s.partition(h.sep)
     if key == "#set_separator":
@@ -197,15 +200,15 @@ def _check_header(p: Path, lineno: int, h: _AsciiHeader) -> None:
     if missing:
         raise LogReadError(f"{p}:{lineno}: the #fields header lacks {', '.join(missing)}")
     if h.types and len(h.types) != len(h.fields):
-        raise LogReadError(f"{p}:{lineno}: #types has {len(h.types)} columns, "
-                           f"#fields {len(h.fields)}")  # fmt: skip
+        raise LogReadError(
+            f"{p}:{lineno}: #types has {len(h.types)} columns, #fields {len(h.fields)}"
+        )
 
 
 def _ascii_row(p: Path, lineno: int, s: str, h: _AsciiHeader) -> LogRow:
     cols = s.split(h.sep)
     if len(cols) != len(h.fields):
-        raise LogReadError(f"{p}:{lineno}: {len(cols)} columns, the header has "
-                           f"{len(h.fields)}")  # fmt: skip
+        raise LogReadError(f"{p}:{lineno}: {len(cols)} columns, the header has {len(h.fields)}")
     values: dict[str, Any] = {}
     for i, (name, raw) in enumerate(zip(h.fields, cols)):
         ztype = ZEEK_TYPES.get(name) or (h.types[i] if h.types else "string")

@@ -59,10 +59,24 @@ class LogEntry:
 
     def values(self) -> tuple:
         return (
-            self.ts, self.uid, self.orig_h, self.orig_p, self.resp_h, self.resp_p, self.proto,
-            self.device_mac, self.device_ip, self.label, self.confidence, self.strategy,
-            self.n_flows, self.trusted, self.reason, self.top_groups, self.model,
-        )  # fmt: skip
+            self.ts,
+            self.uid,
+            self.orig_h,
+            self.orig_p,
+            self.resp_h,
+            self.resp_p,
+            self.proto,
+            self.device_mac,
+            self.device_ip,
+            self.label,
+            self.confidence,
+            self.strategy,
+            self.n_flows,
+            self.trusted,
+            self.reason,
+            self.top_groups,
+            self.model,
+        )
 
     def to_json_dict(self) -> dict:
         """As Zeek writes with ``LogAscii::use_json=T`` (empty strings and vectors kept)."""
@@ -121,9 +135,7 @@ class LogWriter:
             return
         vals = list(entry.values())
         vals[7] = vals[7] or None  # device_mac unset when unknown
-        self.stream.write(
-            "\t".join(_ascii_value(v, t) for v, (_, t) in zip(vals, FIELDS)) + "\n"
-        )
+        self.stream.write("\t".join(_ascii_value(v, t) for v, (_, t) in zip(vals, FIELDS)) + "\n")
 
     def close(self) -> None:
         if self.fmt == "zeek":

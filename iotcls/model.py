@@ -53,7 +53,7 @@ class ModelConfig:
     dropout: float = 0.1
 
     @classmethod
-    def from_layout(cls, layout: MatrixLayout, n_classes: int, **kw) -> "ModelConfig":
+    def from_layout(cls, layout: MatrixLayout, n_classes: int, **kw) -> ModelConfig:
         return cls(
             n_classes=n_classes,
             history=layout.history,
@@ -68,7 +68,7 @@ class ModelConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
+    def from_dict(cls, d: dict) -> ModelConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:

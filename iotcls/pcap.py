@@ -184,8 +184,11 @@ class PacketBatch:
         return cls(np.zeros(_PAD, np.uint8), i, i, i, i, u, u, u, u, i, i, u, u, i, i, i)
 
     def take(self, idx: np.ndarray) -> PacketBatch:
-        kw = {k: getattr(self, k)[idx] for k in self.__dataclass_fields__
-              if k != "buf" and getattr(self, k) is not None}  # fmt: skip
+        kw = {
+            k: getattr(self, k)[idx]
+            for k in self.__dataclass_fields__
+            if k != "buf" and getattr(self, k) is not None
+        }
         return PacketBatch(buf=self.buf, **kw)
 
     @classmethod
@@ -409,9 +412,7 @@ class CaptureReader:
                 if magic in (_MAGIC_USEC, _MAGIC_NSEC):
                     break
             else:
-                raise PcapError(
-                    f"{self.path}: not a pcap or pcapng file (magic {head[:4].hex()})"
-                )
+                raise PcapError(f"{self.path}: not a pcap or pcapng file (magic {head[:4].hex()})")
             if len(head) < 24:
                 raise PcapError(f"{self.path}: pcap file header cut short ({len(head)} bytes)")
             e = ">" if big else "<"
@@ -487,16 +488,23 @@ class CaptureReader:
                 ts = hdr[:, 0] * 1_000_000_000 + frac
                 st.frames += len(off)
                 batch = self._parse(
-                    buf, off + 16, hdr[:, 2], np.maximum(hdr[:, 3], hdr[:, 2]), ts,
-                    off + base, linktype,
-                )  # fmt: skip
+                    buf,
+                    off + 16,
+                    hdr[:, 2],
+                    np.maximum(hdr[:, 3], hdr[:, 2]),
+                    ts,
+                    off + base,
+                    linktype,
+                )
                 if len(batch):
                     yield batch
             if corrupt:
                 incl = struct.unpack_from(">I" if big else "<I", arr, stop + 8)[0]
                 st.truncated = True
-                st.warn(base + stop, f"corrupt record header (captured length {incl}); "
-                                     "stopped reading this file")  # fmt: skip
+                st.warn(
+                    base + stop,
+                    f"corrupt record header (captured length {incl}); stopped reading this file",
+                )
                 gen.close()
                 return
             if eof:
@@ -534,8 +542,9 @@ class CaptureReader:
                 return
             item = gen.send(pos)
 
-    def _walk_pcapng(self, arr: bytearray, size: int, base: int,
-                     section: _Section | None) -> _BlockWalk:  # fmt: skip
+    def _walk_pcapng(
+        self, arr: bytearray, size: int, base: int, section: _Section | None
+    ) -> _BlockWalk:
         """The blocks of one chunk, from its start: packet blocks collected by section, each
         section and interface block read as it comes. Stops at the first block the chunk
         does not hold whole, or at corrupt framing (``corrupt`` says which)."""
@@ -606,9 +615,14 @@ class CaptureReader:
         return _BlockWalk(groups, pos, corrupt, section)
 
     def _pcapng_packets(
-        self, buf: np.ndarray, base: int, sec: _Section, e_offs: list[int],
-        s_offs: list[int], last_ts: int,
-    ) -> tuple[PacketBatch | None, int]:  # fmt: skip
+        self,
+        buf: np.ndarray,
+        base: int,
+        sec: _Section,
+        e_offs: list[int],
+        s_offs: list[int],
+        last_ts: int,
+    ) -> tuple[PacketBatch | None, int]:
         """One section's enhanced (``e_offs``) and simple (``s_offs``) packet blocks of a
         chunk. A block naming an interface not defined before it is skipped with a warning
         (its framing is fine); a simple packet takes the time of the packet before it."""
@@ -623,7 +637,7 @@ class CaptureReader:
         ecap, eorig = eh[:, 5], eh[:, 6]
         known = sec.known_ifaces(eo + base)
         ok = (ecap <= eh[:, 1] - 32) & (iface < known)
-        for i in np.flatnonzero(~ok)[: MAX_WARNINGS]:
+        for i in np.flatnonzero(~ok)[:MAX_WARNINGS]:
             what = "unknown interface" if iface[i] >= known[i] else "bad captured length"
             st.warn(base + int(eo[i]), f"pcapng: enhanced packet block with {what}; skipped")
         st.malformed += int((~ok).sum())
@@ -638,8 +652,10 @@ class CaptureReader:
         if len(so):
             orphan = sec.known_ifaces(so + base) == 0
             if orphan.any():
-                st.warn(base + int(so[np.argmax(orphan)]),
-                        "pcapng: simple packet block before any interface; skipped")
+                st.warn(
+                    base + int(so[np.argmax(orphan)]),
+                    "pcapng: simple packet block before any interface; skipped",
+                )
                 st.malformed += int(orphan.sum())
                 so = so[~orphan]
         if len(so):
@@ -671,9 +687,15 @@ class CaptureReader:
 
     # -- headers -----------------------------------------------------------------------
     def _parse(
-        self, buf: np.ndarray, off: np.ndarray, cap: np.ndarray, wire: np.ndarray,
-        ts: np.ndarray, rec: np.ndarray, linktype: int | np.ndarray,
-    ) -> PacketBatch:  # fmt: skip
+        self,
+        buf: np.ndarray,
+        off: np.ndarray,
+        cap: np.ndarray,
+        wire: np.ndarray,
+        ts: np.ndarray,
+        rec: np.ndarray,
+        linktype: int | np.ndarray,
+    ) -> PacketBatch:
         """Link layer, then IP, then transport, all vectorised over the chunk's records; each
         step returns what it read as a small dataclass of columns. First, packets whose time
         lies outside [0, TS_LIMIT_NS) are skipped (module docstring): later steps may then add
@@ -701,8 +723,9 @@ class CaptureReader:
             linktype = linktype[keep]
         return r.take(keep), linktype
 
-    def _link_layer(self, buf: np.ndarray, r: _Records,
-                    linktype: int | np.ndarray) -> _LinkLayer | None:  # fmt: skip
+    def _link_layer(
+        self, buf: np.ndarray, r: _Records, linktype: int | np.ndarray
+    ) -> _LinkLayer | None:
         """The IP packets among the records, read past their link layer; None when none is
         left (or the link type is unknown)."""
         st = self.stats
@@ -711,8 +734,10 @@ class CaptureReader:
             l3, et, smac, dmac, bad2 = _link(buf, r.off, r.cap, int(linktype))
             if bad2 is None:
                 st.unknown_link += n
-                st.warn(int(r.rec[0]) if n else None,
-                        f"unknown link type {int(linktype)}; {n} packets skipped")  # fmt: skip
+                st.warn(
+                    int(r.rec[0]) if n else None,
+                    f"unknown link type {int(linktype)}; {n} packets skipped",
+                )
                 return None
             unknown = np.zeros(n, bool)
         else:
@@ -745,8 +770,7 @@ class CaptureReader:
             if got[4] is None:
                 unknown[m] = True
                 st.unknown_link += len(m)
-                st.warn(int(r.rec[m[0]]), f"unknown link type {int(k)}; "
-                                          f"{len(m)} packets skipped")  # fmt: skip
+                st.warn(int(r.rec[m[0]]), f"unknown link type {int(k)}; {len(m)} packets skipped")
                 continue
             l3[m], et[m], smac[m], dmac[m], bad2[m] = got
         return l3, et, smac, dmac, bad2, unknown
@@ -840,8 +864,9 @@ class CaptureReader:
             l4_len = np.where(ports, l4_len, np.where(icmp, 0, rem))
         return _Transport(sport, dport, th, l4_len, skip)
 
-    def _batch(self, buf: np.ndarray, link: _LinkLayer, ip: _IPHeader,
-               l4: _Transport) -> PacketBatch:  # fmt: skip
+    def _batch(
+        self, buf: np.ndarray, link: _LinkLayer, ip: _IPHeader, l4: _Transport
+    ) -> PacketBatch:
         """The batch of the packets no step skipped, with their addresses."""
         if l4.skip.any():
             good = np.flatnonzero(~l4.skip)
@@ -957,8 +982,13 @@ def _link(
             l3 += 4 * tag
         sixteen = np.uint64(16)
         return l3, et, _be64(g, 6) >> sixteen, _be64(g, 0) >> sixteen, cap < l3
-    if linktype in (LINKTYPE_RAW, LINKTYPE_RAW_BSD, LINKTYPE_RAW_OPENBSD, LINKTYPE_IPV4,
-                    LINKTYPE_IPV6):  # fmt: skip
+    if linktype in (
+        LINKTYPE_RAW,
+        LINKTYPE_RAW_BSD,
+        LINKTYPE_RAW_OPENBSD,
+        LINKTYPE_IPV4,
+        LINKTYPE_IPV6,
+    ):
         v = buf[off] >> 4
         et = np.where(v == 4, ETH_IPV4, np.where(v == 6, ETH_IPV6, 0))
         if linktype == LINKTYPE_IPV4:

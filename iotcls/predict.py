@@ -131,8 +131,9 @@ class Predictor:
     def _few(self, n: int) -> bool:
         return n < SMALL_BATCH and self.device.type == "cpu"
 
-    def _predictions(self, probs: np.ndarray, index: np.ndarray, trusted, reason,
-                     top_groups: list[list[str]]) -> Predictions:  # fmt: skip
+    def _predictions(
+        self, probs: np.ndarray, index: np.ndarray, trusted, reason, top_groups: list[list[str]]
+    ) -> Predictions:
         index = np.asarray(index, np.int64)
         return Predictions(
             index=index,
@@ -193,8 +194,9 @@ class Predictor:
         pred = self.predict(matrices, identities)
         return self.check_devices(pred, groups, times, identities)
 
-    def predict(self, matrices: np.ndarray,
-                identities: Sequence[str | None] | None = None) -> Predictions:  # fmt: skip
+    def predict(
+        self, matrices: np.ndarray, identities: Sequence[str | None] | None = None
+    ) -> Predictions:
         """Labels of ``matrices``; ``identities`` (per matrix, its device's latest DHCP
         identity, see :meth:`device_identities`) refine them (:mod:`.trust.dhcp_identity`)."""
         allowed = self.allowed(identities)
@@ -205,22 +207,37 @@ class Predictor:
         a = self.assess(matrices, probs, index)
         return self._predictions(probs, index, a.trusted, a.reason, a.top_groups)
 
-    def check_devices(self, pred: Predictions, groups: np.ndarray, times: np.ndarray,
-                      identities: Sequence[str | None] | None = None) -> Predictions:  # fmt: skip
+    def check_devices(
+        self,
+        pred: Predictions,
+        groups: np.ndarray,
+        times: np.ndarray,
+        identities: Sequence[str | None] | None = None,
+    ) -> Predictions:
         """Apply trust rules 5 (``inconsistent_with_device``) and, given the devices'
         ``identities`` (:meth:`device_identities`), 6 (``dhcp_identity_mismatch``) in place,
         given each label's device (``groups``) and time; for labels whose device history is
         known."""
-        apply_device_rules(self._state, self.classes, pred.index, pred.confidence, groups, times,
-                           identities, pred.trusted, pred.reason)  # fmt: skip
+        apply_device_rules(
+            self._state,
+            self.classes,
+            pred.index,
+            pred.confidence,
+            groups,
+            times,
+            identities,
+            pred.trusted,
+            pred.reason,
+        )
         return pred
 
     @property
     def _state(self):
         return self.trust.state if self.trust is not None else None
 
-    def device_identities(self, matrices: np.ndarray, groups: np.ndarray,
-                          times: np.ndarray) -> np.ndarray | None:  # fmt: skip
+    def device_identities(
+        self, matrices: np.ndarray, groups: np.ndarray, times: np.ndarray
+    ) -> np.ndarray | None:
         """Per matrix, its device's latest DHCP identity up to it (None: none yet), read from
         the matrices' own DHCP flows (row 0: the labelled flow); None when the model has no
         identity map."""
@@ -245,8 +262,13 @@ class Predictor:
         d = a.decision
         return self._predictions(probs, d.pred, d.trusted, d.reason, d.top_groups)
 
-    def assess_subset(self, matrices: np.ndarray, pred: Predictions, idx: np.ndarray,
-                      identities: Sequence[str | None] | None = None) -> None:  # fmt: skip
+    def assess_subset(
+        self,
+        matrices: np.ndarray,
+        pred: Predictions,
+        idx: np.ndarray,
+        identities: Sequence[str | None] | None = None,
+    ) -> None:
         """Explain and decide the trust of the labels ``idx`` only (those to be logged), in
         place; labels from ``predict`` with ``explain=False`` keep the confidence criterion.
         ``identities``: as given to ``predict``."""
@@ -254,8 +276,9 @@ class Predictor:
         if self.trust is None or len(idx) == 0:
             return
         allowed = self.allowed(identities)
-        a = self.trust.assess(np.asarray(matrices, np.float32)[idx],
-                              None if allowed is None else allowed[idx])  # fmt: skip
+        a = self.trust.assess(
+            np.asarray(matrices, np.float32)[idx], None if allowed is None else allowed[idx]
+        )
         d = a.decision
         pred.trusted[idx] = d.trusted
         pred.reason[idx] = np.asarray(d.reason, object)

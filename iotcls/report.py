@@ -81,8 +81,7 @@ def timeline_png(devices: list[Device]) -> str:
     ax = fig.add_subplot()
     ax.add_collection(LineCollection(segs, colors=seg_colors, linewidths=4, capstyle="butt"))
     ax.scatter(np.concatenate(xs), np.concatenate(ys), s=25, c=face, edgecolors=edge, zorder=3)
-    ax.set_yticks(range(len(shown)), [_plain(f"{d.key} ({d.label})") for d in shown],
-                  fontsize=8)  # fmt: skip
+    ax.set_yticks(range(len(shown)), [_plain(f"{d.key} ({d.label})") for d in shown], fontsize=8)
     ax.set_ylim(-0.7, len(shown) - 0.3)
     ax.xaxis_date(tz=timezone.utc)
     locator = AutoDateLocator(tz=timezone.utc)
@@ -93,10 +92,18 @@ def timeline_png(devices: list[Device]) -> str:
     ax.set_xlim(max(lo - pad, first_day), min(hi + pad, last_day))
     ax.set_xlabel("time (UTC)")
     ax.grid(axis="x", alpha=0.3)
-    handles = [Line2D([], [], color=colors[lab], linewidth=4, label=_plain(lab))
-               for lab in labels]  # fmt: skip
-    handles.append(Line2D([], [], color="grey", marker="o", markerfacecolor="white",
-                          linestyle="", label="untrusted entry"))  # fmt: skip
+    handles = [Line2D([], [], color=colors[lab], linewidth=4, label=_plain(lab)) for lab in labels]
+    handles.append(
+        Line2D(
+            [],
+            [],
+            color="grey",
+            marker="o",
+            markerfacecolor="white",
+            linestyle="",
+            label="untrusted entry",
+        )
+    )
     fig.legend(handles=handles, loc="outside right upper", fontsize=8, frameon=False)
     return _png(fig)
 
@@ -118,8 +125,13 @@ def histograms_png(devices: list[Device]) -> str:
     def draw(ax, title: str, sel: list[tuple[str, float, bool]]) -> None:
         ok = [c for _, c, t in sel if t]
         bad = [c for _, c, t in sel if not t]
-        ax.hist([ok, bad], bins=bins, stacked=True, color=["#2b8a3e", "#e8590c"],
-                label=["trusted", "untrusted"])  # fmt: skip
+        ax.hist(
+            [ok, bad],
+            bins=bins,
+            stacked=True,
+            color=["#2b8a3e", "#e8590c"],
+            label=["trusted", "untrusted"],
+        )
         ax.set_title(title, fontsize=9)
         ax.set_xlim(0, 1)
         ax.tick_params(labelsize=7)

@@ -137,8 +137,12 @@ class FlowRecord:
         return (self.remote_ip, self.remote_port, self.device_ip, self.device_port)
 
 
-def early_cut(offsets: list[float], total_packets: int, packets: int = DEFAULT_PACKETS,
-              idle_s: float = EARLY_IDLE_S) -> tuple[int, float] | None:  # fmt: skip
+def early_cut(
+    offsets: list[float],
+    total_packets: int,
+    packets: int = DEFAULT_PACKETS,
+    idle_s: float = EARLY_IDLE_S,
+) -> tuple[int, float] | None:
     """(packets in the early record, its time as an offset from the window start) of a window
     whose first packets are at ``offsets`` (of ``total_packets``), or None when it has none.
 
@@ -159,9 +163,12 @@ def early_cut(offsets: list[float], total_packets: int, packets: int = DEFAULT_P
     return None
 
 
-def early_record(rec: FlowRecord, packets: int = DEFAULT_PACKETS,
-                 idle_s: float = EARLY_IDLE_S, window_s: float = DEFAULT_WINDOW_S,
-                 ) -> FlowRecord | None:  # fmt: skip
+def early_record(
+    rec: FlowRecord,
+    packets: int = DEFAULT_PACKETS,
+    idle_s: float = EARLY_IDLE_S,
+    window_s: float = DEFAULT_WINDOW_S,
+) -> FlowRecord | None:
     """The early record of the window ``rec`` is the final record of (see the module
     docstring), or None when there is none: the final record is due first (at the window's
     end, ``start + window_s``) or the early one would hold all the final one does."""
@@ -172,11 +179,20 @@ def early_record(rec: FlowRecord, packets: int = DEFAULT_PACKETS,
     if at >= window_s:
         return None
     return FlowRecord(
-        device_mac=rec.device_mac, device_ip=rec.device_ip, device_port=rec.device_port,
-        remote_ip=rec.remote_ip, remote_port=rec.remote_port, proto=rec.proto,
-        start=rec.start, last=rec.start + rec.offsets[k - 1],
-        total_bytes=int(sum(rec.sizes[:k])), total_packets=k,
-        offsets=list(rec.offsets[:k]), sizes=list(rec.sizes[:k]),
-        directions=list(rec.directions[:k]), payloads=list(rec.payloads[:k]),
-        uid=rec.uid, device_is_orig=rec.device_is_orig,
-    )  # fmt: skip
+        device_mac=rec.device_mac,
+        device_ip=rec.device_ip,
+        device_port=rec.device_port,
+        remote_ip=rec.remote_ip,
+        remote_port=rec.remote_port,
+        proto=rec.proto,
+        start=rec.start,
+        last=rec.start + rec.offsets[k - 1],
+        total_bytes=int(sum(rec.sizes[:k])),
+        total_packets=k,
+        offsets=list(rec.offsets[:k]),
+        sizes=list(rec.sizes[:k]),
+        directions=list(rec.directions[:k]),
+        payloads=list(rec.payloads[:k]),
+        uid=rec.uid,
+        device_is_orig=rec.device_is_orig,
+    )

@@ -42,10 +42,10 @@ def split_captures(
     two, one train and one test file; with one, a train file only. A capture's label is that
     of its labelled flows (the label of the capture's device).
     """
-    pairs = sorted({(str(c), str(l)) for c, l in zip(captures, labels)})
+    pairs = sorted({(str(c), str(lab)) for c, lab in zip(captures, labels)})
     by_label: dict[str, list[str]] = {}
-    for c, l in pairs:
-        by_label.setdefault(l, []).append(c)
+    for c, lab in pairs:
+        by_label.setdefault(lab, []).append(c)
     rng = np.random.default_rng(seed)
     parts: dict[str, list[str]] = {s: [] for s in SPLITS}
     for label in sorted(by_label):

@@ -78,15 +78,21 @@ class Labels:
                 out[has] = [getattr(o, name) for o in got]
             return out
 
-        return cls(label=col("label", object, ""), confidence=col("confidence", np.float32, 0.0),
-                   trusted=col("trusted", bool, False), reason=col("reason", object, ""),
-                   model=col("model", object, ""), sent=col("send", bool, False),
-                   sensor=np.full(n, sensor, object))  # fmt: skip
+        return cls(
+            label=col("label", object, ""),
+            confidence=col("confidence", np.float32, 0.0),
+            trusted=col("trusted", bool, False),
+            reason=col("reason", object, ""),
+            model=col("model", object, ""),
+            sent=col("send", bool, False),
+            sensor=np.full(n, sensor, object),
+        )
 
     @classmethod
     def concat(cls, parts: Sequence[Labels]) -> Labels:
-        return cls(**{f.name: np.concatenate([getattr(p, f.name) for p in parts])
-                      for f in fields(cls)})  # fmt: skip
+        return cls(
+            **{f.name: np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(cls)}
+        )
 
     def take(self, index: np.ndarray) -> Labels:
         return Labels(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
@@ -103,8 +109,12 @@ def segment_arrays(table: FlowTable, labels: Labels, window_s: float) -> dict[st
     for f in fields(Labels):
         a = getattr(labels, f.name)
         out[f"l_{f.name}"] = a.astype(str) if a.dtype == object else a
-    out.update(format=np.array(STORE_FORMAT), version=np.array(STORE_VERSION),
-               schema_version=np.array(SCHEMA_VERSION), window_s=np.array(float(window_s)))  # fmt: skip
+    out.update(
+        format=np.array(STORE_FORMAT),
+        version=np.array(STORE_VERSION),
+        schema_version=np.array(SCHEMA_VERSION),
+        window_s=np.array(float(window_s)),
+    )
     return out
 
 
@@ -118,13 +128,16 @@ def read_segment(path: Path) -> tuple[FlowTable, Labels, float]:
         with np.load(path, allow_pickle=False) as z:
             data = {k: z[k] for k in z.files}
     except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as e:
-        raise SegmentError(f"{path}: not a readable segment ({type(e).__name__}: "
-                           f"{str(e)[:120]})") from None  # fmt: skip
+        raise SegmentError(
+            f"{path}: not a readable segment ({type(e).__name__}: {str(e)[:120]})"
+        ) from None
     if str(data.get("format", "")) != STORE_FORMAT:
         raise SegmentError(f"{path}: not an iotcls store segment")
     if int(data.get("version", -1)) != STORE_VERSION:
-        raise SegmentError(f"{path}: store segment version {int(data.get('version', -1))} is "
-                           f"not supported (this is {STORE_VERSION})")  # fmt: skip
+        raise SegmentError(
+            f"{path}: store segment version {int(data.get('version', -1))} is "
+            f"not supported (this is {STORE_VERSION})"
+        )
     try:
         tcols = {f.name: data[f"t_{f.name}"] for f in fields(FlowTable)}
         lcols = {f.name: data[f"l_{f.name}"] for f in fields(Labels)}
@@ -188,8 +201,15 @@ class Recorder:
     seconds, the store kept under its size cap and retention. Run :meth:`run` as a task;
     :meth:`close` writes what is buffered."""
 
-    def __init__(self, directory: str | Path, max_mb: int, retention_days: float,
-                 segment_records: int, segment_s: float, window_s: float):  # fmt: skip
+    def __init__(
+        self,
+        directory: str | Path,
+        max_mb: int,
+        retention_days: float,
+        segment_records: int,
+        segment_s: float,
+        window_s: float,
+    ):
         self.directory = Path(directory)
         self.max_bytes = int(max_mb) << 20
         self.retention_s = float(retention_days) * 86400.0
@@ -209,16 +229,23 @@ class Recorder:
     def from_config(cls, cfg: Any, window_s: float) -> Recorder:
         """From a :class:`~iotcls.config.RecordConfig`; makes the directory (an OSError
         names it) and removes temporary files a crash left behind."""
-        r = cls(cfg.directory, cfg.max_mb, cfg.retention_days, cfg.segment_records,
-                cfg.segment_s, window_s)  # fmt: skip
+        r = cls(
+            cfg.directory,
+            cfg.max_mb,
+            cfg.retention_days,
+            cfg.segment_records,
+            cfg.segment_s,
+            window_s,
+        )
         try:
             r.directory.mkdir(parents=True, exist_ok=True)
             probe = r.directory / f".probe-{os.getpid()}.tmp"
             probe.write_bytes(b"")
             probe.unlink()
         except OSError as e:
-            raise OSError(f"record.directory {r.directory}: cannot write there: "
-                          f"{e.strerror or e}") from None  # fmt: skip
+            raise OSError(
+                f"record.directory {r.directory}: cannot write there: {e.strerror or e}"
+            ) from None
         for p in r.directory.glob(".*.tmp"):
             p.unlink(missing_ok=True)
         return r
@@ -259,10 +286,13 @@ class Recorder:
         tables, labels, n = self._tables, self._labels, self._rows
         self._tables, self._labels, self._rows = [], [], 0
         self._seq += 1
-        name = (f"{SEGMENT_PREFIX}{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-"
-                f"{os.getpid()}-{self._seq:06d}{SEGMENT_SUFFIX}")  # fmt: skip
+        name = (
+            f"{SEGMENT_PREFIX}{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-"
+            f"{os.getpid()}-{self._seq:06d}{SEGMENT_SUFFIX}"
+        )
         fut = asyncio.get_running_loop().run_in_executor(
-            self._pool, self._write, name, tables, labels, n)
+            self._pool, self._write, name, tables, labels, n
+        )
         self._writes.add(fut)
         fut.add_done_callback(self._writes.discard)
 
@@ -270,16 +300,18 @@ class Recorder:
         """In the worker thread: one segment, then the size cap and retention."""
         try:
             t = FlowTable.concat(tables, tables[0].packets, tables[0].payload_bytes)
-            write_segment(self.directory, name, segment_arrays(t, Labels.concat(labels),
-                                                               self.window_s))  # fmt: skip
+            write_segment(
+                self.directory, name, segment_arrays(t, Labels.concat(labels), self.window_s)
+            )
         except Exception as e:  # a full disk must not stop the labels
             self.stats.errors += 1
             self.stats.lost += n
             now = time.monotonic()
             if now - self._warned >= 60.0:
                 self._warned = now
-                log.warning("record: cannot write %s (%d records lost): %s",
-                            self.directory / name, n, e)  # fmt: skip
+                log.warning(
+                    "record: cannot write %s (%d records lost): %s", self.directory / name, n, e
+                )
             return
         self.stats.records += n
         self.stats.segments += 1
@@ -346,8 +378,11 @@ def _widen(t: FlowTable, packets: int, payload_bytes: int) -> FlowTable:
     return w
 
 
-def iter_segments(paths: Iterable[str | Path], warn: Callable[[str], None] | None = None,
-                  skipped: list[str] | None = None) -> Iterator[tuple[Path, FlowTable, Labels, float]]:  # fmt: skip
+def iter_segments(
+    paths: Iterable[str | Path],
+    warn: Callable[[str], None] | None = None,
+    skipped: list[str] | None = None,
+) -> Iterator[tuple[Path, FlowTable, Labels, float]]:
     """``(path, records, labels, window_s)`` of every readable segment under *paths*, oldest
     first, one at a time (what fits in memory is one segment); a damaged segment is skipped,
     reported to *warn* (default: a logged warning) with its name and why, and appended to
@@ -365,8 +400,9 @@ def iter_segments(paths: Iterable[str | Path], warn: Callable[[str], None] | Non
             yield p, t, lab, window
 
 
-def read_stores(paths: Iterable[str | Path],
-                warn: Callable[[str], None] | None = None) -> StoreData:  # fmt: skip
+def read_stores(
+    paths: Iterable[str | Path], warn: Callable[[str], None] | None = None
+) -> StoreData:
     """The records of every readable segment under *paths*, at once (see
     :func:`iter_segments`)."""
     tables, labels, seg, names, skipped, windows = [], [], [], [], [], [60.0]
@@ -378,8 +414,9 @@ def read_stores(paths: Iterable[str | Path],
         windows.append(w)
     window = windows[-1]
     if not tables:
-        return StoreData(FlowTable.empty(1, 0), Labels.of([], ""), np.zeros(0, np.int64),
-                         names, skipped, window)  # fmt: skip
+        return StoreData(
+            FlowTable.empty(1, 0), Labels.of([], ""), np.zeros(0, np.int64), names, skipped, window
+        )
     packets = max(t.packets for t in tables)
     pb = max(t.payload_bytes for t in tables)
     table = FlowTable.concat([_widen(t, packets, pb) for t in tables], packets, pb)
@@ -406,8 +443,12 @@ def sessions(devices: np.ndarray, starts: np.ndarray) -> np.ndarray:
     begin = np.empty(n, np.float64)
     cur = s[0]
     for i in range(n):  # a loop: each session's start depends on the previous one's
-        if i == 0 or d[i] != d[i - 1] or s[i] - s[i - 1] > SESSION_GAP_S or \
-                s[i] - cur > SESSION_MAX_S:  # fmt: skip
+        if (
+            i == 0
+            or d[i] != d[i - 1]
+            or s[i] - s[i - 1] > SESSION_GAP_S
+            or s[i] - cur > SESSION_MAX_S
+        ):
             cur = s[i]
         begin[i] = cur
     stamp = [time.strftime("%Y%m%dT%H%M%S", time.gmtime(b)) for b in begin]
@@ -418,7 +459,9 @@ def sessions(devices: np.ndarray, starts: np.ndarray) -> np.ndarray:
 MAX_UNLABELLED = 50_000  # records of unlabelled devices a dataset takes from a store
 
 
-def _bounded(data: StoreData, labels: dict[str, str], limit: int, seed: int) -> tuple[FlowTable, Labels]:
+def _bounded(
+    data: StoreData, labels: dict[str, str], limit: int, seed: int
+) -> tuple[FlowTable, Labels]:
     """Every record of a labelled device, and whole sessions of the unlabelled ones (a
     seeded sample, about *limit* records): a month of a busy network would not fit in
     memory as matrices, and distillation needs a sample of it, not all."""
@@ -437,8 +480,13 @@ def _bounded(data: StoreData, labels: dict[str, str], limit: int, seed: int) -> 
     return t.take(idx), data.labels.take(idx)
 
 
-def store_dataset(data: StoreData, layout: Any, labels: dict[str, str],
-                  max_unlabelled: int = MAX_UNLABELLED, seed: int = 0) -> tuple[Any, Labels]:  # fmt: skip
+def store_dataset(
+    data: StoreData,
+    layout: Any,
+    labels: dict[str, str],
+    max_unlabelled: int = MAX_UNLABELLED,
+    seed: int = 0,
+) -> tuple[Any, Labels]:
     """The :class:`~iotcls.dataset.Dataset` of a store's records (matrices assembled as
     ``iotcls classify`` assembles them: each device's history in start order, across the
     whole store), labelled by ``labels`` (device -> label; "" or absent: unlabelled), and
@@ -447,11 +495,14 @@ def store_dataset(data: StoreData, layout: Any, labels: dict[str, str],
     from .dataset import CaptureTable, Dataset
 
     t = data.table
-    if layout.packets > t.packets or (layout.payload_mode == "packet" and
-                                      layout.required_payload_bytes() > t.payload_bytes):  # fmt: skip
-        raise ValueError(f"the store's records hold {t.packets} packets of {t.payload_bytes} "
-                         f"payload bytes; the layout needs {layout.packets} of "
-                         f"{layout.required_payload_bytes()}")  # fmt: skip
+    if layout.packets > t.packets or (
+        layout.payload_mode == "packet" and layout.required_payload_bytes() > t.payload_bytes
+    ):
+        raise ValueError(
+            f"the store's records hold {t.packets} packets of {t.payload_bytes} "
+            f"payload bytes; the layout needs {layout.packets} of "
+            f"{layout.required_payload_bytes()}"
+        )
     if not len(t):
         return Dataset.empty(layout), data.labels
     t, served = _bounded(data, labels, max_unlabelled, seed)
@@ -465,20 +516,36 @@ def store_dataset(data: StoreData, layout: Any, labels: dict[str, str],
     for d, s in zip(dev.tolist(), t.start[o].tolist()):
         first.setdefault(d, s)  # rows are by device, then start: the first is the earliest
     rows = np.bincount(inv, minlength=len(names)).astype(np.int64)
-    ct = CaptureTable(ids=names, pcaps=np.full(len(names), "store"), frames=rows,
-                      packets=pk, bytes=by, device_packets=pk, device_bytes=by, records=rows,
-                      warnings=np.zeros(len(names), np.int64),
-                      errors=np.full(len(names), ""))  # fmt: skip
+    ct = CaptureTable(
+        ids=names,
+        pcaps=np.full(len(names), "store"),
+        frames=rows,
+        packets=pk,
+        bytes=by,
+        device_packets=pk,
+        device_bytes=by,
+        records=rows,
+        warnings=np.zeros(len(names), np.int64),
+        errors=np.full(len(names), ""),
+    )
     ds = Dataset(
-        matrices=mats, labels=np.array([labels.get(d.lower(), "") for d in dev.tolist()], dtype=str),
-        devices=dev, captures=caps, timestamps=t.start[o], last=t.last[o],
-        total_packets=t.total_packets[o], total_bytes=t.total_bytes[o],
+        matrices=mats,
+        labels=np.array([labels.get(d.lower(), "") for d in dev.tolist()], dtype=str),
+        devices=dev,
+        captures=caps,
+        timestamps=t.start[o],
+        last=t.last[o],
+        total_packets=t.total_packets[o],
+        total_bytes=t.total_bytes[o],
         inspected_packets=t.n_pkts[o].astype(np.int64),
         inspected_bytes=t.sizes[o].sum(1).astype(np.int64),
         device_first_seen=np.array([first[d] for d in dev.tolist()], np.float64),
-        capture_packets=pk[inv], capture_bytes=by[inv], uids=t.uid[o].astype(str),
-        layout=layout, captures_table=ct,
-    )  # fmt: skip
+        capture_packets=pk[inv],
+        capture_bytes=by[inv],
+        uids=t.uid[o].astype(str),
+        layout=layout,
+        captures_table=ct,
+    )
     if not len(ds.labels):
         ds.labels = np.zeros(0, "U1")
     return ds, served.take(o)

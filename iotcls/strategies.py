@@ -110,9 +110,18 @@ def device_labels(
     from .trust.decision import windowed_trusted_vote
 
     v = device_vote(probs, groups, times, cfg)
-    tv, _, tconf = windowed_trusted_vote(index, confidence, trusted, groups, times,
-                                         probs.shape[1], cfg.window, cfg.min_votes,
-                                         with_confidence=True)  # fmt: skip
+    tv, _, tconf = windowed_trusted_vote(
+        index,
+        confidence,
+        trusted,
+        groups,
+        times,
+        probs.shape[1],
+        cfg.window,
+        cfg.min_votes,
+        with_confidence=True,
+    )
     ok = tv >= 0
-    return DeviceLabels(np.where(ok, tv, v.index), np.where(ok, tconf, v.confidence), ok,
-                        v.n_votes, v.emitted)  # fmt: skip
+    return DeviceLabels(
+        np.where(ok, tv, v.index), np.where(ok, tconf, v.confidence), ok, v.n_votes, v.emitted
+    )

@@ -21,7 +21,8 @@ from .layout import MatrixLayout
 from .model import IoTCNN, ModelConfig, count_flops, count_parameters
 from .splits import SPLITS, Split, device_sessions, macro_f1, split_captures  # noqa: F401
 
-@dataclass
+
+@dataclass(frozen=True)
 class TrainConfig:
     seed: int = 0
     val_fraction: float = 0.15
@@ -78,8 +79,9 @@ def cut_history(x: torch.Tensor, share: float, gen: torch.Generator) -> torch.Te
     return x * mask[:, :, None].to(x.dtype)
 
 
-def cut_packets(x: torch.Tensor, share: float, layout: MatrixLayout,
-                gen: torch.Generator) -> torch.Tensor:  # fmt: skip
+def cut_packets(
+    x: torch.Tensor, share: float, layout: MatrixLayout, gen: torch.Generator
+) -> torch.Tensor:
     """For ``share`` of the matrices, the current flow (row 0) as it stood after a random
     number of its recorded packets (1 .. all): the later packet slots empty, the totals those
     of the packets kept.
@@ -115,8 +117,9 @@ def cut_packets(x: torch.Tensor, share: float, layout: MatrixLayout,
     return x
 
 
-def drop_dhcp_rows(x: torch.Tensor, dhcp: torch.Tensor, share: float,
-                   gen: torch.Generator) -> torch.Tensor:  # fmt: skip
+def drop_dhcp_rows(
+    x: torch.Tensor, dhcp: torch.Tensor, share: float, gen: torch.Generator
+) -> torch.Tensor:
     """For ``share`` of the matrices, their history as it is without the device's DHCP
     flows: DHCP rows (``dhcp``, (b, rows) bool) removed, the older rows moved up in their
     place and the freed rows left empty. A device that joined before the sensor started
@@ -147,8 +150,14 @@ def _logits(model: IoTCNN, x: np.ndarray, batch: int = 4096) -> np.ndarray:
     return np.concatenate(out) if out else np.zeros((0, model.cfg.n_classes), np.float32)
 
 
-def ambiguous_identities(bundle: ModelBundle, x_va: np.ndarray, y_names: np.ndarray,
-                         captures: np.ndarray, devices: np.ndarray, times: np.ndarray) -> list[str]:
+def ambiguous_identities(
+    bundle: ModelBundle,
+    x_va: np.ndarray,
+    y_names: np.ndarray,
+    captures: np.ndarray,
+    devices: np.ndarray,
+    times: np.ndarray,
+) -> list[str]:
     """Rule 6's shared identities that the bundle's model, refined as ``classify`` refines
     it, gets wrong on the validation split."""
     from .predict import Predictor
@@ -160,12 +169,19 @@ def ambiguous_identities(bundle: ModelBundle, x_va: np.ndarray, y_names: np.ndar
     if ids is None:
         return []
     pred = p.predict(x_va, ids).label
-    return fit_ambiguous(bundle.trust["dhcp_identities"], ids, pred, y_names,
-                         TrustConfig().dhcp_min_accuracy)  # fmt: skip
+    return fit_ambiguous(
+        bundle.trust["dhcp_identities"], ids, pred, y_names, TrustConfig().dhcp_min_accuracy
+    )
 
 
-def needed_identities(bundle: ModelBundle, x_va: np.ndarray, y_names: np.ndarray,
-                       captures: np.ndarray, devices: np.ndarray, times: np.ndarray) -> list[str]:
+def needed_identities(
+    bundle: ModelBundle,
+    x_va: np.ndarray,
+    y_names: np.ndarray,
+    captures: np.ndarray,
+    devices: np.ndarray,
+    times: np.ndarray,
+) -> list[str]:
     """Rule 7's classes (:func:`iotcls.trust.dhcp_identity.fit_needed`): the bundle's gate on
     the validation split with its DHCP records removed, as a sensor that started after the
     devices joined sees them."""
@@ -180,9 +196,15 @@ def needed_identities(bundle: ModelBundle, x_va: np.ndarray, y_names: np.ndarray
     pred = p.predict(mats)
     p.check_devices(pred, sessions[keep], np.asarray(times)[keep])
     names = np.asarray(bundle.classes, object)[pred.index]
-    return fit_needed(bundle.trust["dhcp_identities"], bundle.trust.get("dhcp_ambiguous", []),
-                      names, np.asarray(y_names, object)[keep], pred.trusted, pred.confidence,
-                      TrustConfig().dhcp_needed_max_error)  # fmt: skip
+    return fit_needed(
+        bundle.trust["dhcp_identities"],
+        bundle.trust.get("dhcp_ambiguous", []),
+        names,
+        np.asarray(y_names, object)[keep],
+        pred.trusted,
+        pred.confidence,
+        TrustConfig().dhcp_needed_max_error,
+    )
 
 
 def cap_per_capture(captures: np.ndarray, limit: int, rng: np.random.Generator) -> np.ndarray:
@@ -228,9 +250,15 @@ class FitResult:
     history: list[dict]
 
 
-def prepare_data(matrices: np.ndarray, labels: np.ndarray, captures: np.ndarray,
-                 cfg: TrainConfig, classes: list[str] | None, split: Split | None,
-                 log=print) -> TrainData:  # fmt: skip
+def prepare_data(
+    matrices: np.ndarray,
+    labels: np.ndarray,
+    captures: np.ndarray,
+    cfg: TrainConfig,
+    classes: list[str] | None,
+    split: Split | None,
+    log=print,
+) -> TrainData:
     """Class indices, the split by capture file and the tensors of its training part."""
     from .trust.shift import dhcp_rows
 
@@ -256,22 +284,47 @@ def prepare_data(matrices: np.ndarray, labels: np.ndarray, captures: np.ndarray,
     w = np.where(counts > 0, np.maximum(counts, 1) ** -cfg.class_weight_power, 0.0)
     w = w / (w[y[tr]].mean() if len(tr) else 1.0)
     x_tr = np.ascontiguousarray(matrices[tr])
-    return TrainData(classes, labels, y, split, part, tr, va, torch.from_numpy(x_tr),
-                     torch.from_numpy(y[tr]), torch.from_numpy(dhcp_rows(x_tr)),
-                     np.ascontiguousarray(matrices[va]), y[va],
-                     torch.tensor(w, dtype=torch.float32))  # fmt: skip
+    return TrainData(
+        classes,
+        labels,
+        y,
+        split,
+        part,
+        tr,
+        va,
+        torch.from_numpy(x_tr),
+        torch.from_numpy(y[tr]),
+        torch.from_numpy(dhcp_rows(x_tr)),
+        np.ascontiguousarray(matrices[va]),
+        y[va],
+        torch.tensor(w, dtype=torch.float32),
+    )
 
 
-def _augment(xb: torch.Tensor, dhcp: torch.Tensor, cfg: TrainConfig, layout: MatrixLayout,
-             gen: torch.Generator) -> torch.Tensor:  # fmt: skip
+def _augment(
+    xb: torch.Tensor,
+    dhcp: torch.Tensor,
+    cfg: TrainConfig,
+    layout: MatrixLayout,
+    gen: torch.Generator,
+) -> torch.Tensor:
     """A batch as live sensors also see it: DHCP rows missing, history cut, early records."""
     xb = drop_dhcp_rows(xb, dhcp, cfg.dhcp_dropout, gen)
     xb = cut_history(xb, cfg.history_dropout, gen)
     return cut_packets(xb, cfg.early_share, layout, gen)
 
 
-def train_epoch(model: IoTCNN, data: TrainData, cfg: TrainConfig, layout: MatrixLayout,
-                opt, sched, gen: torch.Generator, desc: str, progress: bool) -> float:  # fmt: skip
+def train_epoch(
+    model: IoTCNN,
+    data: TrainData,
+    cfg: TrainConfig,
+    layout: MatrixLayout,
+    opt,
+    sched,
+    gen: torch.Generator,
+    desc: str,
+    progress: bool,
+) -> float:
     """One pass over the training part; returns the mean training loss."""
     model.train()
     steps = max(1, math.ceil(len(data.tr) / cfg.batch_size))
@@ -284,8 +337,7 @@ def train_epoch(model: IoTCNN, data: TrainData, cfg: TrainConfig, layout: Matrix
         yb = data.y_tr[idx]
         loss = F.cross_entropy(model(xb), yb, weight=data.weight)
         if cfg.flow_loss > 0:  # the per-flow strategy's input: one row, a sixth the cost
-            loss = loss + cfg.flow_loss * F.cross_entropy(model(xb[:, :1]), yb,
-                                                          weight=data.weight)  # fmt: skip
+            loss = loss + cfg.flow_loss * F.cross_entropy(model(xb[:, :1]), yb, weight=data.weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -298,8 +350,9 @@ def train_epoch(model: IoTCNN, data: TrainData, cfg: TrainConfig, layout: Matrix
     return total / max(seen, 1)
 
 
-def fit(data: TrainData, layout: MatrixLayout, cfg: TrainConfig, progress: bool = True,
-        log=print) -> FitResult:  # fmt: skip
+def fit(
+    data: TrainData, layout: MatrixLayout, cfg: TrainConfig, progress: bool = True, log=print
+) -> FitResult:
     """The training loop with early stopping on validation macro-F1 (best epoch kept)."""
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -311,18 +364,27 @@ def fit(data: TrainData, layout: MatrixLayout, cfg: TrainConfig, progress: bool 
     )
     best, best_state, best_epoch, history = (-1.0, -math.inf), None, 0, []
     for epoch in range(1, cfg.epochs + 1):
-        train_loss = train_epoch(model, data, cfg, layout, opt, sched, gen,
-                                 f"epoch {epoch}/{cfg.epochs}", progress)  # fmt: skip
+        train_loss = train_epoch(
+            model, data, cfg, layout, opt, sched, gen, f"epoch {epoch}/{cfg.epochs}", progress
+        )
         if len(data.va):
             lv = _logits(model, data.x_va)
             val_loss = float(F.cross_entropy(torch.from_numpy(lv), torch.from_numpy(data.y_va)))
             val_f1 = macro_f1(data.y_va, lv.argmax(1), len(data.classes))
         else:  # no validation files: keep the last epoch
             val_loss, val_f1 = -train_loss, 0.0
-        history.append({"epoch": epoch, "train_loss": round(train_loss, 5),
-                        "val_loss": round(val_loss, 5), "val_macro_f1": round(val_f1, 5)})
-        log(f"epoch {epoch:2d}: train loss {train_loss:.4f}  val loss {val_loss:.4f}  "
-            f"val macro-F1 {val_f1:.4f}")  # fmt: skip
+        history.append(
+            {
+                "epoch": epoch,
+                "train_loss": round(train_loss, 5),
+                "val_loss": round(val_loss, 5),
+                "val_macro_f1": round(val_f1, 5),
+            }
+        )
+        log(
+            f"epoch {epoch:2d}: train loss {train_loss:.4f}  val loss {val_loss:.4f}  "
+            f"val macro-F1 {val_f1:.4f}"
+        )
         if (val_f1, -val_loss) > best:
             best, best_epoch = (val_f1, -val_loss), epoch
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -334,27 +396,45 @@ def fit(data: TrainData, layout: MatrixLayout, cfg: TrainConfig, progress: bool 
     return FitResult(model, best_epoch, best[0], history)
 
 
-def fit_trust(model: IoTCNN, layout: MatrixLayout, temperature: float, data: TrainData,
-              matrices: np.ndarray, meta: dict, log=print) -> dict:  # fmt: skip
+def fit_trust(
+    model: IoTCNN,
+    layout: MatrixLayout,
+    temperature: float,
+    data: TrainData,
+    matrices: np.ndarray,
+    meta: dict,
+    log=print,
+) -> dict:
     """The trust state (docs/trust.md), fitted on the validation split (data the model did
     not learn from, so its mistakes there are like the ones it will make); records its
     figures in ``meta["trust"]``."""
     from .trust.dhcp_identity import fit_identities
     from .trust.layer import fit_state
 
-    state, meta["trust"] = fit_state(model, layout, temperature, data.classes, data.x_va,
-                                     data.y_va, fallback=(matrices[data.tr], data.y[data.tr]))
+    state, meta["trust"] = fit_state(
+        model,
+        layout,
+        temperature,
+        data.classes,
+        data.x_va,
+        data.y_va,
+        fallback=(matrices[data.tr], data.y[data.tr]),
+    )
     known = np.flatnonzero((data.part == 0) | (data.part == 1))  # rule 6: classes' identities
-    state.dhcp_identities = fit_identities(layout.dhcp_identities(matrices[known, 0]),
-                                           data.labels[known])  # fmt: skip
+    state.dhcp_identities = fit_identities(
+        layout.dhcp_identities(matrices[known, 0]), data.labels[known]
+    )
     meta["trust"]["dhcp_identities"] = len(state.dhcp_identities)
-    log(f"trust state: {meta['trust']['references']} reference explanations from "
-        f"{meta['trust']['labels']} validation labels ({meta['trust']['seconds']:.1f}s)")
+    log(
+        f"trust state: {meta['trust']['references']} reference explanations from "
+        f"{meta['trust']['labels']} validation labels ({meta['trust']['seconds']:.1f}s)"
+    )
     return state.to_dict()
 
 
-def train_metadata(metadata: dict | None, cfg: TrainConfig, data: TrainData, res: FitResult,
-                   t0: float) -> dict:  # fmt: skip
+def train_metadata(
+    metadata: dict | None, cfg: TrainConfig, data: TrainData, res: FitResult, t0: float
+) -> dict:
     meta = dict(metadata or {})
     meta.update(
         {
@@ -362,14 +442,16 @@ def train_metadata(metadata: dict | None, cfg: TrainConfig, data: TrainData, res
             "train_seconds": round(time.time() - t0, 1),
             "train_config": asdict(cfg),
             "split": data.split.to_dict(),
-            "matrices": {"train": int(len(data.tr)), "val": int(len(data.va)),
-                         "test": int((data.part == 2).sum())},  # fmt: skip
+            "matrices": {
+                "train": int(len(data.tr)),
+                "val": int(len(data.va)),
+                "test": int((data.part == 2).sum()),
+            },
             "best_epoch": res.best_epoch,
             "val_macro_f1": round(res.val_macro_f1, 5),
             "history": res.history,
             "parameters": count_parameters(res.model),
-            "flops": {"sequence": count_flops(res.model),
-                      "flow": count_flops(res.model, rows=1)},  # fmt: skip
+            "flops": {"sequence": count_flops(res.model), "flow": count_flops(res.model, rows=1)},
         }
     )
     return meta
@@ -405,18 +487,38 @@ def train(
     va = data.va
     temperature = fit_temperature(_logits(res.model, data.x_va), data.y_va) if len(va) else 1.0
     meta = train_metadata(metadata, cfg, data, res, t0)
-    log(f"best epoch {res.best_epoch}: val macro-F1 {res.val_macro_f1:.4f}; "
-        f"temperature {temperature:.3f}")
+    log(
+        f"best epoch {res.best_epoch}: val macro-F1 {res.val_macro_f1:.4f}; "
+        f"temperature {temperature:.3f}"
+    )
     trust = None
     if cfg.trust and len(va):
         trust = fit_trust(res.model, layout, temperature, data, matrices, meta, log)
-    bundle = ModelBundle(model=res.model, layout=layout, classes=data.classes,
-                         temperature=temperature, metadata=meta, trust=trust)  # fmt: skip
+    bundle = ModelBundle(
+        model=res.model,
+        layout=layout,
+        classes=data.classes,
+        temperature=temperature,
+        metadata=meta,
+        trust=trust,
+    )
     if trust is not None and devices is not None and times is not None:
-        amb = ambiguous_identities(bundle, data.x_va, data.labels[va], np.asarray(captures)[va],
-                                   np.asarray(devices)[va], np.asarray(times)[va])  # fmt: skip
+        amb = ambiguous_identities(
+            bundle,
+            data.x_va,
+            data.labels[va],
+            np.asarray(captures)[va],
+            np.asarray(devices)[va],
+            np.asarray(times)[va],
+        )
         bundle.trust["dhcp_ambiguous"] = meta["trust"]["dhcp_ambiguous"] = amb
-        need = needed_identities(bundle, data.x_va, data.labels[va], np.asarray(captures)[va],
-                                 np.asarray(devices)[va], np.asarray(times)[va])  # fmt: skip
+        need = needed_identities(
+            bundle,
+            data.x_va,
+            data.labels[va],
+            np.asarray(captures)[va],
+            np.asarray(devices)[va],
+            np.asarray(times)[va],
+        )
         bundle.trust["dhcp_needed"] = meta["trust"]["dhcp_needed"] = need
     return bundle

@@ -15,7 +15,7 @@ shape, so neither side pays for per-number encoding.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 import msgpack
 import numpy as np
@@ -130,12 +130,19 @@ class Bye:
     reason: str = ""
 
 
-Message = Union[Hello, Welcome, Reject, Heartbeat, Request, Reply, Failure, Stop, Bye]
+Message = Hello | Welcome | Reject | Heartbeat | Request | Reply | Failure | Stop | Bye
 
 _KINDS: dict[type, str] = {
-    Hello: "hello", Welcome: "welcome", Reject: "reject", Heartbeat: "hb", Request: "req",
-    Reply: "rep", Failure: "fail", Stop: "stop", Bye: "bye",
-}  # fmt: skip
+    Hello: "hello",
+    Welcome: "welcome",
+    Reject: "reject",
+    Heartbeat: "hb",
+    Request: "req",
+    Reply: "rep",
+    Failure: "fail",
+    Stop: "stop",
+    Bye: "bye",
+}
 
 
 def encode(msg: Message) -> bytes:
@@ -154,10 +161,15 @@ def encode(msg: Message) -> bytes:
             d["ids"] = msg.identities
     elif isinstance(msg, Reply):
         d.update(
-            id=msg.batch, labels=msg.labels, conf=[float(c) for c in msg.confidence],
-            trusted=[bool(x) for x in msg.trusted], reason=msg.reason,
-            groups=msg.top_groups, model=msg.model, ms=float(msg.score_ms),
-        )  # fmt: skip
+            id=msg.batch,
+            labels=msg.labels,
+            conf=[float(c) for c in msg.confidence],
+            trusted=[bool(x) for x in msg.trusted],
+            reason=msg.reason,
+            groups=msg.top_groups,
+            model=msg.model,
+            ms=float(msg.score_ms),
+        )
         if msg.explained is not None:
             d["expl"] = [bool(x) for x in msg.explained]
         if msg.cheap_trusted is not None:
@@ -165,9 +177,16 @@ def encode(msg: Message) -> bytes:
     elif isinstance(msg, Failure):
         d.update(id=msg.batch, error=msg.error)
     elif isinstance(msg, Hello):
-        d.update(name=msg.name, pid=msg.pid, host=msg.host, model=msg.model,
-                 layout=msg.layout, device=msg.device, batch=msg.batch_size,
-                 explain=msg.explain)  # fmt: skip
+        d.update(
+            name=msg.name,
+            pid=msg.pid,
+            host=msg.host,
+            model=msg.model,
+            layout=msg.layout,
+            device=msg.device,
+            batch=msg.batch_size,
+            explain=msg.explain,
+        )
         if msg.classes is not None:
             d["classes"] = list(msg.classes)
     elif isinstance(msg, Welcome):
@@ -219,39 +238,9 @@ def decode(data: bytes) -> Message:
         )
     kind = d.get("t")
     if kind == "req":
-        batch = _get(d, "id", int, kind)
-        shape = _get(d, "shape", list, kind)
-        if len(shape) != 3 or not all(isinstance(s, int) and s > 0 for s in shape):
-            raise WireError(f"req message: bad shape {shape!r}")
-        raw = _get(d, "m", bytes, kind)
-        n, rows, width = shape
-        if len(raw) != n * rows * width * 4:
-            raise WireError(f"req message: {len(raw)} matrix bytes for shape {shape}")
-        refs = _list_of(d, "refs", int, n, kind)
-        m = np.frombuffer(raw, dtype="<f4").reshape(n, rows, width)
-        hints = None
-        if "due" in d:
-            hints = Hints(_list_of(d, "due", bool, n, kind), _list_of(d, "last", str, n, kind),
-                          _list_of(d, "lastt", bool, n, kind),
-                          _list_of(d, "lastc", bool, n, kind) if "lastc" in d else None)  # fmt: skip
-        ids = _list_of(d, "ids", (str, type(None)), n, kind) if "ids" in d else None
-        return Request(batch, m, refs, hints, ids)
+        return _decode_request(d, kind)
     if kind == "rep":
-        batch = _get(d, "id", int, kind)
-        labels = _get(d, "labels", list, kind)
-        n = len(labels)
-        _list_of(d, "labels", str, n, kind)
-        groups = _list_of(d, "groups", list, n, kind)
-        if not all(isinstance(g, str) for gs in groups for g in gs):
-            raise WireError("rep message: 'groups' holds a non-string")
-        return Reply(
-            batch=batch, labels=labels, confidence=_list_of(d, "conf", (float, int), n, kind),
-            trusted=_list_of(d, "trusted", bool, n, kind),
-            reason=_list_of(d, "reason", str, n, kind), top_groups=groups,
-            model=_get(d, "model", str, kind), score_ms=float(_get(d, "ms", (float, int), kind)),
-            explained=_list_of(d, "expl", bool, n, kind) if "expl" in d else None,
-            cheap_trusted=_list_of(d, "cheap", bool, n, kind) if "cheap" in d else None,
-        )  # fmt: skip
+        return _decode_reply(d, kind)
     if kind == "hb":
         return Heartbeat()
     if kind == "hello":
@@ -259,13 +248,16 @@ def decode(data: bytes) -> Message:
         if "classes" in d:
             classes = _list_of(d, "classes", str, len(_get(d, "classes", list, kind)), kind)
         return Hello(
-            name=_get(d, "name", str, kind), pid=_get(d, "pid", int, kind),
-            host=_get(d, "host", str, kind), model=_get(d, "model", str, kind),
-            layout=_get(d, "layout", dict, kind), device=_get(d, "device", str, kind),
+            name=_get(d, "name", str, kind),
+            pid=_get(d, "pid", int, kind),
+            host=_get(d, "host", str, kind),
+            model=_get(d, "model", str, kind),
+            layout=_get(d, "layout", dict, kind),
+            device=_get(d, "device", str, kind),
             batch_size=_get(d, "batch", int, kind),
             explain=_get(d, "explain", str, kind) if "explain" in d else "none",
             classes=classes,
-        )  # fmt: skip
+        )
     if kind == "welcome":
         return Welcome(_get(d, "credit", int, kind), float(_get(d, "hb", (float, int), kind)))
     if kind == "reject":
@@ -277,6 +269,51 @@ def decode(data: bytes) -> Message:
     if kind == "bye":
         return Bye(_get(d, "reason", str, kind))
     raise WireError(f"unknown message kind {kind!r}")
+
+
+def _decode_request(d: dict, kind: str) -> Request:
+    batch = _get(d, "id", int, kind)
+    shape = _get(d, "shape", list, kind)
+    if len(shape) != 3 or not all(isinstance(s, int) and s > 0 for s in shape):
+        raise WireError(f"req message: bad shape {shape!r}")
+    raw = _get(d, "m", bytes, kind)
+    n, rows, width = shape
+    if len(raw) != n * rows * width * 4:
+        raise WireError(f"req message: {len(raw)} matrix bytes for shape {shape}")
+    refs = _list_of(d, "refs", int, n, kind)
+    m = np.frombuffer(raw, dtype="<f4").reshape(n, rows, width)
+    hints = None
+    if "due" in d:
+        hints = Hints(
+            _list_of(d, "due", bool, n, kind),
+            _list_of(d, "last", str, n, kind),
+            _list_of(d, "lastt", bool, n, kind),
+            _list_of(d, "lastc", bool, n, kind) if "lastc" in d else None,
+        )
+    ids = _list_of(d, "ids", (str, type(None)), n, kind) if "ids" in d else None
+    return Request(batch, m, refs, hints, ids)
+
+
+def _decode_reply(d: dict, kind: str) -> Reply:
+    batch = _get(d, "id", int, kind)
+    labels = _get(d, "labels", list, kind)
+    n = len(labels)
+    _list_of(d, "labels", str, n, kind)
+    groups = _list_of(d, "groups", list, n, kind)
+    if not all(isinstance(g, str) for gs in groups for g in gs):
+        raise WireError("rep message: 'groups' holds a non-string")
+    return Reply(
+        batch=batch,
+        labels=labels,
+        confidence=_list_of(d, "conf", (float, int), n, kind),
+        trusted=_list_of(d, "trusted", bool, n, kind),
+        reason=_list_of(d, "reason", str, n, kind),
+        top_groups=groups,
+        model=_get(d, "model", str, kind),
+        score_ms=float(_get(d, "ms", (float, int), kind)),
+        explained=_list_of(d, "expl", bool, n, kind) if "expl" in d else None,
+        cheap_trusted=_list_of(d, "cheap", bool, n, kind) if "cheap" in d else None,
+    )
 
 
 @dataclass

@@ -105,7 +105,9 @@ def load_bundle(path: str):
         raise
     except Exception as e:  # a file torch cannot make sense of fails in many ways
         where = path or default_model_path()
-        raise BundleError(f"{where}: not a readable model file ({type(e).__name__}: {e})"[:300]) from None
+        raise BundleError(
+            f"{where}: not a readable model file ({type(e).__name__}: {e})"[:300]
+        ) from None
 
 
 def check_bundle(bundle) -> None:
@@ -129,8 +131,14 @@ def check_bundle(bundle) -> None:
         raise BundleError(f"{where}: unusable model: {first_line(e)}"[:300]) from None
 
 
-def load_model(path: str, device: str, threads: int, batch_size: int, explain: str = "logged",
-               row_cache: int = 0):  # fmt: skip
+def load_model(
+    path: str,
+    device: str,
+    threads: int,
+    batch_size: int,
+    explain: str = "logged",
+    row_cache: int = 0,
+):
     """The bundle at ``path`` (the bundled default model when empty) as a Predictor.
 
     With ``explain`` other than ``all`` the Predictor labels cheaply (confidence criterion)
@@ -144,8 +152,13 @@ def load_model(path: str, device: str, threads: int, batch_size: int, explain: s
 
     torch.set_num_threads(threads)
     bundle = load_bundle(path)
-    return Predictor(bundle, device=resolve_device(device), batch_size=batch_size,
-                     explain=explain == "all", row_cache=row_cache)  # fmt: skip
+    return Predictor(
+        bundle,
+        device=resolve_device(device),
+        batch_size=batch_size,
+        explain=explain == "all",
+        row_cache=row_cache,
+    )
 
 
 def warm_up(model, batch_size: int) -> float:
@@ -219,7 +232,9 @@ class Scorer:
         self._mon: zmq.Socket | None = None
         self._auth_logged = -1e9
         # what this scorer actually does: without a trust state, the confidence criterion
-        self.explain_mode = settings.explain if getattr(model, "trust", None) is not None else "none"
+        self.explain_mode = (
+            settings.explain if getattr(model, "trust", None) is not None else "none"
+        )
 
     # -- socket ---------------------------------------------------------------------------
     def _open(self) -> zmq.Socket:
@@ -242,10 +257,14 @@ class Scorer:
             now = time.monotonic()
             if now - self._auth_logged >= 60.0:
                 self._auth_logged = now
-                log.error("scorer %s: the bridge at %s refused the CURVE handshake (%s): is "
-                          "this scorer's public key in the bridge's authorized/ directory, and "
-                          "bridge.key the bridge's?", self.s.name, self.s.connect,
-                          cv.failure_kind(ev["event"]))  # fmt: skip
+                log.error(
+                    "scorer %s: the bridge at %s refused the CURVE handshake (%s): is "
+                    "this scorer's public key in the bridge's authorized/ directory, and "
+                    "bridge.key the bridge's?",
+                    self.s.name,
+                    self.s.connect,
+                    cv.failure_kind(ev["event"]),
+                )
 
     def _send(self, msg: wire.Message) -> None:
         assert self._sock is not None
@@ -256,19 +275,32 @@ class Scorer:
         self._last_sent = time.monotonic()
 
     def _hello(self) -> None:
-        self._send(wire.Hello(
-            name=self.s.name, pid=os.getpid(), host=pysocket.gethostname(), model=self.model_id,
-            layout=self._layout, device=self.device, batch_size=self.s.batch_size,
-            explain=self.explain_mode, classes=model_classes(self.model),
-        ))  # fmt: skip
+        self._send(
+            wire.Hello(
+                name=self.s.name,
+                pid=os.getpid(),
+                host=pysocket.gethostname(),
+                model=self.model_id,
+                layout=self._layout,
+                device=self.device,
+                batch_size=self.s.batch_size,
+                explain=self.explain_mode,
+                classes=model_classes(self.model),
+            )
+        )
         self._last_hello = time.monotonic()
 
     def _reject_garbage(self, kind: str, why: str) -> None:
         self.stats.rejected[kind] = self.stats.rejected.get(kind, 0) + 1
         n = self.stats.rejected[kind]
         if n <= 10 or n % 1000 == 0:
-            log.warning("scorer %s: rejected a message from the bridge (%s, %d so far): %s",
-                        self.s.name, kind, n, why)  # fmt: skip
+            log.warning(
+                "scorer %s: rejected a message from the bridge (%s, %d so far): %s",
+                self.s.name,
+                kind,
+                n,
+                why,
+            )
 
     def _receive(self, timeout_ms: float) -> None:
         """Waits up to ``timeout_ms`` for a message, then takes everything already queued."""
@@ -292,16 +324,24 @@ class Scorer:
             self._queue.append((time.monotonic(), msg))
         elif isinstance(msg, wire.Welcome):
             if not self._welcomed:
-                log.info("scorer %s: accepted by the bridge at %s (credit %d)",
-                         self.s.name, self.s.connect, msg.credit)  # fmt: skip
+                log.info(
+                    "scorer %s: accepted by the bridge at %s (credit %d)",
+                    self.s.name,
+                    self.s.connect,
+                    msg.credit,
+                )
             self._welcomed = True
         elif isinstance(msg, wire.Reject):
             if msg.reason.startswith(wire.REHELLO):
                 self._welcomed = False
                 self._hello()
                 return
-            log.error("scorer %s: the bridge at %s refused this scorer: %s",
-                      self.s.name, self.s.connect, msg.reason)  # fmt: skip
+            log.error(
+                "scorer %s: the bridge at %s refused this scorer: %s",
+                self.s.name,
+                self.s.connect,
+                msg.reason,
+            )
             self._stopping, self._exit_code = True, EXIT_REJECTED
         elif isinstance(msg, wire.Stop):
             self._stopping = True
@@ -369,13 +409,20 @@ class Scorer:
         s = 0
         for r in requests:
             n = len(r.refs)
-            self._send(wire.Reply(
-                batch=r.batch, labels=labels[s : s + n], confidence=conf[s : s + n],
-                trusted=trusted[s : s + n], reason=reason[s : s + n],
-                top_groups=groups[s : s + n], model=self.model_id, score_ms=ms,
-                explained=None if explained is None else explained[s : s + n],
-                cheap_trusted=None if explained is None else cheap[s : s + n],
-            ))  # fmt: skip
+            self._send(
+                wire.Reply(
+                    batch=r.batch,
+                    labels=labels[s : s + n],
+                    confidence=conf[s : s + n],
+                    trusted=trusted[s : s + n],
+                    reason=reason[s : s + n],
+                    top_groups=groups[s : s + n],
+                    model=self.model_id,
+                    score_ms=ms,
+                    explained=None if explained is None else explained[s : s + n],
+                    cheap_trusted=None if explained is None else cheap[s : s + n],
+                )
+            )
             s += n
         self.stats.batches += 1
         self.stats.matrices += n_total
@@ -388,8 +435,9 @@ class Scorer:
         for r in requests:
             self._send(wire.Failure(r.batch, msg))
 
-    def _explain(self, x: np.ndarray, p, requests: list[wire.Request], k: int,
-                 ids: list[str | None] | None) -> list[bool] | None:  # fmt: skip
+    def _explain(
+        self, x: np.ndarray, p, requests: list[wire.Request], k: int, ids: list[str | None] | None
+    ) -> list[bool] | None:
         """``logged`` mode: the full trust decision for the labels the bridge will send.
 
         A label needs it when its record is due, its label differs from the device's last
@@ -409,9 +457,11 @@ class Scorer:
                 tr = np.asarray(p.trusted[s : s + n], bool)
                 last_t = np.asarray(h.last_trusted, bool)
                 last_c = last_t if h.last_cheap is None else np.asarray(h.last_cheap, bool)
-                need[s : s + n] = np.asarray(h.due, bool) | \
-                    (np.asarray(lab, object) != np.asarray(h.last_label, object)) | \
-                    np.where(tr, ~last_c, last_t)  # fmt: skip
+                need[s : s + n] = (
+                    np.asarray(h.due, bool)
+                    | (np.asarray(lab, object) != np.asarray(h.last_label, object))
+                    | np.where(tr, ~last_c, last_t)
+                )
             s += n
         idx = np.flatnonzero(need)
         if len(idx):
@@ -460,14 +510,12 @@ class Scorer:
         self._stopping = True
 
 
-
-def serve_scorer(
-    model_path: str, device: str, threads: int, settings: ScorerSettings
-) -> int:
+def serve_scorer(model_path: str, device: str, threads: int, settings: ScorerSettings) -> int:
     """The body of ``iotcls serve --scorer-only``: load the model, serve until stopped."""
     try:
-        model = load_model(model_path, device, threads, settings.batch_size, settings.explain,
-                           settings.row_cache)  # fmt: skip
+        model = load_model(
+            model_path, device, threads, settings.batch_size, settings.explain, settings.row_cache
+        )
         warm_s = warm_up(model, settings.batch_size)
     except Exception as e:  # the same file fails the same way again: do not restart
         print(f"iotcls scorer {settings.name}: error: {first_line(e)}", file=sys.stderr)
@@ -475,9 +523,19 @@ def serve_scorer(
     scorer = Scorer(model, settings)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: scorer.stop())
-    trust = "with a trust state" if getattr(model, "trust", None) is not None else \
-        "without a trust state (confidence criterion)"  # fmt: skip
-    log.info("scorer %s: model %s %s on %s, explaining %s labels, warmed up in %.2f s, "
-             "connecting to %s", settings.name, scorer.model_id, trust, scorer.device,
-             settings.explain, warm_s, settings.connect)  # fmt: skip
+    trust = (
+        "with a trust state"
+        if getattr(model, "trust", None) is not None
+        else "without a trust state (confidence criterion)"
+    )
+    log.info(
+        "scorer %s: model %s %s on %s, explaining %s labels, warmed up in %.2f s, connecting to %s",
+        settings.name,
+        scorer.model_id,
+        trust,
+        scorer.device,
+        settings.explain,
+        warm_s,
+        settings.connect,
+    )
     return scorer.run()

@@ -105,8 +105,13 @@ class Supervisor:
                 rc = await slot.proc.wait()
             if self._stopping:
                 return
-            why = f"process exited with status {rc}" if rc is not None and rc >= 0 else \
-                f"process killed by signal {-rc}" if rc is not None else "process did not start"  # fmt: skip
+            why = (
+                f"process exited with status {rc}"
+                if rc is not None and rc >= 0
+                else f"process killed by signal {-rc}"
+                if rc is not None
+                else "process did not start"
+            )
             self.on_exit(slot.name, why)
             if rc in FINAL:
                 return self._give_up(slot, f"{FINAL[rc]} (exit status {rc})", rc)
@@ -115,8 +120,9 @@ class Supervisor:
             else:
                 young += 1
                 if young >= MAX_YOUNG_DEATHS:
-                    return self._give_up(slot, f"died young {young} times in a row, last: {why}",
-                                         rc)  # fmt: skip
+                    return self._give_up(
+                        slot, f"died young {young} times in a row, last: {why}", rc
+                    )
             wait, backoff = backoff, min(MAX_BACKOFF_S, max(backoff, 0.1) * 2)
             log.warning("scorer %s: %s; restarting in %.1f s", slot.name, why, wait)
             await asyncio.sleep(wait)
@@ -135,8 +141,11 @@ class Supervisor:
                         p.send_signal(sig)
                     except ProcessLookupError:
                         pass
-            waits = [asyncio.wait_for(p.wait(), max(0.1, deadline - time.monotonic()))
-                     for p in procs if p.returncode is None]  # fmt: skip
+            waits = [
+                asyncio.wait_for(p.wait(), max(0.1, deadline - time.monotonic()))
+                for p in procs
+                if p.returncode is None
+            ]
             if not waits:
                 break
             await asyncio.gather(*waits, return_exceptions=True)
@@ -148,15 +157,32 @@ class Supervisor:
 
 
 def scorer_command(
-    connect: str, config: str | None, model: str | None, device: str | None,
-    log_level: str, extra: list[str] | None = None, curve: bool = False,
-) -> Callable[[str], list[str]]:  # fmt: skip
+    connect: str,
+    config: str | None,
+    model: str | None,
+    device: str | None,
+    log_level: str,
+    extra: list[str] | None = None,
+    curve: bool = False,
+) -> Callable[[str], list[str]]:
     """The argv factory for local scorers: the same config file and overrides as the bridge,
     and CURVE on exactly when the bridge's socket has it (a local scorer connects over
     loopback even when the bridge also binds other addresses)."""
-    base = [sys.executable, "-m", "iotcls", "serve", "--scorer-only", "--connect", connect,
-            "--parent-pid", str(os.getpid()), "--log-level", log_level,
-            "--curve", "on" if curve else "off"]  # fmt: skip
+    base = [
+        sys.executable,
+        "-m",
+        "iotcls",
+        "serve",
+        "--scorer-only",
+        "--connect",
+        connect,
+        "--parent-pid",
+        str(os.getpid()),
+        "--log-level",
+        log_level,
+        "--curve",
+        "on" if curve else "off",
+    ]
     if config:
         base += ["--config", config]
     if model:

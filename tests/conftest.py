@@ -40,8 +40,11 @@ def free_port() -> int:
 # -- marks: ``@pytest.mark.zeek`` (real-Zeek tests), ``@pytest.mark.e2e`` -----------------------
 def pytest_configure(config):
     config.addinivalue_line("markers", "zeek: the test runs a real Zeek (skips without one)")
-    config.addinivalue_line("markers", "e2e: the test starts real programs (Zeek, iotcls serve, "
-                                       "Suricata, Chromium); -m 'not e2e' leaves them out")
+    config.addinivalue_line(
+        "markers",
+        "e2e: the test starts real programs (Zeek, iotcls serve, "
+        "Suricata, Chromium); -m 'not e2e' leaves them out",
+    )
     exe = zeek.find_zeek()
     if exe and zeek.igmp_shim_needed(exe) and "ZEEKPATH" not in os.environ:
         # a Zeek 8.2 built without Spicy cannot start with its default scripts: every Zeek
@@ -95,8 +98,9 @@ def _e2e_mark_is_true(request, monkeypatch):
     def init(self, args, *a, **kw):
         what = e2e_program(args, stand_ins)
         if what is not None:
-            pytest.fail(f"{request.node.nodeid} starts {what}: mark it @pytest.mark.e2e",
-                        pytrace=False)  # fmt: skip
+            pytest.fail(
+                f"{request.node.nodeid} starts {what}: mark it @pytest.mark.e2e", pytrace=False
+            )
         real(self, args, *a, **kw)
 
     monkeypatch.setattr(subprocess.Popen, "__init__", init)
@@ -106,8 +110,7 @@ def pytest_runtest_setup(item):
     if item.get_closest_marker("zeek") is None or zeek.find_zeek() is not None:
         return
     if zeek.required():
-        pytest.fail(zeek.missing_reason().replace("not run", "required and missing"),
-                    pytrace=False)  # fmt: skip
+        pytest.fail(zeek.missing_reason().replace("not run", "required and missing"), pytrace=False)
     pytest.skip(zeek.missing_reason())
 
 
@@ -124,4 +127,5 @@ def pytest_terminal_summary(terminalreporter):
     ran = counts["passed"] + counts["failed"]
     terminalreporter.write_line(
         f"iotcls real-Zeek tests ({which}): {ran} ran ({counts['failed']} failed), "
-        f"{counts['skipped']} skipped")  # fmt: skip
+        f"{counts['skipped']} skipped"
+    )

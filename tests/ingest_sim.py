@@ -178,7 +178,7 @@ def simulate(pipeline: dict, doc: dict) -> dict:
     """The document after the pipeline, as ``_ingest/pipeline/_simulate`` would return it."""
     doc = copy.deepcopy(doc)
     for proc in pipeline["processors"]:
-        (ptype, o), = proc.items()
+        ((ptype, o),) = proc.items()
         if ptype not in SUPPORTED:
             raise NotImplementedError(f"processor type {ptype}")
         try:
@@ -188,7 +188,7 @@ def simulate(pipeline: dict, doc: dict) -> dict:
                 raise
             doc["_ingest"] = {"on_failure_message": str(e), "on_failure_processor_type": e.ptype}
             for handler in pipeline["on_failure"]:
-                (htype, ho), = handler.items()
+                ((htype, ho),) = handler.items()
                 _run_one(htype, ho, doc)
             del doc["_ingest"]
             return doc

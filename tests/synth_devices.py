@@ -45,15 +45,29 @@ def session(kind_mix: dict, mac: str, rng: np.random.Generator, t0: float, n: in
         jitter = rng.integers(-8, 9, len(sizes))
         sz = [max(40, s + int(j)) for s, j in zip(sizes, jitter)]
         offs = np.cumsum(np.r_[0.0, rng.exponential(0.05, len(sizes) - 1)]).tolist()
-        pays = [pay[:2] + bytes(rng.integers(0, 256, 2, dtype=np.uint8)) if d else b""
-                for d in dirs]  # fmt: skip
+        pays = [
+            pay[:2] + bytes(rng.integers(0, 256, 2, dtype=np.uint8)) if d else b"" for d in dirs
+        ]
         t += float(rng.exponential(6.0))
-        recs.append(FlowRecord(
-            device_mac=mac, device_ip="192.168.1.50", device_port=int(rng.integers(1024, 65535)),
-            remote_ip=rip, remote_port=rport, proto=proto, start=t, last=t + offs[-1],
-            total_bytes=sum(sz), total_packets=len(sz), offsets=offs, sizes=sz,
-            directions=dirs, payloads=pays, uid=f"C{i}",
-        ))  # fmt: skip
+        recs.append(
+            FlowRecord(
+                device_mac=mac,
+                device_ip="192.168.1.50",
+                device_port=int(rng.integers(1024, 65535)),
+                remote_ip=rip,
+                remote_port=rport,
+                proto=proto,
+                start=t,
+                last=t + offs[-1],
+                total_bytes=sum(sz),
+                total_packets=len(sz),
+                offsets=offs,
+                sizes=sz,
+                directions=dirs,
+                payloads=pays,
+                uid=f"C{i}",
+            )
+        )
     return recs
 
 

@@ -28,8 +28,10 @@ from iotcls.testing.fake_zeek import FakeZeek, drain_frame, welcome_frame
 from iotcls.testing.shared import require, sentinel_capture, zeek_fixtures_dir
 
 FLOWS, LABELS = "zeek/iotcls/flows", "zeek/iotcls/labels"
-CAPTURES = {name: require(sentinel_capture(*name.split("_")), module=True)
-            for name in ("Aria_Setup-A-1-STA", "D-LinkCam_Setup-B-1-STA")}  # fmt: skip
+CAPTURES = {
+    name: require(sentinel_capture(*name.split("_")), module=True)
+    for name in ("Aria_Setup-A-1-STA", "D-LinkCam_Setup-B-1-STA")
+}
 WS_FIX = require(zeek_fixtures_dir() / "websocket", module=True)
 LAYOUT = MatrixLayout()
 FAST = dict(reconnect_min_s=0.02, reconnect_max_s=0.1, ack_timeout_s=0.5, open_timeout_s=1.0)
@@ -66,12 +68,18 @@ class ProjectionScorer:
             row /= row.sum()
             i = int(row.argmax())
             conf = float(row[i])
-            out.append(Verdict(
-                label=self.CLASSES[i], confidence=conf, strategy="flow",
-                n_flows=int(np.any(m != 0, axis=1).sum()), trusted=conf >= 0.5,
-                reason="-" if conf >= 0.5 else "low_confidence", top_groups=["payload", "sizes"],
-                model="projection-test",
-            ))  # fmt: skip
+            out.append(
+                Verdict(
+                    label=self.CLASSES[i],
+                    confidence=conf,
+                    strategy="flow",
+                    n_flows=int(np.any(m != 0, axis=1).sum()),
+                    trusted=conf >= 0.5,
+                    reason="-" if conf >= 0.5 else "low_confidence",
+                    top_groups=["payload", "sizes"],
+                    model="projection-test",
+                )
+            )
         return out
 
     def __call__(self, mats: np.ndarray, table: FlowTable) -> list[Verdict]:
@@ -116,11 +124,23 @@ def label_values_of(entry: LogEntry) -> list:
     """IoTClass::Label as Zeek would decode it, built independently of the encoder."""
     proto = {"tcp": "tcp", "udp": "udp", "icmp": "icmp"}.get(entry.proto, "?")
     return [
-        entry.ts, entry.uid, ipaddress.ip_address(entry.orig_h), bj.Port(entry.orig_p, proto),
-        ipaddress.ip_address(entry.resp_h), bj.Port(entry.resp_p, proto), entry.device_mac,
-        ipaddress.ip_address(entry.device_ip), entry.label, entry.confidence, entry.strategy,
-        bj.Count(entry.n_flows), entry.trusted, entry.reason, entry.top_groups, entry.model,
-    ]  # fmt: skip
+        entry.ts,
+        entry.uid,
+        ipaddress.ip_address(entry.orig_h),
+        bj.Port(entry.orig_p, proto),
+        ipaddress.ip_address(entry.resp_h),
+        bj.Port(entry.resp_p, proto),
+        entry.device_mac,
+        ipaddress.ip_address(entry.device_ip),
+        entry.label,
+        entry.confidence,
+        entry.strategy,
+        bj.Count(entry.n_flows),
+        entry.trusted,
+        entry.reason,
+        entry.top_groups,
+        entry.model,
+    ]
 
 
 # -- the record codec on real records ---------------------------------------------------------
@@ -147,8 +167,10 @@ def test_zeek_time_arithmetic_is_undone_exactly():
     assert rc.flow_record_raw(rc.flow_frame(FLOWS, r)).offsets == r.offsets
 
 
-META = (b'{"@data-type":"vector","data":[{"@data-type":"vector","data":[{"@data-type":"count",'
-        b'"data":1},{"@data-type":"timestamp","data":"2016-06-09T13:02:23.773"}]}]}')
+META = (
+    b'{"@data-type":"vector","data":[{"@data-type":"vector","data":[{"@data-type":"count",'
+    b'"data":1},{"@data-type":"timestamp","data":"2016-06-09T13:02:23.773"}]}]}'
+)
 
 
 def mutate(raw: bytes, old: bytes, new: bytes) -> bytes:
@@ -164,17 +186,21 @@ def test_fast_path_declines_what_it_cannot_prove_and_agrees_with_the_codec():
         "seconds": (b'"0s"', b'"1min"'),
         "negative count": (b'"count","data":328}', b'"count","data":-328}'),
         "float count": (b'"count","data":328}', b'"count","data":328.0}'),
-        "format 2": (b'"count","data":1},{"@data-type":"count","data":1}',
-                     b'"count","data":2},{"@data-type":"count","data":1}'),
-        "two arguments": (b']}]}]}', b']},{"@data-type":"count","data":1}]}]}'),
+        "format 2": (
+            b'"count","data":1},{"@data-type":"count","data":1}',
+            b'"count","data":2},{"@data-type":"count","data":1}',
+        ),
+        "two arguments": (b"]}]}]}", b']},{"@data-type":"count","data":1}]}]}'),
         "junk between elements": (b'"count","data":328},', b'"count","data":328},7,'),
         "odd hex": (b'"data":"8201', b'"data":"201'),
         "upper hex": (b'"data":"8201', b'"data":"82A1'),
         "escaped uid": (b'"CYYjJ', b'"C\\u0059YjJ'),
         "metadata, unbalanced": (b"]}]}]}", b']}]},{"@data-type":"vector","data":[]}]}]}'),
-        "metadata, other key": (b"]}]}]}", b']}]},' + META.replace(b'"data":1}', b'"data":200}')
-                                + b"]}"),
-    }  # fmt: skip
+        "metadata, other key": (
+            b"]}]}]}",
+            b"]}]}," + META.replace(b'"data":1}', b'"data":200}') + b"]}",
+        ),
+    }
     for name, (old, new) in cases.items():
         bad = mutate(raw, old, new)
         fast = rc.flow_record_raw(bad)
@@ -193,7 +219,9 @@ def test_fast_path_declines_what_it_cannot_prove_and_agrees_with_the_codec():
         except rc.RecordError:
             walked = None
         assert walked == generic, name
-    two = FlowRecord(**{**{f: getattr(r, f) for f in r.__slots__}, "directions": [2] * len(r.sizes)})
+    two = FlowRecord(
+        **{**{f: getattr(r, f) for f in r.__slots__}, "directions": [2] * len(r.sizes)}
+    )
     bad = rc.flow_frame(FLOWS, two)
     assert rc.flow_record_raw(bad) is None
     with pytest.raises(rc.RecordError, match="directions must be 0 or 1"):
@@ -218,41 +246,63 @@ def test_from_records_matches_a_plain_loop():
     recs = []
     for i in range(60):
         k = int(rng.integers(0, 14))
-        recs.append(FlowRecord(
-            device_mac="" if i % 3 else f"aa:bb:cc:dd:ee:0{i % 7}",
-            device_ip=["10.0.0.1", "2001:db8::5"][i % 2], device_port=int(rng.integers(65536)),
-            remote_ip=["8.8.8.8", "fe80::1", "192.168.1.1"][i % 3],
-            remote_port=int(rng.integers(65536)), proto=[6, 17, 1, 58][i % 4],
-            start=float(rng.random() * 1e9), last=float(rng.random() * 1e9),
-            total_bytes=int(rng.integers(10**6)), total_packets=int(rng.integers(1000)),
-            offsets=[float(x) for x in rng.random(k)], sizes=[int(x) for x in rng.integers(1500, size=k)],
-            directions=[int(x) for x in rng.integers(2, size=k)],
-            payloads=[bytes(rng.integers(256, size=int(rng.integers(0, 90))).astype(np.uint8))
-                      for _ in range(k)],
-            uid=f"C{i}", device_is_orig=bool(i % 2),
-        ))  # fmt: skip
+        recs.append(
+            FlowRecord(
+                device_mac="" if i % 3 else f"aa:bb:cc:dd:ee:0{i % 7}",
+                device_ip=["10.0.0.1", "2001:db8::5"][i % 2],
+                device_port=int(rng.integers(65536)),
+                remote_ip=["8.8.8.8", "fe80::1", "192.168.1.1"][i % 3],
+                remote_port=int(rng.integers(65536)),
+                proto=[6, 17, 1, 58][i % 4],
+                start=float(rng.random() * 1e9),
+                last=float(rng.random() * 1e9),
+                total_bytes=int(rng.integers(10**6)),
+                total_packets=int(rng.integers(1000)),
+                offsets=[float(x) for x in rng.random(k)],
+                sizes=[int(x) for x in rng.integers(1500, size=k)],
+                directions=[int(x) for x in rng.integers(2, size=k)],
+                payloads=[
+                    bytes(rng.integers(256, size=int(rng.integers(0, 90))).astype(np.uint8))
+                    for _ in range(k)
+                ],
+                uid=f"C{i}",
+                device_is_orig=bool(i % 2),
+            )
+        )
     for packets, nbytes in ((10, 64), (3, 5), (12, 0)):
         t = FlowTable.from_records(recs, packets, nbytes)
         ref = FlowTable.allocate(len(recs), packets, nbytes)
         for i, r in enumerate(recs):
             k = min(len(r.offsets), packets)
             ref.device_mac[i], ref.uid[i], ref.n_pkts[i] = r.device_mac, r.uid, k
-            ref.device_ip[i] = np.frombuffer(ipaddress.ip_address(r.device_ip).packed.rjust(16, b"\0")
-                                             if ":" in r.device_ip else
-                                             b"\0" * 10 + b"\xff\xff" + ipaddress.ip_address(r.device_ip).packed,
-                                             np.uint8)  # fmt: skip
-            ref.remote_ip[i] = np.frombuffer(ipaddress.ip_address(r.remote_ip).packed
-                                             if ":" in r.remote_ip else
-                                             b"\0" * 10 + b"\xff\xff" + ipaddress.ip_address(r.remote_ip).packed,
-                                             np.uint8)  # fmt: skip
+            ref.device_ip[i] = np.frombuffer(
+                ipaddress.ip_address(r.device_ip).packed.rjust(16, b"\0")
+                if ":" in r.device_ip
+                else b"\0" * 10 + b"\xff\xff" + ipaddress.ip_address(r.device_ip).packed,
+                np.uint8,
+            )
+            ref.remote_ip[i] = np.frombuffer(
+                ipaddress.ip_address(r.remote_ip).packed
+                if ":" in r.remote_ip
+                else b"\0" * 10 + b"\xff\xff" + ipaddress.ip_address(r.remote_ip).packed,
+                np.uint8,
+            )
             ref.offsets[i, :k], ref.sizes[i, :k] = r.offsets[:k], r.sizes[:k]
             ref.directions[i, :k] = r.directions[:k]
             for j, p in enumerate(r.payloads[:k]):
                 p = p[:nbytes]
                 ref.payload[i, j, : len(p)] = np.frombuffer(p, np.uint8)
                 ref.payload_len[i, j] = len(p)
-            for f in ("device_port", "remote_port", "proto", "start", "last", "total_bytes",
-                      "total_packets", "device_is_orig"):  # fmt: skip
+            for f in (
+                "device_port",
+                "remote_port",
+                "proto",
+                "start",
+                "last",
+                "total_bytes",
+                "total_packets",
+                "device_is_orig",
+            ):
                 getattr(ref, f)[i] = getattr(r, f)
         for f in fields(t):
             a, b = getattr(t, f.name), getattr(ref, f.name)
@@ -336,8 +386,9 @@ def test_no_ack_is_diagnosed_and_retried(caplog):
 
     with caplog.at_level(logging.WARNING, "iotcls.bridge.zeek"):
         run_async(scenario())
-    assert any("sent no ack" in r.message and "cluster backend" in r.message
-               for r in caplog.records)  # fmt: skip
+    assert any(
+        "sent no ack" in r.message and "cluster backend" in r.message for r in caplog.records
+    )
 
 
 def test_wrong_path_and_bad_subscription_are_reported(caplog):
@@ -376,8 +427,9 @@ def test_records_in_labels_out_live():
         assert not bridge.offline
         for r in RECORDS:
             assert await zeek.publish(FLOWS, rc.flow_frame(FLOWS, r)) == 1
-        await until(lambda: len(zeek.events_named("IoTClass::label")) == len(RECORDS),
-                    what="all labels")  # fmt: skip
+        await until(
+            lambda: len(zeek.events_named("IoTClass::label")) == len(RECORDS), what="all labels"
+        )
         labels = zeek.events_named("IoTClass::label")
         assert zeek.errors_sent == []  # Zeek accepted every label as declared
         by_uid = {}
@@ -388,8 +440,10 @@ def test_records_in_labels_out_live():
         assert len(scorer.seen) == len(RECORDS)
         for r in RECORDS:
             got = by_uid[(r.uid, r.device_ip)]
-            assert any(g[0] == r.start and (str(g[2]), g[3].number, str(g[4]), g[5].number)
-                       == r.conn_id() for g in got)  # fmt: skip
+            assert any(
+                g[0] == r.start and (str(g[2]), g[3].number, str(g[4]), g[5].number) == r.conn_id()
+                for g in got
+            )
         assert bridge.stats.records == bridge.stats.labels == len(RECORDS)
         # and with each batch's labels, one IoTClass::ack naming every record of the batch
         await until(lambda: len(acked_ids(zeek)) == len(RECORDS), what="all acks")
@@ -452,25 +506,33 @@ def test_survives_garbage_and_zeek_errors():
         task = asyncio.create_task(run(bridge, client))
         await until(lambda: bridge.welcome is not None, what="welcome")
         sample = json.loads((WS_FIX / "frames.jsonl").read_text().splitlines()[2])
-        bad_flow = rc.flow_frame(FLOWS, RECORDS[0]).replace(b'"count","data":67}',
-                                                             b'"string","data":"67"}')  # fmt: skip
+        bad_flow = rc.flow_frame(FLOWS, RECORDS[0]).replace(
+            b'"count","data":67}', b'"string","data":"67"}'
+        )
         await zeek.send_raw(b"{not json")  # malformed
         await zeek.send_raw(sample["frame"]["latin1"].encode("latin-1"))  # raw bytes, \v
         await zeek.send_raw(b"[1, 2, 3]")  # JSON, but no Broker message
         await zeek.send_raw(b'{"type":"ack","endpoint":"x","version":"y"}')  # ack again
-        await zeek.send_raw(b'{"type":"error","code":"deserialization_failed",'
-                            b'"context":"failed to create Zeek event"}')  # fmt: skip
+        await zeek.send_raw(
+            b'{"type":"error","code":"deserialization_failed",'
+            b'"context":"failed to create Zeek event"}'
+        )
         await zeek.send_raw(bad_flow)  # a flow event with a wrong field type
         await zeek.publish(FLOWS, bj.render_zeek(FLOWS, bj.encode_event("Other::event", [])))
         # a label with an integer where Zeek declares count: Zeek answers with an error
-        await client.send(mutate(rc.label_message(LABELS, rc.log_entry(
-            RECORDS[0], Verdict("Aria", 0.9, n_flows=3))),
-            b'"count","data":3}', b'"integer","data":3}'))  # fmt: skip
+        await client.send(
+            mutate(
+                rc.label_message(LABELS, rc.log_entry(RECORDS[0], Verdict("Aria", 0.9, n_flows=3))),
+                b'"count","data":3}',
+                b'"integer","data":3}',
+            )
+        )
         for r in RECORDS[:5]:
             await zeek.publish(FLOWS, rc.flow_frame(FLOWS, r))
         await until(lambda: len(zeek.events_named("IoTClass::label")) == 5, what="labels")
-        await until(lambda: client.stats.zeek_errors["deserialization_failed"] == 2,
-                    what="error replies")  # fmt: skip
+        await until(
+            lambda: client.stats.zeek_errors["deserialization_failed"] == 2, what="error replies"
+        )
         s = client.stats
         assert (s.malformed, s.lenient, s.unexpected, s.handler_errors) == (1, 1, 2, 0)
         assert zeek.errors_sent == ["failed to create Zeek event"]
@@ -563,19 +625,32 @@ def test_native_broker_transport_needs_the_bindings():
 def test_fast_label_encoder_is_byte_identical_to_the_codec():
     base = rc.log_entry(RECORDS[0], Verdict("Aria", 0.875, n_flows=2, top_groups=["payload"]))
     variants = [
-        {}, {"confidence": 1e-7, "ts": 1465478143.773797}, {"confidence": 1.0, "n_flows": 0},
-        {"orig_h": "2001:db8::1", "resp_h": "fe80::2", "device_ip": "2001:db8::1",
-         "proto": "icmp", "orig_p": 128, "resp_p": 129},
-        {"proto": "unknown_transport", "orig_p": 0, "resp_p": 0}, {"device_mac": ""},
+        {},
+        {"confidence": 1e-7, "ts": 1465478143.773797},
+        {"confidence": 1.0, "n_flows": 0},
+        {
+            "orig_h": "2001:db8::1",
+            "resp_h": "fe80::2",
+            "device_ip": "2001:db8::1",
+            "proto": "icmp",
+            "orig_p": 128,
+            "resp_p": 129,
+        },
+        {"proto": "unknown_transport", "orig_p": 0, "resp_p": 0},
+        {"device_mac": ""},
         {"reason": "low_confidence", "trusted": False, "top_groups": []},
         {"label": 'Hüe "Bridge"\\\n\x00', "model": "m\u2603", "strategy": "majority"},
         {"uid": "C\udc80raw"},  # a string holding a raw byte, as read from Zeek
-    ]  # fmt: skip
+    ]
     for change in variants:
         e = LogEntry(**{**base.__dict__, **change})
         assert rc.label_message(LABELS, e) == rc.label_message_generic(LABELS, e), change
-    for bad in ({"orig_h": "10.0.0.256"}, {"confidence": float("nan")}, {"n_flows": -1},
-                {"resp_p": 70000}):  # fmt: skip
+    for bad in (
+        {"orig_h": "10.0.0.256"},
+        {"confidence": float("nan")},
+        {"n_flows": -1},
+        {"resp_p": 70000},
+    ):
         with pytest.raises(rc.RecordError):
             rc.label_message(LABELS, LogEntry(**{**base.__dict__, **bad}))
 
@@ -610,8 +685,16 @@ def test_batches_in_flight_are_bounded_and_labels_match_one_at_a_time():
         async def send_many(fs):
             groups.append(list(fs))
 
-        bridge = Bridge(LAYOUT, scorer, send, labels_topic=LABELS, batch_size=4, max_delay_s=0.0,
-                        max_inflight=max_inflight, send_many=send_many)  # fmt: skip
+        bridge = Bridge(
+            LAYOUT,
+            scorer,
+            send,
+            labels_topic=LABELS,
+            batch_size=4,
+            max_delay_s=0.0,
+            max_inflight=max_inflight,
+            send_many=send_many,
+        )
         task = asyncio.create_task(bridge.run())
         for f in frames:
             assert bridge.on_raw(f)
@@ -621,8 +704,9 @@ def test_batches_in_flight_are_bounded_and_labels_match_one_at_a_time():
         assert scorer.active == max_inflight and bridge.queued > 0  # the rest waits
         assert bridge.batches_in_flight == (max_inflight if max_inflight > 1 else 0)
         scorer.gate.set()
-        await until(lambda: bridge.idle.is_set() and bridge.stats.labels == len(frames),
-                    what="every label")  # fmt: skip
+        await until(
+            lambda: bridge.idle.is_set() and bridge.stats.labels == len(frames), what="every label"
+        )
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         assert scorer.peak == max_inflight and not singles
@@ -643,8 +727,17 @@ def test_bounded_intake_sheds_at_the_door_and_after_pause():
         async def send(frame):
             frames.append(json.loads(frame))
 
-        bridge = Bridge(LAYOUT, scorer, send, labels_topic=LABELS, batch_size=4, max_delay_s=0.0,
-                        max_inflight=2, max_live_records=10, on_shed=shed.append)  # fmt: skip
+        bridge = Bridge(
+            LAYOUT,
+            scorer,
+            send,
+            labels_topic=LABELS,
+            batch_size=4,
+            max_delay_s=0.0,
+            max_inflight=2,
+            max_live_records=10,
+            on_shed=shed.append,
+        )
         bridge.acks = True  # as after a hello: Zeek is told what became of each record
         task = asyncio.create_task(bridge.run())
         for r in RECORDS[:16]:
@@ -661,8 +754,11 @@ def test_bounded_intake_sheds_at_the_door_and_after_pause():
         assert bridge.live_records == 0
         # the six refused at the door are named to Zeek as shed; the one refused after pause()
         # is not (Zeek keeps it for the next bridge)
-        sheds = [bj.decode_event(bj.decode_message(f).data) for f in frames
-                 if rc.event_name(f) == rc.SHED_EVENT]  # fmt: skip
+        sheds = [
+            bj.decode_event(bj.decode_message(f).data)
+            for f in frames
+            if rc.event_name(f) == rc.SHED_EVENT
+        ]
         assert [e.args[1] for e in sheds] == ["label_backlog"]
         assert [ids[0] for ids in sheds[0].args[0]] == [r.uid for r in RECORDS[10:16]]
         task.cancel()
@@ -725,8 +821,9 @@ def test_a_record_that_makes_no_finite_row_is_refused_before_it_joins_the_histor
     records give finite matrices and labels (the bad row used to poison the next ones)."""
     import copy
 
-    recs = sorted((r for r in RECORDS if r.device_ip == RECORDS[0].device_ip),
-                  key=lambda r: r.start)[:8]  # fmt: skip
+    recs = sorted(
+        (r for r in RECORDS if r.device_ip == RECORDS[0].device_ip), key=lambda r: r.start
+    )[:8]
     bad = copy.deepcopy(recs[1])
     bad.total_bytes = -5
     bad.uid = "Cbad"
@@ -790,8 +887,16 @@ def test_what_became_of_each_record_goes_back_to_zeek():
             if fate in ("queue_full", "shutdown"):
                 out.append(Outcome(ctx=None, device="d", shed=fate))
             else:
-                out.append(Outcome(ctx=None, device="d", label="Aria", confidence=0.9,
-                                   send=fate == "label", model="m"))  # fmt: skip
+                out.append(
+                    Outcome(
+                        ctx=None,
+                        device="d",
+                        label="Aria",
+                        confidence=0.9,
+                        send=fate == "label",
+                        model="m",
+                    )
+                )
         return out
 
     async def scenario():
@@ -837,10 +942,12 @@ def test_what_became_of_each_record_goes_back_to_zeek():
 def test_ack_and_shed_frames_are_the_codecs():
     ids = [(r.uid, r.device_mac, r.device_ip, r.start) for r in RECORDS[:5]]
     ids.append(("Cx", "", "fe80::1", 1.25e9))
-    assert rc.ack_message(LABELS, ids) == \
-        bj.event_message(LABELS, rc.ACK_EVENT, [rc.record_ids_generic(ids)])  # fmt: skip
-    assert rc.shed_message(LABELS, ids, "queue_full") == \
-        bj.event_message(LABELS, rc.SHED_EVENT, [rc.record_ids_generic(ids), "queue_full"])  # fmt: skip
+    assert rc.ack_message(LABELS, ids) == bj.event_message(
+        LABELS, rc.ACK_EVENT, [rc.record_ids_generic(ids)]
+    )
+    assert rc.shed_message(LABELS, ids, "queue_full") == bj.event_message(
+        LABELS, rc.SHED_EVENT, [rc.record_ids_generic(ids), "queue_full"]
+    )
     assert rc.ack_message(LABELS, []) == bj.event_message(LABELS, rc.ACK_EVENT, [[]])
 
 
@@ -899,14 +1006,16 @@ def test_early_records_get_early_labels_and_leave_the_history_alone():
         for r in sorted(RECORDS, key=lambda r: r.start):
             e = early[r.uid + r.device_ip + repr(r.start)]
             if e is not None:
-                frame = rc.flow_frame(FLOWS, e).replace(b'"IoTClass::flow"',
-                                                        b'"IoTClass::early_flow"', 1)
+                frame = rc.flow_frame(FLOWS, e).replace(
+                    b'"IoTClass::flow"', b'"IoTClass::early_flow"', 1
+                )
                 assert await zeek.publish(FLOWS, frame) == 1
                 sent_early += 1
                 await until(lambda n=sent_early: bridge.stats.early_labels == n, what="early")
             assert await zeek.publish(FLOWS, rc.flow_frame(FLOWS, r)) == 1
-        await until(lambda: len(zeek.events_named("IoTClass::label")) == len(RECORDS),
-                    what="all labels")  # fmt: skip
+        await until(
+            lambda: len(zeek.events_named("IoTClass::label")) == len(RECORDS), what="all labels"
+        )
         early_labels = zeek.events_named("IoTClass::early_label")
         assert sent_early > 10 and len(early_labels) == sent_early
         assert zeek.errors_sent == []  # Zeek accepted the early labels as declared too

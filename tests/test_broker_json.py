@@ -3,7 +3,6 @@ frames a real Zeek 8.2.2 exchanged (../shared/fixtures/zeek-8.2.2/websocket)."""
 
 import ipaddress
 import json
-from pathlib import Path
 
 import pytest
 
@@ -32,23 +31,35 @@ SPEC_VALUES = [
     ('{"@data-type": "integer", "data": -7}', bj.Integer(-7)),
     ('{"@data-type": "real", "data": -7.5}', -7.5),
     ('{"@data-type": "timespan", "data": "1500ms"}', bj.Timespan(1_500_000_000)),
-    ('{"@data-type": "timestamp", "data": "2022-04-10T07:00:00.000"}',
-     bj.Timestamp(1_649_574_000 * 10**9)),
+    (
+        '{"@data-type": "timestamp", "data": "2022-04-10T07:00:00.000"}',
+        bj.Timestamp(1_649_574_000 * 10**9),
+    ),
     ('{"@data-type": "string", "data": "Hello World!"}', "Hello World!"),
     ('{"@data-type": "enum-value", "data": "foo"}', bj.Enum("foo")),
     ('{"@data-type": "address", "data": "2001:db8::"}', ipaddress.ip_address("2001:db8::")),
-    ('{"@data-type": "subnet", "data": "255.255.255.0/24"}',
-     ipaddress.ip_network("255.255.255.0/24")),
+    (
+        '{"@data-type": "subnet", "data": "255.255.255.0/24"}',
+        ipaddress.ip_network("255.255.255.0/24"),
+    ),
     ('{"@data-type": "port", "data": "8080/tcp"}', bj.Port(8080, "tcp")),
-    ('{"@data-type": "vector", "data": [{"@data-type": "count", "data": 42},'
-     ' {"@data-type": "integer", "data": 23}]}', [bj.Count(42), bj.Integer(23)]),
-    ('{"@data-type": "set", "data": [{"@data-type": "string", "data": "foo"},'
-     ' {"@data-type": "string", "data": "bar"}]}', frozenset({"foo", "bar"})),
-    ('{"@data-type": "table", "data": [{"key": {"@data-type": "string", "data": "first-name"},'
-     ' "value": {"@data-type": "string", "data": "John"}}, {"key": {"@data-type": "string",'
-     ' "data": "last-name"}, "value": {"@data-type": "string", "data": "Doe"}}]}',
-     {"first-name": "John", "last-name": "Doe"}),
-]  # fmt: skip
+    (
+        '{"@data-type": "vector", "data": [{"@data-type": "count", "data": 42},'
+        ' {"@data-type": "integer", "data": 23}]}',
+        [bj.Count(42), bj.Integer(23)],
+    ),
+    (
+        '{"@data-type": "set", "data": [{"@data-type": "string", "data": "foo"},'
+        ' {"@data-type": "string", "data": "bar"}]}',
+        frozenset({"foo", "bar"}),
+    ),
+    (
+        '{"@data-type": "table", "data": [{"key": {"@data-type": "string", "data": "first-name"},'
+        ' "value": {"@data-type": "string", "data": "John"}}, {"key": {"@data-type": "string",'
+        ' "data": "last-name"}, "value": {"@data-type": "string", "data": "Doe"}}]}',
+        {"first-name": "John", "last-name": "Doe"},
+    ),
+]
 
 
 @pytest.mark.parametrize("text,value", SPEC_VALUES, ids=[t[15:35] for t, _ in SPEC_VALUES])
@@ -58,6 +69,7 @@ def test_spec_values_decode_and_encode_back(text, value):
     assert got == value and type(got) is type(value)
     back = bj.encode(got)
     if isinstance(value, frozenset):  # a Python set has no order; Broker's is its own
+
         def key(x):
             return json.dumps(x, sort_keys=True)
 
@@ -67,31 +79,53 @@ def test_spec_values_decode_and_encode_back(text, value):
 
 
 def test_spec_data_message_ack_and_error():
-    msg = bj.decode_message(json.loads(
-        '{"type": "data-message", "topic": "/foo/bar", "@data-type": "count", "data": 1}'))
+    msg = bj.decode_message(
+        json.loads(
+            '{"type": "data-message", "topic": "/foo/bar", "@data-type": "count", "data": 1}'
+        )
+    )
     assert msg == bj.DataMessage("/foo/bar", bj.Count(1))
-    ack = bj.decode_message(json.loads(
-        '{"type": "ack", "endpoint": "925c9110-5b87-57d9-9d80-b65568e87a44",'
-        ' "version": "2.2.0-22"}'))
+    ack = bj.decode_message(
+        json.loads(
+            '{"type": "ack", "endpoint": "925c9110-5b87-57d9-9d80-b65568e87a44",'
+            ' "version": "2.2.0-22"}'
+        )
+    )
     assert ack == bj.Ack("925c9110-5b87-57d9-9d80-b65568e87a44", "2.2.0-22")
-    err = bj.decode_message(json.loads(
-        '{"type": "error", "code": "deserialization_failed", "context": "input #1 contained'
-        ' malformed JSON -> caf::pec::unexpected_character(1, 1)"}'))
-    assert err == bj.ErrorMessage("deserialization_failed", "input #1 contained malformed JSON"
-                                  " -> caf::pec::unexpected_character(1, 1)")  # fmt: skip
+    err = bj.decode_message(
+        json.loads(
+            '{"type": "error", "code": "deserialization_failed", "context": "input #1 contained'
+            ' malformed JSON -> caf::pec::unexpected_character(1, 1)"}'
+        )
+    )
+    assert err == bj.ErrorMessage(
+        "deserialization_failed",
+        "input #1 contained malformed JSON -> caf::pec::unexpected_character(1, 1)",
+    )
 
 
 SPEC_EVENT = {
-    "type": "data-message", "topic": "/foo/bar", "@data-type": "vector",
+    "type": "data-message",
+    "topic": "/foo/bar",
+    "@data-type": "vector",
     "data": [
-        {"@data-type": "count", "data": 1}, {"@data-type": "count", "data": 1},
-        {"@data-type": "vector", "data": [
-            {"@data-type": "string", "data": "event_1"},
-            {"@data-type": "vector", "data": [
-                {"@data-type": "integer", "data": 42}, {"@data-type": "string", "data": "test"}]},
-        ]},
+        {"@data-type": "count", "data": 1},
+        {"@data-type": "count", "data": 1},
+        {
+            "@data-type": "vector",
+            "data": [
+                {"@data-type": "string", "data": "event_1"},
+                {
+                    "@data-type": "vector",
+                    "data": [
+                        {"@data-type": "integer", "data": 42},
+                        {"@data-type": "string", "data": "test"},
+                    ],
+                },
+            ],
+        },
     ],
-}  # fmt: skip
+}
 
 
 def test_spec_event_both_ways():
@@ -104,10 +138,20 @@ def test_spec_event_both_ways():
 
 def test_spec_event_with_network_timestamp_metadata():
     obj = json.loads(json.dumps(SPEC_EVENT))
-    obj["data"][2]["data"].append({"@data-type": "vector", "data": [
-        {"@data-type": "vector", "data": [
-            {"@data-type": "count", "data": 1},
-            {"@data-type": "timestamp", "data": "2023-04-18T14:13:14.000"}]}]})  # fmt: skip
+    obj["data"][2]["data"].append(
+        {
+            "@data-type": "vector",
+            "data": [
+                {
+                    "@data-type": "vector",
+                    "data": [
+                        {"@data-type": "count", "data": 1},
+                        {"@data-type": "timestamp", "data": "2023-04-18T14:13:14.000"},
+                    ],
+                }
+            ],
+        }
+    )
     ev = bj.decode_event(bj.decode_message(obj).data)
     ts = bj.Timestamp(1_681_827_194 * 10**9)
     assert ev.metadata == ((1, ts),) and ev.network_time() == ts
@@ -118,7 +162,8 @@ def test_spec_event_with_network_timestamp_metadata():
 # -- what Zeek 8.2.2 sent and received -------------------------------------------------------
 def test_zeek_ack():
     assert bj.decode_message(frame("ack")) == bj.Ack(
-        "98c8278f-27b3-595b-8110-f94728c0396e-websocket-0", "8.2.2")
+        "98c8278f-27b3-595b-8110-f94728c0396e-websocket-0", "8.2.2"
+    )
 
 
 def test_zeek_error_replies():
@@ -143,15 +188,23 @@ def test_zeek_sample_frame_every_type_raw_bytes():
     ev = bj.decode_event(msg.data)
     assert ev.name == "Probe::sample" and ev.metadata is None
     assert list(ev.args[:-1]) == [
-        bj.Count(42), bj.Integer(-7), 3.25, "hello", True, ipaddress.ip_address("192.168.1.10"),
-        ipaddress.ip_address("2001:db8::1"), bj.Port(8080, "tcp"),
+        bj.Count(42),
+        bj.Integer(-7),
+        3.25,
+        "hello",
+        True,
+        ipaddress.ip_address("192.168.1.10"),
+        ipaddress.ip_address("2001:db8::1"),
+        bj.Port(8080, "tcp"),
         ipaddress.ip_network("10.0.0.0/8"),
         bj.Timestamp(1_700_000_000_123_000_000),  # 1700000000.123456 truncated to ms
-        bj.Timespan(1_500_000_000), [bj.Count(1), bj.Count(2), bj.Count(3)],
-        frozenset({"x"}), {"k": bj.Count(1)},
+        bj.Timespan(1_500_000_000),
+        [bj.Count(1), bj.Count(2), bj.Count(3)],
+        frozenset({"x"}),
+        {"k": bj.Count(1)},
         [bj.Count(1), "x", None],  # Rec($a=1, $b="x"): unset optional field -> none
         bj.Enum("tcp"),
-    ]  # fmt: skip
+    ]
     assert [type(a) for a in ev.args[:2]] == [bj.Count, bj.Integer]
     # "\x00\x01\x7f\x80\xff\"\\\x0a\x0b" in Zeek: the exact bytes come back
     assert bj.string_bytes(ev.args[-1]) == b'\x00\x01\x7f\x80\xff"\\\n\x0b'
@@ -167,9 +220,14 @@ def test_render_zeek_reproduces_zeeks_bytes():
 def test_client_frames_as_recorded():
     """The encoder produces what the recording client sent (and Zeek accepted)."""
     args = [
-        "CHhAvVGS1DHFjwGM9", bj.Count(3), 0.875, ["payload"], True,
-        bj.Timestamp(1_700_000_000_123_000_000), bj.Timespan(1_500_000_000),
-    ]  # fmt: skip
+        "CHhAvVGS1DHFjwGM9",
+        bj.Count(3),
+        0.875,
+        ["payload"],
+        True,
+        bj.Timestamp(1_700_000_000_123_000_000),
+        bj.Timespan(1_500_000_000),
+    ]
     sent = bj.event_message("probe/in", "Probe::label", args)
     assert json.loads(sent) == frame("valid event", "client")
     bad = bj.event_message("probe/in", "Probe::label", [args[0], bj.Integer(3), *args[2:]])
@@ -195,8 +253,12 @@ def test_counts_are_json_integers_and_ints_pick_their_type():
     with pytest.raises(bj.BrokerJSONError):
         bj.Count(2**64)
     with pytest.raises(bj.BrokerJSONError, match=r"\$\[1\]: count needs JSON integer"):
-        bj.decode({"@data-type": "vector", "data": [
-            {"@data-type": "count", "data": 1}, {"@data-type": "count", "data": 1.0}]})  # fmt: skip
+        bj.decode(
+            {
+                "@data-type": "vector",
+                "data": [{"@data-type": "count", "data": 1}, {"@data-type": "count", "data": 1.0}],
+            }
+        )
     with pytest.raises(bj.BrokerJSONError, match="out of range"):
         bj.decode({"@data-type": "count", "data": -1})
 
@@ -223,8 +285,16 @@ def test_timestamps_have_millisecond_resolution_as_broker_writes_them():
 
 
 def test_timespans_pick_the_coarsest_exact_unit():
-    cases = {0: "0s", 1: "1ns", 1000: "1us", 1500: "1500ns", 1_500_000: "1500us",
-             1_500_000_000: "1500ms", 90 * 10**9: "90s", 106_685_876: "106685876ns"}  # fmt: skip
+    cases = {
+        0: "0s",
+        1: "1ns",
+        1000: "1us",
+        1500: "1500ns",
+        1_500_000: "1500us",
+        1_500_000_000: "1500ms",
+        90 * 10**9: "90s",
+        106_685_876: "106685876ns",
+    }
     for ns, text in cases.items():
         assert bj.Timespan(ns).text() == text
         assert bj.Timespan.parse(text).ns == ns
@@ -236,12 +306,22 @@ def test_timespans_pick_the_coarsest_exact_unit():
 
 def test_nested_round_trip_of_every_type():
     value = [
-        None, True, bj.Count(2**64 - 1), bj.Integer(-(2**63)), -0.5, "ünï\x00", bj.Enum("udp"),
-        ipaddress.ip_address("10.1.2.3"), ipaddress.ip_network("2001:db8::/32"),
-        bj.Port(53, "udp"), bj.Port(0, "?"), bj.Timestamp(1_700_000_000_123_000_000),
-        bj.Timespan(42), frozenset({(bj.Count(1), "a"), (bj.Count(2), "b")}),
+        None,
+        True,
+        bj.Count(2**64 - 1),
+        bj.Integer(-(2**63)),
+        -0.5,
+        "ünï\x00",
+        bj.Enum("udp"),
+        ipaddress.ip_address("10.1.2.3"),
+        ipaddress.ip_network("2001:db8::/32"),
+        bj.Port(53, "udp"),
+        bj.Port(0, "?"),
+        bj.Timestamp(1_700_000_000_123_000_000),
+        bj.Timespan(42),
+        frozenset({(bj.Count(1), "a"), (bj.Count(2), "b")}),
         {(ipaddress.ip_address("::1"), bj.Port(80, "tcp")): [bj.Count(1)], "k": {}},
-    ]  # fmt: skip
+    ]
     obj, lenient = bj.parse_frame(bj.dumps("topic/x", value))
     assert not lenient
     msg = bj.decode_message(obj)
@@ -261,9 +341,17 @@ def test_parse_frame_reads_zeeks_escapes_and_rejects_garbage():
 
 def test_decode_errors_name_the_place():
     with pytest.raises(bj.BrokerJSONError, match=r"\$\[0\]\.value: unknown @data-type 'blob'"):
-        bj.decode({"@data-type": "table", "data": [
-            {"key": {"@data-type": "count", "data": 1}, "value": {"@data-type": "blob", "data": 1}}
-        ]})  # fmt: skip
+        bj.decode(
+            {
+                "@data-type": "table",
+                "data": [
+                    {
+                        "key": {"@data-type": "count", "data": 1},
+                        "value": {"@data-type": "blob", "data": 1},
+                    }
+                ],
+            }
+        )
     with pytest.raises(bj.BrokerJSONError, match="invalid address"):
         bj.decode({"@data-type": "address", "data": "10.0.0.256"})
     with pytest.raises(bj.BrokerJSONError, match="invalid port"):
@@ -291,10 +379,12 @@ def test_parse_frame_has_a_depth_limit():
 def test_the_codec_raises_only_its_own_error():
     """Numbers and durations Python cannot hold are Broker JSON errors, not OverflowError
     or Python's integer digit limit."""
-    for node in ({"@data-type": "real", "data": 10**400},
-                 {"@data-type": "timespan", "data": "9" * 5000 + "ns"},
-                 {"@data-type": "timespan", "data": "1" + "0" * 40 + "s"},
-                 {"@data-type": "count", "data": 2**64},
-                 {"@data-type": ["vector"], "data": []}):  # fmt: skip
+    for node in (
+        {"@data-type": "real", "data": 10**400},
+        {"@data-type": "timespan", "data": "9" * 5000 + "ns"},
+        {"@data-type": "timespan", "data": "1" + "0" * 40 + "s"},
+        {"@data-type": "count", "data": 2**64},
+        {"@data-type": ["vector"], "data": []},
+    ):
         with pytest.raises(bj.BrokerJSONError):
             bj.decode(node)

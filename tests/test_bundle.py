@@ -15,9 +15,13 @@ LAYOUT = MatrixLayout(history=2, packets=4, payload_bytes=4)
 
 def small_bundle(**kw) -> ModelBundle:
     return tiny_bundle(
-        LAYOUT, ["a", "b", "c"], seed=1, temperature=1.7,
-        metadata={"split": {"test": ["x.pcap"]}, "seed": 0}, **kw,
-    )  # fmt: skip
+        LAYOUT,
+        ["a", "b", "c"],
+        seed=1,
+        temperature=1.7,
+        metadata={"split": {"test": ["x.pcap"]}, "seed": 0},
+        **kw,
+    )
 
 
 class Boom:
@@ -33,8 +37,9 @@ def fitted_trust(b: ModelBundle) -> dict:
     from iotcls.trust.layer import fit_state
 
     x = np.random.default_rng(0).random((300, *LAYOUT.shape)).astype(np.float32)
-    state, _ = fit_state(b.model, LAYOUT, b.temperature, b.classes, x,
-                         Predictor(b).predict(x).index)  # fmt: skip
+    state, _ = fit_state(
+        b.model, LAYOUT, b.temperature, b.classes, x, Predictor(b).predict(x).index
+    )
     return state.to_dict()
 
 
@@ -161,32 +166,50 @@ def edited(payload: dict, *path, value=None, delete: bool = False) -> dict:
     return out
 
 
-@pytest.mark.parametrize("path,value,message", [
-    (("trust",), {"version": 1, "garbage": 1}, r"trust state: malformed \(KeyError: 'groups'\)"),
-    (("trust",), "not a mapping", "trust state: expected a mapping"),
-    (("trust", "classes"), ["c", "b", "a"], r"fitted for the classes \[c, b, a\], the model "
-                                            r"has \[a, b, c\]"),
-    (("trust", "groups"), ["meta", "timing", "sizes", "directions", "history", "payload"],
-     "groups .* do not match the layout"),
-    (("trust", "history"), "sideways", "history 'sideways' is not one of"),
-    (("trust", "k"), 0, r"k 0 is outside \[1, 1000000\]"),
-    (("trust", "conf_threshold"), float("nan"), "conf_threshold nan is outside"),
-    (("trust", "device_window"), 10**30, "device_window .* is outside"),
-    (("trust", "scale"), torch.zeros(18), "scales must be positive"),
-    (("trust", "dist_threshold"), torch.full((3,), -1.0), "distance thresholds must be"),
-    (("trust", "ref_pred"), torch.zeros(2, dtype=torch.int64), "differ in length"),
-    (("trust", "dhcp_identities"), {"x": 5}, "trust state: malformed"),
-    (("classes",), ["a", "a", "b"], "class names must be distinct"),
-    (("classes",), "abc", "classes must be a list of names"),
-    (("metadata",), ["not", "a", "dict"], "metadata is not a mapping"),
-    (("metadata", "confidence_threshold"), "high", "confidence_threshold 'high' is not"),
-    (("state_dict", "out.bias"), torch.full((3,), float("nan")), "out.bias hold NaN"),
-    (("state_dict", "out.bias"), torch.zeros(3, dtype=torch.float64), r"out.bias: expected "
-                                                                       r"torch.float32 \(3,\)"),
-    (("config", "hidden"), 1 << 40, "weights head.weight: expected"),
-    (("layout", "window_s"), 1e300, "window must be positive and at most"),
-    (("format_version",), torch.ones(2), "format version"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "path,value,message",
+    [
+        (
+            ("trust",),
+            {"version": 1, "garbage": 1},
+            r"trust state: malformed \(KeyError: 'groups'\)",
+        ),
+        (("trust",), "not a mapping", "trust state: expected a mapping"),
+        (
+            ("trust", "classes"),
+            ["c", "b", "a"],
+            r"fitted for the classes \[c, b, a\], the model "
+            r"has \[a, b, c\]",
+        ),
+        (
+            ("trust", "groups"),
+            ["meta", "timing", "sizes", "directions", "history", "payload"],
+            "groups .* do not match the layout",
+        ),
+        (("trust", "history"), "sideways", "history 'sideways' is not one of"),
+        (("trust", "k"), 0, r"k 0 is outside \[1, 1000000\]"),
+        (("trust", "conf_threshold"), float("nan"), "conf_threshold nan is outside"),
+        (("trust", "device_window"), 10**30, "device_window .* is outside"),
+        (("trust", "scale"), torch.zeros(18), "scales must be positive"),
+        (("trust", "dist_threshold"), torch.full((3,), -1.0), "distance thresholds must be"),
+        (("trust", "ref_pred"), torch.zeros(2, dtype=torch.int64), "differ in length"),
+        (("trust", "dhcp_identities"), {"x": 5}, "trust state: malformed"),
+        (("classes",), ["a", "a", "b"], "class names must be distinct"),
+        (("classes",), "abc", "classes must be a list of names"),
+        (("metadata",), ["not", "a", "dict"], "metadata is not a mapping"),
+        (("metadata", "confidence_threshold"), "high", "confidence_threshold 'high' is not"),
+        (("state_dict", "out.bias"), torch.full((3,), float("nan")), "out.bias hold NaN"),
+        (
+            ("state_dict", "out.bias"),
+            torch.zeros(3, dtype=torch.float64),
+            r"out.bias: expected "
+            r"torch.float32 \(3,\)",
+        ),
+        (("config", "hidden"), 1 << 40, "weights head.weight: expected"),
+        (("layout", "window_s"), 1e300, "window must be positive and at most"),
+        (("format_version",), torch.ones(2), "format version"),
+    ],
+)
 def test_a_bad_section_is_one_bundle_error(tmp_path, trusted_payload, path, value, message):
     """Garbage (hash recomputed) in any section: one BundleError naming the file, at load,
     instead of a TrustError traceback in classify or a scorer restart loop in serve."""
@@ -209,21 +232,28 @@ def test_a_config_asking_for_huge_layers_allocates_nothing(tmp_path, trusted_pay
 
 
 @pytest.mark.parametrize("command", ["classify", "explain"])
-def test_commands_exit_2_with_one_line_for_a_bad_trust_section(tmp_path, trusted_payload,
-                                                                capsys, command):  # fmt: skip
+def test_commands_exit_2_with_one_line_for_a_bad_trust_section(
+    tmp_path, trusted_payload, capsys, command
+):
     """The issue's case: classify (and every other command that loads a model) answers a
     garbage or mismatched trust section with one line and exit status 2."""
     from iotcls import pcapgen as g
     from iotcls.cli import main
 
     udp = g.ipv4("10.0.0.1", "8.8.8.8", 17, g.udp(1, 53, b"q"))
-    pcap = g.write_pcap(tmp_path / "x.pcap", [(1.0, g.ether("02:00:00:00:00:01",
-                                                             "02:00:00:00:00:02", udp))])
-    for bad in ({"version": 1, "garbage": 1}, edited(trusted_payload["trust"], "classes",
-                                                      value=["c", "b", "a"])):  # fmt: skip
+    pcap = g.write_pcap(
+        tmp_path / "x.pcap", [(1.0, g.ether("02:00:00:00:00:01", "02:00:00:00:00:02", udp))]
+    )
+    for bad in (
+        {"version": 1, "garbage": 1},
+        edited(trusted_payload["trust"], "classes", value=["c", "b", "a"]),
+    ):
         f = resaved(tmp_path, edited(trusted_payload, "trust", value=bad))
-        which = ["--devices", "02:00:00:00:00:01", "-o", str(tmp_path / "out")] \
-            if command == "classify" else ["--devices", "02:00:00:00:00:01"]  # fmt: skip
+        which = (
+            ["--devices", "02:00:00:00:00:01", "-o", str(tmp_path / "out")]
+            if command == "classify"
+            else ["--devices", "02:00:00:00:00:01"]
+        )
         rc = main([command, str(pcap), "--model", str(f)] + which)
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 2 and len(err) == 1 and "Traceback" not in err[0], err
@@ -242,9 +272,27 @@ def test_serve_refuses_a_bad_bundle_before_starting_scorers(tmp_path, trusted_pa
         load_bundle(str(f))
 
 
-_GARBAGE = (None, -1, 0, 2**70, 1e300, float("nan"), float("inf"), "x", "", [], {}, [1, "a"],
-            {"k": 1}, torch.zeros(0), torch.ones(3), torch.full((2, 2), float("nan")),
-            torch.zeros(5, dtype=torch.int64), True, (1, 2))  # fmt: skip
+_GARBAGE = (
+    None,
+    -1,
+    0,
+    2**70,
+    1e300,
+    float("nan"),
+    float("inf"),
+    "x",
+    "",
+    [],
+    {},
+    [1, "a"],
+    {"k": 1},
+    torch.zeros(0),
+    torch.ones(3),
+    torch.full((2, 2), float("nan")),
+    torch.zeros(5, dtype=torch.int64),
+    True,
+    (1, 2),
+)
 
 
 def _leaves(o, pre=()):

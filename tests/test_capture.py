@@ -28,10 +28,27 @@ def data():
 
 
 def test_shared_options():
-    a = parse("x.pcap", "--devices", "aa:bb:cc:dd:ee:ff", "--local-nets", "10.0.0.0/8",
-              "--labels", "dir", "--window", "30", "--packets", "5", "--payload-bytes", "8")
+    a = parse(
+        "x.pcap",
+        "--devices",
+        "aa:bb:cc:dd:ee:ff",
+        "--local-nets",
+        "10.0.0.0/8",
+        "--labels",
+        "dir",
+        "--window",
+        "30",
+        "--packets",
+        "5",
+        "--payload-bytes",
+        "8",
+    )
     assert (a.captures, a.devices, a.local_nets, a.labels) == (
-        ["x.pcap"], "aa:bb:cc:dd:ee:ff", "10.0.0.0/8", "dir")  # fmt: skip
+        ["x.pcap"],
+        "aa:bb:cc:dd:ee:ff",
+        "10.0.0.0/8",
+        "dir",
+    )
     assert (a.window, a.packets, a.payload_bytes) == (30.0, 5, 8)
 
 
@@ -48,8 +65,9 @@ def test_sentinel_types_and_dirs():
 
 def test_label_belongs_to_the_capture_not_the_mac():
     hub = "00:17:88:24:76:ff"
-    labels = {s.capture_id.split("/")[0]: s.labels[hub] for s in specs(str(data()))
-              if hub in s.labels}  # fmt: skip
+    labels = {
+        s.capture_id.split("/")[0]: s.labels[hub] for s in specs(str(data())) if hub in s.labels
+    }
     assert labels == {"HueBridge": "HueBridge", "HueSwitch": "HueSwitch"}
 
 
@@ -73,7 +91,9 @@ def test_sentinel_layout_errors(tmp_path):
     (d / "_iotdevice-mac.txt").write_text("AA-BB-CC-DD-EE-01")
     ss = specs(str(tmp_path / "set"))
     assert [(s.capture_id, s.labels) for s in ss] == [
-        ("Cam/a", {"aa:bb:cc:dd:ee:01": "Cam"}), ("Plug/b", {"00:11:22:33:44:55": "Plug"})]
+        ("Cam/a", {"aa:bb:cc:dd:ee:01": "Cam"}),
+        ("Plug/b", {"00:11:22:33:44:55": "Plug"}),
+    ]
     with pytest.raises(CliError, match="needs devices.csv"):
         specs(str(tmp_path / "set"), "--labels", "type")
 
@@ -81,14 +101,19 @@ def test_sentinel_layout_errors(tmp_path):
 def test_manifest(tmp_path):
     (tmp_path / "caps").mkdir()
     m = tmp_path / "m.csv"
-    m.write_text("pcap,mac,label\ncaps/one.pcap,AA:BB:CC:DD:EE:01,cam\n"
-                 "caps/one.pcap,aa:bb:cc:dd:ee:02,\n/abs/two.pcap,aa:bb:cc:dd:ee:03,plug\n")
+    m.write_text(
+        "pcap,mac,label\ncaps/one.pcap,AA:BB:CC:DD:EE:01,cam\n"
+        "caps/one.pcap,aa:bb:cc:dd:ee:02,\n/abs/two.pcap,aa:bb:cc:dd:ee:03,plug\n"
+    )
     ss = specs(str(m))
     assert [(s.pcap, s.capture_id, s.labels) for s in ss] == [
-        (tmp_path / "caps" / "one.pcap", "caps/one",
-         {"aa:bb:cc:dd:ee:01": "cam", "aa:bb:cc:dd:ee:02": ""}),
+        (
+            tmp_path / "caps" / "one.pcap",
+            "caps/one",
+            {"aa:bb:cc:dd:ee:01": "cam", "aa:bb:cc:dd:ee:02": ""},
+        ),
         (Path("/abs/two.pcap"), "/abs/two", {"aa:bb:cc:dd:ee:03": "plug"}),
-    ]  # fmt: skip
+    ]
 
 
 @pytest.mark.parametrize(
@@ -98,10 +123,12 @@ def test_manifest(tmp_path):
         ("pcap,mac,label\na.pcap,xx,cam\n", "line 2: not a MAC address: 'xx'"),
         ("pcap,mac,label\n,aa:bb:cc:dd:ee:01,cam\n", "line 2: empty pcap"),
         ("pcap,mac,label\n", "manifest has no rows"),
-        ("pcap,mac,label\na.pcap,aa:bb:cc:dd:ee:01,x\na.pcap,aa:bb:cc:dd:ee:01,y\n",
-         "line 3: aa:bb:cc:dd:ee:01 has two labels"),
+        (
+            "pcap,mac,label\na.pcap,aa:bb:cc:dd:ee:01,x\na.pcap,aa:bb:cc:dd:ee:01,y\n",
+            "line 3: aa:bb:cc:dd:ee:01 has two labels",
+        ),
     ],
-)  # fmt: skip
+)
 def test_manifest_errors(tmp_path, text, error):
     m = tmp_path / "m.csv"
     m.write_text(text)
@@ -139,6 +166,5 @@ def test_unlabelled(tmp_path):
 
 def test_duplicate_capture_ids_made_unique(tmp_path):
     (tmp_path / "a.pcap").write_bytes(b"")
-    ss = specs(str(tmp_path / "a.pcap"), str(tmp_path / "a.pcap"), "--devices",
-               "aa:bb:cc:dd:ee:ff")  # fmt: skip
+    ss = specs(str(tmp_path / "a.pcap"), str(tmp_path / "a.pcap"), "--devices", "aa:bb:cc:dd:ee:ff")
     assert [s.capture_id for s in ss] == [str(tmp_path / "a"), str(tmp_path / "a") + "#1"]

@@ -19,8 +19,9 @@ def summary_rows(text: str) -> dict[str, list[str]]:
 @pytest.fixture(scope="module")
 def zeek_run(tmp_path_factory, sample):
     out = tmp_path_factory.mktemp("zeek")
-    return out, main(["classify", str(sample.pcap), "--devices", sample.devices_arg, "-o",
-                      str(out)])
+    return out, main(
+        ["classify", str(sample.pcap), "--devices", sample.devices_arg, "-o", str(out)]
+    )
 
 
 def test_zeek_log(zeek_run, sample):
@@ -29,8 +30,12 @@ def test_zeek_log(zeek_run, sample):
     assert rc == 0
     lines = (out / "iot_class.log").read_text().splitlines()
     assert lines[0] == "#separator \\x09"
-    assert lines[1:5] == ["#set_separator\t,", "#empty_field\t(empty)", "#unset_field\t-",
-                          "#path\tiot_class"]  # fmt: skip
+    assert lines[1:5] == [
+        "#set_separator\t,",
+        "#empty_field\t(empty)",
+        "#unset_field\t-",
+        "#path\tiot_class",
+    ]
     assert lines[5].startswith("#open\t")
     assert lines[6] == "#fields\t" + "\t".join(FIELD_NAMES)
     assert lines[7] == "#types\t" + "\t".join(t for _, t in FIELDS)
@@ -66,22 +71,42 @@ def test_summary_table(zeek_run, capsys, sample):
 
 
 def test_json_log_and_device_strategy(tmp_path, sample):
-    assert main(["classify", str(sample.pcap), "--devices", sample.devices_arg, "-o", str(tmp_path),
-                 "--format", "json", "--strategy", "device"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "classify",
+                str(sample.pcap),
+                "--devices",
+                sample.devices_arg,
+                "-o",
+                str(tmp_path),
+                "--format",
+                "json",
+                "--strategy",
+                "device",
+            ]
+        )
+        == 0
+    )
     entries = [json.loads(ln) for ln in (tmp_path / "iot_class.log").read_text().splitlines()]
     assert entries and all(list(e) == list(FIELD_NAMES) for e in entries)
     assert {e["strategy"] for e in entries} == {"device"}
     assert min(e["n_flows"] for e in entries) == 3  # the vote waits for three sequences
-    assert all(isinstance(e["top_groups"], list) and isinstance(e["trusted"], bool)
-               for e in entries)  # fmt: skip
+    assert all(
+        isinstance(e["top_groups"], list) and isinstance(e["trusted"], bool) for e in entries
+    )
 
 
 def test_errors_are_one_line(tmp_path, capsys, sample):
     pcap, devices = sample.pcap, sample.devices_arg
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a model")
-    assert main(["classify", str(pcap), "--devices", devices, "--model", str(bad),
-                 "-o", str(tmp_path)]) == 2  # fmt: skip
+    assert (
+        main(
+            ["classify", str(pcap), "--devices", devices, "--model", str(bad), "-o", str(tmp_path)]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "bad.pt: not a readable model file (not a torch archive)" in err[0]
     assert main(["classify", str(pcap), "-o", str(tmp_path)]) == 2

@@ -24,8 +24,10 @@ def test_default_yaml_is_exactly_the_defaults():
 def test_print_config_prints_the_commented_default():
     out = subprocess.run(
         [sys.executable, "-m", "iotcls", "serve", "--print-config"],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert out.stdout == c.DEFAULT_YAML
     assert out.stdout.count("\n  # ") >= 20  # commented, key by key
 
@@ -50,30 +52,57 @@ def test_partial_file_keeps_other_defaults(tmp_path):
         ("scorers: {row_cache: -5}", "scorers.row_cache: must not be negative"),
         ("scorers: {device: gpu}", "scorers.device: must be one of auto, cpu, cuda, not 'gpu'"),
         ("scorers: {max_wait_ms: .inf}", "scorers.max_wait_ms: must be a number, not inf"),
-        ("scorers: {heartbeat_s: 20}", "scorers.heartbeat_s: must be shorter than bridge.scorer_timeout_s (10.0)"),
+        (
+            "scorers: {heartbeat_s: 20}",
+            "scorers.heartbeat_s: must be shorter than bridge.scorer_timeout_s (10.0)",
+        ),
         ("bridge: {queue_records: 0}", "bridge.queue_records: must be at least 1"),
-        ("bridge: {shed_policy: random}", "bridge.shed_policy: must be one of labelled-first, oldest, newest, not 'random'"),
+        (
+            "bridge: {shed_policy: random}",
+            "bridge.shed_policy: must be one of labelled-first, oldest, newest, not 'random'",
+        ),
         ("bridge: {bind: [localhost:1]}", "bridge.bind: 'localhost:1' is not a ZeroMQ address"),
-        ("bridge: {bind: []}", "bridge.bind: must be a non-empty list of at most 64 strings, not []"),
-        ("scorers: {batch_size: 100000000000000000000}", "scorers.batch_size: must be at most 4096, not 100000000000000000000"),
+        (
+            "bridge: {bind: []}",
+            "bridge.bind: must be a non-empty list of at most 64 strings, not []",
+        ),
+        (
+            "scorers: {batch_size: 100000000000000000000}",
+            "scorers.batch_size: must be at most 4096, not 100000000000000000000",
+        ),
         ("bridge: {queue_records: 1000000000}", "bridge.queue_records: must be at most 1e+07"),
-        ("bridge: {scorer_timeout_s: 1.0e+300}", "bridge.scorer_timeout_s: must be at most 3600, not 1e+300"),
+        (
+            "bridge: {scorer_timeout_s: 1.0e+300}",
+            "bridge.scorer_timeout_s: must be at most 3600, not 1e+300",
+        ),
         ("scorers: {count: 100000}", "scorers.count: must be at most 256"),
-        ("bridge: {curve: sometimes}", "bridge.curve: must be one of auto, on, off, not 'sometimes'"),
-        ("zeek: {topics: [[a]]}", "zeek.topics: must be a non-empty list of at most 64 strings, not [['a']]"),
+        (
+            "bridge: {curve: sometimes}",
+            "bridge.curve: must be one of auto, on, off, not 'sometimes'",
+        ),
+        (
+            "zeek: {topics: [[a]]}",
+            "zeek.topics: must be a non-empty list of at most 64 strings, not [['a']]",
+        ),
         ("x: " + "9" * 5000, "not valid YAML: Exceeds the limit"),
         ("[" * 100000, "not valid YAML"),
         ("bridge: {queue: 5}", "bridge.queue: unknown key (known: bind,"),
-        ("scorer: {count: 1}", "scorer: unknown section (known: bridge, log, metrics, record, scorers, suricata, zeek)"),
+        (
+            "scorer: {count: 1}",
+            "scorer: unknown section (known: bridge, log, metrics, record, scorers, suricata, zeek)",
+        ),
         ("zeek: {url: http://x}", "zeek.url: must be a ws:// or wss:// URL, not 'http://x'"),
         ("log: {policy: sometimes}", "log.policy: must be one of changes, all, not 'sometimes'"),
-        ("metrics: {enabled: yes please}", "metrics.enabled: must be true or false, not 'yes please'"),
+        (
+            "metrics: {enabled: yes please}",
+            "metrics.enabled: must be true or false, not 'yes please'",
+        ),
         ("metrics: {port: 70000}", "metrics.port: must be a TCP port (1-65535), not 70000"),
         ("metrics: 3", "metrics: must be a mapping, not 3"),
         ("- a\n- b", "expected a mapping of sections, got list"),
         ("zeek: [1", "not valid YAML at line 1"),
     ],
-)  # fmt: skip
+)
 def test_bad_values_are_one_line_errors_naming_file_and_key(tmp_path, text, message):
     p = tmp_path / "serve.yaml"
     p.write_text(text)
@@ -95,8 +124,10 @@ def test_billion_laughs_fails_fast_in_bounded_memory(tmp_path):
     import time
     import tracemalloc
 
-    levels = "".join(f"    - &a{i} [" + ", ".join([f"*a{i - 1}"] * 9 if i else ["lol"] * 9)
-                     + "]\n" for i in range(10))  # fmt: skip
+    levels = "".join(
+        f"    - &a{i} [" + ", ".join([f"*a{i - 1}"] * 9 if i else ["lol"] * 9) + "]\n"
+        for i in range(10)
+    )
     p = tmp_path / "bomb.yaml"
     p.write_text("zeek:\n  topics:\n" + levels)
     tracemalloc.start()
@@ -128,19 +159,27 @@ def test_unreadable_file(tmp_path):
 def test_cli_reports_config_errors_in_one_line(tmp_path):
     p = tmp_path / "serve.yaml"
     p.write_text("bridge:\n  max_attempts: 0\n")
-    out = subprocess.run([sys.executable, "-m", "iotcls", "serve", "--config", str(p)],
-                         capture_output=True, text=True)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-m", "iotcls", "serve", "--config", str(p)],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 2
     assert out.stderr == f"iotcls serve: error: {p}: bridge.max_attempts: must be at least 1\n"
-    out = subprocess.run([sys.executable, "-m", "iotcls", "serve", "--scorers", "-2"],
-                         capture_output=True, text=True)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-m", "iotcls", "serve", "--scorers", "-2"], capture_output=True, text=True
+    )
     assert out.stderr == "iotcls serve: error: --scorers: scorers.count: must not be negative\n"
     p.write_text("scorers:\n  batch_size: 100000000000000000000\n")  # crash-looped the scorers
-    out = subprocess.run([sys.executable, "-m", "iotcls", "serve", "--config", str(p)],
-                         capture_output=True, text=True)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-m", "iotcls", "serve", "--config", str(p)],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 2 and out.stderr == (
         f"iotcls serve: error: {p}: scorers.batch_size: must be at most 4096, not "
-        "100000000000000000000\n")  # fmt: skip
+        "100000000000000000000\n"
+    )
 
 
 @pytest.mark.e2e
@@ -148,8 +187,12 @@ def test_unusable_model_is_a_one_line_error(tmp_path):
     bad = tmp_path / "model.pt"
     bad.write_text("not a model\n")
     for extra in ([], ["--scorer-only", "--connect", "tcp://127.0.0.1:9", "--name", "s"]):
-        out = subprocess.run([sys.executable, "-m", "iotcls", "serve", "--model", str(bad), *extra],
-                             capture_output=True, text=True, timeout=60)  # fmt: skip
+        out = subprocess.run(
+            [sys.executable, "-m", "iotcls", "serve", "--model", str(bad), *extra],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert out.returncode == 2
         lines = out.stderr.strip().splitlines()
         assert len(lines) == 1 and f"error: {bad}: " in lines[0], out.stderr

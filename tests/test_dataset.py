@@ -2,15 +2,20 @@
 
 import dataclasses
 import zipfile
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from iotcls import pcapgen as g
 from iotcls.capture import CaptureSpec, sentinel_specs
-from iotcls.dataset import Dataset, DatasetError, build_dataset, capture_matrices
-from iotcls.dataset import _dataset_part, sensor_options
+from iotcls.dataset import (
+    Dataset,
+    DatasetError,
+    _dataset_part,
+    build_dataset,
+    capture_matrices,
+    sensor_options,
+)
 from iotcls.layout import MatrixLayout
 from iotcls.testing.shared import require, sentinel_dir
 
@@ -30,15 +35,18 @@ def pkt(t, mac, ip, dport, payload=b"", up=True):
 
 @pytest.fixture
 def captures(tmp_path):
-    a = g.write_pcap(tmp_path / "a.pcap", [
-        pkt(T0 + 0.0, CAM, "10.0.0.1", 53, b"q1"),
-        pkt(T0 + 0.5, PLUG, "10.0.0.2", 53, b"p"),
-        pkt(T0 + 1.0, CAM, "10.0.0.1", 53, b"a1", up=False),
-        pkt(T0 + 2.0, CAM, "10.0.0.1", 123, b"ntp"),
-        pkt(T0 + 2.5, CAM, "10.0.0.1", 53, b"q2"),
-        pkt(T0 + 3.0, CAM, "10.0.0.1", 53, b"q3"),
-        pkt(T0 + 4.0, CAM, "10.0.0.1", 443, b""),
-    ])  # fmt: skip
+    a = g.write_pcap(
+        tmp_path / "a.pcap",
+        [
+            pkt(T0 + 0.0, CAM, "10.0.0.1", 53, b"q1"),
+            pkt(T0 + 0.5, PLUG, "10.0.0.2", 53, b"p"),
+            pkt(T0 + 1.0, CAM, "10.0.0.1", 53, b"a1", up=False),
+            pkt(T0 + 2.0, CAM, "10.0.0.1", 123, b"ntp"),
+            pkt(T0 + 2.5, CAM, "10.0.0.1", 53, b"q2"),
+            pkt(T0 + 3.0, CAM, "10.0.0.1", 53, b"q3"),
+            pkt(T0 + 4.0, CAM, "10.0.0.1", 443, b""),
+        ],
+    )
     b = g.write_pcap(tmp_path / "b.pcap", [pkt(T0 + 9.0, PLUG, "10.0.0.2", 80, b"x")])
     return [
         CaptureSpec(a, "a", {CAM: "camera", PLUG: ""}),
@@ -155,8 +163,11 @@ def test_sensor_options_follow_the_layout():
 
 def test_real_captures_every_flow_of_the_mac_gets_its_label():
     require(DATA)
-    specs = [s for d in ("Aria", "HueBridge", "HueSwitch", "EdimaxCam2")
-             for s in sentinel_specs(DATA / d)][::3]  # fmt: skip
+    specs = [
+        s
+        for d in ("Aria", "HueBridge", "HueSwitch", "EdimaxCam2")
+        for s in sentinel_specs(DATA / d)
+    ][::3]
     ds = build_dataset(specs, MatrixLayout(), progress=False)
     label_of = {s.capture_id: next(iter(s.labels.values())) for s in specs}
     mac_of = {s.capture_id: next(iter(s.labels)) for s in specs}
@@ -183,8 +194,9 @@ def test_grouped_small_captures_equal_one_by_one(tmp_path):
     specs = sentinel_specs(DATA)[::12]
     specs.insert(3, CaptureSpec(bad, "bad", {"aa:bb:cc:dd:ee:ff": "x"}))
     grouped = build_dataset(specs, LAYOUT, progress=False)
-    single = Dataset.concat([_dataset_part(capture_matrices(s, LAYOUT), LAYOUT) for s in specs],
-                            LAYOUT)  # fmt: skip
+    single = Dataset.concat(
+        [_dataset_part(capture_matrices(s, LAYOUT), LAYOUT) for s in specs], LAYOUT
+    )
     assert len(grouped) == len(single) > 300
     for f in dataclasses.fields(Dataset):
         if f.name in ("layout", "captures_table"):
@@ -196,8 +208,9 @@ def test_grouped_small_captures_equal_one_by_one(tmp_path):
         assert np.array_equal(a, b), f.name
     assert grouped.captures_table.errors[3].startswith(f"{bad}: not a pcap")
     # unlabelled, selected by local networks: mirrored device-to-device records too
-    nets = [CaptureSpec(s.pcap, s.capture_id, {}, ("10.0.0.0/8", "192.168.0.0/16"))
-            for s in specs[:12]]  # fmt: skip
+    nets = [
+        CaptureSpec(s.pcap, s.capture_id, {}, ("10.0.0.0/8", "192.168.0.0/16")) for s in specs[:12]
+    ]
     a = build_dataset(nets, LAYOUT, progress=False)
     b = Dataset.concat([_dataset_part(capture_matrices(s, LAYOUT), LAYOUT) for s in nets], LAYOUT)
     assert np.array_equal(a.matrices, b.matrices) and a.uids.tolist() == b.uids.tolist()

@@ -16,13 +16,23 @@ FLOWS = "zeek/iotcls/flows"
 
 def record(i: int, total_bytes: int = 1500) -> FlowRecord:
     return FlowRecord(
-        device_mac=f"02:00:00:00:00:{i % 256:02x}", device_ip=f"10.0.0.{i % 250 + 1}",
-        device_port=40000 + i, remote_ip="93.184.216.34", remote_port=443, proto=6,
-        start=1_700_000_000.0 + i, last=1_700_000_001.5 + i, total_bytes=total_bytes,
-        total_packets=3, offsets=[0.0, 0.25, 1.5], sizes=[60, 1400, 40],
-        directions=[1, 0, 1], payloads=[b"", bytes(range(32)), b"\x16\x03"],
-        uid=f"C{i:017d}", device_is_orig=True,
-    )  # fmt: skip
+        device_mac=f"02:00:00:00:00:{i % 256:02x}",
+        device_ip=f"10.0.0.{i % 250 + 1}",
+        device_port=40000 + i,
+        remote_ip="93.184.216.34",
+        remote_port=443,
+        proto=6,
+        start=1_700_000_000.0 + i,
+        last=1_700_000_001.5 + i,
+        total_bytes=total_bytes,
+        total_packets=3,
+        offsets=[0.0, 0.25, 1.5],
+        sizes=[60, 1400, 40],
+        directions=[1, 0, 1],
+        payloads=[b"", bytes(range(32)), b"\x16\x03"],
+        uid=f"C{i:017d}",
+        device_is_orig=True,
+    )
 
 
 def table_equal(a: FlowTable, b: FlowTable) -> None:
@@ -47,8 +57,9 @@ def test_an_odd_frame_costs_only_itself(monkeypatch):
 
 def test_records_from_the_json_route_keep_their_place():
     recs = [record(i) for i in range(10)]
-    items = [r if i % 3 == 0 else fb.match_flow(rc.flow_frame(FLOWS, r))
-             for i, r in enumerate(recs)]  # fmt: skip
+    items = [
+        r if i % 3 == 0 else fb.match_flow(rc.flow_frame(FLOWS, r)) for i, r in enumerate(recs)
+    ]
     dec = fb.decode_batch(items, 10, 64)
     assert dec.index == list(range(10)) and dec.errors == []
     table_equal(dec.table, FlowTable.from_records(recs, 10, 64))

@@ -21,8 +21,12 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    r = subprocess.run([sys.executable, "-m", "iotcls", "demo", "-o", str(out)],
-                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-m", "iotcls", "demo", "-o", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     return out, r
 
 
@@ -64,11 +68,16 @@ def test_demo_capture_is_what_its_profiles_say(tmp_path):
 
 @pytest.mark.e2e
 def test_demo_refuses_a_bad_duration(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "iotcls", "demo", "-o", str(tmp_path),
-                        "--duration", "-5"], capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "iotcls", "demo", "-o", str(tmp_path), "--duration", "-5"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [
-        "iotcls demo: error: --duration must be a positive number of seconds, not -5.0"]
+        "iotcls demo: error: --duration must be a positive number of seconds, not -5.0"
+    ]
 
 
 def test_no_capture_or_vendored_schema_is_tracked():
@@ -78,6 +87,11 @@ def test_no_capture_or_vendored_schema_is_tracked():
         pytest.skip(f"not a git checkout: {ROOT}")
     files = r.stdout.splitlines()
     assert files, "git ls-files listed nothing"
-    bad = [f for f in files if f.lower().endswith((".pcap", ".pcapng", ".cap", ".dmp"))
-           or "compose-spec" in f or f.startswith("tests/fixtures/")]  # fmt: skip
+    bad = [
+        f
+        for f in files
+        if f.lower().endswith((".pcap", ".pcapng", ".cap", ".dmp"))
+        or "compose-spec" in f
+        or f.startswith("tests/fixtures/")
+    ]
     assert not bad, f"third-party files tracked: {bad}"

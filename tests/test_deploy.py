@@ -18,10 +18,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from ingest_sim import SUPPORTED, simulate
 from iotcls.cli import main
 from iotcls.logschema import FIELD_NAMES
-
-from ingest_sim import SUPPORTED, simulate
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -50,16 +49,37 @@ ECS_OF = {
 }
 # ECS fields the pipeline may write (ECS 8.11), with the allowed values where ECS has a list.
 ECS_FIELDS = {
-    "@timestamp", "source.ip", "source.port", "destination.ip", "destination.port",
-    "network.transport", "host.ip", "host.mac", "event.kind", "event.category", "event.type",
-    "event.module", "event.dataset", "ecs.version", "related.ip", "error.message",
-}  # fmt: skip
+    "@timestamp",
+    "source.ip",
+    "source.port",
+    "destination.ip",
+    "destination.port",
+    "network.transport",
+    "host.ip",
+    "host.mac",
+    "event.kind",
+    "event.category",
+    "event.type",
+    "event.module",
+    "event.dataset",
+    "ecs.version",
+    "related.ip",
+    "error.message",
+}
 ECS_ALLOWED = {
-    "event.kind": {"alert", "asset", "enrichment", "event", "metric", "state", "pipeline_error",
-                   "signal"},
+    "event.kind": {
+        "alert",
+        "asset",
+        "enrichment",
+        "event",
+        "metric",
+        "state",
+        "pipeline_error",
+        "signal",
+    },
     "event.category": {"host", "network"},  # the two that fit; ECS has more
     "event.type": {"info", "connection", "protocol", "change"},
-}  # fmt: skip
+}
 
 
 @pytest.fixture(scope="module")
@@ -101,13 +121,13 @@ def log_fields_referenced(p: dict) -> set[str]:
     """The log columns the processors name (iot_class.<column>, dot_expander fields)."""
     names = set()
     for proc in p["processors"]:
-        (ptype, o), = proc.items()
+        ((ptype, o),) = proc.items()
         if ptype == "dot_expander":
             names.add(o["field"])
         for key in ("field", "target_field"):
             v = o.get(key, "")
             if v.startswith("iot_class.") and v != "iot_class":
-                names.add(v[len("iot_class."):])
+                names.add(v[len("iot_class.") :])
     return names
 
 
@@ -122,7 +142,7 @@ def test_pipeline_is_sane():
     assert referenced - {"id"} <= set(FIELD_NAMES), referenced - set(FIELD_NAMES)
     written = set()
     for proc in p["processors"]:
-        (ptype, o), = proc.items()
+        ((ptype, o),) = proc.items()
         if ptype in ("set", "append"):
             written.add(o["field"])
         elif ptype in ("rename", "date") and not o["target_field"].startswith("iot_class"):
@@ -131,8 +151,11 @@ def test_pipeline_is_sane():
             vals = o["value"] if isinstance(o["value"], list) else [o["value"]]
             assert set(vals) <= ECS_ALLOWED[o["field"]], o
     assert written - {"zeek.session_id"} <= ECS_FIELDS, written - ECS_FIELDS
-    dataset = [proc["set"] for proc in p["processors"] if proc.get("set", {}).get("field")
-               == "event.dataset"]  # fmt: skip
+    dataset = [
+        proc["set"]
+        for proc in p["processors"]
+        if proc.get("set", {}).get("field") == "event.dataset"
+    ]
     assert [d["value"] for d in dataset] == ["zeek.iot_class"]
 
 
@@ -198,8 +221,9 @@ def test_filestream_inputs(name):
 
 
 def splunk_conf(name: str) -> configparser.ConfigParser:
-    cp = configparser.ConfigParser(interpolation=None, delimiters=("=",), comment_prefixes=("#",),
-                                   strict=True)  # fmt: skip
+    cp = configparser.ConfigParser(
+        interpolation=None, delimiters=("=",), comment_prefixes=("#",), strict=True
+    )
     cp.optionxform = str  # Splunk keys are case-sensitive
     cp.read_string((DEPLOY / "splunk" / name).read_text())
     return cp
@@ -214,7 +238,7 @@ def test_splunk_props(json_log):
     for line in json_log[:20]:
         m = re.search(st["TIME_PREFIX"], line)
         assert m and m.end() <= 10
-        stamp = re.match(r"(\d+)\.(\d{1,6})", line[m.end():])
+        stamp = re.match(r"(\d+)\.(\d{1,6})", line[m.end() :])
         assert stamp and len(stamp.group(0)) <= int(st["MAX_TIMESTAMP_LOOKAHEAD"])
         ts = json.loads(line)["ts"]
         assert float(stamp.group(0)) == pytest.approx(ts, abs=1e-6)
@@ -285,12 +309,26 @@ def test_unit_verifies(tmp_path, name):
     exe = Path(sys.executable).with_name("iotcls")
     assert exe.exists()
     (tmp_path / name).write_text(text.replace("/opt/iotcls/bin/iotcls", str(exe)))
-    res = subprocess.run([SYSTEMD_ANALYZE, "verify", str(tmp_path / name)],
-                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    res = subprocess.run(
+        [SYSTEMD_ANALYZE, "verify", str(tmp_path / name)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert res.returncode == 0 and not res.stderr.strip(), res.stderr
-    sec = subprocess.run([SYSTEMD_ANALYZE, "security", "--offline=true", "--threshold=30",
-                          "--no-pager", str(tmp_path / name)],
-                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    sec = subprocess.run(
+        [
+            SYSTEMD_ANALYZE,
+            "security",
+            "--offline=true",
+            "--threshold=30",
+            "--no-pager",
+            str(tmp_path / name),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     if "--offline" in sec.stderr and "unrecognized" in sec.stderr:
         pytest.skip("systemd-analyze too old for security --offline (systemd < 252)")
     score = re.search(r"Overall exposure level for \S+: ([\d.]+)", sec.stdout)

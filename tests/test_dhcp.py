@@ -4,7 +4,6 @@ names the type stays, what names the unit goes, and every record builder stores 
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from iotcls.bridge import flowbatch as fb
 from iotcls.bridge import records as rc
@@ -143,4 +142,6 @@ def test_identities_read_back_from_matrix_rows():
     assert dhcp.any() and all(ids[~dhcp] == None)  # noqa: E711 (an object array)
     want = identity_of(dhcp_view(client_messages("TP-LinkPlugHS110")[0], 64))
     assert set(ids[dhcp]) - {None} == {want}  # (a window may hold the server's replies only)
-    assert all(x is None for x in MatrixLayout(payload_mode="none").dhcp_identities(mats[:, 0, :43]))
+    assert all(
+        x is None for x in MatrixLayout(payload_mode="none").dhcp_identities(mats[:, 0, :43])
+    )

@@ -66,7 +66,9 @@ class ThreadScorer:
     """A real scorer (real DEALER socket, real model) on a thread of the test process."""
 
     def __init__(self, model_path: str, addr: str, name: str, **kw):
-        self.scorer = Scorer(Predictor(ModelBundle.load(model_path)), ScorerSettings(addr, name, **kw))
+        self.scorer = Scorer(
+            Predictor(ModelBundle.load(model_path)), ScorerSettings(addr, name, **kw)
+        )
         self.thread = threading.Thread(target=self.scorer.run, daemon=True)
         self.thread.start()
 
@@ -77,10 +79,25 @@ class ThreadScorer:
 
 def scorer_process(model_path: str, addr: str, name: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "iotcls", "serve", "--scorer-only", "--connect", addr,
-         "--name", name, "--model", model_path, "--torch-device", "cpu", "--log-level", "warning"],
+        [
+            sys.executable,
+            "-m",
+            "iotcls",
+            "serve",
+            "--scorer-only",
+            "--connect",
+            addr,
+            "--name",
+            name,
+            "--model",
+            model_path,
+            "--torch-device",
+            "cpu",
+            "--log-level",
+            "warning",
+        ],
         start_new_session=True,
-    )  # fmt: skip
+    )
 
 
 # -- labels ------------------------------------------------------------------------------
@@ -101,8 +118,11 @@ def test_labels_match_the_predictor_exactly(model_path):
         try:
             await until(lambda: d.scorers == ["p0"], 30, "the scorer to connect")
             for s in range(0, 300, 7):  # many small submits: batches form by credit
-                d.submit(m[s : s + 7], [f"d{i % 5}" for i in range(s, min(s + 7, 300))],
-                         list(range(s, min(s + 7, 300))))  # fmt: skip
+                d.submit(
+                    m[s : s + 7],
+                    [f"d{i % 5}" for i in range(s, min(s + 7, 300))],
+                    list(range(s, min(s + 7, 300))),
+                )
                 await asyncio.sleep(0)
             assert await d.drain(20) == 0
             await d.stop_scorers()
@@ -116,8 +136,9 @@ def test_labels_match_the_predictor_exactly(model_path):
     assert sorted(o.ctx for o in out) == list(range(300))
     by = {o.ctx: o for o in out}
     assert [by[i].label for i in range(300)] == list(expected.label)
-    np.testing.assert_allclose([by[i].confidence for i in range(300)], expected.confidence,
-                               rtol=1e-6)  # fmt: skip
+    np.testing.assert_allclose(
+        [by[i].confidence for i in range(300)], expected.confidence, rtol=1e-6
+    )
     assert [by[i].trusted for i in range(300)] == list(expected.trusted)
     assert [by[i].reason for i in range(300)] == list(expected.reason)
     assert all(o.shed is None and o.send for o in out)
@@ -313,8 +334,11 @@ def test_garbage_on_the_scorer_socket(model_path, caplog):
         req.send(b"hello?")
         raw = socket.create_connection(("127.0.0.1", port))  # not even ZMTP: a web client
         raw.sendall(b"GET /metrics HTTP/1.1\r\nHost: bridge\r\n\r\n")
-        await until(lambda: d.metrics.rejected.get(("zmq", "incompatible_scorer")) == 1, 10,
-                    "the incompatible hello")  # fmt: skip
+        await until(
+            lambda: d.metrics.rejected.get(("zmq", "incompatible_scorer")) == 1,
+            10,
+            "the incompatible hello",
+        )
         assert bad.poll(5000)
         assert wire.decode(bad.recv()) == wire.Reject(f"{wire.REHELLO}: say hello first")
         assert bad.poll(5000)
@@ -343,7 +367,9 @@ def test_garbage_on_the_scorer_socket(model_path, caplog):
         ("zmq", "incompatible_scorer"): 1,
     }
     text = caplog.text
-    assert "not msgpack" in text and "wire version 99" in text and "frames after the identity" in text
+    assert (
+        "not msgpack" in text and "wire version 99" in text and "frames after the identity" in text
+    )
     assert "refused scorer bad" in text and "matrix layout differs" in text
 
 
@@ -385,8 +411,17 @@ def test_batch_buckets():
     """Forward passes come in a dozen sizes (flat scorer memory), never above batch_size."""
     from iotcls.scorer.service import bucket
 
-    assert [bucket(n, 256) for n in (1, 3, 5, 17, 33, 100, 129, 200, 256)] == \
-        [1, 4, 8, 32, 48, 128, 192, 256, 256]  # fmt: skip
+    assert [bucket(n, 256) for n in (1, 3, 5, 17, 33, 100, 129, 200, 256)] == [
+        1,
+        4,
+        8,
+        32,
+        48,
+        128,
+        192,
+        256,
+        256,
+    ]
     assert bucket(260, 300) == 300 and bucket(600, 256) == 600
     assert len({bucket(n, 256) for n in range(1, 257)}) == 12
 
@@ -406,9 +441,15 @@ def trust_model_path(tmp_path_factory):
     return str(b.save(tmp_path_factory.mktemp("trust") / "t.pt"))
 
 
-def one_at_a_time(records: np.ndarray, device: str, layout: MatrixLayout, predictor: Predictor,
-                  cfg: Config | None = None, dispatcher: dict | None = None,
-                  **settings) -> tuple[list[Outcome], Dispatcher, Scorer]:  # fmt: skip
+def one_at_a_time(
+    records: np.ndarray,
+    device: str,
+    layout: MatrixLayout,
+    predictor: Predictor,
+    cfg: Config | None = None,
+    dispatcher: dict | None = None,
+    **settings,
+) -> tuple[list[Outcome], Dispatcher, Scorer]:
     """Records of one device, each sent once the previous one's outcome is back, through a
     real dispatcher (``dispatcher``: its keyword arguments) and a real scorer (``settings``:
     its ScorerSettings beyond the address and name)."""
@@ -439,8 +480,14 @@ def one_at_a_time_logged(model_path: str, records: np.ndarray):
     """One device's records through a scorer in mode ``logged`` (log policy ``changes``)."""
     cfg = config()
     cfg.log.policy = "changes"
-    return one_at_a_time(records, "d", LAYOUT, Predictor(ModelBundle.load(model_path), explain=False),
-                         cfg, explain="logged")  # fmt: skip
+    return one_at_a_time(
+        records,
+        "d",
+        LAYOUT,
+        Predictor(ModelBundle.load(model_path), explain=False),
+        cfg,
+        explain="logged",
+    )
 
 
 def test_logged_mode_explains_exactly_the_labels_sent(trust_model_path):
@@ -455,15 +502,22 @@ def test_logged_mode_explains_exactly_the_labels_sent(trust_model_path):
     other = int(np.flatnonzero(ref.label != ref.label[first])[0])
     steps = [first, first, other, other]  # one record of device "d" at a time
     out, d, s = one_at_a_time_logged(trust_model_path, pool[steps])
-    assert [(o.ctx, o.explained, o.send) for o in out] == \
-        [(0, True, True), (1, False, False), (2, True, True), (3, False, False)]  # fmt: skip
+    assert [(o.ctx, o.explained, o.send) for o in out] == [
+        (0, True, True),
+        (1, False, False),
+        (2, True, True),
+        (3, False, False),
+    ]
     assert s.stats.explained == 2
     for o in out:
         i = steps[o.ctx]
         assert o.label == ref.label[i]
         if o.explained:
-            assert (o.trusted, o.reason, o.top_groups) == \
-                (bool(ref.trusted[i]), ref.reason[i], list(ref.top_groups[i]))  # fmt: skip
+            assert (o.trusted, o.reason, o.top_groups) == (
+                bool(ref.trusted[i]),
+                ref.reason[i],
+                list(ref.top_groups[i]),
+            )
     assert d.metrics.labels_sent == 2 and d.metrics.labels_suppressed == 2
     assert d.metrics.labelled == 4 and d.metrics.labels_explained == 2
 
@@ -481,8 +535,10 @@ def test_hints_say_what_the_policy_knows():
         d.policy.decide("b", "plug", False, now, cheap=True)  # confident, refused in full
         d.policy.decide("b", "plug", False, now, cheap=False)  # not sent, but remembered
         d.policy.decide("old", "hub", True, now - 301.0)
-        items = [Item(k, dev, np.zeros(LAYOUT.shape, np.float32), k, now, False)
-                 for k, dev in enumerate(["a", "b", "old", "new"])]  # fmt: skip
+        items = [
+            Item(k, dev, np.zeros(LAYOUT.shape, np.float32), k, now, False)
+            for k, dev in enumerate(["a", "b", "old", "new"])
+        ]
         return d._hints(items)
 
     h = run(main())
@@ -511,8 +567,9 @@ def test_logged_mode_does_not_reexplain_a_refused_label(trust_model_path, tmp_pa
     assert len(refused)
     i = int(refused[0])
     out, _, s = one_at_a_time_logged(trust_model_path, pool[[i] * 4])
-    assert [(o.explained, o.send, o.trusted) for o in out] == \
-        [(True, True, False)] + [(False, False, True)] * 3  # fmt: skip
+    assert [(o.explained, o.send, o.trusted) for o in out] == [(True, True, False)] + [
+        (False, False, True)
+    ] * 3
     assert out[0].reason == ref.reason[i]
     assert s.stats.explained == 1
 
@@ -524,7 +581,6 @@ def test_dhcp_identity_live_equals_classify():
     is declared seen with HS100 only: from its DHCP record on, its labels are refined to
     HS100; then declared seen with no class: its labels fail rule 6 from there on; then
     declared shared by both plugs and ambiguous: they fail as ambiguous."""
-    from pathlib import Path
 
     from iotcls.bundle import default_model_path
     from iotcls.flows import DeviceSelector, capture_flows
@@ -544,8 +600,11 @@ def test_dhcp_identity_live_equals_classify():
     assert "HS110(EU)" in ident
     first = int(np.flatnonzero(layout.dhcp_identities(mats[:, 0]) != None)[0])  # noqa: E711
 
-    cases = [(["TP-LinkPlugHS100"], []), (["an unknown type"], []),
-             (["TP-LinkPlugHS100", "TP-LinkPlugHS110"], [ident])]  # fmt: skip
+    cases = [
+        (["TP-LinkPlugHS100"], []),
+        (["an unknown type"], []),
+        (["TP-LinkPlugHS100", "TP-LinkPlugHS110"], [ident]),
+    ]
     for seen_with, ambiguous in cases:
         bundle = ModelBundle.load(default_model_path())
         bundle.trust["dhcp_identities"] = {ident: seen_with}
@@ -563,9 +622,15 @@ def test_dhcp_identity_live_equals_classify():
             assert all(r == why or not ok for r, ok in zip(ref.reason[first:], ref.trusted[first:]))
             assert (ref.reason[first:] == why).any()
 
-        out, _, _ = one_at_a_time(mats, "plug", layout, Predictor(bundle),
-                                  dispatcher={"identities": DhcpIdentity(
-                                      {ident: frozenset(seen_with)}, frozenset(ambiguous))})
+        out, _, _ = one_at_a_time(
+            mats,
+            "plug",
+            layout,
+            Predictor(bundle),
+            dispatcher={
+                "identities": DhcpIdentity({ident: frozenset(seen_with)}, frozenset(ambiguous))
+            },
+        )
         assert [o.label for o in out] == list(ref.label)
         np.testing.assert_allclose([o.confidence for o in out], ref.confidence, rtol=1e-5)
         assert [(o.trusted, o.reason) for o in out] == list(zip(ref.trusted, ref.reason))
@@ -581,8 +646,9 @@ def _hello(addr: str, name: str, classes=None, batch: int = 16, keys=None):
 
         cv.connect_as(s, keys)
     s.connect(addr)
-    s.send(wire.encode(wire.Hello(name, 1, "h", "m", LAYOUT.to_dict(), "cpu", batch,
-                                  classes=classes)))  # fmt: skip
+    s.send(
+        wire.encode(wire.Hello(name, 1, "h", "m", LAYOUT.to_dict(), "cpu", batch, classes=classes))
+    )
     return s
 
 
@@ -596,7 +662,9 @@ def test_a_scorer_of_other_classes_is_refused_and_batch_sizes_are_capped():
             await until(lambda: "big" in d.scorers, 10, "the big scorer")
             assert other.poll(5000)
             reject = wire.decode(other.recv())
-            assert isinstance(reject, wire.Reject) and "classes are not the bridge's" in reject.reason
+            assert (
+                isinstance(reject, wire.Reject) and "classes are not the bridge's" in reject.reason
+            )
             return d._scorers[b"big"].batch_size, d.scorers
         finally:
             other.close(0)
@@ -615,15 +683,27 @@ def test_curve_admits_authorized_scorers_only(model_path, tmp_path):
     from iotcls.bridge import curve as cv
 
     keys = tmp_path / "keys"
-    out = subprocess.run([sys.executable, "-m", "iotcls", "keys", "--dir", str(keys)],
-                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-m", "iotcls", "keys", "--dir", str(keys)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     assert {p.name: p.stat().st_mode & 0o777 for p in keys.rglob("*")} == {
-        "bridge.key_secret": 0o600, "scorer.key_secret": 0o600, "bridge.key": 0o644,
-        "scorer.key": 0o644, "authorized": 0o700}  # fmt: skip
+        "bridge.key_secret": 0o600,
+        "scorer.key_secret": 0o600,
+        "bridge.key": 0o644,
+        "scorer.key": 0o644,
+        "authorized": 0o700,
+    }
     before = (keys / "bridge.key_secret").read_bytes()
-    again = subprocess.run([sys.executable, "-m", "iotcls", "keys", "--dir", str(keys)],
-                           capture_output=True, text=True, timeout=60)  # fmt: skip
+    again = subprocess.run(
+        [sys.executable, "-m", "iotcls", "keys", "--dir", str(keys)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert again.returncode == 0 and "kept" in again.stdout
     assert (keys / "bridge.key_secret").read_bytes() == before  # never overwritten
     server, client = cv.server_keys(keys), cv.client_keys(keys)
@@ -636,15 +716,19 @@ def test_curve_admits_authorized_scorers_only(model_path, tmp_path):
         rogues = [_hello(addr, "plain"), _hello(addr, "stranger", keys=stranger)]
         good = None
         try:
-            good = Scorer(Predictor(ModelBundle.load(model_path)),
-                          ScorerSettings(addr, "good", keys=client))  # fmt: skip
+            good = Scorer(
+                Predictor(ModelBundle.load(model_path)), ScorerSettings(addr, "good", keys=client)
+            )
             th = threading.Thread(target=good.run, daemon=True)
             th.start()
             await until(lambda: d.scorers == ["good"], 20, "the authorized scorer")
             d.submit(matrices(10), ["a"] * 10, list(range(10)))
             assert await d.drain(20) == 0
-            await until(lambda: sum(v for (s, k), v in d.metrics.rejected.items()
-                                    if s == "zmq") >= 2, 10, "the refused handshakes")  # fmt: skip
+            await until(
+                lambda: sum(v for (s, k), v in d.metrics.rejected.items() if s == "zmq") >= 2,
+                10,
+                "the refused handshakes",
+            )
             assert all(not r.poll(200) for r in rogues)  # not even a reject
             return dict(d.metrics.rejected), d.scorers
         finally:

@@ -29,8 +29,10 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCKER = ROOT / "docker"
 ZEEK_SITE = "/usr/local/zeek/share/zeek/site"  # zeek/zeek images install under /usr/local/zeek
 
-_VAR = re.compile(r"\$(?:(\$)|\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?+])((?:[^{}]|\{[^{}]*\})*))?\}"
-                  r"|([A-Za-z_][A-Za-z0-9_]*))")  # fmt: skip
+_VAR = re.compile(
+    r"\$(?:(\$)|\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?+])((?:[^{}]|\{[^{}]*\})*))?\}"
+    r"|([A-Za-z_][A-Za-z0-9_]*))"
+)
 
 
 class InterpolationError(ValueError):
@@ -87,8 +89,12 @@ def test_interpolation_follows_the_spec():
         interpolate("${B:?set B}", env)
 
 
-OTHER_ENV = {"IFACE": "enp3s0", "DEVICE_NETS": "10.1.0.0/16", "ZEEK_IMAGE": "zeek/zeek:7.2",
-             "IOTCLS_LOGS": "/srv/logs"}  # fmt: skip
+OTHER_ENV = {
+    "IFACE": "enp3s0",
+    "DEVICE_NETS": "10.1.0.0/16",
+    "ZEEK_IMAGE": "zeek/zeek:7.2",
+    "IOTCLS_LOGS": "/srv/logs",
+}
 
 
 @pytest.mark.parametrize("env", [{}, OTHER_ENV])
@@ -126,8 +132,12 @@ def test_check_jsonschema_command_validates_the_file(tmp_path):
     doc["services"]["iotcls"]["netwrk_mode"] = "host"
     bad.write_text(json.dumps(doc))
     for path, rc in ((good, 0), (bad, 1)):
-        r = subprocess.run([exe, "--builtin-schema", "vendor.compose-spec", str(path)],
-                           capture_output=True, text=True, timeout=120)  # fmt: skip
+        r = subprocess.run(
+            [exe, "--builtin-schema", "vendor.compose-spec", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert r.returncode == rc, r.stdout + r.stderr
 
 
@@ -254,8 +264,11 @@ def test_dockerfile_image():
     # pyproject.toml (and so `pip install .` works), README.md (the package's readme) and
     # the default model, which travels as package data of iotcls/
     assert ("COPY", ". .") in ins
-    ignore = [ln for ln in (DOCKER / "Dockerfile.dockerignore").read_text().splitlines()
-              if ln and not ln.startswith("#")]  # fmt: skip
+    ignore = [
+        ln
+        for ln in (DOCKER / "Dockerfile.dockerignore").read_text().splitlines()
+        if ln and not ln.startswith("#")
+    ]
     pyproject = (ROOT / "pyproject.toml").read_text()
     package_dirs = re.search(r"^package-dir = \{(.*)\}$", pyproject, re.M).group(1)
     needed = ["pyproject.toml", "README.md", "iotcls/data/default-model.pt"]
@@ -265,6 +278,7 @@ def test_dockerfile_image():
         assert (ROOT / path).exists(), path
         parts = Path(path).parts
         prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
-        excluded = [p for p in ignore for q in prefixes
-                    if fnmatch.fnmatch(q, p.removeprefix("**/"))]  # fmt: skip
+        excluded = [
+            p for p in ignore for q in prefixes if fnmatch.fnmatch(q, p.removeprefix("**/"))
+        ]
         assert not excluded, (path, excluded)

@@ -10,12 +10,22 @@ from iotcls.schema import EARLY_IDLE_S, FlowRecord, early_cut, early_record
 def rec(offsets, total=None, start=1000.0):
     n = len(offsets)
     return FlowRecord(
-        device_mac="02:00:00:00:00:01", device_ip="10.0.0.2", device_port=40000,
-        remote_ip="192.0.2.1", remote_port=443, proto=6, start=start,
-        last=start + offsets[-1], total_bytes=100 * (total or n), total_packets=total or n,
-        offsets=list(offsets), sizes=[100] * n, directions=[i % 2 for i in range(n)],
-        payloads=[bytes([i]) for i in range(n)], uid="C1",
-    )  # fmt: skip
+        device_mac="02:00:00:00:00:01",
+        device_ip="10.0.0.2",
+        device_port=40000,
+        remote_ip="192.0.2.1",
+        remote_port=443,
+        proto=6,
+        start=start,
+        last=start + offsets[-1],
+        total_bytes=100 * (total or n),
+        total_packets=total or n,
+        offsets=list(offsets),
+        sizes=[100] * n,
+        directions=[i % 2 for i in range(n)],
+        payloads=[bytes([i]) for i in range(n)],
+        uid="C1",
+    )
 
 
 def test_n_packets_in_without_a_gap():
@@ -89,8 +99,10 @@ def test_time_to_label_on_the_sample(sample, tmp_path):
     at = {row["seconds"]: row for row in early["table"]}
     assert at[5]["labelled"] == 1.0 and at[5]["accuracy"] >= 0.75
     assert {row["seconds"]: row["labelled"] for row in late["table"]}[30] == 0.0
-    assert at["final"] == {row["seconds"]: row for row in late["table"]}["final"] or \
-        at["final"]["accuracy"] >= 0.875  # fmt: skip
+    assert (
+        at["final"] == {row["seconds"]: row for row in late["table"]}["final"]
+        or at["final"]["accuracy"] >= 0.875
+    )
     png = time_to_label_png(early, late, tmp_path / "t.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -126,8 +138,14 @@ def test_training_cuts_flows_as_early_records_are_cut(sample):
 def test_device_label_weighs_labels_by_confidence():
     from iotcls.early import DeviceLabels, device_label
 
-    d = DeviceLabels("A", 0.0, np.array([0.5, 1.0, 2.0]), np.array(["B", "B", "A"], object),
-                     np.zeros(3, bool), np.array([0.2, 0.25, 0.9]))  # fmt: skip
+    d = DeviceLabels(
+        "A",
+        0.0,
+        np.array([0.5, 1.0, 2.0]),
+        np.array(["B", "B", "A"], object),
+        np.zeros(3, bool),
+        np.array([0.2, 0.25, 0.9]),
+    )
     assert device_label(d, np.arange(3))[0] == "A"  # 0.9 outweighs 0.2 + 0.25
     assert device_label(d, np.arange(2)) == ("B", False, 0.225)
     d.trusted[:] = [True, True, False]  # trusted labels first, whatever their confidence

@@ -4,8 +4,15 @@ import numpy as np
 import pytest
 
 from iotcls.baseline import FEATURES, flow_features
-from iotcls.evaluate import (EvalData, class_report, coverage, hardest_pairs,
-                             running_max_by_group, select_for_evaluation, selectivity)  # fmt: skip
+from iotcls.evaluate import (
+    EvalData,
+    class_report,
+    coverage,
+    hardest_pairs,
+    running_max_by_group,
+    select_for_evaluation,
+    selectivity,
+)
 from iotcls.flowtable import FlowTable
 from iotcls.layout import MatrixLayout
 from iotcls.schema import FlowRecord
@@ -36,8 +43,12 @@ def test_device_vote_sums_probabilities_over_a_window():
 
 def test_device_vote_keeps_devices_apart():
     p = probs_of([[0.9, 0.1], [0.2, 0.8], [0.9, 0.1], [0.2, 0.8]])
-    v = device_vote(p, np.array([0, 1, 0, 1]), np.array([0.0, 0.0, 1.0, 1.0]),
-                    VoteConfig(window=10, min_votes=1))  # fmt: skip
+    v = device_vote(
+        p,
+        np.array([0, 1, 0, 1]),
+        np.array([0.0, 0.0, 1.0, 1.0]),
+        VoteConfig(window=10, min_votes=1),
+    )
     assert v.index.tolist() == [0, 1, 0, 1] and v.n_votes.tolist() == [1, 1, 2, 2]
 
 
@@ -59,17 +70,23 @@ def eval_data(n_dev=2, per=3):
         start=np.arange(n, dtype=float) * 10,
         last=np.arange(n, dtype=float) * 10 + 5,
         device_first_seen=np.array([0.0 if i < per else 28.0 for i in range(n)]),
-        total_packets=np.full(n, 40), total_bytes=np.full(n, 10_000),
-        inspected_packets=np.full(n, 10), inspected_bytes=np.full(n, 1_000),
-    )  # fmt: skip
+        total_packets=np.full(n, 40),
+        total_bytes=np.full(n, 10_000),
+        inspected_packets=np.full(n, 10),
+        inspected_bytes=np.full(n, 1_000),
+    )
 
 
 def test_coverage_and_selectivity():
     d = eval_data()  # d0: flows at 0, 10, 20 (complete at +5); d1: 30, 40, 50, first seen 28
     everything = np.ones(6, bool)
     c = coverage(d, everything, d.last)
-    assert c == {"devices": 1.0, "flows": 1.0, "first_label_s_median": 6.0,
-                 "first_label_s_mean": 6.0}  # d0: 5 - 0, d1: 35 - 28  # fmt: skip
+    assert c == {
+        "devices": 1.0,
+        "flows": 1.0,
+        "first_label_s_median": 6.0,
+        "first_label_s_mean": 6.0,
+    }  # d0: 5 - 0, d1: 35 - 28
     some = np.array([False, False, True, False, False, False])
     c = coverage(d, some, d.last)
     assert c["devices"] == 0.5 and c["flows"] == round(1 / 6, 4)
@@ -78,8 +95,11 @@ def test_coverage_and_selectivity():
 
 
 def test_running_max_by_group():
-    v = running_max_by_group(np.array([5.0, 1.0, 9.0, 2.0, 3.0]), np.array([0, 0, 1, 0, 1]),
-                             np.array([0.0, 1.0, 0.0, 2.0, 1.0]))  # fmt: skip
+    v = running_max_by_group(
+        np.array([5.0, 1.0, 9.0, 2.0, 3.0]),
+        np.array([0, 0, 1, 0, 1]),
+        np.array([0.0, 1.0, 0.0, 2.0, 1.0]),
+    )
     assert v.tolist() == [5.0, 5.0, 9.0, 5.0, 9.0]
 
 
@@ -88,8 +108,12 @@ def test_class_report_and_hardest_pairs():
     p = np.array([0, 0, 1, 0, 1, 2, 2, 0])
     r = class_report(y, p, ["a", "b", "c", "d"])
     assert r["accuracy"] == round(5 / 8, 4)
-    assert r["per_class"]["a"] == {"precision": 0.5, "recall": round(2 / 3, 4),
-                                   "f1": round(4 / 7, 4), "support": 3}  # fmt: skip
+    assert r["per_class"]["a"] == {
+        "precision": 0.5,
+        "recall": round(2 / 3, 4),
+        "f1": round(4 / 7, 4),
+        "support": 3,
+    }
     assert "d" not in r["per_class"]  # neither true nor predicted
     pairs = hardest_pairs(r["confusion"], ["a", "b", "c", "d"])
     assert pairs[0] == {"pair": ["a", "b"], "errors": 2, "a_as_b": 1, "b_as_a": 1, "rate": 0.4}
@@ -109,10 +133,22 @@ def test_select_for_evaluation():
 
 def test_baseline_features_exact():
     lay = MatrixLayout(history=1, packets=4, payload_bytes=2)
-    r = FlowRecord(device_mac="aa:bb:cc:dd:ee:01", device_ip="192.168.1.20", device_port=50000,
-                   remote_ip="93.184.216.34", remote_port=443, proto=6, start=100.0,
-                   last=100.5, total_bytes=1500, total_packets=3, offsets=[0.0, 0.001, 0.5],
-                   sizes=[60, 1400, 40], directions=[1, 0, 1], payloads=[b"", b"", b""])
+    r = FlowRecord(
+        device_mac="aa:bb:cc:dd:ee:01",
+        device_ip="192.168.1.20",
+        device_port=50000,
+        remote_ip="93.184.216.34",
+        remote_port=443,
+        proto=6,
+        start=100.0,
+        last=100.5,
+        total_bytes=1500,
+        total_packets=3,
+        offsets=[0.0, 0.001, 0.5],
+        sizes=[60, 1400, 40],
+        directions=[1, 0, 1],
+        payloads=[b"", b"", b""],
+    )
     mats, _ = lay.matrices(FlowTable.from_records([r], 4, 2))
     f = dict(zip(FEATURES, flow_features(mats, lay)[0]))
     assert (f["tcp"], f["udp"], f["n"], f["n_up"], f["n_down"]) == (1, 0, 3, 2, 1)

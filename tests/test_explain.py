@@ -13,7 +13,6 @@ from iotcls.dataset import capture_matrices
 from iotcls.layout import MatrixLayout
 
 
-
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory, sample):
     from iotcls.train import TrainConfig, train
@@ -29,8 +28,7 @@ def model_path(tmp_path_factory, sample):
         idx = np.flatnonzero(dev == m)
         caps[idx] = [f"{m}/{i * 4 // len(idx)}" for i in range(len(idx))]
     small = dict(byte_dim=4, packet_dim=16, meta_dim=8, row_dim=16, hidden=16)
-    cfg = TrainConfig(epochs=3, batch_size=32, val_fraction=0.25, test_fraction=0.25,
-                      model=small)  # fmt: skip
+    cfg = TrainConfig(epochs=3, batch_size=32, val_fraction=0.25, test_fraction=0.25, model=small)
     bundle = train(cm.matrices, labels, caps, layout, cfg, progress=False, log=lambda m: None)
     assert bundle.trust is not None
     return str(bundle.save(tmp_path_factory.mktemp("m") / "tiny.pt"))
@@ -39,14 +37,34 @@ def model_path(tmp_path_factory, sample):
 def test_text_and_png(model_path, tmp_path, capsys, sample):
     aria = sample.mac_of("Aria")
     png = tmp_path / "aria.png"
-    assert main(["explain", str(sample.pcap), "--devices", aria.upper(), "--model", model_path,
-                 "-o", str(png)]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "explain",
+                str(sample.pcap),
+                "--devices",
+                aria.upper(),
+                "--model",
+                model_path,
+                "-o",
+                str(png),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr()
     lines = out.out.strip().splitlines()
     assert lines[0].startswith(f"device {aria}: 5 labels by tiny@")
     assert lines[1].split()[:6] == ["t+s", "remote", "proto", "label", "conf", "trust"]
-    assert lines[1].split()[6:] == ["meta", "timing", "sizes", "direction", "payload", "history",
-                                    "reason"]  # fmt: skip
+    assert lines[1].split()[6:] == [
+        "meta",
+        "timing",
+        "sizes",
+        "direction",
+        "payload",
+        "history",
+        "reason",
+    ]
     assert len(lines) == 2 + 5 + 2  # header, five flows, two summary lines
     assert lines[2].split()[1:3] == ["255.255.255.255:67", "udp"]  # the DHCP discover first
     assert lines[-1].startswith("trusted: ")
@@ -57,7 +75,20 @@ def test_text_and_png(model_path, tmp_path, capsys, sample):
 def test_json_values_are_exact_shapley_values(model_path, capsys, sample):
     from iotcls.bundle import ModelBundle
 
-    assert main(["explain", str(sample.pcap), "--devices", sample.mac_of("HueBridge"), "--model", model_path, "--json"]) == 0
+    assert (
+        main(
+            [
+                "explain",
+                str(sample.pcap),
+                "--devices",
+                sample.mac_of("HueBridge"),
+                "--model",
+                model_path,
+                "--json",
+            ]
+        )
+        == 0
+    )
     rows = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert len(rows) > 50 and all(r["label"] for r in rows)
     assert [r["ts"] for r in rows] == sorted(r["ts"] for r in rows)
@@ -96,7 +127,19 @@ def test_errors_are_one_line(model_path, tmp_path, capsys, sample):
 def test_the_old_spelling_still_works_with_a_notice(model_path, capsys, sample):
     """--device MAC (explain) is now --devices, as for every other command; the old spelling
     is accepted and says so."""
-    assert main(["explain", str(sample.pcap), "--device", sample.mac_of("Aria"), "--model",
-                 model_path, "--json"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "explain",
+                str(sample.pcap),
+                "--device",
+                sample.mac_of("Aria"),
+                "--model",
+                model_path,
+                "--json",
+            ]
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     assert "iotcls: --device is now --devices (the old spelling will go)" in err

@@ -5,7 +5,6 @@ and FlowTable.from_records give, and reject exactly the frames the generic path 
 
 import random
 from dataclasses import fields, replace
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,8 +17,10 @@ from iotcls.flowtable import FlowTable
 from iotcls.testing.shared import require, sentinel_capture
 
 FLOWS = "zeek/iotcls/flows"
-CAPTURES = [require(sentinel_capture("Aria", "Setup-A-1-STA"), module=True),
-            require(sentinel_capture("D-LinkCam", "Setup-B-1-STA"), module=True)]
+CAPTURES = [
+    require(sentinel_capture("Aria", "Setup-A-1-STA"), module=True),
+    require(sentinel_capture("D-LinkCam", "Setup-B-1-STA"), module=True),
+]
 
 
 def _records():
@@ -81,23 +82,29 @@ def test_real_frames_decode_to_the_generic_table_on_the_batch_path(packets, payl
 
 def test_every_timespan_unit_zero_packets_and_start_order():
     r = RECORDS[5]
-    four = replace(r, offsets=r.offsets[:4], sizes=r.sizes[:4], directions=r.directions[:4],
-                   payloads=r.payloads[:4])
+    four = replace(
+        r,
+        offsets=r.offsets[:4],
+        sizes=r.sizes[:4],
+        directions=r.directions[:4],
+        payloads=r.payloads[:4],
+    )
     vals = rc.flow_values(four)
     vals[10] = [bj.Timespan(0), bj.Timespan(1_000_000), bj.Timespan(2_000), bj.Timespan(2 * 10**9)]
     frames = [
         bj.render_zeek(FLOWS, bj.encode_event(rc.FLOW_EVENT, [vals])),
         rc.flow_frame(FLOWS, replace(r, offsets=[], sizes=[], directions=[], payloads=[])),
         rc.flow_frame(FLOWS, replace(r, payloads=[b""] * len(r.sizes))),
-    ]  # fmt: skip
+    ]
     assert b'"2s"' in frames[0] and b'"1ms"' in frames[0] and b'"2us"' in frames[0]
     groups = [fb.match_flow(f).groups for f in frames]
     assert fb._fast_table(groups, 10, 64) is not None
     dec = check(frames)
     assert dec.table.n_pkts.tolist() == [4, 0, min(len(r.sizes), 6)]
     assert fb.match_flow(frames[0]).start == r.start
-    assert fb.head_record(dec.table, 0) == replace(r, offsets=[], sizes=[], directions=[],
-                                                   payloads=[])  # fmt: skip
+    assert fb.head_record(dec.table, 0) == replace(
+        r, offsets=[], sizes=[], directions=[], payloads=[]
+    )
 
 
 MUTATIONS = {
@@ -110,8 +117,10 @@ MUTATIONS = {
     "empty count": (b'"count","data":328}', b'"count","data":}'),
     "16-digit size": (b'"count","data":328}', b'"count","data":1000000000000328}'),
     "size beyond int32": (b'"count","data":328}', b'"count","data":3000000000}'),
-    "direction 2": (b'"count","data":1},{"@data-type":"count","data":1}]}',
-                    b'"count","data":1},{"@data-type":"count","data":2}]}'),
+    "direction 2": (
+        b'"count","data":1},{"@data-type":"count","data":1}]}',
+        b'"count","data":1},{"@data-type":"count","data":2}]}',
+    ),
     "proto beyond int16": (b'"count","data":17}', b'"count","data":70000}'),
     "junk between elements": (b'"count","data":328},', b'"count","data":328},7,'),
     "comma in a count": (b'"count","data":328}', b'"count","data":3,28}'),
@@ -125,7 +134,7 @@ MUTATIONS = {
     "escaped topic": (b'"zeek/iotcls', b'"zeek\\/iotcls'),
     "other event": (b'"IoTClass::flow"', b'"IoTClass::flows"'),
     "one payload less": (b'{"@data-type":"string","data":"8201', b"{"),
-}  # fmt: skip
+}
 
 
 def test_mutated_frames_in_a_batch_of_good_ones_agree_with_the_generic_path():

@@ -17,8 +17,17 @@ T0 = 1_700_000_000.0
 DATA = sentinel_dir()  # ../shared, or $IOTCLS_SHARED
 
 
-def up(t, payload=b"", sport=40000, dport=443, proto="tcp", src="192.168.1.10",
-       dst="93.184.216.34", smac=DEV, dmac=GW):  # fmt: skip
+def up(
+    t,
+    payload=b"",
+    sport=40000,
+    dport=443,
+    proto="tcp",
+    src="192.168.1.10",
+    dst="93.184.216.34",
+    smac=DEV,
+    dmac=GW,
+):
     l4 = g.tcp(sport, dport, payload) if proto == "tcp" else g.udp(sport, dport, payload)
     return (t, g.ether(smac, dmac, g.ipv4(src, dst, 6 if proto == "tcp" else 17, l4)))
 
@@ -98,9 +107,19 @@ def test_mirrored_device_to_device(tmp_path):
     assert len(recs) == 2
     r1, r2 = sorted(recs, key=lambda r: r.device_mac)
     assert (r1.device_mac, r1.device_ip, r1.device_port, r1.remote_ip, r1.remote_port) == (
-        DEV, "192.168.1.10", 5555, "192.168.1.20", 80)
+        DEV,
+        "192.168.1.10",
+        5555,
+        "192.168.1.20",
+        80,
+    )
     assert (r2.device_mac, r2.device_ip, r2.device_port, r2.remote_ip, r2.remote_port) == (
-        DEV2, "192.168.1.20", 80, "192.168.1.10", 5555)
+        DEV2,
+        "192.168.1.20",
+        80,
+        "192.168.1.10",
+        5555,
+    )
     assert r1.directions == [1, 0, 1] and r2.directions == [0, 1, 0]
     assert r1.sizes == r2.sizes == [42, 45, 40]
     assert r1.payloads == r2.payloads == [b"hi", b"there", b""]
@@ -110,7 +129,10 @@ def test_mirrored_device_to_device(tmp_path):
 
 def test_icmp_echo_is_one_record(tmp_path):
     req = (T0, g.ether(DEV, GW, g.ipv4("192.168.1.10", "8.8.8.8", 1, g.icmp(8, 0, b"p" * 8))))
-    rep = (T0 + 0.02, g.ether(GW, DEV, g.ipv4("8.8.8.8", "192.168.1.10", 1, g.icmp(0, 0, b"p" * 8))))
+    rep = (
+        T0 + 0.02,
+        g.ether(GW, DEV, g.ipv4("8.8.8.8", "192.168.1.10", 1, g.icmp(0, 0, b"p" * 8))),
+    )
     (r,) = flows(tmp_path, [req, rep]).table.records()
     assert (r.device_port, r.remote_port, r.proto) == (8, 0, 1)
     assert r.directions == [1, 0] and r.sizes == [36, 36] and r.payloads == [b"", b""]
@@ -119,17 +141,33 @@ def test_icmp_echo_is_one_record(tmp_path):
 def test_local_nets_selection(tmp_path):
     pk = [
         up(T0, b"a"),  # 192.168.1.10 -> internet: device 192.168.1.10
-        up(T0 + 1, b"b", proto="udp", dst="192.168.1.255", dmac="ff:ff:ff:ff:ff:ff",
-           sport=137, dport=137),  # directed broadcast: one record (the sender)  # fmt: skip
-        up(T0 + 2, b"c", proto="udp", dst="224.0.0.251", dmac="01:00:5e:00:00:fb",
-           sport=5353, dport=5353),  # multicast: one record  # fmt: skip
+        up(
+            T0 + 1,
+            b"b",
+            proto="udp",
+            dst="192.168.1.255",
+            dmac="ff:ff:ff:ff:ff:ff",
+            sport=137,
+            dport=137,
+        ),  # directed broadcast: one record (the sender)
+        up(
+            T0 + 2,
+            b"c",
+            proto="udp",
+            dst="224.0.0.251",
+            dmac="01:00:5e:00:00:fb",
+            sport=5353,
+            dport=5353,
+        ),  # multicast: one record
         up(T0 + 3, b"d", src="8.8.8.8", dst="1.1.1.1", smac=GW, dmac=GW),  # no device
     ]
     cf = flows(tmp_path, pk, macs=(), nets=("192.168.1.0/24",))
     recs = cf.table.records()
     assert [(r.device_ip, r.remote_ip) for r in recs] == [
-        ("192.168.1.10", "93.184.216.34"), ("192.168.1.10", "192.168.1.255"),
-        ("192.168.1.10", "224.0.0.251")]  # fmt: skip
+        ("192.168.1.10", "93.184.216.34"),
+        ("192.168.1.10", "192.168.1.255"),
+        ("192.168.1.10", "224.0.0.251"),
+    ]
     assert {r.device_mac for r in recs} == {DEV}
     assert cf.device_first_seen == {DEV: T0}
 
@@ -163,17 +201,29 @@ def test_streaming_chunks_equal_one_pass(tmp_path):
     assert len(a) > 100 and len(a) == len(b)
     ka = np.lexsort((a.device_port, a.start))
     kb = np.lexsort((b.device_port, b.start))
-    for name in ("start", "last", "total_bytes", "total_packets", "n_pkts", "offsets",
-                 "sizes", "directions", "payload", "payload_len", "device_port",
-                 "device_is_orig"):  # fmt: skip
+    for name in (
+        "start",
+        "last",
+        "total_bytes",
+        "total_packets",
+        "n_pkts",
+        "offsets",
+        "sizes",
+        "directions",
+        "payload",
+        "payload_len",
+        "device_port",
+        "device_is_orig",
+    ):
         assert np.array_equal(getattr(a, name)[ka], getattr(b, name)[kb]), name
     assert a.uid[ka].tolist() == b.uid[kb].tolist()
     assert whole.device_first_seen == parts.device_first_seen
 
 
 def test_builder_emits_closed_windows_early(tmp_path):
-    p = g.write_pcap(tmp_path / "e.pcap", [up(T0 + i * 10.0, b"x", sport=40000 + i % 3)
-                                            for i in range(30)])  # fmt: skip
+    p = g.write_pcap(
+        tmp_path / "e.pcap", [up(T0 + i * 10.0, b"x", sport=40000 + i % 3) for i in range(30)]
+    )
     fb = FlowBuilder(DeviceSelector.from_lists([DEV]), window_s=60, packets=2, payload_bytes=0)
     emitted = [len(fb.add(b)) for b in CaptureReader(p, chunk_bytes=4096).batches()]
     rest = len(fb.finish())
@@ -188,10 +238,18 @@ def test_selector_errors():
 
 
 def test_uids_stable_and_unordered():
-    a = make_uids(*(np.array([x], dtype=np.uint64 if i in (0, 1, 3, 4) else np.int64)
-                    for i, x in enumerate((0, 5, 80, 0, 9, 1234, 6, 10**18))))  # fmt: skip
-    b = make_uids(*(np.array([x], dtype=np.uint64 if i in (0, 1, 3, 4) else np.int64)
-                    for i, x in enumerate((0, 9, 1234, 0, 5, 80, 6, 10**18))))  # fmt: skip
+    a = make_uids(
+        *(
+            np.array([x], dtype=np.uint64 if i in (0, 1, 3, 4) else np.int64)
+            for i, x in enumerate((0, 5, 80, 0, 9, 1234, 6, 10**18))
+        )
+    )
+    b = make_uids(
+        *(
+            np.array([x], dtype=np.uint64 if i in (0, 1, 3, 4) else np.int64)
+            for i, x in enumerate((0, 9, 1234, 0, 5, 80, 6, 10**18))
+        )
+    )
     assert a[0] == b[0] and len(a[0]) == 18 and a[0].startswith("C")
 
 

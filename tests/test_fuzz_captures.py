@@ -77,7 +77,7 @@ def test_fuzz_many_small_captures_path(tmp_path, pools):
             paths.append(tmp_path / f"g{k}.{fmt}")
             paths[-1].write_bytes(data)
         out = capture_flows_many(paths, [sel] * len(paths))
-        for p, cf in zip(paths, out):
+        for _p, cf in zip(paths, out):
             assert "cannot read this capture" not in cf.error, cf.error
         alone = capture_flows_many(paths[1:2], [sel])[0]
         assert len(alone.table) == len(out[1].table)

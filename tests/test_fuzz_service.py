@@ -37,14 +37,20 @@ def test_fuzz_is_deterministic():
 # the inputs of the issue, each a decoder's own error (they used to raise something else)
 def test_the_reported_inputs_are_refused_by_their_decoders():
     targets = {t.name: t for t in fuzz.targets()}
-    broker, datagram, scorer = (targets[n] for n in ("broker_json", "suricata_datagram",
-                                                     "scorer_wire"))  # fmt: skip
+    broker, datagram, scorer = (
+        targets[n] for n in ("broker_json", "suricata_datagram", "scorer_wire")
+    )
     assert broker.read(b"[" * 100_000) == "refused"
     with pytest.raises(bj.BrokerJSONError, match="nested 100000 levels deep"):
         bj.parse_frame(b"[" * 100_000)
     seed = json.loads(fuzz.datagram_seeds()[0])
-    for over in ({"offsets_us": [10**400]}, {"start": 1e300, "last": 1e300}, {"start": -1e18},
-                 {"total_bytes": -1}, {"total_packets": -1}):  # fmt: skip
+    for over in (
+        {"offsets_us": [10**400]},
+        {"start": 1e300, "last": 1e300},
+        {"start": -1e18},
+        {"total_bytes": -1},
+        {"total_packets": -1},
+    ):
         assert datagram.read(json.dumps({**seed, **over}).encode()) == "refused", over
     assert datagram.read(b"[" * 30_000) == "refused"
     rep = msgpack.unpackb(fuzz.wire_seeds()[5], raw=False)

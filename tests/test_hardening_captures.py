@@ -13,8 +13,13 @@ import pytest
 
 from iotcls import pcapgen as g
 from iotcls.cli import main
-from iotcls.flows import (MAX_WINDOW_S, DeviceSelector, FlowBuilder, capture_flows,
-                          capture_flows_many)  # fmt: skip
+from iotcls.flows import (
+    MAX_WINDOW_S,
+    DeviceSelector,
+    FlowBuilder,
+    capture_flows,
+    capture_flows_many,
+)
 from iotcls.pcap import TS_LIMIT_NS, CaptureReader, PacketBatch, _Iface, _ticks_to_ns
 from iotcls.testing.shared import require, sentinel_capture
 
@@ -24,8 +29,11 @@ T0 = 1_700_000_000 * 10**9  # ns
 
 
 def frame(i: int = 0) -> bytes:
-    return g.ether(DEV, "02:00:00:00:00:02",
-                   g.ipv4("192.168.1.10", "8.8.8.8", 17, g.udp(40000 + i, 53, b"q" * 20)))
+    return g.ether(
+        DEV,
+        "02:00:00:00:00:02",
+        g.ipv4("192.168.1.10", "8.8.8.8", 17, g.udp(40000 + i, 53, b"q" * 20)),
+    )
 
 
 def blk(btype: int, body: bytes, e: str = "<") -> bytes:
@@ -73,8 +81,9 @@ def test_simple_packet_block_before_any_interface(tmp_path):
     p.write_bytes(SHB + spb(1) + idb() + epb(T0 // US, 2) + spb(3))
     b, r = read_all(p)
     assert sorted(b.sport.tolist()) == [40002, 40003]
-    assert r.stats.warnings == [f"{p}: byte 28: pcapng: simple packet block before any "
-                                "interface; skipped"]  # fmt: skip
+    assert r.stats.warnings == [
+        f"{p}: byte 28: pcapng: simple packet block before any interface; skipped"
+    ]
     assert r.stats.malformed == 1
 
 
@@ -83,8 +92,13 @@ def test_if_tsoffset_out_of_range_skips_that_interfaces_packets(tmp_path, offset
     """Was OverflowError: an if_tsoffset of 2**63-1 puts every packet of that interface past
     2116; they are skipped with a warning, the other interface's packets are kept."""
     p = tmp_path / "off.pcapng"
-    p.write_bytes(SHB + idb(opt(14, struct.pack("<q", offset))) + idb()
-                  + epb(T0 // US, 1, iface=0) + epb(T0 // US, 2, iface=1))  # fmt: skip
+    p.write_bytes(
+        SHB
+        + idb(opt(14, struct.pack("<q", offset)))
+        + idb()
+        + epb(T0 // US, 1, iface=0)
+        + epb(T0 // US, 2, iface=1)
+    )
     b, r = read_all(p)
     assert b.sport.tolist() == [40002]
     assert r.stats.malformed == 1
@@ -106,8 +120,10 @@ def test_option_running_past_its_block(tmp_path):
     p.write_bytes(SHB + bad + epb(T0 // US, 1))
     b, r = read_all(p)
     assert b.ts_ns.tolist() == [T0]
-    assert r.stats.warnings == [f"{p}: byte 28: pcapng: interface option 14 of 400 bytes runs "
-                                "past its block; the options after it are ignored"]  # fmt: skip
+    assert r.stats.warnings == [
+        f"{p}: byte 28: pcapng: interface option 14 of 400 bytes runs "
+        "past its block; the options after it are ignored"
+    ]
 
 
 @pytest.mark.parametrize("tsresol", [30, 0x80 | 127, 127, 0x80 | 64, 20, 0x80 | 63])
@@ -126,12 +142,14 @@ def test_packet_times_2_63_ns_apart(tmp_path):
     set (as int64: a time before 1970) next to a real one; it is skipped with a warning and
     the records of the others are built."""
     p = tmp_path / "far.pcapng"
-    p.write_bytes(SHB + idb(opt(9, bytes([9]))) + epb(T0, 1) + epb(T0 + (1 << 63) + 5, 2)
-                  + epb(T0 + 10**9, 3))  # fmt: skip
+    p.write_bytes(
+        SHB + idb(opt(9, bytes([9]))) + epb(T0, 1) + epb(T0 + (1 << 63) + 5, 2) + epb(T0 + 10**9, 3)
+    )
     cf = capture_flows(p, SEL)
     assert cf.error == "" and sorted(cf.table.remote_port.tolist()) == [53, 53]
-    assert cf.stats.warnings == [f"{p}: byte 156: packet time out of range (1970 to 2116); "
-                                 "packet skipped"]  # fmt: skip
+    assert cf.stats.warnings == [
+        f"{p}: byte 156: packet time out of range (1970 to 2116); packet skipped"
+    ]
 
 
 def real_pcapng(tmp_path, name="real.pcapng", records=200):
@@ -174,11 +192,26 @@ def test_ticks_to_ns_matches_exact_integer_arithmetic():
     for _ in range(3000):
         e, pow2 = rng.randrange(128), rng.random() < 0.5
         base = 2**e if pow2 else 10**e
-        offset = rng.choice([0, 0, -3600, rng.randrange(-(1 << 33), 1 << 33),
-                             rng.randrange(-(1 << 63), 1 << 63), (1 << 63) - 1, -(1 << 63)])
+        offset = rng.choice(
+            [
+                0,
+                0,
+                -3600,
+                rng.randrange(-(1 << 33), 1 << 33),
+                rng.randrange(-(1 << 63), 1 << 63),
+                (1 << 63) - 1,
+                -(1 << 63),
+            ]
+        )
         want_s = rng.randrange(0, 5 * 10**9)  # around the 2116 limit too
-        ticks = rng.choice([want_s * base // 1 + rng.randrange(max(base, 1)),
-                            rng.randrange(1 << 64), (1 << 64) - 1, 0])  # fmt: skip
+        ticks = rng.choice(
+            [
+                want_s * base // 1 + rng.randrange(max(base, 1)),
+                rng.randrange(1 << 64),
+                (1 << 64) - 1,
+                0,
+            ]
+        )
         ticks = min(ticks, (1 << 64) - 1)
         got = int(_ticks_to_ns(np.array([ticks], np.uint64), _Iface(1, e, pow2, offset))[0])
         ref = ticks * 10**9 // base + offset * 10**9
@@ -218,8 +251,11 @@ def test_flow_builder_refuses_out_of_range_times_and_windows():
 @pytest.mark.parametrize("command", ["classify", "inspect", "extract"])
 def test_a_window_the_builder_cannot_carry_is_a_cli_error(tmp_path, capsys, command):
     p = g.write_pcap(tmp_path / "x.pcap", [(1.0, frame())])
-    extra = {"classify": ["-o", str(tmp_path)], "inspect": [],
-             "extract": ["-o", str(tmp_path / "d.npz")]}[command]  # fmt: skip
+    extra = {
+        "classify": ["-o", str(tmp_path)],
+        "inspect": [],
+        "extract": ["-o", str(tmp_path / "d.npz")],
+    }[command]
     rc = main([command, str(p), "--devices", DEV, "--window", "1e300"] + extra)
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "window must be positive and at most" in err[0]
@@ -231,10 +267,16 @@ def test_a_window_the_builder_cannot_carry_is_a_cli_error(tmp_path, capsys, comm
 def bad_pcapng(tmp_path):
     """Every reported malformation in one file, around good packets."""
     p = tmp_path / "bad.pcapng"
-    p.write_bytes(SHB + spb(1) + idb(opt(14, struct.pack("<q", (1 << 63) - 1)))
-                  + blk(1, struct.pack("<HHI", 1, 0, 0) + struct.pack("<HH", 14, 400))
-                  + idb(opt(9, bytes([0x80 | 127]))) + epb(5, 2) + epb(T0 // US, 3, iface=1)
-                  + epb(T0 // US + (1 << 63), 4, iface=1))  # fmt: skip
+    p.write_bytes(
+        SHB
+        + spb(1)
+        + idb(opt(14, struct.pack("<q", (1 << 63) - 1)))
+        + blk(1, struct.pack("<HHI", 1, 0, 0) + struct.pack("<HH", 14, 400))
+        + idb(opt(9, bytes([0x80 | 127])))
+        + epb(5, 2)
+        + epb(T0 // US, 3, iface=1)
+        + epb(T0 // US + (1 << 63), 4, iface=1)
+    )
     return p
 
 
@@ -275,8 +317,10 @@ def test_an_unforeseen_failure_costs_only_its_capture(tmp_path, capsys, monkeypa
 
     monkeypatch.setattr(pcap.CaptureReader, "_parse", parse)
     one = capture_flows(boom, SEL)
-    assert one.error == (f"{boom}: byte 24: cannot read this capture (OverflowError: Python "
-                         "int too large to convert to C long); skipped")  # fmt: skip
+    assert one.error == (
+        f"{boom}: byte 24: cannot read this capture (OverflowError: Python "
+        "int too large to convert to C long); skipped"
+    )
     many = capture_flows_many([good, boom, good], [SEL] * 3)
     assert [len(c.table) for c in many] == [5, 0, 5]
     assert many[1].error.startswith(f"{boom}: byte 24: cannot read this capture")
@@ -311,8 +355,19 @@ def test_extract_over_header_only_and_good_captures(tmp_path, capsys):
     good = g.write_pcap(tmp_path / "good.pcap", [(1.0 + i, frame(i)) for i in range(50)])
     tracemalloc.start()
     try:
-        rc = main(["extract", str(empty), str(good), str(empty), "--devices", DEV, "-q", "-o",
-                   str(tmp_path / "d.npz")])  # fmt: skip
+        rc = main(
+            [
+                "extract",
+                str(empty),
+                str(good),
+                str(empty),
+                "--devices",
+                DEV,
+                "-q",
+                "-o",
+                str(tmp_path / "d.npz"),
+            ]
+        )
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -323,8 +378,9 @@ def test_extract_over_header_only_and_good_captures(tmp_path, capsys):
 def test_a_block_longer_than_the_chunk_costs_linear_reads(tmp_path):
     """A block longer than the chunk grows the read geometrically, not one chunk per round
     (which copied everything carried each time: quadratic in the block's length)."""
-    big = g.ether(DEV, "02:00:00:00:00:02", g.ipv4("192.168.1.10", "8.8.8.8", 17,
-                                                   g.udp(1, 53, b"z" * 60000)))  # fmt: skip
+    big = g.ether(
+        DEV, "02:00:00:00:00:02", g.ipv4("192.168.1.10", "8.8.8.8", 17, g.udp(1, 53, b"z" * 60000))
+    )
     p = g.write_pcapng(tmp_path / "big.pcapng", [(1.0, big), (2.0, frame())])
     r = CaptureReader(p, 4096)
     reads = []

@@ -6,8 +6,11 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = {"iotcls": ROOT / "iotcls", "iotcls.bridge": ROOT / "bridge",
-            "iotcls.scorer": ROOT / "scorer"}  # fmt: skip
+PACKAGES = {
+    "iotcls": ROOT / "iotcls",
+    "iotcls.bridge": ROOT / "bridge",
+    "iotcls.scorer": ROOT / "scorer",
+}
 
 
 def modules() -> dict[str, Path]:
@@ -36,7 +39,9 @@ def imports(name: str, path: Path, known: dict) -> set[str]:
             targets = [f"{base}.{a.name}" for a in node.names] + [base]
         else:
             continue
-        out |= {t for t in targets if t in known and t != name and not known[t].name == "__init__.py"}
+        out |= {
+            t for t in targets if t in known and t != name and not known[t].name == "__init__.py"
+        }
     return out
 
 
@@ -52,7 +57,7 @@ def test_no_import_cycle():
         path.append(m)
         for d in sorted(graph[m]):
             if state.get(d) == 1:
-                cycle = path[path.index(d):] + [d]
+                cycle = path[path.index(d) :] + [d]
                 raise AssertionError("import cycle: " + " -> ".join(cycle))
             if d not in state:
                 visit(d)

@@ -12,10 +12,20 @@ from iotcls.schema import FlowRecord
 
 def rec(start, remote="93.184.216.34", dev="aa:bb:cc:dd:ee:01", **kw):
     base = dict(
-        device_mac=dev, device_ip="192.168.1.20", device_port=50000, remote_ip=remote,
-        remote_port=443, proto=6, start=start, last=start + 0.5, total_bytes=1500,
-        total_packets=3, offsets=[0.0, 0.001, 0.5], sizes=[60, 1400, 40],
-        directions=[1, 0, 1], payloads=[b"", b"\x16\x03\x01", b"\xff"],
+        device_mac=dev,
+        device_ip="192.168.1.20",
+        device_port=50000,
+        remote_ip=remote,
+        remote_port=443,
+        proto=6,
+        start=start,
+        last=start + 0.5,
+        total_bytes=1500,
+        total_packets=3,
+        offsets=[0.0, 0.001, 0.5],
+        sizes=[60, 1400, 40],
+        directions=[1, 0, 1],
+        payloads=[b"", b"\x16\x03\x01", b"\xff"],
     )
     base.update(kw)
     return FlowRecord(**base)
@@ -46,8 +56,14 @@ def test_row_values_exact():
 
 def test_private_remote_zeroed_v4_and_v6():
     lay = MatrixLayout(history=0, packets=2, payload_mode="none")
-    recs = [rec(0, remote="10.1.2.3"), rec(0, remote="172.31.0.1"), rec(0, remote="fe80::1"),
-            rec(0, remote="2001:db8::1"), rec(0, remote="172.32.0.1"), rec(0, remote="0.0.0.0")]
+    recs = [
+        rec(0, remote="10.1.2.3"),
+        rec(0, remote="172.31.0.1"),
+        rec(0, remote="fe80::1"),
+        rec(0, remote="2001:db8::1"),
+        rec(0, remote="172.32.0.1"),
+        rec(0, remote="0.0.0.0"),
+    ]
     rows = lay.encode_rows(FlowTable.from_records(recs, 10, 0))
     assert (rows[[0, 1, 2, 5], 1:5] == 0).all()
     assert rows[3, 1:5] == pytest.approx(np.array([0x20, 0x01, 0x0D, 0xB8]) / 255)
@@ -57,8 +73,12 @@ def test_private_remote_zeroed_v4_and_v6():
 
 def test_history_rows_and_padding():
     lay = MatrixLayout(history=2, packets=2, payload_mode="none")
-    recs = [rec(10.0, remote_port=1), rec(0.0, remote_port=2), rec(5.0, dev="other", remote_port=3),
-            rec(70.0, remote_port=4)]
+    recs = [
+        rec(10.0, remote_port=1),
+        rec(0.0, remote_port=2),
+        rec(5.0, dev="other", remote_port=3),
+        rec(70.0, remote_port=4),
+    ]
     t = FlowTable.from_records(recs, 10, 0)
     mats, order = lay.matrices(t)
     by_port = {int(round(m[0, 6] * 65535)): m for m in mats}
@@ -74,8 +94,10 @@ def test_history_rows_and_padding():
 def test_online_assembler_matches_offline():
     lay = MatrixLayout(history=3, packets=3, payload_bytes=4)
     rng = np.random.default_rng(0)
-    recs = [rec(float(s), dev=f"d{rng.integers(3)}", remote_port=int(i))
-            for i, s in enumerate(rng.uniform(0, 1000, 40))]
+    recs = [
+        rec(float(s), dev=f"d{rng.integers(3)}", remote_port=int(i))
+        for i, s in enumerate(rng.uniform(0, 1000, 40))
+    ]
     t = FlowTable.from_records(recs, 10, 8)
     offline, order = lay.matrices(t)
     rows = lay.encode_rows(t)
@@ -120,8 +142,9 @@ class OneByOne:
         return mat
 
 
-@pytest.mark.parametrize("history,max_devices", [(5, 100), (3, 3), (2, 1), (1, 2), (0, 4),
-                                                 (5, 6), (4, 17)])  # fmt: skip
+@pytest.mark.parametrize(
+    "history,max_devices", [(5, 100), (3, 3), (2, 1), (1, 2), (0, 4), (5, 6), (4, 17)]
+)
 def test_online_assembler_batches_equal_one_record_at_a_time(history, max_devices):
     """Random batches: devices interleaved and repeated, starts out of order and tied, more
     devices than max_devices (forgetting inside a batch's span), batch sizes 1 to 80."""
@@ -150,8 +173,10 @@ def test_online_assembler_in_start_order_equals_offline_in_any_batches():
     """A stream fed in start order, in batches of any size, gives the offline matrices."""
     lay = MatrixLayout(history=4, packets=3, payload_bytes=4)
     rng = np.random.default_rng(7)
-    recs = [rec(float(s), dev=f"d{rng.integers(5)}", remote_port=int(i))
-            for i, s in enumerate(rng.integers(0, 300, 400))]  # fmt: skip
+    recs = [
+        rec(float(s), dev=f"d{rng.integers(5)}", remote_port=int(i))
+        for i, s in enumerate(rng.integers(0, 300, 400))
+    ]
     t = FlowTable.from_records(recs, 10, 8)
     offline, order = lay.matrices(t)
     by_start = np.argsort(t.start, kind="stable")
@@ -204,10 +229,27 @@ def test_dhcp6_unit_identity_is_blanked():
     payloads arrive as unit-free views: tests/test_dhcp.py.)"""
     lay = MatrixLayout(history=0, packets=2, payload_bytes=48)
     msg = bytes(range(1, 49))  # byte i holds i + 1
-    dhcp6 = rec(10.0, remote="ff02::1:2", proto=17, device_port=546, remote_port=547,
-                offsets=[0.0], sizes=[120], directions=[1], payloads=[msg])
-    other = rec(20.0, proto=17, device_port=5000, remote_port=53, offsets=[0.0], sizes=[76],
-                directions=[1], payloads=[msg])
+    dhcp6 = rec(
+        10.0,
+        remote="ff02::1:2",
+        proto=17,
+        device_port=546,
+        remote_port=547,
+        offsets=[0.0],
+        sizes=[120],
+        directions=[1],
+        payloads=[msg],
+    )
+    other = rec(
+        20.0,
+        proto=17,
+        device_port=5000,
+        remote_port=53,
+        offsets=[0.0],
+        sizes=[76],
+        directions=[1],
+        payloads=[msg],
+    )
     t = FlowTable.from_records([dhcp6, other], packets=2, payload_bytes=48)
     rows = lay.encode_rows(t)
     pay = lay.group_slices()["payload"]

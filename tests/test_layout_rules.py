@@ -46,7 +46,7 @@ def length(node: ast.AST) -> int:
 def says_why(node: ast.AST) -> bool:
     doc = ast.get_docstring(node) or ""  # type: ignore[arg-type]
     at = doc.find(MARK)
-    return at >= 0 and len(doc[at + len(MARK):].strip()) >= 10
+    return at >= 0 and len(doc[at + len(MARK) :].strip()) >= 10
 
 
 @cache

@@ -19,8 +19,9 @@ from test_store import record
 
 
 def iotcls(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "iotcls", *map(str, args)], capture_output=True,
-                          text=True)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "iotcls", *map(str, args)], capture_output=True, text=True
+    )
 
 
 def labelled_store(tmp_path):
@@ -46,8 +47,20 @@ def labelled_store(tmp_path):
 def test_finetune_from_the_default_model_adds_a_type_and_says_where_its_data_came_from(tmp_path):
     store, devices = labelled_store(tmp_path)
     out = tmp_path / "site.pt"
-    r = iotcls("train", store, "--labels", devices, "--from", "default-model", "-o", out,
-               "--epochs", "1", "--threads", "1")  # fmt: skip
+    r = iotcls(
+        "train",
+        store,
+        "--labels",
+        devices,
+        "--from",
+        "default-model",
+        "-o",
+        out,
+        "--epochs",
+        "1",
+        "--threads",
+        "1",
+    )
     assert r.returncode == 0, r.stderr
     assert "1 new: Thermostat" in r.stdout and "fine-tuned from default-model@" in r.stdout
     b, base = ModelBundle.load(out), ModelBundle.load()
@@ -62,8 +75,19 @@ def test_finetune_from_the_default_model_adds_a_type_and_says_where_its_data_cam
     assert b.trust["fitted_on"] == "fine-tuning sessions"
     # the base model's split is kept (evaluate keeps scoring its held-out captures)
     assert set(base.metadata["split"]["test"]) <= set(m["split"]["test"])
-    ev = iotcls("evaluate", store, "--labels", devices, "--model", out, "--all", "--json",
-                "--out", tmp_path / "ev", "--quiet")  # fmt: skip
+    ev = iotcls(
+        "evaluate",
+        store,
+        "--labels",
+        devices,
+        "--model",
+        out,
+        "--all",
+        "--json",
+        "--out",
+        tmp_path / "ev",
+        "--quiet",
+    )
     assert ev.returncode == 0, ev.stderr
     assert json.loads(ev.stdout.splitlines()[-1])
 
@@ -92,7 +116,9 @@ def test_train_anew_from_a_store_and_captures_refuse_unlabelled_data(tmp_path):
 
 
 def test_session_split_keeps_few_sessions_for_training():
-    caps = np.array(["a1", "a2", "a3", "b1", "b2", "b3", "b4", "b5", "u1", "u2", "u3", "u4"], object)
+    caps = np.array(
+        ["a1", "a2", "a3", "b1", "b2", "b3", "b4", "b5", "u1", "u2", "u3", "u4"], object
+    )
     labels = np.array(["A"] * 3 + ["B"] * 5 + [""] * 4, object)
     s = session_split(caps, labels, 0, 0.15)
     assert {"a1", "a2", "a3"} <= set(s.train) and s.test == []
@@ -104,10 +130,13 @@ def test_session_split_keeps_few_sessions_for_training():
 def test_reload_finds_the_serve_bridge_not_its_scorers(tmp_path):
     from iotcls.commands.reload import serve_processes
 
-    for pid, argv in {100: ["python3", "-m", "iotcls", "serve", "--config", "s.yaml"],
-                      101: ["python3", "-m", "iotcls", "serve", "--scorer-only", "--connect", "x"],
-                      102: ["/opt/iotcls/bin/iotcls", "serve"], 103: ["bash"],
-                      104: ["python3", "-m", "iotcls", "inventory", "serve"]}.items():  # fmt: skip
+    for pid, argv in {
+        100: ["python3", "-m", "iotcls", "serve", "--config", "s.yaml"],
+        101: ["python3", "-m", "iotcls", "serve", "--scorer-only", "--connect", "x"],
+        102: ["/opt/iotcls/bin/iotcls", "serve"],
+        103: ["bash"],
+        104: ["python3", "-m", "iotcls", "inventory", "serve"],
+    }.items():
         (tmp_path / str(pid)).mkdir()
         (tmp_path / str(pid) / "cmdline").write_bytes(b"\0".join(a.encode() for a in argv) + b"\0")
     (tmp_path / "self").mkdir()

@@ -32,8 +32,9 @@ def ip_str(hi, lo):
 
 
 def tcp_frame(payload=b"hello", **kw):
-    return g.ether(DEV, GW, g.ipv4("192.168.1.10", "93.184.216.34", 6,
-                                   g.tcp(40000, 443, payload)), **kw)  # fmt: skip
+    return g.ether(
+        DEV, GW, g.ipv4("192.168.1.10", "93.184.216.34", 6, g.tcp(40000, 443, payload)), **kw
+    )
 
 
 def test_classic_little_endian_usec_exact(tmp_path):
@@ -82,8 +83,9 @@ def test_vlan_tags(tmp_path, vlans, tpid):
 
 
 def test_ipv4_options_and_udp(tmp_path):
-    ip = g.ipv4("10.0.0.5", "224.0.0.251", 17, g.udp(5353, 5353, b"mdns"),
-                options=b"\x94\x04\x00\x00")  # router alert  # fmt: skip
+    ip = g.ipv4(
+        "10.0.0.5", "224.0.0.251", 17, g.udp(5353, 5353, b"mdns"), options=b"\x94\x04\x00\x00"
+    )  # router alert
     b, _ = one(g.write_pcap(tmp_path / "o.pcap", [(T0, g.ether(DEV, GW, ip))]))
     assert b.ip_len.tolist() == [24 + 8 + 4]
     assert (b.sport[0], b.dport[0], b.l4_len[0]) == (5353, 5353, 4)
@@ -113,8 +115,13 @@ def test_icmp_ports_as_zeek(tmp_path, itype, code, sport, dport):
 def test_ipv6_extension_headers_and_icmpv6(tmp_path):
     mld = g.icmp(143, 0, b"\x00" * 20)
     hbh = g.ipv6("::", "ff02::16", 58, mld, ext=[(0, b"\x05\x02\x00\x00\x01\x00")])
-    tcp6 = g.ipv6("fe80::1", "2001:db8::2", 6, g.tcp(1234, 80, b"GET"),
-                  ext=[(60, b"\x01\x04\x00\x00\x00\x00"), (43, b"\x00" * 6)])  # fmt: skip
+    tcp6 = g.ipv6(
+        "fe80::1",
+        "2001:db8::2",
+        6,
+        g.tcp(1234, 80, b"GET"),
+        ext=[(60, b"\x01\x04\x00\x00\x00\x00"), (43, b"\x00" * 6)],
+    )
     ns = g.ipv6("fe80::1", "ff02::1:ff00:2", 58, g.icmp(135, 0, b"\x00" * 20))
     frames = [(T0, g.ether(DEV, "33:33:00:00:00:16", x)) for x in (hbh, tcp6, ns)]
     b, st = one(g.write_pcap(tmp_path / "v6.pcap", frames))
@@ -129,8 +136,9 @@ def test_ipv6_extension_headers_and_icmpv6(tmp_path):
 
 
 def test_fragments(tmp_path):
-    first = g.ipv4("10.0.0.5", "8.8.8.8", 17, g.udp(1000, 53, b"a" * 24), ident=7,
-                   more_fragments=True)  # fmt: skip
+    first = g.ipv4(
+        "10.0.0.5", "8.8.8.8", 17, g.udp(1000, 53, b"a" * 24), ident=7, more_fragments=True
+    )
     second = g.ipv4("10.0.0.5", "8.8.8.8", 17, b"b" * 16, ident=7, frag_offset=32)
     frag6 = g.ipv6("fe80::1", "fe80::2", 17, b"c" * 16, ext=[(44, b"\x00\x00\x08\x00\x00\x00\x09")])
     frames = [(T0, g.ether(DEV, GW, x)) for x in (first, second, frag6)]
@@ -159,8 +167,10 @@ def test_raw_ip(tmp_path, linktype):
 
 def test_null_loopback(tmp_path):
     v4 = g.ipv4("127.0.0.1", "127.0.0.1", 17, g.udp(1, 2))
-    frames = [(T0, struct.pack("<I", 2) + v4), (T0, struct.pack("<I", 30) + g.ipv6(
-        "::1", "::1", 17, g.udp(3, 4)))]  # fmt: skip
+    frames = [
+        (T0, struct.pack("<I", 2) + v4),
+        (T0, struct.pack("<I", 30) + g.ipv6("::1", "::1", 17, g.udp(3, 4))),
+    ]
     b, _ = one(g.write_pcap(tmp_path / "n.pcap", frames, linktype=0))
     assert b.dport.tolist() == [2, 4]
 
@@ -171,8 +181,12 @@ def test_pcapng_interfaces_resolutions_and_endianness(tmp_path):
     ts1 = 1_700_000_000_000_001_000
     ts2 = 1_700_000_000_123_456_789
     for big in (False, True):
-        p = g.write_pcapng(tmp_path / f"n{big}.pcapng", [(ts1, eth, 0), (ts2, raw, 1)],
-                           interfaces=[(1, 6), (101, 9)], big_endian=big)  # fmt: skip
+        p = g.write_pcapng(
+            tmp_path / f"n{big}.pcapng",
+            [(ts1, eth, 0), (ts2, raw, 1)],
+            interfaces=[(1, 6), (101, 9)],
+            big_endian=big,
+        )
         b, st = one(p)
         assert b.ts_ns.tolist() == [ts1, ts2]
         assert b.dport.tolist() == [443, 8] and b.ip_len.tolist() == [45, 30]
@@ -218,8 +232,9 @@ def test_malformed_packet_skipped_with_offset(tmp_path):
     frames = [(T0, tcp_frame()), (T0 + 1, bytes(bad)), (T0 + 2, tcp_frame())]
     b, st = one(g.write_pcap(tmp_path / "m.pcap", frames))
     assert len(b) == 2 and st.malformed == 1
-    assert st.warnings == [f"{tmp_path / 'm.pcap'}: byte {24 + 76}: malformed IP header; "
-                           "packet skipped"]  # fmt: skip
+    assert st.warnings == [
+        f"{tmp_path / 'm.pcap'}: byte {24 + 76}: malformed IP header; packet skipped"
+    ]
 
 
 def test_ip_longer_than_frame_and_snaplen(tmp_path):
@@ -231,8 +246,12 @@ def test_ip_longer_than_frame_and_snaplen(tmp_path):
     pay, lens = b.payload(np.array([0]), 16)
     assert lens.tolist() == [2] and pay[0, :2].tobytes() == b"ab"
     # wire length shorter than the IP total length: malformed (Zeek: truncated_IP)
-    short = g.ether(DEV, GW, g.ipv4("10.0.0.1", "10.0.0.2", 17, g.udp(1, 2, b"x" * 40),
-                                    total_length=200), pad=False)  # fmt: skip
+    short = g.ether(
+        DEV,
+        GW,
+        g.ipv4("10.0.0.1", "10.0.0.2", 17, g.udp(1, 2, b"x" * 40), total_length=200),
+        pad=False,
+    )
     _, st = read(g.write_pcap(tmp_path / "short.pcap", [(T0, short)]))
     assert st.malformed == 1 and "longer than the frame" in st.warnings[0]
 
@@ -264,16 +283,21 @@ def test_non_ip_counted(tmp_path):
 
 def test_small_chunks_give_the_same_packets(tmp_path):
     rng = np.random.default_rng(3)
-    frames = [(T0 + i * 0.01, tcp_frame(bytes(rng.integers(0, 256, int(rng.integers(0, 900)),
-                                                           dtype=np.uint8))))
-              for i in range(400)]  # fmt: skip
+    frames = [
+        (
+            T0 + i * 0.01,
+            tcp_frame(bytes(rng.integers(0, 256, int(rng.integers(0, 900)), dtype=np.uint8))),
+        )
+        for i in range(400)
+    ]
     p = g.write_pcap(tmp_path / "big.pcap", frames)
     whole, _ = read(p)
     parts, st = read(p, chunk_bytes=4096)
     assert len(parts) > 10 and st.warnings == []
     for name in ("ts_ns", "ip_len", "rec_off", "l4_len"):
-        assert np.array_equal(np.concatenate([getattr(b, name) for b in parts]),
-                              getattr(whole[0], name))  # fmt: skip
+        assert np.array_equal(
+            np.concatenate([getattr(b, name) for b in parts]), getattr(whole[0], name)
+        )
     a = np.concatenate([b.payload(np.arange(len(b)), 64)[0] for b in parts])
     assert np.array_equal(a, whole[0].payload(np.arange(400), 64)[0])
 
@@ -288,8 +312,9 @@ def test_mac_helpers():
 def test_pcapng_two_sections_of_different_byte_order_and_small_chunks(tmp_path):
     a = g.pcapng_bytes([(T0 + i, tcp_frame(), 0) for i in range(30)], interfaces=[(1, 6)])
     raw = g.ipv4("10.0.0.9", "1.2.3.4", 17, g.udp(7, 8, b"zz"))
-    b = g.pcapng_bytes([(T0 + 100 + i, raw, 0) for i in range(30)], interfaces=[(101, 9)],
-                       big_endian=True)  # fmt: skip
+    b = g.pcapng_bytes(
+        [(T0 + 100 + i, raw, 0) for i in range(30)], interfaces=[(101, 9)], big_endian=True
+    )
     p = tmp_path / "two.pcapng"
     p.write_bytes(a + b)
     for chunk in (1 << 20, 4096):
@@ -302,5 +327,6 @@ def test_pcapng_two_sections_of_different_byte_order_and_small_chunks(tmp_path):
     p.write_bytes(bytes(data))
     batches, st = read(p)
     assert sum(len(x) for x in batches) == 29 and st.truncated
-    assert st.warnings == [f"{p}: byte {last}: pcapng: bad block length 7; stopped reading "
-                           "this file"]  # fmt: skip
+    assert st.warnings == [
+        f"{p}: byte {last}: pcapng: bad block length 7; stopped reading this file"
+    ]

@@ -26,8 +26,7 @@ def sample_logs(tmp_path_factory, sample):
     """The sample capture classified into both log formats, as `make run` does."""
     out = tmp_path_factory.mktemp("logs")
     for fmt in ("zeek", "json"):
-        args = ["classify", str(sample.pcap), "--devices", sample.devices_arg, "-o",
-                str(out / fmt)]
+        args = ["classify", str(sample.pcap), "--devices", sample.devices_arg, "-o", str(out / fmt)]
         assert main(args + ["--format", fmt]) == 0
     return out / "zeek" / "iot_class.log", out / "json" / "iot_class.log"
 
@@ -92,14 +91,40 @@ def test_both_formats_read_the_same(sample_logs):
 
 def test_writer_round_trip(tmp_path):
     """Every column, with the characters the ASCII writer escapes, reads back as written."""
-    e = LogEntry(ts=1700000000.25, uid="Cx", orig_h="10.0.0.2", orig_p=5000, resp_h="fe80::1",
-                 resp_p=53, proto="udp", device_mac="aa:bb:cc:dd:ee:ff", device_ip="10.0.0.2",
-                 label="Cam\twith, odd\\chars", confidence=0.5, strategy="sequence", n_flows=3,
-                 trusted=False, reason="low_confidence", top_groups=["payload=1.00", "a,b"],
-                 model="m@1")  # fmt: skip
-    empty = LogEntry(ts=1700000001.0, uid="Cy", orig_h="10.0.0.3", orig_p=1, resp_h="10.0.0.1",
-                     resp_p=2, proto="tcp", device_mac="", device_ip="10.0.0.3", label="",
-                     confidence=1.0, strategy="flow", n_flows=1)  # fmt: skip
+    e = LogEntry(
+        ts=1700000000.25,
+        uid="Cx",
+        orig_h="10.0.0.2",
+        orig_p=5000,
+        resp_h="fe80::1",
+        resp_p=53,
+        proto="udp",
+        device_mac="aa:bb:cc:dd:ee:ff",
+        device_ip="10.0.0.2",
+        label="Cam\twith, odd\\chars",
+        confidence=0.5,
+        strategy="sequence",
+        n_flows=3,
+        trusted=False,
+        reason="low_confidence",
+        top_groups=["payload=1.00", "a,b"],
+        model="m@1",
+    )
+    empty = LogEntry(
+        ts=1700000001.0,
+        uid="Cy",
+        orig_h="10.0.0.3",
+        orig_p=1,
+        resp_h="10.0.0.1",
+        resp_p=2,
+        proto="tcp",
+        device_mac="",
+        device_ip="10.0.0.3",
+        label="",
+        confidence=1.0,
+        strategy="flow",
+        n_flows=1,
+    )
     for fmt in ("zeek", "json"):
         path = tmp_path / f"{fmt}.log"
         with path.open("w") as f:
@@ -141,10 +166,25 @@ def test_inventory_counts_changes_and_keys_by_ip_without_mac(tmp_path):
     with path.open("w") as f:
         w = LogWriter(f, "json")
         for ts, mac, ip, label, trusted in rows:
-            w.write(LogEntry(ts=ts, uid="C", orig_h=ip, orig_p=1, resp_h="1.1.1.1", resp_p=2,
-                             proto="udp", device_mac=mac, device_ip=ip, label=label,
-                             confidence=0.9, strategy="sequence", n_flows=1, trusted=trusted,
-                             reason="-" if trusted else "low_confidence"))  # fmt: skip
+            w.write(
+                LogEntry(
+                    ts=ts,
+                    uid="C",
+                    orig_h=ip,
+                    orig_p=1,
+                    resp_h="1.1.1.1",
+                    resp_p=2,
+                    proto="udp",
+                    device_mac=mac,
+                    device_ip=ip,
+                    label=label,
+                    confidence=0.9,
+                    strategy="sequence",
+                    n_flows=1,
+                    trusted=trusted,
+                    reason="-" if trusted else "low_confidence",
+                )
+            )
     devices = {d.key: d for d in build_inventory(read_logs([path]))}
     cam = devices["aa:00:00:00:00:01"]
     assert (cam.label, cam.label_changes, cam.entries, cam.trusted) == ("Cam", 2, 3, True)
@@ -180,26 +220,56 @@ def test_iso_timestamps_and_gzip(tmp_path, sample_logs):
     assert [r["ts"] for r in got] == pytest.approx([r["ts"] for r in want], abs=1e-6)
 
 
-@pytest.mark.parametrize("content, line, what", [
-    ("{\"ts\": 1.0, \"device_ip\": \"10.0.0.1\", \"label\": \"x\", \"confidence\": 1, "
-     "\"trusted\": true}\n{\"ts\": 2.0,", 2, "not valid JSON"),
-    ("{\"ts\": 1.0, \"device_ip\": \"10.0.0.1\", \"label\": \"x\", \"confidence\": \"high\", "
-     "\"trusted\": true}\n", 1, "confidence"),
-    ("{\"ts\": 1.0, \"uid\": \"C\"}\n", 1, "no device_ip, label, confidence, trusted"),
-    ("hello\n", 1, "not an iot_class.log"),
-    ("#separator \\x09\n#path\tconn\n#fields\tts\tuid\n#types\ttime\tstring\n1.0\tC\n", 5,
-     "conn log, not iot_class"),
-    # hardening: times no date can be written for, JSON nested past the parser's depth
-    ("{\"ts\": 1e300, \"device_ip\": \"10.0.0.1\", \"label\": \"x\", \"confidence\": 1, "
-     "\"trusted\": true}\n", 1, "ts: time 1e+300 is outside 1970 to 9999"),
-    ("{\"ts\": -1e12, \"device_ip\": \"10.0.0.1\", \"label\": \"x\", \"confidence\": 1, "
-     "\"trusted\": true}\n", 1, "is outside 1970 to 9999"),
-    ("{\"ts\": \"0001-01-01T00:00:00Z\", \"device_ip\": \"10.0.0.1\", \"label\": \"x\", "
-     "\"confidence\": 1, \"trusted\": true}\n", 1, "is outside 1970 to 9999"),
-    ("{\"ts\": 1.0, \"x\": " + "[" * 100_000 + "\n", 1, "nested too deeply"),
-    ("#separator \\x09\n#fields\tts\tdevice_ip\tlabel\tconfidence\ttrusted\n"
-     "1" + "0" * 300 + "\t10.0.0.1\tx\t1.0\tT\n", 3, "is outside 1970 to 9999"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "content, line, what",
+    [
+        (
+            '{"ts": 1.0, "device_ip": "10.0.0.1", "label": "x", "confidence": 1, '
+            '"trusted": true}\n{"ts": 2.0,',
+            2,
+            "not valid JSON",
+        ),
+        (
+            '{"ts": 1.0, "device_ip": "10.0.0.1", "label": "x", "confidence": "high", '
+            '"trusted": true}\n',
+            1,
+            "confidence",
+        ),
+        ('{"ts": 1.0, "uid": "C"}\n', 1, "no device_ip, label, confidence, trusted"),
+        ("hello\n", 1, "not an iot_class.log"),
+        (
+            "#separator \\x09\n#path\tconn\n#fields\tts\tuid\n#types\ttime\tstring\n1.0\tC\n",
+            5,
+            "conn log, not iot_class",
+        ),
+        # hardening: times no date can be written for, JSON nested past the parser's depth
+        (
+            '{"ts": 1e300, "device_ip": "10.0.0.1", "label": "x", "confidence": 1, '
+            '"trusted": true}\n',
+            1,
+            "ts: time 1e+300 is outside 1970 to 9999",
+        ),
+        (
+            '{"ts": -1e12, "device_ip": "10.0.0.1", "label": "x", "confidence": 1, '
+            '"trusted": true}\n',
+            1,
+            "is outside 1970 to 9999",
+        ),
+        (
+            '{"ts": "0001-01-01T00:00:00Z", "device_ip": "10.0.0.1", "label": "x", '
+            '"confidence": 1, "trusted": true}\n',
+            1,
+            "is outside 1970 to 9999",
+        ),
+        ('{"ts": 1.0, "x": ' + "[" * 100_000 + "\n", 1, "nested too deeply"),
+        (
+            "#separator \\x09\n#fields\tts\tdevice_ip\tlabel\tconfidence\ttrusted\n"
+            "1" + "0" * 300 + "\t10.0.0.1\tx\t1.0\tT\n",
+            3,
+            "is outside 1970 to 9999",
+        ),
+    ],
+)
 def test_bad_input_is_one_line_naming_file_and_line(tmp_path, capsys, content, line, what):
     bad = tmp_path / "iot_class.log"
     bad.write_text(content)
@@ -241,9 +311,19 @@ def test_report_of_the_sample(tmp_path, sample_logs, sample):
 
 
 def chromium(args: list[str], profile: Path) -> subprocess.CompletedProcess:
-    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-           "--no-first-run", "--disable-background-networking", "--disable-component-update",
-           "--disable-sync", f"--user-data-dir={profile}", *args]  # fmt: skip
+    cmd = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile}",
+        *args,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=180)
 
 
@@ -262,8 +342,9 @@ def test_report_renders_in_chromium(tmp_path, sample_logs, sample):
     assert set(page.images) == {"timeline", "histograms"}
 
     shot = tmp_path / "shot.png"
-    res = chromium(["--window-size=1280,2000", f"--screenshot={shot}", out.as_uri()],
-                   tmp_path / "profile")  # fmt: skip
+    res = chromium(
+        ["--window-size=1280,2000", f"--screenshot={shot}", out.as_uri()], tmp_path / "profile"
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     data = shot.read_bytes()
     assert png_size(data) == (1280, 2000)
@@ -280,10 +361,25 @@ def entries_log(path, rows) -> None:
     with path.open("w") as f:
         w = LogWriter(f, "json")
         for ts, mac, label in rows:
-            w.write(LogEntry(ts=ts, uid="C", orig_h="10.0.0.1", orig_p=1, resp_h="1.1.1.1",
-                             resp_p=2, proto="udp", device_mac=mac, device_ip="10.0.0.1",
-                             label=label, confidence=0.9, strategy="sequence", n_flows=1,
-                             trusted=True, reason="-"))  # fmt: skip
+            w.write(
+                LogEntry(
+                    ts=ts,
+                    uid="C",
+                    orig_h="10.0.0.1",
+                    orig_p=1,
+                    resp_h="1.1.1.1",
+                    resp_p=2,
+                    proto="udp",
+                    device_mac=mac,
+                    device_ip="10.0.0.1",
+                    label=label,
+                    confidence=0.9,
+                    strategy="sequence",
+                    n_flows=1,
+                    trusted=True,
+                    reason="-",
+                )
+            )
 
 
 @pytest.mark.parametrize("label", ["$\\foo$", "$^$", "$$", "${$", "a $5 and $6 b", "x\\$y"])
@@ -293,8 +389,9 @@ def test_labels_with_dollars_are_text_not_mathtext(tmp_path, label):
     from iotcls.report import _plain
 
     path = tmp_path / "iot_class.log"
-    entries_log(path, [(1.7e9, "aa:00:00:00:00:01", label), (1.7e9 + 60, "aa:00:00:00:00:02",
-                                                              "Cam")])  # fmt: skip
+    entries_log(
+        path, [(1.7e9, "aa:00:00:00:00:01", label), (1.7e9 + 60, "aa:00:00:00:00:02", "Cam")]
+    )
     assert main(["report", str(path), "-o", str(tmp_path / "r.html")]) == 0
     page = parse_page((tmp_path / "r.html").read_text())
     assert {r["label"] for r in page.rows} == {label, "Cam"}
@@ -309,7 +406,8 @@ def test_times_from_1970_to_9999_draw(tmp_path):
     """The widest span the reader lets through: the timeline's padding stays within the
     dates matplotlib can draw."""
     path = tmp_path / "iot_class.log"
-    entries_log(path, [(0.0, "aa:00:00:00:00:01", "Cam"),
-                       (253402300799.0, "aa:00:00:00:00:02", "Plug")])  # fmt: skip
+    entries_log(
+        path, [(0.0, "aa:00:00:00:00:01", "Cam"), (253402300799.0, "aa:00:00:00:00:02", "Plug")]
+    )
     assert main(["report", str(path), "-o", str(tmp_path / "r.html")]) == 0
     assert "9999-12-31 23:59:59" in (tmp_path / "r.html").read_text()

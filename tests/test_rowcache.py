@@ -27,8 +27,7 @@ def test_cached_logits_equal_the_model(data):
     b = tiny_bundle(LAYOUT, ["cam", "plug", "hub"], seed=4)
     cache = RowCache(b.model, capacity=10_000)
     expected = plain_logits(b.model, data)
-    got = np.concatenate([cache.logits(data[s : s + 37]).numpy()
-                          for s in range(0, len(data), 37)])  # fmt: skip
+    got = np.concatenate([cache.logits(data[s : s + 37]).numpy() for s in range(0, len(data), 37)])
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
     # each flow is the current row once and a history row of the device's next matrices:
     # with history 2, at most a third of the present rows are new

@@ -2,7 +2,6 @@
 from ../shared (tests/conftest.py)."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 
@@ -16,11 +15,14 @@ GW = "02:00:00:00:00:fe"
 
 def write_set(tmp_path):
     (tmp_path / "caps").mkdir()
-    p = g.write_pcap(tmp_path / "caps" / "one.pcap", [
-        (1000.0, g.ether(DEV, GW, g.ipv4("10.0.0.1", "1.1.1.1", 17, g.udp(5000, 53, b"q")))),
-        (1000.5, g.ether(GW, DEV, g.ipv4("1.1.1.1", "10.0.0.1", 17, g.udp(53, 5000, b"ans")))),
-        (1001.0, g.ether(DEV, GW, g.ipv4("10.0.0.1", "2.2.2.2", 6, g.tcp(6000, 443, b"\x16")))),
-    ])  # fmt: skip
+    p = g.write_pcap(
+        tmp_path / "caps" / "one.pcap",
+        [
+            (1000.0, g.ether(DEV, GW, g.ipv4("10.0.0.1", "1.1.1.1", 17, g.udp(5000, 53, b"q")))),
+            (1000.5, g.ether(GW, DEV, g.ipv4("1.1.1.1", "10.0.0.1", 17, g.udp(53, 5000, b"ans")))),
+            (1001.0, g.ether(DEV, GW, g.ipv4("10.0.0.1", "2.2.2.2", 6, g.tcp(6000, 443, b"\x16")))),
+        ],
+    )
     m = tmp_path / "m.csv"
     m.write_text(f"pcap,mac,label\ncaps/one.pcap,{DEV},camera\n")
     return p, m
@@ -55,12 +57,30 @@ def test_extract_layout_file_and_errors(tmp_path, capsys):
     lay = tmp_path / "l.yaml"
     lay.write_text("history: 2\npackets: 4\npayload_mode: none\n")
     out = tmp_path / "d.npz"
-    assert main(["extract", str(p), "--local-nets", "10.0.0.0/8", "--layout", str(lay),
-                 "-o", str(out), "-q"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "extract",
+                str(p),
+                "--local-nets",
+                "10.0.0.0/8",
+                "--layout",
+                str(lay),
+                "-o",
+                str(out),
+                "-q",
+            ]
+        )
+        == 0
+    )
     assert Dataset.load(out).matrices.shape[1:] == (3, 13 + 12)
     lay.write_text("history: [\n")
-    assert main(["extract", str(p), "--local-nets", "10.0.0.0/8", "--layout", str(lay),
-                 "-o", str(out)]) == 2  # fmt: skip
+    assert (
+        main(
+            ["extract", str(p), "--local-nets", "10.0.0.0/8", "--layout", str(lay), "-o", str(out)]
+        )
+        == 2
+    )
     assert "--layout" in capsys.readouterr().err
     assert main(["extract", str(p), "-o", str(out)]) == 2
     assert "needs --devices" in capsys.readouterr().err
@@ -78,7 +98,11 @@ def test_inspect_table_and_json(tmp_path, capsys):
     (line,) = capsys.readouterr().out.splitlines()
     r = json.loads(line)
     assert (r["device_ip"], r["remote_port"], r["sizes"], r["directions"]) == (
-        "10.0.0.1", 53, [29, 31], [1, 0])  # fmt: skip
+        "10.0.0.1",
+        53,
+        [29, 31],
+        [1, 0],
+    )
     assert r["payloads"] == ["71", "616e73"] and r["uid"].startswith("C")
 
 

@@ -52,11 +52,15 @@ class Serve:
         sections = {
             "zeek": {"url": zeek.url, "reconnect_max_s": 0.5},
             "bridge": {"bind": [f"tcp://127.0.0.1:{self.zmq_port}"], "shutdown_timeout_s": 20.0},
-            "scorers": {"count": scorers, "model": model, "device": "cpu",
-                        "restart_backoff_s": 0.1},
+            "scorers": {
+                "count": scorers,
+                "model": model,
+                "device": "cpu",
+                "restart_backoff_s": 0.1,
+            },
             "log": {"policy": "all"},
             "metrics": {"enabled": True, "port": self.metrics_port},
-        }  # fmt: skip
+        }
         for key, value in extra.items():
             section, _, name = key.partition("__")
             sections.setdefault(section, {})[name] = value
@@ -68,8 +72,9 @@ class Serve:
     def start(self) -> Serve:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "iotcls", "serve", "--config", str(self.cfg)],
-            stdout=self.out.open("w"), stderr=self.err.open("w"),
-        )  # fmt: skip
+            stdout=self.out.open("w"),
+            stderr=self.err.open("w"),
+        )
         return self
 
     def stderr(self) -> str:
@@ -87,7 +92,9 @@ class Serve:
             await asyncio.sleep(0.05)
 
     def metrics(self) -> dict[str, float]:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).read()
+        text = urllib.request.urlopen(
+            f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5
+        ).read()
         out = {}
         for line in text.decode().splitlines():
             if line and not line.startswith("#"):
@@ -131,8 +138,10 @@ def expected_labels(records, model_path):
     mats, order = LAYOUT.matrices(t)
     p = Predictor(ModelBundle.load(model_path)).predict(mats)
     flows = np.any(mats != 0, axis=2).sum(axis=1)
-    return {seen[i].uid: (p.label[k], float(p.confidence[k]), bool(p.trusted[k]), int(flows[k]))
-            for k, i in enumerate(order)}  # fmt: skip
+    return {
+        seen[i].uid: (p.label[k], float(p.confidence[k]), bool(p.trusted[k]), int(flows[k]))
+        for k, i in enumerate(order)
+    }
 
 
 @pytest.mark.e2e
@@ -147,7 +156,9 @@ def test_end_to_end_labels_come_back(tmp_path, model_path):
         try:
             await serve.ready()
             out = serve.stdout()
-            assert "model m@" in out and f"scorers connect to tcp://127.0.0.1:{serve.zmq_port}" in out
+            assert (
+                "model m@" in out and f"scorers connect to tcp://127.0.0.1:{serve.zmq_port}" in out
+            )
             assert f"metrics http://127.0.0.1:{serve.metrics_port}/metrics" in out
             for r in records:
                 await zeek.publish_flow(r)
@@ -173,8 +184,12 @@ def test_end_to_end_labels_come_back(tmp_path, model_path):
         assert (f["label"], f["trusted"], f["n_flows"]) == (label, trusted, flows)
         assert f["confidence"] == pytest.approx(conf, rel=1e-5)
         orig_h, orig_p, resp_h, resp_p = r.conn_id()
-        assert (str(f["orig_h"]), f["orig_p"].number, str(f["resp_h"]), f["resp_p"].number) == \
-            (orig_h, orig_p, resp_h, resp_p)  # fmt: skip
+        assert (str(f["orig_h"]), f["orig_p"].number, str(f["resp_h"]), f["resp_p"].number) == (
+            orig_h,
+            orig_p,
+            resp_h,
+            resp_p,
+        )
         assert f["device_mac"] == r.device_mac and str(f["device_ip"]) == r.device_ip
         assert f["strategy"] == "sequence" and f["model"].startswith("m@")
     assert m["iotcls_records_in_total"] == 240 and m["iotcls_labels_out_total"] == 240
@@ -198,9 +213,16 @@ def test_sighup_swaps_the_model_mid_stream_recording_every_record_once(tmp_path,
 
     async def main():
         zeek = await FakeZeek().start()
-        serve = Serve(tmp_path, zeek, str(live), scorers=2, scorers__batch_size=16,
-                      record__enabled=True, record__directory=str(store),
-                      record__segment_records=500).start()  # fmt: skip
+        serve = Serve(
+            tmp_path,
+            zeek,
+            str(live),
+            scorers=2,
+            scorers__batch_size=16,
+            record__enabled=True,
+            record__directory=str(store),
+            record__segment_records=500,
+        ).start()
         try:
             await serve.ready(scorers=2)
             for k, r in enumerate(records):
@@ -208,8 +230,11 @@ def test_sighup_swaps_the_model_mid_stream_recording_every_record_once(tmp_path,
                 if k == 1200:  # as an operator installs a fine-tuned bundle:
                     (tmp_path / "staged.pt").write_bytes(new.read_bytes())
                     os.replace(tmp_path / "staged.pt", live)
-                    out = subprocess.run([sys.executable, "-m", "iotcls", "reload", "--pid",
-                                          str(serve.proc.pid)], capture_output=True, text=True)  # fmt: skip
+                    out = subprocess.run(
+                        [sys.executable, "-m", "iotcls", "reload", "--pid", str(serve.proc.pid)],
+                        capture_output=True,
+                        text=True,
+                    )
                     assert out.returncode == 0 and "sent SIGHUP" in out.stdout, out.stderr
                 if k == 1800:
                     await until(lambda: "reload: serving model" in serve.stdout(), 60, "reload")
@@ -236,19 +261,24 @@ def test_sighup_swaps_the_model_mid_stream_recording_every_record_once(tmp_path,
     assert set(models) == {old_name, new_name} and models[-1] == new_name
     for lb in zeek.labels:  # each label is what the model it names gives that record
         label, conf, _, _ = want[lb.fields["model"]][lb.uid]
-        assert lb.fields["label"] == label and lb.fields["confidence"] == pytest.approx(conf, rel=1e-5)
+        assert lb.fields["label"] == label and lb.fields["confidence"] == pytest.approx(
+            conf, rel=1e-5
+        )
     assert "kettle" in {lb.fields["label"] for lb in zeek.labels if lb.fields["model"] == new_name}
     err = serve.stderr()
     assert f"reload: keeping model {new_name}:" in err and "restart serve to change layouts" in err
-    assert re.search(r"scorer scorer-r1-\d\.1 \(pid \d+ .*connected: model " + re.escape(new_name), err)
+    assert re.search(
+        r"scorer scorer-r1-\d\.1 \(pid \d+ .*connected: model " + re.escape(new_name), err
+    )
     s = serve.summary()
     assert (s["records_in"], s["labelled"], s["shed"]) == ("3000", "3000", "0")
     assert m["iotcls_model_reloads_total"] == 1 and m["iotcls_records_stored_total"] >= 2500
     data = read_stores([store])  # every record once, with the label it was given
     assert sorted(data.table.uid.tolist()) == sorted(uids)
     given = {lb.uid: (lb.fields["label"], lb.fields["model"]) for lb in zeek.labels}
-    assert {u: (lab, mod) for u, lab, mod in zip(data.table.uid, data.labels.label,
-                                                 data.labels.model)} == given  # fmt: skip
+    assert {
+        u: (lab, mod) for u, lab, mod in zip(data.table.uid, data.labels.label, data.labels.model)
+    } == given
     assert set(data.labels.sensor) == {"zeek"} and data.labels.sent.all()
 
 
@@ -274,8 +304,13 @@ def test_killed_scorer_loses_nothing(tmp_path, model_path):
                 if k == 1000:
                     os.kill(victim, signal.SIGKILL)
             await until(lambda: len(zeek.labels) >= 2000, 40, "2000 labels")
-            await until(lambda: "scorer-0.2" in serve.stderr() and
-                        serve.stderr().count("connected: model") == 3, 20, "the restart")  # fmt: skip
+            await until(
+                lambda: (
+                    "scorer-0.2" in serve.stderr() and serve.stderr().count("connected: model") == 3
+                ),
+                20,
+                "the restart",
+            )
             assert await serve.stop() == 0
         finally:
             serve.kill()
@@ -304,12 +339,15 @@ def test_garbage_on_every_socket(tmp_path, model_path):
         try:
             await serve.ready()
             for junk in (
-                b"{not json", b"\xff\xfe\x00garbage", b"[1, 2, 3]", b'{"type": "ack"}',
+                b"{not json",
+                b"\xff\xfe\x00garbage",
+                b"[1, 2, 3]",
+                b'{"type": "ack"}',
                 b'{"type": "error", "code": "deserialization_failed", "context": "x"}',
                 b'{"type":"data-message","topic":"zeek/iotcls/flows","@data-type":"count","data":1}',
                 rec.bj.event_message("zeek/iotcls/flows", "Other::event", [1]),
                 rec.bj.event_message("zeek/iotcls/flows", rec.FLOW_EVENT, [["too", "short"]]),
-            ):  # fmt: skip
+            ):
                 await zeek.send_raw(junk)
             for c in zeek._clients:  # a binary frame, which Zeek never sends
                 await c.ws.send(b"\x00\x01binary")
@@ -325,9 +363,16 @@ def test_garbage_on_every_socket(tmp_path, model_path):
             web.close()
             # libzmq still speaks unversioned ZMTP 1.0, so the raw bytes parse as a 2-frame
             # message from a peer named "T / HTTP/1.1...": 3 malformed messages in all
-            await until(lambda: serve.metrics().get(
-                'iotcls_messages_rejected_total{kind="malformed",socket="zmq"}') == 3, 10,
-                "the ZeroMQ garbage counted")  # fmt: skip
+            await until(
+                lambda: (
+                    serve.metrics().get(
+                        'iotcls_messages_rejected_total{kind="malformed",socket="zmq"}'
+                    )
+                    == 3
+                ),
+                10,
+                "the ZeroMQ garbage counted",
+            )
             for r in records:
                 await zeek.publish_flow(r)
             await until(lambda: len(zeek.labels) == 20, 20, "labels after the garbage")
@@ -373,14 +418,18 @@ def test_sigterm_finishes_in_flight_work(tmp_path, model_path):
     async def main():
         zeek = await FakeZeek().start()
         # one small batch at a time: the work queues up in the bridge
-        serve = Serve(tmp_path, zeek, model_path, scorers__batch_size=4,
-                      bridge__inflight_per_scorer=1).start()  # fmt: skip
+        serve = Serve(
+            tmp_path, zeek, model_path, scorers__batch_size=4, bridge__inflight_per_scorer=1
+        ).start()
         try:
             await serve.ready()
             for r in records:
                 await zeek.publish_flow(r)
-            await until(lambda: serve.metrics()["iotcls_records_in_total"] == 1500, 20,
-                        "all records received")  # fmt: skip
+            await until(
+                lambda: serve.metrics()["iotcls_records_in_total"] == 1500,
+                20,
+                "all records received",
+            )
             assert len(zeek.labels) < 1500
             rc = await serve.stop(60)
         finally:
@@ -404,9 +453,13 @@ def test_remote_scorer_only(tmp_path, model_path):
     records = synthetic_records(50, devices=5, seed=7)
     torch.manual_seed(0)
     other = MatrixLayout(history=1, packets=4, payload_bytes=4)
-    wrong = ModelBundle(IoTCNN(ModelConfig.from_layout(other, 2, packet_dim=8, meta_dim=8,
-                                                       row_dim=8, hidden=8)).eval(), other,
-                        ["a", "b"]).save(tmp_path / "wrong.pt")  # fmt: skip
+    wrong = ModelBundle(
+        IoTCNN(
+            ModelConfig.from_layout(other, 2, packet_dim=8, meta_dim=8, row_dim=8, hidden=8)
+        ).eval(),
+        other,
+        ["a", "b"],
+    ).save(tmp_path / "wrong.pt")
 
     async def main():
         zeek = await FakeZeek().start()
@@ -416,8 +469,11 @@ def test_remote_scorer_only(tmp_path, model_path):
             await asyncio.wait_for(zeek.bridge_connected.wait(), 40)
             addr = f"tcp://127.0.0.1:{serve.zmq_port}"
             scorer = [sys.executable, "-m", "iotcls", "serve", "--scorer-only", "--connect", addr]
-            bad = subprocess.Popen([*scorer, "--model", str(wrong), "--name", "wrong-layout"],
-                                   stderr=subprocess.PIPE, text=True)  # fmt: skip
+            bad = subprocess.Popen(
+                [*scorer, "--model", str(wrong), "--name", "wrong-layout"],
+                stderr=subprocess.PIPE,
+                text=True,
+            )
             remote = subprocess.Popen([*scorer, "--model", model_path, "--name", "gpu-host"])
             _, bad_err = bad.communicate(timeout=40)
             assert bad.returncode == 3, bad_err
@@ -440,7 +496,6 @@ def test_remote_scorer_only(tmp_path, model_path):
     assert serve.summary()["labelled"] == "50"
 
 
-
 @pytest.mark.e2e
 def test_a_zeek_that_does_not_read_labels_cannot_grow_memory(tmp_path, model_path):
     """Zeek stops reading (labels back up over TCP): records beyond the bound are shed as
@@ -456,13 +511,15 @@ def test_a_zeek_that_does_not_read_labels_cannot_grow_memory(tmp_path, model_pat
             zeek.reading.clear()
             for r in records:
                 await zeek.publish_flow(r)
-            await until(lambda: serve.metrics()["iotcls_records_in_total"] == 6000, 30,
-                        "all records in")  # fmt: skip
+            await until(
+                lambda: serve.metrics()["iotcls_records_in_total"] == 6000, 30, "all records in"
+            )
             m = serve.metrics()
             assert m["iotcls_live_records"] <= 400 + 256  # + one batch being filled
             for c in zeek._clients:  # read again, at full speed
                 c.ws.transport.get_extra_info("socket").setsockopt(
-                    socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)  # fmt: skip
+                    socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20
+                )
             zeek.reading.set()
             await until(lambda: serve.metrics()["iotcls_live_records"] == 0, 30, "the backlog sent")
             rc = await serve.stop()
@@ -526,17 +583,28 @@ def test_deeply_nested_frames_do_not_stop_the_service(tmp_path, model_path):
         serve = Serve(tmp_path, zeek, model_path).start()
         try:
             await serve.ready()
-            for junk in (b"[" * 100_000, b'{"a":' * 50_000, b"[" * 65 + b"]" * 65,
-                         b'{"type":"data-message","topic":"t","data":' + b"[" * 1000):  # fmt: skip
+            for junk in (
+                b"[" * 100_000,
+                b'{"a":' * 50_000,
+                b"[" * 65 + b"]" * 65,
+                b'{"type":"data-message","topic":"t","data":' + b"[" * 1000,
+            ):
                 await zeek.send_raw(junk)
             for r in records:
                 await zeek.publish_flow(r)
             for r in records[:3]:  # published again, as after a reconnect
                 await zeek.publish_flow(r)
             await until(lambda: len(zeek.labels) >= 30, 20, "labels after the deep frames")
-            await until(lambda: serve.metrics().get(
-                'iotcls_messages_rejected_total{kind="duplicate",socket="websocket"}') == 3, 10,
-                "the duplicates counted")  # fmt: skip
+            await until(
+                lambda: (
+                    serve.metrics().get(
+                        'iotcls_messages_rejected_total{kind="duplicate",socket="websocket"}'
+                    )
+                    == 3
+                ),
+                10,
+                "the duplicates counted",
+            )
             m = serve.metrics()
             assert serve.proc.poll() is None
             assert await serve.stop() == 0
@@ -558,8 +626,9 @@ class FakeScorer:
     answers each request with ``answer(refs) -> list of (label, confidence)`` or holds it
     (``answer`` returns None), and sends heartbeats all the while."""
 
-    def __init__(self, addr: str, answer, name: str = "fake", keys=None,
-                 classes: list[str] | None = CLASSES):  # fmt: skip
+    def __init__(
+        self, addr: str, answer, name: str = "fake", keys=None, classes: list[str] | None = CLASSES
+    ):
         import threading
 
         from iotcls import wire
@@ -581,9 +650,20 @@ class FakeScorer:
         self.thread.start()
 
     def _hello(self) -> None:
-        self.sock.send(self.wire.encode(self.wire.Hello(self.name, os.getpid(), "test", "fake",
-                                                        LAYOUT.to_dict(), "cpu", 16,
-                                                        classes=self.classes)))  # fmt: skip
+        self.sock.send(
+            self.wire.encode(
+                self.wire.Hello(
+                    self.name,
+                    os.getpid(),
+                    "test",
+                    "fake",
+                    LAYOUT.to_dict(),
+                    "cpu",
+                    16,
+                    classes=self.classes,
+                )
+            )
+        )
 
     def _run(self) -> None:
         w = self.wire
@@ -605,9 +685,19 @@ class FakeScorer:
                     out = self.answer(msg.refs)
                     if out is not None:
                         n = len(out)
-                        self.sock.send(w.encode(w.Reply(
-                            msg.batch, [lb for lb, _ in out], [c for _, c in out], [True] * n,
-                            ["-"] * n, [[] for _ in range(n)], "fake")))  # fmt: skip
+                        self.sock.send(
+                            w.encode(
+                                w.Reply(
+                                    msg.batch,
+                                    [lb for lb, _ in out],
+                                    [c for _, c in out],
+                                    [True] * n,
+                                    ["-"] * n,
+                                    [[] for _ in range(n)],
+                                    "fake",
+                                )
+                            )
+                        )
             if time.monotonic() - last >= 0.3:
                 self.sock.send(w.encode(w.Heartbeat()))
                 last = time.monotonic()
@@ -649,8 +739,13 @@ def test_scorer_replies_are_checked_like_records(tmp_path, model_path):
             for r in records:
                 await zeek.publish_flow(r)
             await until(lambda: len(zeek.labels) >= 37, 20, "the good labels")
-            await until(lambda: serve.metrics().get(
-                'iotcls_records_shed_total{reason="scorer_failed"}') == 3, 20, "the bad shed")
+            await until(
+                lambda: (
+                    serve.metrics().get('iotcls_records_shed_total{reason="scorer_failed"}') == 3
+                ),
+                20,
+                "the bad shed",
+            )
             await until(lambda: serve.metrics()["iotcls_live_records"] == 0, 10, "live 0")
             m = serve.metrics()
             assert await serve.stop() == 0
@@ -674,8 +769,12 @@ def test_scorer_replies_are_checked_like_records(tmp_path, model_path):
 
 def _keys(tmp: Path, name: str = "keys") -> Path:
     d = tmp / name
-    out = subprocess.run([sys.executable, "-m", "iotcls", "keys", "--dir", str(d)],
-                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-m", "iotcls", "keys", "--dir", str(d)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     return d
 
@@ -693,20 +792,41 @@ def test_curve_lets_only_authorized_scorers_in(tmp_path, model_path):
     # on by default beyond loopback: without keys, serve says so in one line
     zport = free_port()
     cfg = tmp_path / "open.yaml"
-    cfg.write_text(json.dumps({"bridge": {"bind": [f"tcp://0.0.0.0:{zport}"],
-                                          "keys_dir": str(tmp_path / "nokeys")},
-                               "scorers": {"model": model_path}}))  # fmt: skip
-    out = subprocess.run([sys.executable, "-m", "iotcls", "serve", "--config", str(cfg)],
-                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    cfg.write_text(
+        json.dumps(
+            {
+                "bridge": {
+                    "bind": [f"tcp://0.0.0.0:{zport}"],
+                    "keys_dir": str(tmp_path / "nokeys"),
+                },
+                "scorers": {"model": model_path},
+            }
+        )
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "iotcls", "serve", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
     assert f"{tmp_path / 'nokeys' / 'bridge.key_secret'}: no such key file" in out.stderr
     secret = keys / "bridge.key_secret"
     secret.chmod(0o644)
-    cfg.write_text(json.dumps({"bridge": {"bind": [f"tcp://0.0.0.0:{zport}"],
-                                          "keys_dir": str(keys)},
-                               "scorers": {"model": model_path}}))  # fmt: skip
-    out = subprocess.run([sys.executable, "-m", "iotcls", "serve", "--config", str(cfg)],
-                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    cfg.write_text(
+        json.dumps(
+            {
+                "bridge": {"bind": [f"tcp://0.0.0.0:{zport}"], "keys_dir": str(keys)},
+                "scorers": {"model": model_path},
+            }
+        )
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "iotcls", "serve", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 2 and "secret key readable by others (mode 0644)" in out.stderr
     secret.chmod(0o600)
 
@@ -717,27 +837,58 @@ def test_curve_lets_only_authorized_scorers_in(tmp_path, model_path):
 
     async def main():
         zeek = await FakeZeek().start()
-        serve = Serve(tmp_path, zeek, model_path, bridge__curve="on",
-                      bridge__keys_dir=str(keys)).start()  # fmt: skip
+        serve = Serve(
+            tmp_path, zeek, model_path, bridge__curve="on", bridge__keys_dir=str(keys)
+        ).start()
         rogues, proc = [], None
         try:
             await serve.ready()
             assert "(CURVE)" in serve.stdout()
             addr = f"tcp://127.0.0.1:{serve.zmq_port}"
             mine = cv.KeyPair(*zmq.curve_keypair())
-            rogues = [FakeScorer(addr, lambda refs: [("cam", 0.9)] * len(refs), "no-keys"),
-                      FakeScorer(addr, lambda refs: [("cam", 0.9)] * len(refs), "own-keys",
-                                 keys=cv.ClientKeys(mine, cv.client_keys(keys).server_public))]
+            rogues = [
+                FakeScorer(addr, lambda refs: [("cam", 0.9)] * len(refs), "no-keys"),
+                FakeScorer(
+                    addr,
+                    lambda refs: [("cam", 0.9)] * len(refs),
+                    "own-keys",
+                    keys=cv.ClientKeys(mine, cv.client_keys(keys).server_public),
+                ),
+            ]
             proc = subprocess.Popen(
-                [sys.executable, "-m", "iotcls", "serve", "--scorer-only", "--connect", addr,
-                 "--name", "unauthorized", "--model", model_path, "--curve", "on", "--keys",
-                 str(other)], stderr=subprocess.PIPE, text=True)  # fmt: skip
+                [
+                    sys.executable,
+                    "-m",
+                    "iotcls",
+                    "serve",
+                    "--scorer-only",
+                    "--connect",
+                    addr,
+                    "--name",
+                    "unauthorized",
+                    "--model",
+                    model_path,
+                    "--curve",
+                    "on",
+                    "--keys",
+                    str(other),
+                ],
+                stderr=subprocess.PIPE,
+                text=True,
+            )
             for r in records:
                 await zeek.publish_flow(r)
             await until(lambda: len(zeek.labels) == 30, 20, "labels from the real scorer")
-            await until(lambda: serve.metrics().get(
-                'iotcls_messages_rejected_total{kind="auth_failed",socket="zmq"}', 0) >= 2, 20,
-                "the refused handshakes")  # fmt: skip
+            await until(
+                lambda: (
+                    serve.metrics().get(
+                        'iotcls_messages_rejected_total{kind="auth_failed",socket="zmq"}', 0
+                    )
+                    >= 2
+                ),
+                20,
+                "the refused handshakes",
+            )
             m = serve.metrics()
             assert await serve.stop() == 0
             proc.terminate()
@@ -754,7 +905,7 @@ def test_curve_lets_only_authorized_scorers_in(tmp_path, model_path):
     zeek, serve, m, rogues, proc_err = run(main(), 120)
     assert all(not r.welcomed and r.requests == 0 for r in rogues)
     assert "refused the CURVE handshake (auth_failed)" in proc_err
-    assert m['iotcls_scorers'] == 1 and {lb.fields["model"][:2] for lb in zeek.labels} == {"m@"}
+    assert m["iotcls_scorers"] == 1 and {lb.fields["model"][:2] for lb in zeek.labels} == {"m@"}
     assert "scorer unauthorized" not in serve.stderr() and "scorer no-keys" not in serve.stderr()
 
 
@@ -766,8 +917,9 @@ def test_a_scorer_holding_a_batch_loses_it_heartbeats_or_not(tmp_path, model_pat
 
     async def main():
         zeek = await FakeZeek().start()
-        serve = Serve(tmp_path, zeek, model_path, bridge__scorer_timeout_s=2.0,
-                      scorers__heartbeat_s=0.5).start()  # fmt: skip
+        serve = Serve(
+            tmp_path, zeek, model_path, bridge__scorer_timeout_s=2.0, scorers__heartbeat_s=0.5
+        ).start()
         hog = None
         try:
             await serve.ready()
@@ -800,8 +952,9 @@ def _bad_trust_bundle(path: Path) -> str:
     b = tiny_bundle(LAYOUT, CLASSES, seed=5)
     other = tiny_bundle(LAYOUT, CLASSES + ["tv"], seed=6)
     x = np.random.default_rng(9).random((300, *LAYOUT.shape), dtype=np.float32)
-    state, _ = fit_state(other.model, LAYOUT, 1.0, CLASSES + ["tv"], x,
-                         Predictor(other).predict(x).index)  # fmt: skip
+    state, _ = fit_state(
+        other.model, LAYOUT, 1.0, CLASSES + ["tv"], x, Predictor(other).predict(x).index
+    )
     b.trust = state.to_dict()
     return str(b.save(path))
 
@@ -816,8 +969,9 @@ def test_check_bundle_scores_one_matrix_as_a_scorer_would(model_path):
     check_bundle(b)
     other = tiny_bundle(LAYOUT, CLASSES + ["tv"], seed=6)
     x = np.random.default_rng(9).random((300, *LAYOUT.shape), dtype=np.float32)
-    state, _ = fit_state(other.model, LAYOUT, 1.0, CLASSES + ["tv"], x,
-                         Predictor(other).predict(x).index)  # fmt: skip
+    state, _ = fit_state(
+        other.model, LAYOUT, 1.0, CLASSES + ["tv"], x, Predictor(other).predict(x).index
+    )
     b.trust = state.to_dict()  # in memory, past whatever the loader checks
     with pytest.raises(BundleError) as e:
         check_bundle(b)
@@ -832,8 +986,12 @@ def test_an_unusable_model_stops_serve_once_and_never_loops(tmp_path, model_path
     to restart every scorer for ever with nothing labelled)."""
     bad = _bad_trust_bundle(tmp_path / "bad.pt")
     for extra in ([], ["--scorer-only", "--connect", "tcp://127.0.0.1:9", "--name", "s"]):
-        out = subprocess.run([sys.executable, "-m", "iotcls", "serve", "--model", bad, *extra],
-                             capture_output=True, text=True, timeout=60)  # fmt: skip
+        out = subprocess.run(
+            [sys.executable, "-m", "iotcls", "serve", "--model", bad, *extra],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert out.returncode == 2, out.stderr
         lines = out.stderr.strip().splitlines()
         assert len(lines) == 1 and f"error: {bad}: " in lines[0], out.stderr

@@ -20,8 +20,15 @@ def _row(layout: MatrixLayout, port: int, udp: bool = True, fill: float = 0.5) -
 
 def test_dhcp_rows_and_remove_dhcp_rebuild_histories():
     layout = MatrixLayout()
-    rows = np.stack([_row(layout, 53), _row(layout, 67), _row(layout, 443, udp=False),
-                     _row(layout, 547), _row(layout, 123)])  # fmt: skip
+    rows = np.stack(
+        [
+            _row(layout, 53),
+            _row(layout, 67),
+            _row(layout, 443, udp=False),
+            _row(layout, 547),
+            _row(layout, 123),
+        ]
+    )
     starts = np.arange(5, dtype=float)
     devices = np.zeros(5, int)
     mats, order = layout.assemble(rows, starts, devices)
@@ -35,8 +42,9 @@ def test_dhcp_rows_and_remove_dhcp_rebuild_histories():
     want, o = layout.assemble(rows[[0, 2, 4]], starts[[0, 2, 4]], devices[[0, 2, 4]])
     assert np.array_equal(rebuilt, want[np.argsort(o)])
     assert not dhcp_rows(rebuilt).any()
-    assert np.array_equal(rebuilt[2, 1, 1:], rows[2, 1:]) and np.array_equal(rebuilt[2, 2, 1:],
-                                                                                 rows[0, 1:])
+    assert np.array_equal(rebuilt[2, 1, 1:], rows[2, 1:]) and np.array_equal(
+        rebuilt[2, 2, 1:], rows[0, 1:]
+    )
 
 
 def test_training_drops_dhcp_rows_and_moves_older_ones_up():
@@ -58,8 +66,9 @@ def test_rule_7_holds_back_classes_until_the_identity_is_known():
     conf = np.r_[np.full(7, 0.95), [0.95, 0.95, 0.5], np.full(10, 0.95)]
     need = fit_needed(seen, ["a"], pred, truth, np.ones(20, bool), conf, max_error=0.05)
     assert need == ["X", "Y", "Z"]  # ambiguous identity's classes; Z: 2 confident errors
-    rule = DhcpIdentity({k: frozenset(v) for k, v in seen.items()}, frozenset(["a"]),
-                        frozenset(need))  # fmt: skip
+    rule = DhcpIdentity(
+        {k: frozenset(v) for k, v in seen.items()}, frozenset(["a"]), frozenset(need)
+    )
     assert rule.reason(None, "Z") == DHCP_NEEDED
     assert rule.reason(None, "W") == "-"
     assert rule.reason("b", "Z") == "-"  # the identity is known: rule 7 is done

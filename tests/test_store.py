@@ -40,17 +40,43 @@ def dns_query(name: str) -> bytes:
 def special_records() -> list[FlowRecord]:
     """A DHCP discover and two DNS queries of device 0 (synthetic_records' first MAC)."""
     mac, ip = "02:00:00:00:00:00", "192.168.0.0"
-    base = dict(device_mac=mac, device_ip=ip, proto=PROTO_UDP, total_packets=1,
-                offsets=[0.0], sizes=[328], directions=[1], device_is_orig=True)  # fmt: skip
+    base = dict(
+        device_mac=mac,
+        device_ip=ip,
+        proto=PROTO_UDP,
+        total_packets=1,
+        offsets=[0.0],
+        sizes=[328],
+        directions=[1],
+        device_is_orig=True,
+    )
     return [
-        FlowRecord(**base, device_port=68, remote_ip="255.255.255.255", remote_port=67,
-                   start=1_699_999_990.0, last=1_699_999_990.0, total_bytes=328,
-                   payloads=[dhcp_discover(b"HS110(EU)", b"udhcp 0.9.9-pre")], uid="Cdhcp"),
-        *[FlowRecord(**base, device_port=40000 + k, remote_ip="192.168.0.254", remote_port=53,
-                     start=1_699_999_991.0 + k, last=1_699_999_991.0 + k, total_bytes=60,
-                     payloads=[dns_query("devs.tplinkcloud.com")], uid=f"Cdns{k}")
-          for k in range(2)],
-    ]  # fmt: skip
+        FlowRecord(
+            **base,
+            device_port=68,
+            remote_ip="255.255.255.255",
+            remote_port=67,
+            start=1_699_999_990.0,
+            last=1_699_999_990.0,
+            total_bytes=328,
+            payloads=[dhcp_discover(b"HS110(EU)", b"udhcp 0.9.9-pre")],
+            uid="Cdhcp",
+        ),
+        *[
+            FlowRecord(
+                **base,
+                device_port=40000 + k,
+                remote_ip="192.168.0.254",
+                remote_port=53,
+                start=1_699_999_991.0 + k,
+                last=1_699_999_991.0 + k,
+                total_bytes=60,
+                payloads=[dns_query("devs.tplinkcloud.com")],
+                uid=f"Cdns{k}",
+            )
+            for k in range(2)
+        ],
+    ]
 
 
 def record(tmp_path, records, per_segment=100, max_mb=64, labels=None):
@@ -77,8 +103,7 @@ class _Cfg:
 
 def test_segments_hold_every_record_and_its_label(tmp_path):
     recs = synthetic_records(300, devices=7, seed=1)
-    r = record(tmp_path, recs, per_segment=100,
-               labels=lambda rec: ("plug", rec.uid.endswith("0")))  # fmt: skip
+    r = record(tmp_path, recs, per_segment=100, labels=lambda rec: ("plug", rec.uid.endswith("0")))
     assert r.stats.records == 300 and r.stats.segments == 3 and r.stats.errors == 0
     assert len(segment_paths(tmp_path)) == 3 and not list(tmp_path.glob(".*.tmp"))
     data = read_stores([tmp_path])
@@ -99,11 +124,26 @@ def test_a_damaged_segment_is_skipped_and_named_the_rest_is_read(tmp_path):
     warnings: list[str] = []
     data = read_stores([tmp_path], warn=warnings.append)
     assert len(data) == 200 and len(data.segments) == 2
-    assert len(warnings) == 2 and str(segs[1]) in warnings[0] and "not a readable segment" in warnings[0]
+    assert (
+        len(warnings) == 2
+        and str(segs[1]) in warnings[0]
+        and "not a readable segment" in warnings[0]
+    )
     assert "seg-99999999T999999-1-000001.npz" in warnings[1]
     # the command line says the same in one line per file, and goes on
-    out = subprocess.run([sys.executable, "-m", "iotcls", "inventory", str(tmp_path), "-o",
-                          str(tmp_path / "devices.csv")], capture_output=True, text=True)  # fmt: skip
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "iotcls",
+            "inventory",
+            str(tmp_path),
+            "-o",
+            str(tmp_path / "devices.csv"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr
     assert out.stderr.count("iotcls: warning: skipped") == 2 and str(segs[1]) in out.stderr
     assert "from 200 records in 2 segments, 2 skipped" in out.stdout
@@ -123,8 +163,13 @@ def test_the_size_cap_deletes_the_oldest_segments(tmp_path):
 def test_inventory_round_trip_keeps_what_the_operator_wrote(tmp_path):
     store = tmp_path / "store"
     recs = special_records() + synthetic_records(120, devices=3, seed=2)
-    record(store, recs, labels=lambda rec: ("TP-LinkPlugHS110", True) if rec.device_mac.endswith(
-        ":00") else ("WeMoSwitch", False))  # fmt: skip
+    record(
+        store,
+        recs,
+        labels=lambda rec: (
+            ("TP-LinkPlugHS110", True) if rec.device_mac.endswith(":00") else ("WeMoSwitch", False)
+        ),
+    )
     out = tmp_path / "devices.csv"
     cmd = [sys.executable, "-m", "iotcls", "inventory", str(store), "-o", str(out)]
     first = subprocess.run(cmd, capture_output=True, text=True)
@@ -168,19 +213,35 @@ def test_inventory_round_trip_keeps_what_the_operator_wrote(tmp_path):
     assert {r["room"] for r in rows.values()} == {"lab", ""}
     assert rows["02:00:00:00:00:01"]["records"] == str(40 + 10)  # observations renewed
     assert rows["02:00:00:00:00:01"]["last_seen"].startswith("2027-01-15")
-    assert labels_of(out) == {"02:00:00:00:00:01": "Thermostat", "02:00:00:00:00:02": "WeMoSwitch",
-                              "aa:bb:cc:00:00:01": "Kettle"}  # fmt: skip
+    assert labels_of(out) == {
+        "02:00:00:00:00:01": "Thermostat",
+        "02:00:00:00:00:02": "WeMoSwitch",
+        "aa:bb:cc:00:00:01": "Kettle",
+    }
 
 
 @pytest.mark.e2e
 def test_inventory_refuses_a_file_that_is_not_a_device_list(tmp_path):
     record(tmp_path / "s", synthetic_records(10, devices=2, seed=1))
     (tmp_path / "x.csv").write_text("pcap,mac,label\na.pcap,aa:bb:cc:dd:ee:ff,x\n")
-    out = subprocess.run([sys.executable, "-m", "iotcls", "inventory", str(tmp_path / "s"), "-o",
-                          str(tmp_path / "x.csv")], capture_output=True, text=True)  # fmt: skip
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "iotcls",
+            "inventory",
+            str(tmp_path / "s"),
+            "-o",
+            str(tmp_path / "x.csv"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 2
-    assert out.stderr.strip() == (f"iotcls inventory: error: {tmp_path / 'x.csv'}: no 'device' "
-                                  "column: not an iotcls device list")  # fmt: skip
+    assert out.stderr.strip() == (
+        f"iotcls inventory: error: {tmp_path / 'x.csv'}: no 'device' "
+        "column: not an iotcls device list"
+    )
 
 
 def test_sessions_split_on_silence_and_length():
@@ -197,12 +258,16 @@ def test_store_dataset_labels_devices_by_the_operators_list(tmp_path):
     lay = MatrixLayout(history=2, packets=10, payload_bytes=16)
     ds, served = store_dataset(read_stores([tmp_path]), lay, {"02:00:00:00:00:01": "plug"})
     assert len(ds) == 200 and ds.matrices.shape == (200, 3, lay.width)
-    assert (ds.labels == "plug").sum() == 50 and set(ds.labels[ds.devices != "02:00:00:00:00:01"]) == {""}
+    assert (ds.labels == "plug").sum() == 50 and set(
+        ds.labels[ds.devices != "02:00:00:00:00:01"]
+    ) == {""}
     assert served.label.tolist() == ["cam"] * 200
     # a device's history is its own previous records, as classify assembles it
     t = FlowTable.from_records(recs, 10, 64)
     mats, _ = lay.matrices(t)
-    assert np.array_equal(np.sort(ds.matrices.reshape(200, -1), 0), np.sort(mats.reshape(200, -1), 0))
+    assert np.array_equal(
+        np.sort(ds.matrices.reshape(200, -1), 0), np.sort(mats.reshape(200, -1), 0)
+    )
     with pytest.raises(ValueError, match="the layout needs 20 of 64"):
         store_dataset(read_stores([tmp_path]), MatrixLayout(packets=20), {})
 
@@ -220,15 +285,25 @@ def test_store_dataset_samples_whole_sessions_of_unlabelled_devices(tmp_path):
             r.start = r.last = 1_700_000_000.0 + (k // 40) * 3600.0 + k
     record(tmp_path, recs)
     lay = MatrixLayout(history=2, packets=10, payload_bytes=16)
-    ds, served = store_dataset(read_stores([tmp_path]), lay, {"02:00:00:00:00:00": "cam"},
-                               max_unlabelled=150)  # fmt: skip
+    ds, served = store_dataset(
+        read_stores([tmp_path]), lay, {"02:00:00:00:00:00": "cam"}, max_unlabelled=150
+    )
     assert (ds.labels == "cam").sum() == 100  # every record of the labelled device
     other = ds.captures[ds.labels == ""]
     assert 150 <= len(other) < 250 and len(served) == len(ds)
     whole = {c: n for c, n in zip(*np.unique(ds.captures, return_counts=True))}
-    full = {c: n for c, n in zip(*np.unique(sessions(np.array([r.device_mac for r in recs], object),
-                                                      np.array([r.start for r in recs])),
-                                            return_counts=True))}  # fmt: skip
+    full = {
+        c: n
+        for c, n in zip(
+            *np.unique(
+                sessions(
+                    np.array([r.device_mac for r in recs], object),
+                    np.array([r.start for r in recs]),
+                ),
+                return_counts=True,
+            )
+        )
+    }
     assert all(whole[c] == full[c] for c in whole)  # sessions are taken whole
 
 

@@ -19,62 +19,90 @@ import numpy as np
 import pytest
 
 from conftest import free_port
-from iotcls.bridge.suricata import DatagramError, community_id, parse_datagram, parse_line
 from iotcls.bridge.core import FlowAssembler
+from iotcls.bridge.suricata import DatagramError, community_id, parse_datagram, parse_line
 from iotcls.bundle import ModelBundle
 from iotcls.flows import DeviceSelector, capture_flows
 from iotcls.flowtable import FlowTable
 from iotcls.layout import MatrixLayout
 from iotcls.logschema import FIELD_NAMES
 from iotcls.predict import Predictor
-from iotcls.testing.shared import require, sentinel_dir
+from iotcls.testing.shared import sentinel_dir
 from tiny_model import tiny_bundle
 
 DATA = sentinel_dir()  # ../shared, or $IOTCLS_SHARED
 NETS = "10.0.0.0/8,192.168.0.0/16"
 # an ICMP error Suricata files under a UDP flow, IGMP (no Suricata flow), pseudo-packets
-CAPTURES = ["D-LinkCam/Setup-A-1-STA.pcap", "WeMoLink/Setup-A-1-STA.pcap",
-            "TP-LinkPlugHS110/Setup-A-1-STA.pcap"]  # fmt: skip
+CAPTURES = [
+    "D-LinkCam/Setup-A-1-STA.pcap",
+    "WeMoLink/Setup-A-1-STA.pcap",
+    "TP-LinkPlugHS110/Setup-A-1-STA.pcap",
+]
 SURICATA = shutil.which("suricata")
 needs_suricata = pytest.mark.skipif(SURICATA is None, reason="suricata is not installed")
-needs_data = pytest.mark.skipif(not (DATA / CAPTURES[0]).is_file(),
-                                reason=f"the IoT Sentinel captures are not in {DATA}")  # fmt: skip
+needs_data = pytest.mark.skipif(
+    not (DATA / CAPTURES[0]).is_file(), reason=f"the IoT Sentinel captures are not in {DATA}"
+)
 LAYOUT = MatrixLayout(history=2, packets=4, payload_bytes=4)
 CLASSES = ["cam", "plug", "hub", "bulb"]
 
 
 def iotcls(*args: str, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "iotcls", *args], capture_output=True,
-                          text=True, timeout=60, **kw)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "iotcls", *args], capture_output=True, text=True, timeout=60, **kw
+    )
 
 
 def install_script(tmp: Path, sock: Path, serve_yaml: Path | None = None) -> str:
     """``iotcls suricata-config --install``: returns the outputs snippet it printed."""
     cfg = serve_yaml or tmp / "serve.yaml"
     if serve_yaml is None:
-        cfg.write_text(json.dumps({"zeek": {"enabled": False},
-                                   "suricata": {"enabled": True, "socket": str(sock)}}))  # fmt: skip
-    r = iotcls("suricata-config", "--config", str(cfg), "--local-nets", NETS,
-               "--install", str(tmp / "lua"))  # fmt: skip
+        cfg.write_text(
+            json.dumps(
+                {"zeek": {"enabled": False}, "suricata": {"enabled": True, "socket": str(sock)}}
+            )
+        )
+    r = iotcls(
+        "suricata-config", "--config", str(cfg), "--local-nets", NETS, "--install", str(tmp / "lua")
+    )
     assert r.returncode == 0, r.stderr
     return "\n".join(ln for ln in r.stdout.splitlines() if not ln.startswith("#"))
 
 
-def run_suricata(tmp: Path, pcap: Path, outputs: str, eve: bool = False,
-                 env: dict | None = None) -> str:  # fmt: skip
+def run_suricata(
+    tmp: Path, pcap: Path, outputs: str, eve: bool = False, env: dict | None = None
+) -> str:
     """``suricata -r`` with a minimal configuration: no rules, the given Lua output and
     optionally eve.json flow events (with Community IDs). Returns its output."""
     logs = tmp / "suricata-logs"
     logs.mkdir(exist_ok=True)
-    eve_out = ("  - eve-log:\n      enabled: yes\n      filetype: regular\n"
-               "      filename: eve.json\n      community-id: yes\n      types: [flow]\n")  # fmt: skip
-    yaml = "%YAML 1.1\n---\n" + outputs.replace("outputs:\n", "outputs:\n" + (eve_out if eve else ""))
+    eve_out = (
+        "  - eve-log:\n      enabled: yes\n      filetype: regular\n"
+        "      filename: eve.json\n      community-id: yes\n      types: [flow]\n"
+    )
+    yaml = "%YAML 1.1\n---\n" + outputs.replace(
+        "outputs:\n", "outputs:\n" + (eve_out if eve else "")
+    )
     (tmp / "suricata.yaml").write_text(yaml)
     r = subprocess.run(
-        [SURICATA, "-c", str(tmp / "suricata.yaml"), "-r", str(pcap), "-l", str(logs),
-         "-k", "none", "--runmode", "single"],
-        capture_output=True, text=True, timeout=120, env={**os.environ, **(env or {})},
-    )  # fmt: skip
+        [
+            SURICATA,
+            "-c",
+            str(tmp / "suricata.yaml"),
+            "-r",
+            str(pcap),
+            "-l",
+            str(logs),
+            "-k",
+            "none",
+            "--runmode",
+            "single",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+    )
     out = r.stdout + r.stderr
     assert r.returncode == 0, out
     assert "iotcls: flow records to" in out, out  # the script loaded and set up
@@ -85,8 +113,11 @@ def sent_count(out: str, with_early: bool = False) -> tuple[int, int]:
     """(records sent, dropped) from the script's last log line; early records are counted
     among those sent, and left out unless ``with_early`` (when nothing was dropped, every
     early record made was sent)."""
-    m = re.search(r"iotcls: \d+ packets, (\d+) records sent, (\d+) dropped.*, (\d+) of the "
-                  r"records made were early ones", out)  # fmt: skip
+    m = re.search(
+        r"iotcls: \d+ packets, (\d+) records sent, (\d+) dropped.*, (\d+) of the "
+        r"records made were early ones",
+        out,
+    )
     assert m, out
     early = 0 if with_early else int(m.group(3))
     return int(m.group(1)) - early, int(m.group(2))
@@ -108,7 +139,7 @@ class Receiver:
         while not self._stop.is_set():
             try:
                 self.data.append(self.sock.recv(65536))
-            except socket.timeout:
+            except TimeoutError:
                 pass
 
     def records(self, n: int) -> list:
@@ -144,34 +175,59 @@ def bridge_table(records: list) -> FlowTable:
 
 
 def test_datagrams_that_are_not_records_are_refused_with_a_reason():
-    good = {"v": 1, "flow_id": 7, "device_ip": "10.0.0.2", "device_port": 5, "remote_ip": "1.2.3.4",
-            "remote_port": 80, "proto": 6, "start": 10.5, "last": 11.0, "total_bytes": 100,
-            "total_packets": 2, "offsets_us": [0, 500000], "sizes": [60, 40],
-            "directions": [1, 0], "payloads": ["abcd", ""], "device_is_orig": True}  # fmt: skip
+    good = {
+        "v": 1,
+        "flow_id": 7,
+        "device_ip": "10.0.0.2",
+        "device_port": 5,
+        "remote_ip": "1.2.3.4",
+        "remote_port": 80,
+        "proto": 6,
+        "start": 10.5,
+        "last": 11.0,
+        "total_bytes": 100,
+        "total_packets": 2,
+        "offsets_us": [0, 500000],
+        "sizes": [60, 40],
+        "directions": [1, 0],
+        "payloads": ["abcd", ""],
+        "device_is_orig": True,
+    }
     r = parse_datagram(json.dumps(good).encode())
-    assert (r.key(), r.uid, r.offsets, r.payloads) == \
-        (("10.0.0.2", 5, "1.2.3.4", 80, 6), "7", [0.0, 0.5], [b"\xab\xcd", b""])  # fmt: skip
+    assert (r.key(), r.uid, r.offsets, r.payloads) == (
+        ("10.0.0.2", 5, "1.2.3.4", 80, 6),
+        "7",
+        [0.0, 0.5],
+        [b"\xab\xcd", b""],
+    )
     for junk, why in (
-        (b"\xff\xfe", "not JSON"), (b"[1]", "not a JSON object"),
+        (b"\xff\xfe", "not JSON"),
+        (b"[1]", "not a JSON object"),
         (json.dumps({**good, "v": 2}).encode(), "record version 2"),
         (json.dumps({**good, "device_ip": "x"}).encode(), "'device_ip' is not an IP"),
         (json.dumps({**good, "sizes": [1]}).encode(), "differ in length"),
         (json.dumps({**good, "payloads": ["zz", ""]}).encode(), "hex strings"),
         (json.dumps({**good, "last": 1.0}).encode(), "not times in order"),
         (json.dumps({**good, "proto": "tcp"}).encode(), "'proto' missing or not int"),
-    ):  # fmt: skip
+    ):
         with pytest.raises(DatagramError, match=why):
             parse_datagram(junk)
 
 
 def test_community_id_of_the_spec_examples():
     """The Community ID spec's baseline values (community-id-spec, baseline/)."""
-    assert community_id("128.232.110.120", 34855, "66.35.250.204", 80, 6) == \
-        "1:LQU9qZlK+B5F3KDmev6m5PMibrg="  # fmt: skip
-    assert community_id("66.35.250.204", 80, "128.232.110.120", 34855, 6) == \
-        "1:LQU9qZlK+B5F3KDmev6m5PMibrg="  # fmt: skip
-    assert community_id("128.232.110.120", 34855, "66.35.250.204", 80, 6, seed=1) == \
-        "1:3V71V58M3Ksw/yuFALMcW0LAHvc="  # fmt: skip
+    assert (
+        community_id("128.232.110.120", 34855, "66.35.250.204", 80, 6)
+        == "1:LQU9qZlK+B5F3KDmev6m5PMibrg="
+    )
+    assert (
+        community_id("66.35.250.204", 80, "128.232.110.120", 34855, 6)
+        == "1:LQU9qZlK+B5F3KDmev6m5PMibrg="
+    )
+    assert (
+        community_id("128.232.110.120", 34855, "66.35.250.204", 80, 6, seed=1)
+        == "1:3V71V58M3Ksw/yuFALMcW0LAHvc="
+    )
 
 
 @pytest.mark.e2e
@@ -179,15 +235,21 @@ def test_suricata_config_prints_the_outputs_snippet_and_installs(tmp_path):
     r = iotcls("suricata-config", "--local-nets", "192.168.0.0/16")
     assert r.returncode == 0, r.stderr
     assert "scripts-dir:" in r.stdout and "- iotcls.lua" in r.stdout
-    assert "local_nets = 192.168.0.0/16" in r.stdout and "socket = /run/iotcls/suricata.sock" in r.stdout
+    assert (
+        "local_nets = 192.168.0.0/16" in r.stdout
+        and "socket = /run/iotcls/suricata.sock" in r.stdout
+    )
     assert "#   payload_bytes = 64\n#   dhcp_payload_bytes = 548\n" in r.stdout
     bad = iotcls("suricata-config", "--local-nets", "192.168.0.0/33")
     assert bad.returncode == 2 and "not a network (CIDR): '192.168.0.0/33'" in bad.stderr
     snippet = install_script(tmp_path, tmp_path / "s.sock")
     assert f"scripts-dir: {tmp_path / 'lua'}" in snippet
-    assert (tmp_path / "lua" / "iotcls.lua").read_text() == \
-        (Path(__file__).resolve().parents[1] / "suricata" / "iotcls.lua").read_text()  # fmt: skip
-    assert f"socket = {tmp_path / 's.sock'}" in (tmp_path / "lua" / "iotcls-suricata.conf").read_text()
+    assert (tmp_path / "lua" / "iotcls.lua").read_text() == (
+        Path(__file__).resolve().parents[1] / "suricata" / "iotcls.lua"
+    ).read_text()
+    assert (
+        f"socket = {tmp_path / 's.sock'}" in (tmp_path / "lua" / "iotcls-suricata.conf").read_text()
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -211,15 +273,21 @@ def test_suricata_records_equal_the_pcap_sensors(tmp_path, capture):
     assert dropped == 0 and len(got) + len(rx.early) == sent > 0
     early = bridge_table(rx.early).records()
     got = bridge_table(got).records()
-    want = capture_flows(DATA / capture, DeviceSelector.from_lists(nets=NETS.split(","))).table.records()
+    want = capture_flows(
+        DATA / capture, DeviceSelector.from_lists(nets=NETS.split(","))
+    ).table.records()
     # the early records are the schema's early records of the pcap reader's (same rule)
     E = {key(r): early_record(r) for r in want}
     assert early and len({key(r) for r in early}) == len(early)
     for a in early:
         b = E[key(a)]
         assert b is not None, key(a)
-        assert (a.total_packets, a.sizes, a.directions, a.payloads) == \
-            (b.total_packets, b.sizes, b.directions, b.payloads), key(a)  # fmt: skip
+        assert (a.total_packets, a.sizes, a.directions, a.payloads) == (
+            b.total_packets,
+            b.sizes,
+            b.directions,
+            b.payloads,
+        ), key(a)
     assert len(early) >= sum(e is not None for k, e in E.items() if k[0][4] != 2) - 3
     S, P = {key(r): r for r in got}, {key(r): r for r in want}
     assert len(S) == len(got)
@@ -229,9 +297,14 @@ def test_suricata_records_equal_the_pcap_sensors(tmp_path, capture):
     for k, a in S.items():
         b = P[k]
         assert (a.last, a.total_bytes, a.total_packets) == pytest.approx(
-            (b.last, b.total_bytes, b.total_packets), abs=1e-6), k  # fmt: skip
-        assert (a.sizes, a.directions, a.payloads, a.device_is_orig) == \
-            (b.sizes, b.directions, b.payloads, b.device_is_orig), k  # fmt: skip
+            (b.last, b.total_bytes, b.total_packets), abs=1e-6
+        ), k
+        assert (a.sizes, a.directions, a.payloads, a.device_is_orig) == (
+            b.sizes,
+            b.directions,
+            b.payloads,
+            b.device_is_orig,
+        ), k
         np.testing.assert_allclose(a.offsets, b.offsets, atol=1e-6)
         assert a.uid.isdigit() and a.device_mac == ""  # Suricata's flow id; no MACs in Lua
 
@@ -254,8 +327,9 @@ def test_suricata_keeps_whole_dhcp_messages(tmp_path):
     capture = DATA / "TP-LinkPlugHS110/Setup-A-1-STA.pcap"
     sock = tmp_path / "s.sock"
     rx = Receiver(sock)
-    out = run_suricata(tmp_path, capture, install_script(tmp_path, sock),
-                       env={"IOTCLS_DEVICES": "0.0.0.0"})  # fmt: skip
+    out = run_suricata(
+        tmp_path, capture, install_script(tmp_path, sock), env={"IOTCLS_DEVICES": "0.0.0.0"}
+    )
     assert "64 payload bytes, 548 of DHCP" in out
     sent, dropped = sent_count(out)
     raw = rx.records(sent)
@@ -263,8 +337,9 @@ def test_suricata_keeps_whole_dhcp_messages(tmp_path):
     dhcp_raw = [r for r in raw if r.proto == 17 and 68 in (r.device_port, r.remote_port)]
     assert sorted({len(p) for r in dhcp_raw for p in r.payloads}) == [300, 548]
 
-    want = capture_flows(capture, DeviceSelector.from_lists(
-        nets=NETS.split(",") + ["0.0.0.0/32"])).table  # fmt: skip
+    want = capture_flows(
+        capture, DeviceSelector.from_lists(nets=NETS.split(",") + ["0.0.0.0/32"])
+    ).table
     got = bridge_table(raw)
     g, w = _dhcp_client_rows(got), _dhcp_client_rows(want)
     assert sorted(g) == sorted(w) and {k[0][0] for k in g} == {"0.0.0.0", "10.10.10.20"}
@@ -277,13 +352,19 @@ def test_suricata_keeps_whole_dhcp_messages(tmp_path):
             else:
                 assert np.array_equal(a, b), (k, f)
     client = g[next(k for k in g if k[0][0] == "0.0.0.0")]
-    views = [got.payload[client, j, : got.payload_len[client, j]].tobytes()
-             for j in range(got.n_pkts[client])]  # fmt: skip
+    views = [
+        got.payload[client, j, : got.payload_len[client, j]].tobytes()
+        for j in range(got.n_pkts[client])
+    ]
     assert len(views) == 3 and all(b"\x0c\x09HS110(EU)" in v for v in views)
 
     rx = Receiver(tmp_path / "s2.sock")
-    run_suricata(tmp_path, capture, install_script(tmp_path, tmp_path / "s2.sock"),
-                 env={"IOTCLS_DEVICES": "0.0.0.0", "IOTCLS_DHCP_PAYLOAD_BYTES": "64"})  # fmt: skip
+    run_suricata(
+        tmp_path,
+        capture,
+        install_script(tmp_path, tmp_path / "s2.sock"),
+        env={"IOTCLS_DEVICES": "0.0.0.0", "IOTCLS_DHCP_PAYLOAD_BYTES": "64"},
+    )
     cut = [r for r in rx.records(sent) if r.proto == 17 and 68 in (r.device_port, r.remote_port)]
     assert len(cut) == len(dhcp_raw) and {len(p) for r in cut for p in r.payloads} == {64}
     assert not any(b"HS110" in p for r in cut for p in r.payloads)
@@ -293,7 +374,9 @@ def test_suricata_keeps_whole_dhcp_messages(tmp_path):
 @needs_data
 @pytest.mark.e2e
 def test_without_a_bridge_suricata_runs_on_and_counts_the_drops(tmp_path):
-    out = run_suricata(tmp_path, DATA / CAPTURES[0], install_script(tmp_path, tmp_path / "none.sock"))
+    out = run_suricata(
+        tmp_path, DATA / CAPTURES[0], install_script(tmp_path, tmp_path / "none.sock")
+    )
     sent, dropped = sent_count(out, with_early=True)
     assert sent == 0 and dropped > 0
     assert out.count("iotcls: dropping records: cannot send to the bridge") == 1
@@ -322,17 +405,30 @@ def test_end_to_end_serve_writes_eve_labels(tmp_path):
     sock, eve_log = tmp_path / "run" / "iotcls.sock", tmp_path / "suricata-logs" / "iot_class.json"
     port = free_port()
     cfg = tmp_path / "serve.yaml"
-    cfg.write_text(json.dumps({
-        "zeek": {"enabled": False},
-        "suricata": {"enabled": True, "socket": str(sock), "eve_log": str(eve_log),
-                     "community_id": True},
-        "bridge": {"bind": ["tcp://127.0.0.1:*"]},
-        "scorers": {"count": 1, "model": model, "device": "cpu"},
-        "log": {"policy": "all"}, "metrics": {"enabled": True, "port": port},
-    }))  # fmt: skip
+    cfg.write_text(
+        json.dumps(
+            {
+                "zeek": {"enabled": False},
+                "suricata": {
+                    "enabled": True,
+                    "socket": str(sock),
+                    "eve_log": str(eve_log),
+                    "community_id": True,
+                },
+                "bridge": {"bind": ["tcp://127.0.0.1:*"]},
+                "scorers": {"count": 1, "model": model, "device": "cpu"},
+                "log": {"policy": "all"},
+                "metrics": {"enabled": True, "port": port},
+            }
+        )
+    )
     err = tmp_path / "serve.err"
-    serve = subprocess.Popen([sys.executable, "-m", "iotcls", "serve", "--config", str(cfg)],
-                             stdout=subprocess.PIPE, stderr=err.open("w"), text=True)  # fmt: skip
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "iotcls", "serve", "--config", str(cfg)],
+        stdout=subprocess.PIPE,
+        stderr=err.open("w"),
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 60
         while "connected: model" not in err.read_text():
@@ -341,10 +437,16 @@ def test_end_to_end_serve_writes_eve_labels(tmp_path):
         junk = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         junk.sendto(b"\x00garbage, not a record", str(sock))
         junk.sendto(b'{"v": 1}', str(sock))
-        out = run_suricata(tmp_path, capture, install_script(tmp_path, sock, cfg), eve=True,
-                           env={"IOTCLS_REORDER_S": "0"})  # fmt: skip
+        out = run_suricata(
+            tmp_path,
+            capture,
+            install_script(tmp_path, sock, cfg),
+            eve=True,
+            env={"IOTCLS_REORDER_S": "0"},
+        )
         sent, dropped = sent_count(out)
         assert dropped == 0 and sent > 0
+
         def finals() -> int:  # EVE lines of final records: early ones say "early": true
             return sum('"early":true' not in x for x in eve_log.read_text().splitlines())
 
@@ -363,7 +465,9 @@ def test_end_to_end_serve_writes_eve_labels(tmp_path):
     early = [e for e in lines if e["iot_class"].get("early")]
     lines = [e for e in lines if "early" not in e["iot_class"]]
     assert len(lines) == sent and len(early) > 0  # early labels too, marked as such
-    assert {e["iot_class"]["device_ip"] for e in early} <= {e["iot_class"]["device_ip"] for e in lines}
+    assert {e["iot_class"]["device_ip"] for e in early} <= {
+        e["iot_class"]["device_ip"] for e in lines
+    }
     flows = {}
     for x in (tmp_path / "suricata-logs" / "eve.json").read_text().splitlines():
         ev = json.loads(x)
@@ -372,19 +476,35 @@ def test_end_to_end_serve_writes_eve_labels(tmp_path):
     want = [r for r in want if r.proto != 2]  # IGMP: no Suricata flow (see the parity test)
     for r in want:  # Suricata's Lua API has no MACs: a device is known by its address
         r.device_mac = ""
-    assert sorted({e["iot_class"]["device_ip"] for e in lines}) == sorted({r.device_ip for r in want})
+    assert sorted({e["iot_class"]["device_ip"] for e in lines}) == sorted(
+        {r.device_ip for r in want}
+    )
     offline = _labels_offline(want, model)
-    fields = set(FIELD_NAMES) - {"ts", "uid", "id.orig_h", "id.orig_p", "id.resp_h", "id.resp_p",
-                                 "proto", "device_mac"}  # fmt: skip
+    fields = set(FIELD_NAMES) - {
+        "ts",
+        "uid",
+        "id.orig_h",
+        "id.orig_p",
+        "id.resp_h",
+        "id.resp_p",
+        "proto",
+        "device_mac",
+    }
     seen = set()
     for e in lines:
         assert e["event_type"] == "iot_class" and set(e["iot_class"]) == fields
         c = e["iot_class"]
         dev_is_src = c["device_ip"] == e["src_ip"]
-        k = ((c["device_ip"], e["src_port"] if dev_is_src else e["dest_port"],
-              e["dest_ip"] if dev_is_src else e["src_ip"],
-              e["dest_port"] if dev_is_src else e["src_port"],
-              {"TCP": 6, "UDP": 17, "ICMP": 1, "IPv6-ICMP": 58}[e["proto"]]), None)  # fmt: skip
+        k = (
+            (
+                c["device_ip"],
+                e["src_port"] if dev_is_src else e["dest_port"],
+                e["dest_ip"] if dev_is_src else e["src_ip"],
+                e["dest_port"] if dev_is_src else e["src_port"],
+                {"TCP": 6, "UDP": 17, "ICMP": 1, "IPv6-ICMP": 58}[e["proto"]],
+            ),
+            None,
+        )
         starts = [s for s in offline if s[0] == k[0]]
         assert starts, e
         st = min(starts, key=lambda s: abs(_epoch(e["timestamp"]) - s[1]))
@@ -395,8 +515,12 @@ def test_end_to_end_serve_writes_eve_labels(tmp_path):
         assert c["strategy"] == "sequence" and c["model"].startswith("m@")
         ev = flows.get(e["flow_id"])
         if ev is not None and e["proto"] != "ICMP":  # Suricata's own flow event of this flow
-            assert (ev["src_ip"], ev["src_port"], ev["dest_ip"], ev["dest_port"]) == \
-                (e["src_ip"], e["src_port"], e["dest_ip"], e["dest_port"])  # fmt: skip
+            assert (ev["src_ip"], ev["src_port"], ev["dest_ip"], ev["dest_port"]) == (
+                e["src_ip"],
+                e["src_port"],
+                e["dest_ip"],
+                e["dest_port"],
+            )
             assert e["community_id"] == ev["community_id"]
     assert len(seen) == len(lines) == len(offline)
     assert metrics['iotcls_messages_rejected_total{kind="malformed",socket="suricata"}'] == 1
@@ -436,20 +560,31 @@ class SuricataServe:
         self.eve = tmp / "iot_class.json"
         self.port = port or free_port()
         self.cfg = tmp / "serve.yaml"
-        self.cfg.write_text(json.dumps({
-            "zeek": {"enabled": False},
-            "suricata": {"enabled": True, "socket": str(self.sock), "eve_log": str(self.eve)},
-            "bridge": {"bind": ["tcp://127.0.0.1:*"]},
-            "scorers": {"count": 1, "model": model, "device": "cpu"},
-            "log": {"policy": "all"}, "metrics": {"enabled": True, "port": self.port},
-        }))  # fmt: skip
+        self.cfg.write_text(
+            json.dumps(
+                {
+                    "zeek": {"enabled": False},
+                    "suricata": {
+                        "enabled": True,
+                        "socket": str(self.sock),
+                        "eve_log": str(self.eve),
+                    },
+                    "bridge": {"bind": ["tcp://127.0.0.1:*"]},
+                    "scorers": {"count": 1, "model": model, "device": "cpu"},
+                    "log": {"policy": "all"},
+                    "metrics": {"enabled": True, "port": self.port},
+                }
+            )
+        )
         self.err = tmp / "serve.err"
         self.out = tmp / "serve.out"
-        self.proc = subprocess.Popen([sys.executable, "-m", "iotcls", "serve", "--config",
-                                      str(self.cfg)], stdout=self.out.open("w"),
-                                     stderr=self.err.open("w"))  # fmt: skip
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "iotcls", "serve", "--config", str(self.cfg)],
+            stdout=self.out.open("w"),
+            stderr=self.err.open("w"),
+        )
 
-    def ready(self, timeout: float = 60) -> "SuricataServe":
+    def ready(self, timeout: float = 60) -> SuricataServe:
         deadline = time.monotonic() + timeout
         while "connected: model" not in self.err.read_text():
             assert self.proc.poll() is None and time.monotonic() < deadline, self.err.read_text()
@@ -470,7 +605,9 @@ class SuricataServe:
         deadline = time.monotonic() + timeout
         while not cond():
             assert self.proc.poll() is None, self.err.read_text()
-            assert time.monotonic() < deadline, f"timed out waiting for {what}\n" + self.err.read_text()
+            assert time.monotonic() < deadline, (
+                f"timed out waiting for {what}\n" + self.err.read_text()
+            )
             time.sleep(0.05)
 
     def stop(self) -> int:
@@ -525,7 +662,7 @@ def test_intake_checks_every_field_and_refuses_one_record_at_a_time(tmp_path, mo
         (dump({**good[0], "start": float("nan")}), "bad_field"),
         (dump({**good[0], "offsets_us": [-1] * len(good[0]["offsets_us"])}), "bad_field"),
         (dump({**good[0], "v": 2}), "version"),
-    ]  # fmt: skip
+    ]
     serve = SuricataServe(tmp_path, model_path).ready()
     try:
         sent = 0
@@ -537,9 +674,15 @@ def test_intake_checks_every_field_and_refuses_one_record_at_a_time(tmp_path, mo
             serve.send(record_datagram(r))
         serve.send(record_datagram(recs[0]))  # again: a duplicate
         serve.until(lambda: len(serve.labels()) >= len(recs), "a label per good record")
-        serve.until(lambda: _metrics(serve.port).get(
-            'iotcls_messages_rejected_total{kind="duplicate",socket="suricata"}') == 1,
-            "the duplicate counted")  # fmt: skip
+        serve.until(
+            lambda: (
+                _metrics(serve.port).get(
+                    'iotcls_messages_rejected_total{kind="duplicate",socket="suricata"}'
+                )
+                == 1
+            ),
+            "the duplicate counted",
+        )
         serve.until(lambda: _metrics(serve.port)["iotcls_live_records"] == 0, "live records 0")
         m = _metrics(serve.port)
         assert serve.stop() == 0, serve.err.read_text()
@@ -566,7 +709,10 @@ def test_the_intake_refuses_what_the_matrix_code_cannot_take():
 
     r = json.loads(record_datagram(_datagrams(1, seed=1)[0]))
     for over, why in (
-        ({"offsets_us": [10**400]}, "'offsets_us' holds a 1329-bit integer, not in 0..9007199254740992"),
+        (
+            {"offsets_us": [10**400]},
+            "'offsets_us' holds a 1329-bit integer, not in 0..9007199254740992",
+        ),
         ({"start": 1e300, "last": 1e300}, "'start' is 1e+300, not a time"),
         ({"start": -1e18}, "'start' is -1e+18, not a time"),
         ({"total_bytes": -1}, "'total_bytes' is -1, not in 0..9223372036854775807"),
@@ -575,7 +721,7 @@ def test_the_intake_refuses_what_the_matrix_code_cannot_take():
         ({"proto": 256}, "'proto' is 256, not in 0..255"),
         ({"sizes": [1] * 2000}, "'sizes' has 2000 entries, at most 1024"),
         ({"payloads": ["00" * 70000]}, "'payloads' must hold hex strings of at most 65535 bytes"),
-    ):  # fmt: skip
+    ):
         with pytest.raises(DatagramError, match=re.escape(why)) as e:
             parse_datagram(json.dumps({**r, **over}).encode())
         assert e.value.kind == "bad_field" and len(str(e.value)) < 200
@@ -605,8 +751,10 @@ def test_a_second_serve_on_the_same_socket_or_metrics_port_is_refused(tmp_path, 
         third = SuricataServe(tmp_path / "c", model_path, port=first.port)
         assert third.proc.wait(60) == 2
         err = third.err.read_text().strip().splitlines()
-        assert err == [f"iotcls serve: error: cannot serve metrics on "
-                       f"http://127.0.0.1:{first.port}/metrics: Address already in use"], err
+        assert err == [
+            f"iotcls serve: error: cannot serve metrics on "
+            f"http://127.0.0.1:{first.port}/metrics: Address already in use"
+        ], err
         assert first.sock.exists()
         rec = _datagrams(1, seed=5)[0]
         first.send(record_datagram(rec))

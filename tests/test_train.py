@@ -9,8 +9,8 @@ import pytest
 from iotcls.bundle import ModelBundle
 from iotcls.cli import main
 from iotcls.dataset import Dataset
-from iotcls.train import Split, cut_history, fit_temperature, macro_f1, split_captures
 from iotcls.testing.shared import require, sentinel_dir
+from iotcls.train import Split, cut_history, fit_temperature, macro_f1, split_captures
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = sentinel_dir()  # ../shared, or $IOTCLS_SHARED
@@ -20,14 +20,23 @@ FILES_PER_DEVICE = 6
 
 
 def test_split_is_by_capture_stratified_and_seeded():
-    caps = np.array([f"{lab}/{i}" for lab, n in (("a", 10), ("b", 3), ("c", 2), ("d", 1))
-                     for i in range(n) for _ in range(4)], dtype=object)  # fmt: skip
+    caps = np.array(
+        [
+            f"{lab}/{i}"
+            for lab, n in (("a", 10), ("b", 3), ("c", 2), ("d", 1))
+            for i in range(n)
+            for _ in range(4)
+        ],
+        dtype=object,
+    )
     labels = np.array([c.split("/")[0] for c in caps], dtype=object)
     s = split_captures(caps, labels, seed=7, val=0.15, test=0.15)
     assert s == split_captures(caps, labels, seed=7, val=0.15, test=0.15)
     assert s != split_captures(caps, labels, seed=8, val=0.15, test=0.15)
-    count = {p: {lab: sum(c.startswith(lab + "/") for c in getattr(s, p)) for lab in "abcd"}
-             for p in ("train", "val", "test")}  # fmt: skip
+    count = {
+        p: {lab: sum(c.startswith(lab + "/") for c in getattr(s, p)) for lab in "abcd"}
+        for p in ("train", "val", "test")
+    }
     assert count["test"] == {"a": 2, "b": 1, "c": 1, "d": 0}
     assert count["val"] == {"a": 2, "b": 1, "c": 0, "d": 0}
     assert count["train"] == {"a": 6, "b": 1, "c": 1, "d": 1}
@@ -40,8 +49,15 @@ def test_split_is_by_capture_stratified_and_seeded():
 def test_folds_hold_out_every_capture_once():
     from iotcls.crossval import fold_splits
 
-    caps = np.array([f"{lab}/{i}" for lab, n in (("a", 10), ("b", 3), ("c", 2))
-                     for i in range(n) for _ in range(4)], dtype=object)  # fmt: skip
+    caps = np.array(
+        [
+            f"{lab}/{i}"
+            for lab, n in (("a", 10), ("b", 3), ("c", 2))
+            for i in range(n)
+            for _ in range(4)
+        ],
+        dtype=object,
+    )
     labels = np.array([c.split("/")[0] for c in caps], dtype=object)
     folds = fold_splits(caps, labels, k=2, seed=7, val=0.15)
     assert folds == fold_splits(caps, labels, k=2, seed=7, val=0.15)
@@ -103,8 +119,26 @@ def manifest(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(manifest):
     out = manifest.parent / "model.pt"
-    assert main(["train", str(manifest), "-o", str(out), "--epochs", "10", "--batch-size", "32",
-                 "--patience", "10", "--quiet", "--seed", "3"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "train",
+                str(manifest),
+                "-o",
+                str(out),
+                "--epochs",
+                "10",
+                "--batch-size",
+                "32",
+                "--patience",
+                "10",
+                "--quiet",
+                "--seed",
+                "3",
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -122,8 +156,22 @@ def test_train_writes_a_bundle_with_its_split(trained, manifest):
 
 def test_train_then_evaluate_json(trained, manifest, tmp_path, capsys):
     capsys.readouterr()
-    assert main(["evaluate", str(manifest), "--model", str(trained), "--json", "--baseline",
-                 "--out", str(tmp_path), "--quiet"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "evaluate",
+                str(manifest),
+                "--model",
+                str(trained),
+                "--json",
+                "--baseline",
+                "--out",
+                str(tmp_path),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     r = json.loads(capsys.readouterr().out)
     assert r["scope"] == "held-out test captures of the model's split"
     assert r["data"]["capture_files"] == len(DEVICES)
@@ -146,20 +194,46 @@ def test_evaluate_folds_cross_validates(manifest, tmp_path, capsys):
     """``--folds``: each fold's model labels the captures it never saw, pooled into one
     figure over every capture."""
     capsys.readouterr()
-    assert main(["evaluate", str(manifest), "--folds", "2", "--epochs", "20", "--json",
-                 "--out", str(tmp_path), "--quiet", "--seed", "1"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "evaluate",
+                str(manifest),
+                "--folds",
+                "2",
+                "--epochs",
+                "20",
+                "--json",
+                "--out",
+                str(tmp_path),
+                "--quiet",
+                "--seed",
+                "1",
+            ]
+        )
+        == 0
+    )
     r = json.loads(capsys.readouterr().out)
     assert r["folds"] == 2 and r["capture_files"] == len(DEVICES) * FILES_PER_DEVICE
     assert len(r["per_fold"]) == 2
     assert sum(f["capture_files"] for f in r["per_fold"]) == r["capture_files"]
     assert sum(f["labels"] for f in r["per_fold"]) == r["labels"]
-    for name in ("flow", "sequence", "device", "sequence + DHCP identity",
-                 "device + DHCP identity", "random forest, flow", "random forest, device"):  # fmt: skip
+    for name in (
+        "flow",
+        "sequence",
+        "device",
+        "sequence + DHCP identity",
+        "device + DHCP identity",
+        "random forest, flow",
+        "random forest, device",
+    ):
         s = r["pooled"][name]
         f = s["fold_macro_f1"]
         assert f["min"] <= f["mean"] <= f["max"] and f["sd"] >= 0
-        assert [fold[name] for fold in r["per_fold"]] in ([f["min"], f["max"]],
-                                                           [f["max"], f["min"]])  # fmt: skip
+        assert [fold[name] for fold in r["per_fold"]] in (
+            [f["min"], f["max"]],
+            [f["max"], f["min"]],
+        )
     assert r["pooled"]["sequence"]["macro_f1"] >= 0.8  # five types that differ
     assert set(r["per_class"]) == set(DEVICES)
     assert json.loads((tmp_path / "cross-validation.json").read_text()) == r
@@ -173,8 +247,23 @@ def test_evaluate_folds_cross_validates(manifest, tmp_path, capsys):
 
 def test_evaluate_leave_out_from_the_command_line(manifest, tmp_path, capsys):
     capsys.readouterr()
-    assert main(["evaluate", str(manifest), "--leave-out", "Aria", "--epochs", "3", "--json",
-                 "--out", str(tmp_path), "--quiet"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "evaluate",
+                str(manifest),
+                "--leave-out",
+                "Aria",
+                "--epochs",
+                "3",
+                "--json",
+                "--out",
+                str(tmp_path),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     r = json.loads(capsys.readouterr().out)
     assert r["epochs"] == 3 and set(r["types"]) == {"Aria"}
     assert r["types"]["Aria"]["labels"] > 0 and 0 <= r["mean_untrusted_share"] <= 1
@@ -191,8 +280,10 @@ def test_train_on_a_dataset_file(trained, manifest, tmp_path):
     split = ModelBundle.load(trained).metadata["split"]
     assert set(split["train"] + split["val"] + split["test"]) == set(ds.captures.tolist())
     out = tmp_path / "m.pt"
-    assert main(["train", str(ds_path), "-o", str(out), "--epochs", "1", "--quiet",
-                 "--seed", "3"]) == 0  # fmt: skip
+    assert (
+        main(["train", str(ds_path), "-o", str(out), "--epochs", "1", "--quiet", "--seed", "3"])
+        == 0
+    )
     assert ModelBundle.load(out).metadata["split"] == split
 
 

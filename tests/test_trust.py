@@ -81,9 +81,11 @@ def brute_force_shapley(v, g):
 def tiny_mlp(layout, n_classes=3, seed=0):
     torch.manual_seed(seed)
     return torch.nn.Sequential(
-        torch.nn.Flatten(), torch.nn.Linear(layout.rows * layout.width, 16), torch.nn.Tanh(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(layout.rows * layout.width, 16),
+        torch.nn.Tanh(),
         torch.nn.Linear(16, n_classes),
-    ).eval()  # fmt: skip
+    ).eval()
 
 
 def test_linear_model_closed_form():
@@ -203,8 +205,16 @@ def fitted_state():
     # five flows of x taken for y, explained as y's usually are (near one edge of y's cluster)
     pred[:5] = 1
     vals[:5, 0] = [0.0, 1.08, 0.0] + 0.001 * rng.standard_normal((5, 3))
-    cfg = TrustConfig(conf_threshold=0.6, quantile=0.9, k=3, precision_k=5, min_precision=0.5,
-                      prior_strength=2.0, max_refs=100, min_refs=6)  # fmt: skip
+    cfg = TrustConfig(
+        conf_threshold=0.6,
+        quantile=0.9,
+        k=3,
+        precision_k=5,
+        min_precision=0.5,
+        prior_strength=2.0,
+        max_refs=100,
+        min_refs=6,
+    )
     return fit_trust(vals, pred, y, ["a"], ["x", "y", "z"], config=cfg), rng
 
 
@@ -219,19 +229,29 @@ def test_fit_and_decide():
     assert state.refs_per_class().tolist() == [55, 60, 0]  # class z was never predicted right
     assert len(state.refs) == 120 and int(state.ref_correct.sum()) == 115  # 55 + 65 predicted
     assert np.isnan(float(state.dist_threshold[2]))
-    values = np.array([[1.0, 0.0, 0.0],  # typical of x
-                       [1.0, 0.0, 0.0],  # typical, but unsure
-                       [0.0, 0.0, 1.0],  # x, explained like nothing seen for x
-                       [0.0, 0.95, 0.0],  # typical of y
-                       [0.0, 1.08, 0.0],  # y, explained the way the mistakes were
-                       [0.0, 1.0, 0.0]])[:, None, :]  # predicted z: no profile to compare with
+    values = np.array(
+        [
+            [1.0, 0.0, 0.0],  # typical of x
+            [1.0, 0.0, 0.0],  # typical, but unsure
+            [0.0, 0.0, 1.0],  # x, explained like nothing seen for x
+            [0.0, 0.95, 0.0],  # typical of y
+            [0.0, 1.08, 0.0],  # y, explained the way the mistakes were
+            [0.0, 1.0, 0.0],
+        ]
+    )[:, None, :]  # predicted z: no profile to compare with
     pred = np.array([0, 0, 0, 1, 1, 2])
     conf = np.array([0.95, 0.55, 0.99, 0.9, 0.99, 0.9])
     d = decide(state, log_probs_for(pred, conf), values)
     assert d.pred.tolist() == pred.tolist()
     np.testing.assert_allclose(d.confidence, conf)
-    assert d.reason == ["-", "low_confidence", "atypical_explanation", "-",
-                        "error_like_explanation", "unverified_class"]  # fmt: skip
+    assert d.reason == [
+        "-",
+        "low_confidence",
+        "atypical_explanation",
+        "-",
+        "error_like_explanation",
+        "unverified_class",
+    ]
     assert d.trusted.tolist() == [True, False, False, True, False, False]
     assert d.refined(state.classes) == ["x", UNKNOWN, UNKNOWN, "y", UNKNOWN, UNKNOWN]
     assert d.distance[0] < 1 < d.distance[2] and d.distance[4] < 1
@@ -302,8 +322,9 @@ def test_windowed_trusted_vote():
     pred = np.array([1, 1, 0, 0, 2, 2, 2, 0])
     conf = np.array([0.9, 0.9, 0.8, 0.8, 0.9, 0.9, 0.9, 0.99])
     trusted = np.array([1, 1, 1, 1, 0, 0, 1, 1], bool)
-    idx, emitted = windowed_trusted_vote(pred, conf, trusted, groups, times, 3, window=3,
-                                         min_votes=2)  # fmt: skip
+    idx, emitted = windowed_trusted_vote(
+        pred, conf, trusted, groups, times, 3, window=3, min_votes=2
+    )
     assert emitted.tolist() == [False, True, True, True, False, True, True, True]
     # session 0 windows: {1}, {1,1}, {1,1,0}: 1.8 vs .8 -> 1; {1,0,0}: .9 vs 1.6 -> 0; {0,0,0}
     # session 1: {2u}, {2u,2u}: none trusted -> unknown; {2u,2u,2}: 1/3 < 0.5 -> unknown
@@ -327,17 +348,23 @@ def test_all_classes_values():
 # -- end to end: train (the project's code path), then a device type never seen -------------
 @pytest.fixture(scope="module")
 def trained():
-    from synth_devices import LAYOUT, make_data
-
     from iotcls.train import Split, TrainConfig, train
+    from synth_devices import LAYOUT, make_data
 
     torch.set_num_threads(1)
     x, y, caps = make_data(["cam", "plug", "hub", "sensor"], 8, seed=0)
     small = dict(byte_dim=4, packet_dim=16, meta_dim=8, row_dim=16, hidden=16)
     # early_share 0: these synthetic flows have 1 to 4 packets, and their kinds share the
     # first ones, so cut flows say nothing of the type (real flows keep 10 packets)
-    cfg = TrainConfig(epochs=8, batch_size=64, lr=3e-3, val_fraction=0.25, test_fraction=0.25,
-                      model=small, early_share=0.0)  # fmt: skip
+    cfg = TrainConfig(
+        epochs=8,
+        batch_size=64,
+        lr=3e-3,
+        val_fraction=0.25,
+        test_fraction=0.25,
+        model=small,
+        early_share=0.0,
+    )
     bundle = train(x, y, caps, LAYOUT, cfg, progress=False, log=lambda m: None)
     test = Split(**bundle.metadata["split"]).part_of(caps) == 2
     return bundle, x[test], y[test]
@@ -359,9 +386,8 @@ def test_training_fits_and_stores_the_trust_state(trained, tmp_path):
 
 
 def test_known_devices_trusted_unseen_device_unknown(trained):
-    from synth_devices import make_data
-
     from iotcls.predict import Predictor
+    from synth_devices import make_data
 
     bundle, x, y = trained
     p = Predictor(bundle)
@@ -374,8 +400,7 @@ def test_known_devices_trusted_unseen_device_unknown(trained):
     unseen = p.predict(xu)
     assert unseen.confidence.mean() > 0.8  # the model alone is confidently wrong ...
     assert (~unseen.trusted).mean() >= 0.9  # ... the trust layer withholds the labels
-    assert set(unseen.reason[~unseen.trusted]) <= {"atypical_explanation",
-                                                   "error_like_explanation"}  # fmt: skip
+    assert set(unseen.reason[~unseen.trusted]) <= {"atypical_explanation", "error_like_explanation"}
     # explain=False: the confidence criterion alone, which lets the unseen device through
     cheap = Predictor(bundle, explain=False).predict(xu)
     assert cheap.trusted.mean() >= 0.9 and cheap.top_groups[0] == []
@@ -393,8 +418,17 @@ def test_windowed_vote_confidence():
     pred = np.array([1, 1, 0, 1])
     conf = np.array([0.9, 0.7, 0.99, 0.5])
     trusted = np.array([1, 1, 1, 0], bool)
-    idx, emitted, c = windowed_trusted_vote(pred, conf, trusted, np.zeros(4), np.arange(4.0), 2,
-                                            window=4, min_votes=1, with_confidence=True)  # fmt: skip
+    idx, emitted, c = windowed_trusted_vote(
+        pred,
+        conf,
+        trusted,
+        np.zeros(4),
+        np.arange(4.0),
+        2,
+        window=4,
+        min_votes=1,
+        with_confidence=True,
+    )
     assert idx.tolist() == [1, 1, 1, 1] and emitted.all()  # 1.6 against 0.99
     np.testing.assert_allclose(c, [0.9, 0.8, 0.8, 0.8])  # mean of the trusted votes for 1
 
@@ -402,20 +436,31 @@ def test_windowed_vote_confidence():
 def test_leave_out_reports_the_unseen_type():
     from types import SimpleNamespace
 
-    from synth_devices import LAYOUT, make_data
-
     from iotcls.train import TrainConfig
     from iotcls.trust.evaluation import format_leave_out, leave_out
+    from synth_devices import LAYOUT, make_data
 
     x, y, caps = make_data(["cam", "plug", "hub", "sensor", "kettle"], 8, seed=0)
-    ds = SimpleNamespace(matrices=x, labels=y.astype(str), captures=caps.astype(str),
-                         devices=np.array([c.split("/")[0] for c in caps]),
-                         timestamps=np.arange(len(y), dtype=float), layout=LAYOUT)  # fmt: skip
+    ds = SimpleNamespace(
+        matrices=x,
+        labels=y.astype(str),
+        captures=caps.astype(str),
+        devices=np.array([c.split("/")[0] for c in caps]),
+        timestamps=np.arange(len(y), dtype=float),
+        layout=LAYOUT,
+    )
     small = dict(byte_dim=4, packet_dim=16, meta_dim=8, row_dim=16, hidden=16)
     # early_share 0: these synthetic flows have 1 to 4 packets, and their kinds share the
     # first ones, so cut flows say nothing of the type (real flows keep 10 packets)
-    cfg = TrainConfig(epochs=8, batch_size=64, lr=3e-3, val_fraction=0.25, test_fraction=0.25,
-                      model=small, early_share=0.0)  # fmt: skip
+    cfg = TrainConfig(
+        epochs=8,
+        batch_size=64,
+        lr=3e-3,
+        val_fraction=0.25,
+        test_fraction=0.25,
+        model=small,
+        early_share=0.0,
+    )
     rep = leave_out(ds, ["kettle"], cfg, log=lambda m: None)
     k = rep["types"]["kettle"]
     assert k["labels"] == 240 and k["untrusted_share"] >= 0.9
@@ -463,15 +508,22 @@ def test_device_consistency_online_twin_equals_the_batch_rule():
         conf[rng.random(n) < 0.1] = 0.5  # ties
         batch = rule.agrees(pred, conf, groups, np.arange(n, dtype=float), classes)
         tracker = rule.online(max_devices=100)
-        online = [tracker.observe(f"d{g}", f"c{p}", float(c)) for g, p, c in zip(groups, pred, conf)]
+        online = [
+            tracker.observe(f"d{g}", f"c{p}", float(c)) for g, p, c in zip(groups, pred, conf)
+        ]
         assert batch.tolist() == online
         assert 0 < batch.sum() < n or window == 0
 
 
 def test_device_consistency_knobs_travel_in_the_state():
-    st = fit_trust(np.random.default_rng(0).normal(size=(40, 2, 2)), np.zeros(40, int),
-                   np.zeros(40, int), ["a", "b"], ["x", "y"],
-                   config=TrustConfig(device_window=7, device_share=0.75, device_min_prior=3))
+    st = fit_trust(
+        np.random.default_rng(0).normal(size=(40, 2, 2)),
+        np.zeros(40, int),
+        np.zeros(40, int),
+        ["a", "b"],
+        ["x", "y"],
+        config=TrustConfig(device_window=7, device_share=0.75, device_min_prior=3),
+    )
     back = TrustState.from_dict(st.to_dict())
     assert DeviceConsistency.of(back) == DeviceConsistency(7, 0.75, 3)
     old = st.to_dict()
@@ -486,8 +538,9 @@ def test_dhcp_identity_rule_and_its_online_twin():
     another class fails; the live tracker gives the same identities."""
     from iotcls.trust.dhcp_identity import DhcpIdentity, fit_identities, latest
 
-    seen = fit_identities(np.array(["h=a", None, "h=b", "h=b", None], object),
-                          ["plug", "plug", "cam", "hub", ""])  # fmt: skip
+    seen = fit_identities(
+        np.array(["h=a", None, "h=b", "h=b", None], object), ["plug", "plug", "cam", "hub", ""]
+    )
     assert seen == {"h=a": ["plug"], "h=b": ["cam", "hub"]}
     rule = DhcpIdentity({k: frozenset(v) for k, v in seen.items()})
     rng = np.random.default_rng(5)
@@ -517,8 +570,13 @@ def test_dhcp_identity_rule_and_its_online_twin():
 
 
 def test_dhcp_identities_travel_in_the_state():
-    st = fit_trust(np.random.default_rng(0).normal(size=(40, 2, 2)), np.zeros(40, int),
-                   np.zeros(40, int), ["a", "b"], ["x", "y"])  # fmt: skip
+    st = fit_trust(
+        np.random.default_rng(0).normal(size=(40, 2, 2)),
+        np.zeros(40, int),
+        np.zeros(40, int),
+        ["a", "b"],
+        ["x", "y"],
+    )
     st.dhcp_identities = {"host=HS110(EU)": ["x"]}
     back = TrustState.from_dict(st.to_dict())
     assert back.dhcp_identities == {"host=HS110(EU)": ["x"]}
@@ -533,20 +591,39 @@ def test_ambiguous_dhcp_identities():
     from iotcls.trust.decision import DHCP_AMBIGUOUS, apply_device_rules
     from iotcls.trust.dhcp_identity import DhcpIdentity, fit_ambiguous
 
-    seen = {"h=plug": ["plug"], "h=sib": ["cam", "hub"], "h=sib2": ["cam", "hub"], "h=gone": ["cam", "hub"]}
+    seen = {
+        "h=plug": ["plug"],
+        "h=sib": ["cam", "hub"],
+        "h=sib2": ["cam", "hub"],
+        "h=gone": ["cam", "hub"],
+    }
     ids = ["h=plug", "h=sib", "h=sib", "h=sib2", "h=sib2", None]
     pred = ["plug", "cam", "hub", "cam", "cam", "cam"]
     truth = ["plug", "cam", "cam", "cam", "cam", "hub"]
     assert fit_ambiguous(seen, ids, pred, truth, 0.9) == ["h=gone", "h=sib"]
     assert fit_ambiguous(seen, ids, pred, truth, 0.5) == ["h=gone"]
-    st = fit_trust(np.random.default_rng(0).normal(size=(40, 2, 2)), np.zeros(40, int),
-                   np.zeros(40, int), ["a", "b"], ["cam", "hub"])  # fmt: skip
+    st = fit_trust(
+        np.random.default_rng(0).normal(size=(40, 2, 2)),
+        np.zeros(40, int),
+        np.zeros(40, int),
+        ["a", "b"],
+        ["cam", "hub"],
+    )
     st.dhcp_identities, st.dhcp_ambiguous = {"h=sib": ["cam", "hub"]}, ["h=sib"]
     back = TrustState.from_dict(st.to_dict())
     assert DhcpIdentity.of(back).ambiguous == {"h=sib"}
     trusted = np.ones(3, bool)
     reason = np.array(["-"] * 3, object)
-    apply_device_rules(back, ["cam", "hub"], np.array([0, 1, 0]), np.ones(3), np.array([0, 1, 2]),
-                       np.zeros(3), ["h=sib", None, "h=sib"], trusted, reason)  # fmt: skip
+    apply_device_rules(
+        back,
+        ["cam", "hub"],
+        np.array([0, 1, 0]),
+        np.ones(3),
+        np.array([0, 1, 2]),
+        np.zeros(3),
+        ["h=sib", None, "h=sib"],
+        trusted,
+        reason,
+    )
     assert trusted.tolist() == [False, True, False]
     assert reason.tolist() == [DHCP_AMBIGUOUS, "-", DHCP_AMBIGUOUS]

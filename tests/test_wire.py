@@ -30,8 +30,16 @@ def test_every_message_kind_round_trips():
         wire.Welcome(2, 1.5),
         wire.Reject("layout differs"),
         wire.Heartbeat(),
-        wire.Reply(3, ["Aria", "HueBridge"], [0.5, 1.0], [True, False], ["-", "low_confidence"],
-                   [["payload", "sizes"], []], "m@1", 1.25),  # fmt: skip
+        wire.Reply(
+            3,
+            ["Aria", "HueBridge"],
+            [0.5, 1.0],
+            [True, False],
+            ["-", "low_confidence"],
+            [["payload", "sizes"], []],
+            "m@1",
+            1.25,
+        ),
         wire.Failure(4, "boom"),
         wire.Stop(),
         wire.Bye("stopping"),
@@ -113,8 +121,17 @@ def test_hints_and_explained_round_trip():
     got = wire.decode(wire.encode(wire.Request(3, m, [1, 2], h)))
     assert got.hints == h
     assert wire.decode(wire.encode(wire.Request(3, m, [1, 2]))).hints is None
-    r = wire.Reply(3, ["a", "b"], [0.5, 0.5], [True, False], ["-", "x"], [[], []], "m", 1.0,
-                   explained=[True, False])  # fmt: skip
+    r = wire.Reply(
+        3,
+        ["a", "b"],
+        [0.5, 0.5],
+        [True, False],
+        ["-", "x"],
+        [[], []],
+        "m",
+        1.0,
+        explained=[True, False],
+    )
     assert wire.decode(wire.encode(r)) == r
     d = msgpack.unpackb(wire.encode(wire.Request(3, m, [1, 2], h)))
     d["due"] = [True]
@@ -131,7 +148,10 @@ def test_identities_round_trip_and_are_checked():
     assert got.identities == ids and got.hints is None
     assert wire.decode(wire.encode(wire.Request(3, m, [1, 2]))).identities is None
     d = msgpack.unpackb(wire.encode(wire.Request(3, m, [1, 2], None, ids)))
-    for bad, what in (([None], "'ids' has 1 entries, expected 2"), ([1, None], "'ids' holds a int")):
+    for bad, what in (
+        ([None], "'ids' has 1 entries, expected 2"),
+        ([1, None], "'ids' holds a int"),
+    ):
         d["ids"] = bad
         with pytest.raises(wire.WireError, match=what):
             wire.decode(msgpack.packb(d, use_bin_type=True))

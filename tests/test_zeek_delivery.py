@@ -45,10 +45,22 @@ def test_a_killed_bridge_loses_no_record_offline(tmp_path, sample):
     serve = Serve(tmp_path, f"ws://127.0.0.1:{ws}/v1/messages/json").start()
     zerr = tmp_path / "zeek.err"
     macs = "IoTClass::device_macs={" + ",".join(f'"{m}"' for m in sample.macs) + "}"
-    zeek = subprocess.Popen([ZEEK, "-C", "-r", str(sample.pcap), str(PKG), macs,
-                             f"IoTClass::websocket_port={ws}/tcp", "IoTClass::early_records=F",
-                             "IoTClass::hold_timeout=120sec"], cwd=zdir,
-                            stdout=subprocess.DEVNULL, stderr=zerr.open("w"))  # fmt: skip
+    zeek = subprocess.Popen(
+        [
+            ZEEK,
+            "-C",
+            "-r",
+            str(sample.pcap),
+            str(PKG),
+            macs,
+            f"IoTClass::websocket_port={ws}/tcp",
+            "IoTClass::early_records=F",
+            "IoTClass::hold_timeout=120sec",
+        ],
+        cwd=zdir,
+        stdout=subprocess.DEVNULL,
+        stderr=zerr.open("w"),
+    )
     try:
         wait_for(lambda: connects(zerr) >= 1, 120, "the first bridge", [zeek])
         time.sleep(0.3)
@@ -56,8 +68,11 @@ def test_a_killed_bridge_loses_no_record_offline(tmp_path, sample):
         serve.start()
         wait_for(lambda: connects(zerr) >= 2, 120, "the second bridge", [zeek])
         # labels are being logged: kill it in the middle of them
-        wait_for(lambda: log_rows(zdir / "iot_class.log") or zeek.poll() is not None, 120,
-                 "the first labels")  # fmt: skip
+        wait_for(
+            lambda: log_rows(zdir / "iot_class.log") or zeek.poll() is not None,
+            120,
+            "the first labels",
+        )
         killed_mid = zeek.poll() is None
         if killed_mid:
             serve.kill()
@@ -97,13 +112,18 @@ def test_a_killed_bridge_loses_no_record_live(tmp_path):
     port, ws = free_port(), free_port()
     serve = Serve(tmp_path, f"ws://127.0.0.1:{ws}/v1/messages/json").start()
     zdir, pub = tmp_path / "zeek", tmp_path / "published.txt"
-    zeek = live_zeek(zdir, port, ws, pub, "IoTClass::window_length=2sec",
-                     "udp_inactivity_timeout=3sec")  # fmt: skip
+    zeek = live_zeek(
+        zdir, port, ws, pub, "IoTClass::window_length=2sec", "udp_inactivity_timeout=3sec"
+    )
     zerr = zdir / "zeek.err"
     traffic = Traffic(port, 60, 0.2)
     try:
-        wait_for(lambda: connects(zerr) >= 1 and "listening on lo" in zerr.read_text(), 120,
-                 "Zeek and the bridge", [zeek])  # fmt: skip
+        wait_for(
+            lambda: connects(zerr) >= 1 and "listening on lo" in zerr.read_text(),
+            120,
+            "Zeek and the bridge",
+            [zeek],
+        )
         serve.ready()
         traffic.ticking(True)
         time.sleep(1)
@@ -153,9 +173,15 @@ def test_zeek_stopped_with_open_windows_loses_nothing(tmp_path):
     traffic = Traffic(port, 25, 0.2)
     zeek2 = None
     try:
-        wait_for(lambda: connects(first / "zeek.err") >= 1
-                 and "listening on lo" in (first / "zeek.err").read_text(), 120,
-                 "Zeek and the bridge", [zeek])  # fmt: skip
+        wait_for(
+            lambda: (
+                connects(first / "zeek.err") >= 1
+                and "listening on lo" in (first / "zeek.err").read_text()
+            ),
+            120,
+            "Zeek and the bridge",
+            [zeek],
+        )
         traffic.send_for(2)
         time.sleep(0.5)
         zeek.send_signal(signal.SIGTERM)
@@ -165,11 +191,18 @@ def test_zeek_stopped_with_open_windows_loses_nothing(tmp_path):
         c1 = counts(delivery_line((first / "zeek.err").read_text()))
         assert c1["spooled"] == 25 - c1["acked"], c1
         assert len(spool.read_text().splitlines()) == c1["spooled"]
-        zeek2 = live_zeek(second, port, ws, tmp_path / "published2.txt",
-                          f"IoTClass::spool_file={spool}")  # fmt: skip
-        wait_for(lambda: len(log_rows(first / "iot_class.log")) +
-                 len(log_rows(second / "iot_class.log")) >= 25, 120, "the late labels",
-                 [zeek2])  # fmt: skip
+        zeek2 = live_zeek(
+            second, port, ws, tmp_path / "published2.txt", f"IoTClass::spool_file={spool}"
+        )
+        wait_for(
+            lambda: (
+                len(log_rows(first / "iot_class.log")) + len(log_rows(second / "iot_class.log"))
+                >= 25
+            ),
+            120,
+            "the late labels",
+            [zeek2],
+        )
         time.sleep(1)
         zeek2.send_signal(signal.SIGTERM)
         assert zeek2.wait(60) == 0
@@ -200,15 +233,55 @@ def make_pki(d: Path) -> dict[str, Path]:
         subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True)
 
     for ca in ("ca", "other-ca"):
-        run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{ca}.key", "-out",
-            f"{ca}.pem", "-days", "2", "-subj", f"/CN=iotcls test {ca}")  # fmt: skip
-    for name, ext in (("zeek", "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth"),
-                      ("bridge", "extendedKeyUsage=clientAuth")):
+        run(
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            f"{ca}.key",
+            "-out",
+            f"{ca}.pem",
+            "-days",
+            "2",
+            "-subj",
+            f"/CN=iotcls test {ca}",
+        )
+    for name, ext in (
+        ("zeek", "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth"),
+        ("bridge", "extendedKeyUsage=clientAuth"),
+    ):
         (d / f"{name}.ext").write_text(ext + "\n")
-        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out",
-            f"{name}.csr", "-subj", f"/CN={name}")  # fmt: skip
-        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-            "-CAcreateserial", "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext")  # fmt: skip
+        run(
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            f"{name}.key",
+            "-out",
+            f"{name}.csr",
+            "-subj",
+            f"/CN={name}",
+        )
+        run(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            f"{name}.pem",
+            "-days",
+            "2",
+            "-extfile",
+            f"{name}.ext",
+        )
     return {p.stem if p.suffix == ".pem" else p.name: p for p in d.iterdir()}
 
 
@@ -225,15 +298,30 @@ def test_websocket_over_tls_with_verified_certificates(tmp_path, sample):
     url = f"wss://127.0.0.1:{ws}/v1/messages/json"
     zdir = tmp_path / "zeek"
     zdir.mkdir()
-    tls = (f"IoTClass::websocket_tls=[$cert_file=\"{pki['zeek']}\", "
-           f"$key_file=\"{tmp_path / 'pki' / 'zeek.key'}\", $enable_peer_verification=T, "
-           f"$ca_file=\"{pki['ca']}\"]")  # fmt: skip
+    tls = (
+        f'IoTClass::websocket_tls=[$cert_file="{pki["zeek"]}", '
+        f'$key_file="{tmp_path / "pki" / "zeek.key"}", $enable_peer_verification=T, '
+        f'$ca_file="{pki["ca"]}"]'
+    )
     macs = "IoTClass::device_macs={" + ",".join(f'"{m}"' for m in sample.macs) + "}"
     zerr = tmp_path / "zeek.err"
-    zeek = subprocess.Popen([ZEEK, "-C", "-r", str(sample.pcap), str(PKG), macs, tls,
-                             f"IoTClass::websocket_port={ws}/tcp", "IoTClass::early_records=F",
-                             "IoTClass::hold_timeout=120sec"], cwd=zdir,
-                            stdout=subprocess.DEVNULL, stderr=zerr.open("w"))  # fmt: skip
+    zeek = subprocess.Popen(
+        [
+            ZEEK,
+            "-C",
+            "-r",
+            str(sample.pcap),
+            str(PKG),
+            macs,
+            tls,
+            f"IoTClass::websocket_port={ws}/tcp",
+            "IoTClass::early_records=F",
+            "IoTClass::hold_timeout=120sec",
+        ],
+        cwd=zdir,
+        stdout=subprocess.DEVNULL,
+        stderr=zerr.open("w"),
+    )
     serve = None
     try:
         # the wrong CA, and no client certificate: no session, whatever is tried
@@ -247,8 +335,13 @@ def test_websocket_over_tls_with_verified_certificates(tmp_path, sample):
         assert not asyncio.run(attempt(tls_context(str(pki["other-ca"]))))
         assert not asyncio.run(attempt(tls_context(str(pki["ca"]))))  # no client certificate
         assert zeek.poll() is None and connects(zerr) == 0
-        serve = Serve(tmp_path, url, tls_ca=str(pki["ca"]), tls_cert=str(pki["bridge"]),
-                      tls_key=str(tmp_path / "pki" / "bridge.key")).start()  # fmt: skip
+        serve = Serve(
+            tmp_path,
+            url,
+            tls_ca=str(pki["ca"]),
+            tls_cert=str(pki["bridge"]),
+            tls_key=str(tmp_path / "pki" / "bridge.key"),
+        ).start()
         assert zeek.wait(300) == 0, zerr.read_text()[-3000:]
     finally:
         if zeek.poll() is None:

@@ -89,8 +89,18 @@ def zeek_records(name: str, mac: str, window_s: float = 60.0, n: int = 10) -> li
                 windows.append([t, []])
             windows[-1][1].append((t, size, d))
         for start, w in windows:
-            out.append((dev, rem, proto, len(w), sum(s for _, s, _ in w),
-                        tuple(s for _, s, _ in w[:n]), tuple(d for *_, d in w[:n]), start))
+            out.append(
+                (
+                    dev,
+                    rem,
+                    proto,
+                    len(w),
+                    sum(s for _, s, _ in w),
+                    tuple(s for _, s, _ in w[:n]),
+                    tuple(d for *_, d in w[:n]),
+                    start,
+                )
+            )
     return sorted(out)
 
 
@@ -100,11 +110,18 @@ def test_same_records_as_zeek_packets_give(name):
     mac = (DATA / device / "_iotdevice-mac.txt").read_text().strip()
     cf = capture_flows(pcap_of(name), DeviceSelector.from_lists([mac]))
     ours = sorted(
-        ((r.device_ip, r.device_port), (r.remote_ip, r.remote_port),
-         PROTO.get(r.proto, "other"), r.total_packets, r.total_bytes, tuple(r.sizes),
-         tuple(r.directions), r.start)
+        (
+            (r.device_ip, r.device_port),
+            (r.remote_ip, r.remote_port),
+            PROTO.get(r.proto, "other"),
+            r.total_packets,
+            r.total_bytes,
+            tuple(r.sizes),
+            tuple(r.directions),
+            r.start,
+        )
         for r in cf.table.records()
-    )  # fmt: skip
+    )
     want = zeek_records(name, mac)
     assert len(ours) == len(want) > 0
     for a, b in zip(ours, want):
@@ -141,9 +158,16 @@ def _dhcp_rows(t) -> dict[tuple, int]:
     """Rows of the device's DHCP client flows (device port 68) of table *t*, by key."""
     from iotcls.flowtable import bytes_to_ip
 
-    return {(t.device_mac[i], bytes_to_ip(t.device_ip[i].tobytes()),
-             bytes_to_ip(t.remote_ip[i].tobytes()), int(t.remote_port[i]), round(t.start[i], 6)): i
-            for i in np.flatnonzero((t.proto == 17) & (t.device_port == 68)).tolist()}  # fmt: skip
+    return {
+        (
+            t.device_mac[i],
+            bytes_to_ip(t.device_ip[i].tobytes()),
+            bytes_to_ip(t.remote_ip[i].tobytes()),
+            int(t.remote_port[i]),
+            round(t.start[i], 6),
+        ): i
+        for i in np.flatnonzero((t.proto == 17) & (t.device_port == 68)).tolist()
+    }
 
 
 def _slot_bytes(t, i: int) -> list[bytes]:
@@ -179,8 +203,9 @@ def test_the_zeek_package_keeps_whole_dhcp_messages(tmp_path):
     assert all(b"\x0c\x09HS110(EU)" in v for v in _slot_bytes(got, client))
 
     tables.clear()
-    r, _, _, _ = _zeek_with_bridge(pcap, tmp_path, _macs_arg([mac]),
-                                   "IoTClass::dhcp_payload_bytes=64", tables=tables)  # fmt: skip
+    r, _, _, _ = _zeek_with_bridge(
+        pcap, tmp_path, _macs_arg([mac]), "IoTClass::dhcp_payload_bytes=64", tables=tables
+    )
     assert r.returncode == 0, r.stderr
     cut = FlowTable.concat(tables, want.packets, want.payload_bytes)
     views = [v for i in _dhcp_rows(cut).values() for v in _slot_bytes(cut, i)]

@@ -45,7 +45,7 @@ PRINT_RECORDS = """
 hook IoTClass::flow_policy(rec: IoTClass::FlowRecord, early: bool)
 	{
 	print fmt("iotcls-record %.6f %s %s", network_time(), early ? "early" : "final",
-	    to_json(rec));
+		to_json(rec));
 	}
 """
 
@@ -68,24 +68,31 @@ def plugin_dir(tmp_path_factory) -> Path:
             pytest.fail(f"${PLUGIN_ENV}={given} holds no __zeek_plugin__", pytrace=False)
         return path
     zeek_config = _zeek_config()
-    missing = [what for what, ok in (
-        (f"zeek-config (beside {ZEEK} or on PATH)", zeek_config),
-        ("cmake", shutil.which("cmake")),
-        ("a C++ compiler (c++)", shutil.which("c++") or shutil.which("g++")),
-        ("make", shutil.which("make")),
-    ) if not ok]  # fmt: skip
+    missing = [
+        what
+        for what, ok in (
+            (f"zeek-config (beside {ZEEK} or on PATH)", zeek_config),
+            ("cmake", shutil.which("cmake")),
+            ("a C++ compiler (c++)", shutil.which("c++") or shutil.which("g++")),
+            ("make", shutil.which("make")),
+        )
+        if not ok
+    ]
     if missing:
         pytest.skip(f"cannot build the native plugin: no {', '.join(missing)}")
     build = tmp_path_factory.mktemp("zeek-plugin") / "build"
     log = build.parent / "build.log"
     with log.open("w") as out:
-        for cmd in ([str(PLUGIN_SRC / "configure"), f"--zeek-config={zeek_config}",
-                     f"--builddir={build}"],
-                    ["make", "-C", str(build), f"-j{min(os.cpu_count() or 1, 4)}"]):  # fmt: skip
+        for cmd in (
+            [str(PLUGIN_SRC / "configure"), f"--zeek-config={zeek_config}", f"--builddir={build}"],
+            ["make", "-C", str(build), f"-j{min(os.cpu_count() or 1, 4)}"],
+        ):
             r = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, timeout=1800)
             if r.returncode != 0:
-                pytest.fail(f"building the plugin failed ({' '.join(cmd)}):\n"
-                            f"{log.read_text()[-4000:]}", pytrace=False)  # fmt: skip
+                pytest.fail(
+                    f"building the plugin failed ({' '.join(cmd)}):\n{log.read_text()[-4000:]}",
+                    pytrace=False,
+                )
     assert (build / "__zeek_plugin__").read_text().strip() == "IoTClass::Capture"
     return build
 
@@ -112,14 +119,23 @@ def _env(plugin: Path | None) -> dict[str, str]:
     return env
 
 
-def _printed_records(pcap: Path, cwd: Path, plugin: Path | None, *args: str,
-                     checksums: bool = False) -> tuple[subprocess.CompletedProcess, list]:
+def _printed_records(
+    pcap: Path, cwd: Path, plugin: Path | None, *args: str, checksums: bool = False
+) -> tuple[subprocess.CompletedProcess, list]:
     """``zeek [-C] -r pcap iotcls`` without a bridge: (result, [(publish time, record)]),
     each record with ``early`` added (whether it is an early record)."""
     script = cwd / "print-records.zeek"
     script.write_text(PRINT_RECORDS)
-    cmd = [ZEEK, *([] if checksums else ["-C"]), "-r", str(pcap), str(PKG), str(script),
-           *NO_BRIDGE, *args]  # fmt: skip
+    cmd = [
+        ZEEK,
+        *([] if checksums else ["-C"]),
+        "-r",
+        str(pcap),
+        str(PKG),
+        str(script),
+        *NO_BRIDGE,
+        *args,
+    ]
     r = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=_env(plugin), timeout=600)
     recs = []
     for line in r.stdout.splitlines():
@@ -129,14 +145,21 @@ def _printed_records(pcap: Path, cwd: Path, plugin: Path | None, *args: str,
     return r, recs
 
 
-def _same_as_script(pcap: Path, tmp_path: Path, plugin: Path, *args: str, checksums: bool = False,
-                    returncode: int = 0) -> list[dict]:  # fmt: skip
+def _same_as_script(
+    pcap: Path,
+    tmp_path: Path,
+    plugin: Path,
+    *args: str,
+    checksums: bool = False,
+    returncode: int = 0,
+) -> list[dict]:
     """Runs the native and the script capture on *pcap*: both exit with *returncode* and
     publish the same records (all fields but uid), the native one no later (network time)
     than the script one. Returns the native records."""
     if _plugin_installed():
-        pytest.skip("the plugin is installed in this Zeek's plugin dir: no script capture "
-                    "to compare with")  # fmt: skip
+        pytest.skip(
+            "the plugin is installed in this Zeek's plugin dir: no script capture to compare with"
+        )
     (tmp_path / "native").mkdir()
     (tmp_path / "script").mkdir()
     rn, native = _printed_records(pcap, tmp_path / "native", plugin, *args, checksums=checksums)
@@ -183,8 +206,9 @@ def _captures() -> list[str]:
 # -- loading -------------------------------------------------------------------------------
 @needs_zeek
 def test_the_plugin_builds_and_zeek_lists_it(native):
-    r = subprocess.run([ZEEK, "-NN", "IoTClass::Capture"], capture_output=True, text=True,
-                       timeout=60)  # fmt: skip
+    r = subprocess.run(
+        [ZEEK, "-NN", "IoTClass::Capture"], capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 0, r.stderr
     assert "IoTClass::Capture" in r.stdout
     assert "[Analyzer] IoTClass_Capture (enabled)" in r.stdout
@@ -212,8 +236,14 @@ def test_the_package_loads_the_native_capture(native, tmp_path, bare):
     activates no dynamic plugin by itself: naming it on the command line does."""
     probe = tmp_path / "probe.zeek"
     probe.write_text(LOADED)
-    cmd = [ZEEK, *(["-b", "IoTClass::Capture"] if bare else []), str(PKG), *NO_BRIDGE,
-           "misc/loaded-scripts", str(probe)]  # fmt: skip
+    cmd = [
+        ZEEK,
+        *(["-b", "IoTClass::Capture"] if bare else []),
+        str(PKG),
+        *NO_BRIDGE,
+        "misc/loaded-scripts",
+        str(probe),
+    ]
     r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     loaded = (tmp_path / "loaded_scripts.log").read_text()
@@ -224,9 +254,14 @@ def test_the_package_loads_the_native_capture(native, tmp_path, bare):
             assert f"handled {name} F" in r.stdout, r.stdout
 
     # and without the plugin: the script capture, with its per-packet handlers
-    r = subprocess.run([ZEEK, "-b", str(PKG), *NO_BRIDGE, "misc/loaded-scripts", str(probe)],
-                       cwd=tmp_path, capture_output=True, text=True, env=_env(None),
-                       timeout=120)  # fmt: skip
+    r = subprocess.run(
+        [ZEEK, "-b", str(PKG), *NO_BRIDGE, "misc/loaded-scripts", str(probe)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=_env(None),
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     assert "iotcls/capture.zeek" in (tmp_path / "loaded_scripts.log").read_text()
     assert "deliver-all T T" in r.stdout
@@ -254,7 +289,11 @@ def test_native_records_equal_the_sensors_and_the_scripts(name, native, tmp_path
 
 def _sentinel_devices() -> list[str]:
     d = sentinel_dir()
-    return sorted(p.name for p in d.iterdir() if (p / "_iotdevice-mac.txt").is_file()) if d.is_dir() else []
+    return (
+        sorted(p.name for p in d.iterdir() if (p / "_iotdevice-mac.txt").is_file())
+        if d.is_dir()
+        else []
+    )
 
 
 @needs_zeek
@@ -267,12 +306,24 @@ def test_native_records_of_each_sentinel_device(device, native, tmp_path):
     from test_zeek_scripts import _macs_arg
 
     got = _same_as_script(pcap, tmp_path, native, _macs_arg([mac]))
-    finals = sorted((round(r["start"], 3), r["remote_ip"], r["remote_port"], r["proto"],
-                     r["total_packets"], r["total_bytes"]) for r in got if not r["early"])  # fmt: skip
+    finals = sorted(
+        (
+            round(r["start"], 3),
+            r["remote_ip"],
+            r["remote_port"],
+            r["proto"],
+            r["total_packets"],
+            r["total_bytes"],
+        )
+        for r in got
+        if not r["early"]
+    )
     assert finals, f"no records of {device} in {pcap.name}"
     sensor = capture_flows(pcap, DeviceSelector.from_lists([mac])).table.records()
-    assert finals == sorted((round(r.start, 3), r.remote_ip, r.remote_port, r.proto,
-                             r.total_packets, r.total_bytes) for r in sensor)  # fmt: skip
+    assert finals == sorted(
+        (round(r.start, 3), r.remote_ip, r.remote_port, r.proto, r.total_packets, r.total_bytes)
+        for r in sensor
+    )
 
 
 @needs_zeek
@@ -317,8 +368,9 @@ def test_native_early_records_are_the_schemas(native, tmp_path, sample):
     from test_zeek_scripts import _macs_arg, _rkey, _zeek_with_bridge
 
     early: list = []
-    r, got, bridge, _ = _zeek_with_bridge(sample.pcap, tmp_path, _macs_arg(sample.macs),
-                                          early=early)  # fmt: skip
+    r, got, bridge, _ = _zeek_with_bridge(
+        sample.pcap, tmp_path, _macs_arg(sample.macs), early=early
+    )
     assert r.returncode == 0, r.stderr
     want = {}
     for x in capture_flows(sample.pcap, DeviceSelector.from_lists(sample.macs)).table.records():
@@ -348,8 +400,10 @@ def test_native_records_by_device_networks(native, tmp_path, sample):
     assert r.returncode == 0, r.stderr
     _same_as_sensor(got, sample.pcap, DeviceSelector.from_lists(nets=nets))
     recs = _same_as_script(sample.pcap, tmp_path, native, arg)
-    sides = {(x["device_ip"], x["device_port"], x["remote_ip"], x["remote_port"], x["start"])
-             for x in recs}  # fmt: skip
+    sides = {
+        (x["device_ip"], x["device_port"], x["remote_ip"], x["remote_port"], x["start"])
+        for x in recs
+    }
     mirrored = [k for k in sides if (k[2], k[3], k[0], k[1], k[4]) in sides]
     assert mirrored  # device-to-device connections give a record per side
     assert any(x["device_is_orig"] for x in recs) and not all(x["device_is_orig"] for x in recs)
@@ -360,10 +414,16 @@ def test_native_options_follow_the_script_options(native, tmp_path, sample):
     """Window length, packets and payload bytes come from the script options."""
     from test_zeek_scripts import _macs_arg
 
-    recs = _same_as_script(sample.pcap, tmp_path, native, _macs_arg(sample.macs),
-                           "IoTClass::window_length=10sec", "IoTClass::packets=3",
-                           "IoTClass::payload_bytes=8",
-                           "IoTClass::dhcp_payload_bytes=16")  # fmt: skip
+    recs = _same_as_script(
+        sample.pcap,
+        tmp_path,
+        native,
+        _macs_arg(sample.macs),
+        "IoTClass::window_length=10sec",
+        "IoTClass::packets=3",
+        "IoTClass::payload_bytes=8",
+        "IoTClass::dhcp_payload_bytes=16",
+    )
     assert len(recs) > 288
     assert max(len(r["sizes"]) for r in recs) == 3
     assert max(len(p) for r in recs for p in r["payloads"]) == 32  # DHCP: 16 bytes, in hex
@@ -373,8 +433,9 @@ def test_native_options_follow_the_script_options(native, tmp_path, sample):
 @needs_zeek
 def test_nothing_without_device_endpoints(native, tmp_path, sample):
     """Device networks that match nothing: no records, no capture state."""
-    r, recs = _printed_records(sample.pcap, tmp_path, native,
-                               "IoTClass::device_nets={192.0.2.0/24}")  # fmt: skip
+    r, recs = _printed_records(
+        sample.pcap, tmp_path, native, "IoTClass::device_nets={192.0.2.0/24}"
+    )
     assert r.returncode == 0, r.stderr
     assert recs == []
 
@@ -402,7 +463,7 @@ event new_connection(c: connection) &priority=-10
 	if ( n == 800 )
 		Option::set("IoTClass::device_macs", set());
 	}}
-""")  # fmt: skip
+""")
     recs = _same_as_script(sample.pcap, tmp_path, native, _macs_arg(sample.macs), str(change))
     assert 0 < sum(not x["early"] for x in recs) != 288
 
@@ -431,11 +492,18 @@ def test_a_truncated_pcap_ends_as_zeek_does(native, tmp_path, sample):
     data = sample.pcap.read_bytes()
     cut = tmp_path / "cut.pcap"
     cut.write_bytes(data[: len(data) // 2 + 7])
-    plain = subprocess.run([ZEEK, "-C", "-r", str(cut)], cwd=tmp_path, capture_output=True,
-                           text=True, env=_env(None), timeout=300)  # fmt: skip
+    plain = subprocess.run(
+        [ZEEK, "-C", "-r", str(cut)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=_env(None),
+        timeout=300,
+    )
     assert plain.returncode > 0 and "truncated dump file" in plain.stderr
-    recs = _same_as_script(cut, tmp_path, native, _macs_arg(sample.macs),
-                           returncode=plain.returncode)  # fmt: skip
+    recs = _same_as_script(
+        cut, tmp_path, native, _macs_arg(sample.macs), returncode=plain.returncode
+    )
     (tmp_path / "whole").mkdir()
     _, whole = _printed_records(sample.pcap, tmp_path / "whole", native, _macs_arg(sample.macs))
 
@@ -461,11 +529,31 @@ def _csum(b: bytes) -> int:
     return ~s & 0xFFFF
 
 
-def _ip4(src: str, dst: str, proto: int, payload: bytes, *, ident: int = 1, frag: int = 0,
-         options: bytes = b"", total: int | None = None) -> bytes:  # fmt: skip
+def _ip4(
+    src: str,
+    dst: str,
+    proto: int,
+    payload: bytes,
+    *,
+    ident: int = 1,
+    frag: int = 0,
+    options: bytes = b"",
+    total: int | None = None,
+) -> bytes:
     ihl = (20 + len(options)) // 4
-    h = struct.pack("!BBHHHBBH4s4s", 0x40 | ihl, 0, total or 4 * ihl + len(payload), ident, frag,
-                    64, proto, 0, bytes(map(int, src.split("."))), bytes(map(int, dst.split("."))))
+    h = struct.pack(
+        "!BBHHHBBH4s4s",
+        0x40 | ihl,
+        0,
+        total or 4 * ihl + len(payload),
+        ident,
+        frag,
+        64,
+        proto,
+        0,
+        bytes(map(int, src.split("."))),
+        bytes(map(int, dst.split("."))),
+    )
     h += options
     h = h[:10] + struct.pack("!H", _csum(h)) + h[12:]
     return h + payload
@@ -474,17 +562,27 @@ def _ip4(src: str, dst: str, proto: int, payload: bytes, *, ident: int = 1, frag
 def _ip6(src: str, dst: str, nh: int, payload: bytes) -> bytes:
     import ipaddress
 
-    return struct.pack("!IHBB16s16s", 6 << 28, len(payload), nh, 64,
-                       ipaddress.IPv6Address(src).packed,
-                       ipaddress.IPv6Address(dst).packed) + payload  # fmt: skip
+    return (
+        struct.pack(
+            "!IHBB16s16s",
+            6 << 28,
+            len(payload),
+            nh,
+            64,
+            ipaddress.IPv6Address(src).packed,
+            ipaddress.IPv6Address(dst).packed,
+        )
+        + payload
+    )
 
 
 def _udp(sp: int, dp: int, data: bytes, length: int | None = None) -> bytes:
     return struct.pack("!HHHH", sp, dp, length or 8 + len(data), 0) + data
 
 
-def _tcp(sp: int, dp: int, flags: int, data: bytes = b"", seq: int = 1000, ack: int = 0,
-         off: int = 5) -> bytes:  # fmt: skip
+def _tcp(
+    sp: int, dp: int, flags: int, data: bytes = b"", seq: int = 1000, ack: int = 0, off: int = 5
+) -> bytes:
     return struct.pack("!HHIIBBHHH", sp, dp, seq, ack, off << 4, flags, 65535, 0, 0) + data
 
 
@@ -522,10 +620,19 @@ def _malformed_pcap(path: Path, skipped: bool = False) -> None:
         # TCP: a handshake, data cut by the snap length, more data
         (t + 1, e(_tcp_ip(dev, rem, 40001, 80, 0x02)), None),
         (t + 1.1, e(_tcp_ip(rem, dev, 80, 40001, 0x12, seq=5000, ack=1001), False), None),
-        (t + 1.2, e(_tcp_ip(dev, rem, 40001, 80, 0x18, b"GET / HTTP/1.1\r\n" * 10, seq=1001,
-                            ack=5001)), 90),
-        (t + 1.4, e(_tcp_ip(rem, dev, 80, 40001, 0x18, b"HTTP/1.1 200 OK\r\n", seq=5001,
-                            ack=1161), False), None),
+        (
+            t + 1.2,
+            e(_tcp_ip(dev, rem, 40001, 80, 0x18, b"GET / HTTP/1.1\r\n" * 10, seq=1001, ack=5001)),
+            90,
+        ),
+        (
+            t + 1.4,
+            e(
+                _tcp_ip(rem, dev, 80, 40001, 0x18, b"HTTP/1.1 200 OK\r\n", seq=5001, ack=1161),
+                False,
+            ),
+            None,
+        ),
         # a whole ICMP echo and its reply
         (t + 2.1, e(_ip4(dev, rem, 1, icmp(8, b"p" * 100))), None),
         (t + 2.2, e(_ip4(rem, dev, 1, icmp(0, b"p" * 100)), False), None),
@@ -537,10 +644,18 @@ def _malformed_pcap(path: Path, skipped: bool = False) -> None:
         (t + 4, e(_ip4(dev, "224.0.0.22", 2, b"\x22\0\xf9\x01" + b"\0" * 12)), None),
         (t + 4.1, e(_ip4(dev, "224.0.0.22", 2, b"\x22\0\xf9\x01" + b"\x07" * 40)), 50),
         # IPv6: UDP after a hop-by-hop header; an unknown protocol after one
-        (t + 5, _eth(DEV_MAC, GW_MAC, _ip6(_DEV6, _REM6, 0, _hbh(17) + _udp(40004, 5000, b"six")),
-                     True), None),
-        (t + 5.1, _eth(DEV_MAC, GW_MAC, _ip6(_DEV6, _REM6, 0, _hbh(253) + b"experimental"), True),
-         None),
+        (
+            t + 5,
+            _eth(
+                DEV_MAC, GW_MAC, _ip6(_DEV6, _REM6, 0, _hbh(17) + _udp(40004, 5000, b"six")), True
+            ),
+            None,
+        ),
+        (
+            t + 5.1,
+            _eth(DEV_MAC, GW_MAC, _ip6(_DEV6, _REM6, 0, _hbh(253) + b"experimental"), True),
+            None,
+        ),
         # a packet stamped earlier than the one before it
         (t + 5.05, e(_ip4(dev, rem, 17, _udp(40000, 9999, b"late"))), None),
         # a connection that starts with the responder's SYN-ACK, then the originator's ACK
@@ -556,8 +671,11 @@ def _malformed_pcap(path: Path, skipped: bool = False) -> None:
     ]
     if skipped:
         frames += [
-            (t + 72, e(_tcp_ip(dev, rem, 40001, 80, 0x18, b"abc", seq=1161, ack=5001, off=15)),
-             None),
+            (
+                t + 72,
+                e(_tcp_ip(dev, rem, 40001, 80, 0x18, b"abc", seq=1161, ack=5001, off=15)),
+                None,
+            ),
             (t + 73, e(_ip4(dev, rem, 1, icmp(8, b"q" * 100))), 60),
         ]
     _write_pcap(path, frames)
@@ -565,9 +683,12 @@ def _malformed_pcap(path: Path, skipped: bool = False) -> None:
 
 _BIG = _udp(40003, 7778, bytes(range(256)) * 8)
 _DEV6, _REM6 = "fe80::aa:1", "2001:db8::1"
-_DNS_RESPONSE = (struct.pack("!HHHHHH", 0, 0x8400, 0, 1, 0, 0)
-                 + b"\x04host\x05local\0\0\x01\x80\x01"
-                 + struct.pack("!IH", 120, 4) + bytes([10, 0, 0, 7]))  # fmt: skip
+_DNS_RESPONSE = (
+    struct.pack("!HHHHHH", 0, 0x8400, 0, 1, 0, 0)
+    + b"\x04host\x05local\0\0\x01\x80\x01"
+    + struct.pack("!IH", 120, 4)
+    + bytes([10, 0, 0, 7])
+)
 
 
 def _hbh(nh: int) -> bytes:
@@ -592,9 +713,11 @@ def test_malformed_packets(native, tmp_path):
 
 
 @needs_zeek
-@pytest.mark.xfail(ZEEK is not None and zeek_testing.version(ZEEK) < (8, 1, 0), strict=True,
-                   reason="Zeek 8.0 has no tap analyzers: packets its transport analyzers "
-                          "skip are not counted")  # fmt: skip
+@pytest.mark.xfail(
+    ZEEK is not None and zeek_testing.version(ZEEK) < (8, 1, 0),
+    strict=True,
+    reason="Zeek 8.0 has no tap analyzers: packets its transport analyzers skip are not counted",
+)
 @pytest.mark.parametrize("checksums", [False, True], ids=["-C", "checksums"])
 def test_packets_the_transport_analyzers_skip(native, tmp_path, checksums):
     """Packets that raise new_packet but that Zeek's transport analyzers skip: a bad TCP
@@ -630,9 +753,11 @@ def test_zeek_install_without_zeek_config_says_so(tmp_path, capsys, monkeypatch)
     site.mkdir()
     assert cli.main(["zeek-install", "--zeek-site", str(site)]) == 2
     (err,) = capsys.readouterr().err.strip().splitlines()
-    assert err == ("iotcls zeek-install: error: cannot build the native capture plugin: no "
-                   "zeek-config on PATH (Zeek's bin directory, or --zeek-config PATH); or pass "
-                   "--no-plugin to keep the script capture (per-packet script events: slower)")  # fmt: skip
+    assert err == (
+        "iotcls zeek-install: error: cannot build the native capture plugin: no "
+        "zeek-config on PATH (Zeek's bin directory, or --zeek-config PATH); or pass "
+        "--no-plugin to keep the script capture (per-packet script events: slower)"
+    )
     assert list(site.iterdir()) == []
 
 
@@ -645,28 +770,47 @@ def test_zeek_install_names_what_the_build_lacks(missing, tmp_path, capsys, monk
 
     zeek_config = _zeek_config()
     assert zeek_config, "a zeek without zeek-config"
-    tools = {"cmake": ["make", "c++", "sh", "sed", "cat"], "compiler": ["cmake", "make", "sh", "sed", "cat"],
-             "headers": ["cmake", "make", "c++", "sh", "sed", "cat"]}[missing]  # fmt: skip
+    tools = {
+        "cmake": ["make", "c++", "sh", "sed", "cat"],
+        "compiler": ["cmake", "make", "sh", "sed", "cat"],
+        "headers": ["cmake", "make", "c++", "sh", "sed", "cat"],
+    }[missing]
     monkeypatch.setenv("PATH", str(_bin_with(tmp_path, *tools)))
     monkeypatch.delenv("CXX", raising=False)
     if missing == "headers":  # the same zeek-config, pointing at an include dir without Zeek's
         (tmp_path / "include").mkdir()
         lines = Path(zeek_config).read_text().splitlines(keepends=True)
         fake = tmp_path / "zeek-config"
-        fake.write_text("".join(f'include_dir="{tmp_path / "include"}"\n' if ln.startswith("include_dir=") else ln
-                                for ln in lines))  # fmt: skip
+        fake.write_text(
+            "".join(
+                f'include_dir="{tmp_path / "include"}"\n' if ln.startswith("include_dir=") else ln
+                for ln in lines
+            )
+        )
         fake.chmod(0o755)
         zeek_config = str(fake)
     site = tmp_path / "site"
     site.mkdir()
-    args = ["zeek-install", "--zeek-site", str(site), "--zeek-config", zeek_config,
-            "--plugin-dir", str(tmp_path / "plugins")]  # fmt: skip
+    args = [
+        "zeek-install",
+        "--zeek-site",
+        str(site),
+        "--zeek-config",
+        zeek_config,
+        "--plugin-dir",
+        str(tmp_path / "plugins"),
+    ]
     assert cli.main(args) == 2
     (err,) = capsys.readouterr().err.strip().splitlines()
     assert err.startswith("iotcls zeek-install: error: cannot build the native capture plugin: ")
-    assert err.endswith("or pass --no-plugin to keep the script capture (per-packet script events: slower)")
-    expect = {"cmake": "no cmake on PATH", "compiler": "no C++ compiler",
-              "headers": "headers are missing (no zeek/zeek-config.h"}[missing]  # fmt: skip
+    assert err.endswith(
+        "or pass --no-plugin to keep the script capture (per-packet script events: slower)"
+    )
+    expect = {
+        "cmake": "no cmake on PATH",
+        "compiler": "no C++ compiler",
+        "headers": "headers are missing (no zeek/zeek-config.h",
+    }[missing]
     assert expect in err
     assert list(site.iterdir()) == [] and not (tmp_path / "plugins").exists()
 
@@ -680,20 +824,38 @@ def test_zeek_install_builds_and_installs_the_plugin(tmp_path, capsys, sample):
 
     site, plugins = tmp_path / "site", tmp_path / "plugins"
     site.mkdir()
-    args = ["zeek-install", "--zeek-site", str(site), "--zeek-config", _zeek_config(),
-            "--plugin-dir", str(plugins)]  # fmt: skip
+    args = [
+        "zeek-install",
+        "--zeek-site",
+        str(site),
+        "--zeek-config",
+        _zeek_config(),
+        "--plugin-dir",
+        str(plugins),
+    ]
     assert cli.main(args) == 0
     out = capsys.readouterr().out
-    assert f"installed the native capture plugin IoTClass::Capture in {plugins / 'IoTClass_Capture'}\n" in out
-    assert (plugins / "IoTClass_Capture" / "__zeek_plugin__").read_text().strip() == "IoTClass::Capture"
+    assert (
+        f"installed the native capture plugin IoTClass::Capture in {plugins / 'IoTClass_Capture'}\n"
+        in out
+    )
+    assert (
+        plugins / "IoTClass_Capture" / "__zeek_plugin__"
+    ).read_text().strip() == "IoTClass::Capture"
     assert (site / "iotcls" / "capture-native.zeek").is_file()
 
     zeekpath = os.environ.get("ZEEKPATH") or zeek_testing.search_path(ZEEK)
     env = {**_env(plugins), "ZEEKPATH": f"{site}:{zeekpath}"}
     from test_zeek_scripts import _macs_arg
 
-    r = subprocess.run([ZEEK, "-C", "-r", str(sample.pcap), "iotcls", *NO_BRIDGE, _macs_arg(sample.macs)],
-                       cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    r = subprocess.run(
+        [ZEEK, "-C", "-r", str(sample.pcap), "iotcls", *NO_BRIDGE, _macs_arg(sample.macs)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     reporter = (tmp_path / "reporter.log").read_text()
     assert reporter.count("iotcls: capture in the native plugin (IoTClass::Capture)") == 1

@@ -33,8 +33,17 @@ PKG = ROOT / "zeek-scripts" / "iotcls"
 SCRIPTS = sorted(PKG.glob("*.zeek"))
 BIN = Path(sys.executable).parent
 MAIN = (PKG / "main.zeek").read_text()
-FILES = ["__load__.zeek", "bridge.zeek", "capture-native.zeek", "capture.zeek", "compat.zeek",
-         "delivery.zeek", "devices.zeek", "inventory.zeek", "main.zeek"]  # fmt: skip
+FILES = [
+    "__load__.zeek",
+    "bridge.zeek",
+    "capture-native.zeek",
+    "capture.zeek",
+    "compat.zeek",
+    "delivery.zeek",
+    "devices.zeek",
+    "inventory.zeek",
+    "main.zeek",
+]
 ALL = "\n".join(p.read_text() for p in SCRIPTS)  # the whole package
 RECORDS = zeek_records(ALL)
 EVENTS = zeek_events(ALL)
@@ -49,8 +58,11 @@ def test_the_package_has_its_files():
     loads = re.findall(r"^@load \./(\S+)$", (PKG / "__load__.zeek").read_text(), re.M)
     assert sorted(f"{x}.zeek" for x in loads) == [f for f in FILES if f != "__load__.zeek"]
     # the capture comes from the native plugin where it is loaded, else from script land
-    assert re.search(r"@ifdef \( IoTClass::__native_flush \)\n@load \./capture-native\n@else\n"
-                     r"@load \./capture\n@endif", (PKG / "__load__.zeek").read_text())
+    assert re.search(
+        r"@ifdef \( IoTClass::__native_flush \)\n@load \./capture-native\n@else\n"
+        r"@load \./capture\n@endif",
+        (PKG / "__load__.zeek").read_text(),
+    )
     assert loads[0] == "compat"
 
 
@@ -63,27 +75,40 @@ def test_zeek_format_leaves_the_file_as_it_is(script):
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
 def test_zeek_script_parses(script):
-    r = subprocess.run([str(BIN / "zeek-script"), "parse", "-q", str(script)],
-                       capture_output=True, timeout=60)  # fmt: skip
+    r = subprocess.run(
+        [str(BIN / "zeek-script"), "parse", "-q", str(script)], capture_output=True, timeout=60
+    )
     assert r.returncode == 0, (r.stdout + r.stderr).decode()
 
 
 def test_info_record_is_the_iot_class_log_schema():
     """IoTClass::Info's &log columns, flattened as Zeek's writers flatten them."""
-    zeek_to_log = {"time": "time", "string": "string", "addr": "addr", "port": "port",
-                   "transport_proto": "enum", "double": "double", "count": "count",
-                   "bool": "bool", "vector of string": "vector[string]"}  # fmt: skip
+    zeek_to_log = {
+        "time": "time",
+        "string": "string",
+        "addr": "addr",
+        "port": "port",
+        "transport_proto": "enum",
+        "double": "double",
+        "count": "count",
+        "bool": "bool",
+        "vector of string": "vector[string]",
+    }
     cols = []
     for name, ztype in RECORDS["Info"]:
         if ztype == "conn_id":  # orig_h, orig_p, resp_h, resp_p are its &log fields
-            cols += [("id.orig_h", "addr"), ("id.orig_p", "port"), ("id.resp_h", "addr"),
-                     ("id.resp_p", "port")]  # fmt: skip
+            cols += [
+                ("id.orig_h", "addr"),
+                ("id.orig_p", "port"),
+                ("id.resp_h", "addr"),
+                ("id.resp_p", "port"),
+            ]
         else:
             cols.append((name, zeek_to_log[ztype]))
     assert tuple(cols) == FIELDS
     info = re.search(r"type Info: record \{(.*?)\};", MAIN, re.S).group(1)
     assert info.count("&log") == len(RECORDS["Info"])  # every column is logged
-    assert 'Log::create_stream(IoTClass::LOG, [$columns=Info' in MAIN
+    assert "Log::create_stream(IoTClass::LOG, [$columns=Info" in MAIN
     assert '$path="iot_class"' in MAIN
 
 
@@ -91,17 +116,31 @@ def test_flow_record_mirrors_the_schema_and_the_decoder():
     zeek = RECORDS["FlowRecord"]
     assert [n for n, _ in zeek] == list(FlowRecord.__dataclass_fields__)
     assert [n for n, _ in zeek] == [n for n, _ in rc.FLOW_FIELDS]
-    broker = {"string": "string", "addr": "address", "count": "count", "double": "real",
-              "bool": "boolean", "vector of interval": "vector", "vector of count": "vector",
-              "vector of string": "vector"}  # fmt: skip
+    broker = {
+        "string": "string",
+        "addr": "address",
+        "count": "count",
+        "double": "real",
+        "bool": "boolean",
+        "vector of interval": "vector",
+        "vector of count": "vector",
+        "vector of string": "vector",
+    }
     assert [broker[t] for _, t in zeek] == [t for _, t in rc.FLOW_FIELDS]
     assert dict(zeek)["offsets"] == "vector of interval"  # ns on the wire, not ms timestamps
     assert dict(zeek)["start"] == dict(zeek)["last"] == "double"
 
 
 def test_label_record_and_events_match_the_bridge():
-    broker = {"double": "real", "string": "string", "addr": "address", "port": "port",
-              "count": "count", "bool": "boolean", "vector of string": "vector"}  # fmt: skip
+    broker = {
+        "double": "real",
+        "string": "string",
+        "addr": "address",
+        "port": "port",
+        "count": "count",
+        "bool": "boolean",
+        "vector of string": "vector",
+    }
     assert [(n, broker[t]) for n, t in RECORDS["Label"]] == list(rc.LABEL_FIELDS)
     assert EVENTS[rc.FLOW_EVENT] == [("rec", "FlowRecord")]
     assert EVENTS[rc.LABEL_EVENT] == [("l", "Label")]
@@ -113,7 +152,13 @@ def test_label_record_and_events_match_the_bridge():
     assert EVENTS[rc.ACK_EVENT] == [("ids", "vector of RecordId")]
     assert EVENTS[rc.SHED_EVENT] == [("ids", "vector of RecordId"), ("reason", "string")]
     assert [t for _, t in EVENTS[rc.WELCOME_EVENT]] == [
-        "count", "string", "interval", "count", "count", "bool"]
+        "count",
+        "string",
+        "interval",
+        "count",
+        "count",
+        "bool",
+    ]
 
 
 def test_defaults_agree_with_the_python_side():
@@ -127,8 +172,9 @@ def test_defaults_agree_with_the_python_side():
     )
 
     def default(name):
-        return re.search(rf"(?:option|const) {name}(?:: [^=]+)? = ([^;&]+?)\s*(?:&redef)?;",
-                         ALL).group(1)  # fmt: skip
+        return re.search(
+            rf"(?:option|const) {name}(?:: [^=]+)? = ([^;&]+?)\s*(?:&redef)?;", ALL
+        ).group(1)
 
     assert default("window_length") == f"{DEFAULT_WINDOW_S:.0f}sec"
     assert default("packets") == str(DEFAULT_PACKETS)
@@ -138,8 +184,10 @@ def test_defaults_agree_with_the_python_side():
     cfg = ZeekConfig()
     assert default("records_topic") == json.dumps(cfg.topics[0])
     assert default("labels_topic") == json.dumps(cfg.label_topic)
-    assert cfg.url == f"ws://{default('websocket_address')}:" \
-        f"{default('websocket_port').split('/')[0]}/v1/messages/json"  # fmt: skip
+    assert (
+        cfg.url == f"ws://{default('websocket_address')}:"
+        f"{default('websocket_port').split('/')[0]}/v1/messages/json"
+    )
 
 
 def test_version_switches_live_in_compat():
@@ -150,11 +198,16 @@ def test_version_switches_live_in_compat():
     for p in SCRIPTS:
         if p.name not in ("compat.zeek", "__load__.zeek"):  # __load__: the capture switch
             assert not re.search(r"Version::|@if|@ifdef", p.read_text()), p.name
-    assert re.search(r"@ifdef \( Cluster::CLUSTER_BACKEND_NONE \)\n@if \( Cluster::backend == "
-                     r"Cluster::CLUSTER_BACKEND_NONE \)\n@load frameworks/cluster/backend/broker",
-                     compat)  # fmt: skip
-    assert re.search(r"@if \( Version::number < 80100 \)\n@load "
-                     r"frameworks/cluster/backend/zeromq/connect", compat)  # fmt: skip
+    assert re.search(
+        r"@ifdef \( Cluster::CLUSTER_BACKEND_NONE \)\n@if \( Cluster::backend == "
+        r"Cluster::CLUSTER_BACKEND_NONE \)\n@load frameworks/cluster/backend/broker",
+        compat,
+    )
+    assert re.search(
+        r"@if \( Version::number < 80100 \)\n@load "
+        r"frameworks/cluster/backend/zeromq/connect",
+        compat,
+    )
     assert "Cluster::listen_websocket([$listen_addr=websocket_address," in ALL
     meta = (ROOT / "zkg.meta").read_text()
     assert re.search(r"^depends =\n\tzeek >=8\.0\.0$", meta, re.M)
@@ -191,11 +244,15 @@ def test_install_copies_and_reinstalls(tmp_path, capsys, no_zeek_env):
     assert f"to {target}" in out and "zeek -i eth0 iotcls" in out
     assert sorted(p.name for p in target.glob("*.zeek")) == FILES
     assert (target / "main.zeek").read_bytes() == (PKG / "main.zeek").read_bytes()
-    assert cli.main(["zeek-install", "--no-plugin", "--zeek-site", str(site)]) == 0  # replaces its own
+    assert (
+        cli.main(["zeek-install", "--no-plugin", "--zeek-site", str(site)]) == 0
+    )  # replaces its own
     assert f"removed the previous {target}" in capsys.readouterr().out
     assert cli.main(["zeek-install", "--no-plugin", "--zeek-site", str(site), "--link"]) == 0
     assert target.is_symlink() and target.resolve() == PKG.resolve()
-    assert cli.main(["zeek-install", "--no-plugin", "--zeek-site", str(site)]) == 0  # link -> copy again
+    assert (
+        cli.main(["zeek-install", "--no-plugin", "--zeek-site", str(site)]) == 0
+    )  # link -> copy again
     assert not target.is_symlink() and (target / "__load__.zeek").is_file()
 
 
@@ -207,9 +264,11 @@ def test_install_notices_zkgs_copy(tmp_path, capsys, no_zeek_env):
     (site / "iotcls").symlink_to(Path("packages") / "iotcls")
     assert cli.main(["zeek-install", "--no-plugin", "--zeek-site", str(site)]) == 2
     (err,) = capsys.readouterr().err.strip().splitlines()
-    assert err == (f"iotcls zeek-install: error: zkg has installed iotcls in "
-                   f"{site / 'packages' / 'iotcls'}: Zeek already finds it as 'iotcls'; keep that "
-                   "copy, or run 'zkg remove iotcls' first (two copies define everything twice)")
+    assert err == (
+        f"iotcls zeek-install: error: zkg has installed iotcls in "
+        f"{site / 'packages' / 'iotcls'}: Zeek already finds it as 'iotcls'; keep that "
+        "copy, or run 'zkg remove iotcls' first (two copies define everything twice)"
+    )
     assert (site / "iotcls").is_symlink()  # left as zkg made it
 
 
@@ -219,8 +278,10 @@ def test_install_refuses_a_foreign_directory_without_force(tmp_path, capsys, no_
     (site / "iotcls" / "__load__.zeek").write_text("# someone else's\n")
     assert cli.main(["zeek-install", "--no-plugin", "--zeek-site", str(site)]) == 2
     err = capsys.readouterr().err
-    assert err.strip() == (f"iotcls zeek-install: error: {site / 'iotcls'} exists and was not "
-                           "installed by iotcls; use --force to replace it")  # fmt: skip
+    assert err.strip() == (
+        f"iotcls zeek-install: error: {site / 'iotcls'} exists and was not "
+        "installed by iotcls; use --force to replace it"
+    )
     assert cli.main(["zeek-install", "--no-plugin", "--zeek-site", str(site), "--force"]) == 0
     assert (site / "iotcls" / "main.zeek").is_file()
 
@@ -236,15 +297,20 @@ def test_install_finds_the_site_dir_like_zeek_does(tmp_path, capsys, no_zeek_env
     site = tmp_path / "prefix" / "share" / "zeek" / "site"
     site.mkdir(parents=True)
     # zeek --help prints its ZEEKPATH (Zeek's src/Options.cc)
-    write_exe(no_zeek_env / "zeek", "#!/bin/sh\necho '    $ZEEKPATH                       | "
-              f"file search path (.:{site}:{site.parent}/policy:{site.parent}/builtin-plugins)'\n")
+    write_exe(
+        no_zeek_env / "zeek",
+        "#!/bin/sh\necho '    $ZEEKPATH                       | "
+        f"file search path (.:{site}:{site.parent}/policy:{site.parent}/builtin-plugins)'\n",
+    )
     assert zeek_install.find_site_dir() == (site, f"the ZEEKPATH of {no_zeek_env / 'zeek'} --help")
     other = tmp_path / "other-site"
     other.mkdir()
-    write_exe(no_zeek_env / "zeek-config", f"#!/bin/sh\n[ \"$1\" = --site_dir ] && echo {other}\n")
+    write_exe(no_zeek_env / "zeek-config", f'#!/bin/sh\n[ "$1" = --site_dir ] && echo {other}\n')
     assert cli.main(["zeek-install", "--no-plugin"]) == 0
-    assert f"Zeek site directory: {other} (from {no_zeek_env / 'zeek-config'} --site_dir)" in \
-        capsys.readouterr().out  # fmt: skip
+    assert (
+        f"Zeek site directory: {other} (from {no_zeek_env / 'zeek-config'} --site_dir)"
+        in capsys.readouterr().out
+    )
     (no_zeek_env / "zeek-config").unlink()
     (no_zeek_env / "zeek").unlink()
     monkeypatch.setenv("ZEEKPATH", f".:{site}:/nowhere/policy")
@@ -268,8 +334,14 @@ def _macs_arg(macs: list[str]) -> str:
     return "IoTClass::device_macs={" + ",".join(f'"{m}"' for m in macs) + "}"
 
 
-def _zeek_with_bridge(pcap: Path, cwd: Path, *zeek_args: str, pre: tuple[str, ...] = (),
-                      tables: list | None = None, early: list | None = None):  # fmt: skip
+def _zeek_with_bridge(
+    pcap: Path,
+    cwd: Path,
+    *zeek_args: str,
+    pre: tuple[str, ...] = (),
+    tables: list | None = None,
+    early: list | None = None,
+):
     """``zeek -C -r pcap [pre] iotcls`` with an in-process bridge whose scorer keeps every
     final record it is given (and each FlowTable it is given in *tables*); returns Zeek's
     result, the records, the bridge and its layout. Zeek sends early records only when
@@ -300,16 +372,25 @@ def _zeek_with_bridge(pcap: Path, cwd: Path, *zeek_args: str, pre: tuple[str, ..
             return len(frames)
 
         bridge.process_early = process_early
-    client = attach(bridge, f"ws://127.0.0.1:{port}/v1/messages/json",
-                    reconnect_min_s=0.1, reconnect_max_s=0.5)  # fmt: skip
+    client = attach(
+        bridge, f"ws://127.0.0.1:{port}/v1/messages/json", reconnect_min_s=0.1, reconnect_max_s=0.5
+    )
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_until_complete, args=(run(bridge, client),))
     thread.start()
     try:
-        cmd = [ZEEK, "-C", "-r", str(pcap), *pre, str(PKG),
-               f"IoTClass::websocket_port={port}/tcp", "IoTClass::hold_timeout=60sec",
-               f"IoTClass::early_records={'T' if early is not None else 'F'}",
-               *zeek_args]  # fmt: skip
+        cmd = [
+            ZEEK,
+            "-C",
+            "-r",
+            str(pcap),
+            *pre,
+            str(PKG),
+            f"IoTClass::websocket_port={port}/tcp",
+            "IoTClass::hold_timeout=60sec",
+            f"IoTClass::early_records={'T' if early is not None else 'F'}",
+            *zeek_args,
+        ]
         r = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=180)
     finally:
         loop.call_soon_threadsafe(client.stop)
@@ -322,8 +403,15 @@ def _log_rows(path: Path) -> list[list[str]]:
 
 
 def _rkey(x):
-    return (x.device_mac, x.device_ip, x.device_port, x.remote_ip, x.remote_port, x.proto,
-            round(x.start, 6))  # fmt: skip
+    return (
+        x.device_mac,
+        x.device_ip,
+        x.device_port,
+        x.remote_ip,
+        x.remote_port,
+        x.proto,
+        round(x.start, 6),
+    )
 
 
 @needs_zeek
@@ -335,8 +423,9 @@ def test_zeek_end_to_end_on_a_real_capture(tmp_path):
 
     pcap = require(sentinel_capture("D-LinkCam", "Setup-B-1-STA"))
     nets = ["10.0.0.0/8", "192.168.0.0/16"]
-    r, got, bridge, layout = _zeek_with_bridge(pcap, tmp_path,
-                                               "IoTClass::device_nets={" + ",".join(nets) + "}")
+    r, got, bridge, layout = _zeek_with_bridge(
+        pcap, tmp_path, "IoTClass::device_nets={" + ",".join(nets) + "}"
+    )
     assert r.returncode == 0, r.stderr
     assert "were not classified" not in r.stderr and "did not confirm" not in r.stderr
     log_lines = _log_rows(tmp_path / "iot_class.log")
@@ -346,9 +435,15 @@ def test_zeek_end_to_end_on_a_real_capture(tmp_path):
     assert sorted(map(_rkey, got)) == sorted(twins)
     for z in got:
         p = twins[_rkey(z)]
-        assert (z.last, z.total_bytes, z.total_packets, z.offsets, z.sizes, z.directions,
-                z.payloads) == (p.last, p.total_bytes, p.total_packets, p.offsets, p.sizes,
-                                p.directions, p.payloads)  # fmt: skip
+        assert (
+            z.last,
+            z.total_bytes,
+            z.total_packets,
+            z.offsets,
+            z.sizes,
+            z.directions,
+            z.payloads,
+        ) == (p.last, p.total_bytes, p.total_packets, p.offsets, p.sizes, p.directions, p.payloads)
     rows_z = layout.encode_rows(bridge.assembler.table(got))
     rows_p = layout.encode_rows(bridge.assembler.table([twins[_rkey(z)] for z in got]))
     assert np.array_equal(rows_z, rows_p)
@@ -386,8 +481,9 @@ def test_zeek_early_records_are_the_schemas(tmp_path, sample):
     from iotcls.schema import early_record
 
     early: list = []
-    r, got, bridge, _ = _zeek_with_bridge(sample.pcap, tmp_path, _macs_arg(sample.macs),
-                                          early=early)  # fmt: skip
+    r, got, bridge, _ = _zeek_with_bridge(
+        sample.pcap, tmp_path, _macs_arg(sample.macs), early=early
+    )
     assert r.returncode == 0, r.stderr
     want = {}
     for x in capture_flows(sample.pcap, DeviceSelector.from_lists(sample.macs)).table.records():
@@ -416,12 +512,19 @@ def test_zeek_standalone_with_the_zeromq_backend(tmp_path, sample):
     if not _has_zeromq():
         pytest.skip("this zeek has no ZeroMQ cluster backend")
     xpub, xsub = free_port(), free_port()
-    zmq = [f"Cluster::Backend::ZeroMQ::listen_xpub_endpoint=tcp://127.0.0.1:{xpub}",
-           f"Cluster::Backend::ZeroMQ::connect_xsub_endpoint=tcp://127.0.0.1:{xpub}",
-           f"Cluster::Backend::ZeroMQ::listen_xsub_endpoint=tcp://127.0.0.1:{xsub}",
-           f"Cluster::Backend::ZeroMQ::connect_xpub_endpoint=tcp://127.0.0.1:{xsub}"]  # fmt: skip
-    r, got, bridge, _ = _zeek_with_bridge(sample.pcap, tmp_path, _macs_arg(sample.macs), *zmq,
-                                          pre=("frameworks/cluster/backend/zeromq",))  # fmt: skip
+    zmq = [
+        f"Cluster::Backend::ZeroMQ::listen_xpub_endpoint=tcp://127.0.0.1:{xpub}",
+        f"Cluster::Backend::ZeroMQ::connect_xsub_endpoint=tcp://127.0.0.1:{xpub}",
+        f"Cluster::Backend::ZeroMQ::listen_xsub_endpoint=tcp://127.0.0.1:{xsub}",
+        f"Cluster::Backend::ZeroMQ::connect_xpub_endpoint=tcp://127.0.0.1:{xsub}",
+    ]
+    r, got, bridge, _ = _zeek_with_bridge(
+        sample.pcap,
+        tmp_path,
+        _macs_arg(sample.macs),
+        *zmq,
+        pre=("frameworks/cluster/backend/zeromq",),
+    )
     assert r.returncode == 0, r.stderr
     assert "were not classified" not in r.stderr and "did not confirm" not in r.stderr
     assert len(got) == bridge.stats.labels == 288
@@ -432,8 +535,16 @@ def test_zeek_standalone_with_the_zeromq_backend(tmp_path, sample):
 def test_zeek_without_a_bridge_goes_on_and_ends(tmp_path, sample):
     """Offline with nobody listening: the hold ends after hold_timeout (wall clock, through
     the Input framework's raw reader) and Zeek terminates at the trace's end, saying so."""
-    cmd = [ZEEK, "-C", "-r", str(sample.pcap), str(PKG), f"IoTClass::websocket_port={free_port()}/tcp",
-           "IoTClass::hold_timeout=1sec", _macs_arg(sample.macs)]  # fmt: skip
+    cmd = [
+        ZEEK,
+        "-C",
+        "-r",
+        str(sample.pcap),
+        str(PKG),
+        f"IoTClass::websocket_port={free_port()}/tcp",
+        "IoTClass::hold_timeout=1sec",
+        _macs_arg(sample.macs),
+    ]
     r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert "no bridge connected within 1.0 sec, processing continues" in r.stderr
@@ -473,9 +584,17 @@ def test_zeek_drain_times_out_on_a_silent_bridge(tmp_path, sample):
 
     t = threading.Thread(target=silent_bridge, daemon=True)
     t.start()
-    cmd = [ZEEK, "-C", "-r", str(sample.pcap), str(PKG), f"IoTClass::websocket_port={port}/tcp",
-           "IoTClass::hold_timeout=60sec", "IoTClass::drain_timeout=2sec",
-           _macs_arg(sample.macs)]  # fmt: skip
+    cmd = [
+        ZEEK,
+        "-C",
+        "-r",
+        str(sample.pcap),
+        str(PKG),
+        f"IoTClass::websocket_port={port}/tcp",
+        "IoTClass::hold_timeout=60sec",
+        "IoTClass::drain_timeout=2sec",
+        _macs_arg(sample.macs),
+    ]
     start = time.monotonic()
     r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=60)
     t.join(10)
@@ -493,20 +612,38 @@ def test_zeek_and_iotcls_serve_log_what_classify_writes(tmp_path, sample):
     --devices`` writes for the same capture (the offline hold and drain: same matrices)."""
     ws_port, zmq_port = free_port(), free_port()
     cfg = tmp_path / "serve.yaml"
-    cfg.write_text(json.dumps({
-        "zeek": {"url": f"ws://127.0.0.1:{ws_port}/v1/messages/json", "reconnect_max_s": 0.5},
-        "bridge": {"bind": [f"tcp://127.0.0.1:{zmq_port}"]},
-        "scorers": {"count": 1, "device": "cpu"},
-        "log": {"policy": "all"},
-    }))  # fmt: skip
+    cfg.write_text(
+        json.dumps(
+            {
+                "zeek": {
+                    "url": f"ws://127.0.0.1:{ws_port}/v1/messages/json",
+                    "reconnect_max_s": 0.5,
+                },
+                "bridge": {"bind": [f"tcp://127.0.0.1:{zmq_port}"]},
+                "scorers": {"count": 1, "device": "cpu"},
+                "log": {"policy": "all"},
+            }
+        )
+    )
     zdir, cdir = tmp_path / "zeek", tmp_path / "classify"
     zdir.mkdir()
     err = (tmp_path / "serve.err").open("w")
-    serve = subprocess.Popen([sys.executable, "-m", "iotcls", "serve", "--config", str(cfg)],
-                             stdout=subprocess.DEVNULL, stderr=err)  # fmt: skip
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "iotcls", "serve", "--config", str(cfg)],
+        stdout=subprocess.DEVNULL,
+        stderr=err,
+    )
     try:
-        cmd = [ZEEK, "-C", "-r", str(sample.pcap), str(PKG), f"IoTClass::websocket_port={ws_port}/tcp",
-               "IoTClass::hold_timeout=120sec", _macs_arg(sample.macs)]  # fmt: skip
+        cmd = [
+            ZEEK,
+            "-C",
+            "-r",
+            str(sample.pcap),
+            str(PKG),
+            f"IoTClass::websocket_port={ws_port}/tcp",
+            "IoTClass::hold_timeout=120sec",
+            _macs_arg(sample.macs),
+        ]
         r = subprocess.run(cmd, cwd=zdir, capture_output=True, text=True, timeout=300)
     finally:
         serve.terminate()
@@ -517,19 +654,31 @@ def test_zeek_and_iotcls_serve_log_what_classify_writes(tmp_path, sample):
     assert "drained: 288 records, 288 labels" in serve_err
     assert "warning" not in r.stderr.lower(), r.stderr
     head = (zdir / "iot_class.log").read_text().splitlines()
-    assert next(h for h in head if h.startswith("#fields")).split("\t")[1:] == \
-        [name for name, _ in FIELDS]  # fmt: skip
-    assert cli.main(["classify", str(sample.pcap), "--devices", ",".join(sample.macs),
-                     "-o", str(cdir)]) == 0  # fmt: skip
+    assert next(h for h in head if h.startswith("#fields")).split("\t")[1:] == [
+        name for name, _ in FIELDS
+    ]
+    assert (
+        cli.main(
+            ["classify", str(sample.pcap), "--devices", ",".join(sample.macs), "-o", str(cdir)]
+        )
+        == 0
+    )
     col = {name: i for i, (name, _) in enumerate(FIELDS)}
 
     def labels(rows):
         """Per device, window start and flow count: label, trust and confidence (Zeek
         prints doubles its own way, so ts and confidence are compared as numbers)."""
         pick = ("device_mac", "device_ip", "n_flows", "label", "trusted", "strategy")
-        return sorted((tuple(r[col[c]] for c in pick[:2]), round(float(r[col["ts"]]), 3),
-                       tuple(r[col[c]] for c in pick[2:]), float(r[col["ts"]]),
-                       float(r[col["confidence"]])) for r in rows)  # fmt: skip
+        return sorted(
+            (
+                tuple(r[col[c]] for c in pick[:2]),
+                round(float(r[col["ts"]]), 3),
+                tuple(r[col[c]] for c in pick[2:]),
+                float(r[col["ts"]]),
+                float(r[col["confidence"]]),
+            )
+            for r in rows
+        )
 
     z, c = labels(_log_rows(zdir / "iot_class.log")), labels(_log_rows(cdir / "iot_class.log"))
     assert len(z) == len(c) == 288
@@ -543,8 +692,7 @@ def test_zeek_and_iotcls_serve_log_what_classify_writes(tmp_path, sample):
     devices = _json_or_ascii(zdir / "iot_devices.log")
     assert sorted(d["device"] for d in devices) == sorted(sample.macs)
     assert all(d["change"] == "new" for d in devices)
-    right = sum(d["label"] == sample.devices[d["device"]] and d["trusted"] == "T"
-                for d in devices)  # fmt: skip
+    right = sum(d["label"] == sample.devices[d["device"]] and d["trusted"] == "T" for d in devices)
     assert right >= 6, devices
 
 
@@ -559,8 +707,17 @@ def _json_or_ascii(path: Path) -> list[dict]:
 def test_zeek_iotcls_from_the_checkout_root(tmp_path, sample):
     """`zeek -r trace iotcls` run in the repository root: Zeek finds the Python package
     directory first (ZEEKPATH starts with "."), whose __load__.zeek loads the Zeek package."""
-    cmd = [ZEEK, "-C", "-r", str(sample.pcap), "iotcls", "IoTClass::websocket_listen=F",
-           "IoTClass::hold_offline=F", _macs_arg(sample.macs), "Log::default_logdir=" + str(tmp_path)]
+    cmd = [
+        ZEEK,
+        "-C",
+        "-r",
+        str(sample.pcap),
+        "iotcls",
+        "IoTClass::websocket_listen=F",
+        "IoTClass::hold_offline=F",
+        _macs_arg(sample.macs),
+        "Log::default_logdir=" + str(tmp_path),
+    ]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "iotcls: no bridge connected, 288 flow records of" in r.stderr
@@ -575,11 +732,19 @@ def test_zeek_two_copies_of_the_package(tmp_path):
     shutil.copytree(PKG, site / "iotcls")
     shutil.copytree(PKG, site / "packages" / "iotcls")
     env = dict(os.environ, ZEEKPATH=f"{site}:{_zeek_search_path()}")
-    r = subprocess.run([ZEEK, "-b", "iotcls", "packages/iotcls", "IoTClass::websocket_listen=F"],
-                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [ZEEK, "-b", "iotcls", "packages/iotcls", "IoTClass::websocket_listen=F"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
-    assert f"iotcls: loaded twice, from {site / 'iotcls'} and from {site / 'packages' / 'iotcls'}" \
-        in r.stderr  # fmt: skip
+    assert (
+        f"iotcls: loaded twice, from {site / 'iotcls'} and from {site / 'packages' / 'iotcls'}"
+        in r.stderr
+    )
 
 
 def _zeek_search_path() -> str:
@@ -609,18 +774,28 @@ def test_zeek_cluster_worker_to_bridge_to_logger(tmp_path, backend):
         f'\t["logger-1"] = [$node_type=Cluster::LOGGER, $ip=127.0.0.1, $p={ports["logger-1"]}/tcp],\n'
         f'\t["manager"] = [$node_type=Cluster::MANAGER, $ip=127.0.0.1, $p={ports["manager"]}/tcp],\n'
         f'\t["worker-1"] = [$node_type=Cluster::WORKER, $ip=127.0.0.1, $p={ports["worker-1"]}/tcp, '
-        '$manager="manager"],\n};\n')  # fmt: skip
+        '$manager="manager"],\n};\n'
+    )
     # 8.0 has no backend/broker script: Broker is simply its default backend
-    pre = [] if backend == "broker" and zeek_version(ZEEK) < (8, 1, 0) else \
-        [f"frameworks/cluster/backend/{backend}"]  # fmt: skip
+    pre = (
+        []
+        if backend == "broker" and zeek_version(ZEEK) < (8, 1, 0)
+        else [f"frameworks/cluster/backend/{backend}"]
+    )
     if backend == "zeromq":
         a, b = ports["a"], ports["b"]
-        pre += [f"Cluster::Backend::ZeroMQ::listen_xpub_endpoint=tcp://127.0.0.1:{a}",
-                f"Cluster::Backend::ZeroMQ::connect_xsub_endpoint=tcp://127.0.0.1:{a}",
-                f"Cluster::Backend::ZeroMQ::listen_xsub_endpoint=tcp://127.0.0.1:{b}",
-                f"Cluster::Backend::ZeroMQ::connect_xpub_endpoint=tcp://127.0.0.1:{b}"]  # fmt: skip
-    args = [str(PKG), f"IoTClass::websocket_port={ports['ws']}/tcp",
-            "IoTClass::device_nets={127.0.0.2/32}", "IoTClass::window_length=1sec"]  # fmt: skip
+        pre += [
+            f"Cluster::Backend::ZeroMQ::listen_xpub_endpoint=tcp://127.0.0.1:{a}",
+            f"Cluster::Backend::ZeroMQ::connect_xsub_endpoint=tcp://127.0.0.1:{a}",
+            f"Cluster::Backend::ZeroMQ::listen_xsub_endpoint=tcp://127.0.0.1:{b}",
+            f"Cluster::Backend::ZeroMQ::connect_xpub_endpoint=tcp://127.0.0.1:{b}",
+        ]
+    args = [
+        str(PKG),
+        f"IoTClass::websocket_port={ports['ws']}/tcp",
+        "IoTClass::device_nets={127.0.0.2/32}",
+        "IoTClass::window_length=1sec",
+    ]
     env = dict(os.environ, ZEEKPATH=f"{tmp_path}:{_zeek_search_path()}")
     got = []
 
@@ -629,8 +804,12 @@ def test_zeek_cluster_worker_to_bridge_to_logger(tmp_path, backend):
         return [Verdict("cam", 0.9) for _ in range(len(mats))]
 
     bridge = Bridge(MatrixLayout(), scorer)
-    client = attach(bridge, f"ws://127.0.0.1:{ports['ws']}/v1/messages/json",
-                    reconnect_min_s=0.1, reconnect_max_s=0.5)  # fmt: skip
+    client = attach(
+        bridge,
+        f"ws://127.0.0.1:{ports['ws']}/v1/messages/json",
+        reconnect_min_s=0.1,
+        reconnect_max_s=0.5,
+    )
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_until_complete, args=(run(bridge, client),))
     thread.start()
@@ -638,13 +817,21 @@ def test_zeek_cluster_worker_to_bridge_to_logger(tmp_path, backend):
     try:
         for node in ("logger-1", "manager", "worker-1"):
             (tmp_path / node).mkdir()
-            live = ["-C", "-i", "lo", "-f", f"udp port {ports['udp']}"] if node == "worker-1" else []
+            live = (
+                ["-C", "-i", "lo", "-f", f"udp port {ports['udp']}"] if node == "worker-1" else []
+            )
             procs[node] = subprocess.Popen(
-                [ZEEK, *live, *pre, *args], cwd=tmp_path / node, env=dict(env, CLUSTER_NODE=node),
-                stdout=subprocess.DEVNULL, stderr=(tmp_path / node / "stderr").open("w"))  # fmt: skip
+                [ZEEK, *live, *pre, *args],
+                cwd=tmp_path / node,
+                env=dict(env, CLUSTER_NODE=node),
+                stdout=subprocess.DEVNULL,
+                stderr=(tmp_path / node / "stderr").open("w"),
+            )
         deadline = time.monotonic() + 60
-        while not (client.connected.is_set()
-                   and "listening on lo" in (tmp_path / "worker-1" / "stderr").read_text()):
+        while not (
+            client.connected.is_set()
+            and "listening on lo" in (tmp_path / "worker-1" / "stderr").read_text()
+        ):
             assert time.monotonic() < deadline, "the cluster did not come up"
             assert all(p.poll() is None for p in procs.values())
             time.sleep(0.1)
@@ -670,8 +857,9 @@ def test_zeek_cluster_worker_to_bridge_to_logger(tmp_path, backend):
                 p.wait()
         loop.call_soon_threadsafe(client.stop)
         thread.join(30)
-    assert all(r.device_ip == "127.0.0.2" and r.remote_port == ports["udp"] and r.proto == 17
-               for r in got)  # fmt: skip
+    assert all(
+        r.device_ip == "127.0.0.2" and r.remote_port == ports["udp"] and r.proto == 17 for r in got
+    )
     assert got[0].total_packets >= 2 and got[0].payloads[0] == b"ping 0"
     logged = [row for f in (tmp_path / "logger-1").glob("iot_class*.log") for row in _log_rows(f)]
     assert len(logged) >= 2 and {row[9] for row in logged} == {"cam"}
@@ -679,8 +867,11 @@ def test_zeek_cluster_worker_to_bridge_to_logger(tmp_path, backend):
     # the worker kept its records until the bridge's acknowledgements, which the manager
     # forwarded to it (what was still open at the stop went to the worker's spool file)
     worker = (tmp_path / "worker-1" / "stderr").read_text()
-    m = re.search(r"iotcls: delivery: (\d+) flow records kept .*?, (\d+) acknowledged, 0 shed "
-                  r"by the bridge, 0 dropped", worker)  # fmt: skip
+    m = re.search(
+        r"iotcls: delivery: (\d+) flow records kept .*?, (\d+) acknowledged, 0 shed "
+        r"by the bridge, 0 dropped",
+        worker,
+    )
     assert m and int(m.group(2)) >= 2, worker[-2000:]
 
 
@@ -693,9 +884,20 @@ def test_live_first_label_within_seconds(tmp_path):
     need = [t for t in ("unshare", "ip", "tcpreplay", "tcprewrite") if not shutil.which(t)]
     if os.geteuid() != 0 or need:
         pytest.skip(f"a live replay needs root and {', '.join(need) or 'network namespaces'}")
-    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_first_label.py"),
-                        "--seconds", "45", "--zeek", ZEEK, "--json"],  # devices join 5 s apart
-                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "bench_first_label.py"),
+            "--seconds",
+            "45",
+            "--zeek",
+            ZEEK,
+            "--json",
+        ],  # devices join 5 s apart
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])
     lat = sorted(res["first_label_s"].values())

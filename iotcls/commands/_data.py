@@ -45,8 +45,9 @@ def load_data(
     return load_learning_data(args, layout, exact_layout, progress)[0]
 
 
-def load_learning_data(args: argparse.Namespace, layout: MatrixLayout, exact_layout: bool,
-                       progress: bool) -> tuple[Dataset, np.ndarray]:  # fmt: skip
+def load_learning_data(
+    args: argparse.Namespace, layout: MatrixLayout, exact_layout: bool, progress: bool
+) -> tuple[Dataset, np.ndarray]:
     """:func:`load_data`, and per row the label the service gave it where that label was
     trusted ("" elsewhere, and for every capture row): what fine-tuning judges trust by
     (:mod:`iotcls.finetune`). Flow stores are labelled by ``--labels devices.csv``."""
@@ -65,8 +66,11 @@ def load_learning_data(args: argparse.Namespace, layout: MatrixLayout, exact_lay
     except ValueError as e:
         raise CliError(f"{', '.join(stores)}: {e}") from None
     trusted = np.where(served.trusted, served.label, "").astype(object)
-    rest = [c for c in (args.captures if isinstance(args.captures, list) else [args.captures])
-            if c not in stores]  # fmt: skip
+    rest = [
+        c
+        for c in (args.captures if isinstance(args.captures, list) else [args.captures])
+        if c not in stores
+    ]
     if rest:
         other = argparse.Namespace(**{**vars(args), "captures": rest})
         more = _load_captures(other, layout, exact_layout, progress)
@@ -97,12 +101,16 @@ def data_sources(args: argparse.Namespace) -> dict:
     out: dict = {}
     stores = store_args(args)
     if stores:
-        out["stores"] = [{"path": str(Path(s).resolve()),
-                          "segments": [p.name for p in segment_paths(Path(s))]} for s in stores]  # fmt: skip
+        out["stores"] = [
+            {"path": str(Path(s).resolve()), "segments": [p.name for p in segment_paths(Path(s))]}
+            for s in stores
+        ]
     path = getattr(args, "labels", None)
     if path and str(path).lower().endswith(".csv") and Path(path).is_file():
-        out["labels_file"] = {"path": str(Path(path).resolve()),
-                              "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest()}  # fmt: skip
+        out["labels_file"] = {
+            "path": str(Path(path).resolve()),
+            "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest(),
+        }
     return out
 
 
@@ -125,13 +133,22 @@ def _load_captures(
         return ds
     specs = specs_from_args(args)
     try:
-        ds = build_dataset(specs, layout, args.window, args.packets, args.payload_bytes,
-                           progress=progress, on_capture=report_capture)  # fmt: skip
+        ds = build_dataset(
+            specs,
+            layout,
+            args.window,
+            args.packets,
+            args.payload_bytes,
+            progress=progress,
+            on_capture=report_capture,
+        )
     except LayoutError as e:
         raise CliError(str(e)) from None
     if exact_layout and ds.layout != layout:
-        raise CliError(f"--window/--packets change the model's layout: "
-                       f"{ds.layout.to_dict()} is not {layout.to_dict()}")  # fmt: skip
+        raise CliError(
+            f"--window/--packets change the model's layout: "
+            f"{ds.layout.to_dict()} is not {layout.to_dict()}"
+        )
     unreadable = int((ds.captures_table.errors != "").sum())
     if unreadable == len(specs):
         raise CliError("no capture could be read")

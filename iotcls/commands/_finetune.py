@@ -27,16 +27,25 @@ def run_finetune(args: argparse.Namespace) -> int:
     ds, served = load_learning_data(args, base.layout, exact_layout=True, progress=progress)
     labelled = ds.labels != ""
     if not labelled.any():
-        raise CliError("no labelled records: fill in the label column of the device list "
-                       "(iotcls inventory) and give it with --labels devices.csv")  # fmt: skip
-    cfg = FinetuneConfig(seed=args.seed, batch_size=args.batch_size, threads=args.threads,
-                         **({"epochs": args.epochs} if args.epochs is not None else {}))  # fmt: skip
-    meta = {"data": {
-        "captures": [str(c) for c in args.captures], "records": int(len(ds)),
-        "labelled_records": int(labelled.sum()),
-        "class_counts": {k: v for k, v in ds.label_counts().items() if k},
-        **data_sources(args),
-    }}  # fmt: skip
+        raise CliError(
+            "no labelled records: fill in the label column of the device list "
+            "(iotcls inventory) and give it with --labels devices.csv"
+        )
+    cfg = FinetuneConfig(
+        seed=args.seed,
+        batch_size=args.batch_size,
+        threads=args.threads,
+        **({"epochs": args.epochs} if args.epochs is not None else {}),
+    )
+    meta = {
+        "data": {
+            "captures": [str(c) for c in args.captures],
+            "records": int(len(ds)),
+            "labelled_records": int(labelled.sum()),
+            "class_counts": {k: v for k, v in ds.label_counts().items() if k},
+            **data_sources(args),
+        }
+    }
     log = lambda m: print(m, file=sys.stderr)  # noqa: E731
     try:
         bundle = finetune(base, ds, served, cfg, meta, log)
@@ -44,8 +53,10 @@ def run_finetune(args: argparse.Namespace) -> int:
     except (OSError, BundleError, ValueError) as e:
         raise CliError(f"{args.output}: {e}") from None
     added = bundle.metadata["classes_added"]
-    print(f"wrote {path} ({path.stat().st_size / 1024:.0f} KiB): {len(bundle.classes)} classes "
-          f"({len(added)} new: {', '.join(added) or 'none'}), fine-tuned from {base.name}; "
-          f"{time.time() - t0:.0f}s in all. Serve it: copy it over scorers.model, then "
-          "iotcls reload")  # fmt: skip
+    print(
+        f"wrote {path} ({path.stat().st_size / 1024:.0f} KiB): {len(bundle.classes)} classes "
+        f"({len(added)} new: {', '.join(added) or 'none'}), fine-tuned from {base.name}; "
+        f"{time.time() - t0:.0f}s in all. Serve it: copy it over scorers.model, then "
+        "iotcls reload"
+    )
     return 0

@@ -25,5 +25,7 @@ def shipped(package: str, tree_dir: str, name: str, marker: str = "") -> Path:
     for c in candidates:
         if (c / marker).is_file() if marker else c.is_file():
             return c
-    raise CliError(f"{name} is missing from this installation of iotcls "
-                   f"(looked in {', '.join(map(str, candidates))})")  # fmt: skip
+    raise CliError(
+        f"{name} is missing from this installation of iotcls "
+        f"(looked in {', '.join(map(str, candidates))})"
+    )

@@ -68,8 +68,10 @@ def find_zeek_config(given: str | None = None) -> str:
         return str(Path(zeek).parent / "zeek-config")
     found = shutil.which("zeek-config")
     if not found:
-        raise CliError("cannot build the native capture plugin: no zeek-config on PATH (Zeek's "
-                       f"bin directory, or --zeek-config PATH); {NO_PLUGIN_HINT}")  # fmt: skip
+        raise CliError(
+            "cannot build the native capture plugin: no zeek-config on PATH (Zeek's "
+            f"bin directory, or --zeek-config PATH); {NO_PLUGIN_HINT}"
+        )
     return found
 
 
@@ -82,30 +84,47 @@ def find_toolchain(zeek_config: str, plugin_dir: Path | None = None) -> Toolchai
     """Everything the build needs, or a CliError naming the first thing missing."""
     version = _out([zeek_config, "--version"])
     if not version:
-        raise CliError(f"cannot build the native capture plugin: {zeek_config} --version "
-                       f"failed; {NO_PLUGIN_HINT}")  # fmt: skip
+        raise CliError(
+            f"cannot build the native capture plugin: {zeek_config} --version "
+            f"failed; {NO_PLUGIN_HINT}"
+        )
     cmake_dir = Path(_out([zeek_config, "--cmake_dir"]) or "/nonexistent")
     if not (cmake_dir / "ZeekPlugin.cmake").is_file():
-        raise CliError(f"cannot build the native capture plugin: Zeek {version}'s CMake modules "
-                       f"are missing ({cmake_dir}/ZeekPlugin.cmake, from {zeek_config} "
-                       f"--cmake_dir): install Zeek's development files; {NO_PLUGIN_HINT}")  # fmt: skip
+        raise CliError(
+            f"cannot build the native capture plugin: Zeek {version}'s CMake modules "
+            f"are missing ({cmake_dir}/ZeekPlugin.cmake, from {zeek_config} "
+            f"--cmake_dir): install Zeek's development files; {NO_PLUGIN_HINT}"
+        )
     includes = [Path(p) for p in _out([zeek_config, "--include_dir"]).split(":") if p]
     if not any((p / "zeek" / "zeek-config.h").is_file() for p in includes):
-        raise CliError(f"cannot build the native capture plugin: Zeek {version}'s headers are "
-                       f"missing (no zeek/zeek-config.h in {zeek_config} --include_dir: "
-                       f"{':'.join(map(str, includes)) or 'nothing'}); install Zeek's "
-                       f"development files; {NO_PLUGIN_HINT}")  # fmt: skip
+        raise CliError(
+            f"cannot build the native capture plugin: Zeek {version}'s headers are "
+            f"missing (no zeek/zeek-config.h in {zeek_config} --include_dir: "
+            f"{':'.join(map(str, includes)) or 'nothing'}); install Zeek's "
+            f"development files; {NO_PLUGIN_HINT}"
+        )
     cmake = shutil.which("cmake")
     if not cmake:
-        raise CliError("cannot build the native capture plugin: no cmake on PATH (CMake "
-                       f"{'.'.join(map(str, MIN_CMAKE))} or later); {NO_PLUGIN_HINT}")  # fmt: skip
+        raise CliError(
+            "cannot build the native capture plugin: no cmake on PATH (CMake "
+            f"{'.'.join(map(str, MIN_CMAKE))} or later); {NO_PLUGIN_HINT}"
+        )
     if _cmake_version(cmake) < MIN_CMAKE:
-        raise CliError(f"cannot build the native capture plugin: {cmake} is older than CMake "
-                       f"{'.'.join(map(str, MIN_CMAKE))}; {NO_PLUGIN_HINT}")  # fmt: skip
-    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+        raise CliError(
+            f"cannot build the native capture plugin: {cmake} is older than CMake "
+            f"{'.'.join(map(str, MIN_CMAKE))}; {NO_PLUGIN_HINT}"
+        )
+    cxx = (
+        os.environ.get("CXX")
+        or shutil.which("c++")
+        or shutil.which("g++")
+        or shutil.which("clang++")
+    )
     if not cxx or not shutil.which(cxx):
-        raise CliError("cannot build the native capture plugin: no C++ compiler (c++, g++ or "
-                       f"clang++ on PATH, or $CXX); {NO_PLUGIN_HINT}")  # fmt: skip
+        raise CliError(
+            "cannot build the native capture plugin: no C++ compiler (c++, g++ or "
+            f"clang++ on PATH, or $CXX); {NO_PLUGIN_HINT}"
+        )
     make = shutil.which("make")
     if not make:
         raise CliError(f"cannot build the native capture plugin: no make on PATH; {NO_PLUGIN_HINT}")
@@ -131,16 +150,25 @@ def build(tools: Toolchain, jobs: int | None = None) -> Path:
     log = work / "build.log"
     env = {**os.environ, "CXX": tools.cxx}
     steps = [
-        [tools.cmake, "-S", str(plugin_source()), "-B", str(work / "build"),
-         f"-DCMAKE_MODULE_PATH={tools.cmake_dir}", "-DCMAKE_BUILD_TYPE=Release"],
+        [
+            tools.cmake,
+            "-S",
+            str(plugin_source()),
+            "-B",
+            str(work / "build"),
+            f"-DCMAKE_MODULE_PATH={tools.cmake_dir}",
+            "-DCMAKE_BUILD_TYPE=Release",
+        ],
         [tools.make, "-C", str(work / "build"), f"-j{jobs or min(os.cpu_count() or 1, 4)}"],
-    ]  # fmt: skip
+    ]
     for cmd in steps:
         if not _run_logged(cmd, log, env):
             last = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()][-1:]
-            raise CliError(f"building the native capture plugin against Zeek {tools.zeek_version} "
-                           f"failed at '{Path(cmd[0]).name}' (log: {log}; last line: "
-                           f"{last[0] if last else 'none'}); {NO_PLUGIN_HINT}")  # fmt: skip
+            raise CliError(
+                f"building the native capture plugin against Zeek {tools.zeek_version} "
+                f"failed at '{Path(cmd[0]).name}' (log: {log}; last line: "
+                f"{last[0] if last else 'none'}); {NO_PLUGIN_HINT}"
+            )
     tarball = work / "build" / TARBALL
     if not tarball.is_file():
         raise CliError(f"the plugin build wrote no {TARBALL} (log: {log})")
@@ -171,12 +199,16 @@ def install(tarball: Path, plugin_dir: Path) -> Path:
             shutil.rmtree(staging, ignore_errors=True)
             raise CliError(f"{tarball} holds no {PLUGIN} plugin")
         if target.exists() or target.is_symlink():
-            shutil.rmtree(target) if target.is_dir() and not target.is_symlink() else target.unlink()
+            shutil.rmtree(
+                target
+            ) if target.is_dir() and not target.is_symlink() else target.unlink()
         unpacked.rename(target)
         shutil.rmtree(staging, ignore_errors=True)
     except PermissionError:
-        raise CliError(f"cannot install the plugin into {plugin_dir}: permission denied (run as "
-                       "Zeek's owner, or pass --plugin-dir DIR and add DIR to ZEEK_PLUGIN_PATH)") from None  # fmt: skip
+        raise CliError(
+            f"cannot install the plugin into {plugin_dir}: permission denied (run as "
+            "Zeek's owner, or pass --plugin-dir DIR and add DIR to ZEEK_PLUGIN_PATH)"
+        ) from None
     except OSError as e:
         raise CliError(f"cannot install the plugin into {plugin_dir}: {e.strerror or e}") from None
     return target
@@ -190,7 +222,9 @@ def zeek_lists(tools: Toolchain, plugin_dir: Path) -> bool:
     env = dict(os.environ)
     env["ZEEK_PLUGIN_PATH"] = ":".join(filter(None, [str(plugin_dir), env.get("ZEEK_PLUGIN_PATH")]))
     try:
-        r = subprocess.run([str(zeek), "-N", PLUGIN], capture_output=True, text=True, env=env, timeout=60)
+        r = subprocess.run(
+            [str(zeek), "-N", PLUGIN], capture_output=True, text=True, env=env, timeout=60
+        )
     except (OSError, subprocess.TimeoutExpired):
         return False
     return r.returncode == 0 and PLUGIN in r.stdout

@@ -13,16 +13,36 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     add_capture_arguments(p)
     p.add_argument("--model", metavar="MODEL", help="model bundle (default: the shipped model)")
-    p.add_argument("--format", choices=("zeek", "json"), default="zeek",
-                   help="iot_class.log as Zeek ASCII (default) or JSON lines")  # fmt: skip
-    p.add_argument("-o", "--output", metavar="DIR", default=".",
-                   help="directory for iot_class.log (default: the current one)")
-    p.add_argument("--strategy", choices=STRATEGIES, default="sequence",
-                   help="which labels the log carries (docs/strategies.md; default %(default)s)")
+    p.add_argument(
+        "--format",
+        choices=("zeek", "json"),
+        default="zeek",
+        help="iot_class.log as Zeek ASCII (default) or JSON lines",
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        metavar="DIR",
+        default=".",
+        help="directory for iot_class.log (default: the current one)",
+    )
+    p.add_argument(
+        "--strategy",
+        choices=STRATEGIES,
+        default="sequence",
+        help="which labels the log carries (docs/strategies.md; default %(default)s)",
+    )
     from ..cli import add_renamed
 
-    add_renamed(p, "--device", "--torch-device", dest="compute", default="cpu",
-                choices=("cpu", "cuda"), help="where the model runs")
+    add_renamed(
+        p,
+        "--device",
+        "--torch-device",
+        dest="compute",
+        default="cpu",
+        choices=("cpu", "cuda"),
+        help="where the model runs",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -50,8 +70,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         for spec in specs:
             try:
-                cm = capture_matrices(spec, bundle.layout, args.window, args.packets,
-                                      args.payload_bytes)  # fmt: skip
+                cm = capture_matrices(
+                    spec, bundle.layout, args.window, args.packets, args.payload_bytes
+                )
             except LayoutError as e:
                 raise CliError(str(e)) from None
             report_capture(cm)
@@ -59,8 +80,9 @@ def run(args: argparse.Namespace) -> int:
                 failed += 1
                 continue
             if cm.matrices.shape[1:] != bundle.layout.shape:
-                raise CliError(f"--window/--packets do not match the model's layout "
-                               f"{bundle.layout.to_dict()}")  # fmt: skip
+                raise CliError(
+                    f"--window/--packets do not match the model's layout {bundle.layout.to_dict()}"
+                )
             if not len(cm.matrices):
                 continue  # read, but no flow of the selected devices: nothing to label
             c = classify_capture(predictor, cm, args.strategy)
@@ -74,8 +96,11 @@ def run(args: argparse.Namespace) -> int:
         f.close()
     rows = summarize(predictor, results)
     log = Path(args.output) / "iot_class.log"
-    print(f"{len(entries)} labels ({args.strategy} strategy) from {len(specs) - failed} of "
-          f"{len(specs)} captures by {bundle.name} -> {log}", file=sys.stderr)  # fmt: skip
+    print(
+        f"{len(entries)} labels ({args.strategy} strategy) from {len(specs) - failed} of "
+        f"{len(specs)} captures by {bundle.name} -> {log}",
+        file=sys.stderr,
+    )
     if rows:
         print(format_summary(rows))
     else:

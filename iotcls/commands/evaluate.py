@@ -28,35 +28,72 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     v = VoteConfig()
     p.add_argument("--model", metavar="MODEL", help="model bundle (default: the shipped model)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    p.add_argument("--baseline", action="store_true",
-                   help="also train and score a random forest on flow statistics (same split)")
-    p.add_argument("--out", metavar="DIR", default="out/evaluate",
-                   help="where the confusion-matrix PNG and report.json go (default %(default)s)")
-    p.add_argument("--all", action="store_true", dest="use_all",
-                   help="score every capture given, even those the model was trained on")
-    p.add_argument("--vote-window", type=int, default=v.window,
-                   help="device strategy: sequences that vote (default %(default)s)")
-    p.add_argument("--min-votes", type=int, default=v.min_votes,
-                   help="device strategy: sequences before a first label (default %(default)s)")
+    p.add_argument(
+        "--baseline",
+        action="store_true",
+        help="also train and score a random forest on flow statistics (same split)",
+    )
+    p.add_argument(
+        "--out",
+        metavar="DIR",
+        default="out/evaluate",
+        help="where the confusion-matrix PNG and report.json go (default %(default)s)",
+    )
+    p.add_argument(
+        "--all",
+        action="store_true",
+        dest="use_all",
+        help="score every capture given, even those the model was trained on",
+    )
+    p.add_argument(
+        "--vote-window",
+        type=int,
+        default=v.window,
+        help="device strategy: sequences that vote (default %(default)s)",
+    )
+    p.add_argument(
+        "--min-votes",
+        type=int,
+        default=v.min_votes,
+        help="device strategy: sequences before a first label (default %(default)s)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--no-time-to-label", dest="time_to_label", action="store_false",
-                   help="skip the table of labels by time since each device's first packet "
-                        "(early and final records; read from the captures again)")
+    p.add_argument(
+        "--no-time-to-label",
+        dest="time_to_label",
+        action="store_false",
+        help="skip the table of labels by time since each device's first packet "
+        "(early and final records; read from the captures again)",
+    )
     # trust (docs/trust.md): the unseen-device test
-    p.add_argument("--leave-out", action="append", metavar="TYPE", default=[],
-                   help="train without TYPE (repeatable; quick training, the same code path "
-                        "as iotcls train) and report the share of TYPE's labels that come out "
-                        "untrusted/unknown; --model is not used")  # fmt: skip
-    p.add_argument("--folds", type=int, metavar="K",
-                   help="cross-validate instead: train K models, each without one K-th of "
-                        "every label's capture files, and report the labels each gives the "
-                        "files it did not see (every capture held out once); --model is not "
-                        "used")  # fmt: skip
-    p.add_argument("--epochs", type=int, default=None,
-                   help="--leave-out, --folds: training epochs (default 15 for --leave-out, "
-                        "as iotcls train for --folds)")  # fmt: skip
-    p.add_argument("--seed", type=int, default=0,
-                   help="--leave-out, --folds: split and training seed")
+    p.add_argument(
+        "--leave-out",
+        action="append",
+        metavar="TYPE",
+        default=[],
+        help="train without TYPE (repeatable; quick training, the same code path "
+        "as iotcls train) and report the share of TYPE's labels that come out "
+        "untrusted/unknown; --model is not used",
+    )
+    p.add_argument(
+        "--folds",
+        type=int,
+        metavar="K",
+        help="cross-validate instead: train K models, each without one K-th of "
+        "every label's capture files, and report the labels each gives the "
+        "files it did not see (every capture held out once); --model is not "
+        "used",
+    )
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="--leave-out, --folds: training epochs (default 15 for --leave-out, "
+        "as iotcls train for --folds)",
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="--leave-out, --folds: split and training seed"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -81,9 +118,14 @@ def run(args: argparse.Namespace) -> int:
     split = Split(**split) if split else None
     try:
         report = evaluate_report(
-            bundle, ds, split, use_all=args.use_all, baseline=args.baseline,
-            vote=vote, out_dir=Path(args.out),
-        )  # fmt: skip
+            bundle,
+            ds,
+            split,
+            use_all=args.use_all,
+            baseline=args.baseline,
+            vote=vote,
+            out_dir=Path(args.out),
+        )
     except ValueError as e:
         raise CliError(str(e)) from None
     out = Path(args.out)
@@ -148,9 +190,12 @@ def _run_folds(args: argparse.Namespace) -> int:
     if args.folds < 2:  # before reading the captures
         raise CliError(f"--folds must be at least 2, got {args.folds}")
     return _train_and_report(
-        args, TrainConfig().epochs, "cross-validation.json", format_cross_validation,
+        args,
+        TrainConfig().epochs,
+        "cross-validation.json",
+        format_cross_validation,
         lambda ds, cfg, progress, log: cross_validate(ds, args.folds, cfg, vote, progress, log),
-    )  # fmt: skip
+    )
 
 
 def _run_leave_out(args: argparse.Namespace) -> int:
@@ -159,13 +204,17 @@ def _run_leave_out(args: argparse.Namespace) -> int:
 
     types = list(dict.fromkeys(args.leave_out))
     return _train_and_report(
-        args, DEFAULT_LEAVE_OUT_EPOCHS, "leave-out.json", format_leave_out,
+        args,
+        DEFAULT_LEAVE_OUT_EPOCHS,
+        "leave-out.json",
+        format_leave_out,
         lambda ds, cfg, progress, log: leave_out(ds, types, cfg, progress, log),
-    )  # fmt: skip
+    )
 
 
-def _train_and_report(args: argparse.Namespace, default_epochs: int, name: str, fmt,
-                      evaluate) -> int:  # fmt: skip
+def _train_and_report(
+    args: argparse.Namespace, default_epochs: int, name: str, fmt, evaluate
+) -> int:
     """The runs that train their own models (``--folds``, ``--leave-out``): the captures in
     the default layout, training as ``iotcls train`` with ``--seed`` and ``--epochs``, the
     report printed and written to ``--out``/``name``."""

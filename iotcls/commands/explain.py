@@ -21,8 +21,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("pcap", metavar="PCAP", help="a pcap/pcapng capture")
     from ..cli import add_renamed
 
-    add_renamed(p, "--device", "--devices", dest="mac", metavar="MAC",
-                help="the device's MAC address (required)")
+    add_renamed(
+        p,
+        "--device",
+        "--devices",
+        dest="mac",
+        metavar="MAC",
+        help="the device's MAC address (required)",
+    )
     p.add_argument("--model", metavar="MODEL", help="model bundle (default: the shipped model)")
     p.add_argument("-o", "--output", metavar="PNG", help="also plot the explanations to PNG")
     p.add_argument("--top", type=int, default=3, help="groups named per label (default 3)")
@@ -32,8 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def explain_device(bundle, cm, top: int = 3) -> dict:
     """Labels, confidences, trust and Shapley values of every matrix of ``cm``."""
     from ..flowtable import bytes_to_ip
-    from ..schema import proto_name
     from ..predict import Predictor
+    from ..schema import proto_name
     from ..trust.decision import apply_device_rules, decide
     from ..trust.layer import TrustLayer
 
@@ -53,8 +59,9 @@ def explain_device(bundle, cm, top: int = 3) -> dict:
     if layer.state is not None:
         d = decide(layer.state, e.log_probs, e.all_values, e.target)
         trusted, reason = d.trusted, d.reason
-        decided_by = ("trust state (confidence + explanation + device rules"
-                      + (", DHCP identity refinement)" if ids is not None else ")"))
+        decided_by = "trust state (confidence + explanation + device rules" + (
+            ", DHCP identity refinement)" if ids is not None else ")"
+        )
     else:
         from ..predict import DEFAULT_THRESHOLD
 
@@ -63,40 +70,55 @@ def explain_device(bundle, cm, top: int = 3) -> dict:
         reason = ["-" if t else "low_confidence" for t in trusted]
         decided_by = f"no trust state in the model: confidence >= {thr:g} only"
     trusted, reason = np.array(trusted, bool), np.array(reason, object)
-    apply_device_rules(layer.state, bundle.classes, e.target, conf, groups, t.start[rows], ids,
-                       trusted, reason)  # fmt: skip
+    apply_device_rules(
+        layer.state, bundle.classes, e.target, conf, groups, t.start[rows], ids, trusted, reason
+    )
     labels = []
     for i in range(n):
         r = rows[i]
-        labels.append({
-            "ts": float(t.start[r]),
-            "uid": str(t.uid[r]),
-            "remote": f"{bytes_to_ip(t.remote_ip[r].tobytes())}:{int(t.remote_port[r])}",
-            "proto": proto_name(int(t.proto[r])),
-            "label": bundle.classes[int(e.target[i])],
-            "confidence": round(float(conf[i]), 4),
-            "trusted": bool(trusted[i]),
-            "reason": str(reason[i]),
-            "shapley": {g: round(float(v), 4) for g, v in zip(e.names, e.values[i])},
-            "base": round(float(e.base[e.target[i]]), 4),
-        })  # fmt: skip
+        labels.append(
+            {
+                "ts": float(t.start[r]),
+                "uid": str(t.uid[r]),
+                "remote": f"{bytes_to_ip(t.remote_ip[r].tobytes())}:{int(t.remote_port[r])}",
+                "proto": proto_name(int(t.proto[r])),
+                "label": bundle.classes[int(e.target[i])],
+                "confidence": round(float(conf[i]), 4),
+                "trusted": bool(trusted[i]),
+                "reason": str(reason[i]),
+                "shapley": {g: round(float(v), 4) for g, v in zip(e.names, e.values[i])},
+                "base": round(float(e.base[e.target[i]]), 4),
+            }
+        )
     order = sorted(range(n), key=lambda i: (labels[i]["ts"], i))
-    return {"groups": list(e.names), "labels": [labels[i] for i in order],
-            "decided_by": decided_by, "top": top}  # fmt: skip
+    return {
+        "groups": list(e.names),
+        "labels": [labels[i] for i in order],
+        "decided_by": decided_by,
+        "top": top,
+    }
 
 
 def format_explanations(res: dict, device: str, model: str) -> str:
     groups, labs = res["groups"], res["labels"]
     t0 = labs[0]["ts"] if labs else 0.0
-    head = f"{'t+s':>7} {'remote':<22} {'proto':<5} {'label':<20} {'conf':>6} {'trust':<5} " + \
-        " ".join(f"{g[:9]:>9}" for g in groups) + "  reason"  # fmt: skip
-    lines = [f"device {device}: {len(labs)} labels by {model} ({res['decided_by']}); Shapley "
-             "values of log p(label) per feature group, baseline = all-zero matrix", head]  # fmt: skip
+    head = (
+        f"{'t+s':>7} {'remote':<22} {'proto':<5} {'label':<20} {'conf':>6} {'trust':<5} "
+        + " ".join(f"{g[:9]:>9}" for g in groups)
+        + "  reason"
+    )
+    lines = [
+        f"device {device}: {len(labs)} labels by {model} ({res['decided_by']}); Shapley "
+        "values of log p(label) per feature group, baseline = all-zero matrix",
+        head,
+    ]
     for lab in labs:
         vals = " ".join(f"{lab['shapley'][g]:>9.3f}" for g in groups)
-        lines.append(f"{lab['ts'] - t0:>7.1f} {lab['remote'][:22]:<22} {lab['proto']:<5} "
-                     f"{lab['label'][:20]:<20} {lab['confidence']:>6.3f} "
-                     f"{'yes' if lab['trusted'] else 'no':<5} {vals}  {lab['reason']}")  # fmt: skip
+        lines.append(
+            f"{lab['ts'] - t0:>7.1f} {lab['remote'][:22]:<22} {lab['proto']:<5} "
+            f"{lab['label'][:20]:<20} {lab['confidence']:>6.3f} "
+            f"{'yes' if lab['trusted'] else 'no':<5} {vals}  {lab['reason']}"
+        )
     if labs:
         v = np.array([[lab["shapley"][g] for g in groups] for lab in labs])
         mean_abs = np.abs(v).mean(0)
@@ -105,9 +127,12 @@ def format_explanations(res: dict, device: str, model: str) -> str:
             if lab["trusted"]:
                 counts[lab["label"]] = counts.get(lab["label"], 0) + 1
         share = sum(counts.values()) / len(labs)
-        lines.append("mean |value|: " + ", ".join(f"{g} {m:.3f}" for g, m in
-                                                  sorted(zip(groups, mean_abs),
-                                                         key=lambda x: -x[1])))  # fmt: skip
+        lines.append(
+            "mean |value|: "
+            + ", ".join(
+                f"{g} {m:.3f}" for g, m in sorted(zip(groups, mean_abs), key=lambda x: -x[1])
+            )
+        )
         top = ", ".join(f"{k} {c}" for k, c in sorted(counts.items(), key=lambda x: -x[1])[:3])
         lines.append(f"trusted: {share:.1%} of labels" + (f" ({top})" if top else ""))
     return "\n".join(lines)
@@ -124,8 +149,13 @@ def plot_explanations(res: dict, path: Path, title: str) -> Path:
     n = len(labs)
     v = np.array([[lab["shapley"][g] for g in groups] for lab in labs]).reshape(n, len(groups))
     x = np.arange(n)
-    fig, (ax, axc) = plt.subplots(2, 1, figsize=(max(7.0, min(0.12 * n + 4, 30)), 6.5),
-                                  sharex=True, gridspec_kw={"height_ratios": [3, 1]})  # fmt: skip
+    fig, (ax, axc) = plt.subplots(
+        2,
+        1,
+        figsize=(max(7.0, min(0.12 * n + 4, 30)), 6.5),
+        sharex=True,
+        gridspec_kw={"height_ratios": [3, 1]},
+    )
     colors = plt.get_cmap("tab10").colors
     pos, neg = np.zeros(n), np.zeros(n)
     for j, g in enumerate(groups):
@@ -143,8 +173,9 @@ def plot_explanations(res: dict, path: Path, title: str) -> Path:
     trusted = np.array([lab["trusted"] for lab in labs], bool)
     axc.plot(x, conf, "-", color="grey", lw=0.8)
     axc.scatter(x[trusted], conf[trusted], s=10, color="tab:green", label="trusted", zorder=3)
-    axc.scatter(x[~trusted], conf[~trusted], s=14, marker="x", color="tab:red",
-                label="untrusted", zorder=3)  # fmt: skip
+    axc.scatter(
+        x[~trusted], conf[~trusted], s=14, marker="x", color="tab:red", label="untrusted", zorder=3
+    )
     axc.set_ylim(0, 1.05)
     axc.set_ylabel("confidence")
     axc.set_xlabel("label (time order)")
@@ -195,8 +226,7 @@ def run(args: argparse.Namespace) -> int:
         print(format_explanations(res, mac, bundle.name))
     if args.output:
         try:
-            png = plot_explanations(res, Path(args.output),
-                                    f"{mac} in {pcap.name}: {bundle.name}")  # fmt: skip
+            png = plot_explanations(res, Path(args.output), f"{mac} in {pcap.name}: {bundle.name}")
         except OSError as e:
             raise CliError(f"{args.output}: cannot write: {e.strerror or e}") from None
         print(f"plot: {png}", file=sys.stderr)

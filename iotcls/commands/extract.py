@@ -12,10 +12,15 @@ from ..cli import CliError
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_capture_arguments(parser)
-    parser.add_argument("-o", "--output", required=True, metavar="FILE",
-                        help="dataset file to write (.npz)")  # fmt: skip
-    parser.add_argument("--layout", default="default", metavar="default|paper|no-payload|FILE",
-                        help="matrix layout: a preset or a YAML file (default: default)")
+    parser.add_argument(
+        "-o", "--output", required=True, metavar="FILE", help="dataset file to write (.npz)"
+    )
+    parser.add_argument(
+        "--layout",
+        default="default",
+        metavar="default|paper|no-payload|FILE",
+        help="matrix layout: a preset or a YAML file (default: default)",
+    )
     parser.add_argument("--compress", action="store_true", help="compress the dataset file")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
@@ -62,8 +67,15 @@ def run(args: argparse.Namespace) -> int:
         warned += cm.flows.stats.warning_count
 
     try:
-        ds = build_dataset(specs, layout, args.window, args.packets, args.payload_bytes,
-                           progress=not args.quiet, on_capture=on_capture)  # fmt: skip
+        ds = build_dataset(
+            specs,
+            layout,
+            args.window,
+            args.packets,
+            args.payload_bytes,
+            progress=not args.quiet,
+            on_capture=on_capture,
+        )
     except LayoutError as e:
         raise CliError(str(e)) from None
     try:
@@ -72,11 +84,15 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"{args.output}: cannot write: {e.strerror or e}") from None
     ct = ds.captures_table
     print(f"files:    {len(specs)} ({len(failed)} unreadable)")
-    print(f"packets:  {int(ct.packets.sum()):,} IP packets, {int(ct.bytes.sum()):,} bytes "
-          f"({int(ct.frames.sum()):,} frames)")  # fmt: skip
+    print(
+        f"packets:  {int(ct.packets.sum()):,} IP packets, {int(ct.bytes.sum()):,} bytes "
+        f"({int(ct.frames.sum()):,} frames)"
+    )
     print(f"records:  {len(ds):,} (of {int(ct.device_packets.sum()):,} device packets)")
-    print(f"matrices: {ds.matrices.shape[0]:,} x {ds.matrices.shape[1]} x "
-          f"{ds.matrices.shape[2]} float32 -> {args.output}")  # fmt: skip
+    print(
+        f"matrices: {ds.matrices.shape[0]:,} x {ds.matrices.shape[1]} x "
+        f"{ds.matrices.shape[2]} float32 -> {args.output}"
+    )
     counts = ds.label_counts()
     if counts:
         width = max(len(k) for k in counts)

@@ -17,10 +17,16 @@ HEX_BYTES = 8
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_capture_arguments(parser)
-    parser.add_argument("--limit", type=int, default=100, metavar="N",
-                        help="print at most N records (0: all; default 100)")  # fmt: skip
-    parser.add_argument("--json", action="store_true",
-                        help="one JSON object per record instead of a table")  # fmt: skip
+    parser.add_argument(
+        "--limit",
+        type=int,
+        default=100,
+        metavar="N",
+        help="print at most N records (0: all; default 100)",
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="one JSON object per record instead of a table"
+    )
 
 
 def _endpoint(ip: str, port: int) -> str:
@@ -32,8 +38,10 @@ def _time(ts: float) -> str:
 
 
 def _packets(r: FlowRecord) -> str:
-    return " ".join(f"+{off * 1000:.0f}{'↑' if d else '↓'}{size}"
-                    for off, size, d in zip(r.offsets, r.sizes, r.directions))  # fmt: skip
+    return " ".join(
+        f"+{off * 1000:.0f}{'↑' if d else '↓'}{size}"
+        for off, size, d in zip(r.offsets, r.sizes, r.directions)
+    )
 
 
 def _payload_hex(r: FlowRecord) -> str:
@@ -43,29 +51,43 @@ def _payload_hex(r: FlowRecord) -> str:
 
 def record_json(r: FlowRecord, capture: str, label: str) -> dict:
     return {
-        "capture": capture, "start": r.start, "last": r.last, "uid": r.uid,
-        "device_mac": r.device_mac, "device_ip": r.device_ip, "device_port": r.device_port,
-        "remote_ip": r.remote_ip, "remote_port": r.remote_port, "proto": proto_name(r.proto),
-        "ip_proto": r.proto, "total_bytes": r.total_bytes, "total_packets": r.total_packets,
-        "offsets": r.offsets, "sizes": r.sizes, "directions": r.directions,
-        "payloads": [p.hex() for p in r.payloads], "device_is_orig": r.device_is_orig,
+        "capture": capture,
+        "start": r.start,
+        "last": r.last,
+        "uid": r.uid,
+        "device_mac": r.device_mac,
+        "device_ip": r.device_ip,
+        "device_port": r.device_port,
+        "remote_ip": r.remote_ip,
+        "remote_port": r.remote_port,
+        "proto": proto_name(r.proto),
+        "ip_proto": r.proto,
+        "total_bytes": r.total_bytes,
+        "total_packets": r.total_packets,
+        "offsets": r.offsets,
+        "sizes": r.sizes,
+        "directions": r.directions,
+        "payloads": [p.hex() for p in r.payloads],
+        "device_is_orig": r.device_is_orig,
         "label": label,
-    }  # fmt: skip
+    }
 
 
-def run(args: argparse.Namespace) -> int:
-    from ..flows import check_window, iter_capture_flows, read_failure
-    from ..pcap import PcapError
+def _options(args: argparse.Namespace) -> tuple[float, int, int, str]:
+    """Window, packets and payload bytes, checked; and a note when the devices are guessed
+    (no --devices or --local-nets: private endpoints). Sets args.local_nets then."""
+    from ..flows import check_window
 
     if args.limit < 0:
         raise CliError(f"--limit must be 0 or more, not {args.limit}")
     note = ""
-    if not args.devices and not args.local_nets and any(
-        not a.endswith(".csv") for a in args.captures
+    if (
+        not args.devices
+        and not args.local_nets
+        and any(not a.endswith(".csv") for a in args.captures)
     ):
         args.local_nets = PRIVATE_NETS
         note = f"devices: endpoints in {PRIVATE_NETS} (no --devices or --local-nets given)"
-    specs = specs_from_args(args)
     window = args.window if args.window is not None else DEFAULT_WINDOW_S
     packets = args.packets if args.packets is not None else DEFAULT_PACKETS
     payload = args.payload_bytes if args.payload_bytes is not None else HEX_BYTES
@@ -75,23 +97,35 @@ def run(args: argparse.Namespace) -> int:
         check_window(window)
     except ValueError as e:
         raise CliError(f"--window: {e}") from None
+    return window, packets, payload, note
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..flows import iter_capture_flows, read_failure
+    from ..pcap import PcapError
+
+    window, packets, payload, note = _options(args)
+    specs = specs_from_args(args)
     out = sys.stdout
     if note and not args.json:
         print(note, file=out)
     shown = 0
     failed = 0
     limit = args.limit or None
-    header = (f"{'start (UTC)':<23} {'uid':<18} {'device':<17} {'device ip:port':<22} "
-              f"{'remote ip:port':<22} {'proto':<5} {'bytes':>8} {'pkts':>6}  "
-              "first packets (+ms, ↑ to remote / ↓ to device, IP length)  payload")  # fmt: skip
+    header = (
+        f"{'start (UTC)':<23} {'uid':<18} {'device':<17} {'device ip:port':<22} "
+        f"{'remote ip:port':<22} {'proto':<5} {'bytes':>8} {'pkts':>6}  "
+        "first packets (+ms, ↑ to remote / ↓ to device, IP length)  payload"
+    )
     for spec in specs:
         if not args.json:
             print(f"\n== {spec.pcap}", file=out)
             print(header, file=out)
         reader = None
         try:
-            for table, reader, _ in iter_capture_flows(spec.pcap, spec.selector(), window,
-                                                       packets, payload):  # fmt: skip
+            for table, reader, _ in iter_capture_flows(  # noqa: B007 (the reader is read after the loop)
+                spec.pcap, spec.selector(), window, packets, payload
+            ):
                 for r in table.records():
                     if limit is not None and shown >= limit:
                         break
@@ -103,12 +137,14 @@ def run(args: argparse.Namespace) -> int:
                         print(json.dumps(record_json(r, spec.capture_id, label)), file=out)
                         continue
                     dev = r.device_mac or "-"
-                    print(f"{_time(r.start):<23} {r.uid:<18} {dev:<17} "
-                          f"{_endpoint(r.device_ip, r.device_port):<22} "
-                          f"{_endpoint(r.remote_ip, r.remote_port):<22} "
-                          f"{proto_name(r.proto):<5} {r.total_bytes:>8} {r.total_packets:>6}  "
-                          f"{_packets(r)}  {_payload_hex(r)}"
-                          + (f"  [{label}]" if label else ""), file=out)  # fmt: skip
+                    print(
+                        f"{_time(r.start):<23} {r.uid:<18} {dev:<17} "
+                        f"{_endpoint(r.device_ip, r.device_port):<22} "
+                        f"{_endpoint(r.remote_ip, r.remote_port):<22} "
+                        f"{proto_name(r.proto):<5} {r.total_bytes:>8} {r.total_packets:>6}  "
+                        f"{_packets(r)}  {_payload_hex(r)}" + (f"  [{label}]" if label else ""),
+                        file=out,
+                    )
                 if limit is not None and shown >= limit:
                     break
         except PcapError as e:
@@ -125,8 +161,11 @@ def run(args: argparse.Namespace) -> int:
             for w in st.summary_warnings():
                 print(f"iotcls inspect: warning: {w}", file=sys.stderr)
             if not args.json:
-                print(f"-- {st.frames:,} frames, {st.ip_packets:,} IP packets, "
-                      f"{st.non_ip:,} non-IP, {st.malformed:,} malformed", file=out)  # fmt: skip
+                print(
+                    f"-- {st.frames:,} frames, {st.ip_packets:,} IP packets, "
+                    f"{st.non_ip:,} non-IP, {st.malformed:,} malformed",
+                    file=out,
+                )
         if limit is not None and shown >= limit:
             if not args.json:
                 print(f"-- stopped after {limit} records (--limit)", file=out)

@@ -11,13 +11,24 @@ from ..cli import CliError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("stores", nargs="+", metavar="STORE",
-                   help="flow store directories (record.directory of iotcls serve)")
-    p.add_argument("-o", "--output", required=True, metavar="CSV",
-                   help="the device list to write; an existing one is updated, keeping what "
-                        "you wrote in it")  # fmt: skip
-    p.add_argument("--model", metavar="MODEL",
-                   help="whose DHCP identities suggest labels (default: the shipped model)")
+    p.add_argument(
+        "stores",
+        nargs="+",
+        metavar="STORE",
+        help="flow store directories (record.directory of iotcls serve)",
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        metavar="CSV",
+        help="the device list to write; an existing one is updated, keeping what you wrote in it",
+    )
+    p.add_argument(
+        "--model",
+        metavar="MODEL",
+        help="whose DHCP identities suggest labels (default: the shipped model)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -49,7 +60,9 @@ def run(args: argparse.Namespace) -> int:
         n = inventory(segments(), Path(args.output), seen)
     except InventoryError as e:
         raise CliError(str(e)) from None
-    print(f"{args.output}: {n['devices']} devices ({n['new']} new), {n['labelled']} labelled by "
-          f"you, {n['suggested']} with a suggested label; from {read['records']} records in "
-          f"{read['segments']} segments" + (f", {len(skipped)} skipped" if skipped else ""))  # fmt: skip
+    print(
+        f"{args.output}: {n['devices']} devices ({n['new']} new), {n['labelled']} labelled by "
+        f"you, {n['suggested']} with a suggested label; from {read['records']} records in "
+        f"{read['segments']} segments" + (f", {len(skipped)} skipped" if skipped else "")
+    )
     return 0

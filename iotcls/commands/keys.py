@@ -19,8 +19,12 @@ from ..cli import CliError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dir", required=True, metavar="DIR",
-                   help="where the keys go (serve's bridge.keys_dir, e.g. /etc/iotcls/keys)")  # fmt: skip
+    p.add_argument(
+        "--dir",
+        required=True,
+        metavar="DIR",
+        help="where the keys go (serve's bridge.keys_dir, e.g. /etc/iotcls/keys)",
+    )
 
 
 def _pair(d: Path, name: str) -> str:
@@ -50,6 +54,8 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"{e.filename or d}: {e.strerror or e}") from None
     for line in done:
         print(f"iotcls keys: {line}")
-    print(f"iotcls keys: set bridge.keys_dir: {d} (and bridge.curve: on to use them on "
-          "loopback); a remote scorer needs bridge.key, scorer.key and scorer.key_secret")
+    print(
+        f"iotcls keys: set bridge.keys_dir: {d} (and bridge.curve: on to use them on "
+        "loopback); a remote scorer needs bridge.key, scorer.key and scorer.key_secret"
+    )
     return 0

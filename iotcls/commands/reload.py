@@ -19,8 +19,11 @@ from ..cli import CliError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--pid", type=int, help="the serve process (default: the one running "
-                                           "iotcls serve, found in /proc)")  # fmt: skip
+    p.add_argument(
+        "--pid",
+        type=int,
+        help="the serve process (default: the one running iotcls serve, found in /proc)",
+    )
 
 
 def serve_processes(proc: Path = Path("/proc")) -> list[tuple[int, str]]:
@@ -57,6 +60,8 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"no process {pid}") from None
     except PermissionError:
         raise CliError(f"not allowed to signal process {pid} (run as its user)") from None
-    print(f"iotcls reload: sent SIGHUP to iotcls serve (pid {pid}); its log says when the new "
-          "model serves")  # fmt: skip
+    print(
+        f"iotcls reload: sent SIGHUP to iotcls serve (pid {pid}); its log says when the new "
+        "model serves"
+    )
     return 0

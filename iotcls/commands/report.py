@@ -9,10 +9,19 @@ from pathlib import Path
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("logs", nargs="+", metavar="LOG",
-                   help="iot_class.log files: Zeek ASCII or JSON, .gz too (rotated logs)")
-    p.add_argument("-o", "--output", metavar="FILE", default="report.html",
-                   help="HTML file to write (default: %(default)s)")  # fmt: skip
+    p.add_argument(
+        "logs",
+        nargs="+",
+        metavar="LOG",
+        help="iot_class.log files: Zeek ASCII or JSON, .gz too (rotated logs)",
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        metavar="FILE",
+        default="report.html",
+        help="HTML file to write (default: %(default)s)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -23,26 +23,50 @@ from ..config import DEFAULT_YAML, DEVICES, Config, ConfigError, load, override
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE", help="YAML configuration (see --print-config)")
-    p.add_argument("--print-config", action="store_true",
-                   help="print the default configuration, with comments, and exit")  # fmt: skip
+    p.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the default configuration, with comments, and exit",
+    )
     p.add_argument("--scorers", type=int, metavar="N", help="scorer processes to start")
     p.add_argument("--model", metavar="PATH", help="model bundle (default: the bundled model)")
     from ..cli import add_renamed
 
-    add_renamed(p, "--device", "--torch-device", dest="device", choices=DEVICES,
-                help="where scorers run the model")
-    p.add_argument("--scorer-only", action="store_true",
-                   help="run one scorer that connects to a bridge (see --connect)")  # fmt: skip
-    p.add_argument("--connect", metavar="ADDR",
-                   help="bridge address for --scorer-only, e.g. tcp://bridge:27760")  # fmt: skip
+    add_renamed(
+        p,
+        "--device",
+        "--torch-device",
+        dest="device",
+        choices=DEVICES,
+        help="where scorers run the model",
+    )
+    p.add_argument(
+        "--scorer-only",
+        action="store_true",
+        help="run one scorer that connects to a bridge (see --connect)",
+    )
+    p.add_argument(
+        "--connect",
+        metavar="ADDR",
+        help="bridge address for --scorer-only, e.g. tcp://bridge:27760",
+    )
     p.add_argument("--name", help="scorer name (--scorer-only; default: host:pid)")
-    p.add_argument("--curve", choices=("auto", "on", "off"),
-                   help="CURVE on the scorer link (default: bridge.curve; auto: on unless "
-                        "loopback)")  # fmt: skip
-    p.add_argument("--keys", metavar="DIR",
-                   help="CURVE key directory (default: bridge.keys_dir; see iotcls keys)")  # fmt: skip
-    p.add_argument("--log-level", default="info",
-                   choices=("debug", "info", "warning", "error"), help="default: info")  # fmt: skip
+    p.add_argument(
+        "--curve",
+        choices=("auto", "on", "off"),
+        help="CURVE on the scorer link (default: bridge.curve; auto: on unless loopback)",
+    )
+    p.add_argument(
+        "--keys",
+        metavar="DIR",
+        help="CURVE key directory (default: bridge.keys_dir; see iotcls keys)",
+    )
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=("debug", "info", "warning", "error"),
+        help="default: info",
+    )
     p.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
 
 
@@ -88,8 +112,9 @@ def run(args: argparse.Namespace) -> int:
     from ..bundle import BundleError
 
     try:
-        return asyncio.run(Service(cfg, args.config, args.log_level,
-                                   model_fixed=args.model is not None).run())  # fmt: skip
+        return asyncio.run(
+            Service(cfg, args.config, args.log_level, model_fixed=args.model is not None).run()
+        )
     except (OSError, BundleError, KeyFileError) as e:
         raise CliError(str(e)) from None
 
@@ -113,8 +138,14 @@ def _run_scorer(args: argparse.Namespace, cfg: Config) -> int:
     setup_logging(args.log_level, f"iotcls-{name}")
     s = cfg.scorers
     settings = ScorerSettings(
-        connect=args.connect, name=name, batch_size=s.batch_size, max_wait_ms=s.max_wait_ms,
-        heartbeat_s=s.heartbeat_s, parent_pid=args.parent_pid, explain=s.explain,
-        row_cache=s.row_cache, keys=keys,
-    )  # fmt: skip
+        connect=args.connect,
+        name=name,
+        batch_size=s.batch_size,
+        max_wait_ms=s.max_wait_ms,
+        heartbeat_s=s.heartbeat_s,
+        parent_pid=args.parent_pid,
+        explain=s.explain,
+        row_cache=s.row_cache,
+        keys=keys,
+    )
     return serve_scorer(s.model, s.device, s.threads, settings)

@@ -27,17 +27,36 @@ SETTINGS = "iotcls-suricata.conf"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", metavar="FILE",
-                   help="the iotcls serve configuration (its suricata.socket is used)")  # fmt: skip
-    p.add_argument("--local-nets", metavar="CIDR[,CIDR...]", default="",
-                   help="networks whose endpoints are devices, e.g. 192.168.0.0/16")  # fmt: skip
-    p.add_argument("--devices", metavar="IP[,IP...]", default="",
-                   help="device addresses (besides --local-nets)")  # fmt: skip
-    p.add_argument("--install", metavar="DIR",
-                   help="copy the script and write its settings into DIR (Suricata's "
-                        "scripts-dir, e.g. /etc/suricata/lua-output)")  # fmt: skip
-    p.add_argument("--link-header-bytes", type=int, default=14, metavar="N",
-                   help="link-layer header length of the capture interface (14: Ethernet)")  # fmt: skip
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        help="the iotcls serve configuration (its suricata.socket is used)",
+    )
+    p.add_argument(
+        "--local-nets",
+        metavar="CIDR[,CIDR...]",
+        default="",
+        help="networks whose endpoints are devices, e.g. 192.168.0.0/16",
+    )
+    p.add_argument(
+        "--devices",
+        metavar="IP[,IP...]",
+        default="",
+        help="device addresses (besides --local-nets)",
+    )
+    p.add_argument(
+        "--install",
+        metavar="DIR",
+        help="copy the script and write its settings into DIR (Suricata's "
+        "scripts-dir, e.g. /etc/suricata/lua-output)",
+    )
+    p.add_argument(
+        "--link-header-bytes",
+        type=int,
+        default=14,
+        metavar="N",
+        help="link-layer header length of the capture interface (14: Ethernet)",
+    )
 
 
 def script_path() -> Path:
@@ -54,8 +73,9 @@ def _checked(items: str, what: str, single: bool) -> str:
         try:
             (ipaddress.ip_address if single else lambda v: ipaddress.ip_network(v, strict=False))(x)
         except ValueError:
-            raise CliError(f"{what}: not {'an IP address' if single else 'a network (CIDR)'}: "
-                           f"{x!r}") from None  # fmt: skip
+            raise CliError(
+                f"{what}: not {'an IP address' if single else 'a network (CIDR)'}: {x!r}"
+            ) from None
         out.append(x)
     return ",".join(out)
 
@@ -111,9 +131,11 @@ def run(args: argparse.Namespace) -> int:
     if args.install:
         print(f"# copied to {where / SCRIPT}, settings written to {where / SETTINGS}")
     else:
-        print(f"# Copy it and its settings (below) into Suricata's Lua script directory, e.g.\n"
-              f"#   iotcls suricata-config --local-nets ... --install /etc/suricata/lua-output\n"
-              f"# or save the settings as {where / SETTINGS} to use it where it is.")  # fmt: skip
+        print(
+            f"# Copy it and its settings (below) into Suricata's Lua script directory, e.g.\n"
+            f"#   iotcls suricata-config --local-nets ... --install /etc/suricata/lua-output\n"
+            f"# or save the settings as {where / SETTINGS} to use it where it is."
+        )
     print("# Add this to suricata.yaml (Suricata 7 with LuaJIT; see docs/suricata.md):")
     print(outputs_snippet(where))
     print(f"# {SETTINGS}:")
@@ -121,6 +143,8 @@ def run(args: argparse.Namespace) -> int:
     if not nets and not devices:
         print("# warning: no --local-nets or --devices: the script will see no device")
     if not cfg.suricata.enabled:
-        print("# and in the iotcls serve configuration: suricata: {enabled: true} "
-              f"(labels go to {cfg.suricata.eve_log})")  # fmt: skip
+        print(
+            "# and in the iotcls serve configuration: suricata: {enabled: true} "
+            f"(labels go to {cfg.suricata.eve_log})"
+        )
     return 0

@@ -21,25 +21,50 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_capture_arguments(p)
     d = TrainConfig()
     p.add_argument("-o", "--output", required=True, metavar="MODEL", help="model file to write")
-    p.add_argument("--layout", metavar="PRESET|FILE.yaml",
-                   help="matrix layout: default, paper, no-payload or a YAML file "
-                        "(a dataset .npz brings its own)")  # fmt: skip
+    p.add_argument(
+        "--layout",
+        metavar="PRESET|FILE.yaml",
+        help="matrix layout: default, paper, no-payload or a YAML file "
+        "(a dataset .npz brings its own)",
+    )
     p.add_argument("--seed", type=int, default=d.seed, help="split and training seed")
-    p.add_argument("--epochs", type=int, default=None,
-                   help=f"default {d.epochs}; with --from, {FinetuneConfig().epochs}")
-    p.add_argument("--patience", type=int, default=d.patience,
-                   help="stop after this many epochs without a better validation macro-F1")
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help=f"default {d.epochs}; with --from, {FinetuneConfig().epochs}",
+    )
+    p.add_argument(
+        "--patience",
+        type=int,
+        default=d.patience,
+        help="stop after this many epochs without a better validation macro-F1",
+    )
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
-    p.add_argument("--val", type=float, default=d.val_fraction, dest="val_fraction",
-                   help="share of each label's capture files for validation")
-    p.add_argument("--test", type=float, default=d.test_fraction, dest="test_fraction",
-                   help="share of each label's capture files held out for evaluate")
+    p.add_argument(
+        "--val",
+        type=float,
+        default=d.val_fraction,
+        dest="val_fraction",
+        help="share of each label's capture files for validation",
+    )
+    p.add_argument(
+        "--test",
+        type=float,
+        default=d.test_fraction,
+        dest="test_fraction",
+        help="share of each label's capture files held out for evaluate",
+    )
     p.add_argument("--threads", type=int, default=d.threads, help="torch threads (0: all)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--from", dest="from_model", metavar="MODEL",
-                   help="fine-tune this bundle (default-model: the shipped one) instead of "
-                        "training anew: its types stay, new labels are added (docs/learn.md)")
+    p.add_argument(
+        "--from",
+        dest="from_model",
+        metavar="MODEL",
+        help="fine-tune this bundle (default-model: the shipped one) instead of "
+        "training anew: its types stay, new labels are added (docs/learn.md)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -57,23 +82,29 @@ def run(args: argparse.Namespace) -> int:
     ds = load_data(args, layout_from_arg(args.layout), exact_layout=False, progress=progress)
     labelled = np.flatnonzero(ds.labels != "")
     if len(labelled) == 0:
-        raise CliError("no labelled flows: give an IoT Sentinel directory or a manifest "
-                       "(pcap,mac,label)")  # fmt: skip
+        raise CliError(
+            "no labelled flows: give an IoT Sentinel directory or a manifest (pcap,mac,label)"
+        )
     ds = ds.take(labelled)
     classes = ds.classes
     if len(classes) < 2:
         raise CliError(f"training needs at least two labels, the data has {classes}")
     extract_s = time.time() - t0
-    print(f"data: {len(ds)} labelled flows, {len(set(ds.captures.tolist()))} capture files, "
-          f"{len(classes)} labels; layout {ds.layout.rows}x{ds.layout.width} "
-          f"({ds.layout.payload_mode}, {ds.layout.payload_bytes} payload bytes/packet); "
-          f"read in {extract_s:.1f}s", file=sys.stderr)  # fmt: skip
+    print(
+        f"data: {len(ds)} labelled flows, {len(set(ds.captures.tolist()))} capture files, "
+        f"{len(classes)} labels; layout {ds.layout.rows}x{ds.layout.width} "
+        f"({ds.layout.payload_mode}, {ds.layout.payload_bytes} payload bytes/packet); "
+        f"read in {extract_s:.1f}s",
+        file=sys.stderr,
+    )
     known = {f.name for f in fields(TrainConfig)}
     cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in known and v is not None})
     meta = {
         "data": {
-            "captures": [str(c) for c in (args.captures if isinstance(args.captures, list)
-                                          else [args.captures])],
+            "captures": [
+                str(c)
+                for c in (args.captures if isinstance(args.captures, list) else [args.captures])
+            ],
             "labels_mode": getattr(args, "labels", None) or "default",
             "flows": int(len(ds)),
             "capture_files": int(len(set(ds.captures.tolist()))),
@@ -82,19 +113,33 @@ def run(args: argparse.Namespace) -> int:
         "extract_seconds": round(extract_s, 1),
     }
     meta["data"].update(data_sources(args))
-    bundle = train(ds.matrices, ds.labels, ds.captures, ds.layout, cfg, classes=classes,
-                   metadata=meta, progress=progress, log=lambda m: print(m, file=sys.stderr),
-                   devices=ds.devices, times=ds.timestamps)  # fmt: skip
+    bundle = train(
+        ds.matrices,
+        ds.labels,
+        ds.captures,
+        ds.layout,
+        cfg,
+        classes=classes,
+        metadata=meta,
+        progress=progress,
+        log=lambda m: print(m, file=sys.stderr),
+        devices=ds.devices,
+        times=ds.timestamps,
+    )
     try:
         path = bundle.save(args.output)
     except (OSError, BundleError) as e:
         raise CliError(f"{args.output}: cannot write model: {e}") from None
     m = bundle.metadata
-    print(f"wrote {path} ({path.stat().st_size / 1024:.0f} KiB): {len(classes)} classes, "
-          f"{m['parameters']:,} parameters, {m['flops']['sequence'] / 1e6:.2f} MFLOPs/matrix, "
-          f"validation macro-F1 {m['val_macro_f1']:.4f}, temperature {bundle.temperature:.3f}, "
-          f"{time.time() - t0:.0f}s in all")  # fmt: skip
+    print(
+        f"wrote {path} ({path.stat().st_size / 1024:.0f} KiB): {len(classes)} classes, "
+        f"{m['parameters']:,} parameters, {m['flops']['sequence'] / 1e6:.2f} MFLOPs/matrix, "
+        f"validation macro-F1 {m['val_macro_f1']:.4f}, temperature {bundle.temperature:.3f}, "
+        f"{time.time() - t0:.0f}s in all"
+    )
     labels = f" --labels {args.labels}" if getattr(args, "labels", None) else ""
-    print(f"held out for evaluation: {len(m['split']['test'])} capture files; "
-          f"run: iotcls evaluate {' '.join(meta['data']['captures'])}{labels} --model {path}")
+    print(
+        f"held out for evaluation: {len(m['split']['test'])} capture files; "
+        f"run: iotcls evaluate {' '.join(meta['data']['captures'])}{labels} --model {path}"
+    )
     return 0

@@ -38,27 +38,47 @@ MARKER = ".iotcls-install"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--zeek-site", metavar="DIR",
-                   help="Zeek's site directory (default: zeek-config --site_dir, else zeek's "
-                        "ZEEKPATH)")  # fmt: skip
+    p.add_argument(
+        "--zeek-site",
+        metavar="DIR",
+        help="Zeek's site directory (default: zeek-config --site_dir, else zeek's ZEEKPATH)",
+    )
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--copy", dest="mode", action="store_const", const="copy",
-                      help="copy the scripts (default)")  # fmt: skip
-    mode.add_argument("--link", dest="mode", action="store_const", const="link",
-                      help="symlink them to this installation of iotcls")  # fmt: skip
-    p.add_argument("--force", action="store_true",
-                   help="replace an existing site/iotcls that iotcls did not install")  # fmt: skip
+    mode.add_argument(
+        "--copy", dest="mode", action="store_const", const="copy", help="copy the scripts (default)"
+    )
+    mode.add_argument(
+        "--link",
+        dest="mode",
+        action="store_const",
+        const="link",
+        help="symlink them to this installation of iotcls",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing site/iotcls that iotcls did not install",
+    )
     p.set_defaults(mode="copy")
     plugin = p.add_argument_group("the native capture plugin (built with CMake and a C++ compiler)")
-    plugin.add_argument("--no-plugin", action="store_true",
-                        help="install the scripts only; Zeek then uses the script capture "
-                             "(per-packet script events, up to 3x the CPU on a busy link)")  # fmt: skip
-    plugin.add_argument("--zeek-config", metavar="PATH",
-                        help="the Zeek to build for (default: the zeek-config beside zeek on "
-                             "PATH, else zeek-config on PATH)")  # fmt: skip
-    plugin.add_argument("--plugin-dir", metavar="DIR",
-                        help="install the plugin here (default: zeek-config --plugin_dir); Zeek "
-                             "finds it there through ZEEK_PLUGIN_PATH")  # fmt: skip
+    plugin.add_argument(
+        "--no-plugin",
+        action="store_true",
+        help="install the scripts only; Zeek then uses the script capture "
+        "(per-packet script events, up to 3x the CPU on a busy link)",
+    )
+    plugin.add_argument(
+        "--zeek-config",
+        metavar="PATH",
+        help="the Zeek to build for (default: the zeek-config beside zeek on "
+        "PATH, else zeek-config on PATH)",
+    )
+    plugin.add_argument(
+        "--plugin-dir",
+        metavar="DIR",
+        help="install the plugin here (default: zeek-config --plugin_dir); Zeek "
+        "finds it there through ZEEK_PLUGIN_PATH",
+    )
 
 
 def scripts_dir() -> Path:
@@ -99,15 +119,18 @@ def find_site_dir() -> tuple[Path, str]:
     site = _site_in(env)
     if site:
         return site, "the ZEEKPATH environment variable"
-    raise CliError("Zeek not found (no zeek-config or zeek on PATH, no site directory in "
-                   "ZEEKPATH); pass --zeek-site DIR, Zeek's share/zeek/site")  # fmt: skip
+    raise CliError(
+        "Zeek not found (no zeek-config or zeek on PATH, no site directory in "
+        "ZEEKPATH); pass --zeek-site DIR, Zeek's share/zeek/site"
+    )
 
 
 def _ours(target: Path) -> bool:
     """Whether *target* holds an iotcls install (so it may be replaced without --force)."""
     if target.is_symlink():
-        return (target.resolve() / "__load__.zeek").is_file() and \
-            "module IoTClass;" in (target.resolve() / "main.zeek").read_text(errors="replace")  # fmt: skip
+        return (target.resolve() / "__load__.zeek").is_file() and "module IoTClass;" in (
+            target.resolve() / "main.zeek"
+        ).read_text(errors="replace")
     return (target / MARKER).is_file()
 
 
@@ -131,14 +154,17 @@ def install(site: Path, mode: str = "copy", force: bool = False) -> tuple[Path, 
     target = site / PACKAGE
     zkg = zkg_copy(site)
     if zkg is not None and not force:
-        raise CliError(f"zkg has installed iotcls in {zkg}: Zeek already finds it as "
-                       f"'{PACKAGE}'; keep that copy, or run 'zkg remove {PACKAGE}' first "
-                       "(two copies define everything twice)")  # fmt: skip
+        raise CliError(
+            f"zkg has installed iotcls in {zkg}: Zeek already finds it as "
+            f"'{PACKAGE}'; keep that copy, or run 'zkg remove {PACKAGE}' first "
+            "(two copies define everything twice)"
+        )
     done = []
     if target.is_symlink() or target.exists():
         if not force and not _ours(target):
-            raise CliError(f"{target} exists and was not installed by iotcls; "
-                           "use --force to replace it")  # fmt: skip
+            raise CliError(
+                f"{target} exists and was not installed by iotcls; use --force to replace it"
+            )
         if target.is_symlink() or target.is_file():
             target.unlink()
         else:
@@ -175,8 +201,11 @@ def run(args: argparse.Namespace) -> int:
         site, how = find_site_dir()
     tools = _plugin(args)
     if tools is not None:
-        print(f"building the native capture plugin for Zeek {tools.zeek_version} "
-              f"({tools.zeek_config}) ...", flush=True)  # fmt: skip
+        print(
+            f"building the native capture plugin for Zeek {tools.zeek_version} "
+            f"({tools.zeek_config}) ...",
+            flush=True,
+        )
         tarball = _zeek_plugin.build(tools)
     target, done = install(site, args.mode, args.force)
     print(f"Zeek site directory: {site} (from {how})")
@@ -186,16 +215,23 @@ def run(args: argparse.Namespace) -> int:
         installed = _zeek_plugin.install(tarball, tools.plugin_dir)
         shutil.rmtree(tarball.parent.parent, ignore_errors=True)
         listed = _zeek_plugin.zeek_lists(tools, tools.plugin_dir)
-        print(f"installed the native capture plugin {_zeek_plugin.PLUGIN} in {installed}"
-              + ("" if listed else f" (zeek -N does not list it: add {tools.plugin_dir} to "
-                                   "ZEEK_PLUGIN_PATH)"))  # fmt: skip
+        print(
+            f"installed the native capture plugin {_zeek_plugin.PLUGIN} in {installed}"
+            + (
+                ""
+                if listed
+                else f" (zeek -N does not list it: add {tools.plugin_dir} to ZEEK_PLUGIN_PATH)"
+            )
+        )
     else:
         print("no native capture plugin (--no-plugin): Zeek uses the script capture")
-    print(f"Zeek now finds the package as '{PACKAGE}':\n"
-          f"  zeek -i eth0 {PACKAGE} 'IoTClass::device_nets={{192.168.0.0/16}}'\n"
-          f"  zeek -r capture.pcap {PACKAGE}\n"
-          f"  zeekctl: add '@load {PACKAGE}' to local.zeek, then 'zeekctl deploy'\n"
-          "and run the bridge beside it: iotcls serve")  # fmt: skip
+    print(
+        f"Zeek now finds the package as '{PACKAGE}':\n"
+        f"  zeek -i eth0 {PACKAGE} 'IoTClass::device_nets={{192.168.0.0/16}}'\n"
+        f"  zeek -r capture.pcap {PACKAGE}\n"
+        f"  zeekctl: add '@load {PACKAGE}' to local.zeek, then 'zeekctl deploy'\n"
+        "and run the bridge beside it: iotcls serve"
+    )
     if how == "--zeek-site":
         print(f"(make sure {site} is in Zeek's ZEEKPATH)")
     return 0

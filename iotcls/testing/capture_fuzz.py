@@ -34,9 +34,44 @@ from ..pcap import _PAD, MIN_READ, TS_LIMIT_NS, CaptureReader, PacketBatch, Pcap
 FORMATS = ("pcap", "pcapng")
 _SHB = 0x0A0D0D0A
 # 16/32/64-bit values that sit on the edges of what a reader computes with
-_EDGES = (0, 1, 2, 3, 4, 7, 8, 11, 12, 15, 16, 19, 20, 28, 31, 32, 63, 64, 127, 128, 255, 256,
-          0x7FFF, 0x8000, 0xFFFF, 0x10000, 1 << 18, (1 << 18) + 1, 16 << 20, 0x7FFFFFFF,
-          0x80000000, 0xFFFFFFFF, 1 << 62, (1 << 63) - 1, 1 << 63, (1 << 64) - 1)  # fmt: skip
+_EDGES = (
+    0,
+    1,
+    2,
+    3,
+    4,
+    7,
+    8,
+    11,
+    12,
+    15,
+    16,
+    19,
+    20,
+    28,
+    31,
+    32,
+    63,
+    64,
+    127,
+    128,
+    255,
+    256,
+    0x7FFF,
+    0x8000,
+    0xFFFF,
+    0x10000,
+    1 << 18,
+    (1 << 18) + 1,
+    16 << 20,
+    0x7FFFFFFF,
+    0x80000000,
+    0xFFFFFFFF,
+    1 << 62,
+    (1 << 63) - 1,
+    1 << 63,
+    (1 << 64) - 1,
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -52,13 +87,41 @@ def _frames() -> list[bytes]:
         g.ether(b, a, g.ipv4("93.184.216.34", "192.168.1.10", 6, g.tcp(443, 40000, b"x" * 40))),
         g.ether(a, b, g.ipv4("192.168.1.10", "8.8.8.8", 17, g.udp(5353, 53, b"\x12\x34" * 9))),
         g.ether(a, b, g.ipv4("192.168.1.10", "8.8.8.8", 1, g.icmp(8, 0, b"ping"))),
-        g.ether(a, b, g.ipv4("192.168.1.10", "8.8.8.8", 17, g.udp(68, 67, b"\x01" * 240),
-                             options=b"\x94\x04\x00\x00")),
-        g.ether(a, b, g.ipv4("192.168.1.10", "8.8.8.8", 17, g.udp(1, 2, b"frag" * 4), ident=7,
-                             more_fragments=True)),
+        g.ether(
+            a,
+            b,
+            g.ipv4(
+                "192.168.1.10",
+                "8.8.8.8",
+                17,
+                g.udp(68, 67, b"\x01" * 240),
+                options=b"\x94\x04\x00\x00",
+            ),
+        ),
+        g.ether(
+            a,
+            b,
+            g.ipv4(
+                "192.168.1.10",
+                "8.8.8.8",
+                17,
+                g.udp(1, 2, b"frag" * 4),
+                ident=7,
+                more_fragments=True,
+            ),
+        ),
         g.ether(a, b, g.ipv4("192.168.1.10", "8.8.8.8", 17, b"tail", ident=7, frag_offset=24)),
-        g.ether(a, b, g.ipv6("fe80::1", "2001:db8::2", 17, g.udp(546, 547, b"v6"),
-                             ext=[(0, b"\x01\x04\x00\x00\x00\x00"), (60, b"")])),
+        g.ether(
+            a,
+            b,
+            g.ipv6(
+                "fe80::1",
+                "2001:db8::2",
+                17,
+                g.udp(546, 547, b"v6"),
+                ext=[(0, b"\x01\x04\x00\x00\x00\x00"), (60, b"")],
+            ),
+        ),
         g.ether(a, b, g.ipv6("fe80::1", "ff02::1", 58, g.icmp(135, 0, b"\x00" * 20))),
         g.ether(a, b, g.ipv6("fe80::1", "2001:db8::2", 6, g.tcp(1, 2), ext=[(44, b"\x00" * 7)])),
         g.ether(a, b, v4, vlans=(100, 200), tpid=0x88A8),
@@ -81,10 +144,14 @@ def _synthetic(fmt: str) -> list[bytes]:
             g.pcap_bytes(raw, linktype=228 if ip[0][0] >> 4 == 4 else 229),
             g.pcap_bytes([(t, g.sll(p, "02:00:00:00:00:01")) for t, p in raw], linktype=113),
             g.pcap_bytes([(t, g.sll2(p, "02:00:00:00:00:01")) for t, p in raw], linktype=276),
-            g.pcap_bytes([(t, struct.pack("<I", 2 if p[0] >> 4 == 4 else 24) + p)
-                          for t, p in raw], linktype=0),  # fmt: skip
-            g.pcap_bytes([(t, struct.pack(">I", 2 if p[0] >> 4 == 4 else 24) + p)
-                          for t, p in raw], linktype=108),  # fmt: skip
+            g.pcap_bytes(
+                [(t, struct.pack("<I", 2 if p[0] >> 4 == 4 else 24) + p) for t, p in raw],
+                linktype=0,
+            ),
+            g.pcap_bytes(
+                [(t, struct.pack(">I", 2 if p[0] >> 4 == 4 else 24) + p) for t, p in raw],
+                linktype=108,
+            ),
         ]
     two = [(t, f, i % 2) for i, (t, f) in enumerate(pk)]
     raw = [(t0 + i, p, 1) for i, p in enumerate(ip)]
@@ -266,11 +333,45 @@ def m_option(rng, data: bytearray, fmt, pool) -> None:
     for _ in range(rng.randint(1, 3)):
         code = rng.choice((9, 9, 14, 14, 2, 0, rng.randrange(1 << 16)))
         if code == 9:
-            val = bytes([rng.choice((0, 6, 9, 19, 20, 30, 63, 64, 127, 0x80, 0x80 | 34,
-                                     0x80 | 35, 0x80 | 64, 0x80 | 127, rng.randrange(256)))])
+            val = bytes(
+                [
+                    rng.choice(
+                        (
+                            0,
+                            6,
+                            9,
+                            19,
+                            20,
+                            30,
+                            63,
+                            64,
+                            127,
+                            0x80,
+                            0x80 | 34,
+                            0x80 | 35,
+                            0x80 | 64,
+                            0x80 | 127,
+                            rng.randrange(256),
+                        )
+                    )
+                ]
+            )
         elif code == 14:
-            val = struct.pack(e + "q", rng.choice((0, -1, 3600, -(1 << 63), (1 << 63) - 1, 1 << 32,
-                                                   -(1 << 32), rng.randrange(-(1 << 63), 1 << 63))))
+            val = struct.pack(
+                e + "q",
+                rng.choice(
+                    (
+                        0,
+                        -1,
+                        3600,
+                        -(1 << 63),
+                        (1 << 63) - 1,
+                        1 << 32,
+                        -(1 << 32),
+                        rng.randrange(-(1 << 63), 1 << 63),
+                    )
+                ),
+            )
         else:
             val = bytes(rng.randrange(256) for _ in range(rng.randint(0, 12)))
         length = len(val) if rng.random() < 0.7 else _edge(rng, len(val)) & 0xFFFF
@@ -324,8 +425,19 @@ def m_insert(rng, data: bytearray, fmt, pool) -> None:
         del data[at : at + rng.randint(1, 16)]
 
 
-MUTATORS: tuple[Callable, ...] = (m_bitflip, m_nibble, m_bytes, m_field, m_length, m_length,
-                                  m_option, m_truncate, m_splice, m_splice, m_insert)  # fmt: skip
+MUTATORS: tuple[Callable, ...] = (
+    m_bitflip,
+    m_nibble,
+    m_bytes,
+    m_field,
+    m_length,
+    m_length,
+    m_option,
+    m_truncate,
+    m_splice,
+    m_splice,
+    m_insert,
+)
 
 
 def mutate(rng: random.Random, seed: bytes, fmt: str, pool: list[bytes]) -> bytes:
@@ -372,8 +484,9 @@ def run_one(path: Path, chunk_bytes: int = 1 << 20) -> tuple[int, int]:
     answer, not a crash)."""
     size = path.stat().st_size
     reader = CaptureReader(path, chunk_bytes)
-    builder = FlowBuilder(_SELECTOR, _LAYOUT.window_s, _LAYOUT.packets,
-                          _LAYOUT.required_payload_bytes())  # fmt: skip
+    builder = FlowBuilder(
+        _SELECTOR, _LAYOUT.window_s, _LAYOUT.packets, _LAYOUT.required_payload_bytes()
+    )
     packets, tables = 0, []
     try:
         batches = list(reader.batches())

@@ -35,9 +35,10 @@ import json
 import re
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
@@ -84,8 +85,9 @@ def zeek_records(text: str) -> dict[str, list[tuple[str, str]]]:
 def zeek_events(text: str, module: str = "IoTClass") -> dict[str, list[tuple[str, str]]]:
     """``global NAME: event(arg: type, ...);`` -> {"Module::NAME": [(arg, type), ...]}."""
     out = {}
-    for m in re.finditer(r"global\s+(\w+)\s*:\s*event\s*\((.*?)\)\s*;", _strip_comments(text),
-                         re.S):  # fmt: skip
+    for m in re.finditer(
+        r"global\s+(\w+)\s*:\s*event\s*\((.*?)\)\s*;", _strip_comments(text), re.S
+    ):
         args = []
         for a in filter(None, (x.strip() for x in m.group(2).split(","))):
             name, _, typ = a.partition(":")
@@ -104,11 +106,18 @@ def check(node: Any, ztype: str, records: dict) -> None:
         raise TypeClash("not a typed value")
     t, d = node["@data-type"], node["data"]
     simple = {
-        "string": ("string", str), "count": ("count", int), "int": ("integer", int),
-        "double": ("real", float), "bool": ("boolean", bool), "addr": ("address", str),
-        "port": ("port", str), "subnet": ("subnet", str), "time": ("timestamp", str),
-        "interval": ("timespan", str), "transport_proto": ("enum-value", str),
-    }  # fmt: skip
+        "string": ("string", str),
+        "count": ("count", int),
+        "int": ("integer", int),
+        "double": ("real", float),
+        "bool": ("boolean", bool),
+        "addr": ("address", str),
+        "port": ("port", str),
+        "subnet": ("subnet", str),
+        "time": ("timestamp", str),
+        "interval": ("timespan", str),
+        "transport_proto": ("enum-value", str),
+    }
     if ztype in simple:
         want, pytype = simple[ztype]
         if t != want or not isinstance(d, pytype) or (pytype is int and isinstance(d, bool)):
@@ -119,7 +128,7 @@ def check(node: Any, ztype: str, records: dict) -> None:
         if t != "vector":
             raise TypeClash(f"{t} for {ztype}")
         for x in d:
-            check(x, ztype[len("vector of "):], records)
+            check(x, ztype[len("vector of ") :], records)
         return
     if ztype in records:
         fields = records[ztype]
@@ -201,7 +210,7 @@ class FakeZeek:
         *,
         ack: bool = True,
         version: str = ZEEK_VERSION,
-        on_event: Callable[["FakeZeek", Received], Any] | None = None,
+        on_event: Callable[[FakeZeek, Received], Any] | None = None,
         welcome_on_hello: bool = True,
     ):
         self.host, self.port, self.strict, self.on_label = host, port, strict, on_label
@@ -238,11 +247,12 @@ class FakeZeek:
     def events_named(self, name: str) -> list[Received]:
         return [r for r in self.received if r.name == name]
 
-    async def start(self, port: int = 0) -> "FakeZeek":
+    async def start(self, port: int = 0) -> FakeZeek:
         """Listen (on *port*, e.g. the one a stopped FakeZeek had, to play a restart)."""
         self.port = port or self.port
-        self._server = await serve(self._handle, self.host, self.port, compression=None,
-                                   max_size=2**26, server_header=None)  # fmt: skip
+        self._server = await serve(
+            self._handle, self.host, self.port, compression=None, max_size=2**26, server_header=None
+        )
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
@@ -264,8 +274,11 @@ class FakeZeek:
 
     # -- sending --------------------------------------------------------------------------
     def _subscribers(self, topic: str) -> list[_Client]:
-        return [c for c in self._clients
-                if c.acked.is_set() and any(topic.startswith(p) for p in c.topics or ())]  # fmt: skip
+        return [
+            c
+            for c in self._clients
+            if c.acked.is_set() and any(topic.startswith(p) for p in c.topics or ())
+        ]
 
     async def publish(self, topic: str, frame: bytes) -> int:
         """Sends one rendered frame to every client subscribed to ``topic``."""
@@ -307,7 +320,9 @@ class FakeZeek:
         """Anything at all to every acked client (garbage tests)."""
         for c in self._clients:
             if c.acked.is_set():
-                await c.ws.send(data, text=True) if isinstance(data, bytes) else await c.ws.send(data)
+                await c.ws.send(data, text=True) if isinstance(data, bytes) else await c.ws.send(
+                    data
+                )
 
     async def _error(self, c: _Client, code: str, context: str) -> None:
         self.stats.errors_sent[context] = self.stats.errors_sent.get(context, 0) + 1
@@ -360,8 +375,16 @@ class FakeZeek:
             return
         self.subscriptions.append(topics)
         n = self.stats.acked
-        await c.ws.send(json.dumps({"type": "ack", "endpoint": f"{self.node_id}-websocket-{n}",
-                                    "version": self.version}, separators=(",", ":")))  # fmt: skip
+        await c.ws.send(
+            json.dumps(
+                {
+                    "type": "ack",
+                    "endpoint": f"{self.node_id}-websocket-{n}",
+                    "version": self.version,
+                },
+                separators=(",", ":"),
+            )
+        )
         c.acked.set()
         self.stats.acked += 1
         self.client_added.set()
@@ -397,8 +420,9 @@ class FakeZeek:
             if self.welcome_on_hello:
                 packets, payload_bytes, window_s, offline = self.settings
                 topic = "zeek/iotcls/flows"
-                await self.publish(topic, welcome_frame(topic, offline, packets, payload_bytes,
-                                                        window_s))  # fmt: skip
+                await self.publish(
+                    topic, welcome_frame(topic, offline, packets, payload_bytes, window_s)
+                )
         elif name == rec.DRAINED_EVENT:
             self.stats.drained.append((int(args[0]), int(args[1])))
         if self.on_event is not None:
@@ -414,13 +438,29 @@ class FakeZeek:
             self.on_label(label)
 
 
-def welcome_frame(topic: str, offline: bool, packets: int = 10, payload_bytes: int = 64,
-                  window_s: float = 60.0, schema: int = SCHEMA_VERSION) -> bytes:  # fmt: skip
+def welcome_frame(
+    topic: str,
+    offline: bool,
+    packets: int = 10,
+    payload_bytes: int = 64,
+    window_s: float = 60.0,
+    schema: int = SCHEMA_VERSION,
+) -> bytes:
     """IoTClass::welcome as the scripts send it."""
-    return bj.render_zeek(topic, bj.encode_event("IoTClass::welcome", [
-        bj.Count(schema), "standalone", bj.Timespan(round(window_s * 1e9)), bj.Count(packets),
-        bj.Count(payload_bytes), offline,
-    ]))  # fmt: skip
+    return bj.render_zeek(
+        topic,
+        bj.encode_event(
+            "IoTClass::welcome",
+            [
+                bj.Count(schema),
+                "standalone",
+                bj.Timespan(round(window_s * 1e9)),
+                bj.Count(packets),
+                bj.Count(payload_bytes),
+                offline,
+            ],
+        ),
+    )
 
 
 def drain_frame(topic: str, records: int) -> bytes:

@@ -21,8 +21,8 @@ from __future__ import annotations
 import math
 import random
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import msgpack
 import numpy as np
@@ -43,18 +43,69 @@ CLASSES = ("cam", "plug", "hub")
 MAX_INPUT = 256 * 1024  # inputs are cut to this: memory stays bounded, a run stays fast
 
 EXTREME_NUMBERS = (
-    b"0", b"-1", b"-0", b"1e300", b"-1e300", b"1e400", b"-1e18", b"1e-400", b"NaN",
-    b"Infinity", b"-Infinity", b"18446744073709551615", b"18446744073709551616",
-    b"9223372036854775808", b"-9223372036854775809", b"1" + b"0" * 400, b"0.5", b"2.5e9",
-    b"4294967296", b"65536", b"1.0", b"true", b"null", b'"1"', b"[]", b"{}",
+    b"0",
+    b"-1",
+    b"-0",
+    b"1e300",
+    b"-1e300",
+    b"1e400",
+    b"-1e18",
+    b"1e-400",
+    b"NaN",
+    b"Infinity",
+    b"-Infinity",
+    b"18446744073709551615",
+    b"18446744073709551616",
+    b"9223372036854775808",
+    b"-9223372036854775809",
+    b"1" + b"0" * 400,
+    b"0.5",
+    b"2.5e9",
+    b"4294967296",
+    b"65536",
+    b"1.0",
+    b"true",
+    b"null",
+    b'"1"',
+    b"[]",
+    b"{}",
     # and plausible ones, so that edited records also get through and reach what follows
-    b"1", b"7", b"443", b"65535", b"255", b"1700000000.25", b"1700000060.5", b"60.0",
-)  # fmt: skip
+    b"1",
+    b"7",
+    b"443",
+    b"65535",
+    b"255",
+    b"1700000000.25",
+    b"1700000060.5",
+    b"60.0",
+)
 EXTREME_VALUES: tuple = (
-    0, -1, 1.5, math.nan, math.inf, -math.inf, 1e300, -1e18, 2**63, 2**64, -(2**63) - 1,
-    True, None, "", "x" * 300, "PWNED\t<script>", b"", b"\x00" * 17, [], [1, 2], {}, {"v": 1},
-    [[[[[]]]]], "\udcff", 10**30,
-)  # fmt: skip
+    0,
+    -1,
+    1.5,
+    math.nan,
+    math.inf,
+    -math.inf,
+    1e300,
+    -1e18,
+    2**63,
+    2**64,
+    -(2**63) - 1,
+    True,
+    None,
+    "",
+    "x" * 300,
+    "PWNED\t<script>",
+    b"",
+    b"\x00" * 17,
+    [],
+    [1, 2],
+    {},
+    {"v": 1},
+    [[[[[]]]]],
+    "\udcff",
+    10**30,
+)
 _NUMBER_RE = re.compile(rb"-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?")
 _STRING_RE = re.compile(rb'"(?:[^"\\]|\\.)*"')
 
@@ -76,7 +127,7 @@ def _byte_edit(rng: random.Random, data: bytes) -> bytes:
         elif op == 2 and b:
             del b[pos : pos + rng.randint(1, 16)]
         elif op == 3:
-            b[pos:pos] = bytes([rng.choice(b"[]{}\",:\\\x00\n")])
+            b[pos:pos] = bytes([rng.choice(b'[]{}",:\\\x00\n')])
         else:
             return bytes(b[:pos])  # truncated
     return bytes(b)
@@ -97,15 +148,31 @@ def _json_edit(rng: random.Random, data: bytes) -> bytes:
     if op == 1:  # deep nesting where a value starts
         pos = rng.randrange(len(data) + 1)
         depth = rng.choice((70, 1000, 30_000, 100_000))
-        return data[:pos] + b"[" * depth + data[pos:] + (b"]" * depth if rng.random() < 0.5 else b"")
+        return (
+            data[:pos] + b"[" * depth + data[pos:] + (b"]" * depth if rng.random() < 0.5 else b"")
+        )
     if op == 2:  # a string becomes another string, or a number
         strs = list(_STRING_RE.finditer(data))
         if strs:
             m = rng.choice(strs)
-            new = rng.choice((b'"count"', b'"vector"', b'"timespan"', b'"-5ms"', b'"1e999s"',
-                              b'"999999999999999999999us"', b'"::ffff:1.2.3.4"', b'""',
-                              b'"zz"', b'"\\ud800"', b'"\\v"', b"12", b"null", b'"9' + b"9" * 5000
-                              + b'ns"'))  # fmt: skip
+            new = rng.choice(
+                (
+                    b'"count"',
+                    b'"vector"',
+                    b'"timespan"',
+                    b'"-5ms"',
+                    b'"1e999s"',
+                    b'"999999999999999999999us"',
+                    b'"::ffff:1.2.3.4"',
+                    b'""',
+                    b'"zz"',
+                    b'"\\ud800"',
+                    b'"\\v"',
+                    b"12",
+                    b"null",
+                    b'"9' + b"9" * 5000 + b'ns"',
+                )
+            )
             return data[: m.start()] + new + data[m.end() :]
     if op == 3:  # a slice repeated (longer vectors, duplicated fields)
         a = rng.randrange(len(data) + 1)
@@ -163,10 +230,13 @@ def broker_seeds() -> list[bytes]:
     topic = "zeek/iotcls/flows"
     out = [rc.flow_frame(topic, r) for r in _records()]
     out += [welcome_frame(topic, False), welcome_frame(topic, True), drain_frame(topic, 12)]
-    out += [b'{"type":"ack","endpoint":"e-websocket-0","version":"8.2.2"}',
-            b'{"type":"error","code":"deserialization_failed","context":"x"}',
-            bj.event_message(topic, "Other::event", [1, -2, 1.5, "s", bj.Port(80, "tcp"),
-                                                      frozenset({1}), {"k": [1]}])]  # fmt: skip
+    out += [
+        b'{"type":"ack","endpoint":"e-websocket-0","version":"8.2.2"}',
+        b'{"type":"error","code":"deserialization_failed","context":"x"}',
+        bj.event_message(
+            topic, "Other::event", [1, -2, 1.5, "s", bj.Port(80, "tcp"), frozenset({1}), {"k": [1]}]
+        ),
+    ]
     return out
 
 
@@ -181,17 +251,31 @@ def datagram_seeds() -> list[bytes]:
 def wire_seeds() -> list[bytes]:
     rng = np.random.default_rng(0)
     m = rng.random((3, *LAYOUT.shape), dtype=np.float32)
-    hints = wire.Hints([True, False, True], ["cam", "", "plug"], [True, False, True],
-                       [False, False, True])  # fmt: skip
+    hints = wire.Hints(
+        [True, False, True], ["cam", "", "plug"], [True, False, True], [False, False, True]
+    )
     msgs: list[wire.Message] = [
         wire.Hello("s", 1, "h", "m@1", LAYOUT.to_dict(), "cpu", 16, "logged", list(CLASSES)),
-        wire.Welcome(2, 1.0), wire.Reject("no"), wire.Heartbeat(),
+        wire.Welcome(2, 1.0),
+        wire.Reject("no"),
+        wire.Heartbeat(),
         wire.Request(5, m, [1, 2, 3], hints, ["id", None, None]),
-        wire.Reply(5, ["cam", "plug", "hub"], [0.9, 0.5, 0.1], [True, False, False],
-                   ["-", "low_confidence", "low_confidence"], [["payload=1.0"], [], []], "m@1",
-                   1.5, [True, False, True], [True, False, False]),
-        wire.Failure(5, "boom"), wire.Stop(), wire.Bye("bye"),
-    ]  # fmt: skip
+        wire.Reply(
+            5,
+            ["cam", "plug", "hub"],
+            [0.9, 0.5, 0.1],
+            [True, False, False],
+            ["-", "low_confidence", "low_confidence"],
+            [["payload=1.0"], [], []],
+            "m@1",
+            1.5,
+            [True, False, True],
+            [True, False, False],
+        ),
+        wire.Failure(5, "boom"),
+        wire.Stop(),
+        wire.Bye("bye"),
+    ]
     return [wire.encode(x) for x in msgs]
 
 
@@ -285,8 +369,7 @@ def wire_target() -> Target:
             return "refused"
         if isinstance(msg, wire.Reply):
             for i in range(len(msg)):
-                if verdict_problem(msg, i, classes) is None and \
-                        not 0.0 <= msg.confidence[i] <= 1.0:  # fmt: skip
+                if verdict_problem(msg, i, classes) is None and not 0.0 <= msg.confidence[i] <= 1.0:
                     raise Crash("a reply's confidence passed the check out of [0, 1]")
         if isinstance(msg, wire.Request) and msg.matrices.shape[0] != len(msg.refs):
             raise Crash("a request's matrices and refs differ in number")
@@ -313,8 +396,9 @@ class Totals:
     examples: list[tuple[str, bytes]] = field(default_factory=list)  # first crashes and hangs
 
 
-def run(target: Target, n: int, seed: int, hang_s: float = 1.0,
-        clock: Callable[[], float] | None = None) -> Totals:  # fmt: skip
+def run(
+    target: Target, n: int, seed: int, hang_s: float = 1.0, clock: Callable[[], float] | None = None
+) -> Totals:
     """*n* inputs (the seeds themselves first, then mutations) through *target*."""
     import time
 
@@ -323,8 +407,11 @@ def run(target: Target, n: int, seed: int, hang_s: float = 1.0,
     t = Totals(target.name)
     t_start = clock()
     for k in range(n):
-        data = target.seeds[k] if k < len(target.seeds) else \
-            mutate(rng, rng.choice(target.seeds), target.kind)  # fmt: skip
+        data = (
+            target.seeds[k]
+            if k < len(target.seeds)
+            else mutate(rng, rng.choice(target.seeds), target.kind)
+        )
         t0 = clock()
         try:
             result = target.read(data)  # ok, refused, or hang (a timer interrupted it)

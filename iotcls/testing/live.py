@@ -60,8 +60,15 @@ def log_rows(path: Path) -> list[dict]:
 
 def label_keys(rows: list[dict]) -> list[tuple]:
     """How a label names its record: uid, device MAC ("" when unset), device IP, start."""
-    return [(r["uid"], "" if r["device_mac"] == "-" else r["device_mac"], r["device_ip"],
-             f"{float(r['ts']):.6f}") for r in rows]  # fmt: skip
+    return [
+        (
+            r["uid"],
+            "" if r["device_mac"] == "-" else r["device_mac"],
+            r["device_ip"],
+            f"{float(r['ts']):.6f}",
+        )
+        for r in rows
+    ]
 
 
 class Serve:
@@ -70,12 +77,16 @@ class Serve:
 
     def __init__(self, tmp: Path, ws_url: str, scorers: dict | None = None, **zeek: str):
         self.cfg, self.err = tmp / "serve.yaml", tmp / "serve.err"
-        self.cfg.write_text(json.dumps({
-            "zeek": {"url": ws_url, "reconnect_max_s": 0.3, **zeek},
-            "bridge": {"bind": ["tcp://127.0.0.1:*"]},
-            "scorers": {"count": 1, "device": "cpu", "batch_size": 16, **(scorers or {})},
-            "log": {"policy": "all"},
-        }))  # fmt: skip
+        self.cfg.write_text(
+            json.dumps(
+                {
+                    "zeek": {"url": ws_url, "reconnect_max_s": 0.3, **zeek},
+                    "bridge": {"bind": ["tcp://127.0.0.1:*"]},
+                    "scorers": {"count": 1, "device": "cpu", "batch_size": 16, **(scorers or {})},
+                    "log": {"policy": "all"},
+                }
+            )
+        )
         self.proc: subprocess.Popen | None = None
         self.runs = 0
 
@@ -86,13 +97,20 @@ class Serve:
             err.flush()
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "iotcls", "serve", "--config", str(self.cfg)],
-                stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)  # fmt: skip
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+                start_new_session=True,
+            )
         return self
 
     def ready(self, timeout: float = 120) -> None:
         """Waits for this run's scorer to connect."""
-        wait_for(lambda: self.text().split("==== run")[-1].count("connected: model") >= 1,
-                 timeout, "the scorer", [self.proc])  # fmt: skip
+        wait_for(
+            lambda: self.text().split("==== run")[-1].count("connected: model") >= 1,
+            timeout,
+            "the scorer",
+            [self.proc],
+        )
 
     def kill(self) -> None:
         assert self.proc is not None
@@ -119,7 +137,9 @@ class Serve:
 def connects(err: Path) -> int:
     """How many times a bridge said hello to the Zeek writing *err* (its hello line names the
     endpoint; the line that ends an offline hold does not count)."""
-    return len(re.findall(r"iotcls: bridge \S+ connected \(", err.read_text())) if err.exists() else 0
+    return (
+        len(re.findall(r"iotcls: bridge \S+ connected \(", err.read_text())) if err.exists() else 0
+    )
 
 
 def delivery_line(err: str) -> str:
@@ -130,9 +150,11 @@ def delivery_line(err: str) -> str:
 
 def counts(line: str) -> dict[str, int]:
     """The figures of Zeek's delivery summary line."""
-    pat = (r"(\d+) flow records kept until the bridge was done with them \((\d+) published "
-           r"again\), (\d+) acknowledged, (\d+) shed by the bridge, (\d+) dropped past "
-           r"IoTClass::unacked_max(?:, (\d+) written to)?")  # fmt: skip
+    pat = (
+        r"(\d+) flow records kept until the bridge was done with them \((\d+) published "
+        r"again\), (\d+) acknowledged, (\d+) shed by the bridge, (\d+) dropped past "
+        r"IoTClass::unacked_max(?:, (\d+) written to)?"
+    )
     m = re.search(pat, line)
     assert m, line
     names = ("kept", "again", "acked", "shed", "dropped", "spooled")
@@ -188,19 +210,34 @@ class Traffic:
             s.close()
 
 
-def live_zeek(zeek: str, cwd: Path, port: int, ws: int, published: Path,
-              *args: str) -> subprocess.Popen:  # fmt: skip
+def live_zeek(
+    zeek: str, cwd: Path, port: int, ws: int, published: Path, *args: str
+) -> subprocess.Popen:
     """``zeek -i lo`` on UDP to *port* in *cwd* (stderr: ``zeek.err``), 127.0.0.2 the
     devices, early records off, every final record it publishes written to *published*."""
     cwd.mkdir(exist_ok=True)
     (cwd / "published.zeek").write_text(PUBLISHED)
     env = dict(os.environ, IOTCLS_PUBLISHED=str(published))
     return subprocess.Popen(
-        [zeek, "-C", "-i", "lo", "-f", f"udp and dst port {port}", str(PKG), "published.zeek",
-         f"IoTClass::websocket_port={ws}/tcp", "IoTClass::device_nets={127.0.0.2/32}",
-         "IoTClass::early_records=F", *args],
-        cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=(cwd / "zeek.err").open("w"),
-    )  # fmt: skip
+        [
+            zeek,
+            "-C",
+            "-i",
+            "lo",
+            "-f",
+            f"udp and dst port {port}",
+            str(PKG),
+            "published.zeek",
+            f"IoTClass::websocket_port={ws}/tcp",
+            "IoTClass::device_nets={127.0.0.2/32}",
+            "IoTClass::early_records=F",
+            *args,
+        ],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=(cwd / "zeek.err").open("w"),
+    )
 
 
 def published_keys(path: Path) -> dict[tuple, int]:
@@ -210,5 +247,3 @@ def published_keys(path: Path) -> dict[tuple, int]:
         uid, mac, ip, start, pkts = ln.split(" ")
         out[(uid, mac, ip, start)] = int(pkts)
     return out
-
-

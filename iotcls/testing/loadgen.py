@@ -113,12 +113,18 @@ class LoadGen:
         while self._sent_at and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         end = self._last_label if self._labelled else time.monotonic()
-        return LoadResult(sent, self._labelled, max(end - t0, 1e-9),
-                          np.frombuffer(self._lat, np.float64).copy(), len(self._sent_at),
-                          np.frombuffer(self._lat_sent, np.float64).copy())  # fmt: skip
+        return LoadResult(
+            sent,
+            self._labelled,
+            max(end - t0, 1e-9),
+            np.frombuffer(self._lat, np.float64).copy(),
+            len(self._sent_at),
+            np.frombuffer(self._lat_sent, np.float64).copy(),
+        )
 
-    async def open_loop(self, rate: float, seconds: float, settle_s: float = 5.0,
-                        tick_s: float = 0.002) -> LoadResult:  # fmt: skip
+    async def open_loop(
+        self, rate: float, seconds: float, settle_s: float = 5.0, tick_s: float = 0.002
+    ) -> LoadResult:
         """``rate`` records/s for ``seconds``; then waits up to ``settle_s`` for the labels."""
         self._reset()
         t0 = time.monotonic()
@@ -134,8 +140,9 @@ class LoadGen:
             await asyncio.sleep(tick_s)
         return await self._settle(t0, sent, settle_s)
 
-    async def closed_loop(self, window: int, seconds: float, settle_s: float = 5.0,
-                          chunk: int = 50) -> LoadResult:  # fmt: skip
+    async def closed_loop(
+        self, window: int, seconds: float, settle_s: float = 5.0, chunk: int = 50
+    ) -> LoadResult:
         """Keeps ``window`` records unlabelled at all times, for ``seconds``."""
         self._reset()
         t0 = time.monotonic()

@@ -59,8 +59,10 @@ def missing(path: Path) -> str | None:
     """The skip reason when ``path`` is absent, else None."""
     if path.exists():
         return None
-    return (f"{path} is missing: the tests read third-party data from ../shared "
-            f"(or ${SHARED_ENV}), never from the repository")  # fmt: skip
+    return (
+        f"{path} is missing: the tests read third-party data from ../shared "
+        f"(or ${SHARED_ENV}), never from the repository"
+    )
 
 
 def require(path: Path, module: bool = False) -> Path:
@@ -109,8 +111,7 @@ def _records(path: Path) -> list[tuple[int, bytes]]:
 def write_sample(out_dir: Path, data: Path | None = None) -> Sample:
     """Write ``out_dir/sample.pcap`` from the IoT Sentinel captures in ``data``."""
     data = data or sentinel_dir()
-    types = {row["device"]: row["type"] for row in
-             csv.DictReader((data / "devices.csv").open())}  # fmt: skip
+    types = {row["device"]: row["type"] for row in csv.DictReader((data / "devices.csv").open())}
     streams, devices = [], {}
     for i, (device, capture) in enumerate(SAMPLE_CAPTURES):
         recs = _records(data / device / f"{capture}.pcap")

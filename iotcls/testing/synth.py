@@ -13,7 +13,7 @@ from iotcls.schema import PROTO_TCP, PROTO_UDP, FlowRecord
 
 
 def device_mac(i: int) -> str:
-    return "02:00:%02x:%02x:%02x:%02x" % ((i >> 24) & 255, (i >> 16) & 255, (i >> 8) & 255, i & 255)
+    return "02:00:" + ":".join(f"{(i >> s) & 255:02x}" for s in (24, 16, 8, 0))
 
 
 def device_ip(i: int) -> str:
@@ -45,16 +45,24 @@ def synthetic_records(
         plen = rng.integers(0, payload_bytes + 1, size=npk)
         payloads = [rng.integers(0, 256, size=int(m), dtype=np.uint8).tobytes() for m in plen]
         t0 = start + (k // devices) * 1.0 + d * 1e-3
-        out.append(FlowRecord(
-            device_mac=device_mac(d), device_ip=device_ip(d),
-            device_port=int(rng.integers(1024, 65536)),
-            remote_ip=".".join(str(int(x)) for x in rip),
-            remote_port=int(rng.choice([53, 80, 123, 443, 8883])), proto=proto,
-            start=round(t0, 6), last=round(t0 + float(offs[-1]), 6),
-            total_bytes=int(sizes.sum()) + int(rng.integers(0, 5000)),
-            total_packets=npk + int(rng.integers(0, 20)),
-            offsets=[round(float(o), 6) for o in offs], sizes=[int(s) for s in sizes],
-            directions=[int(x) for x in dirs], payloads=payloads,
-            uid=f"{uid_prefix}{k:017d}", device_is_orig=bool(rng.random() < 0.8),
-        ))  # fmt: skip
+        out.append(
+            FlowRecord(
+                device_mac=device_mac(d),
+                device_ip=device_ip(d),
+                device_port=int(rng.integers(1024, 65536)),
+                remote_ip=".".join(str(int(x)) for x in rip),
+                remote_port=int(rng.choice([53, 80, 123, 443, 8883])),
+                proto=proto,
+                start=round(t0, 6),
+                last=round(t0 + float(offs[-1]), 6),
+                total_bytes=int(sizes.sum()) + int(rng.integers(0, 5000)),
+                total_packets=npk + int(rng.integers(0, 20)),
+                offsets=[round(float(o), 6) for o in offs],
+                sizes=[int(s) for s in sizes],
+                directions=[int(x) for x in dirs],
+                payloads=payloads,
+                uid=f"{uid_prefix}{k:017d}",
+                device_is_orig=bool(rng.random() < 0.8),
+            )
+        )
     return out

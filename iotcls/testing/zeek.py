@@ -28,8 +28,10 @@ def find_zeek() -> str | None:
 def missing_reason() -> str:
     home = os.environ.get("ZEEK_HOME")
     where = f"$ZEEK_HOME/bin ({home}) nor " if home else ""
-    return (f"no zeek binary in {where}PATH: real-Zeek test not run "
-            f"(set ZEEK_HOME or PATH; {REQUIRE_ENV}=1 makes this a failure)")  # fmt: skip
+    return (
+        f"no zeek binary in {where}PATH: real-Zeek test not run "
+        f"(set ZEEK_HOME or PATH; {REQUIRE_ENV}=1 makes this a failure)"
+    )
 
 
 def required() -> bool:
@@ -73,13 +75,17 @@ def shim_igmp(zeek: str, into: Path) -> str:
     directory whose ``base/packet-protocols/igmp`` loads nothing (the tests capture IGMP
     themselves; only Zeek's Spicy-based IGMP analyzer is missing), then Zeek's own path."""
     rest = [p for p in search_path(zeek).split(":") if p and p != "."]
-    own = next(Path(p) / "base" / "packet-protocols" for p in rest
-               if (Path(p) / "base" / "packet-protocols" / "__load__.zeek").is_file())
+    own = next(
+        Path(p) / "base" / "packet-protocols"
+        for p in rest
+        if (Path(p) / "base" / "packet-protocols" / "__load__.zeek").is_file()
+    )
     stub = into / "base" / "packet-protocols" / "igmp"
     stub.mkdir(parents=True, exist_ok=True)
     (stub / "__load__.zeek").write_text(
         "# Test environment only: this Zeek was built without Spicy, which its IGMP\n"
-        "# analyzer needs; Zeek's base/packet-protocols/igmp would stop it at start.\n")
+        "# analyzer needs; Zeek's base/packet-protocols/igmp would stop it at start.\n"
+    )
     # the directory above now hides Zeek's own: its __load__.zeek (which loads each protocol
     # by its full name, so all but IGMP still come from Zeek) must be there too
     text = (own / "__load__.zeek").read_text().replace("@load ./", f"@load {own}/")

@@ -115,11 +115,21 @@ def reliability_diagram(
         b = reliability_bins(conf, ok, n_bins)
         centers = (b.edges[:-1] + b.edges[1:]) / 2
         has = b.count > 0
-        ax.plot(b.confidence[has], b.accuracy[has], marker="o", ms=4,
-                label=f"{name} (ECE {b.ece:.3f}, n={int(b.count.sum())})")  # fmt: skip
+        ax.plot(
+            b.confidence[has],
+            b.accuracy[has],
+            marker="o",
+            ms=4,
+            label=f"{name} (ECE {b.ece:.3f}, n={int(b.count.sum())})",
+        )
         off = (i - (len(curves) - 1) / 2) * width / max(len(curves), 1)
-        axn.bar(centers + off, np.maximum(b.count, 0), width=width / max(len(curves), 1),
-                label=name, alpha=0.8)  # fmt: skip
+        axn.bar(
+            centers + off,
+            np.maximum(b.count, 0),
+            width=width / max(len(curves), 1),
+            label=name,
+            alpha=0.8,
+        )
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.02)
     ax.set_ylabel("accuracy")

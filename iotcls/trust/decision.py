@@ -50,8 +50,8 @@ of them, so it travels in a model bundle that ``torch.load(weights_only=True)`` 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -62,8 +62,16 @@ from .features import FeatureDistance  # the open-set signal
 UNKNOWN = "unknown"
 TRUST_VERSION = 1
 INCONSISTENT = "inconsistent_with_device"  # rule 5's reason
-REASONS = ("-", "low_confidence", "unverified_class", "atypical_explanation",
-           "error_like_explanation", INCONSISTENT, DHCP_MISMATCH, DHCP_AMBIGUOUS)  # fmt: skip
+REASONS = (
+    "-",
+    "low_confidence",
+    "unverified_class",
+    "atypical_explanation",
+    "error_like_explanation",
+    INCONSISTENT,
+    DHCP_MISMATCH,
+    DHCP_AMBIGUOUS,
+)
 
 
 class TrustError(ValueError):
@@ -125,22 +133,31 @@ class TrustState:
     dhcp_ambiguous: list[str] = field(default_factory=list)  # identities rule 6 refuses
     dhcp_needed: list[str] = field(default_factory=list)  # classes rule 7 holds back
     # the open-set signal (trust.features): None where the state predates it
-    features: "FeatureDistance | None" = None
+    features: FeatureDistance | None = None
 
     def to_dict(self) -> dict:
-        d = {"version": self.version, "groups": list(self.groups), "history": self.history,
-             "classes": list(self.classes), "fitted_on": self.fitted_on}  # fmt: skip
+        d = {
+            "version": self.version,
+            "groups": list(self.groups),
+            "history": self.history,
+            "classes": list(self.classes),
+            "fitted_on": self.fitted_on,
+        }
         d.update({k: float(getattr(self, k)) for k in _FLOATS})
         d.update({k: int(getattr(self, k)) for k in _INTS})
         d.update({k: kind(getattr(self, k)) for k, kind in _DEVICE_KNOBS.items()})
-        d.update({
-            "scale": self.scale.float().contiguous(), "refs": self.refs.half().contiguous(),
-            "ref_pred": self.ref_pred.long().contiguous(),
-            "ref_correct": self.ref_correct.bool().contiguous(),
-            "dist_threshold": self.dist_threshold.float().contiguous(),
-        })  # fmt: skip
-        d["dhcp_identities"] = {str(k): [str(c) for c in v]
-                                for k, v in self.dhcp_identities.items()}  # fmt: skip
+        d.update(
+            {
+                "scale": self.scale.float().contiguous(),
+                "refs": self.refs.half().contiguous(),
+                "ref_pred": self.ref_pred.long().contiguous(),
+                "ref_correct": self.ref_correct.bool().contiguous(),
+                "dist_threshold": self.dist_threshold.float().contiguous(),
+            }
+        )
+        d["dhcp_identities"] = {
+            str(k): [str(c) for c in v] for k, v in self.dhcp_identities.items()
+        }
         d["dhcp_ambiguous"] = [str(k) for k in self.dhcp_ambiguous]
         d["dhcp_needed"] = [str(k) for k in self.dhcp_needed]
         if self.features is not None:
@@ -148,17 +165,21 @@ class TrustState:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrustState":
+    def from_dict(cls, d: dict) -> TrustState:
         if not isinstance(d, dict):
             raise TrustError(f"trust state: expected a mapping, got {type(d).__name__}")
         if d.get("version") != TRUST_VERSION:
-            raise TrustError(f"trust state: version {d.get('version')!r} is not supported "
-                             f"(this is {TRUST_VERSION})")  # fmt: skip
+            raise TrustError(
+                f"trust state: version {d.get('version')!r} is not supported "
+                f"(this is {TRUST_VERSION})"
+            )
         try:
             s = cls(
-                groups=[str(g) for g in d["groups"]], history=str(d["history"]),
+                groups=[str(g) for g in d["groups"]],
+                history=str(d["history"]),
                 classes=[str(c) for c in d["classes"]],
-                **{k: float(d[k]) for k in _FLOATS}, **{k: int(d[k]) for k in _INTS},
+                **{k: float(d[k]) for k in _FLOATS},
+                **{k: int(d[k]) for k in _INTS},
                 scale=torch.as_tensor(d["scale"]).float(),
                 refs=torch.as_tensor(d["refs"]).float(),
                 ref_pred=torch.as_tensor(d["ref_pred"]).long(),
@@ -166,12 +187,14 @@ class TrustState:
                 dist_threshold=torch.as_tensor(d["dist_threshold"]).float(),
                 fitted_on=str(d.get("fitted_on", "")),
                 **{k: kind(d.get(k, getattr(TrustConfig, k))) for k, kind in _DEVICE_KNOBS.items()},
-                dhcp_identities={str(k): [str(c) for c in v]
-                                 for k, v in dict(d.get("dhcp_identities", {})).items()},
+                dhcp_identities={
+                    str(k): [str(c) for c in v]
+                    for k, v in dict(d.get("dhcp_identities", {})).items()
+                },
                 dhcp_ambiguous=[str(k) for k in d.get("dhcp_ambiguous", [])],
                 dhcp_needed=[str(k) for k in d.get("dhcp_needed", [])],
                 features=FeatureDistance.from_dict(d),
-            )  # fmt: skip
+            )
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise TrustError(f"trust state: malformed ({type(e).__name__}: {e})") from None
         g, c, n = len(s.groups), len(s.classes), len(s.refs)
@@ -191,11 +214,14 @@ class TrustState:
         layout whose Shapley players are ``groups``: checked once when a bundle is loaded, so
         that no caller (classify, a scorer) finds out later, one batch at a time."""
         if list(self.classes) != list(classes):
-            raise TrustError(f"trust state: fitted for the classes {_short(self.classes)}, "
-                             f"the model has {_short(classes)}")  # fmt: skip
+            raise TrustError(
+                f"trust state: fitted for the classes {_short(self.classes)}, "
+                f"the model has {_short(classes)}"
+            )
         if list(self.groups) != list(groups):
-            raise TrustError(f"trust state: groups {self.groups} do not match the layout's "
-                             f"{groups}")  # fmt: skip
+            raise TrustError(
+                f"trust state: groups {self.groups} do not match the layout's {groups}"
+            )
 
     def refs_per_class(self) -> np.ndarray:
         """Correct references per class."""
@@ -204,14 +230,21 @@ class TrustState:
 
 
 _KNOB_RANGES = {  # name: (lowest, highest) a fitted state can hold
-    "conf_threshold": (0.0, 1.0), "quantile": (1e-12, 1.0), "min_precision": (0.0, 1.0),
-    "prior_strength": (0.0, 1e9), "prior_precision": (0.0, 1.0), "device_share": (0.0, 1.0),
-    "k": (1, 1_000_000), "precision_k": (1, 1_000_000), "n_fit": (0, 1 << 62),
-    "device_window": (0, 1_000_000), "device_min_prior": (0, 1_000_000),
-}  # fmt: skip
+    "conf_threshold": (0.0, 1.0),
+    "quantile": (1e-12, 1.0),
+    "min_precision": (0.0, 1.0),
+    "prior_strength": (0.0, 1e9),
+    "prior_precision": (0.0, 1.0),
+    "device_share": (0.0, 1.0),
+    "k": (1, 1_000_000),
+    "precision_k": (1, 1_000_000),
+    "n_fit": (0, 1 << 62),
+    "device_window": (0, 1_000_000),
+    "device_min_prior": (0, 1_000_000),
+}
 
 
-def _check_knobs(s: "TrustState") -> None:
+def _check_knobs(s: TrustState) -> None:
     """The state's numbers in the ranges the decision can use: a NaN threshold or a window
     of 10**30 labels would fail (or mislead) at the first batch, not at load."""
     from .shapley import HISTORY_MODES
@@ -298,8 +331,9 @@ def fit_trust(
     pred, labels = np.asarray(pred, np.int64), np.asarray(labels, np.int64)
     shape = (len(groups), len(classes))
     if values.ndim != 3 or values.shape[1:] != shape:
-        raise TrustError(f"trust fit: values must be (n, {shape[0]}, {shape[1]}), "
-                         f"got {values.shape}")  # fmt: skip
+        raise TrustError(
+            f"trust fit: values must be (n, {shape[0]}, {shape[1]}), got {values.shape}"
+        )
     values = values.reshape(len(values), -1)
     if not (len(values) == len(pred) == len(labels)):
         raise TrustError("trust fit: values, predictions and labels differ in length")
@@ -326,15 +360,27 @@ def fit_trust(
             d = _kth_distance(r, r, cfg.k, exclude_self=True)
             thr[c] = max(float(torch.quantile(d.double(), cfg.quantile)), 1e-6)
     return TrustState(
-        groups=list(groups), history=history, classes=list(classes),
-        conf_threshold=float(cfg.conf_threshold), quantile=float(cfg.quantile),
-        min_precision=float(cfg.min_precision), prior_strength=float(cfg.prior_strength),
-        prior_precision=float(ok.mean()) if len(ok) else 0.5, k=int(cfg.k),
-        precision_k=int(cfg.precision_k), scale=torch.from_numpy(scale).float(), refs=refs,
-        ref_pred=ref_pred, ref_correct=ref_correct, dist_threshold=thr,
-        fitted_on=fitted_on, n_fit=int(len(values)), device_window=int(cfg.device_window),
-        device_share=float(cfg.device_share), device_min_prior=int(cfg.device_min_prior),
-    )  # fmt: skip
+        groups=list(groups),
+        history=history,
+        classes=list(classes),
+        conf_threshold=float(cfg.conf_threshold),
+        quantile=float(cfg.quantile),
+        min_precision=float(cfg.min_precision),
+        prior_strength=float(cfg.prior_strength),
+        prior_precision=float(ok.mean()) if len(ok) else 0.5,
+        k=int(cfg.k),
+        precision_k=int(cfg.precision_k),
+        scale=torch.from_numpy(scale).float(),
+        refs=refs,
+        ref_pred=ref_pred,
+        ref_correct=ref_correct,
+        dist_threshold=thr,
+        fitted_on=fitted_on,
+        n_fit=int(len(values)),
+        device_window=int(cfg.device_window),
+        device_share=float(cfg.device_share),
+        device_min_prior=int(cfg.device_min_prior),
+    )
 
 
 def decide(
@@ -350,8 +396,10 @@ def decide(
     values = np.asarray(values, dtype=np.float64)
     n = len(log_probs)
     if log_probs.ndim != 2 or log_probs.shape[1] != len(state.classes):
-        raise TrustError(f"trust: model gives {log_probs.shape[-1]} classes, the trust state "
-                         f"was fitted for {len(state.classes)}")  # fmt: skip
+        raise TrustError(
+            f"trust: model gives {log_probs.shape[-1]} classes, the trust state "
+            f"was fitted for {len(state.classes)}"
+        )
     shape = (n, len(state.groups), len(state.classes))
     if values.shape != shape:
         raise TrustError(f"trust: values must be {shape}, got {values.shape}")
@@ -364,25 +412,38 @@ def decide(
     for c in np.unique(pred):
         rows = np.flatnonzero(pred == c)
         of_c = state.ref_pred == int(c)
-        precision[rows] = _near_precision(prof[rows], state.refs[of_c], state.ref_correct[of_c],
-                                          state.precision_k, state.prior_precision,
-                                          state.prior_strength)  # fmt: skip
+        precision[rows] = _near_precision(
+            prof[rows],
+            state.refs[of_c],
+            state.ref_correct[of_c],
+            state.precision_k,
+            state.prior_precision,
+            state.prior_strength,
+        )
         thr = float(state.dist_threshold[c])
         if not np.isnan(thr):
             d = _kth_distance(prof[rows], state.refs[of_c & state.ref_correct], state.k, False)
             ratio[rows] = d.numpy() / thr
     reason = np.full(n, "-", dtype=object)
-    for mask, why in reversed([
-        (conf < state.conf_threshold, "low_confidence"),
-        (np.isnan(ratio), "unverified_class"),
-        (ratio > 1.0, "atypical_explanation"),
-        (precision < state.min_precision, "error_like_explanation"),
-    ]):  # fmt: skip
+    for mask, why in reversed(
+        [
+            (conf < state.conf_threshold, "low_confidence"),
+            (np.isnan(ratio), "unverified_class"),
+            (ratio > 1.0, "atypical_explanation"),
+            (precision < state.min_precision, "error_like_explanation"),
+        ]
+    ):
         reason[mask] = why  # the first failing criterion, in this order, is the reason
     trusted = reason == "-"
-    return TrustDecision(pred=pred, confidence=conf, trusted=trusted, reason=reason.tolist(),
-                         distance=ratio, precision=precision,
-                         top_groups=top_groups or [])  # fmt: skip
+    return TrustDecision(
+        pred=pred,
+        confidence=conf,
+        trusted=trusted,
+        reason=reason.tolist(),
+        distance=ratio,
+        precision=precision,
+        top_groups=top_groups or [],
+    )
 
 
 @dataclass(frozen=True)
@@ -404,14 +465,20 @@ class DeviceConsistency:
     min_prior: int = TrustConfig.device_min_prior
 
     @classmethod
-    def of(cls, state: "TrustState | None") -> "DeviceConsistency":
+    def of(cls, state: TrustState | None) -> DeviceConsistency:
         """The state's knobs; the defaults for a model without a trust state."""
         if state is None:
             return cls()
         return cls(state.device_window, state.device_share, state.device_min_prior)
 
-    def agrees(self, pred: np.ndarray, confidence: np.ndarray, groups: np.ndarray,
-               times: np.ndarray, n_classes: int) -> np.ndarray:
+    def agrees(
+        self,
+        pred: np.ndarray,
+        confidence: np.ndarray,
+        groups: np.ndarray,
+        times: np.ndarray,
+        n_classes: int,
+    ) -> np.ndarray:
         """Per label, whether it passes the rule; ``groups`` names each label's device and
         ``times`` orders a device's labels (ties: input order)."""
         pred = np.asarray(pred, np.int64)
@@ -435,7 +502,7 @@ class DeviceConsistency:
         out[order] = ~odd
         return out
 
-    def online(self, max_devices: int = 100_000) -> "DeviceConsistencyTracker":
+    def online(self, max_devices: int = 100_000) -> DeviceConsistencyTracker:
         return DeviceConsistencyTracker(self, max_devices)
 
 
@@ -468,7 +535,7 @@ class DeviceConsistencyTracker:
         from collections import OrderedDict
 
         self.rule, self.max_devices = rule, max_devices
-        self._recent: "OrderedDict[str, _Window]" = OrderedDict()
+        self._recent: OrderedDict[str, _Window] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._recent)
@@ -511,8 +578,12 @@ class DeviceConsistencyTracker:
         return ok
 
 
-def apply_device_rule(trusted: np.ndarray, reason: np.ndarray, agrees: np.ndarray,
-                      why: str | np.ndarray = INCONSISTENT) -> None:  # fmt: skip
+def apply_device_rule(
+    trusted: np.ndarray,
+    reason: np.ndarray,
+    agrees: np.ndarray,
+    why: str | np.ndarray = INCONSISTENT,
+) -> None:
     """A device rule (5 or 6) on top of the earlier ones, in place: a label trusted so far
     that fails it becomes untrusted with reason ``why`` (one, or one per label)."""
     hit = np.asarray(trusted, bool) & ~np.asarray(agrees, bool)
@@ -520,10 +591,17 @@ def apply_device_rule(trusted: np.ndarray, reason: np.ndarray, agrees: np.ndarra
     reason[hit] = why[hit] if isinstance(why, np.ndarray) else why
 
 
-def apply_device_rules(state: "TrustState | None", classes: Sequence[str], pred: np.ndarray,
-                       confidence: np.ndarray, groups: np.ndarray, times: np.ndarray,
-                       identities: Sequence[str | None] | None,
-                       trusted: np.ndarray, reason: np.ndarray) -> None:  # fmt: skip
+def apply_device_rules(
+    state: TrustState | None,
+    classes: Sequence[str],
+    pred: np.ndarray,
+    confidence: np.ndarray,
+    groups: np.ndarray,
+    times: np.ndarray,
+    identities: Sequence[str | None] | None,
+    trusted: np.ndarray,
+    reason: np.ndarray,
+) -> None:
     """Rules 5 and 6, in place, on labels whose device history is known together (one
     capture, a whole evaluation); ``identities``: each label's device's latest DHCP identity
     (:func:`.dhcp_identity.latest`), for rule 6."""

@@ -34,8 +34,8 @@ started, or has not renewed its lease since) is not refined, and:
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 
@@ -43,8 +43,17 @@ DHCP_MISMATCH = "dhcp_identity_mismatch"  # rule 6: the identity was never seen 
 DHCP_AMBIGUOUS = "dhcp_identity_ambiguous"  # rule 6: an identity its classes are mixed up under
 DHCP_NEEDED = "dhcp_identity_needed"  # rule 7: a class trusted only once the identity is known
 
-__all__ = ["DHCP_AMBIGUOUS", "DHCP_MISMATCH", "DHCP_NEEDED", "fit_needed", "DhcpIdentity", "DhcpIdentityTracker", "fit_ambiguous",
-           "fit_identities", "latest"]
+__all__ = [
+    "DHCP_AMBIGUOUS",
+    "DHCP_MISMATCH",
+    "DHCP_NEEDED",
+    "fit_needed",
+    "DhcpIdentity",
+    "DhcpIdentityTracker",
+    "fit_ambiguous",
+    "fit_identities",
+    "latest",
+]
 
 
 def fit_identities(identities: np.ndarray, labels: Sequence[str]) -> dict[str, list[str]]:
@@ -56,8 +65,13 @@ def fit_identities(identities: np.ndarray, labels: Sequence[str]) -> dict[str, l
     return {k: sorted(v) for k, v in sorted(seen.items())}
 
 
-def fit_ambiguous(seen: dict[str, list[str]], identities: Sequence[str | None],
-                  pred: Sequence[str], truth: Sequence[str], min_accuracy: float) -> list[str]:
+def fit_ambiguous(
+    seen: dict[str, list[str]],
+    identities: Sequence[str | None],
+    pred: Sequence[str],
+    truth: Sequence[str],
+    min_accuracy: float,
+) -> list[str]:
     """The identities shared by several classes that the model, refined, did not tell apart
     on held-out labels (``identities``: each label's device's latest, :func:`latest`): right
     less than ``min_accuracy`` of the time, or never seen there. Their devices' labels are
@@ -75,9 +89,17 @@ def fit_ambiguous(seen: dict[str, list[str]], identities: Sequence[str | None],
     return sorted(out)
 
 
-def fit_needed(seen: dict[str, list[str]], ambiguous: Sequence[str], pred: Sequence[str],
-               truth: Sequence[str], trusted: np.ndarray, confidence: np.ndarray,
-               max_error: float, high: float = 0.9, min_errors: int = 2) -> list[str]:  # fmt: skip
+def fit_needed(
+    seen: dict[str, list[str]],
+    ambiguous: Sequence[str],
+    pred: Sequence[str],
+    truth: Sequence[str],
+    trusted: np.ndarray,
+    confidence: np.ndarray,
+    max_error: float,
+    high: float = 0.9,
+    min_errors: int = 2,
+) -> list[str]:
     """Rule 7's classes: those of an ambiguous identity, and those whose trusted labels on
     held-out captures without DHCP (``pred``, ``truth``, ``trusted``, ``confidence``: the
     gate's decisions there, rules 1-5) were wrong at confidence >= ``high`` more than
@@ -106,11 +128,13 @@ class DhcpIdentity:
     needed: frozenset[str] = frozenset()  # classes trusted only once the identity is known
 
     @classmethod
-    def of(cls, state) -> "DhcpIdentity":
+    def of(cls, state) -> DhcpIdentity:
         ids = getattr(state, "dhcp_identities", None) or {}
-        return cls({k: frozenset(v) for k, v in ids.items()},
-                   frozenset(getattr(state, "dhcp_ambiguous", None) or ()),
-                   frozenset(getattr(state, "dhcp_needed", None) or ()))  # fmt: skip
+        return cls(
+            {k: frozenset(v) for k, v in ids.items()},
+            frozenset(getattr(state, "dhcp_ambiguous", None) or ()),
+            frozenset(getattr(state, "dhcp_needed", None) or ()),
+        )
 
     def accepts(self, identity: str | None, label: str) -> bool:
         """Rule 6: the label's class was seen with the identity (or there is none)."""
@@ -125,7 +149,9 @@ class DhcpIdentity:
             return DHCP_NEEDED if label in self.needed else "-"
         return DHCP_AMBIGUOUS if identity in self.ambiguous else "-"
 
-    def allowed(self, identities: Sequence[str | None], classes: Sequence[str]) -> np.ndarray | None:
+    def allowed(
+        self, identities: Sequence[str | None], classes: Sequence[str]
+    ) -> np.ndarray | None:
         """Per label, the classes its device's identity was seen with (all where the identity
         is unknown or was never seen): the refinement keeps the model's most probable class
         among them. None when no label is restricted."""
@@ -148,7 +174,7 @@ class DhcpIdentity:
         """:meth:`reason` per label, given its device's latest identity (:func:`latest`)."""
         return np.array([self.reason(i, lab) for i, lab in zip(identities, labels)], object)
 
-    def online(self, max_devices: int = 100_000) -> "DhcpIdentityTracker":
+    def online(self, max_devices: int = 100_000) -> DhcpIdentityTracker:
         return DhcpIdentityTracker(self, max_devices)
 
 

@@ -33,10 +33,12 @@ def device_figures(y, pred, conf, trusted, groups, times, n_classes, window=10, 
     """Per device session, its label after its last sequence: before (every label votes)
     and after refinement (trusted labels only; ``unknown`` if too few are trusted)."""
     everyone = np.ones(len(pred), bool)
-    before, em_b = windowed_trusted_vote(pred, conf, everyone, groups, times, n_classes, window,
-                                         min_votes, min_trusted_share=0.0)  # fmt: skip
-    after, em_a = windowed_trusted_vote(pred, conf, trusted, groups, times, n_classes, window,
-                                        min_votes)  # fmt: skip
+    before, em_b = windowed_trusted_vote(
+        pred, conf, everyone, groups, times, n_classes, window, min_votes, min_trusted_share=0.0
+    )
+    after, em_a = windowed_trusted_vote(
+        pred, conf, trusted, groups, times, n_classes, window, min_votes
+    )
     order = np.lexsort((np.arange(len(times)), times, groups))
     last = np.zeros(0, np.int64)
     if len(order):
@@ -50,8 +52,9 @@ def device_figures(y, pred, conf, trusted, groups, times, n_classes, window=10, 
         "before": {"accuracy": round(float((b == yb).mean()) if len(last) else 0.0, 4)},
         "after": {
             "unknown_share": round(float((~known).mean()) if len(last) else 0.0, 4),
-            "accuracy_labelled": round(float((a[known] == yb[known]).mean()) if known.any()
-                                       else 0.0, 4),  # fmt: skip
+            "accuracy_labelled": round(
+                float((a[known] == yb[known]).mean()) if known.any() else 0.0, 4
+            ),
             "wrong": int((known & (a != yb)).sum()),
         },
         "wrong_before": int((b != yb).sum()),
@@ -79,23 +82,38 @@ def trust_section(predictor, d, out_dir: Path | None = None, name: str = "model"
         note = "no trust state in this model: the confidence threshold alone decides"
     else:
         threshold = predictor.trust.state.conf_threshold
-        note = ("trust layer: confidence + explanation + device consistency + DHCP identity "
-                "(docs/trust.md)")
-    rep = refinement_report(y, pred.index, pred.confidence, pred.trusted, pred.reason,
-                            threshold, len(classes), raw_confidence=raw_conf,
-                            label_alone=label_alone, model_alone=alone)  # fmt: skip
+        note = (
+            "trust layer: confidence + explanation + device consistency + DHCP identity "
+            "(docs/trust.md)"
+        )
+    rep = refinement_report(
+        y,
+        pred.index,
+        pred.confidence,
+        pred.trusted,
+        pred.reason,
+        threshold,
+        len(classes),
+        raw_confidence=raw_conf,
+        label_alone=label_alone,
+        model_alone=alone,
+    )
     rep["decided_by"] = note
     rep["cpu_ms_per_label"] = round(1000 * cpu / max(len(y), 1), 4)
-    rep["device"] = device_figures(y, pred.index, pred.confidence, pred.trusted,
-                                   d.device_groups(), d.start, len(classes))  # fmt: skip
+    rep["device"] = device_figures(
+        y, pred.index, pred.confidence, pred.trusted, d.device_groups(), d.start, len(classes)
+    )
     if out_dir is not None:
         own, conf = alone if alone is not None else (pred.index, pred.confidence)
         correct = own == y
-        png = reliability_diagram(out_dir / "reliability.png",
-                                  {"uncalibrated (T=1)": (raw_conf, correct),
-                                   f"calibrated (T={predictor.bundle.temperature:.2f})":
-                                   (conf, correct)},
-                                  title=f"{name}: per-sequence labels")  # fmt: skip
+        png = reliability_diagram(
+            out_dir / "reliability.png",
+            {
+                "uncalibrated (T=1)": (raw_conf, correct),
+                f"calibrated (T={predictor.bundle.temperature:.2f})": (conf, correct),
+            },
+            title=f"{name}: per-sequence labels",
+        )
         rep["reliability_png"] = str(png)
     return rep
 
@@ -127,21 +145,30 @@ def leave_out(ds, types: list[str], cfg, progress: bool = False, log=print) -> d
         t0 = time.time()
         keep = np.flatnonzero(labelled & (ds.labels != x))
         log(f"leave-out {x}: training on {len(keep)} flows of {len(known) - 1} other types")
-        bundle = train(ds.matrices[keep], ds.labels[keep], ds.captures[keep], ds.layout,
-                       replace(cfg), progress=progress, log=lambda m: None,
-                       devices=ds.devices[keep], times=ds.timestamps[keep])  # fmt: skip
+        bundle = train(
+            ds.matrices[keep],
+            ds.labels[keep],
+            ds.captures[keep],
+            ds.layout,
+            replace(cfg),
+            progress=progress,
+            log=lambda m: None,
+            devices=ds.devices[keep],
+            times=ds.timestamps[keep],
+        )
         p = Predictor(bundle)
         xi = np.flatnonzero(labelled & (ds.labels == x))
         groups = device_sessions(ds.captures[xi], ds.devices[xi])
         ids = p.device_identities(ds.matrices[xi], groups, ds.timestamps[xi])
         pr = p.predict(ds.matrices[xi], ids)
         p.check_devices(pr, groups, ds.timestamps[xi], ids)
-        dev, emitted = windowed_trusted_vote(pr.index, pr.confidence, pr.trusted, groups,
-                                             ds.timestamps[xi], len(bundle.classes))  # fmt: skip
-        fig = leave_out_figures(pr.index, pr.trusted, pr.reason, list(bundle.classes),
-                                dev[emitted])  # fmt: skip
+        dev, emitted = windowed_trusted_vote(
+            pr.index, pr.confidence, pr.trusted, groups, ds.timestamps[xi], len(bundle.classes)
+        )
+        fig = leave_out_figures(pr.index, pr.trusted, pr.reason, list(bundle.classes), dev[emitted])
         fig["confidence_only_untrusted_share"] = round(
-            float((pr.confidence < p.threshold).mean()) if len(xi) else 0.0, 4)
+            float((pr.confidence < p.threshold).mean()) if len(xi) else 0.0, 4
+        )
         fig["high_confidence_share"] = round(float((pr.confidence >= 0.9).mean()), 4)
         # the same model on held-out captures of the types it knows
         part = Split(**bundle.metadata["split"]).part_of(ds.captures[keep])
@@ -151,32 +178,42 @@ def leave_out(ds, types: list[str], cfg, progress: bool = False, log=print) -> d
         pt = p.predict(ds.matrices[te], ids)
         p.check_devices(pt, gt, ds.timestamps[te], ids)
         yt = np.searchsorted(np.array(bundle.classes, object), ds.labels[te])
-        rep = refinement_report(yt, pt.index, pt.confidence, pt.trusted, pt.reason,
-                                p.threshold, len(bundle.classes))  # fmt: skip
+        rep = refinement_report(
+            yt, pt.index, pt.confidence, pt.trusted, pt.reason, p.threshold, len(bundle.classes)
+        )
         fig["known_types_test"] = {k: rep["rows"][k] for k in ("raw", "trust")}
         fig["seconds"] = round(time.time() - t0, 1)
         results[x] = fig
-        log(f"leave-out {x}: {fig['untrusted_share']:.1%} of {fig['labels']} labels untrusted "
+        log(
+            f"leave-out {x}: {fig['untrusted_share']:.1%} of {fig['labels']} labels untrusted "
             f"(confidence alone {fig['confidence_only_untrusted_share']:.1%}); device label "
-            f"unknown {fig.get('device_unknown_share', 0):.1%}; {fig['seconds']:.0f}s")  # fmt: skip
+            f"unknown {fig.get('device_unknown_share', 0):.1%}; {fig['seconds']:.0f}s"
+        )
     shares = [r["untrusted_share"] for r in results.values()]
-    return {"types": results, "epochs": cfg.epochs,
-            "mean_untrusted_share": round(float(np.mean(shares)), 4) if shares else None,
-            "target": 0.9}  # fmt: skip
+    return {
+        "types": results,
+        "epochs": cfg.epochs,
+        "mean_untrusted_share": round(float(np.mean(shares)), 4) if shares else None,
+        "target": 0.9,
+    }
 
 
 def format_leave_out(r: dict) -> str:
-    lines = [f"leave one type out (train without X, epochs {r['epochs']}; share of X's labels "
-             f"untrusted -> unknown; target >= {r['target']:.0%})",
-             f"  {'type X':<22}{'labels':>7}{'untrusted':>10}{'conf only':>10}"
-             f"{'hi-conf':>8}{'dev unknown':>12}{'known cov':>10}  trusted as"]  # fmt: skip
+    lines = [
+        f"leave one type out (train without X, epochs {r['epochs']}; share of X's labels "
+        f"untrusted -> unknown; target >= {r['target']:.0%})",
+        f"  {'type X':<22}{'labels':>7}{'untrusted':>10}{'conf only':>10}"
+        f"{'hi-conf':>8}{'dev unknown':>12}{'known cov':>10}  trusted as",
+    ]
     for x, f in r["types"].items():
         kt = f["known_types_test"]["trust"]
-        lines.append(f"  {x:<22}{f['labels']:>7}{f['untrusted_share']:>10.3f}"
-                     f"{f['confidence_only_untrusted_share']:>10.3f}"
-                     f"{f['high_confidence_share']:>8.3f}"
-                     f"{f.get('device_unknown_share', 0):>12.3f}{kt['coverage']:>10.3f}  "
-                     + ", ".join(f"{k} {v}" for k, v in f["trusted_as"].items()))  # fmt: skip
+        lines.append(
+            f"  {x:<22}{f['labels']:>7}{f['untrusted_share']:>10.3f}"
+            f"{f['confidence_only_untrusted_share']:>10.3f}"
+            f"{f['high_confidence_share']:>8.3f}"
+            f"{f.get('device_unknown_share', 0):>12.3f}{kt['coverage']:>10.3f}  "
+            + ", ".join(f"{k} {v}" for k, v in f["trusted_as"].items())
+        )
     if r["mean_untrusted_share"] is not None:
         lines.append(f"  mean untrusted share: {r['mean_untrusted_share']:.3f}")
     return "\n".join(lines)

@@ -54,22 +54,34 @@ class FeatureDistance:
         return self.distance(feats, pred) > self.threshold.double().numpy()[pred]
 
     def to_dict(self) -> dict:
-        return {"feat_mean": self.mean.float().contiguous(),
-                "feat_precision": self.precision.float().contiguous(),
-                "feat_threshold": self.threshold.float().contiguous()}  # fmt: skip
+        return {
+            "feat_mean": self.mean.float().contiguous(),
+            "feat_precision": self.precision.float().contiguous(),
+            "feat_threshold": self.threshold.float().contiguous(),
+        }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "FeatureDistance | None":
+    def from_dict(cls, d: dict) -> FeatureDistance | None:
         if d.get("feat_mean") is None:
             return None
-        return cls(torch.as_tensor(d["feat_mean"]).float(),
-                   torch.as_tensor(d["feat_precision"]).float(),
-                   torch.as_tensor(d["feat_threshold"]).float())  # fmt: skip
+        return cls(
+            torch.as_tensor(d["feat_mean"]).float(),
+            torch.as_tensor(d["feat_precision"]).float(),
+            torch.as_tensor(d["feat_threshold"]).float(),
+        )
 
 
-def fit_features(model: torch.nn.Module, x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.ndarray,
-                 y_va: np.ndarray, n_classes: int, quantile: float = 0.99,
-                 min_refs: int = 6, ridge: float = 1e-3) -> FeatureDistance:  # fmt: skip
+def fit_features(
+    model: torch.nn.Module,
+    x_tr: np.ndarray,
+    y_tr: np.ndarray,
+    x_va: np.ndarray,
+    y_va: np.ndarray,
+    n_classes: int,
+    quantile: float = 0.99,
+    min_refs: int = 6,
+    ridge: float = 1e-3,
+) -> FeatureDistance:
     """Class means and shared covariance from the training matrices, thresholds from the
     validation matrices the model labels right."""
     f_tr, y_tr = penultimate(model, x_tr), np.asarray(y_tr, np.int64)
@@ -81,9 +93,11 @@ def fit_features(model: torch.nn.Module, x_tr: np.ndarray, y_tr: np.ndarray, x_v
     centred = f_tr - mean[y_tr]
     cov = centred.T @ centred / max(len(f_tr), 1)
     cov += ridge * max(float(np.trace(cov)) / h, 1e-12) * np.eye(h)
-    fd = FeatureDistance(torch.from_numpy(mean).float(),
-                         torch.from_numpy(np.linalg.inv(cov)).float(),
-                         torch.full((n_classes,), float("inf")))  # fmt: skip
+    fd = FeatureDistance(
+        torch.from_numpy(mean).float(),
+        torch.from_numpy(np.linalg.inv(cov)).float(),
+        torch.full((n_classes,), float("inf")),
+    )
     f_va, y_va = penultimate(model, x_va), np.asarray(y_va, np.int64)
     logits = model.out(torch.from_numpy(f_va).float()).detach().numpy() if len(f_va) else None
     pred_va = logits.argmax(axis=1) if logits is not None else np.zeros(0, np.int64)
@@ -94,7 +108,8 @@ def fit_features(model: torch.nn.Module, x_tr: np.ndarray, y_tr: np.ndarray, x_v
         if ok.sum() >= min_refs:
             thr[c] = np.quantile(d_va[ok], quantile)
         elif (y_tr == c).sum() >= min_refs:
-            thr[c] = np.quantile(fd.distance(f_tr[y_tr == c], np.full((y_tr == c).sum(), c)),
-                                 quantile)  # fmt: skip
+            thr[c] = np.quantile(
+                fd.distance(f_tr[y_tr == c], np.full((y_tr == c).sum(), c)), quantile
+            )
     fd.threshold = torch.from_numpy(thr).float()
     return fd

@@ -47,7 +47,6 @@ class TrustLayer:
         if state is not None:
             history = state.history
             if list(state.classes) != list(classes):
-
                 raise TrustError("trust state: fitted for other classes than the model's")
         self.layout, self.classes, self.state, self.top_k = layout, list(classes), state, top_k
         self.model = model
@@ -55,12 +54,13 @@ class TrustLayer:
             model, layout, history=history, temperature=temperature, chunk=chunk
         )
         if state is not None and state.groups != self.explainer.names:
-
-            raise TrustError(f"trust state: groups {state.groups} do not match the layout's "
-                             f"{self.explainer.names}")  # fmt: skip
+            raise TrustError(
+                f"trust state: groups {state.groups} do not match the layout's "
+                f"{self.explainer.names}"
+            )
 
     @classmethod
-    def from_bundle(cls, bundle, require_state: bool = False) -> "TrustLayer | None":
+    def from_bundle(cls, bundle, require_state: bool = False) -> TrustLayer | None:
         """The bundle's trust layer; None when it has no trust state (unless required)."""
         state = TrustState.from_dict(bundle.trust) if bundle.trust else None
         if state is None and require_state:
@@ -145,19 +145,28 @@ def fit_state(
             values = np.concatenate([values, ef.all_values])
             pred = np.concatenate([pred, ef.target])
             y = np.concatenate([y, fy[pick]])
-    state = fit_trust(values, pred, y, layer.groups, classes, history=history, config=cfg,
-                      fitted_on=fitted_on)  # fmt: skip
+    state = fit_trust(
+        values, pred, y, layer.groups, classes, history=history, config=cfg, fitted_on=fitted_on
+    )
     if cfg.feature_quantile > 0 and fallback is not None and len(fallback[0]):
-        state.features = fit_features(model, np.asarray(fallback[0]), fallback[1], matrices,
-                                      labels, len(classes), cfg.feature_quantile)  # fmt: skip
+        state.features = fit_features(
+            model,
+            np.asarray(fallback[0]),
+            fallback[1],
+            matrices,
+            labels,
+            len(classes),
+            cfg.feature_quantile,
+        )
     per = state.refs_per_class()
     facts = {
         "fitted_on": fitted_on,
         "labels": int(len(matrices)),
         "references": int(len(state.refs)),
         "training_references_for": [classes[c] for c in lacking],
-        "classes_without_profile": [c for c, t in zip(classes, state.dist_threshold.tolist())
-                                    if t != t],  # NaN  # fmt: skip
+        "classes_without_profile": [
+            c for c, t in zip(classes, state.dist_threshold.tolist()) if t != t
+        ],  # NaN
         "min_references": int(per.min()) if len(per) else 0,
         "seconds": round(time.time() - t0, 2),
     }

@@ -62,9 +62,12 @@ def row_figures(y, pred, conf, trusted, n_classes: int) -> dict:
         "macro_f1_all": round(macro_f1(y, pred, n_classes), 4),
         "macro_f1_trusted": round(macro_f1(y[tr], pred[tr], n_classes), 4) if tr.any() else 0.0,
         "macro_f1_refined": round(macro_f1(y, refined, n_classes), 4),
-        "high_conf_errors": {"count": hc, "rate": round(hc / max(n, 1), 5),
-                             "rate_among_trusted": round(hc / max(int(tr.sum()), 1), 5)},
-    }  # fmt: skip
+        "high_conf_errors": {
+            "count": hc,
+            "rate": round(hc / max(n, 1), 5),
+            "rate_among_trusted": round(hc / max(int(tr.sum()), 1), 5),
+        },
+    }
 
 
 def refinement_report(
@@ -87,8 +90,10 @@ def refinement_report(
     all_ = np.ones(n, bool)
     if model_alone is not None:
         pred0, conf0 = model_alone
-        rows = {"raw": row_figures(y, pred0, conf0, all_, n_classes),
-                "identity": row_figures(y, pred, confidence, all_, n_classes)}  # fmt: skip
+        rows = {
+            "raw": row_figures(y, pred0, conf0, all_, n_classes),
+            "identity": row_figures(y, pred, confidence, all_, n_classes),
+        }
     else:
         pred0, conf0 = pred, confidence
         rows = {"raw": row_figures(y, pred, confidence, all_, n_classes)}
@@ -104,12 +109,13 @@ def refinement_report(
         "rows": rows,
         # before / after; None when none are left (JSON has no infinity): see the counts
         "high_conf_error_cut": round(before / after, 2) if after else None,
-        "macro_f1_gain_points": round(100 * (rows["trust"]["macro_f1_trusted"]
-                                             - rows["raw"]["macro_f1_all"]), 2),
+        "macro_f1_gain_points": round(
+            100 * (rows["trust"]["macro_f1_trusted"] - rows["raw"]["macro_f1_all"]), 2
+        ),
         "reasons": dict(Counter(str(r) for r in reasons)),
         "calibration": {"ece": round(cal.ece, 4), "mce": round(cal.mce, 4), "bins": cal.to_dict()},
         "conf_threshold": conf_threshold,
-    }  # fmt: skip
+    }
     if raw_confidence is not None:
         out["calibration"]["ece_uncalibrated"] = round(
             reliability_bins(raw_confidence, correct).ece, 4
@@ -120,45 +126,63 @@ def refinement_report(
 def format_refinement(rep: dict, title: str = "trust refinement (per-sequence labels)") -> str:
     rows = rep["rows"]
     lines = [title]
-    head = f"  {'':12s} {'coverage':>9s} {'macroF1 all':>12s} {'macroF1 trusted':>16s} " \
-           f"{'refined':>8s} {'hi-conf errors':>15s} {'rate':>8s}"  # fmt: skip
+    head = (
+        f"  {'':12s} {'coverage':>9s} {'macroF1 all':>12s} {'macroF1 trusted':>16s} "
+        f"{'refined':>8s} {'hi-conf errors':>15s} {'rate':>8s}"
+    )
     lines.append(head)
-    names = {"raw": "raw", "identity": "+DHCP ident", "confidence": "confidence",
-             "explanation": "+explanation", "trust": "+device"}  # fmt: skip
+    names = {
+        "raw": "raw",
+        "identity": "+DHCP ident",
+        "confidence": "confidence",
+        "explanation": "+explanation",
+        "trust": "+device",
+    }
     for key, name in names.items():
         if key not in rows:
             continue
         r = rows[key]
         hc = r["high_conf_errors"]
-        lines.append(f"  {name:12s} {r['coverage']:9.3f} {r['macro_f1_all']:12.4f} "
-                     f"{r['macro_f1_trusted']:16.4f} {r['macro_f1_refined']:8.4f} "
-                     f"{hc['count']:15d} {hc['rate']:8.4f}")  # fmt: skip
+        lines.append(
+            f"  {name:12s} {r['coverage']:9.3f} {r['macro_f1_all']:12.4f} "
+            f"{r['macro_f1_trusted']:16.4f} {r['macro_f1_refined']:8.4f} "
+            f"{hc['count']:15d} {hc['rate']:8.4f}"
+        )
     cut = rep["high_conf_error_cut"]
     if cut is None:
         cut_s = "all removed" if rows["raw"]["high_conf_errors"]["count"] else "none before"
     else:
         cut_s = f"{cut:.2f}x"
-    lines.append(f"  high-confidence (>= {HIGH_CONFIDENCE}) errors cut: {cut_s}; macro-F1 "
-                 f"trusted - all: {rep['macro_f1_gain_points']:+.2f} points")  # fmt: skip
+    lines.append(
+        f"  high-confidence (>= {HIGH_CONFIDENCE}) errors cut: {cut_s}; macro-F1 "
+        f"trusted - all: {rep['macro_f1_gain_points']:+.2f} points"
+    )
     cal = rep["calibration"]
     ece = f"ECE {cal['ece']:.4f}"
     if "ece_uncalibrated" in cal:
         ece = f"ECE {cal['ece_uncalibrated']:.4f} uncalibrated -> {cal['ece']:.4f} calibrated"
-    lines.append(f"  {ece}; untrusted reasons: " + ", ".join(
-        f"{k} {v}" for k, v in sorted(rep["reasons"].items()) if k != "-"))  # fmt: skip
+    lines.append(
+        f"  {ece}; untrusted reasons: "
+        + ", ".join(f"{k} {v}" for k, v in sorted(rep["reasons"].items()) if k != "-")
+    )
     if "device" in rep:
         d = rep["device"]
-        lines.append(f"  devices ({d['sessions']} sessions): vote accuracy "
-                     f"{d['before']['accuracy']:.4f} -> trusted vote accuracy over labelled "
-                     f"{d['after']['accuracy_labelled']:.4f}, unknown "
-                     f"{d['after']['unknown_share']:.3f}")  # fmt: skip
+        lines.append(
+            f"  devices ({d['sessions']} sessions): vote accuracy "
+            f"{d['before']['accuracy']:.4f} -> trusted vote accuracy over labelled "
+            f"{d['after']['accuracy_labelled']:.4f}, unknown "
+            f"{d['after']['unknown_share']:.3f}"
+        )
     return "\n".join(lines)
 
 
 def leave_out_figures(
-    pred: np.ndarray, trusted: np.ndarray, reasons, classes: list[str],
+    pred: np.ndarray,
+    trusted: np.ndarray,
+    reasons,
+    classes: list[str],
     device_index: np.ndarray | None = None,
-) -> dict:  # fmt: skip
+) -> dict:
     """What the model said about a type it never saw: every trusted label is wrong."""
     pred, tr = np.asarray(pred), np.asarray(trusted, bool)
     n = len(pred)

@@ -23,8 +23,8 @@ The game's value is the predicted class's calibrated log-probability,
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Callable
 
 import numpy as np
 import torch
@@ -84,8 +84,10 @@ def shapley_matrix(g: int) -> np.ndarray:
     """
     c = coalitions(g)
     size = c.sum(1)
-    w = np.array([math.factorial(s) * math.factorial(g - s - 1) / math.factorial(g)
-                  for s in range(g)] + [0.0])  # fmt: skip
+    w = np.array(
+        [math.factorial(s) * math.factorial(g - s - 1) / math.factorial(g) for s in range(g)]
+        + [0.0]
+    )
     plus = w[np.maximum(size - 1, 0)][:, None]
     minus = w[size][:, None]
     return np.where(c, plus, -minus)
@@ -121,6 +123,7 @@ def row_plan(masks: np.ndarray) -> RowPlan | None:
 
 LOG_ZERO = -1.0e4  # log-probability of a class a refinement ruled out (exp: 0)
 
+
 @dataclass
 class Explanation:
     """Shapley values of a batch; ``values[n, g]`` for the explained class ``target[n]``."""
@@ -133,7 +136,7 @@ class Explanation:
     coalition_values: np.ndarray | None = None  # (n, 2^G) of the target, when asked for
     all_values: np.ndarray | None = None  # (n, G, C): every class's values, when asked for
 
-    def restricted(self, allowed: np.ndarray) -> "Explanation":
+    def restricted(self, allowed: np.ndarray) -> Explanation:
         """The explanation with each label's classes limited to ``allowed`` (n, C): the
         calibrated log-probabilities renormalised over them (the others ~ -inf), the target
         the most probable of them, its values those of that class (computed for all classes:
@@ -180,8 +183,9 @@ class GroupShapley:
         if masks.shape[0] != g:
             raise ValueError(f"shapley: {g} names but {masks.shape[0]} masks")
         if g > MAX_PLAYERS:
-            raise ValueError(f"shapley: {g} players is too many for exact values (max "
-                             f"{MAX_PLAYERS})")  # fmt: skip
+            raise ValueError(
+                f"shapley: {g} players is too many for exact values (max {MAX_PLAYERS})"
+            )
         if not temperature > 0:
             raise ValueError(f"shapley: temperature must be positive, not {temperature!r}")
         self.forward, self.names, self.temperature, self.chunk = forward, names, temperature, chunk
@@ -194,8 +198,10 @@ class GroupShapley:
         can = hasattr(forward, "flow") and hasattr(forward, "sequence_head")
         plan = row_plan(masks) if can and structured is not False else None
         if structured and plan is None:
-            raise ValueError("shapley: the structured pass needs a model with flow and "
-                             "sequence_head, and players that are row-0 columns or whole rows")  # fmt: skip
+            raise ValueError(
+                "shapley: the structured pass needs a model with flow and "
+                "sequence_head, and players that are row-0 columns or whole rows"
+            )
         self._plan = plan
         if plan is not None:
             self._vcols = torch.from_numpy(plan.variant_cols)
@@ -222,7 +228,7 @@ class GroupShapley:
         temperature: float = 1.0,
         chunk: int = 4096,
         structured: bool | None = None,
-    ) -> "GroupShapley":
+    ) -> GroupShapley:
         names, masks = feature_groups(layout, history)
         return cls(forward, names, masks, temperature, chunk, structured=structured)
 
@@ -240,7 +246,9 @@ class GroupShapley:
 
     def _logp(self, x: torch.Tensor) -> torch.Tensor:
         """The game's value for every class: calibrated log-probabilities (or logits)."""
-        out = [self._value(self.forward(x[i : i + self.chunk])) for i in range(0, len(x), self.chunk)]
+        out = [
+            self._value(self.forward(x[i : i + self.chunk])) for i in range(0, len(x), self.chunk)
+        ]
         return torch.cat(out) if out else torch.zeros(0)
 
     def _coalition_values(self, xb: torch.Tensor) -> torch.Tensor:
@@ -288,16 +296,21 @@ class GroupShapley:
         """
         x = torch.as_tensor(x, dtype=torch.float32)
         if x.ndim != 3 or tuple(x.shape[1:]) != tuple(self._cmask.shape[1:]):
-            raise ValueError(f"shapley: expected matrices of shape (n, "
-                             f"{tuple(self._cmask.shape[1:])}), got {tuple(x.shape)}")  # fmt: skip
+            raise ValueError(
+                f"shapley: expected matrices of shape (n, "
+                f"{tuple(self._cmask.shape[1:])}), got {tuple(x.shape)}"
+            )
         n, k = len(x), self._cmask.shape[0]
         base = self.base(tuple(x.shape[1:]))
         c_dim = base.shape[0]
         vals = torch.empty((n, k + 1), dtype=torch.float64)
         full = torch.empty((n, c_dim))
         given = target is not None
-        tgt = torch.as_tensor(np.asarray(target), dtype=torch.long) if given else \
-            torch.empty(n, dtype=torch.long)
+        tgt = (
+            torch.as_tensor(np.asarray(target), dtype=torch.long)
+            if given
+            else torch.empty(n, dtype=torch.long)
+        )
         per = max(1, self.chunk // k)  # matrices per forward chunk
         every = torch.empty((n, len(self.names), c_dim)) if all_classes else None
         a32 = self._A.float()
@@ -313,8 +326,9 @@ class GroupShapley:
                 vals[sl, 1:] = lp.gather(2, t[:, None, None].expand(-1, k, 1))[..., 0].double()
                 vals[sl, 0] = base[t].double()
                 if every is not None:
-                    every[sl] = torch.einsum("nkc,kg->ngc", lp, a32[1:]) + \
-                        torch.outer(a32[0], base)[None]  # fmt: skip
+                    every[sl] = (
+                        torch.einsum("nkc,kg->ngc", lp, a32[1:]) + torch.outer(a32[0], base)[None]
+                    )
         phi = (vals @ self._A).numpy()
         return Explanation(
             names=list(self.names),
@@ -332,6 +346,12 @@ def group_names(layout: MatrixLayout, history: str = "one") -> list[str]:
 
 
 __all__ = [
-    "GROUPS", "HISTORY_MODES", "Explanation", "GroupShapley", "coalitions", "feature_groups",
-    "group_names", "shapley_matrix",
-]  # fmt: skip
+    "GROUPS",
+    "HISTORY_MODES",
+    "Explanation",
+    "GroupShapley",
+    "coalitions",
+    "feature_groups",
+    "group_names",
+    "shapley_matrix",
+]

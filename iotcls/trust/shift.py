@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..dhcp import DHCP_PORTS, PROTO_UDP
+from ..dhcp import DHCP_PORTS
 
 DHCP6_PORTS = (546, 547)
 
@@ -28,16 +28,18 @@ def dhcp_rows(x: np.ndarray) -> np.ndarray:
     return udp & hit & present
 
 
-def remove_dhcp(matrices: np.ndarray, devices: np.ndarray, starts: np.ndarray, layout
-                ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+def remove_dhcp(
+    matrices: np.ndarray, devices: np.ndarray, starts: np.ndarray, layout
+) -> tuple[np.ndarray, np.ndarray]:
     """The records that are not DHCP flows (indices into ``matrices``) and their matrices
     as the sensor assembles them without the DHCP records: each history rebuilt from the
     device's (``devices``: one id per device session) other records by start."""
     keep = np.flatnonzero(~dhcp_rows(np.asarray(matrices)[:, 0]))
     if not len(keep):
         return keep, np.asarray(matrices)[keep]
-    mats, order = layout.assemble(matrices[keep, 0], np.asarray(starts)[keep],
-                                  np.asarray(devices)[keep])  # fmt: skip
+    mats, order = layout.assemble(
+        matrices[keep, 0], np.asarray(starts)[keep], np.asarray(devices)[keep]
+    )
     back = np.empty_like(order)
     back[order] = np.arange(len(order))
     return keep, mats[back]
