@@ -97,7 +97,7 @@ class FlowAssembler:
 @dataclass
 class BridgeStats:
     records: int = 0  # flow records decoded
-    bad_records: int = 0  # IoTClass::flow events that could not be decoded
+    bad_records: int = 0  # flow records (IoTClass::flow events, packed lines) not decodable
     other_events: int = 0  # events the bridge does not handle
     scored: int = 0  # records a scorer returned verdicts for
     labels: int = 0  # label events sent
@@ -406,6 +406,8 @@ class Bridge:
                 self.add_early(rec)
             else:
                 self._add(rec)
+        elif name == rc.FLOWS_EVENT:
+            self._on_flows(obj)
         elif name in (rc.WELCOME_EVENT, rc.DRAIN_EVENT):
             ev = rc.control_event(obj)
             try:
@@ -421,6 +423,30 @@ class Bridge:
         else:
             self.stats.other_events += 1
             self._warn_once(f"event-{name}", f"ignoring events {name!r} on the records topic")
+
+    def _on_flows(self, obj: Any) -> None:
+        """``IoTClass::flows``: packed records of the native capture plugin, final and early
+        in publishing order. Each line is decoded on its own and taken as its own event would
+        be (final: :meth:`_add`, early: :meth:`add_early`), so a bad line costs only itself
+        (counted in ``stats.bad_records``, as a bad ``IoTClass::flow`` is); an event of
+        another shape counts as one bad record."""
+        try:
+            lines = rc.packed_records(obj)
+        except rc.RecordError as e:
+            self.stats.bad_records += 1
+            self._warn_once("bad", f"skipped undecodable flow records, first: {e}")
+            return
+        for line in lines:
+            try:
+                rec, early = rc.packed_flow_record(line)
+            except rc.RecordError as e:
+                self.stats.bad_records += 1
+                self._warn_once("bad", f"skipped undecodable flow records, first: {e}")
+                continue
+            if early:
+                self.add_early(rec)
+            else:
+                self._add(rec)
 
     def _on_welcome(self, w: rc.Welcome) -> None:
         self.welcome = w

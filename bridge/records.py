@@ -13,6 +13,11 @@ nanoseconds of a difference of doubles. Both are rounded back to whole microseco
 turned into floats exactly as iotcls.flows forms them (:func:`us_to_time`,
 :func:`us_to_offset`), so the same packets give the same floats on both sensors.
 
+The native capture plugin publishes records in batches instead, packed one record a line of
+text: ``IoTClass::flows(recs: vector of string)``, final and early records together. The
+packed format is defined once, below (:func:`packed_flow_record`, its inverse
+:func:`pack_flow_record`); a line decodes to exactly the FlowRecord of the JSON path.
+
 Labels go back as ``IoTClass::label(l: IoTClass::Label)``, built from a
 :class:`iotcls.logschema.LogEntry` (:func:`label_message`); the record's fields are those of
 iot_class.log with the connection id flattened and ``ts`` a real (µs kept).
@@ -546,15 +551,21 @@ def record_from_values(values: list) -> FlowRecord:
         raise RecordError(f"{FLOW_EVENT}: {e}"[:200]) from None
 
 
+def zeek_times(r: FlowRecord) -> tuple[float, list[int]]:
+    """``(start, offsets in ns)`` of *r* as Zeek computes them: the start a double from
+    (sec, usec), each offset ``t - start`` of two such doubles truncated to nanoseconds
+    (Broker's ``duration_cast``; the packed records' writer truncates the same way). Shared
+    by :func:`flow_values` and :func:`pack_flow_record`, so both wires carry the same ns."""
+    start_us = round(r.start * 1e6)
+    t0 = us_to_time(start_us)
+    return t0, [int((us_to_time(start_us + round(o * 1e6)) - t0) * 1e9) for o in r.offsets]
+
+
 def flow_values(r: FlowRecord) -> list:
     """The Broker values Zeek sends for *r*, computed the way Zeek computes them: times as
     doubles from (sec, usec), offsets as ``t - start`` truncated to nanoseconds (Broker's
     ``duration_cast``). For tests and benchmarks; the scripts are the real producer."""
-    start_us = round(r.start * 1e6)
-    t0 = us_to_time(start_us)
-    offsets = [
-        bj.Timespan(int((us_to_time(start_us + round(o * 1e6)) - t0) * 1e9)) for o in r.offsets
-    ]
+    t0, offsets_ns = zeek_times(r)
     return [
         r.device_mac,
         ipaddress.ip_address(r.device_ip),
@@ -566,7 +577,7 @@ def flow_values(r: FlowRecord) -> list:
         us_to_time(round(r.last * 1e6)),
         bj.Count(r.total_bytes),
         bj.Count(r.total_packets),
-        offsets,
+        [bj.Timespan(ns) for ns in offsets_ns],
         [bj.Count(s) for s in r.sizes],
         [bj.Count(d) for d in r.directions],
         [p.hex() for p in r.payloads],
@@ -578,6 +589,251 @@ def flow_values(r: FlowRecord) -> list:
 def flow_frame(topic: str, r: FlowRecord) -> bytes:
     """An ``IoTClass::flow`` frame byte for byte as Zeek sends it (tests, benchmarks)."""
     return bj.render_zeek(topic, bj.encode_event(FLOW_EVENT, [flow_values(r)]))
+
+
+# -- packed flow records: IoTClass::flows ------------------------------------------------------
+# Why: Broker's conversion of a FlowRecord's vectors is most of what publishing a record costs
+# Zeek. The native capture plugin (zeek-plugin/) therefore writes each record as one line of
+# text and publishes them in batches, ``IoTClass::flows(recs: vector of string)``, final and
+# early records in publishing order. This is the one definition of that line.
+#
+# Packed format, version 1. One ASCII line per record, no newline, 17 fields separated by TAB:
+#
+#   0 kind           F (a final record: as IoTClass::flow) or E (early: as IoTClass::early_flow)
+#   1 device_mac     text (no TAB, as in every text field), may be empty
+#   2 device_ip      IPv4 dotted quad or IPv6 text, as Zeek prints an addr
+#   3 device_port    count (decimal, no sign, no leading zeros; as for every count below)
+#   4 remote_ip
+#   5 remote_port    count
+#   6 proto          count
+#   7 start          a real printed with C's "%f" (six decimals), as Broker's JSON writes reals
+#   8 last           the same
+#   9 total_bytes    count
+#  10 total_packets  count
+#  11 offsets        comma-separated counts: ns since start, truncated as Broker converts an
+#                    interval (duration_cast); empty field = no packets
+#  12 sizes          comma-separated counts
+#  13 directions     comma-separated, each 0 or 1
+#  14 payloads       comma-separated lowercase hex, an element may be empty: with N packets
+#                    (N = len(sizes)) the field splits on "," into N elements ("" is one empty
+#                    payload when N == 1, ",," three); with N == 0 it must be empty
+#  15 uid            text
+#  16 device_is_orig T or F
+#
+# A line decodes to exactly the FlowRecord the JSON path gives for the same record
+# (tests/test_packed_records.py) and is checked as that path checks: counts in
+# [0, 2^64 - 1], directions 0 or 1, the four vectors of one length, times by _time, offsets
+# by _offset, addresses by ipaddress. Anything else is a RecordError naming the field.
+
+FLOWS_EVENT = "IoTClass::flows"
+PACKED_VERSION = 1
+PACKED_FIELDS: tuple[str, ...] = ("kind", *(name for name, _ in FLOW_FIELDS))
+_FLOWS_NAME = {"@data-type": "string", "data": FLOWS_EVENT}
+_P_COUNT = r"(?:0|[1-9][0-9]{0,19})"
+_P_COUNT_RE = re.compile(_P_COUNT)
+_P_COUNTS_RE = re.compile(rf"{_P_COUNT}(?:,{_P_COUNT})*")
+_P_DIRS_RE = re.compile(r"[01](?:,[01])*")
+_P_REAL_RE = re.compile(r"(?:0|[1-9][0-9]{0,19})\.[0-9]{6}")
+_P_HEX_RE = re.compile(r"[0-9a-f,]*")
+_P_ADDR_RE = re.compile(r"[0-9A-Fa-f.:]{2,45}")
+_p_ip_cache: dict[str, str] = {}
+
+
+def _packed_ip(s: str) -> str:
+    """The address as the JSON path writes it (``str(ip_address(...))``), cached: a sensor
+    sees the same few device addresses over and over."""
+    ip = _p_ip_cache.get(s)
+    if ip is None:
+        if not _P_ADDR_RE.fullmatch(s):  # no scope ids, no spaces: what Zeek never prints
+            raise ValueError("is not an address")
+        ip = str(ipaddress.ip_address(s))
+        if len(_p_ip_cache) >= 65536:
+            _p_ip_cache.clear()
+        _p_ip_cache[s] = ip
+    return ip
+
+
+def _packed_count(s: str) -> int:
+    if not _P_COUNT_RE.fullmatch(s):
+        raise ValueError("is not a count")
+    v = int(s)
+    if v > _COUNT_MAX:
+        raise ValueError("is beyond a count")
+    return v
+
+
+def _packed_counts(s: str) -> list[int]:
+    if not s:
+        return []
+    if not _P_COUNTS_RE.fullmatch(s):
+        raise ValueError("is not comma-separated counts")
+    vals = list(map(int, s.split(",")))
+    if max(vals) > _COUNT_MAX:
+        raise ValueError("holds a value beyond a count")
+    return vals
+
+
+def _packed_time(s: str) -> float:
+    if not _P_REAL_RE.fullmatch(s):
+        raise ValueError('is not a time written with "%f"')
+    return _time(float(s))
+
+
+def _packed_payloads(s: str, n: int) -> list[bytes]:
+    if not _P_HEX_RE.fullmatch(s):
+        raise ValueError("is not comma-separated lowercase hex")
+    try:
+        return [bytes.fromhex(p) for p in s.split(",")] if n or s else []
+    except ValueError:  # only hex digits are left: an odd number of them
+        raise ValueError("holds hex of odd length") from None
+
+
+def _packed_error(name: str, why: str, text: str) -> RecordError:
+    return RecordError(f"{FLOWS_EVENT}: {name} {why}: {text[:80]!r}")
+
+
+def packed_flow_record(line: str) -> tuple[FlowRecord, bool]:
+    """``(record, early)`` of one packed line (the format above): the FlowRecord the JSON path
+    (:func:`flow_record`, :func:`early_flow_record`) gives for the same record. Raises
+    :class:`RecordError` naming the field for anything else, and nothing but RecordError
+    whatever the input (the fuzz suite checks): one bad line costs only itself."""
+    if type(line) is not str:
+        raise RecordError(f"{FLOWS_EVENT}: a record must be a string, not {type(line).__name__}")
+    f = line.split("\t")
+    if len(f) != len(PACKED_FIELDS):
+        raise _packed_error("record", f"has {len(f)} fields, expected {len(PACKED_FIELDS)}", line)
+    if not line.isascii():
+        raise _packed_error("record", "is not ASCII", line)
+    if f[0] not in ("F", "E"):
+        raise _packed_error("kind", "must be F or E", f[0])
+    if f[16] not in ("T", "F"):
+        raise _packed_error("device_is_orig", "must be T or F", f[16])
+    i = 2
+    try:
+        dip = _packed_ip(f[2])
+        i = 3
+        dport = _packed_count(f[3])
+        i = 4
+        rip = _packed_ip(f[4])
+        i = 5
+        rport = _packed_count(f[5])
+        i = 6
+        proto = _packed_count(f[6])
+        i = 7
+        start = _packed_time(f[7])
+        i = 8
+        last = _packed_time(f[8])
+        i = 9
+        tbytes = _packed_count(f[9])
+        i = 10
+        tpkts = _packed_count(f[10])
+        i = 11
+        offsets = [_offset(ns) for ns in _packed_counts(f[11])]
+        i = 12
+        sizes = _packed_counts(f[12])
+        i = 13
+        if f[13] and not _P_DIRS_RE.fullmatch(f[13]):
+            raise ValueError("must be comma-separated 0 or 1")
+        directions = [1 if d == "1" else 0 for d in f[13].split(",")] if f[13] else []
+        i = 14
+        payloads = _packed_payloads(f[14], len(sizes))
+    except (ValueError, OverflowError) as e:
+        raise _packed_error(PACKED_FIELDS[i], str(e), f[i]) from None
+    n = (len(offsets), len(sizes), len(directions), len(payloads))
+    if min(n) != max(n):
+        why = "differ in length ({}, {}, {}, {})".format(*n)
+        raise _packed_error("offsets, sizes, directions and payloads", why, line)
+    rec = FlowRecord(
+        device_mac=f[1],
+        device_ip=dip,
+        device_port=dport,
+        remote_ip=rip,
+        remote_port=rport,
+        proto=proto,
+        start=start,
+        last=last,
+        total_bytes=tbytes,
+        total_packets=tpkts,
+        offsets=offsets,
+        sizes=sizes,
+        directions=directions,
+        payloads=payloads,
+        uid=f[15],
+        device_is_orig=f[16] == "T",
+    )
+    return rec, f[0] == "E"
+
+
+def pack_flow_record(r: FlowRecord, early: bool = False) -> str:
+    """The packed line of *r* as the native plugin writes it (times with "%f", offsets in ns
+    as :func:`zeek_times` derives them): the inverse of :func:`packed_flow_record`, for tests
+    and benchmarks (the plugin is the real producer). A text field holding a TAB, or anything
+    not ASCII, has no packed form: RecordError."""
+    t0, offsets_ns = zeek_times(r)
+    fields = (
+        "E" if early else "F",
+        r.device_mac,
+        str(ipaddress.ip_address(r.device_ip)),
+        f"{r.device_port:d}",
+        str(ipaddress.ip_address(r.remote_ip)),
+        f"{r.remote_port:d}",
+        f"{r.proto:d}",
+        f"{t0:f}",
+        f"{us_to_time(round(r.last * 1e6)):f}",
+        f"{r.total_bytes:d}",
+        f"{r.total_packets:d}",
+        ",".join([f"{ns:d}" for ns in offsets_ns]),
+        ",".join([f"{s:d}" for s in r.sizes]),
+        ",".join([f"{d:d}" for d in r.directions]),
+        ",".join([bytes(p).hex() for p in r.payloads]),
+        r.uid,
+        "T" if r.device_is_orig else "F",
+    )
+    if any("\t" in x for x in fields) or not all(x.isascii() for x in fields):
+        raise RecordError(f"{FLOWS_EVENT}: record {r.uid!r} has a text field with no packed form")
+    return "\t".join(fields)
+
+
+def packed_records(obj: Any) -> list[str]:
+    """The packed lines of a parsed ``IoTClass::flows`` data message (its one argument, a
+    Broker vector of strings), undecoded: each is decoded on its own, so that a bad line
+    costs only itself. An event of another shape is refused whole (RecordError)."""
+    try:
+        d = obj["data"]
+        body = d[2]["data"]
+        if not (
+            obj["@data-type"] == "vector"
+            and len(d) == 3
+            and d[0] == _ONE
+            and d[1] == _ONE
+            and d[2]["@data-type"] == "vector"
+            and len(body) in (2, 3)
+            and body[0] == _FLOWS_NAME
+            and body[1]["@data-type"] == "vector"
+            and len(body[1]["data"]) == 1
+            and isinstance(obj["topic"], str)
+        ):
+            raise ValueError
+        # metadata (network time), which the bridge does not read: a vector is all it must be
+        if len(body) == 3 and (
+            body[2]["@data-type"] != "vector" or type(body[2]["data"]) is not list
+        ):
+            raise ValueError
+        arg = body[1]["data"][0]
+        nodes = arg["data"]
+        if arg["@data-type"] != "vector" or type(nodes) is not list:
+            raise ValueError
+        lines = [n["data"] for n in nodes if n["@data-type"] == "string"]
+        if len(lines) != len(nodes) or not all(type(s) is str for s in lines):
+            raise ValueError
+        return lines
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError):
+        raise RecordError(f"{FLOWS_EVENT}: not an event with one vector of strings") from None
+
+
+def flows_frame(topic: str, lines: Iterable[str]) -> bytes:
+    """An ``IoTClass::flows`` frame byte for byte as Zeek sends it (tests, benchmarks)."""
+    return bj.render_zeek(topic, bj.encode_event(FLOWS_EVENT, [list(lines)]))
 
 
 # -- labels ----------------------------------------------------------------------------------
@@ -839,5 +1095,14 @@ def drain_from(ev: bj.Event) -> int:
 
 
 def records_in(objs: Iterable[Any]) -> list[FlowRecord]:
-    """Flow records of several parsed messages (skips other events); for tests and tools."""
-    return [flow_record(o) for o in objs if event_name(o) == FLOW_EVENT]
+    """Final flow records of several parsed messages, ``IoTClass::flow`` and the final ones
+    of ``IoTClass::flows`` (skips other events and early records); for tests and tools."""
+    out: list[FlowRecord] = []
+    for o in objs:
+        name = event_name(o)
+        if name == FLOW_EVENT:
+            out.append(flow_record(o))
+        elif name == FLOWS_EVENT:
+            packed = map(packed_flow_record, packed_records(o))
+            out += [r for r, early in packed if not early]
+    return out

@@ -15,8 +15,9 @@ Zeek's ``src/cluster/websocket/WebSocket.cc``):
   ``failed to create Zeek event``), and the connection stays open;
 * ``ack=False`` behaves like a Zeek without a cluster backend: accepted, never acked;
 * it publishes ``IoTClass::flow`` events byte for byte as Zeek renders them
-  (:func:`iotcls.bridge.records.flow_frame`), answers ``hello`` with ``welcome`` as the scripts
-  do, and can send ``drain`` as a Zeek at the end of a trace does.
+  (:func:`iotcls.bridge.records.flow_frame`), and the native plugin's batches of packed
+  records, ``IoTClass::flows`` (:meth:`FakeZeek.publish_flows`); it answers ``hello`` with
+  ``welcome`` as the scripts do, and can send ``drain`` as a Zeek at the end of a trace does.
 
 Every accepted event is kept in ``received`` (and passed to ``on_event``); labels are also
 kept as ``(monotonic time, uid, fields)``. With ``strict=False`` (the benchmark) only the uid is
@@ -294,6 +295,13 @@ class FakeZeek:
     async def publish_flow(self, r: FlowRecord, topic: str = "zeek/iotcls/flows") -> int:
         n = await self.publish(topic, rec.flow_frame(topic, r))
         self.stats.flows_sent += 1
+        return n
+
+    async def publish_flows(self, lines: list[str], topic: str = "zeek/iotcls/flows") -> int:
+        """One ``IoTClass::flows`` event holding *lines* (packed records, or anything at all:
+        garbage tests), as the native capture plugin publishes a batch."""
+        n = await self.publish(topic, rec.flows_frame(topic, lines))
+        self.stats.flows_sent += len(lines)
         return n
 
     async def publish_frames(self, frames: list[bytes], topic: str = "zeek/iotcls/flows") -> None:

@@ -1,5 +1,6 @@
-"""A seeded fuzzer for what peers send ``iotcls serve``: Zeek's Broker JSON frames, Suricata's
-datagrams, and the scorer wire format.
+"""A seeded fuzzer for what peers send ``iotcls serve``: Zeek's Broker JSON frames, the packed
+flow records of ``IoTClass::flows`` (one line each), Suricata's datagrams, and the scorer wire
+format.
 
 Each *target* feeds one input through the code that reads it in the service and says what
 happened: ``ok`` (read), ``refused`` (refused with that decoder's own error, which the
@@ -10,14 +11,16 @@ the edge checks), a reply the dispatcher accepts must carry a confidence in [0, 
 
 Inputs are seeds (well-formed messages made here, deterministic) mutated by byte edits,
 JSON-aware edits (numbers swapped for extreme ones: 1e300, -1, 10^400, NaN; brackets nested
-thousands deep; strings and types swapped) and msgpack-aware edits (a field replaced by a
-value of another type or an extreme one). One :class:`random.Random` per run: the same seed
+thousands deep; strings and types swapped), msgpack-aware edits (a field replaced by a
+value of another type or an extreme one) and packed-line edits (a field or a vector element
+replaced by an extreme one, fields and elements dropped or repeated). One :class:`random.Random` per run: the same seed
 gives the same inputs. Used by ``tests/test_fuzz_service.py`` (bounded, in CI) and
 ``benchmarks/fuzz_service.py`` (the long run).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import re
@@ -209,12 +212,91 @@ def _msgpack_edit(rng: random.Random, data: bytes) -> bytes:
         return _byte_edit(rng, data)
 
 
+# What a packed line's field may become: empty, signs, NaN, beyond a count, beyond a time,
+# vectors of other lengths, bad hex, addresses Python reads but Zeek never writes, non-ASCII.
+PACKED_EXTREMES = (
+    b"",
+    b"-1",
+    b"-0",
+    b"+1",
+    b" 1",
+    b"07",
+    b"nan",
+    b"inf",
+    b"-inf",
+    b"1e300",
+    b"2",
+    b"T",
+    b"F",
+    b"E",
+    b"X",
+    b"18446744073709551615",
+    b"18446744073709551616",
+    b"99999999999999999999",
+    b"1000000000000000000",
+    b"1000000000000000001",
+    b"1" * 5000,
+    b"0.000000",
+    b"1700000000.5",
+    b"1700000000.250000",
+    b"8589934592.000000",
+    b"8589934593.000000",
+    b"99999999999999999999.000000",
+    b"0,1,2",
+    b"1,0",
+    b",",
+    b",,",
+    b"0,,1",
+    b"zz",
+    b"abc",
+    b"AB",
+    b"00,ff",
+    b"::ffff:1.2.3.4",
+    b"fe80::1%eth0",
+    b"1.2.3.256",
+    b"01.2.3.4",
+    b"\xce\xa9",
+    b"\xff",
+    b"\x00",
+    b"\t",
+    b"\n",
+)
+
+
+def _packed_edit(rng: random.Random, data: bytes) -> bytes:
+    """A packed line with one field, or one element of a comma-separated field, changed."""
+    fields = data.split(b"\t")
+    i = rng.randrange(len(fields))
+    op = rng.randrange(6)
+    if op == 0:
+        fields[i] = rng.choice(PACKED_EXTREMES)
+    elif op == 1:  # one vector element
+        elems = fields[i].split(b",")
+        elems[rng.randrange(len(elems))] = rng.choice(PACKED_EXTREMES)
+        fields[i] = b",".join(elems)
+    elif op == 2:  # a vector one longer or shorter
+        elems = fields[i].split(b",")
+        k = rng.randrange(len(elems))
+        elems[k : k + 1] = [] if rng.random() < 0.5 else [elems[k]] * 2
+        fields[i] = b",".join(elems)
+    elif op == 3:  # a field dropped or repeated
+        fields[i : i + 1] = [] if rng.random() < 0.5 else [fields[i]] * rng.randint(2, 3)
+    elif op == 4:
+        fields[i] = fields[rng.randrange(len(fields))]  # another field's value
+    else:
+        return _byte_edit(rng, data)
+    return b"\t".join(fields)
+
+
 def mutate(rng: random.Random, seed: bytes, kind: str) -> bytes:
-    """One mutated input from *seed* (``kind``: json or msgpack), at most MAX_INPUT bytes."""
+    """One mutated input from *seed* (``kind``: json, msgpack or packed), at most MAX_INPUT
+    bytes."""
     out = seed
     for _ in range(rng.choice((1, 1, 1, 2, 3))):
         if kind == "msgpack":
             out = _msgpack_edit(rng, out) if rng.random() < 0.85 else _byte_edit(rng, out)
+        elif kind == "packed":
+            out = _packed_edit(rng, out)
         else:
             out = _json_edit(rng, out)
     return out[:MAX_INPUT]
@@ -229,6 +311,7 @@ def broker_seeds() -> list[bytes]:
     """Frames as Zeek 8.2 renders them: flow events, welcome, drain, an ack, errors."""
     topic = "zeek/iotcls/flows"
     out = [rc.flow_frame(topic, r) for r in _records()]
+    out += [rc.flows_frame(topic, [x.decode() for x in packed_seeds()[:4]])]
     out += [welcome_frame(topic, False), welcome_frame(topic, True), drain_frame(topic, 12)]
     out += [
         b'{"type":"ack","endpoint":"e-websocket-0","version":"8.2.2"}',
@@ -238,6 +321,20 @@ def broker_seeds() -> list[bytes]:
         ),
     ]
     return out
+
+
+def packed_seeds() -> list[bytes]:
+    """Packed lines as the native plugin writes them: final and early records, one without
+    packets, one whose payloads are all empty."""
+    recs = _records()
+    out = [rc.pack_flow_record(r, early=k % 3 == 1) for k, r in enumerate(recs)]
+    r = recs[0]
+    none = dataclasses.replace(
+        r, offsets=[], sizes=[], directions=[], payloads=[], total_packets=0, total_bytes=0
+    )
+    out.append(rc.pack_flow_record(none))
+    out.append(rc.pack_flow_record(dataclasses.replace(r, payloads=[b""] * len(r.payloads))))
+    return [line.encode() for line in out]
 
 
 def datagram_seeds() -> list[bytes]:
@@ -324,6 +421,8 @@ def broker_target() -> Target:
                 _finite_rows(asm, dec.table)
                 if dec.errors:
                     return "refused"
+            elif name == rc.FLOWS_EVENT:  # as the bridge takes it: line by line
+                return _read_packed(asm, rc.packed_records(obj))
             elif name in (rc.WELCOME_EVENT, rc.DRAIN_EVENT):
                 ev = rc.control_event(obj)
                 if ev is not None:
@@ -333,6 +432,50 @@ def broker_target() -> Target:
         return "ok"
 
     return Target("broker_json", broker_seeds(), "json", read)
+
+
+def _read_packed(asm: FlowAssembler, lines: list[str]) -> str:
+    """Packed lines as Bridge._on_flows reads them: each on its own, the final records then
+    decoded with their batch and assembled (early ones are scored, so encoded, too)."""
+    out, recs = "ok", []
+    for line in lines:
+        try:
+            recs.append(rc.packed_flow_record(line)[0])
+        except rc.RecordError:
+            out = "refused"
+    if recs:
+        dec = asm.decode(recs)
+        _finite_rows(asm, dec.table)
+        if dec.errors:
+            out = "refused"
+    return out
+
+
+def packed_target() -> Target:
+    """The native plugin's packed lines (``IoTClass::flows``), one input a line; the bytes
+    are read as the JSON parser would hand them over (lenient: invalid UTF-8 as surrogates)."""
+    asm = FlowAssembler(LAYOUT)
+
+    def read(data: bytes) -> str:
+        line = data.decode("utf-8", "surrogateescape")
+        out = _read_packed(asm, [line])
+        if out == "ok":
+            _same_as_json(*rc.packed_flow_record(line))
+        return out
+
+    return Target("packed_flow_line", packed_seeds(), "packed", read)
+
+
+def _same_as_json(rec: rc.FlowRecord, early: bool) -> None:
+    """The promise of the packed format, on whatever the fuzzer got accepted: the record
+    packed again decodes to exactly what its ``IoTClass::flow`` frame decodes to."""
+    try:
+        packed = rc.packed_flow_record(rc.pack_flow_record(rec, early))
+        via_json = rc.flow_record(bj.parse_frame(rc.flow_frame("zeek/iotcls/flows", rec))[0])
+    except (rc.RecordError, bj.BrokerJSONError) as e:
+        raise Crash(f"an accepted packed record has no twin on the other path: {e}") from None
+    if packed != (via_json, early):
+        raise Crash("a packed record decodes otherwise than its IoTClass::flow frame")
 
 
 def datagram_target() -> Target:
@@ -379,7 +522,7 @@ def wire_target() -> Target:
 
 
 def targets() -> list[Target]:
-    return [broker_target(), datagram_target(), wire_target()]
+    return [broker_target(), packed_target(), datagram_target(), wire_target()]
 
 
 # -- running -------------------------------------------------------------------------------------
