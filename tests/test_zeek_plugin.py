@@ -21,6 +21,7 @@ import shutil
 import struct
 import subprocess
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -358,6 +359,54 @@ def test_native_records_of_the_sample_by_mac(native, tmp_path, sample):
     native_recs = _same_as_script(sample.pcap, tmp_path, native, _macs_arg(sample.macs))
     assert sum(not x["early"] for x in native_recs) == 288
     assert sum(x["early"] for x in native_recs) > 100
+
+
+@needs_zeek
+def test_packed_records_are_the_per_record_ones(native, tmp_path, sample):
+    """The native capture's default, packed records published in batches (IoTClass::flows),
+    and one FlowRecord event per record (IoTClass::native_batch=0) give the bridge the same
+    records, final and early, field by field (but Zeek's uid, random in each run)."""
+    from test_zeek_scripts import _macs_arg, _zeek_with_bridge
+
+    seen = {}
+    for mode, args in (("packed", ()), ("per-record", ("IoTClass::native_batch=0",))):
+        (tmp_path / mode).mkdir()
+        early: list = []
+        r, got, bridge, _ = _zeek_with_bridge(
+            sample.pcap, tmp_path / mode, _macs_arg(sample.macs), *args, early=early
+        )
+        assert r.returncode == 0, r.stderr
+        reporter = (tmp_path / mode / "reporter.log").read_text()
+        packed = "flow records packed, one script event per 100" in reporter
+        assert packed == (mode == "packed"), reporter
+        assert bridge.stats.bad_records == 0
+        seen[mode] = tuple(sorted(repr(replace(x, uid="")) for x in recs) for recs in (got, early))
+    assert seen["packed"] == seen["per-record"]
+    assert len(seen["packed"][0]) == 288 and len(seen["packed"][1]) > 100
+
+
+@needs_zeek
+def test_packed_records_survive_a_killed_bridge(native, tmp_path, sample):
+    """The delivery test of test_zeek_delivery.py with the native capture's packed records:
+    kept by their packed line, published again in batches to the restarted bridge, every
+    one of the 288 records labelled exactly once."""
+    from test_zeek_delivery import test_a_killed_bridge_loses_no_record_offline as killed
+
+    killed(tmp_path, sample)
+    assert "flow records packed" in (tmp_path / "zeek.err").read_text()
+
+
+@needs_zeek
+def test_packed_records_are_spooled_at_stop(native, tmp_path):
+    """The stop test of test_zeek_delivery.py (live, SIGTERM with every window open) with
+    the native capture: the packed records flushed in zeek_done go to the spool file as
+    their lines, the next Zeek reads them back (keys from their fields) and publishes them
+    again; every record is labelled once."""
+    from test_zeek_delivery import test_zeek_stopped_with_open_windows_loses_nothing as stopped
+
+    stopped(tmp_path)
+    first = (tmp_path / "first" / "zeek.err").read_text()
+    assert "flow records packed" in first and "written to" in first, first[-2000:]
 
 
 @needs_zeek

@@ -19,15 +19,30 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parents[2] / "zeek-scripts" / "iotcls"
 
 # Loaded beside iotcls: every final record Zeek publishes, one line each (uid, device, start,
-# packets), through the package's own flow_policy hook.
+# packets): the native capture's packed records as they leave (a flow_policy handler would
+# make it raise FlowRecords one by one instead), else through the package's flow_policy hook.
 PUBLISHED = """
 global iotcls_published = open(getenv("IOTCLS_PUBLISHED"));
+@ifdef ( IoTClass::native_flows )
+event IoTClass::native_flows(recs: vector of string, keys: vector of string, finals: count)
+    &priority=-100
+    {
+    for ( i in recs )
+        {
+        if ( keys[i] == "" )
+            next;
+        local f = split_string(recs[i], /\t/);
+        print iotcls_published, fmt("%s %s %s %s %s", f[15], f[1], f[2], f[7], f[10]);
+        }
+    }
+@else
 hook IoTClass::flow_policy(rec: IoTClass::FlowRecord, early: bool) &priority=-100
     {
     if ( ! early )
         print iotcls_published, fmt("%s %s %s %.6f %d", rec$uid, rec$device_mac, rec$device_ip,
             rec$start, rec$total_packets);
     }
+@endif
 event zeek_init() { set_buf(iotcls_published, F); }
 """
 

@@ -8,8 +8,12 @@
 // start + window_length publishes the window and opens the next one; a window whose
 // connection ended first is parked by its unordered endpoints, continued by a later
 // connection with the same endpoints, else published when it ends; at the trace's end every
-// window is published. Each published window becomes one IoTClass::FlowRecord per device
-// side, raised as IoTClass::native_flow. Before that, a window's early record (its first
+// window is published. Each published window becomes one record per device side. Packed
+// (bridge/records.py's packed format: one line of text per record), they leave in batches of
+// IoTClass::native_batch records, one IoTClass::native_flows event per batch, so that script
+// land and Broker's conversion cost next to nothing per record; where IoTClass::flow_policy
+// has handlers (they take a FlowRecord) or native_batch is 0, each record is an
+// IoTClass::FlowRecord raised as IoTClass::native_flow. Before that, a window's early record (its first
 // packets, or what it holds once idle for IoTClass::early_idle; iotcls/schema.py's
 // early_cut) is raised as IoTClass::native_early_flow. The pcap sensor (iotcls/flows.py)
 // builds the same records.
@@ -174,6 +178,9 @@ public:
      * its early record where it has one. */
     void Emit(Window& w);
 
+    /** Raises IoTClass::native_flows with the packed records waiting, if any. */
+    void SendBatch();
+
     /** A new window: whether it will have an early record. */
     void AwaitEarly(Window& w) const { w.early_sent = ! EarlyRecords(); }
 
@@ -205,6 +212,8 @@ public:
     bool MacsListed() const;
     bool EarlyRecords() const { return early_records && early_records->GetVal()->AsBool(); }
     double EarlyIdle() const { return early_idle ? early_idle->GetVal()->AsInterval() : 0.0; }
+    uint64_t BatchSize() const { return packable ? native_batch->GetVal()->AsCount() : 0; }
+    double BatchDelay() const { return native_batch_delay->GetVal()->AsInterval(); }
 
     bool TraceDone() const { return trace_done; }
 
@@ -214,7 +223,10 @@ public:
 private:
     bool IsDevice(const zeek::IPAddr& a, const std::string& l2);
     bool CaptureNode();
+    // One record of *w* out: packed into the batch, or raised as a FlowRecord event.
+    void Out(Window& w, bool dev_is_orig, bool early);
     void Raise(const zeek::EventHandlerPtr& ev, Window& w, bool dev_is_orig);
+    void Pack(const Window& w, bool dev_is_orig, bool early);
     std::string ParkKey(const Window& w, TransportProto transport) const;
 
     bool ready = false;
@@ -233,6 +245,21 @@ private:
     zeek::FuncPtr capture_node_func;
     zeek::EventHandlerPtr native_flow;
     zeek::EventHandlerPtr native_early_flow;
+    zeek::EventHandlerPtr native_flows;
+    zeek::detail::IDPtr native_batch;
+    zeek::detail::IDPtr native_batch_delay;
+
+    // Whether records may travel packed: native_flows is handled and no flow_policy handler
+    // needs a FlowRecord.
+    bool packable = false;
+
+    // Packed records waiting for the next native_flows event, in publishing order, with the
+    // delivery key of each final record ("" for an early one: delivery.zeek's record_key()),
+    // and the network time the oldest of them was added.
+    std::vector<std::string> batch;
+    std::vector<std::string> batch_keys;
+    uint64_t batch_finals = 0;
+    double batch_since = 0.0;
     zeek::RecordTypePtr flow_record;
     zeek::VectorTypePtr interval_vec;
     zeek::VectorTypePtr count_vec;

@@ -185,16 +185,29 @@ event IoTClass::republish()
 	if ( ! capture_node() || ( ! Cluster::is_enabled() && ! bridge_up ) )
 		return;
 
-	local recs = kept_records();
-	for ( i in recs )
+	local ks = kept_records();
+	local packed: vector of string = vector();
+	for ( i in ks )
 		{
-		Cluster::publish(records_topic, IoTClass::flow, recs[i]);
+		if ( ks[i]?$rec )
+			Cluster::publish(records_topic, IoTClass::flow, ks[i]$rec);
+		else
+			{
+			packed += ks[i]$packed;
+			if ( |packed| >= 100 )
+				{
+				Cluster::publish(records_topic, IoTClass::flows, packed);
+				packed = vector();
+				}
+			}
 		++records_sent;
 		++republished;
 		}
-	if ( |recs| > 0 )
+	if ( |packed| > 0 )
+		Cluster::publish(records_topic, IoTClass::flows, packed);
+	if ( |ks| > 0 )
 		Reporter::info(fmt("iotcls: %d flow records the bridge had not acknowledged are published again",
-		    |recs|));
+		    |ks|));
 	if ( draining )
 		Cluster::publish(records_topic, IoTClass::drain, records_sent);
 	}

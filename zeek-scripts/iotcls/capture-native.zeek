@@ -1,12 +1,14 @@
 ##! Flow records from the native capture plugin (zeek-plugin/, ``IoTClass::Capture``): an
 ##! analyzer on each connection with a device endpoint keeps the windows in C++ exactly as
 ##! capture.zeek does in script land, and raises one :zeek:see:`IoTClass::native_flow` per
-##! finished record (and one :zeek:see:`IoTClass::native_early_flow` per early record).
-##! Nothing runs per packet in script land, and UDP contents are not turned on for every
-##! connection.
+##! finished record (and one :zeek:see:`IoTClass::native_early_flow` per early record), or,
+##! by default, packs them and raises one :zeek:see:`IoTClass::native_flows` per
+##! :zeek:see:`IoTClass::native_batch` records. Nothing runs per packet in script land,
+##! and UDP contents are not turned on for every connection.
 
 @load ./main
 @load ./devices
+@load ./delivery
 @load ./bridge
 
 module IoTClass;
@@ -18,6 +20,12 @@ export {
 	## Plugin to script: the early record of a window (with
 	## :zeek:see:`IoTClass::early_records`).
 	global native_early_flow: event(rec: FlowRecord);
+
+	## Plugin to script: packed records, final and early, in publishing order; *keys*:
+	## each final record's delivery key (record_key() in delivery.zeek), "" for an early
+	## one; *finals*: how many are final.
+	global native_flows: event(recs: vector of string, keys: vector of string,
+	    finals: count);
 }
 
 # Raised after the plugin's flush: every record of the trace is published before the drain.
@@ -26,7 +34,13 @@ global native_flushed: event(path: string);
 event zeek_init()
 	{
 	if ( capture_node() )
-		Reporter::info("iotcls: capture in the native plugin (IoTClass::Capture): one script event per flow record");
+		{
+		if ( IoTClass::__native_packing() )
+			Reporter::info(fmt("iotcls: capture in the native plugin (IoTClass::Capture): flow records packed, one script event per %d",
+			    native_batch));
+		else
+			Reporter::info("iotcls: capture in the native plugin (IoTClass::Capture): one script event per flow record (IoTClass::native_batch is 0, or an IoTClass::flow_policy handler takes each)");
+		}
 	}
 
 event IoTClass::native_flow(rec: FlowRecord)
@@ -37,6 +51,14 @@ event IoTClass::native_flow(rec: FlowRecord)
 event IoTClass::native_early_flow(rec: FlowRecord)
 	{
 	publish_early(rec);
+	}
+
+event IoTClass::native_flows(recs: vector of string, keys: vector of string,
+    finals: count)
+	{
+	Cluster::publish(records_topic, IoTClass::flows, recs);
+	records_sent += finals;
+	keep_packed(recs, keys);
 	}
 
 event Pcap::file_done(path: string)

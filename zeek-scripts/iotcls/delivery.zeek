@@ -18,9 +18,11 @@
 
 module IoTClass;
 
-# One kept record and its place in publishing order.
+# One kept record and its place in publishing order: a FlowRecord, or the packed line of
+# the native capture (IoTClass::native_batch).
 type Kept: record {
-	rec: FlowRecord;
+	rec: FlowRecord &optional;
+	packed: string &optional;
 	seq: count;
 };
 
@@ -117,7 +119,19 @@ function id_key(id: RecordId): string
 	return record_key(id$uid, id$device_mac, id$device_ip, id$start);
 	}
 
-# Writes one record to the spool file (opened, and its directory made, at the first).
+# Opens the spool file (and makes its directory) for the first record written to it.
+function spool_write_open()
+	{
+	local dir = sub(spool_file, /\/[^\/]*$/, "");
+	if ( dir != spool_file && dir != "" && file_size(dir) < 0.0 )
+		mkdir(dir);
+	# a spool not read to its end yet is kept and appended to
+	spool = spool_loaded ? open(spool_file) : open_for_append(spool_file);
+	set_buf(spool, F);
+	spool_open = T;
+	}
+
+# Writes one record to the spool file.
 function spool_write(rec: FlowRecord)
 	{
 	local offs: vector of double = vector();
@@ -126,17 +140,39 @@ function spool_write(rec: FlowRecord)
 	local r = copy(rec);
 	r$offsets = vector();
 	if ( ! spool_open )
-		{
-		local dir = sub(spool_file, /\/[^\/]*$/, "");
-		if ( dir != spool_file && dir != "" && file_size(dir) < 0.0 )
-			mkdir(dir);
-		# a spool not read to its end yet is kept and appended to
-		spool = spool_loaded ? open(spool_file) : open_for_append(spool_file);
-		set_buf(spool, F);
-		spool_open = T;
-		}
+		spool_write_open();
 	print spool, to_json(SpoolLine($rec=r, $offsets_s=offs));
 	++spooled;
+	}
+
+# Writes one packed record to the spool file, its line as it is (print would escape its
+# tabs; spool_line reads it back).
+function spool_write_packed(line: string)
+	{
+	if ( ! spool_open )
+		spool_write_open();
+	write_file(spool, line + "\n");
+	++spooled;
+	}
+
+# Keeps *k* under *key*, the newest, dropping the oldest past unacked_max.
+function remember(key: string, k: Kept)
+	{
+	k$seq = next_seq;
+	kept[key] = k;
+	kept_order[next_seq] = key;
+	++next_seq;
+	while ( |kept| > unacked_max )
+		{
+		while ( oldest_seq !in kept_order )
+			++oldest_seq;
+		delete kept[kept_order[oldest_seq]];
+		delete kept_order[oldest_seq];
+		++dropped_past_cap;
+		if ( worth_telling(dropped_past_cap) )
+			Reporter::warning(fmt("iotcls: %d flow records unacknowledged by the bridge were dropped (IoTClass::unacked_max=%d kept): is the bridge running?",
+			    dropped_past_cap, unacked_max));
+		}
 	}
 
 # Keeps a published final record until the bridge is done with it.
@@ -150,24 +186,28 @@ function keep(rec: FlowRecord)
 		return;
 
 	if ( spooling )
-		{
 		spool_write(rec);
-		return;
-		}
+	else
+		remember(key, Kept($rec=rec, $seq=0));
+	}
 
-	kept[key] = Kept($rec=rec, $seq=next_seq);
-	kept_order[next_seq] = key;
-	++next_seq;
-	while ( |kept| > unacked_max )
+# Keeps the final ones of published packed records (*keys*: their record_key(), "" for an
+# early record) until the bridge is done with them.
+function keep_packed(recs: vector of string, keys: vector of string)
+	{
+	if ( unacked_max == 0 && ! spooling )
+		return;
+
+	for ( i in keys )
 		{
-		while ( oldest_seq !in kept_order )
-			++oldest_seq;
-		delete kept[kept_order[oldest_seq]];
-		delete kept_order[oldest_seq];
-		++dropped_past_cap;
-		if ( worth_telling(dropped_past_cap) )
-			Reporter::warning(fmt("iotcls: %d flow records unacknowledged by the bridge were dropped (IoTClass::unacked_max=%d kept): is the bridge running?",
-			    dropped_past_cap, unacked_max));
+		local key = keys[i];
+		if ( key == "" || key in kept )
+			next;
+
+		if ( spooling )
+			spool_write_packed(recs[i]);
+		else
+			remember(key, Kept($packed=recs[i], $seq=0));
 		}
 	}
 
@@ -193,15 +233,15 @@ function forget(key: string, reason: string)
 	}
 
 # The kept records, oldest first.
-function kept_records(): vector of FlowRecord
+function kept_records(): vector of Kept
 	{
 	local seqs: vector of count = vector();
 	for ( s in kept_order )
 		seqs += s;
 	sort(seqs);
-	local out: vector of FlowRecord = vector();
+	local out: vector of Kept = vector();
 	for ( i in seqs )
-		out += kept[kept_order[seqs[i]]]$rec;
+		out += kept[kept_order[seqs[i]]];
 	return out;
 	}
 
@@ -259,6 +299,21 @@ function spool_enabled(): bool
 event spool_line(desc: Input::EventDescription, tpe: Input::Event, s: string)
 	{
 	++spool_read;
+	if ( starts_with(s, "F\t") )
+		{
+		# a packed record (keep_packed): its key from its fields, as record_key() makes it
+		local f = split_string(s, /\t/);
+		if ( |f| != 17 )
+			{
+			++spool_bad;
+			return;
+			}
+		local key = fmt("%s|%s|%s|%s", f[15], f[1], f[2], f[7]);
+		if ( key !in kept )
+			remember(key, Kept($packed=s, $seq=0));
+		return;
+		}
+
 	local r = from_json(s, SpoolLine);
 	if ( ! r$valid )
 		{
@@ -267,6 +322,7 @@ event spool_line(desc: Input::EventDescription, tpe: Input::Event, s: string)
 		}
 
 	local line = r$v as SpoolLine;
+
 	local rec = line$rec;
 	rec$offsets = vector();
 	for ( i in line$offsets_s )
@@ -319,9 +375,14 @@ event zeek_done() &priority=10
 		}
 
 	spooling = T;
-	local recs = kept_records();
-	for ( i in recs )
-		spool_write(recs[i]);
+	local ks = kept_records();
+	for ( i in ks )
+		{
+		if ( ks[i]?$rec )
+			spool_write(ks[i]$rec);
+		else
+			spool_write_packed(ks[i]$packed);
+		}
 	}
 
 # Raised at the end of zeek_done, so that it comes after the records that zeek_done's

@@ -65,6 +65,19 @@ export {
 	## schema's ``EARLY_IDLE_S``).
 	option early_idle: interval = 500msec;
 
+	## Native capture plugin: records per :zeek:see:`IoTClass::flows` event. The plugin
+	## packs each record into one line of text (bridge/records.py's packed format) and
+	## publishes them in batches, so that neither script land nor Broker handles a
+	## FlowRecord per record (about half of what capture costs a busy Zeek otherwise;
+	## docs/zeek.md). 0, or any :zeek:see:`IoTClass::flow_policy` handler (it takes a
+	## FlowRecord): one :zeek:see:`IoTClass::flow` event per record, as the script
+	## capture publishes them.
+	option native_batch: count = 100;
+
+	## Native capture plugin: the longest a packed record waits for its batch to fill
+	## (network time, which Zeek moves on while a live link is quiet).
+	option native_batch_delay: interval = 200msec;
+
 	## Topic the flow records (and :zeek:see:`IoTClass::welcome`,
 	## :zeek:see:`IoTClass::drain`) are published on; the bridge subscribes to it.
 	const records_topic = "zeek/iotcls/flows" &redef;
@@ -232,7 +245,9 @@ export {
 
 	## Decides whether a flow record is published to the bridge (*early*: the early record
 	## of a window, else its final record); a handler that breaks keeps it back (for
-	## example, devices the operator does not want classified).
+	## example, devices the operator does not want classified). With the native capture
+	## plugin, a handler costs a FlowRecord and an event per record: see
+	## :zeek:see:`IoTClass::native_batch`.
 	global flow_policy: hook(rec: FlowRecord, early: bool);
 
 	## Zeek to bridge: one ended window of one device endpoint.
@@ -241,6 +256,11 @@ export {
 	## Zeek to bridge: the early record of a window (a prefix of its final record, which
 	## follows on :zeek:see:`IoTClass::flow`).
 	global early_flow: event(rec: FlowRecord);
+
+	## Zeek to bridge: packed flow records from the native capture plugin, final and
+	## early ones in publishing order, one line of text each (bridge/records.py's packed
+	## format; see :zeek:see:`IoTClass::native_batch`).
+	global flows: event(recs: vector of string);
 
 	## Zeek to bridge, in reply to :zeek:see:`IoTClass::hello`: the capture settings.
 	global welcome: event(schema_version: count, node: string,
