@@ -844,6 +844,31 @@ void append_real(std::string& s, double v) {
         s += "nan"; // the bridge refuses the record
 }
 
+// An address as Zeek prints it (IPAddr::AsString(), inet_ntop): IPv4 by hand, a tenth of
+// inet_ntop's cost, which is most of a record's packing otherwise.
+void append_addr(std::string& s, const zeek::IPAddr& a) {
+    if ( a.GetFamily() != IPv4 ) {
+        s += a.AsString();
+        return;
+    }
+    const uint32_t* w;
+    a.GetBytes(&w);
+    auto* b = reinterpret_cast<const unsigned char*>(w); // network order
+    char buf[16]; // "255.255.255.255"
+    char* p = buf;
+    for ( int i = 0; i < 4; ++i ) {
+        if ( i )
+            *p++ = '.';
+        unsigned v = b[i];
+        if ( v >= 100 )
+            *p++ = static_cast<char>('0' + v / 100);
+        if ( v >= 10 )
+            *p++ = static_cast<char>('0' + v / 10 % 10);
+        *p++ = static_cast<char>('0' + v % 10);
+    }
+    s.append(buf, p);
+}
+
 void append_hex(std::string& s, const std::string& bytes) {
     static const char hex[] = "0123456789abcdef";
     auto at = s.size();
@@ -864,7 +889,6 @@ void Recorder::Pack(const Window& w, bool dev_is_orig, bool early) {
     const auto& dev_h = dev_is_orig ? w.orig_h : w.resp_h;
     const auto& rem_h = dev_is_orig ? w.resp_h : w.orig_h;
     const auto& dev_mac = dev_is_orig ? w.orig_mac : w.resp_mac;
-    auto dev_ip = dev_h.AsString();
     auto n = w.sizes.size();
 
     std::string s;
@@ -873,11 +897,13 @@ void Recorder::Pack(const Window& w, bool dev_is_orig, bool early) {
     s += '\t';
     s += dev_mac;
     s += '\t';
-    s += dev_ip;
+    auto ip_at = s.size();
+    append_addr(s, dev_h);
+    auto ip_len = s.size() - ip_at;
     s += '\t';
     append_uint(s, dev_is_orig ? w.orig_p : w.resp_p);
     s += '\t';
-    s += rem_h.AsString();
+    append_addr(s, rem_h);
     s += '\t';
     append_uint(s, dev_is_orig ? w.resp_p : w.orig_p);
     s += '\t';
@@ -935,12 +961,12 @@ void Recorder::Pack(const Window& w, bool dev_is_orig, bool early) {
     else {
         // delivery.zeek's record_key(): uid|device_mac|device_ip|start ("%.6f")
         std::string key;
-        key.reserve(w.uid.size() + dev_mac.size() + dev_ip.size() + start_len + 3);
+        key.reserve(w.uid.size() + dev_mac.size() + ip_len + start_len + 3);
         key += w.uid;
         key += '|';
         key += dev_mac;
         key += '|';
-        key += dev_ip;
+        key.append(s, ip_at, ip_len);
         key += '|';
         key.append(s, start_at, start_len);
         batch_keys.emplace_back(std::move(key));
