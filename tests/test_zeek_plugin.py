@@ -410,6 +410,35 @@ def test_packed_records_are_spooled_at_stop(native, tmp_path):
 
 
 @needs_zeek
+@pytest.mark.parametrize("capture", ["native", "script"])
+def test_records_past_unacked_max_are_dropped_and_counted(capture, plugin_dir, tmp_path, sample):
+    """No bridge ever comes: Zeek keeps at most IoTClass::unacked_max final records (here 10)
+    and drops the oldest past it, counted, warning at the 1st, 10th and 100th dropped; the
+    plugin keeps its packed records in C++ as the script capture keeps FlowRecords."""
+    from iotcls.testing.live import counts, delivery_line
+    from test_zeek_scripts import _macs_arg
+
+    if capture == "script" and _plugin_installed():
+        pytest.skip("the plugin is installed in this Zeek's plugin dir: no script capture")
+    r = subprocess.run(
+        [ZEEK, "-C", "-r", str(sample.pcap), str(PKG), *NO_BRIDGE, _macs_arg(sample.macs)]
+        + ["IoTClass::unacked_max=10"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=_env(plugin_dir if capture == "native" else None),
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    assert ("flow records packed" in r.stderr) == (capture == "native"), r.stderr[-2000:]
+    c = counts(delivery_line(r.stderr))
+    assert c["kept"] == 288 and c["dropped"] == 278 and c["acked"] == 0, c
+    for n in (1, 10, 100):
+        warning = f"iotcls: {n} flow records unacknowledged by the bridge were dropped "
+        assert warning + "(IoTClass::unacked_max=10 kept)" in r.stderr, n
+
+
+@needs_zeek
 def test_native_early_records_are_the_schemas(native, tmp_path, sample):
     """IoTClass::early_flow from the plugin: one per window that has one, each the schema's
     early record of the pcap sensor's final record, as the script capture's are."""

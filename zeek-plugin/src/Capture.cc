@@ -16,6 +16,7 @@
 #include <zeek/packet_analysis/protocol/tcp/TCPSessionAdapter.h>
 #include <algorithm>
 #include <charconv>
+#include <cinttypes>
 #include <chrono>
 #include <cmath>
 #include <cstring>
@@ -432,6 +433,7 @@ void Recorder::InitPostScript() {
         native_flows = h;
     native_batch = zeek::id::find("IoTClass::native_batch");
     native_batch_delay = zeek::id::find("IoTClass::native_batch_delay");
+    unacked_max = zeek::id::find("IoTClass::unacked_max");
     // A flow_policy handler is given each record as a FlowRecord: then records are raised one
     // by one, as the script capture does.
     auto policy = func_of("IoTClass::flow_policy");
@@ -969,6 +971,7 @@ void Recorder::Pack(const Window& w, bool dev_is_orig, bool early) {
         key.append(s, ip_at, ip_len);
         key += '|';
         key.append(s, start_at, start_len);
+        Keep(key, s);
         batch_keys.emplace_back(std::move(key));
         ++batch_finals;
     }
@@ -995,6 +998,66 @@ void Recorder::SendBatch() {
     batch.clear();
     batch_keys.clear();
     batch_finals = 0;
+}
+
+namespace {
+
+// delivery.zeek's worth_telling(): 1, 10, 100, ...
+bool worth_telling(uint64_t n) {
+    while ( n >= 10 && n % 10 == 0 )
+        n /= 10;
+    return n == 1;
+}
+
+} // namespace
+
+bool Recorder::Keep(const std::string& key, const std::string& line) {
+    uint64_t cap = unacked_max ? unacked_max->GetVal()->AsCount() : 0;
+    if ( cap == 0 || unacked.count(key) )
+        return false;
+
+    auto seq = kept_total++;
+    unacked.emplace(key, Kept{seq, line});
+    unacked_order.emplace_back(seq, key);
+    while ( unacked.size() > cap ) {
+        auto [old_seq, old_key] = std::move(unacked_order.front());
+        unacked_order.pop_front();
+        auto it = unacked.find(old_key);
+        if ( it == unacked.end() || it->second.seq != old_seq )
+            continue; // forgotten since
+        unacked.erase(it);
+        if ( worth_telling(++dropped) )
+            zeek::reporter->Warning("iotcls: %" PRIu64
+                                    " flow records unacknowledged by the bridge were dropped "
+                                    "(IoTClass::unacked_max=%" PRIu64 " kept): is the bridge running?",
+                                    dropped, cap);
+    }
+
+    // Forgotten entries stay in the order until they reach its front: drop them now and
+    // then, so that it stays within twice the records kept.
+    if ( unacked_order.size() > 2 * unacked.size() + 1024 ) {
+        std::deque<std::pair<uint64_t, std::string>> live;
+        for ( auto& e : unacked_order ) {
+            auto it = unacked.find(e.second);
+            if ( it != unacked.end() && it->second.seq == e.first )
+                live.emplace_back(std::move(e));
+        }
+        unacked_order.swap(live);
+    }
+    return true;
+}
+
+bool Recorder::Forget(const std::string& key) { return unacked.erase(key) > 0; }
+
+std::vector<std::string> Recorder::Unacked() const {
+    std::vector<std::string> out;
+    out.reserve(unacked.size());
+    for ( const auto& [seq, key] : unacked_order ) {
+        auto it = unacked.find(key);
+        if ( it != unacked.end() && it->second.seq == seq )
+            out.push_back(it->second.line);
+    }
+    return out;
 }
 
 } // namespace plugin::IoTClass_Capture

@@ -35,6 +35,7 @@
 #include <zeek/ZVal.h>
 #include <zeek/zeek-version.h>
 #include <cstdint>
+#include <deque>
 #include <memory>
 #include <queue>
 #include <string>
@@ -181,6 +182,25 @@ public:
     /** Raises IoTClass::native_flows with the packed records waiting, if any. */
     void SendBatch();
 
+    // Delivery (delivery.zeek) of packed final records: each is kept here by its key until
+    // the bridge is done with it, at most IoTClass::unacked_max of them (the oldest go first,
+    // counted), so that script land does nothing per record to keep it.
+
+    /** Keeps *line* under *key* (unless kept already or IoTClass::unacked_max is 0);
+     * whether it is kept. */
+    bool Keep(const std::string& key, const std::string& line);
+
+    /** The bridge is done with *key*: whether it was kept. */
+    bool Forget(const std::string& key);
+
+    /** The kept lines, oldest first. */
+    std::vector<std::string> Unacked() const;
+
+    /** Records kept in all, kept now, and dropped past IoTClass::unacked_max. */
+    uint64_t KeptTotal() const { return kept_total; }
+    uint64_t KeptNow() const { return unacked.size(); }
+    uint64_t Dropped() const { return dropped; }
+
     /** A new window: whether it will have an early record. */
     void AwaitEarly(Window& w) const { w.early_sent = ! EarlyRecords(); }
 
@@ -248,6 +268,18 @@ private:
     zeek::EventHandlerPtr native_flows;
     zeek::detail::IDPtr native_batch;
     zeek::detail::IDPtr native_batch_delay;
+    zeek::detail::IDPtr unacked_max;
+
+    // Kept packed records by key, and their keys in keeping order (an entry whose key was
+    // forgotten or kept again since is stale, skipped, and compacted away now and then).
+    struct Kept {
+        uint64_t seq;
+        std::string line;
+    };
+    std::unordered_map<std::string, Kept> unacked;
+    std::deque<std::pair<uint64_t, std::string>> unacked_order;
+    uint64_t kept_total = 0;
+    uint64_t dropped = 0;
 
     // Whether records may travel packed: native_flows is handled and no flow_policy handler
     // needs a FlowRecord.

@@ -203,11 +203,25 @@ event IoTClass::republish()
 		++records_sent;
 		++republished;
 		}
+	# and those the native capture plugin keeps
+	local lines = native_kept();
+	for ( i in lines )
+		{
+		packed += lines[i];
+		if ( |packed| >= 100 )
+			{
+			Cluster::publish(records_topic, IoTClass::flows, packed);
+			packed = vector();
+			}
+		}
 	if ( |packed| > 0 )
 		Cluster::publish(records_topic, IoTClass::flows, packed);
-	if ( |ks| > 0 )
+	local n = |ks| + |lines|;
+	records_sent += |lines|;
+	republished += |lines|;
+	if ( n > 0 )
 		Reporter::info(fmt("iotcls: %d flow records the bridge had not acknowledged are published again",
-		    |ks|));
+		    n));
 	if ( draining )
 		Cluster::publish(records_topic, IoTClass::drain, records_sent);
 	}

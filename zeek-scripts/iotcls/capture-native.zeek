@@ -58,7 +58,9 @@ event IoTClass::native_flows(recs: vector of string, keys: vector of string,
 	{
 	Cluster::publish(records_topic, IoTClass::flows, recs);
 	records_sent += finals;
-	keep_packed(recs, keys);
+	# the plugin keeps the final ones until the bridge is done with them (delivery.zeek)
+	if ( spooling )
+		spool_packed(recs, keys);
 	}
 
 event Pcap::file_done(path: string)

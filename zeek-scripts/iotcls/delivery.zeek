@@ -105,6 +105,51 @@ function worth_telling(n: count): bool
 	return n == 1;
 	}
 
+# The native capture plugin keeps the packed records it publishes itself (in C++, nothing
+# per record in script land); these reach them, and do nothing without the plugin.
+@ifdef ( IoTClass::__native_forget )
+function native_keep(key: string, line: string): bool
+	{
+	return IoTClass::__native_keep(key, line);
+	}
+
+function native_forget(key: string): bool
+	{
+	return IoTClass::__native_forget(key);
+	}
+
+function native_kept(): vector of string
+	{
+	return IoTClass::__native_unacked();
+	}
+
+# Packed records kept in all, kept now, dropped past unacked_max.
+function native_counts(): index_vec
+	{
+	return IoTClass::__native_delivery();
+	}
+@else
+function native_keep(key: string, line: string): bool
+	{
+	return F;
+	}
+
+function native_forget(key: string): bool
+	{
+	return F;
+	}
+
+function native_kept(): vector of string
+	{
+	return vector();
+	}
+
+function native_counts(): index_vec
+	{
+	return vector(0, 0, 0);
+	}
+@endif
+
 # How a record is known here: as the bridge names it in IoTClass::ack and a label.
 function record_key(uid: string, device_mac: string, device_ip: addr,
     start: double): string
@@ -191,34 +236,28 @@ function keep(rec: FlowRecord)
 		remember(key, Kept($rec=rec, $seq=0));
 	}
 
-# Keeps the final ones of published packed records (*keys*: their record_key(), "" for an
-# early record) until the bridge is done with them.
-function keep_packed(recs: vector of string, keys: vector of string)
+# Packed records published while Zeek stops (*keys*: their record_key(), "" for an early
+# record): the final ones go to the spool file. Before, the plugin keeps them itself.
+function spool_packed(recs: vector of string, keys: vector of string)
 	{
-	if ( unacked_max == 0 && ! spooling )
-		return;
-
 	for ( i in keys )
 		{
-		local key = keys[i];
-		if ( key == "" || key in kept )
-			next;
-
-		if ( spooling )
+		if ( keys[i] != "" )
 			spool_write_packed(recs[i]);
-		else
-			remember(key, Kept($packed=recs[i], $seq=0));
 		}
 	}
 
 # The bridge is done with the record *key*; *reason*: why it was shed ("" when not).
 function forget(key: string, reason: string)
 	{
-	if ( key !in kept )
+	if ( key in kept )
+		{
+		delete kept_order[kept[key]$seq];
+		delete kept[key];
+		}
+	else if ( ! native_forget(key) )
 		return;
 
-	delete kept_order[kept[key]$seq];
-	delete kept[key];
 	if ( reason == "" )
 		{
 		++acked;
@@ -309,7 +348,7 @@ event spool_line(desc: Input::EventDescription, tpe: Input::Event, s: string)
 			return;
 			}
 		local key = fmt("%s|%s|%s|%s", f[15], f[1], f[2], f[7]);
-		if ( key !in kept )
+		if ( key !in kept && ! native_keep(key, s) )
 			remember(key, Kept($packed=s, $seq=0));
 		return;
 		}
@@ -368,9 +407,10 @@ event zeek_done() &priority=10
 	if ( ! spool_enabled() )
 		{
 		# offline, the drain's own warnings say what was not labelled
-		if ( capture_node() && ! reading_traces() && |kept| > 0 )
+		local n_kept = |kept| + native_counts()[1];
+		if ( capture_node() && ! reading_traces() && n_kept > 0 )
 			Reporter::warning(fmt("iotcls: %d flow records the bridge did not acknowledge are lost at stop (IoTClass::spool_file is empty)",
-			    |kept|));
+			    n_kept));
 		return;
 		}
 
@@ -383,6 +423,9 @@ event zeek_done() &priority=10
 		else
 			spool_write_packed(ks[i]$packed);
 		}
+	local lines = native_kept();
+	for ( i in lines )
+		spool_write_packed(lines[i]);
 	}
 
 # Raised at the end of zeek_done, so that it comes after the records that zeek_done's
@@ -396,11 +439,12 @@ event zeek_done() &priority=-100
 
 	# offline, the drain says what matters unless records had to be published again, shed
 	# or dropped
+	local native = native_counts();
 	if ( spooling
-	    || ( ! reading_traces() && next_seq > 0 )
+	    || ( ! reading_traces() && next_seq + native[0] > 0 )
 	    || republished > 0
 	    || |shed_counts| > 0
-	    || dropped_past_cap > 0 )
+	    || dropped_past_cap + native[2] > 0 )
 		event IoTClass::delivery_summary();
 	}
 
@@ -410,8 +454,11 @@ event IoTClass::delivery_summary()
 	local n_shed = 0;
 	for ( reason, n in shed_counts )
 		n_shed += n;
+	local native = native_counts();
+	local n_kept = next_seq + native[0];
+	local n_dropped = dropped_past_cap + native[2];
 	local msg = fmt("iotcls: delivery: %d flow records kept until the bridge was done with them (%d published again), %d acknowledged, %d shed by the bridge, %d dropped past IoTClass::unacked_max",
-	    next_seq, republished, acked, n_shed, dropped_past_cap);
+	    n_kept, republished, acked, n_shed, n_dropped);
 	if ( spooling )
 		msg += fmt(", %d written to %s for the next start", spooled, spool_file);
 	Reporter::info(msg);
