@@ -88,7 +88,9 @@ def test_a_killed_bridge_loses_no_record_offline(tmp_path, sample):
     assert "did not confirm" not in err and "the bridge received" not in err, err
     c = counts(delivery_line(err))
     assert c["kept"] == 288 and c["again"] > 0 and c["dropped"] == c["shed"] == 0, c
-    assert "drained: " in serve.text()
+    # the drain is answered by the last serve; one killed just after answering it (the records
+    # can all be labelled before the second kill) may not have written its line
+    assert "drained: " in serve.text() or killed_mid
 
 
 # -- live: traffic on the loopback interface --------------------------------------------------

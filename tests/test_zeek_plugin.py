@@ -397,6 +397,16 @@ def test_packed_records_survive_a_killed_bridge(native, tmp_path, sample):
 
 
 @needs_zeek
+def test_packed_records_survive_a_killed_bridge_live(native, tmp_path):
+    """The live delivery test of test_zeek_delivery.py (``zeek -i lo``, serve killed under
+    traffic and restarted) with the native capture's packed records, kept in the plugin."""
+    from test_zeek_delivery import test_a_killed_bridge_loses_no_record_live as killed
+
+    killed(tmp_path)
+    assert "flow records packed" in (tmp_path / "zeek" / "zeek.err").read_text()
+
+
+@needs_zeek
 def test_packed_records_are_spooled_at_stop(native, tmp_path):
     """The stop test of test_zeek_delivery.py (live, SIGTERM with every window open) with
     the native capture: the packed records flushed in zeek_done go to the spool file as
