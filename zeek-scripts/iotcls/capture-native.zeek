@@ -43,6 +43,27 @@ event zeek_init()
 		}
 	}
 
+# delivery.zeek's window on the records the plugin keeps.
+function native_keep(key: string, line: string): bool
+	{
+	return IoTClass::__native_keep(key, line);
+	}
+
+function native_forget(key: string): bool
+	{
+	return IoTClass::__native_forget(key);
+	}
+
+function native_kept(): vector of string
+	{
+	return IoTClass::__native_unacked();
+	}
+
+function native_counts(): index_vec
+	{
+	return IoTClass::__native_delivery();
+	}
+
 event IoTClass::native_flow(rec: FlowRecord)
 	{
 	publish_flow(rec);

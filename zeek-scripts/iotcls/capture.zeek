@@ -134,6 +134,28 @@ const odd_hex: set[string] = {
 	"f"
 };
 
+# delivery.zeek's window on the records a native capture plugin keeps: there is none here
+# (this capture's FlowRecords are kept by delivery.zeek itself).
+function native_keep(key: string, line: string): bool
+	{
+	return F;
+	}
+
+function native_forget(key: string): bool
+	{
+	return F;
+	}
+
+function native_kept(): vector of string
+	{
+	return vector();
+	}
+
+function native_counts(): index_vec
+	{
+	return vector(0, 0, 0);
+	}
+
 # Whether a connection endpoint is a device (devices.zeek decides from its address and MAC).
 function is_device(a: addr, ep: endpoint): bool
 	{

@@ -105,50 +105,21 @@ function worth_telling(n: count): bool
 	return n == 1;
 	}
 
-# The native capture plugin keeps the packed records it publishes itself (in C++, nothing
-# per record in script land); these reach them, and do nothing without the plugin.
-@ifdef ( IoTClass::__native_forget )
-function native_keep(key: string, line: string): bool
-	{
-	return IoTClass::__native_keep(key, line);
-	}
+# Records the native capture plugin keeps itself (packed, in C++: nothing per record in
+# script land). Defined by capture-native.zeek, which reaches the plugin, and by capture.zeek,
+# where there is none (the script capture's FlowRecords are kept here).
 
-function native_forget(key: string): bool
-	{
-	return IoTClass::__native_forget(key);
-	}
+# Keeps a packed record read back from the spool file: whether the plugin took it.
+global native_keep: function(key: string, line: string): bool;
 
-function native_kept(): vector of string
-	{
-	return IoTClass::__native_unacked();
-	}
+# The bridge is done with *key*: whether the plugin kept it.
+global native_forget: function(key: string): bool;
 
-# Packed records kept in all, kept now, dropped past unacked_max.
-function native_counts(): index_vec
-	{
-	return IoTClass::__native_delivery();
-	}
-@else
-function native_keep(key: string, line: string): bool
-	{
-	return F;
-	}
+# The packed records the plugin keeps, oldest first.
+global native_kept: function(): vector of string;
 
-function native_forget(key: string): bool
-	{
-	return F;
-	}
-
-function native_kept(): vector of string
-	{
-	return vector();
-	}
-
-function native_counts(): index_vec
-	{
-	return vector(0, 0, 0);
-	}
-@endif
+# Packed records the plugin kept in all, keeps now, dropped past unacked_max.
+global native_counts: function(): index_vec;
 
 # How a record is known here: as the bridge names it in IoTClass::ack and a label.
 function record_key(uid: string, device_mac: string, device_ip: addr,
