@@ -93,6 +93,43 @@ def test_a_killed_bridge_loses_no_record_offline(tmp_path, sample):
     assert "drained: " in serve.text() or killed_mid
 
 
+@needs_zeek
+def test_a_bridge_gone_at_trace_end_is_waited_for(tmp_path, sample):
+    """Offline, the bridge dies and the trace ends before another connects: Zeek waits
+    (IoTClass::hold_timeout) for one instead of giving up; its hello gets every kept record
+    published again, then the drain: each of the 288 records is labelled exactly once."""
+    ws = free_port()
+    zdir = tmp_path / "zeek"
+    zdir.mkdir()
+    serve = Serve(tmp_path, f"ws://127.0.0.1:{ws}/v1/messages/json").start()
+    zerr = tmp_path / "zeek.err"
+    macs = "IoTClass::device_macs={" + ",".join(f'"{m}"' for m in sample.macs) + "}"
+    zeek = subprocess.Popen(
+        [ZEEK, "-C", "-r", str(sample.pcap), str(PKG), macs, f"IoTClass::websocket_port={ws}/tcp"]
+        + ["IoTClass::early_records=F", "IoTClass::hold_timeout=120sec"],
+        cwd=zdir,
+        stdout=subprocess.DEVNULL,
+        stderr=zerr.open("w"),
+    )
+    try:
+        wait_for(lambda: connects(zerr) >= 1, 120, "the first bridge", [zeek])
+        serve.kill()
+        # Zeek sees the bridge go, then reads the rest of the trace (well under a second);
+        # whether it notices the loss before or after the trace's end, it must wait
+        wait_for(lambda: "disconnected (code" in zerr.read_text(), 120, "the loss", [zeek])
+        time.sleep(3)
+        serve.start()
+        assert zeek.wait(300) == 0, zerr.read_text()[-3000:]
+    finally:
+        if zeek.poll() is None:
+            zeek.kill()
+        serve.stop()
+    err = zerr.read_text()
+    keys = label_keys(log_rows(zdir / "iot_class.log"))
+    assert len(keys) == len(set(keys)) == 288, (len(keys), len(set(keys)), err[-2000:])
+    assert "were not classified" not in err and "did not confirm" not in err, err[-2000:]
+
+
 # -- live: traffic on the loopback interface --------------------------------------------------
 def live_zeek(*args, **kw):
     return _live_zeek(ZEEK, *args, **kw)

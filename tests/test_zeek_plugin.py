@@ -407,6 +407,16 @@ def test_packed_records_survive_a_killed_bridge_live(native, tmp_path):
 
 
 @needs_zeek
+def test_packed_records_wait_for_a_bridge_at_trace_end(native, tmp_path, sample):
+    """test_zeek_delivery.py's bridge-gone-at-trace-end test with the plugin's packed
+    records: kept in C++, published again to the bridge that comes back."""
+    from test_zeek_delivery import test_a_bridge_gone_at_trace_end_is_waited_for as gone
+
+    gone(tmp_path, sample)
+    assert "flow records packed" in (tmp_path / "zeek.err").read_text()
+
+
+@needs_zeek
 def test_packed_records_are_spooled_at_stop(native, tmp_path):
     """The stop test of test_zeek_delivery.py (live, SIGTERM with every window open) with
     the native capture: the packed records flushed in zeek_done go to the spool file as

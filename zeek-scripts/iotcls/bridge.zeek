@@ -105,7 +105,7 @@ function release_hold(why: string)
 # The trace *path* has ended and every window is published: ask the bridge to confirm.
 function finish_offline(path: string)
 	{
-	if ( ! bridge_up )
+	if ( ! bridge_up && ( bridge_endpoint == "" || ! hold_offline ) )
 		{
 		Reporter::warning(fmt("iotcls: no bridge connected, %d flow records of %s were not classified",
 		    records_sent, path));
@@ -114,6 +114,16 @@ function finish_offline(path: string)
 		}
 
 	draining = T;
+	if ( ! bridge_up )
+		{
+		# the bridge went away during the trace: wait for one to come back, whose hello
+		# publishes again what is kept, and the drain after it
+		Reporter::info(fmt("iotcls: the trace has ended while no bridge is connected: waiting up to %s for one",
+		    hold_timeout));
+		start_wallclock("drain", hold_timeout + drain_timeout);
+		return;
+		}
+
 	Cluster::publish(records_topic, IoTClass::drain, records_sent);
 	start_wallclock("drain", drain_timeout);
 	}
