@@ -64,6 +64,17 @@ function native_counts(): index_vec
 	return IoTClass::__native_delivery();
 	}
 
+# Packed records published while Zeek stops (*keys*: their record_key(), "" for an early
+# record): the final ones go to the spool file. Before, the plugin keeps them itself.
+function spool_packed(recs: vector of string, keys: vector of string)
+	{
+	for ( i in keys )
+		{
+		if ( keys[i] != "" )
+			spool_write_packed(recs[i]);
+		}
+	}
+
 event IoTClass::native_flow(rec: FlowRecord)
 	{
 	publish_flow(rec);

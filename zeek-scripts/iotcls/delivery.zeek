@@ -207,17 +207,6 @@ function keep(rec: FlowRecord)
 		remember(key, Kept($rec=rec, $seq=0));
 	}
 
-# Packed records published while Zeek stops (*keys*: their record_key(), "" for an early
-# record): the final ones go to the spool file. Before, the plugin keeps them itself.
-function spool_packed(recs: vector of string, keys: vector of string)
-	{
-	for ( i in keys )
-		{
-		if ( keys[i] != "" )
-			spool_write_packed(recs[i]);
-		}
-	}
-
 # The bridge is done with the record *key*; *reason*: why it was shed ("" when not).
 function forget(key: string, reason: string)
 	{
