@@ -97,10 +97,10 @@ def classify_capture(
     groups, times = _histories(cm)
     pred = predictor.label(strategy_input(cm.matrices, strategy), groups, times)
     if strategy == "flow":
-        # the summary votes over sequence labels: the model's plain ones over full matrices
-        return Classified(
-            cm, order, pred, np.ones(len(order), np.int64), strategy, predictor.predict(cm.matrices)
-        )
+        # the summary votes over sequence labels as the sequence strategy gives them (DHCP
+        # refinement and trust rules included), whatever strategy writes the log
+        seq = predictor.label(cm.matrices, groups, times)
+        return Classified(cm, order, pred, np.ones(len(order), np.int64), strategy, seq)
     if strategy == "sequence":
         rows_present = (cm.matrices != 0).any(axis=2).sum(axis=1)
         return Classified(cm, order, pred, rows_present, strategy, pred)

@@ -70,6 +70,20 @@ def test_summary_table(zeek_run, capsys, sample):
         assert r[1].startswith("10.10.10.")  # the address last seen, not DHCP's 0.0.0.0
 
 
+def test_the_summary_is_the_same_whatever_the_strategy(tmp_path, capsys, sample):
+    """The device table votes over sequence labels as the sequence strategy gives them (DHCP
+    refinement and trust rules included), whichever strategy writes the log: ``--strategy
+    flow`` used to vote over the model's plain labels (a device the rules leave untrusted came
+    out trusted)."""
+    tables = {}
+    for strategy in ("sequence", "flow", "device"):
+        args = ["classify", str(sample.pcap), "--devices", sample.devices_arg]
+        assert main(args + ["-o", str(tmp_path / strategy), "--strategy", strategy]) == 0
+        tables[strategy] = summary_rows(capsys.readouterr().out.split("\n\n")[-1])
+    assert tables["flow"] == tables["sequence"] == tables["device"]
+    assert len(tables["sequence"]) == len(sample.devices)
+
+
 def test_json_log_and_device_strategy(tmp_path, sample):
     assert (
         main(
