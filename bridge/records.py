@@ -29,7 +29,7 @@ import ipaddress
 import json
 import re
 from binascii import unhexlify
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -636,21 +636,15 @@ _P_DIRS_RE = re.compile(r"[01](?:,[01])*")
 _P_REAL_RE = re.compile(r"(?:0|[1-9][0-9]{0,19})\.[0-9]{6}")
 _P_HEX_RE = re.compile(r"[0-9a-f,]*")
 _P_ADDR_RE = re.compile(r"[0-9A-Fa-f.:]{2,45}")
-_p_ip_cache: dict[str, str] = {}
 
 
+@lru_cache(maxsize=65536)
 def _packed_ip(s: str) -> str:
     """The address as the JSON path writes it (``str(ip_address(...))``), cached: a sensor
     sees the same few device addresses over and over."""
-    ip = _p_ip_cache.get(s)
-    if ip is None:
-        if not _P_ADDR_RE.fullmatch(s):  # no scope ids, no spaces: what Zeek never prints
-            raise ValueError("is not an address")
-        ip = str(ipaddress.ip_address(s))
-        if len(_p_ip_cache) >= 65536:
-            _p_ip_cache.clear()
-        _p_ip_cache[s] = ip
-    return ip
+    if not _P_ADDR_RE.fullmatch(s):  # no scope ids, no spaces: what Zeek never prints
+        raise ValueError("is not an address")
+    return str(ipaddress.ip_address(s))
 
 
 def _packed_count(s: str) -> int:
@@ -673,6 +667,12 @@ def _packed_counts(s: str) -> list[int]:
     return vals
 
 
+def _packed_directions(s: str) -> list[int]:
+    if s and not _P_DIRS_RE.fullmatch(s):
+        raise ValueError("must be comma-separated 0 or 1")
+    return [1 if d == "1" else 0 for d in s.split(",")] if s else []
+
+
 def _packed_time(s: str) -> float:
     if not _P_REAL_RE.fullmatch(s):
         raise ValueError('is not a time written with "%f"')
@@ -692,6 +692,15 @@ def _packed_error(name: str, why: str, text: str) -> RecordError:
     return RecordError(f"{FLOWS_EVENT}: {name} {why}: {text[:80]!r}")
 
 
+def _parsed(f: list[str], i: int, parse: Callable[[str], Any]) -> Any:
+    """Field *i* of a packed line through *parse*; its ValueError as a RecordError naming
+    the field."""
+    try:
+        return parse(f[i])
+    except (ValueError, OverflowError) as e:
+        raise _packed_error(PACKED_FIELDS[i], str(e), f[i]) from None
+
+
 def packed_flow_record(line: str) -> tuple[FlowRecord, bool]:
     """``(record, early)`` of one packed line (the format above): the FlowRecord the JSON path
     (:func:`flow_record`, :func:`early_flow_record`) gives for the same record. Raises
@@ -708,37 +717,19 @@ def packed_flow_record(line: str) -> tuple[FlowRecord, bool]:
         raise _packed_error("kind", "must be F or E", f[0])
     if f[16] not in ("T", "F"):
         raise _packed_error("device_is_orig", "must be T or F", f[16])
-    i = 2
-    try:
-        dip = _packed_ip(f[2])
-        i = 3
-        dport = _packed_count(f[3])
-        i = 4
-        rip = _packed_ip(f[4])
-        i = 5
-        rport = _packed_count(f[5])
-        i = 6
-        proto = _packed_count(f[6])
-        i = 7
-        start = _packed_time(f[7])
-        i = 8
-        last = _packed_time(f[8])
-        i = 9
-        tbytes = _packed_count(f[9])
-        i = 10
-        tpkts = _packed_count(f[10])
-        i = 11
-        offsets = [_offset(ns) for ns in _packed_counts(f[11])]
-        i = 12
-        sizes = _packed_counts(f[12])
-        i = 13
-        if f[13] and not _P_DIRS_RE.fullmatch(f[13]):
-            raise ValueError("must be comma-separated 0 or 1")
-        directions = [1 if d == "1" else 0 for d in f[13].split(",")] if f[13] else []
-        i = 14
-        payloads = _packed_payloads(f[14], len(sizes))
-    except (ValueError, OverflowError) as e:
-        raise _packed_error(PACKED_FIELDS[i], str(e), f[i]) from None
+    dip = _parsed(f, 2, _packed_ip)
+    dport = _parsed(f, 3, _packed_count)
+    rip = _parsed(f, 4, _packed_ip)
+    rport = _parsed(f, 5, _packed_count)
+    proto = _parsed(f, 6, _packed_count)
+    start = _parsed(f, 7, _packed_time)
+    last = _parsed(f, 8, _packed_time)
+    tbytes = _parsed(f, 9, _packed_count)
+    tpkts = _parsed(f, 10, _packed_count)
+    offsets = _parsed(f, 11, lambda s: [_offset(ns) for ns in _packed_counts(s)])
+    sizes = _parsed(f, 12, _packed_counts)
+    directions = _parsed(f, 13, _packed_directions)
+    payloads = _parsed(f, 14, lambda s: _packed_payloads(s, len(sizes)))
     n = (len(offsets), len(sizes), len(directions), len(payloads))
     if min(n) != max(n):
         why = "differ in length ({}, {}, {}, {})".format(*n)
