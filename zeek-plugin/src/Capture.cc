@@ -1013,12 +1013,10 @@ bool worth_telling(uint64_t n) {
 
 bool Recorder::Keep(const std::string& key, const std::string& line) {
     uint64_t cap = unacked_max ? unacked_max->GetVal()->AsCount() : 0;
-    if ( cap == 0 || unacked.count(key) )
+    if ( cap == 0 || ! unacked.try_emplace(key, Kept{kept_total, line}).second )
         return false;
 
-    auto seq = kept_total++;
-    unacked.emplace(key, Kept{seq, line});
-    unacked_order.emplace_back(seq, key);
+    unacked_order.emplace_back(kept_total++, key);
     while ( unacked.size() > cap ) {
         auto [old_seq, old_key] = std::move(unacked_order.front());
         unacked_order.pop_front();

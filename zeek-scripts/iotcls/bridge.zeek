@@ -195,40 +195,31 @@ event IoTClass::republish()
 	if ( ! capture_node() || ( ! Cluster::is_enabled() && ! bridge_up ) )
 		return;
 
+	# the FlowRecords kept here, and the packed records kept here (read back from a spool)
+	# or by the native capture plugin
 	local ks = kept_records();
-	local packed: vector of string = vector();
+	local packed = native_kept();
+	local n = |ks| + |packed|;
 	for ( i in ks )
 		{
 		if ( ks[i]?$rec )
 			Cluster::publish(records_topic, IoTClass::flow, ks[i]$rec);
 		else
-			{
 			packed += ks[i]$packed;
-			if ( |packed| >= 100 )
-				{
-				Cluster::publish(records_topic, IoTClass::flows, packed);
-				packed = vector();
-				}
-			}
-		++records_sent;
-		++republished;
 		}
-	# and those the native capture plugin keeps
-	local lines = native_kept();
-	for ( i in lines )
+	# 100 to an event, as the plugin batches them
+	local batch: vector of string = vector();
+	for ( i in packed )
 		{
-		packed += lines[i];
-		if ( |packed| >= 100 )
+		batch += packed[i];
+		if ( |batch| == 100 || i + 1 == |packed| )
 			{
-			Cluster::publish(records_topic, IoTClass::flows, packed);
-			packed = vector();
+			Cluster::publish(records_topic, IoTClass::flows, batch);
+			batch = vector();
 			}
 		}
-	if ( |packed| > 0 )
-		Cluster::publish(records_topic, IoTClass::flows, packed);
-	local n = |ks| + |lines|;
-	records_sent += |lines|;
-	republished += |lines|;
+	records_sent += n;
+	republished += n;
 	if ( n > 0 )
 		Reporter::info(fmt("iotcls: %d flow records the bridge had not acknowledged are published again",
 		    n));
