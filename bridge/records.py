@@ -28,7 +28,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
-from binascii import unhexlify
+from binascii import a2b_base64, b2a_base64, unhexlify
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -597,9 +597,9 @@ def flow_frame(topic: str, r: FlowRecord) -> bytes:
 # text and publishes them in batches, ``IoTClass::flows(recs: vector of string)``, final and
 # early records in publishing order. This is the one definition of that line.
 #
-# Packed format, version 1. One ASCII line per record, no newline, 17 fields separated by TAB:
+# Packed format, version 2. One ASCII line per record, no newline, 17 fields separated by TAB:
 #
-#   0 kind           F (a final record: as IoTClass::flow) or E (early: as IoTClass::early_flow)
+#   0 kind           F2 (a final record: as IoTClass::flow) or E2 (early: as IoTClass::early_flow)
 #   1 device_mac     text (no TAB, as in every text field), may be empty
 #   2 device_ip      IPv4 dotted quad or IPv6 text, as Zeek prints an addr
 #   3 device_port    count (decimal, no sign, no leading zeros; as for every count below)
@@ -614,9 +614,10 @@ def flow_frame(topic: str, r: FlowRecord) -> bytes:
 #                    interval (duration_cast); empty field = no packets
 #  12 sizes          comma-separated counts
 #  13 directions     comma-separated, each 0 or 1
-#  14 payloads       comma-separated lowercase hex, an element may be empty: with N packets
-#                    (N = len(sizes)) the field splits on "," into N elements ("" is one empty
-#                    payload when N == 1, ",," three); with N == 0 it must be empty
+#  14 payloads       comma-separated base64 (RFC 4648's standard alphabet, padded), an element
+#                    may be empty: with N packets (N = len(sizes)) the field splits on "," into
+#                    N elements ("" is one empty payload when N == 1, ",," three); with N == 0
+#                    it must be empty
 #  15 uid            text
 #  16 device_is_orig T or F
 #
@@ -624,9 +625,15 @@ def flow_frame(topic: str, r: FlowRecord) -> bytes:
 # (tests/test_packed_records.py) and is checked as that path checks: counts in
 # [0, 2^64 - 1], directions 0 or 1, the four vectors of one length, times by _time, offsets
 # by _offset, addresses by ipaddress. Anything else is a RecordError naming the field.
+#
+# Version 1 (kind F or E, no digit) wrote payloads as lowercase hex. Why base64 now: payloads
+# are most of a line, and Zeek's cost of publishing a line grows with its length (Broker
+# copies it byte by byte); base64 is 2/3 of hex's length. Version 1 lines still decode: a
+# spool file written before an upgrade is read back and published as it is.
 
 FLOWS_EVENT = "IoTClass::flows"
-PACKED_VERSION = 1
+PACKED_VERSION = 2
+_PACKED_KINDS = {"F2": (False, 2), "E2": (True, 2), "F": (False, 1), "E": (True, 1)}
 PACKED_FIELDS: tuple[str, ...] = ("kind", *(name for name, _ in FLOW_FIELDS))
 _FLOWS_NAME = {"@data-type": "string", "data": FLOWS_EVENT}
 _P_COUNT = r"(?:0|[1-9][0-9]{0,19})"
@@ -635,6 +642,8 @@ _P_COUNTS_RE = re.compile(rf"{_P_COUNT}(?:,{_P_COUNT})*")
 _P_DIRS_RE = re.compile(r"[01](?:,[01])*")
 _P_REAL_RE = re.compile(r"(?:0|[1-9][0-9]{0,19})\.[0-9]{6}")
 _P_HEX_RE = re.compile(r"[0-9a-f,]*")
+_P_B64 = r"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?"
+_P_B64S_RE = re.compile(rf"{_P_B64}(?:,{_P_B64})*")
 _P_ADDR_RE = re.compile(r"[0-9A-Fa-f.:]{2,45}")
 
 
@@ -679,13 +688,21 @@ def _packed_time(s: str) -> float:
     return _time(float(s))
 
 
-def _packed_payloads(s: str, n: int) -> list[bytes]:
+def _packed_hex(s: str, n: int) -> list[bytes]:
     if not _P_HEX_RE.fullmatch(s):
         raise ValueError("is not comma-separated lowercase hex")
     try:
         return [bytes.fromhex(p) for p in s.split(",")] if n or s else []
     except ValueError:  # only hex digits are left: an odd number of them
         raise ValueError("holds hex of odd length") from None
+
+
+def _packed_base64(s: str, n: int) -> list[bytes]:
+    if not n and not s:
+        return []
+    if not _P_B64S_RE.fullmatch(s):
+        raise ValueError("is not comma-separated padded base64")
+    return [a2b_base64(p) for p in s.split(",")]
 
 
 def _packed_error(name: str, why: str, text: str) -> RecordError:
@@ -713,8 +730,10 @@ def packed_flow_record(line: str) -> tuple[FlowRecord, bool]:
         raise _packed_error("record", f"has {len(f)} fields, expected {len(PACKED_FIELDS)}", line)
     if not line.isascii():
         raise _packed_error("record", "is not ASCII", line)
-    if f[0] not in ("F", "E"):
-        raise _packed_error("kind", "must be F or E", f[0])
+    kind = _PACKED_KINDS.get(f[0])
+    if kind is None:
+        raise _packed_error("kind", "must be F2 or E2 (F or E: version 1)", f[0])
+    early, version = kind
     if f[16] not in ("T", "F"):
         raise _packed_error("device_is_orig", "must be T or F", f[16])
     dip = _parsed(f, 2, _packed_ip)
@@ -729,7 +748,9 @@ def packed_flow_record(line: str) -> tuple[FlowRecord, bool]:
     offsets = _parsed(f, 11, lambda s: [_offset(ns) for ns in _packed_counts(s)])
     sizes = _parsed(f, 12, _packed_counts)
     directions = _parsed(f, 13, _packed_directions)
-    payloads = _parsed(f, 14, lambda s: _packed_payloads(s, len(sizes)))
+    payloads = _parsed(
+        f, 14, lambda s: (_packed_base64 if version == 2 else _packed_hex)(s, len(sizes))
+    )
     n = (len(offsets), len(sizes), len(directions), len(payloads))
     if min(n) != max(n):
         why = "differ in length ({}, {}, {}, {})".format(*n)
@@ -752,17 +773,24 @@ def packed_flow_record(line: str) -> tuple[FlowRecord, bool]:
         uid=f[15],
         device_is_orig=f[16] == "T",
     )
-    return rec, f[0] == "E"
+    return rec, early
 
 
-def pack_flow_record(r: FlowRecord, early: bool = False) -> str:
+def pack_flow_record(r: FlowRecord, early: bool = False, version: int = PACKED_VERSION) -> str:
     """The packed line of *r* as the native plugin writes it (times with "%f", offsets in ns
     as :func:`zeek_times` derives them): the inverse of :func:`packed_flow_record`, for tests
-    and benchmarks (the plugin is the real producer). A text field holding a TAB, or anything
-    not ASCII, has no packed form: RecordError."""
+    and benchmarks (the plugin is the real producer); ``version=1`` as plugins before base64
+    wrote it. A text field holding a TAB, or anything not ASCII, has no packed form:
+    RecordError."""
+    if version not in (1, 2):
+        raise ValueError(f"packed format version {version} (1 or 2)")
     t0, offsets_ns = zeek_times(r)
+    if version == 1:
+        payloads = ",".join([bytes(p).hex() for p in r.payloads])
+    else:
+        payloads = ",".join([b2a_base64(bytes(p), newline=False).decode() for p in r.payloads])
     fields = (
-        "E" if early else "F",
+        ("E" if early else "F") + ("" if version == 1 else str(version)),
         r.device_mac,
         str(ipaddress.ip_address(r.device_ip)),
         f"{r.device_port:d}",
@@ -776,7 +804,7 @@ def pack_flow_record(r: FlowRecord, early: bool = False) -> str:
         ",".join([f"{ns:d}" for ns in offsets_ns]),
         ",".join([f"{s:d}" for s in r.sizes]),
         ",".join([f"{d:d}" for d in r.directions]),
-        ",".join([bytes(p).hex() for p in r.payloads]),
+        payloads,
         r.uid,
         "T" if r.device_is_orig else "F",
     )

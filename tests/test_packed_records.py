@@ -100,12 +100,16 @@ def test_the_format_pinned_by_one_line():
     )
     line = rc.pack_flow_record(r, early=False)
     assert line == (
-        "F\taa:bb:cc:dd:ee:0f\t192.168.1.10\t51000\t2001:db8::1\t443\t6\t1700000000.250000\t"
-        "1700000001.500000\t1600\t3\t0,500000000,1250000000\t60,1500,40\t1,0,1\t,1603ff,\t"
+        "F2\taa:bb:cc:dd:ee:0f\t192.168.1.10\t51000\t2001:db8::1\t443\t6\t1700000000.250000\t"
+        "1700000001.500000\t1600\t3\t0,500000000,1250000000\t60,1500,40\t1,0,1\t,FgP/,\t"
         "CHhAvVGS1DHFjwGM9\tF"
     )
     assert rc.packed_flow_record(line) == (r, False)
-    assert rc.pack_flow_record(r, early=True).startswith("E\t")
+    assert rc.pack_flow_record(r, early=True).startswith("E2\t")
+    # version 1 (hex payloads), as a spool written before base64 holds it, still decodes
+    v1 = rc.pack_flow_record(r, early=True, version=1)
+    assert v1.startswith("E\t") and "\t,1603ff,\t" in v1
+    assert rc.packed_flow_record(v1) == (r, True)
     assert rc.PACKED_FIELDS[1:] == tuple(f.name for f in dataclasses.fields(FlowRecord))
 
 
@@ -143,7 +147,8 @@ MALFORMED = {
     "empty": ("record", ""),
     "not ASCII": ("record", with_field(F["uid"], "C\u00e9")),
     "kind X": ("kind", with_field(0, "X")),
-    "kind lower case": ("kind", with_field(0, "f")),
+    "kind lower case": ("kind", with_field(0, "f2")),
+    "kind of version 3": ("kind", with_field(0, "F3")),
     "device_is_orig 1": ("device_is_orig", with_field(16, "1")),
     "non-numeric port": ("device_port", with_field(F["device_port"], "80a")),
     "port with a sign": ("remote_port", with_field(F["remote_port"], "+80")),
@@ -169,21 +174,32 @@ MALFORMED = {
         with_field(F["directions"], ",".join(["1"] * (N + 1))),
     ),
     "offsets empty": ("offsets, sizes", with_field(F["offsets"], "")),
-    "a payload too many": ("offsets, sizes", with_field(F["payloads"], ",".join(["00"] * (N + 1)))),
+    "a payload too many": (
+        "offsets, sizes",
+        with_field(F["payloads"], ",".join(["AA=="] * (N + 1))),
+    ),
     "payloads for no packets": (
         "offsets, sizes",
         with_field(
             F["payloads"],
-            "00",
+            "AA==",
             with_field(
                 F["offsets"], "", with_field(F["sizes"], "", with_field(F["directions"], ""))
             ),
         ),
     ),
-    "bad hex": ("payloads", with_element(F["payloads"], 0, "zz")),
-    "odd hex": ("payloads", with_element(F["payloads"], 0, "abc")),
-    "upper-case hex": ("payloads", with_element(F["payloads"], 0, "AB")),
-    "hex with a space": ("payloads", with_element(F["payloads"], 0, "ab cd")),
+    "base64 unpadded": ("payloads", with_element(F["payloads"], 0, "FgP")),
+    "base64 padding inside": ("payloads", with_element(F["payloads"], 0, "Fg==FgP/")),
+    "base64 too much padding": ("payloads", with_element(F["payloads"], 0, "F===")),
+    "base64 URL alphabet": ("payloads", with_element(F["payloads"], 0, "FgP_")),
+    "base64 with a space": ("payloads", with_element(F["payloads"], 0, "FgP/ FgP/")),
+    "hex in a version 2 line": ("payloads", with_element(F["payloads"], 0, "1603ff")),
+    "bad hex (version 1)": ("payloads", with_field(0, "F", with_element(F["payloads"], 0, "zz"))),
+    "odd hex (version 1)": ("payloads", with_field(0, "F", with_element(F["payloads"], 0, "abc"))),
+    "upper-case hex (version 1)": (
+        "payloads",
+        with_field(0, "F", with_element(F["payloads"], 0, "AB")),
+    ),
     "bad IPv4": ("device_ip", with_field(F["device_ip"], "1.2.3.256")),
     "IPv4 with a leading zero": ("device_ip", with_field(F["device_ip"], "01.2.3.4")),
     "IPv6 with a scope": ("remote_ip", with_field(F["remote_ip"], "fe80::1%eth0")),

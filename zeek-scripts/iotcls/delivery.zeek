@@ -298,9 +298,10 @@ function spool_enabled(): bool
 event spool_line(desc: Input::EventDescription, tpe: Input::Event, s: string)
 	{
 	++spool_read;
-	if ( starts_with(s, "F\t") )
+	if ( starts_with(s, "F2\t") || starts_with(s, "F\t") )
 		{
-		# a packed record (keep_packed): its key from its fields, as record_key() makes it
+		# a packed record (keep_packed; F: format version 1): its key from its fields, as
+		# record_key() makes it
 		local f = split_string(s, /\t/);
 		if ( |f| != 17 )
 			{

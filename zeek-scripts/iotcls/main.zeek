@@ -44,7 +44,8 @@ export {
 	## Packets per window whose timing, size, direction and payload are recorded.
 	option packets: count = 10;
 
-	## Transport payload bytes kept per recorded packet (sent hex-encoded).
+	## Transport payload bytes kept per recorded packet (hex in a FlowRecord, base64 in a
+	## packed line).
 	option payload_bytes: count = 64;
 
 	## Payload bytes kept instead of :zeek:see:`IoTClass::payload_bytes` for a DHCP
