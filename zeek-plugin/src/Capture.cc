@@ -828,36 +828,64 @@ void Recorder::Out(Window& w, bool dev_is_orig, bool early) {
 
 namespace {
 
-void append_uint(std::string& s, uint64_t v) {
-    char buf[24];
-    auto r = std::to_chars(buf, buf + sizeof(buf), v);
-    s.append(buf, r.ptr);
+// The packed line is written through a cursor into a buffer sized for the longest line the
+// record can make (line_bound()): no capacity checks or calls per field, which were half of
+// the packing.
+
+char* put_uint(char* p, uint64_t v) { return std::to_chars(p, p + 20, v).ptr; }
+
+char* put_str(char* p, const std::string& v) {
+    std::memcpy(p, v.data(), v.size());
+    return p + v.size();
 }
 
+// Longest "%f" of a double: 309 integer digits, sign, point, six decimals.
+constexpr size_t real_max = 320;
+
+// Packet times in [2^14, 2^53) s: the fast path below, at most 16 + 1 + 6 characters.
+bool usual_time(double v) { return v >= 16384.0 && v < 9007199254740992.0; }
+
 // A real as Broker's JSON writes it (printf's "%f"; delivery.zeek's record_key() uses
-// "%.6f", the same): std::to_chars is specified to round exactly as printf does, at a
-// fraction of glibc's cost.
-void append_real(std::string& s, double v) {
-    char buf[400]; // the longest double in fixed notation, six decimals
-    auto r = std::to_chars(buf, buf + sizeof(buf), v, std::chars_format::fixed, 6);
+// "%.6f", the same). A usual time has at most 38 fraction bits, so its fraction times 10^6
+// (15,625 * 2^6) is exact in a double, and rounding that to an integer, ties to even, is
+// exactly printf's rounding of the decimal expansion. Anything else goes through
+// std::to_chars, specified to round as printf does; both were checked against printf on
+// millions of times, ties included.
+char* put_real(char* p, double v) {
+    if ( usual_time(v) ) {
+        auto secs = static_cast<uint64_t>(v);
+        double x = (v - static_cast<double>(secs)) * 1e6; // exact
+        auto frac = static_cast<uint64_t>(x);
+        double rest = x - static_cast<double>(frac); // exact
+        if ( rest > 0.5 || (rest == 0.5 && (frac & 1)) )
+            ++frac;
+        if ( frac == 1000000 ) {
+            ++secs;
+            frac = 0;
+        }
+        p = put_uint(p, secs);
+        *p++ = '.';
+        for ( int k = 5; k >= 0; --k ) {
+            p[k] = static_cast<char>('0' + frac % 10);
+            frac /= 10;
+        }
+        return p + 6;
+    }
+    auto r = std::to_chars(p, p + real_max, v, std::chars_format::fixed, 6);
     if ( r.ec == std::errc() )
-        s.append(buf, r.ptr);
-    else
-        s += "nan"; // the bridge refuses the record
+        return r.ptr;
+    std::memcpy(p, "nan", 3); // the bridge refuses the record
+    return p + 3;
 }
 
 // An address as Zeek prints it (IPAddr::AsString(), inet_ntop): IPv4 by hand, a tenth of
 // inet_ntop's cost, which is most of a record's packing otherwise.
-void append_addr(std::string& s, const zeek::IPAddr& a) {
-    if ( a.GetFamily() != IPv4 ) {
-        s += a.AsString();
-        return;
-    }
+char* put_addr(char* p, const zeek::IPAddr& a) {
+    if ( a.GetFamily() != IPv4 )
+        return put_str(p, a.AsString()); // at most 45 characters
     const uint32_t* w;
     a.GetBytes(&w);
     auto* b = reinterpret_cast<const unsigned char*>(w); // network order
-    char buf[16]; // "255.255.255.255"
-    char* p = buf;
     for ( int i = 0; i < 4; ++i ) {
         if ( i )
             *p++ = '.';
@@ -868,35 +896,48 @@ void append_addr(std::string& s, const zeek::IPAddr& a) {
             *p++ = static_cast<char>('0' + v / 10 % 10);
         *p++ = static_cast<char>('0' + v % 10);
     }
-    s.append(buf, p);
+    return p;
 }
+
+size_t base64_size(size_t n) { return (n + 2) / 3 * 4; }
 
 // RFC 4648 base64, standard alphabet, padded: 2/3 of hex's length, and a packed line's
 // length is what publishing it costs (Broker copies it byte by byte).
-void append_base64(std::string& s, const std::string& bytes) {
+char* put_base64(char* p, const std::string& bytes) {
     static const char b64[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     auto n = bytes.size();
-    auto at = s.size();
-    s.resize(at + (n + 2) / 3 * 4);
-    auto* out = s.data() + at;
     auto* in = reinterpret_cast<const unsigned char*>(bytes.data());
     size_t i = 0;
     for ( ; i + 3 <= n; i += 3 ) {
         uint32_t v = (uint32_t(in[i]) << 16) | (uint32_t(in[i + 1]) << 8) | in[i + 2];
-        *out++ = b64[v >> 18];
-        *out++ = b64[(v >> 12) & 0x3f];
-        *out++ = b64[(v >> 6) & 0x3f];
-        *out++ = b64[v & 0x3f];
+        *p++ = b64[v >> 18];
+        *p++ = b64[(v >> 12) & 0x3f];
+        *p++ = b64[(v >> 6) & 0x3f];
+        *p++ = b64[v & 0x3f];
     }
     if ( i < n ) {
         uint32_t v = uint32_t(in[i]) << 16;
         if ( i + 1 < n )
             v |= uint32_t(in[i + 1]) << 8;
-        *out++ = b64[v >> 18];
-        *out++ = b64[(v >> 12) & 0x3f];
-        *out++ = i + 1 < n ? b64[(v >> 6) & 0x3f] : '=';
-        *out++ = '=';
+        *p++ = b64[v >> 18];
+        *p++ = b64[(v >> 12) & 0x3f];
+        *p++ = i + 1 < n ? b64[(v >> 6) & 0x3f] : '=';
+        *p++ = '=';
     }
+    return p;
+}
+
+// The longest packed line *w* can make: every count 20 digits (an offset 21, with a sign),
+// every address 45 characters, every real as long as put_real() may write it.
+size_t line_bound(const Window& w, const std::string& mac) {
+    size_t n = w.sizes.size();
+    size_t b = 2 + mac.size() + 2 * 45 + 5 * 20 + w.uid.size() + 1 + 16;
+    for ( double t : {w.start, w.last} )
+        b += usual_time(t) ? 23 : real_max;
+    b += n * (21 + 1) + n * (20 + 1) + n * 2 + n;
+    for ( const auto& pl : w.payloads )
+        b += base64_size(pl.size());
+    return b;
 }
 
 } // namespace
@@ -910,68 +951,71 @@ void Recorder::Pack(const Window& w, bool dev_is_orig, bool early) {
     const auto& dev_mac = dev_is_orig ? w.orig_mac : w.resp_mac;
     auto n = w.sizes.size();
 
-    std::string s;
-    s.reserve(128 + n * 24 + (w.payloads.empty() ? 0 : (PayloadBytes() + 2) / 3 * 4 * n));
-    s += early ? "E2" : "F2";
-    s += '\t';
-    s += dev_mac;
-    s += '\t';
-    auto ip_at = s.size();
-    append_addr(s, dev_h);
-    auto ip_len = s.size() - ip_at;
-    s += '\t';
-    append_uint(s, dev_is_orig ? w.orig_p : w.resp_p);
-    s += '\t';
-    append_addr(s, rem_h);
-    s += '\t';
-    append_uint(s, dev_is_orig ? w.resp_p : w.orig_p);
-    s += '\t';
-    append_uint(s, w.proto);
-    s += '\t';
-    auto start_at = s.size();
-    append_real(s, w.start);
-    auto start_len = s.size() - start_at;
-    s += '\t';
-    append_real(s, w.last);
-    s += '\t';
-    append_uint(s, w.bytes);
-    s += '\t';
-    append_uint(s, w.pkts);
-    s += '\t';
+    std::string s(line_bound(w, dev_mac), '\0');
+    char* const begin = s.data();
+    char* p = begin;
+    *p++ = early ? 'E' : 'F';
+    *p++ = '2';
+    *p++ = '\t';
+    p = put_str(p, dev_mac);
+    *p++ = '\t';
+    auto ip_at = p - begin;
+    p = put_addr(p, dev_h);
+    auto ip_len = (p - begin) - ip_at;
+    *p++ = '\t';
+    p = put_uint(p, dev_is_orig ? w.orig_p : w.resp_p);
+    *p++ = '\t';
+    p = put_addr(p, rem_h);
+    *p++ = '\t';
+    p = put_uint(p, dev_is_orig ? w.resp_p : w.orig_p);
+    *p++ = '\t';
+    p = put_uint(p, w.proto);
+    *p++ = '\t';
+    auto start_at = p - begin;
+    p = put_real(p, w.start);
+    auto start_len = (p - begin) - start_at;
+    *p++ = '\t';
+    p = put_real(p, w.last);
+    *p++ = '\t';
+    p = put_uint(p, w.bytes);
+    *p++ = '\t';
+    p = put_uint(p, w.pkts);
+    *p++ = '\t';
     for ( size_t i = 0; i < n; ++i ) {
         if ( i )
-            s += ',';
+            *p++ = ',';
         auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::duration<double>(w.offsets[i]));
         auto v = ns.count();
         if ( v < 0 ) {
-            s += '-';
+            *p++ = '-';
             v = -v;
         }
-        append_uint(s, static_cast<uint64_t>(v));
+        p = put_uint(p, static_cast<uint64_t>(v));
     }
-    s += '\t';
+    *p++ = '\t';
     for ( size_t i = 0; i < n; ++i ) {
         if ( i )
-            s += ',';
-        append_uint(s, w.sizes[i]);
+            *p++ = ',';
+        p = put_uint(p, w.sizes[i]);
     }
-    s += '\t';
+    *p++ = '\t';
     for ( size_t i = 0; i < n; ++i ) {
         if ( i )
-            s += ',';
-        s += (static_cast<bool>(w.from_orig[i]) == dev_is_orig) ? '1' : '0';
+            *p++ = ',';
+        *p++ = (static_cast<bool>(w.from_orig[i]) == dev_is_orig) ? '1' : '0';
     }
-    s += '\t';
+    *p++ = '\t';
     for ( size_t i = 0; i < n; ++i ) {
         if ( i )
-            s += ',';
+            *p++ = ',';
         if ( i < w.payloads.size() )
-            append_base64(s, w.payloads[i]);
+            p = put_base64(p, w.payloads[i]);
     }
-    s += '\t';
-    s += w.uid;
-    s += '\t';
-    s += dev_is_orig ? 'T' : 'F';
+    *p++ = '\t';
+    p = put_str(p, w.uid);
+    *p++ = '\t';
+    *p++ = dev_is_orig ? 'T' : 'F';
+    s.resize(p - begin);
 
     if ( batch.empty() )
         batch_since = zeek::run_state::network_time;
