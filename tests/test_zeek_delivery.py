@@ -33,12 +33,9 @@ needs_zeek = pytest.mark.zeek
 
 
 # -- offline: the bridge killed twice ---------------------------------------------------------
-@needs_zeek
-def test_a_killed_bridge_loses_no_record_offline(tmp_path, sample):
-    """``zeek -r sample.pcap`` beside ``iotcls serve``; the service is killed (``kill -9``,
-    scorers and all) right after it connects, and again once labels are coming back, and
-    restarted each time: Zeek publishes again what no bridge finished with, and every one of
-    the 288 records has exactly one line in iot_class.log."""
+def offline_zeek(tmp_path: Path, sample) -> tuple[Path, Path, Serve, subprocess.Popen]:
+    """``zeek -r sample.pcap`` (final records only, a bridge waited for up to 120 s) beside a
+    started ``iotcls serve``: Zeek's directory, its stderr file, the service and Zeek."""
     ws = free_port()
     zdir = tmp_path / "zeek"
     zdir.mkdir()
@@ -46,21 +43,28 @@ def test_a_killed_bridge_loses_no_record_offline(tmp_path, sample):
     zerr = tmp_path / "zeek.err"
     macs = "IoTClass::device_macs={" + ",".join(f'"{m}"' for m in sample.macs) + "}"
     zeek = subprocess.Popen(
-        [
-            ZEEK,
-            "-C",
-            "-r",
-            str(sample.pcap),
-            str(PKG),
-            macs,
-            f"IoTClass::websocket_port={ws}/tcp",
-            "IoTClass::early_records=F",
-            "IoTClass::hold_timeout=120sec",
-        ],
+        [ZEEK, "-C", "-r", str(sample.pcap), str(PKG), macs, f"IoTClass::websocket_port={ws}/tcp"]
+        + ["IoTClass::early_records=F", "IoTClass::hold_timeout=120sec"],
         cwd=zdir,
         stdout=subprocess.DEVNULL,
         stderr=zerr.open("w"),
     )
+    return zdir, zerr, serve, zeek
+
+
+def assert_each_labelled_once(zdir: Path, err: str) -> None:
+    """Each of the sample's 288 records has exactly one line in iot_class.log."""
+    keys = label_keys(log_rows(zdir / "iot_class.log"))
+    assert len(keys) == len(set(keys)) == 288, (len(keys), len(set(keys)), err[-2000:])
+
+
+@needs_zeek
+def test_a_killed_bridge_loses_no_record_offline(tmp_path, sample):
+    """``zeek -r sample.pcap`` beside ``iotcls serve``; the service is killed (``kill -9``,
+    scorers and all) right after it connects, and again once labels are coming back, and
+    restarted each time: Zeek publishes again what no bridge finished with, and every one of
+    the 288 records has exactly one line in iot_class.log."""
+    zdir, zerr, serve, zeek = offline_zeek(tmp_path, sample)
     try:
         wait_for(lambda: connects(zerr) >= 1, 120, "the first bridge", [zeek])
         time.sleep(0.3)
@@ -83,8 +87,7 @@ def test_a_killed_bridge_loses_no_record_offline(tmp_path, sample):
             zeek.kill()
         serve.stop()
     err = zerr.read_text()
-    keys = label_keys(log_rows(zdir / "iot_class.log"))
-    assert len(keys) == len(set(keys)) == 288, (len(keys), len(set(keys)), err[-2000:])
+    assert_each_labelled_once(zdir, err)
     assert "did not confirm" not in err and "the bridge received" not in err, err
     c = counts(delivery_line(err))
     assert c["kept"] == 288 and c["again"] > 0 and c["dropped"] == c["shed"] == 0, c
@@ -125,8 +128,7 @@ def test_a_bridge_gone_at_trace_end_is_waited_for(tmp_path, sample):
             zeek.kill()
         serve.stop()
     err = zerr.read_text()
-    keys = label_keys(log_rows(zdir / "iot_class.log"))
-    assert len(keys) == len(set(keys)) == 288, (len(keys), len(set(keys)), err[-2000:])
+    assert_each_labelled_once(zdir, err)
     assert "were not classified" not in err and "did not confirm" not in err, err[-2000:]
 
 
