@@ -27,9 +27,12 @@ input, one after the other; CPU time is user + system of the Zeek process (os.wa
 figure a shared machine disturbs least. Prints medians over the rounds and their ratios to
 plain Zeek (targets: (a) <= 1.15, (b) <= 1.03, (c) <= 1.10). The package runs without a
 bridge (no WebSocket server, no offline hold): what a Zeek spends, not what waiting costs.
-A fourth run per round sets IoTClass::native_batch=0: the plugin raising and publishing one
-IoTClass::FlowRecord event per record (as it does when an IoTClass::flow_policy handler
-needs each record), against the default, packed records published in batches.
+Without a bridge, a standalone Zeek keeps the records for one and does not publish them; a
+fourth run per round publishes them anyway (IoTClass::publish_without_bridge=T): what a
+connected bridge adds, turning each batch into a Broker message. A fifth also sets
+IoTClass::native_batch=0: the plugin raising and publishing one IoTClass::FlowRecord event
+per record (as it does when an IoTClass::flow_policy handler needs each record), against
+the default, packed records published in batches.
 
     python benchmarks/bench_zeek.py [--packets 1000000] [--rounds 3] [--cases a,b,c]
                                     [--plugin DIR] [--zeek PATH] [--data DIR] [--conns N]
@@ -175,6 +178,22 @@ def run(
 # The plugin publishing one FlowRecord event per record instead of packed batches.
 PER_RECORD = "IoTClass::native_batch=0"
 PER_RECORD_NAME = "plugin, event per record"
+# The plugin publishing its batches although no bridge listens: what a connected bridge
+# costs the Zeek (turning each batch into a Broker message), without waiting for one.
+PUBLISHING = "IoTClass::publish_without_bridge=T"
+PUBLISHING_NAME = "plugin, publishing"
+
+
+def configurations(select: list[str], plugin: Path) -> dict[str, tuple[list[str], Path | None]]:
+    """Each configuration's Zeek arguments and plugin directory, plain Zeek first."""
+    pkg = [str(PKG), *NO_BRIDGE, *select]
+    return {
+        "plain": ([], None),
+        "plugin": (pkg, plugin),
+        "script": (pkg, None),
+        PUBLISHING_NAME: ([*pkg, PUBLISHING], plugin),
+        PER_RECORD_NAME: ([*pkg, PER_RECORD, PUBLISHING], plugin),
+    }
 
 
 def instructions(zeek: str, pcap: Path, args: list[str], plugin: Path | None, cwd: Path) -> int:
@@ -222,12 +241,7 @@ def bench_instructions(
     """Callgrind's instruction counts of each configuration, start-up subtracted."""
     work.mkdir(parents=True, exist_ok=True)
     head = head_pcap(pcap, work / f"head-{pcap.name}")
-    configs = {
-        "plain": ([], None),
-        "plugin": ([str(PKG), *NO_BRIDGE, *select], plugin),
-        "script": ([str(PKG), *NO_BRIDGE, *select], None),
-        PER_RECORD_NAME: ([str(PKG), *NO_BRIDGE, *select, PER_RECORD], plugin),
-    }
+    configs = configurations(select, plugin)
     traffic = {}
     print(f"  {'':27}{'instructions':>15}{'start-up':>15}{'traffic':>15}{'vs plain':>10}")
     for k, (args, plug) in configs.items():
@@ -247,12 +261,7 @@ def bench_instructions(
 def bench(
     name: str, zeek: str, pcap: Path, select: list[str], plugin: Path, rounds: int, work: Path
 ) -> None:
-    configs = {
-        "plain": ([], None),
-        "plugin": ([str(PKG), *NO_BRIDGE, *select], plugin),
-        "script": ([str(PKG), *NO_BRIDGE, *select], None),
-        PER_RECORD_NAME: ([str(PKG), *NO_BRIDGE, *select, PER_RECORD], plugin),
-    }
+    configs = configurations(select, plugin)
     cpu: dict[str, list[float]] = {k: [] for k in configs}
     recs: dict[str, set] = {k: set() for k in configs}
     pcap.read_bytes()  # page cache
@@ -278,10 +287,14 @@ def bench(
         f"  plugin/plain, median of paired ratios: {paired:.3f}x (target <= {target:.2f}x: "
         f"{'met' if paired <= target else 'NOT met'}); script/plain {script:.3f}x"
     )
-    print(
-        f"  one FlowRecord event per record (IoTClass::native_batch=0): plugin/plain "
-        f"{statistics.median(p / q for p, q in zip(cpu[keep], cpu['plain'])):.3f}x"
-    )
+    for k, what in (
+        (PUBLISHING_NAME, "publishing as to a connected bridge (publish_without_bridge=T)"),
+        (keep, "and one FlowRecord event per record (native_batch=0)"),
+    ):
+        print(
+            f"  {what}: plugin/plain "
+            f"{statistics.median(p / q for p, q in zip(cpu[k], cpu['plain'])):.3f}x"
+        )
     if recs["plugin"] != recs["script"]:
         print(f"  !! record counts differ: plugin {recs['plugin']}, script {recs['script']}")
 

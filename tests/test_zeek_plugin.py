@@ -20,6 +20,7 @@ import os
 import shutil
 import struct
 import subprocess
+import threading
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
@@ -461,29 +462,11 @@ def test_records_past_unacked_max_are_dropped_and_counted(capture, plugin_dir, t
 @needs_zeek
 def test_native_early_records_are_the_schemas(native, tmp_path, sample):
     """IoTClass::early_flow from the plugin: one per window that has one, each the schema's
-    early record of the pcap sensor's final record, as the script capture's are."""
-    from iotcls.schema import early_record
-    from test_zeek_scripts import _macs_arg, _rkey, _zeek_with_bridge
+    early record of the pcap sensor's final record, as the script capture's are (the
+    script capture's test, run with the plugin)."""
+    from test_zeek_scripts import check_early_records
 
-    early: list = []
-    r, got, bridge, _ = _zeek_with_bridge(
-        sample.pcap, tmp_path, _macs_arg(sample.macs), early=early
-    )
-    assert r.returncode == 0, r.stderr
-    want = {}
-    for x in capture_flows(sample.pcap, DeviceSelector.from_lists(sample.macs)).table.records():
-        e = early_record(x)
-        if e is not None:
-            want[_rkey(e)] = e
-    assert len(got) == 288 and len(early) > 100
-    assert bridge.stats.early_labels == len(early)
-    early = bridge.assembler.table(early).records()  # DHCP payloads as their view, as got's
-    fields = ["total_packets", "total_bytes", "sizes", "directions", "payloads"]
-    by_key = {_rkey(e): e for e in early}
-    assert set(by_key) <= set(want)
-    for k, e in by_key.items():
-        assert [getattr(e, f) for f in fields] == [getattr(want[k], f) for f in fields], k
-    assert len(by_key) >= 0.95 * len(want)
+    assert "flow records packed" in check_early_records(tmp_path, sample)
 
 
 @needs_zeek
@@ -961,3 +944,70 @@ def test_zeek_install_builds_and_installs_the_plugin(tmp_path, capsys, sample):
 
     assert cli.main(args) == 0  # again: its own plugin is replaced
     assert "installed the native capture plugin" in capsys.readouterr().out
+
+
+@needs_zeek
+@pytest.mark.parametrize("publish", [False, True], ids=["default", "publish_without_bridge"])
+@pytest.mark.parametrize("capture", ["native", "script"])
+def test_nothing_is_published_until_a_bridge_says_hello(
+    capture, publish, plugin_dir, tmp_path, sample
+):
+    """A WebSocket client subscribed to the records topic that never says hello: a standalone
+    Zeek keeps the records for a bridge and turns none of them into a Broker message (the
+    biggest part of what capture costs it; the plugin does not even pack early records, which
+    are kept nowhere), unless IoTClass::publish_without_bridge asks it to: then the client
+    gets the final records, packed or not, and the early ones."""
+    from conftest import free_port
+    from iotcls.bridge import records as rc
+    from test_zeek_scripts import _macs_arg
+
+    if capture == "script" and _plugin_installed():
+        pytest.skip("the plugin is installed in this Zeek's plugin dir: no script capture")
+    port = free_port()
+    finals: list[FlowRecord] = []
+    earlies: list[FlowRecord] = []
+    events: list[str] = []
+    subscribed = threading.Event()
+
+    def listener():
+        ws, _ = zeek_testing.websocket_subscriber(port, ["zeek/iotcls/flows"])
+        with ws:
+            subscribed.set()
+            try:
+                for frame in ws:
+                    obj = json.loads(frame)
+                    events.append(rc.event_name(obj) or "")
+                    if events[-1] == rc.FLOW_EVENT:
+                        finals.append(rc.flow_record(obj))
+                    if events[-1] == rc.EARLY_FLOW_EVENT:
+                        earlies.append(rc.early_flow_record(obj))
+                    for line in rc.packed_records(obj) if events[-1] == rc.FLOWS_EVENT else []:
+                        rec, early = rc.packed_flow_record(line)
+                        (earlies if early else finals).append(rec)
+            except Exception:  # Zeek closes the connection when it terminates
+                pass
+
+    t = threading.Thread(target=listener, daemon=True)
+    t.start()
+    r = subprocess.run(
+        [ZEEK, "-C", "-r", str(sample.pcap), str(PKG), _macs_arg(sample.macs)]
+        + [f"IoTClass::websocket_port={port}/tcp", "IoTClass::hold_timeout=5sec"]
+        + [f"IoTClass::publish_without_bridge={'T' if publish else 'F'}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=_env(plugin_dir if capture == "native" else None),
+        timeout=120,
+    )
+    t.join(10)
+    assert r.returncode == 0, r.stderr
+    assert subscribed.is_set(), "the client never subscribed"
+    assert ("flow records packed" in r.stderr) == (capture == "native"), r.stderr[-2000:]
+    assert "iotcls: no bridge connected, 288 flow records of" in r.stderr
+    if publish:
+        # Zeek terminates at the trace's end without waiting for a subscriber that is no
+        # bridge: what the flush at the end publishes may not reach it
+        assert len({(f.uid, f.start, f.device_is_orig) for f in finals}) == len(finals) >= 100
+        assert earlies, "no early record was published"
+    else:
+        assert finals == earlies == [], events

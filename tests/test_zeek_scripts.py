@@ -25,7 +25,7 @@ from iotcls.logschema import FIELDS
 from iotcls.schema import FlowRecord
 from iotcls.testing.fake_zeek import zeek_events, zeek_records
 from iotcls.testing.shared import require, sentinel_capture
-from iotcls.testing.zeek import find_zeek, has_plugin
+from iotcls.testing.zeek import find_zeek, has_plugin, websocket_subscriber
 from iotcls.testing.zeek import version as zeek_version
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -477,6 +477,11 @@ def test_zeek_records_by_mac_equal_the_pcap_sensors(tmp_path, sample):
 def test_zeek_early_records_are_the_schemas(tmp_path, sample):
     """IoTClass::early_flow: one per window that has one, each the schema's early record of
     the pcap sensor's final record (the same rule, live in script land)."""
+    check_early_records(tmp_path, sample)
+
+
+def check_early_records(tmp_path: Path, sample) -> str:
+    """The early records test (test_zeek_plugin.py runs it with the plugin); Zeek's stderr."""
     from iotcls.flows import DeviceSelector, capture_flows
     from iotcls.schema import early_record
 
@@ -499,6 +504,7 @@ def test_zeek_early_records_are_the_schemas(tmp_path, sample):
     for k, e in by_key.items():
         assert [getattr(e, f) for f in fields] == [getattr(want[k], f) for f in fields], k
     assert len(by_key) >= 0.95 * len(want)
+    return r.stderr
 
 
 def _has_zeromq() -> bool:
@@ -558,23 +564,12 @@ def test_zeek_drain_times_out_on_a_silent_bridge(tmp_path, sample):
     """A bridge that says hello and then nothing: Zeek publishes every record and the drain,
     waits drain_timeout (wall clock, network time stands still after the trace), warns and
     terminates by itself."""
-    from websockets.sync.client import connect
-
     port = free_port()
     seen: list[str] = []
 
     def silent_bridge():
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                ws = connect(f"ws://127.0.0.1:{port}/v1/messages/json", open_timeout=2)
-                break
-            except OSError:
-                assert time.monotonic() < deadline
-                time.sleep(0.1)
+        ws, ack = websocket_subscriber(port, ["zeek/iotcls/flows"])
         with ws:
-            ws.send(json.dumps(["zeek/iotcls/flows"]))
-            ack = json.loads(ws.recv())
             ws.send(rc.hello_message("zeek/iotcls/labels", "silent", ack["endpoint"]).decode())
             try:
                 for frame in ws:

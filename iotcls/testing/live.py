@@ -18,22 +18,32 @@ from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[2] / "zeek-scripts" / "iotcls"
 
-# Loaded beside iotcls: every final record Zeek publishes, one line each (uid, device, start,
-# packets): the native capture's packed records as they leave (a flow_policy handler would
-# make it raise FlowRecords one by one instead), else through the package's flow_policy hook.
+# Loaded beside iotcls: every final record Zeek makes, one line each (uid, device, start,
+# packets), some more than once: the native capture's packed records as they leave, and, as a
+# bridge says hello, those it kept while none listened (a flow_policy handler would make it
+# raise FlowRecords one by one instead), else through the package's flow_policy hook.
 PUBLISHED = """
 global iotcls_published = open(getenv("IOTCLS_PUBLISHED"));
 @ifdef ( IoTClass::native_flows )
+function iotcls_print(line: string)
+    {
+    local f = split_string(line, /\t/);
+    print iotcls_published, fmt("%s %s %s %s %s", f[15], f[1], f[2], f[7], f[10]);
+    }
 event IoTClass::native_flows(recs: vector of string, keys: vector of string, finals: count)
     &priority=-100
     {
     for ( i in recs )
         {
-        if ( keys[i] == "" )
-            next;
-        local f = split_string(recs[i], /\t/);
-        print iotcls_published, fmt("%s %s %s %s %s", f[15], f[1], f[2], f[7], f[10]);
+        if ( keys[i] != "" )
+            iotcls_print(recs[i]);
         }
+    }
+event IoTClass::hello(bridge: string, endpoint: string) &priority=100
+    {
+    local kept = IoTClass::__native_unacked();
+    for ( i in kept )
+        iotcls_print(kept[i]);
     }
 @else
 hook IoTClass::flow_policy(rec: IoTClass::FlowRecord, early: bool) &priority=-100

@@ -91,3 +91,25 @@ def shim_igmp(zeek: str, into: Path) -> str:
     text = (own / "__load__.zeek").read_text().replace("@load ./", f"@load {own}/")
     (stub.parent / "__load__.zeek").write_text(text)
     return ":".join([".", str(into), *rest])
+
+
+def websocket_subscriber(port: int, topics: list[str], timeout: float = 30.0):
+    """A client of the WebSocket server Zeek is starting on *port*, subscribed to *topics*:
+    (the open connection, Zeek's ack). Zeek listens only once its scripts are loaded, so
+    this retries until *timeout*."""
+    import json
+    import time
+
+    from websockets.sync.client import connect
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            ws = connect(f"ws://127.0.0.1:{port}/v1/messages/json", open_timeout=2)
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+    ws.send(json.dumps(topics))
+    return ws, json.loads(ws.recv())

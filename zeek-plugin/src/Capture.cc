@@ -55,7 +55,7 @@ std::string device_mac(const std::string& l2) {
 
 // Payload bytes as the record carries them: lower-case hex (bytestring_to_hexstr()),
 // written straight into the string value's buffer.
-zeek::StringValPtr hex_val(const std::string& bytes) {
+zeek::StringValPtr hex_val(std::string_view bytes) {
     static const char hex[] = "0123456789abcdef";
     auto n = bytes.size() * 2;
     auto* buf = new u_char[n + 1];
@@ -230,8 +230,8 @@ void Window::Flip() {
     std::swap(orig_mac, resp_mac);
     std::swap(orig_h_val, resp_h_val);
     std::swap(orig_mac_val, resp_mac_val);
-    for ( auto& f : from_orig )
-        f = ! f;
+    for ( auto& r : recorded )
+        r.from_orig = ! r.from_orig;
 }
 
 void Window::Reset(double t) {
@@ -240,10 +240,8 @@ void Window::Reset(double t) {
     last = t;
     pkts = 0;
     bytes = 0;
-    offsets.clear();
-    sizes.clear();
-    from_orig.clear();
-    payloads.clear();
+    recorded.clear();
+    payload_data.clear();
 }
 
 // -- ConnCapture ----------------------------------------------------------------------------
@@ -336,22 +334,26 @@ void ConnCapture::Packet(double t, const zeek::IP_Hdr* ip, const u_char* l2_src,
     ++w->pkts;
     w->bytes += ip_len;
 
-    if ( w->sizes.size() >= recorder.Packets() )
+    auto n = w->recorded.size();
+    if ( n >= recorder.Packets() )
         return;
 
-    // A window's first packet is at offset 0, whatever the connection's start says.
-    w->offsets.push_back(w->pkts == 1 ? 0.0 : t - w->start);
-    w->sizes.push_back(ip_len);
-    w->from_orig.push_back(src == w->orig_h);
+    // Most windows of one packet (a SYN never answered) stay at one; the others take all
+    // they will need at their second.
+    if ( n == 1 )
+        w->recorded.reserve(recorder.Packets());
 
-    auto& p = w->payloads.emplace_back();
     uint64_t limit = recorder.PayloadBytes();
     if ( payload && len > 0 && limit > 0 && ! payload_free(w->proto) ) {
         // DHCP options, where a client names itself, start at byte 240.
         if ( dhcp )
             limit = recorder.DhcpPayloadBytes();
-        p.assign(reinterpret_cast<const char*>(payload), std::min<uint64_t>(len, limit));
+        w->payload_data.append(reinterpret_cast<const char*>(payload), std::min<uint64_t>(len, limit));
     }
+
+    // A window's first packet is at offset 0, whatever the connection's start says.
+    w->recorded.push_back(Window::Recorded{w->pkts == 1 ? 0.0 : t - w->start, ip_len,
+                                           static_cast<uint32_t>(w->payload_data.size()), src == w->orig_h});
 
     recorder.Recorded(cur); // ByMac() made *w* the current window
 }
@@ -411,6 +413,7 @@ void Recorder::InitPostScript() {
     flow_record = type_of("IoTClass::FlowRecord");
     is_device_endpoint = func_of("IoTClass::is_device_endpoint");
     capture_node_func = func_of("IoTClass::capture_node");
+    publishing_func = func_of("IoTClass::publishing"); // none: always publishing
     window_length = zeek::id::find("IoTClass::window_length");
     packets = zeek::id::find("IoTClass::packets");
     payload_bytes = zeek::id::find("IoTClass::payload_bytes");
@@ -483,6 +486,19 @@ bool Recorder::CaptureNode() {
         capture_node = v && v->AsBool() ? 1 : 0;
     }
     return capture_node == 1;
+}
+
+bool Recorder::Publishing() {
+    // A bridge's hello or disconnection changes the answer; asking once per batch delay of
+    // network time, not per record, keeps the call into script land off the record's cost.
+    double now = zeek::run_state::network_time;
+    if ( publishing_func && (publishing_asked < 0.0 || now - publishing_asked >= BatchDelay()) ) {
+        zeek::Args none;
+        auto v = publishing_func->Invoke(&none);
+        publishing = ! v || v->AsBool();
+        publishing_asked = now;
+    }
+    return publishing;
 }
 
 bool Recorder::IsDevice(const zeek::IPAddr& a, const std::string& l2) {
@@ -654,7 +670,7 @@ void Recorder::Park(const WindowPtr& w, TransportProto transport) {
 }
 
 void Recorder::Advance(double t) {
-    if ( ! batch.empty() && t - batch_since >= BatchDelay() )
+    if ( batch_records > 0 && t - batch_since >= BatchDelay() )
         SendBatch();
 
     while ( ! idle.empty() && idle.top().at <= t ) {
@@ -683,6 +699,7 @@ void Recorder::Advance(double t) {
 uint64_t Recorder::Flush() {
     uint64_t before = raised;
     trace_done = true;
+    flushing = true;
 
     for ( auto* c = live; c; c = c->next )
         c->Flush();
@@ -700,17 +717,18 @@ uint64_t Recorder::Flush() {
     }
 
     SendBatch();
+    flushing = false;
     return raised - before;
 }
 
 bool Recorder::EarlyExists(const Window& w) const {
     if ( w.early_sent || w.done || w.pkts == 0 )
         return false;
-    return w.sizes.size() >= Packets() || w.last + EarlyIdle() < w.start + WindowLength();
+    return w.recorded.size() >= Packets() || w.last + EarlyIdle() < w.start + WindowLength();
 }
 
 bool Recorder::EarlyDue(const Window& w, double t) const {
-    return EarlyExists(w) && (w.sizes.size() >= Packets() || t - w.last >= EarlyIdle());
+    return EarlyExists(w) && (w.recorded.size() >= Packets() || t - w.last >= EarlyIdle());
 }
 
 void Recorder::EmitEarly(Window& w) {
@@ -727,7 +745,7 @@ void Recorder::Recorded(const WindowPtr& w) {
 
     // Its first packets are in: nothing the early record holds can change any more, so it
     // goes out now (capture.zeek sends it with the next packet or sweep, the same record).
-    if ( w->sizes.size() >= Packets() ) {
+    if ( w->recorded.size() >= Packets() ) {
         EmitEarly(*w);
         return;
     }
@@ -751,7 +769,7 @@ void Recorder::Emit(Window& w) {
     w.done = true;
 
     // Nothing reads them again before the window restarts.
-    w.payloads.clear();
+    w.payload_data = std::string();
 }
 
 void Recorder::Raise(const zeek::EventHandlerPtr& ev, Window& w, bool dev_is_orig) {
@@ -760,7 +778,7 @@ void Recorder::Raise(const zeek::EventHandlerPtr& ev, Window& w, bool dev_is_ori
 
     // The vectors are filled in place (they hold ZVals), so that an offset or a size needs
     // no Val of its own.
-    auto n = w.sizes.size();
+    auto n = w.recorded.size();
     auto offsets = zeek::make_intrusive<zeek::VectorVal>(interval_vec);
     auto sizes = zeek::make_intrusive<zeek::VectorVal>(count_vec);
     auto directions = zeek::make_intrusive<zeek::VectorVal>(count_vec);
@@ -774,10 +792,12 @@ void Recorder::Raise(const zeek::EventHandlerPtr& ev, Window& w, bool dev_is_ori
     dv.reserve(n);
     pv.reserve(n);
     for ( size_t i = 0; i < n; ++i ) {
-        ov.emplace_back(zeek::ZVal(w.offsets[i]));
-        sv.emplace_back(zeek::ZVal(static_cast<zeek_uint_t>(w.sizes[i])));
-        dv.emplace_back(zeek::ZVal(static_cast<zeek_uint_t>(static_cast<bool>(w.from_orig[i]) == dev_is_orig)));
-        pv.emplace_back(zeek::ZVal(w.payloads[i].empty() ? zeek::val_mgr->EmptyString() : hex_val(w.payloads[i])));
+        const auto& r = w.recorded[i];
+        auto payload = w.Payload(i);
+        ov.emplace_back(zeek::ZVal(r.offset));
+        sv.emplace_back(zeek::ZVal(static_cast<zeek_uint_t>(r.size)));
+        dv.emplace_back(zeek::ZVal(static_cast<zeek_uint_t>(r.from_orig == dev_is_orig)));
+        pv.emplace_back(zeek::ZVal(payload.empty() ? zeek::val_mgr->EmptyString() : hex_val(payload)));
     }
 
     auto& dev_h = dev_is_orig ? w.orig_h_val : w.resp_h_val;
@@ -820,9 +840,15 @@ void Recorder::Out(Window& w, bool dev_is_orig, bool early) {
         return;
     }
 
-    Pack(w, dev_is_orig, early);
+    // An early record is kept nowhere: where nobody would receive it, it is not made (the
+    // final records are, and kept for a bridge).
+    bool wanted = flushing || Publishing();
+    if ( early && ! wanted )
+        return;
+
+    Pack(w, dev_is_orig, early, wanted);
     ++raised;
-    if ( batch.size() >= BatchSize() )
+    if ( batch_records >= BatchSize() )
         SendBatch();
 }
 
@@ -903,7 +929,7 @@ size_t base64_size(size_t n) { return (n + 2) / 3 * 4; }
 
 // RFC 4648 base64, standard alphabet, padded: 2/3 of hex's length, and a packed line's
 // length is what publishing it costs (Broker copies it byte by byte).
-char* put_base64(char* p, const std::string& bytes) {
+char* put_base64(char* p, std::string_view bytes) {
     static const char b64[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     auto n = bytes.size();
     auto* in = reinterpret_cast<const unsigned char*>(bytes.data());
@@ -930,29 +956,30 @@ char* put_base64(char* p, const std::string& bytes) {
 // The longest packed line *w* can make: every count 20 digits (an offset 21, with a sign),
 // every address 45 characters, every real as long as put_real() may write it.
 size_t line_bound(const Window& w, const std::string& mac) {
-    size_t n = w.sizes.size();
+    size_t n = w.recorded.size();
     size_t b = 2 + mac.size() + 2 * 45 + 5 * 20 + w.uid.size() + 1 + 16;
     for ( double t : {w.start, w.last} )
         b += usual_time(t) ? 23 : real_max;
     b += n * (21 + 1) + n * (20 + 1) + n * 2 + n;
-    for ( const auto& pl : w.payloads )
-        b += base64_size(pl.size());
+    for ( size_t i = 0; i < n; ++i )
+        b += base64_size(w.Payload(i).size());
     return b;
 }
 
 } // namespace
 
-void Recorder::Pack(const Window& w, bool dev_is_orig, bool early) {
+void Recorder::Pack(const Window& w, bool dev_is_orig, bool early, bool wanted) {
     // bridge/records.py's packed format (v2): 17 tab-separated fields in FlowRecord order
     // after the kind; vectors comma-separated; offsets in nanoseconds truncated as Broker
     // converts an interval (std::chrono::duration_cast, Zeek's broker/Data.cc).
     const auto& dev_h = dev_is_orig ? w.orig_h : w.resp_h;
     const auto& rem_h = dev_is_orig ? w.resp_h : w.orig_h;
     const auto& dev_mac = dev_is_orig ? w.orig_mac : w.resp_mac;
-    auto n = w.sizes.size();
+    auto n = w.recorded.size();
 
-    std::string s(line_bound(w, dev_mac), '\0');
-    char* const begin = s.data();
+    if ( auto bound = line_bound(w, dev_mac); scratch.size() < bound )
+        scratch.resize(bound);
+    char* const begin = scratch.data();
     char* p = begin;
     *p++ = early ? 'E' : 'F';
     *p++ = '2';
@@ -984,7 +1011,8 @@ void Recorder::Pack(const Window& w, bool dev_is_orig, bool early) {
     for ( size_t i = 0; i < n; ++i ) {
         if ( i )
             *p++ = ',';
-        auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::duration<double>(w.offsets[i]));
+        auto ns =
+            std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::duration<double>(w.recorded[i].offset));
         auto v = ns.count();
         if ( v < 0 ) {
             *p++ = '-';
@@ -996,31 +1024,32 @@ void Recorder::Pack(const Window& w, bool dev_is_orig, bool early) {
     for ( size_t i = 0; i < n; ++i ) {
         if ( i )
             *p++ = ',';
-        p = put_uint(p, w.sizes[i]);
+        p = put_uint(p, w.recorded[i].size);
     }
     *p++ = '\t';
     for ( size_t i = 0; i < n; ++i ) {
         if ( i )
             *p++ = ',';
-        *p++ = (static_cast<bool>(w.from_orig[i]) == dev_is_orig) ? '1' : '0';
+        *p++ = w.recorded[i].from_orig == dev_is_orig ? '1' : '0';
     }
     *p++ = '\t';
     for ( size_t i = 0; i < n; ++i ) {
         if ( i )
             *p++ = ',';
-        if ( i < w.payloads.size() )
-            p = put_base64(p, w.payloads[i]);
+        p = put_base64(p, w.Payload(i));
     }
     *p++ = '\t';
     p = put_str(p, w.uid);
     *p++ = '\t';
     *p++ = dev_is_orig ? 'T' : 'F';
-    s.resize(p - begin);
+    std::string s(begin, p - begin);
 
-    if ( batch.empty() )
+    if ( batch_records++ == 0 )
         batch_since = zeek::run_state::network_time;
-    if ( early )
+    if ( early ) {
         batch_keys.emplace_back();
+        batch.emplace_back(std::move(s));
+    }
     else {
         // delivery.zeek's record_key(): uid|device_mac|device_ip|start ("%.6f")
         std::string key;
@@ -1032,15 +1061,19 @@ void Recorder::Pack(const Window& w, bool dev_is_orig, bool early) {
         key.append(s, ip_at, ip_len);
         key += '|';
         key.append(s, start_at, start_len);
-        Keep(key, s);
-        batch_keys.emplace_back(std::move(key));
         ++batch_finals;
+        if ( wanted ) {
+            Keep(key, s);
+            batch_keys.emplace_back(std::move(key));
+            batch.emplace_back(std::move(s));
+        }
+        else
+            Keep(std::move(key), std::move(s));
     }
-    batch.emplace_back(std::move(s));
 }
 
 void Recorder::SendBatch() {
-    if ( batch.empty() )
+    if ( batch_records == 0 )
         return;
 
     auto recs = zeek::make_intrusive<zeek::VectorVal>(string_vec);
@@ -1058,6 +1091,7 @@ void Recorder::SendBatch() {
                                                      zeek::val_mgr->Count(batch_finals)});
     batch.clear();
     batch_keys.clear();
+    batch_records = 0;
     batch_finals = 0;
 }
 
@@ -1072,12 +1106,12 @@ bool worth_telling(uint64_t n) {
 
 } // namespace
 
-bool Recorder::Keep(const std::string& key, const std::string& line) {
+bool Recorder::Keep(std::string key, std::string line) {
     uint64_t cap = unacked_max ? unacked_max->GetVal()->AsCount() : 0;
-    if ( cap == 0 || ! unacked.try_emplace(key, Kept{kept_total, line}).second )
+    if ( cap == 0 || ! unacked.try_emplace(key, Kept{kept_total, std::move(line)}).second )
         return false;
 
-    unacked_order.emplace_back(kept_total++, key);
+    unacked_order.emplace_back(kept_total++, std::move(key));
     while ( unacked.size() > cap ) {
         auto [old_seq, old_key] = std::move(unacked_order.front());
         unacked_order.pop_front();

@@ -39,6 +39,7 @@
 #include <memory>
 #include <queue>
 #include <string>
+#include <string_view>
 #include <unordered_map>
 #include <vector>
 
@@ -66,11 +67,25 @@ struct Window {
     uint64_t pkts = 0;
     uint64_t bytes = 0;
 
-    // The recorded packets, at most IoTClass::packets of them.
-    std::vector<double> offsets;
-    std::vector<uint32_t> sizes;
-    std::vector<uint8_t> from_orig;    // sent by orig_h
-    std::vector<std::string> payloads; // raw bytes, hex-encoded when published
+    // The recorded packets, at most IoTClass::packets of them, their payloads one after
+    // the other in payload_data (raw bytes; hex in a FlowRecord, base64 in a packed line):
+    // two buffers a window, not four vectors and a string per packet.
+    struct Recorded {
+        double offset;
+        uint32_t size;
+        uint32_t payload_end; // where its payload ends in payload_data
+        bool from_orig;       // sent by orig_h
+    };
+    std::vector<Recorded> recorded;
+    std::string payload_data;
+
+    /** The payload of recorded packet *i* (empty once the window is published). */
+    std::string_view Payload(size_t i) const {
+        uint32_t begin = i ? recorded[i - 1].payload_end : 0;
+        uint32_t end = recorded[i].payload_end;
+        return end <= payload_data.size() ? std::string_view(payload_data).substr(begin, end - begin) :
+                                            std::string_view();
+    }
 
     // Script values of the fields above, made for the first record that needs them and
     // shared by the window's later records (Flip() swaps them, a new uid drops uid_val).
@@ -188,7 +203,7 @@ public:
 
     /** Keeps *line* under *key* (unless kept already or IoTClass::unacked_max is 0);
      * whether it is kept. */
-    bool Keep(const std::string& key, const std::string& line);
+    bool Keep(std::string key, std::string line);
 
     /** The bridge is done with *key*: whether it was kept. */
     bool Forget(const std::string& key);
@@ -243,14 +258,23 @@ public:
 private:
     bool IsDevice(const zeek::IPAddr& a, const std::string& l2);
     bool CaptureNode();
+    // Whether published records reach anyone now (bridge.zeek's publishing()).
+    bool Publishing();
     // One record of *w* out: packed into the batch, or raised as a FlowRecord event.
     void Out(Window& w, bool dev_is_orig, bool early);
     void Raise(const zeek::EventHandlerPtr& ev, Window& w, bool dev_is_orig);
-    void Pack(const Window& w, bool dev_is_orig, bool early);
+    // *wanted*: whether anyone takes the batch's lines (a bridge listens, or Zeek flushes
+    // its windows at the end, when they may go to the spool); else a final record is only
+    // kept, and counted in the batch.
+    void Pack(const Window& w, bool dev_is_orig, bool early, bool wanted);
     std::string ParkKey(const Window& w, TransportProto transport) const;
 
     bool ready = false;
     int capture_node = -1; // unknown until the first connection
+
+    // publishing()'s last answer, and the network time it was asked at.
+    bool publishing = true;
+    double publishing_asked = -1.0;
 
     zeek::detail::IDPtr window_length;
     zeek::detail::IDPtr packets;
@@ -263,6 +287,7 @@ private:
     zeek::detail::IDPtr early_idle;
     zeek::FuncPtr is_device_endpoint;
     zeek::FuncPtr capture_node_func;
+    zeek::FuncPtr publishing_func;
     zeek::EventHandlerPtr native_flow;
     zeek::EventHandlerPtr native_early_flow;
     zeek::EventHandlerPtr native_flows;
@@ -290,8 +315,11 @@ private:
     // and the network time the oldest of them was added.
     std::vector<std::string> batch;
     std::vector<std::string> batch_keys;
+    uint64_t batch_records = 0; // in the batch, with lines or (final ones nobody takes) without
     uint64_t batch_finals = 0;
     double batch_since = 0.0;
+    bool flushing = false;     // in Flush(): every record is wanted
+    std::vector<char> scratch; // where Pack() writes a line, sized for the longest so far
     zeek::RecordTypePtr flow_record;
     zeek::VectorTypePtr interval_vec;
     zeek::VectorTypePtr count_vec;

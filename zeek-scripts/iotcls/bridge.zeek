@@ -15,8 +15,9 @@
 
 module IoTClass;
 
-# Flow records published (this node), and labels logged (the label node), since the
-# bridge's last hello: what IoTClass::drain and IoTClass::drained compare.
+# Flow records published (this node; or kept for a bridge while none listened), and labels
+# logged (the label node), since the bridge's last hello: what IoTClass::drain and
+# IoTClass::drained compare.
 global records_sent: count = 0;
 global labels_logged: count = 0;
 
@@ -47,13 +48,22 @@ function node_name(): string
 	return Cluster::is_enabled() ? Cluster::node : "standalone";
 	}
 
+# Whether a record published now reaches anyone: a bridge has said hello, or a cluster
+# carries it to the node the bridge is on. Otherwise it would be turned into a Broker
+# message for nobody; the final records are kept, and published when a bridge says hello.
+function publishing(): bool
+	{
+	return bridge_up || Cluster::is_enabled() || publish_without_bridge;
+	}
+
 # Publishes one finished flow record, unless a flow_policy handler keeps it back.
 function publish_flow(rec: FlowRecord)
 	{
 	if ( ! hook flow_policy(rec, F) )
 		return;
 
-	Cluster::publish(records_topic, IoTClass::flow, rec);
+	if ( publishing() )
+		Cluster::publish(records_topic, IoTClass::flow, rec);
 	++records_sent;
 	keep(rec);
 	}
@@ -61,7 +71,7 @@ function publish_flow(rec: FlowRecord)
 # Publishes the early record of a window (not counted: the drain counts final records).
 function publish_early(rec: FlowRecord)
 	{
-	if ( hook flow_policy(rec, T) )
+	if ( hook flow_policy(rec, T) && publishing() )
 		Cluster::publish(records_topic, IoTClass::early_flow, rec);
 	}
 

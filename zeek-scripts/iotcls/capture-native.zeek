@@ -23,7 +23,9 @@ export {
 
 	## Plugin to script: packed records, final and early, in publishing order; *keys*:
 	## each final record's delivery key (record_key() in delivery.zeek), "" for an early
-	## one; *finals*: how many are final.
+	## one; *finals*: how many final records the batch stands for. While nobody would
+	## receive them (see :zeek:see:`IoTClass::publish_without_bridge`), the plugin
+	## keeps the final records, sends only their count, and makes no early ones.
 	global native_flows: event(recs: vector of string, keys: vector of string,
 	    finals: count);
 }
@@ -88,7 +90,8 @@ event IoTClass::native_early_flow(rec: FlowRecord)
 event IoTClass::native_flows(recs: vector of string, keys: vector of string,
     finals: count)
 	{
-	Cluster::publish(records_topic, IoTClass::flows, recs);
+	if ( |recs| > 0 && publishing() )
+		Cluster::publish(records_topic, IoTClass::flows, recs);
 	records_sent += finals;
 	# the plugin keeps the final ones until the bridge is done with them (delivery.zeek)
 	if ( spooling )

@@ -79,6 +79,15 @@ export {
 	## (network time, which Zeek moves on while a live link is quiet).
 	option native_batch_delay: interval = 200msec;
 
+	## Standalone Zeek: publish flow records while no bridge has said
+	## :zeek:see:`IoTClass::hello` too, for subscribers of
+	## :zeek:see:`IoTClass::records_topic` other than the bridge. By default they are
+	## published only while a bridge listens (always in a cluster, whose nodes carry them
+	## to the one the bridge is on): turning a record into a Broker message is about half
+	## of what the capture costs a busy Zeek, and the final records are kept and published
+	## when a bridge says hello anyway.
+	option publish_without_bridge: bool = F;
+
 	## Topic the flow records (and :zeek:see:`IoTClass::welcome`,
 	## :zeek:see:`IoTClass::drain`) are published on; the bridge subscribes to it.
 	const records_topic = "zeek/iotcls/flows" &redef;
