@@ -22,7 +22,7 @@ import torch
 from .bundle import ModelBundle
 from .rowcache import RowCache
 from .trust.decision import apply_device_rules
-from .trust.dhcp_identity import DhcpIdentity, latest
+from .trust.dhcp_identity import DhcpIdentity, latest, unidentified
 from .trust.layer import TrustLayer
 
 DEFAULT_THRESHOLD = 0.5
@@ -201,7 +201,7 @@ class Predictor:
         identity, see :meth:`device_identities`) refine them (:mod:`.trust.dhcp_identity`)."""
         allowed = self.allowed(identities)
         if self.explain:  # trust (docs/trust.md): one batched pass gives the label and its trust
-            return self._predict_explained(matrices, allowed)
+            return self._predict_explained(matrices, allowed, unidentified(identities))
         probs = self.probabilities(matrices, allowed)
         index = probs.argmax(axis=1) if len(probs) else np.zeros(0, np.int64)
         a = self.assess(matrices, probs, index)
@@ -252,10 +252,12 @@ class Predictor:
         return self.identity_map.allowed(identities, list(self.classes))
 
     # -- trust (docs/trust.md) ----------------------------------------------------------------
-    def _predict_explained(self, matrices: np.ndarray, allowed: np.ndarray | None) -> Predictions:
+    def _predict_explained(
+        self, matrices: np.ndarray, allowed: np.ndarray | None, unknown: np.ndarray | None
+    ) -> Predictions:
         x = self._checked(matrices)
         with _few_threads(self._few(len(x))):
-            a = self.trust.assess(x, allowed)
+            a = self.trust.assess(x, allowed, unknown)
         lp = a.log_probs.astype(np.float64)
         probs = np.exp(lp - lp.max(axis=1, keepdims=True))
         probs = (probs / probs.sum(axis=1, keepdims=True)).astype(np.float32)
@@ -276,8 +278,11 @@ class Predictor:
         if self.trust is None or len(idx) == 0:
             return
         allowed = self.allowed(identities)
+        unknown = unidentified(identities)
         a = self.trust.assess(
-            np.asarray(matrices, np.float32)[idx], None if allowed is None else allowed[idx]
+            np.asarray(matrices, np.float32)[idx],
+            None if allowed is None else allowed[idx],
+            None if unknown is None else unknown[idx],
         )
         d = a.decision
         pred.trusted[idx] = d.trusted

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 import torch
@@ -491,34 +491,75 @@ def train(
         f"best epoch {res.best_epoch}: val macro-F1 {res.val_macro_f1:.4f}; "
         f"temperature {temperature:.3f}"
     )
-    trust = None
-    if cfg.trust and len(va):
-        trust = fit_trust(res.model, layout, temperature, data, matrices, meta, log)
     bundle = ModelBundle(
         model=res.model,
         layout=layout,
         classes=data.classes,
         temperature=temperature,
         metadata=meta,
-        trust=trust,
     )
-    if trust is not None and devices is not None and times is not None:
-        amb = ambiguous_identities(
-            bundle,
-            data.x_va,
-            data.labels[va],
-            np.asarray(captures)[va],
-            np.asarray(devices)[va],
-            np.asarray(times)[va],
-        )
-        bundle.trust["dhcp_ambiguous"] = meta["trust"]["dhcp_ambiguous"] = amb
-        need = needed_identities(
-            bundle,
-            data.x_va,
-            data.labels[va],
-            np.asarray(captures)[va],
-            np.asarray(devices)[va],
-            np.asarray(times)[va],
-        )
-        bundle.trust["dhcp_needed"] = meta["trust"]["dhcp_needed"] = need
+    if cfg.trust and len(va):
+        attach_trust(bundle, data, matrices, captures, devices, times, log)
+    return bundle
+
+
+def attach_trust(
+    bundle: ModelBundle,
+    data: TrainData,
+    matrices: np.ndarray,
+    captures: np.ndarray,
+    devices: np.ndarray | None,
+    times: np.ndarray | None,
+    log=print,
+) -> None:
+    """Fit the bundle's trust state on its validation split (:func:`fit_trust`), and where
+    each matrix's device and time are known, rule 6's ambiguous identities and rule 7's
+    classes; the figures go to ``bundle.metadata["trust"]``."""
+    meta = bundle.metadata
+    bundle.trust = fit_trust(
+        bundle.model, bundle.layout, bundle.temperature, data, matrices, meta, log
+    )
+    if devices is None or times is None:
+        return
+    va = data.va
+    args = (
+        data.x_va,
+        data.labels[va],
+        np.asarray(captures)[va],
+        np.asarray(devices)[va],
+        np.asarray(times)[va],
+    )
+    amb = ambiguous_identities(bundle, *args)
+    bundle.trust["dhcp_ambiguous"] = meta["trust"]["dhcp_ambiguous"] = amb
+    need = needed_identities(bundle, *args)
+    bundle.trust["dhcp_needed"] = meta["trust"]["dhcp_needed"] = need
+
+
+def refit_trust(
+    bundle: ModelBundle,
+    matrices: np.ndarray,
+    labels: np.ndarray,
+    captures: np.ndarray,
+    devices: np.ndarray | None = None,
+    times: np.ndarray | None = None,
+    log=print,
+) -> ModelBundle:
+    """The bundle with its trust state fitted anew, as ``iotcls train`` fits it, on the
+    data it was trained on (its own split and settings), its weights and temperature
+    untouched: how a trained model gets a trust rule added after it (docs/trust.md)."""
+    meta = bundle.metadata
+    if "split" not in meta or "train_config" not in meta:
+        raise ValueError("the model records no split or training settings to refit on")
+    known = {f.name for f in fields(TrainConfig)}
+    cfg = TrainConfig(**{k: v for k, v in meta["train_config"].items() if k in known})
+    unknown = sorted(set(np.asarray(labels, object).tolist()) - set(bundle.classes))
+    if unknown:
+        raise ValueError(f"the data has labels the model does not know: {unknown}")
+    data = prepare_data(
+        matrices, labels, captures, cfg, bundle.classes, Split(**meta["split"]), log
+    )
+    if not len(data.va):
+        raise ValueError("the model's validation captures are not in the data")
+    meta["trust_refit_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    attach_trust(bundle, data, matrices, captures, devices, times, log)
     return bundle

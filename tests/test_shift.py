@@ -95,3 +95,8 @@ def test_feature_distance_flags_features_far_from_their_class():
     assert fd.atypical(far, np.array([0])).all()
     back = FeatureDistance.from_dict(fd.to_dict())
     assert torch.equal(back.threshold, fd.threshold)
+    # a class with too few training matrices has no mean to measure from: never atypical
+    few = np.r_[np.flatnonzero(y[:300] == 0), np.flatnonzero(y[:300] == 1)[:3]]
+    fd = fit_features(model, x[few], y[few], x[300:], y[300:], 2, quantile=0.99)
+    assert np.isinf(fd.threshold[1].item()) and np.isfinite(fd.threshold[0].item())
+    assert not fd.atypical(far * np.array([-1, 1, 1, 1]), np.array([1])).any()

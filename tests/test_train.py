@@ -296,3 +296,33 @@ def test_train_errors(tmp_path, capsys):
     assert "at least two labels" in capsys.readouterr().err
     assert main(["train", str(tmp_path / "absent.npz"), "-o", str(tmp_path / "m.pt")]) == 2
     assert "absent.npz: dataset file not found" in capsys.readouterr().err
+
+
+def test_refit_trust_keeps_the_weights_and_adds_rule_8(trained, manifest, tmp_path, capsys):
+    """``--refit-trust``: the bundle's weights, temperature and split stay; its trust state
+    is fitted anew on its own validation split, as training fits it (rule 8 included); data
+    that does not hold the bundle's validation captures is refused in one line."""
+    import torch
+
+    out = tmp_path / "refit.pt"
+    assert main(["train", str(manifest), "--refit-trust", str(trained), "-o", str(out)]) == 0
+    assert "weights with a trust state refitted on" in capsys.readouterr().out
+    a, b = ModelBundle.load(trained), ModelBundle.load(out)
+    for x, y in zip(a.model.state_dict().values(), b.model.state_dict().values()):
+        assert torch.equal(x, y)
+    assert b.temperature == a.temperature and b.metadata["split"] == a.metadata["split"]
+    assert "trust_refit_at" in b.metadata and b.metadata["trust"]["labels"] > 0
+    assert torch.isfinite(b.trust["feat_threshold"]).any()  # rule 8 fitted
+    np.testing.assert_allclose(b.trust["scale"].float(), a.trust["scale"].float(), rtol=1e-4)
+    rows = manifest.read_text().splitlines()
+    val = set(a.metadata["split"]["val"])
+    other = tmp_path / "train-only.csv"  # the same devices, without the validation files
+    other.write_text(
+        "\n".join(r for r in rows if not any(v.split("/")[-1] in r for v in val)) + "\n"
+    )
+    assert main(["train", str(other), "--refit-trust", str(trained), "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("iotcls train: error: ") and err.endswith(
+        "model.pt: cannot refit its trust state: the model's validation captures are not in "
+        "the data"
+    ), err

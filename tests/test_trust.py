@@ -412,6 +412,35 @@ def test_known_devices_trusted_unseen_device_unknown(trained):
     assert cheap.top_groups[:10] == unseen.top_groups[:10] and cheap.top_groups[10] == []
 
 
+def test_open_set_signal_judges_only_devices_of_unknown_identity(trained):
+    """Rule 8: the feature-space distance refuses labels of devices whose DHCP identity is
+    not known; a known identity exempts them (rule 6 speaks for those)."""
+    from dataclasses import replace
+
+    from iotcls.predict import Predictor
+    from iotcls.trust.features import ATYPICAL_FEATURES
+
+    bundle, x, _ = trained
+    p = Predictor(bundle)
+    fd = p.trust.state.features
+    assert fd is not None  # training fits it by default
+    p.trust.state.features = None
+    plain = p.predict(x)
+    p.trust.state.features = replace(fd, threshold=torch.full_like(fd.threshold, -1.0))
+    ids = [None if i % 2 else "host=cam01" for i in range(len(x))]  # odd: identity unknown
+    judged = p.predict(x, ids)
+    odd = np.arange(len(x)) % 2 == 1
+    assert plain.trusted[odd].sum() >= 10
+    assert not judged.trusted[odd].any()
+    assert set(judged.reason[odd & plain.trusted]) == {ATYPICAL_FEATURES}
+    np.testing.assert_array_equal(judged.trusted[~odd], plain.trusted[~odd])
+    np.testing.assert_array_equal(judged.index, plain.index)
+    assert not p.predict(x).trusted.any()  # no identities given: every label is judged
+    cheap = Predictor(bundle, explain=False).predict(x, ids)
+    p.assess_subset(x, cheap, np.arange(len(x)), ids)  # the live path decides the same
+    np.testing.assert_array_equal(cheap.trusted, judged.trusted)
+
+
 def test_windowed_vote_confidence():
     from iotcls.trust.decision import windowed_trusted_vote
 

@@ -65,6 +65,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="fine-tune this bundle (default-model: the shipped one) instead of "
         "training anew: its types stay, new labels are added (docs/learn.md)",
     )
+    p.add_argument(
+        "--refit-trust",
+        metavar="MODEL",
+        help="keep this bundle's weights (default-model: the shipped one) and fit only its "
+        "trust state anew, on the data it was trained on (its own split): a trust rule "
+        "added after it (docs/trust.md)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -75,6 +82,8 @@ def run(args: argparse.Namespace) -> int:
         from ._finetune import run_finetune
 
         return run_finetune(args)
+    if args.refit_trust:
+        return run_refit_trust(args)
     t0 = time.time()
     progress = not args.quiet and sys.stderr.isatty()
     if is_dataset_file(args) and args.layout:
@@ -141,5 +150,43 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"held out for evaluation: {len(m['split']['test'])} capture files; "
         f"run: iotcls evaluate {' '.join(meta['data']['captures'])}{labels} --model {path}"
+    )
+    return 0
+
+
+def run_refit_trust(args: argparse.Namespace) -> int:
+    from ..bundle import BundleError, ModelBundle
+    from ..train import refit_trust
+    from ._finetune import DEFAULT_MODEL
+
+    t0 = time.time()
+    try:
+        bundle = ModelBundle.load(None if args.refit_trust == DEFAULT_MODEL else args.refit_trust)
+    except BundleError as e:
+        raise CliError(str(e)) from None
+    source = bundle.name
+    ds = load_data(args, bundle.layout, exact_layout=True, progress=False)
+    ds = ds.take(np.flatnonzero(ds.labels != ""))
+    try:
+        refit_trust(
+            bundle,
+            ds.matrices,
+            ds.labels,
+            ds.captures,
+            ds.devices,
+            ds.timestamps,
+            log=lambda m: print(m, file=sys.stderr),
+        )
+    except ValueError as e:
+        raise CliError(f"{args.refit_trust}: cannot refit its trust state: {e}") from None
+    try:
+        path = bundle.save(args.output)
+    except (OSError, BundleError) as e:
+        raise CliError(f"{args.output}: cannot write model: {e}") from None
+    t = bundle.metadata["trust"]
+    print(
+        f"wrote {path}: {source}'s weights with a trust state refitted on "
+        f"{t['labels']} validation labels; rule 7 holds back "
+        f"{', '.join(t.get('dhcp_needed', [])) or 'no class'} ({time.time() - t0:.0f}s)"
     )
     return 0

@@ -39,6 +39,14 @@ class's profiles form clusters that one Gaussian would blur.
    seen with this label's class in training; ``dhcp_identity_ambiguous``: the identity is
    shared by classes that the model, on validation, did not tell apart.
 
+7. ``dhcp_identity_needed`` (:mod:`.dhcp_identity`): the device's identity is not known
+   yet and the label's class is one whose labels need it.
+
+8. ``atypical_features`` (:mod:`.features`, while the device's identity is not known yet):
+   the label's features, the model's last hidden layer, are farther from its class's mean
+   than its class's correct validation labels go. Rules 3-4 compare *explanations*, which
+   an unseen type close to a known one can share; the features say "none of these".
+
 **Refinement**: an untrusted label is reported as ``unknown`` (:data:`UNKNOWN`).
 **Device vote** (:func:`device_vote`): among one device's labels, if fewer than
 ``min_trusted_share`` of them (or none) are trusted the device is ``unknown``; otherwise
@@ -56,8 +64,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .dhcp_identity import DHCP_AMBIGUOUS, DHCP_MISMATCH, DhcpIdentity  # rule 6
-from .features import FeatureDistance  # the open-set signal
+from .dhcp_identity import DHCP_AMBIGUOUS, DHCP_MISMATCH, DHCP_NEEDED, DhcpIdentity  # 6, 7
+from .features import ATYPICAL_FEATURES, FeatureDistance  # rule 8, the open-set signal
 
 UNKNOWN = "unknown"
 TRUST_VERSION = 1
@@ -71,6 +79,8 @@ REASONS = (
     INCONSISTENT,
     DHCP_MISMATCH,
     DHCP_AMBIGUOUS,
+    DHCP_NEEDED,
+    ATYPICAL_FEATURES,
 )
 
 
@@ -96,7 +106,7 @@ class TrustConfig:
     device_min_prior: int = 2  # fewer previous labels: no consistency check
     dhcp_min_accuracy: float = 0.9  # a shared DHCP identity below this on validation: ambiguous
     dhcp_needed_max_error: float = 0.05  # rule 7: trusted-error share without DHCP, per class
-    feature_quantile: float = 0.0  # open-set signal (trust.features): 0 off; else the quantile
+    feature_quantile: float = 0.999  # rule 8 (trust.features): the threshold's quantile; 0 off
 
 
 _FLOATS = ("conf_threshold", "quantile", "min_precision", "prior_strength", "prior_precision")

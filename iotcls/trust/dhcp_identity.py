@@ -53,6 +53,7 @@ __all__ = [
     "fit_ambiguous",
     "fit_identities",
     "latest",
+    "unidentified",
 ]
 
 
@@ -195,6 +196,14 @@ def latest(identities: np.ndarray, groups: np.ndarray, times: np.ndarray) -> np.
     ok = at >= start  # the device has shown one by then
     out[order[ok]] = identities[order[at[ok]]]
     return out
+
+
+def unidentified(identities: Sequence[str | None] | None) -> np.ndarray | None:
+    """(n,) bool: the labels whose device has shown no DHCP identity yet; None (no
+    identities given) stands for all of them."""
+    if identities is None:
+        return None
+    return np.fromiter((x is None for x in identities), bool, len(identities))
 
 
 class DhcpIdentityTracker:

@@ -1,4 +1,5 @@
-"""An open-set signal beside the softmax: distance in the model's own feature space.
+"""Trust rule 8, an open-set signal beside the softmax: distance in the model's own
+feature space.
 
 A flow of a type the model never learnt can still get a confident label (softmax must put
 its mass somewhere; unknown devices tend to land on a few classes, such as Lightify). Its
@@ -8,6 +9,11 @@ its training matrices' features; one covariance shared by all classes; a label's
 the Mahalanobis distance of its features to its class mean, and a label farther than the
 ``quantile`` of its class's correctly labelled validation matrices (training ones for a
 class with fewer than ``min_refs`` of those) is untrusted as ``atypical_features``.
+
+The trust layer asks it only of labels whose device has shown no DHCP identity yet
+(:meth:`.layer.TrustLayer.assess`): once the identity is known, rule 6 admits the classes
+it was seen with and refuses every label of an identity never seen, which is the stronger
+evidence; before it, nothing else says "none of these".
 """
 
 from __future__ import annotations
@@ -83,7 +89,8 @@ def fit_features(
     ridge: float = 1e-3,
 ) -> FeatureDistance:
     """Class means and shared covariance from the training matrices, thresholds from the
-    validation matrices the model labels right."""
+    validation matrices the model labels right; a class with fewer than ``min_refs``
+    training matrices is not checked (threshold inf)."""
     f_tr, y_tr = penultimate(model, x_tr), np.asarray(y_tr, np.int64)
     h = f_tr.shape[1]
     mean = np.zeros((n_classes, h))
@@ -105,6 +112,8 @@ def fit_features(
     thr = np.full(n_classes, np.inf)
     for c in range(n_classes):
         ok = (pred_va == c) & (y_va == c)
+        if (y_tr == c).sum() < min_refs:  # no mean to measure from (fine-tuning's old types)
+            continue
         if ok.sum() >= min_refs:
             thr[c] = np.quantile(d_va[ok], quantile)
         elif (y_tr == c).sum() >= min_refs:

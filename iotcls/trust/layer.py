@@ -83,9 +83,17 @@ class TrustLayer:
     def explain(self, matrices: np.ndarray) -> Explanation:
         return self.explainer.explain(self.full_rows(matrices), all_classes=True)
 
-    def assess(self, matrices: np.ndarray, allowed: np.ndarray | None = None) -> Assessed:
+    def assess(
+        self,
+        matrices: np.ndarray,
+        allowed: np.ndarray | None = None,
+        unidentified: np.ndarray | None = None,
+    ) -> Assessed:
         """The explanation and trust decision; ``allowed`` (n, C) limits each label's classes
-        (the DHCP identity refinement, :mod:`.dhcp_identity`)."""
+        (the DHCP identity refinement, :mod:`.dhcp_identity`). The open-set signal
+        (:mod:`.features`) judges only the labels of devices whose DHCP identity is not known
+        (``unidentified``, (n,) bool; None: all): a known identity already vouches for the
+        classes it allows (rule 6), and refuses the rest."""
         if self.state is None:
             raise ValueError("trust layer: no fitted trust state")
         e = self.explain(matrices)
@@ -93,8 +101,9 @@ class TrustLayer:
             e = e.restricted(allowed)
         d = decide(self.state, e.log_probs, e.all_values, e.target, e.top_groups(self.top_k))
         fd = self.state.features
-        if fd is not None and d.trusted.any():  # the open-set signal, on trusted labels only
-            idx = np.flatnonzero(d.trusted)
+        judged = d.trusted if unidentified is None else d.trusted & np.asarray(unidentified, bool)
+        if fd is not None and judged.any():  # the open-set signal, on trusted labels only
+            idx = np.flatnonzero(judged)
             x = self.full_rows(np.asarray(matrices)[idx])
             far = idx[fd.atypical(penultimate(self.model, x), d.pred[idx])]
             d.trusted[far] = False
@@ -120,7 +129,8 @@ def fit_state(
     ``fallback`` (training matrices and labels): for a class with too few correct
     references in ``matrices`` (a small class may have a single validation capture, all
     wrong), its training flows become references too, so its labels are judged against
-    something rather than all refused as ``unverified_class``.
+    something rather than all refused as ``unverified_class``; they also give the open-set
+    signal its class means (:func:`.features.fit_features`).
     """
     t0 = time.time()
     cfg = config or TrustConfig()
