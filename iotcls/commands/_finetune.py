@@ -5,25 +5,36 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from typing import TYPE_CHECKING
 
 from ..cli import CliError
 from ._data import data_sources, load_learning_data
 
-DEFAULT_MODEL = "default-model"  # --from: the bundle shipped with iotcls
+if TYPE_CHECKING:
+    from ..bundle import ModelBundle
+
+DEFAULT_MODEL = "default-model"  # --from, --refit-trust: the bundle shipped with iotcls
+
+
+def load_named_model(name: str) -> ModelBundle:
+    """The bundle ``name`` names (:data:`DEFAULT_MODEL`: the shipped one), or CliError."""
+    from ..bundle import BundleError, ModelBundle
+
+    try:
+        return ModelBundle.load(None if name == DEFAULT_MODEL else name)
+    except BundleError as e:
+        raise CliError(str(e)) from None
 
 
 def run_finetune(args: argparse.Namespace) -> int:
-    from ..bundle import BundleError, ModelBundle
+    from ..bundle import BundleError
     from ..finetune import FinetuneConfig, finetune
 
     t0 = time.time()
     progress = not args.quiet and sys.stderr.isatty()
     if args.layout:
         raise CliError("--layout does not go with --from: the bundle's layout is used")
-    try:
-        base = ModelBundle.load(None if args.from_model == DEFAULT_MODEL else args.from_model)
-    except BundleError as e:
-        raise CliError(str(e)) from None
+    base = load_named_model(args.from_model)
     ds, served = load_learning_data(args, base.layout, exact_layout=True, progress=progress)
     labelled = ds.labels != ""
     if not labelled.any():

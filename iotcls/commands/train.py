@@ -6,11 +6,16 @@ import argparse
 import sys
 import time
 from dataclasses import fields
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..cli import CliError
 from ._data import data_sources, is_dataset_file, layout_from_arg, load_data
+
+if TYPE_CHECKING:
+    from ..bundle import ModelBundle
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -75,7 +80,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..bundle import BundleError
     from ..train import TrainConfig, train
 
     if args.from_model:
@@ -135,10 +139,7 @@ def run(args: argparse.Namespace) -> int:
         devices=ds.devices,
         times=ds.timestamps,
     )
-    try:
-        path = bundle.save(args.output)
-    except (OSError, BundleError) as e:
-        raise CliError(f"{args.output}: cannot write model: {e}") from None
+    path = save_model(bundle, args.output)
     m = bundle.metadata
     print(
         f"wrote {path} ({path.stat().st_size / 1024:.0f} KiB): {len(classes)} classes, "
@@ -155,15 +156,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_refit_trust(args: argparse.Namespace) -> int:
-    from ..bundle import BundleError, ModelBundle
     from ..train import refit_trust
-    from ._finetune import DEFAULT_MODEL
+    from ._finetune import load_named_model
 
     t0 = time.time()
-    try:
-        bundle = ModelBundle.load(None if args.refit_trust == DEFAULT_MODEL else args.refit_trust)
-    except BundleError as e:
-        raise CliError(str(e)) from None
+    bundle = load_named_model(args.refit_trust)
     source = bundle.name
     ds = load_data(args, bundle.layout, exact_layout=True, progress=False)
     ds = ds.take(np.flatnonzero(ds.labels != ""))
@@ -179,10 +176,7 @@ def run_refit_trust(args: argparse.Namespace) -> int:
         )
     except ValueError as e:
         raise CliError(f"{args.refit_trust}: cannot refit its trust state: {e}") from None
-    try:
-        path = bundle.save(args.output)
-    except (OSError, BundleError) as e:
-        raise CliError(f"{args.output}: cannot write model: {e}") from None
+    path = save_model(bundle, args.output)
     t = bundle.metadata["trust"]
     print(
         f"wrote {path}: {source}'s weights with a trust state refitted on "
@@ -190,3 +184,13 @@ def run_refit_trust(args: argparse.Namespace) -> int:
         f"{', '.join(t.get('dhcp_needed', [])) or 'no class'} ({time.time() - t0:.0f}s)"
     )
     return 0
+
+
+def save_model(bundle: ModelBundle, output: str) -> Path:
+    """Write the bundle to ``output``; its path, or CliError naming it."""
+    from ..bundle import BundleError
+
+    try:
+        return bundle.save(output)
+    except (OSError, BundleError) as e:
+        raise CliError(f"{output}: cannot write model: {e}") from None

@@ -111,14 +111,13 @@ def fit_features(
     d_va = fd.distance(f_va, pred_va) if len(f_va) else np.zeros(0)
     thr = np.full(n_classes, np.inf)
     for c in range(n_classes):
-        ok = (pred_va == c) & (y_va == c)
-        if (y_tr == c).sum() < min_refs:  # no mean to measure from (fine-tuning's old types)
+        mine = y_tr == c
+        if mine.sum() < min_refs:  # no mean to measure from (fine-tuning's old types)
             continue
+        ok = (pred_va == c) & (y_va == c)
         if ok.sum() >= min_refs:
             thr[c] = np.quantile(d_va[ok], quantile)
-        elif (y_tr == c).sum() >= min_refs:
-            thr[c] = np.quantile(
-                fd.distance(f_tr[y_tr == c], np.full((y_tr == c).sum(), c)), quantile
-            )
+        else:  # too few right validation labels: the class's training matrices
+            thr[c] = np.quantile(fd.distance(f_tr[mine], np.full(mine.sum(), c)), quantile)
     fd.threshold = torch.from_numpy(thr).float()
     return fd
