@@ -8,6 +8,8 @@ leave-one-type-out over every type.
 CAPTURES: the training set (IoT Sentinel layout) or a dataset file from ``iotcls extract``.
 "DHCP removed" drops every DHCP record and rebuilds the other records' histories
 (:func:`iotcls.trust.shift.without_dhcp`): a device that joined before the sensor started.
+"remotes moved" gives each matrix's public remote addresses new ones (servers elsewhere, as
+on another network or years later).
 Figures are those of ``iotcls evaluate``: per-sequence and per-device macro-F1 of the labels
 ``classify`` writes (DHCP identity refinement where there is one), and the trust gate's
 coverage and high-confidence (>= 0.9) errors among trusted labels.
@@ -47,13 +49,29 @@ def load(path: str) -> Dataset:
     return build_dataset(specs_from_args(args), MatrixLayout(), progress=False)
 
 
+def remotes_moved(ds: Dataset, seed: int = 0) -> Dataset:
+    """``ds`` as another network would show it: each matrix's public remote addresses moved
+    elsewhere (:func:`iotcls.train.move_remotes`, as training moves half of them)."""
+    import torch
+
+    from iotcls.train import move_remotes
+
+    gen = torch.Generator().manual_seed(seed)
+    return replace(ds, matrices=move_remotes(torch.from_numpy(ds.matrices), 1.0, gen).numpy())
+
+
 def held_out(bundle: ModelBundle, ds: Dataset) -> dict:
-    """Figures with DHCP and with DHCP removed, on the bundle's held-out captures."""
+    """Figures with DHCP, with DHCP removed, and with the remote addresses moved, on the
+    bundle's held-out captures."""
     split = Split(**bundle.metadata["split"])
     test = np.flatnonzero(split.part_of(ds.captures.astype(object)) == 2)
     base = ds.take(test)
     out = {}
-    for name, d in (("with_dhcp", base), ("dhcp_removed", without_dhcp(base))):
+    for name, d in (
+        ("with_dhcp", base),
+        ("dhcp_removed", without_dhcp(base)),
+        ("remotes_moved", remotes_moved(base)),
+    ):
         r = evaluate_report(bundle, d, None, use_all=True)
         ident = r.get("dhcp_identity") or {
             "sequence": r["strategies"]["sequence"],

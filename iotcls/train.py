@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .bundle import ModelBundle
-from .layout import MatrixLayout
+from .layout import META_COLUMNS, MatrixLayout
 from .model import IoTCNN, ModelConfig, count_flops, count_parameters
 from .splits import SPLITS, Split, device_sessions, macro_f1, split_captures  # noqa: F401
 
@@ -35,6 +35,7 @@ class TrainConfig:
     history_dropout: float = 0.3  # share of training matrices whose history is cut short
     early_share: float = 0.3  # share whose current flow is cut to its first packets (early)
     dhcp_dropout: float = 0.5  # share whose history loses its DHCP rows (device seen late)
+    remote_shift: float = 0.5  # share whose public remote addresses are moved (another network)
     flow_loss: float = 0.5  # weight of a second loss on the current flow alone (row 0)
     class_weight_power: float = 0.5  # loss weight of a class ~ count ** -power
     max_per_capture: int = 0  # cap on matrices per capture file (0: all)
@@ -139,6 +140,30 @@ def drop_dhcp_rows(
     kept = (~drop).sum(dim=1)
     mask = torch.arange(r)[None, :] < kept[:, None]
     return x * mask[:, :, None].to(x.dtype)
+
+
+def move_remotes(x: torch.Tensor, share: float, gen: torch.Generator) -> torch.Tensor:
+    """For ``share`` of the matrices, every public remote address moved by one random offset
+    per octet, the same for all rows of a matrix: equal addresses stay equal and a server's
+    neighbours stay its neighbours, but the addresses themselves are new.
+
+    The servers a type talks to are not where they were in the lab: cloud and CDN addresses
+    differ between networks and move over the years. Trained on moved addresses too, the
+    model takes an address as a hint, not as the type's name. Private remotes (all octets
+    zero) and empty rows stay as they are."""
+    if share <= 0:
+        return x
+    move = torch.rand(len(x), generator=gen) < share
+    if not bool(move.any()):
+        return x
+    ip = slice(META_COLUMNS.index("rip0"), META_COLUMNS.index("rip3") + 1)
+    octets = x[:, :, ip]
+    offset = torch.randint(1, 256, (len(x), 1, octets.shape[2]), generator=gen).to(x.dtype)
+    moved = torch.remainder(torch.round(octets * 255.0) + offset, 256.0) / 255.0
+    public = (octets != 0).any(dim=2, keepdim=True) & move[:, None, None]
+    x = x.clone()
+    x[:, :, ip] = torch.where(public, moved, octets)
+    return x
 
 
 def _logits(model: IoTCNN, x: np.ndarray, batch: int = 4096) -> np.ndarray:
@@ -308,8 +333,10 @@ def _augment(
     layout: MatrixLayout,
     gen: torch.Generator,
 ) -> torch.Tensor:
-    """A batch as live sensors also see it: DHCP rows missing, history cut, early records."""
+    """A batch as live sensors also see it: DHCP rows missing, history cut, early records,
+    servers elsewhere."""
     xb = drop_dhcp_rows(xb, dhcp, cfg.dhcp_dropout, gen)
+    xb = move_remotes(xb, cfg.remote_shift, gen)
     xb = cut_history(xb, cfg.history_dropout, gen)
     return cut_packets(xb, cfg.early_share, layout, gen)
 

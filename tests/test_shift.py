@@ -59,6 +59,32 @@ def test_training_drops_dhcp_rows_and_moves_older_ones_up():
     assert torch.equal(drop_dhcp_rows(x, dhcp, 0.0, gen), x)
 
 
+def test_training_moves_public_remotes_consistently_within_a_matrix():
+    from iotcls.train import move_remotes
+
+    layout = MatrixLayout()
+    a, b = [8, 8, 4, 4], [8, 8, 8, 8]
+    x = torch.zeros(3, 4, layout.width)
+    for m in range(3):
+        for r, ip in enumerate([a, b, a, [0, 0, 0, 0]]):  # row 3: a private remote
+            x[m, r, 1:5] = torch.tensor(ip, dtype=torch.float32) / 255.0
+        x[m, :3, 6] = 443 / 65535.0
+    gen = torch.Generator().manual_seed(1)
+    out = move_remotes(x, 1.0, gen)
+    octets = torch.round(out[:, :, 1:5] * 255.0)
+    for m in range(3):
+        assert torch.equal(octets[m, 0], octets[m, 2])  # the same server stays the same
+        assert not torch.equal(octets[m, 0], octets[m, 1])
+        # one offset per octet for the whole matrix: a's and b's octets keep their difference
+        diff = torch.remainder(octets[m, 1] - octets[m, 0], 256)
+        assert diff.tolist() == [0, 0, 4, 4]
+        assert not torch.equal(octets[m, 0], torch.tensor(a, dtype=torch.float32))
+        assert torch.equal(out[m, 3], x[m, 3])  # private (zero) remotes and empty rows stay
+    assert not torch.equal(octets[0], octets[1])  # each matrix moves elsewhere
+    assert torch.equal(out[:, :, 5:], x[:, :, 5:])  # only the address columns change
+    assert torch.equal(move_remotes(x, 0.0, gen), x)
+
+
 def test_rule_7_holds_back_classes_until_the_identity_is_known():
     seen = {"a": ["X", "Y"], "b": ["Z"], "c": ["W"]}
     pred = ["Z"] * 10 + ["W"] * 10
