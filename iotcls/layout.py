@@ -71,6 +71,9 @@ META_COLUMNS = (
     "bytes",
     "pkts",
 )
+# the remote IP's four octet columns: the layout writes them, the model reads them as byte
+# symbols, training moves them (iotcls.train.move_remotes)
+REMOTE_IP = slice(META_COLUMNS.index("rip0"), META_COLUMNS.index("rip3") + 1)
 GROUPS = ("meta", "timing", "sizes", "directions", "payload")
 STREAM_START = -4.0
 STREAM_END = -8.0
@@ -271,7 +274,7 @@ class MatrixLayout:
         v4 = (hi == 0) & ((lo >> np.uint64(32)) == 0xFFFF)  # ::ffff:a.b.c.d
         octets = np.where(v4[:, None], rip[:, 12:16], rip[:, 0:4]) / 255.0
         octets[_private_mask(hi, lo)] = 0.0
-        out[:, 1:5] = octets
+        out[:, REMOTE_IP] = octets
         out[:, 5] = ~v4
         out[:, 6] = t.remote_port / 65535.0
         out[:, 7] = t.device_port / 65535.0

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .bundle import ModelBundle
-from .layout import META_COLUMNS, MatrixLayout
+from .layout import REMOTE_IP, MatrixLayout
 from .model import IoTCNN, ModelConfig, count_flops, count_parameters
 from .splits import SPLITS, Split, device_sessions, macro_f1, split_captures  # noqa: F401
 
@@ -156,13 +156,12 @@ def move_remotes(x: torch.Tensor, share: float, gen: torch.Generator) -> torch.T
     move = torch.rand(len(x), generator=gen) < share
     if not bool(move.any()):
         return x
-    ip = slice(META_COLUMNS.index("rip0"), META_COLUMNS.index("rip3") + 1)
-    octets = x[:, :, ip]
+    octets = x[:, :, REMOTE_IP]
     offset = torch.randint(1, 256, (len(x), 1, octets.shape[2]), generator=gen).to(x.dtype)
     moved = torch.remainder(torch.round(octets * 255.0) + offset, 256.0) / 255.0
     public = (octets != 0).any(dim=2, keepdim=True) & move[:, None, None]
     x = x.clone()
-    x[:, :, ip] = torch.where(public, moved, octets)
+    x[:, :, REMOTE_IP] = torch.where(public, moved, octets)
     return x
 
 
