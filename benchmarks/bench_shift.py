@@ -101,9 +101,7 @@ def label_type(bundle: ModelBundle, d: Dataset) -> dict:
 
     p = Predictor(bundle)
     groups = device_sessions(d.captures.astype(object), d.devices.astype(object))
-    ids = p.device_identities(d.matrices, groups, d.timestamps)
-    pr = p.predict(d.matrices, ids)
-    p.check_devices(pr, groups, d.timestamps, ids)
+    pr = p.label(d.matrices, groups, d.timestamps)
     tr = pr.trusted
     names = np.array(bundle.classes, object)[pr.index[tr]]
     as_what, counts = np.unique(names, return_counts=True) if tr.any() else ([], [])
@@ -116,19 +114,27 @@ def label_type(bundle: ModelBundle, d: Dataset) -> dict:
     }
 
 
-def leave_out_all(ds: Dataset, types: list[str], cfg, cache: Path | None) -> dict:
-    """Train without each type (``cfg``; bundles kept in ``cache`` and reused), then label
-    all of that type's flows, with their DHCP records and without."""
-    from iotcls.train import train
+def leave_out_all(
+    ds: Dataset, types: list[str], cfg, cache: Path | None, refit: bool = False
+) -> dict:
+    """Train without each type (``cfg``; bundles kept in ``cache`` and reused; ``refit``:
+    a reused bundle gets its trust state fitted anew, as ``train --refit-trust`` does, for
+    rules added since it was trained), then label all of that type's flows, with their
+    DHCP records and without."""
+    from iotcls.train import refit_trust, train
 
     out = {}
     for x in types:
         t0 = time.time()
         path = cache / f"without-{x}.pt" if cache else None
+        keep = np.flatnonzero(ds.labels != x)
         if path is not None and path.exists():
             bundle = ModelBundle.load(path)
+            if refit:
+                rest = ds.take(keep)
+                args = (rest.matrices, rest.labels, rest.captures, rest.devices, rest.timestamps)
+                bundle = refit_trust(bundle, *args, log=lambda m: None)
         else:
-            keep = np.flatnonzero(ds.labels != x)
             bundle = train(
                 ds.matrices[keep],
                 ds.labels[keep],
@@ -222,6 +228,11 @@ def main(argv=None) -> int:
         help="leave-out trainings: TrainConfig.dhcp_dropout (default: its default)",
     )
     p.add_argument("--cache", metavar="DIR", help="leave-out bundles: kept here, reused")
+    p.add_argument(
+        "--refit-trust",
+        action="store_true",
+        help="--cache: fit the reused bundles' trust states anew (rules added since)",
+    )
     p.add_argument("--json", metavar="FILE", help="also write the figures here")
     args = p.parse_args(argv)
     t0 = time.time()
@@ -244,7 +255,7 @@ def main(argv=None) -> int:
         cache = Path(args.cache) if args.cache else None
         if cache:
             cache.mkdir(parents=True, exist_ok=True)
-        rep["leave_out"] = leave_out_all(ds, types, cfg, cache)
+        rep["leave_out"] = leave_out_all(ds, types, cfg, cache, args.refit_trust)
         print(format_leave_out(rep["leave_out"]))
     rep["seconds"] = round(time.time() - t0, 1)
     if args.json:

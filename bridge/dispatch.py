@@ -49,9 +49,10 @@ import zmq.asyncio
 
 from iotcls import wire
 from iotcls.config import Config
-from iotcls.layout import MatrixLayout
+from iotcls.layout import NO_DOMAINS, MatrixLayout
 from iotcls.trust.decision import INCONSISTENT, DeviceConsistency
 from iotcls.trust.dhcp_identity import DhcpIdentity
+from iotcls.trust.dns_names import DnsNames
 
 from . import curve as cv
 from .metrics import ServeMetrics
@@ -82,6 +83,7 @@ class Item:
     labelled: bool  # the device had a recent label when the record arrived
     attempts: int = 0
     identity: str | None = None  # the device's latest DHCP identity as the record arrived
+    domains: frozenset[str] = NO_DOMAINS  # the domains it had asked DNS for by then (rule 9)
     early: bool = False  # an early record: its label changes no device state (see submit)
 
 
@@ -250,6 +252,7 @@ class Dispatcher:
         identities: DhcpIdentity | None = None,
         classes: Sequence[str] | None = None,
         keys: cv.ServerKeys | None = None,
+        names: DnsNames | None = None,
     ):
         """``classes``: the model's class names, the only labels a reply may carry (None:
         any); ``keys``: CURVE keys, which make the socket accept authorized scorers only."""
@@ -267,6 +270,8 @@ class Dispatcher:
         self.consistency = (consistency or DeviceConsistency()).online(self.b.max_devices)
         # Rule 6 likewise: each device's latest DHCP identity, noted as its records arrive.
         self.identities = (identities or DhcpIdentity()).online(self.b.max_devices)
+        # Rule 9 likewise: the domains each device has asked DNS for.
+        self.names = (names or DnsNames()).online(self.b.max_devices)
         # CURVE's ZAP handler belongs to a context: a dispatcher with keys gets its own
         self._own_ctx = ctx is None and keys is not None
         self._ctx = ctx or (
@@ -382,6 +387,9 @@ class Dispatcher:
         # this record on, in the scorer, and is checked by rule 6 (trust.dhcp_identity)
         track = bool(self.identities.rule.seen)
         own = self.layout.dhcp_identities(matrices[:, 0]) if track else None
+        # and a DNS query the domains it asks for, which rule 9 checks every later label with
+        track_dns = bool(self.names.rule.seen)
+        asked = self.layout.dns_domains(matrices[:, 0]) if track_dns else None
         labelled_first = self.b.shed_policy == "labelled-first"
         shed: dict[str, list[Item]] = {}
         for i in range(n):
@@ -394,6 +402,10 @@ class Dispatcher:
                 if not early:
                     self.identities.note(dev, own[i])
                 item.identity = self.identities.latest(dev)
+            if track_dns:
+                if not early:  # as the identity, for the same reason
+                    self.names.note(dev, asked[i])
+                item.domains = self.names.so_far(dev)
             self._seq += 1
             (self._q_lab if lab else self._q_new).append(item)
             if self.pending > self.b.queue_records:
@@ -745,7 +757,7 @@ class Dispatcher:
         self._check_idle()
 
     def _judge(self, r: wire.Reply, i: int, it: Item, now: float) -> Outcome:
-        """The outcome of a checked label: trust rules 5 and 6, then the log policy."""
+        """The outcome of a checked label: trust rules 5, 6 and 9, then the log policy."""
         full = r.explained is None or r.explained[i]
         label, trusted, reason = r.labels[i], r.trusted[i], r.reason[i]
         # an early record's label is judged against the device's labels as they stand and
@@ -759,6 +771,9 @@ class Dispatcher:
             trusted, reason = False, INCONSISTENT
         why = self.identities.rule.reason(it.identity, label) if trusted else "-"
         if why != "-":  # rule 6 (trust.dhcp_identity)
+            trusted, reason = False, why
+        why = self.names.rule.reason(it.domains, label) if trusted else "-"
+        if why != "-":  # rule 9 (trust.dns_names)
             trusted, reason = False, why
         if it.early:
             send = True
@@ -789,16 +804,19 @@ class Dispatcher:
         classes: Sequence[str],
         consistency: DeviceConsistency | None = None,
         identities: DhcpIdentity | None = None,
+        names: DnsNames | None = None,
     ) -> None:
-        """A reloaded model's name, classes and (given) trust rules 5 and 6: each device's
-        label window starts afresh (its labels were another model's), its DHCP identity is
-        kept. ``classes`` must include those of scorers still running the old model."""
+        """A reloaded model's name, classes and (given) trust rules 5, 6 and 9: each
+        device's label window starts afresh (its labels were another model's), its DHCP
+        identity and DNS domains are kept. ``classes`` must include those of scorers still running the old model."""
         self.model_id = model_id
         self.classes = frozenset(classes)
         if consistency is not None:
             self.consistency = consistency.online(self.b.max_devices)
         if identities is not None:
             self.identities.rule = identities
+        if names is not None:
+            self.names.rule = names
 
     def retire(self, names: set[str]) -> None:
         """Scorers named *names* get no new batches, and are told to stop once they have

@@ -45,6 +45,7 @@ from iotcls.scorer.supervisor import Supervisor, scorer_command
 from iotcls.store import Labels, Recorder
 from iotcls.trust.decision import DeviceConsistency, TrustState
 from iotcls.trust.dhcp_identity import DhcpIdentity
+from iotcls.trust.dns_names import DnsNames
 
 from . import curve as cv
 from .core import Bridge
@@ -144,11 +145,12 @@ EXIT_UNUSABLE = 2  # the model cannot be used, as at start: a restart would not 
 RELOAD_WAIT_S = 120.0  # a reload's scorers have this long to load the model and say hello
 
 
-def trust_rules(bundle: Any) -> tuple[DeviceConsistency, DhcpIdentity]:
-    """Trust rules 5 and 6 as *bundle*'s trust state sets them (the defaults without one):
-    the dispatcher applies them, since only the bridge sees each device's labels whole."""
+def trust_rules(bundle: Any) -> tuple[DeviceConsistency, DhcpIdentity, DnsNames]:
+    """Trust rules 5, 6 and 9 as *bundle*'s trust state sets them (the defaults without
+    one): the dispatcher applies them, since only the bridge sees each device's labels
+    whole."""
     state = TrustState.from_dict(bundle.trust) if bundle.trust else None
-    return DeviceConsistency.of(state), DhcpIdentity.of(state)
+    return DeviceConsistency.of(state), DhcpIdentity.of(state), DnsNames.of(state)
 
 
 class Service:
@@ -233,7 +235,7 @@ class Service:
         self.keys = self._curve_keys()
         if cfg.metrics.enabled:  # first: a busy port is refused before anything else runs
             self.exporter = PrometheusExporter(self.metrics, cfg.metrics.address, cfg.metrics.port)
-        consistency, identities = trust_rules(self.bundle)
+        consistency, identities, names = trust_rules(self.bundle)
         self.dispatcher = Dispatcher(
             cfg,
             self.bundle.layout,
@@ -244,6 +246,7 @@ class Service:
             identities=identities,
             classes=self.bundle.classes,
             keys=self.keys,
+            names=names,
         )
         try:
             self.endpoints = await self.dispatcher.start()

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from .dhcp import client_options, identity_of, is_dhcp
+from .dns import DNS_PORT, query_name
 from .flowtable import FlowTable, bytes_to_ip
 from .schema import DIR_TO_REMOTE, PROTO_UDP
 from .store import Labels
@@ -66,24 +67,6 @@ class InventoryError(ValueError):
 
 def _when(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
-
-
-def dns_query_name(payload: bytes) -> str | None:
-    """The name a DNS query asks for, from the first bytes of its UDP payload; None when
-    the bytes hold no complete name (a sensor keeps only the first payload bytes)."""
-    if len(payload) < 13 or payload[2] & 0x80:  # too short, or a response
-        return None
-    i, labels = 12, []
-    while i < len(payload):
-        n = payload[i]
-        if n == 0:
-            name = ".".join(labels)
-            return name.lower() if name and name.isprintable() else None
-        if n > 63 or i + 1 + n > len(payload):
-            return None
-        labels.append(payload[i + 1 : i + 1 + n].decode("ascii", "replace"))
-        i += 1 + n
-    return None
 
 
 def mac_vendor(mac: str) -> str:
@@ -136,8 +119,8 @@ class _Seen:
                 str(lab.model[i]),
             )
         self._dhcp(t, r)
-        dns = r[(t.proto[r] == PROTO_UDP) & (t.remote_port[r] == 53)]
-        self.names.update(n for n in map(dns_query_name, _sent(t, dns)) if n)
+        dns = r[(t.proto[r] == PROTO_UDP) & (t.remote_port[r] == DNS_PORT)]
+        self.names.update(n for n in map(query_name, _sent(t, dns)) if n)
 
     def _dhcp(self, t: FlowTable, r: np.ndarray) -> None:
         """The device's latest DHCP client message: host name, vendor class, identity."""

@@ -112,10 +112,7 @@ def _labels(
 ):
     devices = t.device_keys()[rows]
     groups = np.unique(devices, return_inverse=True)[1] if len(rows) else np.zeros(0, int)
-    ids = predictor.device_identities(mats, groups, at)
-    pred = predictor.predict(mats, ids)
-    predictor.check_devices(pred, groups, at, ids)
-    return pred
+    return predictor.label(mats, groups, at)
 
 
 def capture_device_labels(predictor, cm, early: bool = True) -> list[DeviceLabels]:

@@ -44,6 +44,7 @@ import yaml
 from numpy.lib.stride_tricks import sliding_window_view
 
 from .dhcp import identity_of, is_dhcp
+from .dns import DNS_PORT, query_name, registered_domain
 from .flowtable import FlowTable
 from .schema import (
     DEFAULT_PACKETS,
@@ -74,6 +75,10 @@ META_COLUMNS = (
 # the remote IP's four octet columns: the layout writes them, the model reads them as byte
 # symbols, training moves them (iotcls.train.move_remotes)
 REMOTE_IP = slice(META_COLUMNS.index("rip0"), META_COLUMNS.index("rip3") + 1)
+# the ports and the UDP flag, where rules 6 and 9 read a row's protocol back
+PORTS = slice(META_COLUMNS.index("rport"), META_COLUMNS.index("dport") + 1)
+UDP = META_COLUMNS.index("udp")
+NO_DOMAINS: frozenset[str] = frozenset()
 GROUPS = ("meta", "timing", "sizes", "directions", "payload")
 STREAM_START = -4.0
 STREAM_END = -8.0
@@ -343,6 +348,25 @@ class MatrixLayout:
             mats[other, j] = 0.0
         return mats, order
 
+    def _sent_payloads(self, row: np.ndarray) -> list[bytes]:
+        """The payload bytes of the packets the device sent in an encoded row, in order, as
+        the row holds them (packet mode: up to ``payload_bytes`` each, zero-padded)."""
+        g, p, b = self.group_slices(), self.packets, self.payload_bytes
+        pay = row[g["payload"]].reshape(p, b)
+        return [
+            (np.rint(pay[j] * 256.0) - 1.0).clip(0, 255).astype(np.uint8).tobytes()
+            for j in np.flatnonzero(row[g["directions"]] > 0).tolist()
+        ]
+
+    def _udp_to(self, rows: np.ndarray, port: int) -> np.ndarray:
+        """Indices of the encoded UDP rows whose remote port is ``port`` (packet mode only:
+        the other modes keep no per-packet bytes to read back)."""
+        if self.payload_mode != "packet" or not self.payload_bytes or not len(rows):
+            return np.zeros(0, np.intp)
+        return np.flatnonzero(
+            (rows[:, UDP] > 0) & (np.rint(rows[:, PORTS.start] * 65535.0) == port)
+        )
+
     def dhcp_identities(self, rows: np.ndarray) -> np.ndarray:
         """Per encoded row, the DHCP identity (:func:`iotcls.dhcp.identity_of`) of the flow's
         first client message, or None: what trust rule 6 compares with the label's class.
@@ -351,17 +375,26 @@ class MatrixLayout:
         out = np.full(len(rows), None, object)
         if self.payload_mode != "packet" or not self.payload_bytes or not len(rows):
             return out
-        ports = np.rint(rows[:, 6:8] * 65535.0)  # rport, dport
-        dhcp = is_dhcp(np.where(rows[:, 9] > 0, PROTO_UDP, 0), ports[:, 0], ports[:, 1])
-        g, p, b = self.group_slices(), self.packets, self.payload_bytes
+        ports = np.rint(rows[:, PORTS] * 65535.0)  # rport, dport
+        dhcp = is_dhcp(np.where(rows[:, UDP] > 0, PROTO_UDP, 0), ports[:, 0], ports[:, 1])
         for i in np.flatnonzero(dhcp).tolist():
-            sent = np.flatnonzero(rows[i, g["directions"]] > 0)
-            pay = rows[i, g["payload"]].reshape(p, b)
-            for j in sent.tolist():
-                view = (np.rint(pay[j] * 256.0) - 1.0).clip(0, 255).astype(np.uint8).tobytes()
+            for view in self._sent_payloads(rows[i]):
                 out[i] = identity_of(view)
                 if out[i] is not None:
                     break
+        return out
+
+    def dns_domains(self, rows: np.ndarray) -> np.ndarray:
+        """Per encoded row, the registered domains (:mod:`iotcls.dns`) of the names its DNS
+        queries ask for, a frozenset, empty for other flows: what trust rule 9 compares with
+        the label's class. Read back from the row, as :meth:`dhcp_identities`."""
+        rows = np.asarray(rows)
+        out = np.full(len(rows), NO_DOMAINS, object)
+        for i in self._udp_to(rows, DNS_PORT).tolist():
+            names = (query_name(p) for p in self._sent_payloads(rows[i]))
+            domains = frozenset(d for d in map(registered_domain, filter(None, names)) if d)
+            if domains:
+                out[i] = domains
         return out
 
     def matrices(self, t: FlowTable) -> tuple[np.ndarray, np.ndarray]:

@@ -23,6 +23,7 @@ from .bundle import ModelBundle
 from .rowcache import RowCache
 from .trust.decision import apply_device_rules
 from .trust.dhcp_identity import DhcpIdentity, latest, unidentified
+from .trust.dns_names import DnsNames, so_far
 from .trust.layer import TrustLayer
 
 DEFAULT_THRESHOLD = 0.5
@@ -113,6 +114,7 @@ class Predictor:
         if self.trust is not None and threshold is None:
             self.threshold = self.trust.state.conf_threshold
         self.identity_map = DhcpIdentity.of(self._state)  # the DHCP identity refinement
+        self.dns_map = DnsNames.of(self._state)  # rule 9
 
     @property
     def layout(self):
@@ -189,10 +191,11 @@ class Predictor:
         2. scores, refined and trusted by rules 1-4 (:meth:`predict`): the calibrated class
            probabilities, restricted to the classes the identity was seen with, the label
            and its trust decision;
-        3. rules 5 and 6 over the device history (:meth:`check_devices`)."""
+        3. rules 5, 6 and 9 over the device history (:meth:`check_devices`)."""
         identities = self.device_identities(matrices, groups, times)
         pred = self.predict(matrices, identities)
-        return self.check_devices(pred, groups, times, identities)
+        domains = self.device_domains(matrices, groups, times)
+        return self.check_devices(pred, groups, times, identities, domains)
 
     def predict(
         self, matrices: np.ndarray, identities: Sequence[str | None] | None = None
@@ -213,9 +216,11 @@ class Predictor:
         groups: np.ndarray,
         times: np.ndarray,
         identities: Sequence[str | None] | None = None,
+        domains: Sequence[frozenset[str]] | None = None,
     ) -> Predictions:
         """Apply trust rules 5 (``inconsistent_with_device``) and, given the devices'
-        ``identities`` (:meth:`device_identities`), 6 (``dhcp_identity_mismatch``) in place,
+        ``identities`` (:meth:`device_identities`), 6 (``dhcp_identity_mismatch``) and given
+        their ``domains`` (:meth:`device_domains`), 9 (``dns_names_mismatch``) in place,
         given each label's device (``groups``) and time; for labels whose device history is
         known."""
         apply_device_rules(
@@ -228,6 +233,7 @@ class Predictor:
             identities,
             pred.trusted,
             pred.reason,
+            domains,
         )
         return pred
 
@@ -244,6 +250,15 @@ class Predictor:
         if not self.identity_map.seen:
             return None
         return latest(self.layout.dhcp_identities(np.asarray(matrices)[:, 0]), groups, times)
+
+    def device_domains(
+        self, matrices: np.ndarray, groups: np.ndarray, times: np.ndarray
+    ) -> np.ndarray | None:
+        """Per matrix, the registered domains its device asked DNS for up to it, read from
+        the matrices' own DNS flows (row 0); None when the model has no domain map."""
+        if not self.dns_map.seen:
+            return None
+        return so_far(self.layout.dns_domains(np.asarray(matrices)[:, 0]), groups, times)
 
     def allowed(self, identities: Sequence[str | None] | None) -> np.ndarray | None:
         """(n, C) the classes each label may take given its device's identity, or None."""

@@ -218,7 +218,8 @@ def needed_identities(
     keep, mats = remove_dhcp(x_va, sessions, times, bundle.layout)
     p = Predictor(bundle)
     pred = p.predict(mats)
-    p.check_devices(pred, sessions[keep], np.asarray(times)[keep])
+    s, t = sessions[keep], np.asarray(times)[keep]
+    p.check_devices(pred, s, t, None, p.device_domains(mats, s, t))  # rules 5 and 9 first
     names = np.asarray(bundle.classes, object)[pred.index]
     return fit_needed(
         bundle.trust["dhcp_identities"],
@@ -435,6 +436,7 @@ def fit_trust(
     not learn from, so its mistakes there are like the ones it will make); records its
     figures in ``meta["trust"]``."""
     from .trust.dhcp_identity import fit_identities
+    from .trust.dns_names import fit_domains
     from .trust.layer import fit_state
 
     state, meta["trust"] = fit_state(
@@ -451,6 +453,9 @@ def fit_trust(
         layout.dhcp_identities(matrices[known, 0]), data.labels[known]
     )
     meta["trust"]["dhcp_identities"] = len(state.dhcp_identities)
+    # rule 9: the domains each class's devices asked DNS for
+    state.dns_domains = fit_domains(layout.dns_domains(matrices[known, 0]), data.labels[known])
+    meta["trust"]["dns_domains"] = sum(len(v) for v in state.dns_domains.values())
     log(
         f"trust state: {meta['trust']['references']} reference explanations from "
         f"{meta['trust']['labels']} validation labels ({meta['trust']['seconds']:.1f}s)"

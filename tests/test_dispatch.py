@@ -611,9 +611,7 @@ def test_dhcp_identity_live_equals_classify():
         bundle.trust["dhcp_ambiguous"] = ambiguous
         ref_p = Predictor(bundle)
         groups, times = np.zeros(len(mats), int), np.arange(len(mats), dtype=float)
-        ids = ref_p.device_identities(mats, groups, times)
-        ref = ref_p.predict(mats, ids)  # offline, as classify: refine, rules 1-4, then 5, 6
-        ref_p.check_devices(ref, groups, times, ids)
+        ref = ref_p.label(mats, groups, times)  # offline, as classify: refine, rules 1-9
         why = DHCP_AMBIGUOUS if ambiguous else DHCP_MISMATCH
         if seen_with == ["TP-LinkPlugHS100"]:
             assert set(ref.label[first:]) == {"TP-LinkPlugHS100"}
@@ -633,6 +631,55 @@ def test_dhcp_identity_live_equals_classify():
         )
         assert [o.label for o in out] == list(ref.label)
         np.testing.assert_allclose([o.confidence for o in out], ref.confidence, rtol=1e-5)
+        assert [(o.trusted, o.reason) for o in out] == list(zip(ref.trusted, ref.reason))
+
+
+def test_dns_rule_live_equals_classify():
+    """Trust rule 9 in serve: a real capture's records, one at a time through a real
+    dispatcher and a real scorer, come back with the trust that the offline path gives.
+    With the plug's types declared to have asked only for another domain, its labels fail
+    rule 9 from its first DNS query on; with the domains it asks for, only its labels of
+    other types do."""
+    from iotcls.bundle import default_model_path
+    from iotcls.flows import DeviceSelector, capture_flows
+    from iotcls.trust.dns_names import DNS_MISMATCH, DnsNames
+
+    pcap = require(sentinel_dir()) / "TP-LinkPlugHS110" / "Setup-A-1-STA.pcap"
+    if not pcap.exists():
+        pytest.skip(f"IoT Sentinel data not found at {pcap}")
+    mac = (pcap.parent / "_iotdevice-mac.txt").read_text().strip()
+    base = ModelBundle.load(default_model_path())
+    layout = base.layout
+    t = capture_flows(pcap, DeviceSelector.from_lists([mac])).table
+    mats, _ = layout.matrices(t)  # one device: in start order
+    asked = layout.dns_domains(mats[:, 0])
+    first = int(np.flatnonzero([bool(a) for a in asked])[0])
+    plugs = ("TP-LinkPlugHS100", "TP-LinkPlugHS110")
+    every = sorted(frozenset().union(*asked))  # what the plug asks for, tplinkcloud.com among
+    assert "tplinkcloud.com" in every
+    for domains in (["example.com"], every):
+        bundle = ModelBundle.load(default_model_path())
+        bundle.trust["dns_domains"] = {c: list(domains) for c in plugs}
+        bundle.trust["dns_domains"]["Aria"] = ["fitbit.com"]
+        ref = Predictor(bundle).label(
+            mats, np.zeros(len(mats), int), np.arange(len(mats), dtype=float)
+        )
+        refused = ref.reason == DNS_MISMATCH
+        assert not refused[:first].any()
+        if domains == ["example.com"]:
+            assert refused[first:].any()
+        else:  # only labels of classes that asked for other domains (here: none) fail
+            assert not any(lab in plugs for lab in ref.label[refused])
+        out, _, _ = one_at_a_time(
+            mats,
+            "plug",
+            layout,
+            Predictor(bundle),
+            dispatcher={
+                "names": DnsNames({k: frozenset(v) for k, v in bundle.trust["dns_domains"].items()})
+            },
+        )
+        assert [o.label for o in out] == list(ref.label)
         assert [(o.trusted, o.reason) for o in out] == list(zip(ref.trusted, ref.reason))
 
 

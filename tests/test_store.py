@@ -11,7 +11,7 @@ from dataclasses import fields
 import numpy as np
 import pytest
 
-from iotcls.device_inventory import dns_query_name, labels_of
+from iotcls.device_inventory import labels_of
 from iotcls.flowtable import FlowTable
 from iotcls.layout import MatrixLayout
 from iotcls.schema import PROTO_UDP, FlowRecord
@@ -270,12 +270,6 @@ def test_store_dataset_labels_devices_by_the_operators_list(tmp_path):
     )
     with pytest.raises(ValueError, match="the layout needs 20 of 64"):
         store_dataset(read_stores([tmp_path]), MatrixLayout(packets=20), {})
-
-
-def test_dns_query_names():
-    assert dns_query_name(dns_query("a.example.com")) == "a.example.com"
-    assert dns_query_name(dns_query("a.example.com")[:20]) is None  # cut short
-    assert dns_query_name(b"\x12\x34\x81\x80" + bytes(12)) is None  # a response
 
 
 def test_store_dataset_samples_whole_sessions_of_unlabelled_devices(tmp_path):

@@ -70,8 +70,18 @@ def explain_device(bundle, cm, top: int = 3) -> dict:
         reason = ["-" if t else "low_confidence" for t in trusted]
         decided_by = f"no trust state in the model: confidence >= {thr:g} only"
     trusted, reason = np.array(trusted, bool), np.array(reason, object)
+    domains = predictor.device_domains(cm.matrices, groups, t.start[rows])
     apply_device_rules(
-        layer.state, bundle.classes, e.target, conf, groups, t.start[rows], ids, trusted, reason
+        layer.state,
+        bundle.classes,
+        e.target,
+        conf,
+        groups,
+        t.start[rows],
+        ids,
+        trusted,
+        reason,
+        domains,
     )
     labels = []
     for i in range(n):

@@ -47,6 +47,11 @@ class's profiles form clusters that one Gaussian would blur.
    than its class's correct validation labels go. Rules 3-4 compare *explanations*, which
    an unseen type close to a known one can share; the features say "none of these".
 
+9. ``dns_names_mismatch`` (:mod:`.dns_names`, once the device has asked DNS for a name):
+   none of the registered domains the device asked for was ever asked for by a device of
+   the label's class in training. Unlike DHCP, a device repeats its queries for as long as
+   it runs, so this speaks for devices that joined before the sensor started.
+
 **Refinement**: an untrusted label is reported as ``unknown`` (:data:`UNKNOWN`).
 **Device vote** (:func:`device_vote`): among one device's labels, if fewer than
 ``min_trusted_share`` of them (or none) are trusted the device is ``unknown``; otherwise
@@ -65,6 +70,7 @@ import numpy as np
 import torch
 
 from .dhcp_identity import DHCP_AMBIGUOUS, DHCP_MISMATCH, DHCP_NEEDED, DhcpIdentity  # 6, 7
+from .dns_names import DNS_MISMATCH, DnsNames  # rule 9
 from .features import ATYPICAL_FEATURES, FeatureDistance  # rule 8, the open-set signal
 
 UNKNOWN = "unknown"
@@ -81,6 +87,7 @@ REASONS = (
     DHCP_AMBIGUOUS,
     DHCP_NEEDED,
     ATYPICAL_FEATURES,
+    DNS_MISMATCH,
 )
 
 
@@ -142,6 +149,8 @@ class TrustState:
     dhcp_identities: dict[str, list[str]] = field(default_factory=dict)
     dhcp_ambiguous: list[str] = field(default_factory=list)  # identities rule 6 refuses
     dhcp_needed: list[str] = field(default_factory=list)  # classes rule 7 holds back
+    # rule 9 (trust.dns_names): class -> registered domains its devices asked for; empty: off
+    dns_domains: dict[str, list[str]] = field(default_factory=dict)
     # the open-set signal (trust.features): None where the state predates it
     features: FeatureDistance | None = None
 
@@ -170,6 +179,7 @@ class TrustState:
         }
         d["dhcp_ambiguous"] = [str(k) for k in self.dhcp_ambiguous]
         d["dhcp_needed"] = [str(k) for k in self.dhcp_needed]
+        d["dns_domains"] = {str(k): [str(x) for x in v] for k, v in self.dns_domains.items()}
         if self.features is not None:
             d.update(self.features.to_dict())
         return d
@@ -203,6 +213,9 @@ class TrustState:
                 },
                 dhcp_ambiguous=[str(k) for k in d.get("dhcp_ambiguous", [])],
                 dhcp_needed=[str(k) for k in d.get("dhcp_needed", [])],
+                dns_domains={
+                    str(k): [str(x) for x in v] for k, v in dict(d.get("dns_domains", {})).items()
+                },
                 features=FeatureDistance.from_dict(d),
             )
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
@@ -594,7 +607,7 @@ def apply_device_rule(
     agrees: np.ndarray,
     why: str | np.ndarray = INCONSISTENT,
 ) -> None:
-    """A device rule (5 or 6) on top of the earlier ones, in place: a label trusted so far
+    """A device rule (5, 6 or 9) on top of the earlier ones, in place: a label trusted so far
     that fails it becomes untrusted with reason ``why`` (one, or one per label)."""
     hit = np.asarray(trusted, bool) & ~np.asarray(agrees, bool)
     trusted[hit] = False
@@ -611,16 +624,24 @@ def apply_device_rules(
     identities: Sequence[str | None] | None,
     trusted: np.ndarray,
     reason: np.ndarray,
+    domains: Sequence[frozenset[str]] | None = None,
 ) -> None:
-    """Rules 5 and 6, in place, on labels whose device history is known together (one
+    """Rules 5, 6 and 9, in place, on labels whose device history is known together (one
     capture, a whole evaluation); ``identities``: each label's device's latest DHCP identity
-    (:func:`.dhcp_identity.latest`), for rule 6."""
+    (:func:`.dhcp_identity.latest`), for rule 6; ``domains``: the registered domains its
+    device asked DNS for so far (:func:`.dns_names.so_far`), for rule 9."""
     agrees = DeviceConsistency.of(state).agrees(pred, confidence, groups, times, len(classes))
     apply_device_rule(trusted, reason, agrees)
+    if not len(pred):
+        return
+    labels = np.asarray(classes, object)[np.asarray(pred, np.int64)]
     rule6 = DhcpIdentity.of(state)
-    if rule6.seen and identities is not None and len(pred):
-        labels = np.asarray(classes, object)[np.asarray(pred, np.int64)]
+    if rule6.seen and identities is not None:
         why = rule6.reasons(labels, identities)
+        apply_device_rule(trusted, reason, why == "-", why)
+    rule9 = DnsNames.of(state)
+    if rule9.seen and domains is not None:
+        why = rule9.reasons(labels, domains)
         apply_device_rule(trusted, reason, why == "-", why)
 
 

@@ -72,7 +72,8 @@ def trust_section(predictor, d, out_dir: Path | None = None, name: str = "model"
     pred = predictor.predict(d.matrices, ids)
     cpu = time.process_time() - t0
     label_alone = pred.trusted.copy()  # rules 1-4: what the label and its explanation say
-    predictor.check_devices(pred, groups, d.start, ids)  # rules 5, 6
+    domains = predictor.device_domains(d.matrices, groups, d.start)
+    predictor.check_devices(pred, groups, d.start, ids, domains)  # rules 5, 6, 9
     logits = predictor.logits(d.matrices)
     raw_conf = _softmax_conf(logits)  # the model alone, T = 1
     probs = predictor.calibrate(logits)  # the model alone, before the DHCP refinement
@@ -159,9 +160,7 @@ def leave_out(ds, types: list[str], cfg, progress: bool = False, log=print) -> d
         p = Predictor(bundle)
         xi = np.flatnonzero(labelled & (ds.labels == x))
         groups = device_sessions(ds.captures[xi], ds.devices[xi])
-        ids = p.device_identities(ds.matrices[xi], groups, ds.timestamps[xi])
-        pr = p.predict(ds.matrices[xi], ids)
-        p.check_devices(pr, groups, ds.timestamps[xi], ids)
+        pr = p.label(ds.matrices[xi], groups, ds.timestamps[xi])
         dev, emitted = windowed_trusted_vote(
             pr.index, pr.confidence, pr.trusted, groups, ds.timestamps[xi], len(bundle.classes)
         )
@@ -174,9 +173,7 @@ def leave_out(ds, types: list[str], cfg, progress: bool = False, log=print) -> d
         part = Split(**bundle.metadata["split"]).part_of(ds.captures[keep])
         te = keep[part == 2]
         gt = device_sessions(ds.captures[te], ds.devices[te])
-        ids = p.device_identities(ds.matrices[te], gt, ds.timestamps[te])
-        pt = p.predict(ds.matrices[te], ids)
-        p.check_devices(pt, gt, ds.timestamps[te], ids)
+        pt = p.label(ds.matrices[te], gt, ds.timestamps[te])
         yt = np.searchsorted(np.array(bundle.classes, object), ds.labels[te])
         rep = refinement_report(
             yt, pt.index, pt.confidence, pt.trusted, pt.reason, p.threshold, len(bundle.classes)

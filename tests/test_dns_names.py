@@ -1,0 +1,149 @@
+"""Trust rule 9 (iotcls.trust.dns_names): the domains a device asks DNS for, read back from
+its records' rows, judged against those its label's class asked for in training."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+
+from iotcls.dns import query_name, registered_domain
+from iotcls.layout import MatrixLayout
+from iotcls.testing.shared import require, sentinel_dir
+from iotcls.trust.dns_names import (
+    DNS_MISMATCH,
+    MAX_DOMAINS,
+    DnsNames,
+    fit_domains,
+    so_far,
+)
+
+
+def dns_query(name: str) -> bytes:
+    q = b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\x00\x00\x01\x00\x01"
+    return b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00" + q
+
+
+def test_query_names():
+    assert query_name(dns_query("a.example.com")) == "a.example.com"
+    assert query_name(dns_query("A.Example.COM")) == "a.example.com"
+    assert query_name(dns_query("a.example.com")[:20]) is None  # cut short
+    assert query_name(b"\x12\x34\x81\x80" + bytes(12)) is None  # a response
+    assert query_name(b"\x12\x34\x01\x00" + bytes(8) + b"\x7f" + bytes(20)) is None  # label > 63
+
+
+@pytest.mark.parametrize(
+    "name, domain",
+    [
+        ("api.dch.dlink.com", "dlink.com"),
+        ("ntp.sjtu.edu.cn", "sjtu.edu.cn"),  # a two-level public suffix
+        ("www.bbc.co.uk", "bbc.co.uk"),
+        ("tzinfo-1.us-west-2.elb.amazonaws.com", "amazonaws.com"),  # ICANN section only
+        ("dlink.com.", "dlink.com"),
+        ("co.uk", None),  # a public suffix names no one
+        ("gw", None),  # a local name
+        ("mtalk.google.com.belkin", None),  # a resolver's search domain appended: no suffix
+        ("printer.local", None),
+    ],
+)
+def test_registered_domains(name, domain):
+    assert registered_domain(name) == domain
+
+
+def test_the_layout_reads_the_domains_back_from_a_real_capture():
+    """The rows of a real TP-Link plug setup hold its queries; the domains read back from
+    them are the registered domains of the names the inventory reads from the records."""
+    from iotcls.device_inventory import _sent
+    from iotcls.flows import DeviceSelector, capture_flows
+
+    pcap = require(sentinel_dir()) / "TP-LinkPlugHS110" / "Setup-A-1-STA.pcap"
+    if not pcap.exists():
+        pytest.skip(f"IoT Sentinel data not found at {pcap}")
+    mac = (pcap.parent / "_iotdevice-mac.txt").read_text().strip()
+    t = capture_flows(pcap, DeviceSelector.from_lists([mac])).table
+    layout = MatrixLayout()
+    mats, order = layout.matrices(t)
+    rows = layout.dns_domains(mats[:, 0])
+    read_back = frozenset().union(*rows)
+    assert "tplinkcloud.com" in read_back
+    dns = np.flatnonzero(t.remote_port == 53)
+    names = {query_name(p) for p in _sent(t, dns)} - {None}
+    assert read_back == {registered_domain(n) for n in names} - {None}
+    assert all(not d for d, i in zip(rows, order) if t.remote_port[i] != 53)
+
+
+def test_rule_9_refuses_a_device_whose_every_domain_is_foreign_to_the_class():
+    rule = DnsNames({"HueBridge": frozenset({"meethue.com", "ntp.org"}), "Lightify": frozenset()})
+    ok = "-"
+    assert rule.reason(frozenset(), "HueBridge") == ok  # nothing asked yet: not judged
+    assert rule.reason(None, "HueBridge") == ok
+    assert rule.reason(frozenset({"meethue.com"}), "HueBridge") == ok
+    assert rule.reason(frozenset({"ntp.org", "nuki.io"}), "HueBridge") == ok  # one shared: pass
+    assert rule.reason(frozenset({"nuki.io"}), "HueBridge") == DNS_MISMATCH
+    assert rule.reason(frozenset({"nuki.io"}), "Lightify") == DNS_MISMATCH  # asked for nothing
+    assert rule.reason(frozenset({"nuki.io"}), "a class not in the map") == DNS_MISMATCH
+    assert DnsNames().reason(frozenset({"nuki.io"}), "HueBridge") == ok  # no map: rule off
+    assert rule.reasons(["HueBridge", "Lightify"], [frozenset({"meethue.com"})] * 2).tolist() == [
+        ok,
+        DNS_MISMATCH,
+    ]
+
+
+def test_fit_domains_maps_each_class_to_what_its_flows_asked():
+    rows = [frozenset({"a.com"}), frozenset(), frozenset({"b.com", "a.com"}), frozenset({"c.com"})]
+    assert fit_domains(rows, ["x", "x", "y", ""]) == {"x": ["a.com"], "y": ["a.com", "b.com"]}
+
+
+def test_so_far_is_causal_per_device_and_bounded():
+    d = [frozenset({"b.com"}), frozenset(), frozenset({"a.com"}), frozenset({"c.com"})]
+    groups = np.array([0, 0, 0, 1])
+    times = np.array([5.0, 1.0, 9.0, 0.0])
+    out = so_far(d, groups, times)
+    assert out.tolist() == [
+        frozenset({"b.com"}),
+        frozenset(),  # before the device's first query
+        frozenset({"a.com", "b.com"}),
+        frozenset({"c.com"}),  # another device's
+    ]
+    many = [frozenset({f"d{i:04d}.com"}) for i in range(MAX_DOMAINS + 10)]
+    capped = so_far(many, np.zeros(len(many)), np.arange(len(many), dtype=float))
+    assert len(capped[-1]) == MAX_DOMAINS and "d0000.com" in capped[-1]
+
+
+def test_the_tracker_is_the_live_twin_of_so_far():
+    rng = np.random.default_rng(0)
+    pool = [frozenset(), frozenset({"a.com"}), frozenset({"b.com"}), frozenset({"a.com", "c.com"})]
+    d = [pool[i] for i in rng.integers(0, 4, 200)]
+    groups = rng.integers(0, 5, 200)
+    offline = so_far(d, groups, np.arange(200, dtype=float))
+    tracker = DnsNames({"x": frozenset({"a.com"})}).online(max_devices=10)
+    live = []
+    for dom, g in zip(d, groups):
+        tracker.note(str(g), dom)
+        live.append(tracker.so_far(str(g)))
+    assert live == offline.tolist()
+    small = DnsNames({"x": frozenset({"a.com"})}).online(max_devices=2)
+    for g in range(5):
+        small.note(str(g), frozenset({"a.com"}))
+    assert len(small) == 2 and small.so_far("0") == frozenset()  # the least recent forgotten
+    off = DnsNames().online()
+    off.note("0", frozenset({"a.com"}))
+    assert len(off) == 0  # no map: nothing is kept
+
+
+def test_the_map_travels_in_the_trust_state_and_a_state_without_it_turns_the_rule_off():
+    from iotcls.trust.decision import TrustState
+    from test_trust import fitted_state
+
+    state, _ = fitted_state()
+    state.dns_domains = {"a": ["x.com"], "b": []}
+    buf = io.BytesIO()
+    torch.save({"trust": state.to_dict()}, buf)
+    buf.seek(0)
+    back = TrustState.from_dict(torch.load(buf, weights_only=True)["trust"])
+    assert DnsNames.of(back) == DnsNames({"a": frozenset({"x.com"}), "b": frozenset()})
+    old = state.to_dict()
+    del old["dns_domains"]  # a bundle fitted before rule 9
+    assert DnsNames.of(TrustState.from_dict(old)).seen == {}
