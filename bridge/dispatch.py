@@ -49,7 +49,7 @@ import zmq.asyncio
 
 from iotcls import wire
 from iotcls.config import Config
-from iotcls.layout import NO_DOMAINS, MatrixLayout
+from iotcls.layout import NO_NAMES, MatrixLayout
 from iotcls.trust.decision import INCONSISTENT, DeviceConsistency
 from iotcls.trust.dhcp_identity import DhcpIdentity
 from iotcls.trust.dns_names import DnsNames
@@ -83,7 +83,7 @@ class Item:
     labelled: bool  # the device had a recent label when the record arrived
     attempts: int = 0
     identity: str | None = None  # the device's latest DHCP identity as the record arrived
-    domains: frozenset[str] = NO_DOMAINS  # the domains it had asked DNS for by then (rule 9)
+    names: frozenset[str] = NO_NAMES  # the names it had used in (m)DNS by then (rule 9)
     early: bool = False  # an early record: its label changes no device state (see submit)
 
 
@@ -270,7 +270,7 @@ class Dispatcher:
         self.consistency = (consistency or DeviceConsistency()).online(self.b.max_devices)
         # Rule 6 likewise: each device's latest DHCP identity, noted as its records arrive.
         self.identities = (identities or DhcpIdentity()).online(self.b.max_devices)
-        # Rule 9 likewise: the domains each device has asked DNS for.
+        # Rule 9 likewise: the names each device has used in DNS and mDNS.
         self.names = (names or DnsNames()).online(self.b.max_devices)
         # CURVE's ZAP handler belongs to a context: a dispatcher with keys gets its own
         self._own_ctx = ctx is None and keys is not None
@@ -387,9 +387,9 @@ class Dispatcher:
         # this record on, in the scorer, and is checked by rule 6 (trust.dhcp_identity)
         track = bool(self.identities.rule.seen)
         own = self.layout.dhcp_identities(matrices[:, 0]) if track else None
-        # and a DNS query the domains it asks for, which rule 9 checks every later label with
+        # and a (m)DNS record the names it uses, which rule 9 checks every later label with
         track_dns = bool(self.names.rule.seen)
-        asked = self.layout.dns_domains(matrices[:, 0]) if track_dns else None
+        used = self.layout.dns_names(matrices[:, 0]) if track_dns else None
         labelled_first = self.b.shed_policy == "labelled-first"
         shed: dict[str, list[Item]] = {}
         for i in range(n):
@@ -404,8 +404,8 @@ class Dispatcher:
                 item.identity = self.identities.latest(dev)
             if track_dns:
                 if not early:  # as the identity, for the same reason
-                    self.names.note(dev, asked[i])
-                item.domains = self.names.so_far(dev)
+                    self.names.note(dev, used[i])
+                item.names = self.names.so_far(dev)
             self._seq += 1
             (self._q_lab if lab else self._q_new).append(item)
             if self.pending > self.b.queue_records:
@@ -772,7 +772,7 @@ class Dispatcher:
         why = self.identities.rule.reason(it.identity, label) if trusted else "-"
         if why != "-":  # rule 6 (trust.dhcp_identity)
             trusted, reason = False, why
-        why = self.names.rule.reason(it.domains, label) if trusted else "-"
+        why = self.names.rule.reason(it.names, label) if trusted else "-"
         if why != "-":  # rule 9 (trust.dns_names)
             trusted, reason = False, why
         if it.early:
@@ -808,7 +808,7 @@ class Dispatcher:
     ) -> None:
         """A reloaded model's name, classes and (given) trust rules 5, 6 and 9: each
         device's label window starts afresh (its labels were another model's), its DHCP
-        identity and DNS domains are kept. ``classes`` must include those of scorers still running the old model."""
+        identity and (m)DNS names are kept. ``classes`` must include those of scorers still running the old model."""
         self.model_id = model_id
         self.classes = frozenset(classes)
         if consistency is not None:

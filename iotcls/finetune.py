@@ -44,7 +44,7 @@ from .model import IoTCNN, ModelConfig, count_flops, count_parameters
 from .splits import Split, macro_f1
 from .train import ambiguous_identities, cut_history, cut_packets, fit_temperature
 from .trust.dhcp_identity import fit_identities
-from .trust.dns_names import fit_domains
+from .trust.dns_names import fit_names
 from .trust.layer import fit_state
 
 
@@ -282,7 +282,7 @@ def _extend_identities(bundle: ModelBundle, base: ModelBundle, ds: Dataset, y: n
     labels someone gave: an identity learnt from the model's own trusted labels would let
     an unknown device that fooled it once pass rule 6 for ever); then the shared identities
     the bundle refused, and those the grown model mixes up on the labelled records. Rule 9's
-    domains grow the same way, from the labelled records only."""
+    names grow the same way, from the labelled records only."""
     assert bundle.trust is not None
     rows = np.flatnonzero(y >= 0)
     names = np.array(bundle.classes, object)[y[rows]]
@@ -292,12 +292,12 @@ def _extend_identities(bundle: ModelBundle, base: ModelBundle, ds: Dataset, y: n
     ).items():
         ids[ident] = sorted(set(ids.get(ident, [])) | set(cls))
     bundle.trust["dhcp_identities"] = ids
-    domains = {k: list(v) for k, v in base.trust.get("dns_domains", {}).items()}
-    if domains:  # rule 9's map (a base fitted before it has none: the rule stays off)
-        asked = fit_domains(bundle.layout.dns_domains(ds.matrices[rows, 0]), names)
-        for cls, more in asked.items():
-            domains[cls] = sorted(set(domains.get(cls, [])) | set(more))
-        bundle.trust["dns_domains"] = domains
+    names_of = {k: list(v) for k, v in base.trust.get("dns_names", {}).items()}
+    if names_of:  # rule 9's map (a base fitted before it has none: the rule stays off)
+        used = fit_names(bundle.layout.dns_names(ds.matrices[rows, 0]), names)
+        for cls, more in used.items():
+            names_of[cls] = sorted(set(names_of.get(cls, [])) | set(more))
+        bundle.trust["dns_names"] = names_of
     amb = set(base.trust.get("dhcp_ambiguous", []))
     if len(rows):
         amb |= set(
@@ -355,7 +355,7 @@ def _refit_trust(
         fallback=(ds.matrices[tj], yv[tj]),
     )
     state.dhcp_identities = dict(base.trust.get("dhcp_identities", {}))
-    state.dns_domains = dict(base.trust.get("dns_domains", {}))
+    state.dns_names = dict(base.trust.get("dns_names", {}))
     bundle.trust = state.to_dict()
     meta["trust"] = facts
     missing = facts["classes_without_profile"]

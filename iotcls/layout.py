@@ -44,7 +44,7 @@ import yaml
 from numpy.lib.stride_tricks import sliding_window_view
 
 from .dhcp import identity_of, is_dhcp
-from .dns import DNS_PORT, query_name, registered_domain
+from .dns import DNS_PORT, MDNS_PORT, mdns_name, query_domain
 from .flowtable import FlowTable
 from .schema import (
     DEFAULT_PACKETS,
@@ -78,7 +78,7 @@ REMOTE_IP = slice(META_COLUMNS.index("rip0"), META_COLUMNS.index("rip3") + 1)
 # the ports and the UDP flag, where rules 6 and 9 read a row's protocol back
 PORTS = slice(META_COLUMNS.index("rport"), META_COLUMNS.index("dport") + 1)
 UDP = META_COLUMNS.index("udp")
-NO_DOMAINS: frozenset[str] = frozenset()
+NO_NAMES: frozenset[str] = frozenset()
 GROUPS = ("meta", "timing", "sizes", "directions", "payload")
 STREAM_START = -4.0
 STREAM_END = -8.0
@@ -384,17 +384,18 @@ class MatrixLayout:
                     break
         return out
 
-    def dns_domains(self, rows: np.ndarray) -> np.ndarray:
-        """Per encoded row, the registered domains (:mod:`iotcls.dns`) of the names its DNS
-        queries ask for, a frozenset, empty for other flows: what trust rule 9 compares with
-        the label's class. Read back from the row, as :meth:`dhcp_identities`."""
+    def dns_names(self, rows: np.ndarray) -> np.ndarray:
+        """Per encoded row, the names (:mod:`iotcls.dns`) the device used in it, a frozenset,
+        empty for other flows: the registered domains its DNS queries ask for, the names its
+        mDNS messages carry. What trust rule 9 compares with the label's class. Read back
+        from the row, as :meth:`dhcp_identities`."""
         rows = np.asarray(rows)
-        out = np.full(len(rows), NO_DOMAINS, object)
-        for i in self._udp_to(rows, DNS_PORT).tolist():
-            names = (query_name(p) for p in self._sent_payloads(rows[i]))
-            domains = frozenset(d for d in map(registered_domain, filter(None, names)) if d)
-            if domains:
-                out[i] = domains
+        out = np.full(len(rows), NO_NAMES, object)
+        for port, name_of in ((DNS_PORT, query_domain), (MDNS_PORT, mdns_name)):
+            for i in self._udp_to(rows, port).tolist():
+                names = frozenset(filter(None, map(name_of, self._sent_payloads(rows[i]))))
+                if names:
+                    out[i] = names
         return out
 
     def matrices(self, t: FlowTable) -> tuple[np.ndarray, np.ndarray]:

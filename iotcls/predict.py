@@ -194,8 +194,8 @@ class Predictor:
         3. rules 5, 6 and 9 over the device history (:meth:`check_devices`)."""
         identities = self.device_identities(matrices, groups, times)
         pred = self.predict(matrices, identities)
-        domains = self.device_domains(matrices, groups, times)
-        return self.check_devices(pred, groups, times, identities, domains)
+        names = self.device_names(matrices, groups, times)
+        return self.check_devices(pred, groups, times, identities, names)
 
     def predict(
         self, matrices: np.ndarray, identities: Sequence[str | None] | None = None
@@ -216,11 +216,11 @@ class Predictor:
         groups: np.ndarray,
         times: np.ndarray,
         identities: Sequence[str | None] | None = None,
-        domains: Sequence[frozenset[str]] | None = None,
+        names: Sequence[frozenset[str]] | None = None,
     ) -> Predictions:
         """Apply trust rules 5 (``inconsistent_with_device``) and, given the devices'
         ``identities`` (:meth:`device_identities`), 6 (``dhcp_identity_mismatch``) and given
-        their ``domains`` (:meth:`device_domains`), 9 (``dns_names_mismatch``) in place,
+        their ``names`` (:meth:`device_names`), 9 (``dns_names_mismatch``) in place,
         given each label's device (``groups``) and time; for labels whose device history is
         known."""
         apply_device_rules(
@@ -233,7 +233,7 @@ class Predictor:
             identities,
             pred.trusted,
             pred.reason,
-            domains,
+            names,
         )
         return pred
 
@@ -251,14 +251,14 @@ class Predictor:
             return None
         return latest(self.layout.dhcp_identities(np.asarray(matrices)[:, 0]), groups, times)
 
-    def device_domains(
+    def device_names(
         self, matrices: np.ndarray, groups: np.ndarray, times: np.ndarray
     ) -> np.ndarray | None:
-        """Per matrix, the registered domains its device asked DNS for up to it, read from
-        the matrices' own DNS flows (row 0); None when the model has no domain map."""
+        """Per matrix, the names its device used in DNS and mDNS up to it, read from the
+        matrices' own flows (row 0); None when the model has no name map (rule 9)."""
         if not self.dns_map.seen:
             return None
-        return so_far(self.layout.dns_domains(np.asarray(matrices)[:, 0]), groups, times)
+        return so_far(self.layout.dns_names(np.asarray(matrices)[:, 0]), groups, times)
 
     def allowed(self, identities: Sequence[str | None] | None) -> np.ndarray | None:
         """(n, C) the classes each label may take given its device's identity, or None."""

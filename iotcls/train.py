@@ -219,7 +219,7 @@ def needed_identities(
     p = Predictor(bundle)
     pred = p.predict(mats)
     s, t = sessions[keep], np.asarray(times)[keep]
-    p.check_devices(pred, s, t, None, p.device_domains(mats, s, t))  # rules 5 and 9 first
+    p.check_devices(pred, s, t, None, p.device_names(mats, s, t))  # rules 5 and 9 first
     names = np.asarray(bundle.classes, object)[pred.index]
     return fit_needed(
         bundle.trust["dhcp_identities"],
@@ -436,7 +436,7 @@ def fit_trust(
     not learn from, so its mistakes there are like the ones it will make); records its
     figures in ``meta["trust"]``."""
     from .trust.dhcp_identity import fit_identities
-    from .trust.dns_names import fit_domains
+    from .trust.dns_names import fit_names
     from .trust.layer import fit_state
 
     state, meta["trust"] = fit_state(
@@ -453,9 +453,9 @@ def fit_trust(
         layout.dhcp_identities(matrices[known, 0]), data.labels[known]
     )
     meta["trust"]["dhcp_identities"] = len(state.dhcp_identities)
-    # rule 9: the domains each class's devices asked DNS for
-    state.dns_domains = fit_domains(layout.dns_domains(matrices[known, 0]), data.labels[known])
-    meta["trust"]["dns_domains"] = sum(len(v) for v in state.dns_domains.values())
+    # rule 9: the names each class's devices used in DNS and mDNS
+    state.dns_names = fit_names(layout.dns_names(matrices[known, 0]), data.labels[known])
+    meta["trust"]["dns_names"] = sum(len(v) for v in state.dns_names.values())
     log(
         f"trust state: {meta['trust']['references']} reference explanations from "
         f"{meta['trust']['labels']} validation labels ({meta['trust']['seconds']:.1f}s)"

@@ -652,15 +652,15 @@ def test_dns_rule_live_equals_classify():
     layout = base.layout
     t = capture_flows(pcap, DeviceSelector.from_lists([mac])).table
     mats, _ = layout.matrices(t)  # one device: in start order
-    asked = layout.dns_domains(mats[:, 0])
+    asked = layout.dns_names(mats[:, 0])
     first = int(np.flatnonzero([bool(a) for a in asked])[0])
     plugs = ("TP-LinkPlugHS100", "TP-LinkPlugHS110")
     every = sorted(frozenset().union(*asked))  # what the plug asks for, tplinkcloud.com among
     assert "tplinkcloud.com" in every
     for domains in (["example.com"], every):
         bundle = ModelBundle.load(default_model_path())
-        bundle.trust["dns_domains"] = {c: list(domains) for c in plugs}
-        bundle.trust["dns_domains"]["Aria"] = ["fitbit.com"]
+        bundle.trust["dns_names"] = {c: list(domains) for c in plugs}
+        bundle.trust["dns_names"]["Aria"] = ["fitbit.com"]
         ref = Predictor(bundle).label(
             mats, np.zeros(len(mats), int), np.arange(len(mats), dtype=float)
         )
@@ -676,7 +676,7 @@ def test_dns_rule_live_equals_classify():
             layout,
             Predictor(bundle),
             dispatcher={
-                "names": DnsNames({k: frozenset(v) for k, v in bundle.trust["dns_domains"].items()})
+                "names": DnsNames({k: frozenset(v) for k, v in bundle.trust["dns_names"].items()})
             },
         )
         assert [o.label for o in out] == list(ref.label)

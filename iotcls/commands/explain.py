@@ -70,7 +70,7 @@ def explain_device(bundle, cm, top: int = 3) -> dict:
         reason = ["-" if t else "low_confidence" for t in trusted]
         decided_by = f"no trust state in the model: confidence >= {thr:g} only"
     trusted, reason = np.array(trusted, bool), np.array(reason, object)
-    domains = predictor.device_domains(cm.matrices, groups, t.start[rows])
+    names = predictor.device_names(cm.matrices, groups, t.start[rows])
     apply_device_rules(
         layer.state,
         bundle.classes,
@@ -81,7 +81,7 @@ def explain_device(bundle, cm, top: int = 3) -> dict:
         ids,
         trusted,
         reason,
-        domains,
+        names,
     )
     labels = []
     for i in range(n):

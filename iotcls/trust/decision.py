@@ -48,8 +48,8 @@ class's profiles form clusters that one Gaussian would blur.
    an unseen type close to a known one can share; the features say "none of these".
 
 9. ``dns_names_mismatch`` (:mod:`.dns_names`, once the device has asked DNS for a name):
-   none of the registered domains the device asked for was ever asked for by a device of
-   the label's class in training. Unlike DHCP, a device repeats its queries for as long as
+   of a kind of name the device used (DNS registered domains, mDNS names), none was ever
+   used by a device of the label's class in training. Unlike DHCP, a device repeats its queries for as long as
    it runs, so this speaks for devices that joined before the sensor started.
 
 **Refinement**: an untrusted label is reported as ``unknown`` (:data:`UNKNOWN`).
@@ -149,8 +149,8 @@ class TrustState:
     dhcp_identities: dict[str, list[str]] = field(default_factory=dict)
     dhcp_ambiguous: list[str] = field(default_factory=list)  # identities rule 6 refuses
     dhcp_needed: list[str] = field(default_factory=list)  # classes rule 7 holds back
-    # rule 9 (trust.dns_names): class -> registered domains its devices asked for; empty: off
-    dns_domains: dict[str, list[str]] = field(default_factory=dict)
+    # rule 9 (trust.dns_names): class -> names its devices used in (m)DNS; empty: off
+    dns_names: dict[str, list[str]] = field(default_factory=dict)
     # the open-set signal (trust.features): None where the state predates it
     features: FeatureDistance | None = None
 
@@ -179,7 +179,7 @@ class TrustState:
         }
         d["dhcp_ambiguous"] = [str(k) for k in self.dhcp_ambiguous]
         d["dhcp_needed"] = [str(k) for k in self.dhcp_needed]
-        d["dns_domains"] = {str(k): [str(x) for x in v] for k, v in self.dns_domains.items()}
+        d["dns_names"] = {str(k): [str(x) for x in v] for k, v in self.dns_names.items()}
         if self.features is not None:
             d.update(self.features.to_dict())
         return d
@@ -213,8 +213,8 @@ class TrustState:
                 },
                 dhcp_ambiguous=[str(k) for k in d.get("dhcp_ambiguous", [])],
                 dhcp_needed=[str(k) for k in d.get("dhcp_needed", [])],
-                dns_domains={
-                    str(k): [str(x) for x in v] for k, v in dict(d.get("dns_domains", {})).items()
+                dns_names={
+                    str(k): [str(x) for x in v] for k, v in dict(d.get("dns_names", {})).items()
                 },
                 features=FeatureDistance.from_dict(d),
             )
@@ -624,11 +624,11 @@ def apply_device_rules(
     identities: Sequence[str | None] | None,
     trusted: np.ndarray,
     reason: np.ndarray,
-    domains: Sequence[frozenset[str]] | None = None,
+    names: Sequence[frozenset[str]] | None = None,
 ) -> None:
     """Rules 5, 6 and 9, in place, on labels whose device history is known together (one
     capture, a whole evaluation); ``identities``: each label's device's latest DHCP identity
-    (:func:`.dhcp_identity.latest`), for rule 6; ``domains``: the registered domains its
+    (:func:`.dhcp_identity.latest`), for rule 6; ``names``: the names its
     device asked DNS for so far (:func:`.dns_names.so_far`), for rule 9."""
     agrees = DeviceConsistency.of(state).agrees(pred, confidence, groups, times, len(classes))
     apply_device_rule(trusted, reason, agrees)
@@ -640,8 +640,8 @@ def apply_device_rules(
         why = rule6.reasons(labels, identities)
         apply_device_rule(trusted, reason, why == "-", why)
     rule9 = DnsNames.of(state)
-    if rule9.seen and domains is not None:
-        why = rule9.reasons(labels, domains)
+    if rule9.seen and names is not None:
+        why = rule9.reasons(labels, names)
         apply_device_rule(trusted, reason, why == "-", why)
 
 

@@ -72,8 +72,8 @@ def trust_section(predictor, d, out_dir: Path | None = None, name: str = "model"
     pred = predictor.predict(d.matrices, ids)
     cpu = time.process_time() - t0
     label_alone = pred.trusted.copy()  # rules 1-4: what the label and its explanation say
-    domains = predictor.device_domains(d.matrices, groups, d.start)
-    predictor.check_devices(pred, groups, d.start, ids, domains)  # rules 5, 6, 9
+    names = predictor.device_names(d.matrices, groups, d.start)
+    predictor.check_devices(pred, groups, d.start, ids, names)  # rules 5, 6, 9
     logits = predictor.logits(d.matrices)
     raw_conf = _softmax_conf(logits)  # the model alone, T = 1
     probs = predictor.calibrate(logits)  # the model alone, before the DHCP refinement
