@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from .dhcp import client_options, identity_of, is_dhcp
-from .dns import DNS_PORT, query_name
+from .dns import DNS_PORT, MDNS_PORT, first_name, query_name
 from .flowtable import FlowTable, bytes_to_ip
 from .schema import DIR_TO_REMOTE, PROTO_UDP
 from .store import Labels
@@ -57,8 +57,9 @@ COLUMNS = (
     "dhcp_vendor",
     "dhcp_identity",
     "dns_names",
+    "mdns_names",
 )
-MAX_NAMES = 8  # DNS names listed per device, the most frequent first
+MAX_NAMES = 8  # DNS and mDNS names listed per device, the most frequent first
 
 
 class InventoryError(ValueError):
@@ -98,6 +99,7 @@ class _Seen:
     latest: tuple = (-math.inf,)  # (start, label, trusted, confidence, model) of the last label
     dhcp: tuple = (-math.inf, {})  # (start, columns) of the last DHCP client message
     names: Counter = field(default_factory=Counter)
+    announced: Counter = field(default_factory=Counter)  # mDNS names, as the device sent them
 
     def add(self, t: FlowTable, lab: Labels, r: np.ndarray) -> None:
         """Records *r* (by start) of this device, from one segment."""
@@ -121,6 +123,8 @@ class _Seen:
         self._dhcp(t, r)
         dns = r[(t.proto[r] == PROTO_UDP) & (t.remote_port[r] == DNS_PORT)]
         self.names.update(n for n in map(query_name, _sent(t, dns)) if n)
+        mdns = r[(t.proto[r] == PROTO_UDP) & (t.remote_port[r] == MDNS_PORT)]
+        self.announced.update(n for n in map(first_name, _sent(t, mdns)) if n)
 
     def _dhcp(self, t: FlowTable, r: np.ndarray) -> None:
         """The device's latest DHCP client message: host name, vendor class, identity."""
@@ -146,6 +150,7 @@ class _Seen:
             "last_seen": _when(self.last),
             "records": str(self.records),
             "dns_names": " ".join(n for n, _ in self.names.most_common(MAX_NAMES)),
+            "mdns_names": "; ".join(n for n, _ in self.announced.most_common(MAX_NAMES)),
             **self.dhcp[1],
         }
         if self.labels:

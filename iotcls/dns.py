@@ -43,10 +43,10 @@ def query_name(payload: bytes) -> str | None:
     the bytes hold no complete name (a sensor keeps only the first payload bytes)."""
     if len(payload) < 13 or payload[2] & 0x80:  # too short, or a response
         return None
-    return _first_name(payload)
+    return first_name(payload)
 
 
-def _first_name(payload: bytes) -> str | None:
+def first_name(payload: bytes) -> str | None:
     """The name at byte 12 of a DNS message (a query's question, an announcement's first
     answer), lower case; None when the bytes hold no complete, printable one."""
     i, labels = 12, []
@@ -87,7 +87,7 @@ def query_domain(payload: bytes) -> str | None:
 def mdns_name(payload: bytes) -> str | None:
     """The first name of an mDNS message a device sent, with its unit's hex runs blanked
     (module docstring); None for reverse lookups and for bytes that hold no complete name."""
-    name = _first_name(payload) if len(payload) >= 13 else None
+    name = first_name(payload) if len(payload) >= 13 else None
     if not name or name.endswith(".arpa"):
         return None
     name = _UNIT_RUN.sub(lambda m: "0" if any(c.isdigit() for c in m[0]) else m[0], name)

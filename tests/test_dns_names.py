@@ -19,11 +19,7 @@ from iotcls.trust.dns_names import (
     fit_names,
     so_far,
 )
-
-
-def dns_query(name: str, flags: bytes = b"\x01\x00") -> bytes:
-    q = b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\x00\x00\x01\x00\x01"
-    return b"\x12\x34" + flags + b"\x00\x01\x00\x00\x00\x00\x00\x00" + q
+from test_store import dns_query
 
 
 def test_query_names():

@@ -32,13 +32,14 @@ def dhcp_discover(host: bytes, vendor: bytes) -> bytes:
     return head + b"\x63\x82\x53\x63" + opts + bytes([55, 6, 1, 3, 6, 12, 15, 28, 255])
 
 
-def dns_query(name: str) -> bytes:
+def dns_query(name: str, flags: bytes = b"\x01\x00") -> bytes:
     q = b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\x00\x00\x01\x00\x01"
-    return b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00" + q
+    return b"\x12\x34" + flags + b"\x00\x01\x00\x00\x00\x00\x00\x00" + q
 
 
 def special_records() -> list[FlowRecord]:
-    """A DHCP discover and two DNS queries of device 0 (synthetic_records' first MAC)."""
+    """A DHCP discover, two DNS queries and an mDNS announcement of device 0
+    (synthetic_records' first MAC)."""
     mac, ip = "02:00:00:00:00:00", "192.168.0.0"
     base = dict(
         device_mac=mac,
@@ -76,6 +77,17 @@ def special_records() -> list[FlowRecord]:
             )
             for k in range(2)
         ],
+        FlowRecord(
+            **base,
+            device_port=5353,
+            remote_ip="224.0.0.251",
+            remote_port=5353,
+            start=1_699_999_995.0,
+            last=1_699_999_995.0,
+            total_bytes=80,
+            payloads=[dns_query("Smart Plug 1A2B._hs110._tcp.local", flags=b"\x84\x00")],
+            uid="Cmdns",
+        ),
     ]
 
 
@@ -180,7 +192,8 @@ def test_inventory_round_trip_keeps_what_the_operator_wrote(tmp_path):
     assert d0["dhcp_host"] == "HS110(EU)" and d0["dhcp_vendor"] == "udhcp 0.9.9-pre"
     assert d0["dns_names"] == "devs.tplinkcloud.com" and d0["label"] == ""
     assert d0["current_label"] == "TP-LinkPlugHS110" and d0["trusted"] == "T"
-    assert d0["addresses"] == "192.168.0.0" and d0["records"] == str(3 + 40)
+    assert d0["mdns_names"] == "smart plug 1a2b._hs110._tcp.local"
+    assert d0["addresses"] == "192.168.0.0" and d0["records"] == str(4 + 40)
     assert d0["first_seen"] == "2023-11-14T22:13:10Z"
     # the shipped model learnt this identity from the TP-Link HS110: a suggestion
     assert d0["suggested"] == "TP-LinkPlugHS110" and "DHCP identity" in d0["suggested_by"]
