@@ -9,7 +9,9 @@ CAPTURES: the training set (IoT Sentinel layout) or a dataset file from ``iotcls
 "DHCP removed" drops every DHCP record and rebuilds the other records' histories
 (:func:`iotcls.trust.shift.without_dhcp`): a device that joined before the sensor started.
 "remotes moved" gives each matrix's public remote addresses new ones (servers elsewhere, as
-on another network or years later).
+on another network or years later); "timing x4" makes every gap between a flow's packets four
+times as long (servers farther away, a slower network: harsher than a longer round trip,
+which stretches only the gaps that wait for an answer).
 Figures are those of ``iotcls evaluate``: per-sequence and per-device macro-F1 of the labels
 ``classify`` writes (DHCP identity refinement where there is one), and the trust gate's
 coverage and high-confidence (>= 0.9) errors among trusted labels.
@@ -32,7 +34,7 @@ from iotcls.bundle import ModelBundle  # noqa: E402
 from iotcls.dataset import Dataset  # noqa: E402
 from iotcls.evaluate import evaluate_report  # noqa: E402
 from iotcls.splits import Split  # noqa: E402
-from iotcls.trust.shift import without_dhcp  # noqa: E402
+from iotcls.trust.shift import stretched_timing, without_dhcp  # noqa: E402
 
 
 def load(path: str) -> Dataset:
@@ -61,8 +63,8 @@ def remotes_moved(ds: Dataset, seed: int = 0) -> Dataset:
 
 
 def held_out(bundle: ModelBundle, ds: Dataset) -> dict:
-    """Figures with DHCP, with DHCP removed, and with the remote addresses moved, on the
-    bundle's held-out captures."""
+    """Figures with DHCP, with DHCP removed, with the remote addresses moved and with the
+    timing stretched, on the bundle's held-out captures."""
     split = Split(**bundle.metadata["split"])
     test = np.flatnonzero(split.part_of(ds.captures.astype(object)) == 2)
     base = ds.take(test)
@@ -71,6 +73,7 @@ def held_out(bundle: ModelBundle, ds: Dataset) -> dict:
         ("with_dhcp", base),
         ("dhcp_removed", without_dhcp(base)),
         ("remotes_moved", remotes_moved(base)),
+        ("timing_x4", replace(base, matrices=stretched_timing(base.matrices, base.layout, 4))),
     ):
         r = evaluate_report(bundle, d, None, use_all=True)
         ident = r.get("dhcp_identity") or {

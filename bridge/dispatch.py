@@ -808,7 +808,8 @@ class Dispatcher:
     ) -> None:
         """A reloaded model's name, classes and (given) trust rules 5, 6 and 9: each
         device's label window starts afresh (its labels were another model's), its DHCP
-        identity and (m)DNS names are kept. ``classes`` must include those of scorers still running the old model."""
+        identity and (m)DNS names are kept. ``classes`` must include those of scorers
+        still running the old model."""
         self.model_id = model_id
         self.classes = frozenset(classes)
         if consistency is not None:

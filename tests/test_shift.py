@@ -126,3 +126,25 @@ def test_feature_distance_flags_features_far_from_their_class():
     fd = fit_features(model, x[few], y[few], x[300:], y[300:], 2, quantile=0.99)
     assert np.isinf(fd.threshold[1].item()) and np.isfinite(fd.threshold[0].item())
     assert not fd.atypical(far * np.array([-1, 1, 1, 1]), np.array([1])).any()
+
+
+def test_stretched_timing_equals_encoding_the_stretched_offsets():
+    """A slower network, simulated on encoded matrices, is what the layout would have
+    encoded from records whose packets came ``factor`` times as far apart, every other
+    column untouched."""
+    from dataclasses import replace
+
+    from iotcls.flows import DeviceSelector, capture_flows
+    from iotcls.testing.shared import require, sentinel_dir
+    from iotcls.trust.shift import stretched_timing
+
+    pcap = require(sentinel_dir()) / "HueBridge" / "Setup-A-1-STA.pcap"
+    mac = (pcap.parent / "_iotdevice-mac.txt").read_text().strip()
+    t = capture_flows(pcap, DeviceSelector.from_lists([mac])).table
+    layout = MatrixLayout()
+    rows = layout.encode_rows(t)
+    for factor in (0.5, 4.0, 400.0):  # 400: gaps beyond the window, as the encoding has them
+        want = layout.encode_rows(replace(t, offsets=t.offsets * factor))
+        got = stretched_timing(rows, layout, factor)
+        np.testing.assert_allclose(got, want, atol=2e-6)
+    assert (got != rows).any()

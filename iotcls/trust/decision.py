@@ -47,10 +47,11 @@ class's profiles form clusters that one Gaussian would blur.
    than its class's correct validation labels go. Rules 3-4 compare *explanations*, which
    an unseen type close to a known one can share; the features say "none of these".
 
-9. ``dns_names_mismatch`` (:mod:`.dns_names`, once the device has asked DNS for a name):
-   of a kind of name the device used (DNS registered domains, mDNS names), none was ever
-   used by a device of the label's class in training. Unlike DHCP, a device repeats its queries for as long as
-   it runs, so this speaks for devices that joined before the sensor started.
+9. ``dns_names_mismatch`` (:mod:`.dns_names`, once the device has used a name in DNS or
+   mDNS): of a kind of name the device used (DNS registered domains, mDNS names), none was
+   ever used by a device of the label's class in training. Unlike DHCP, a device repeats
+   its queries and announcements for as long as it runs, so this speaks for devices that
+   joined before the sensor started.
 
 **Refinement**: an untrusted label is reported as ``unknown`` (:data:`UNKNOWN`).
 **Device vote** (:func:`device_vote`): among one device's labels, if fewer than

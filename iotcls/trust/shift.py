@@ -1,10 +1,12 @@
 """Distribution shift on a dataset: the captures as a sensor sees them when a device's DHCP
-exchange is not in them (a device that joined before the sensor started).
+exchange is not in them (a device that joined before the sensor started), or when the
+network is slower.
 
 :func:`without_dhcp` removes every DHCP record (DHCPv4 and DHCPv6) and rebuilds each
 remaining record's history from the device's other records, exactly as the sensor would
 have assembled it without those packets. :func:`dhcp_rows` tells, per matrix row, which
 rows are DHCP flows (read back from the encoded row), for training's DHCP dropout.
+:func:`stretched_timing` makes every gap between a flow's packets longer.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..dhcp import DHCP_PORTS
+from ..layout import PORTS, UDP
 
 DHCP6_PORTS = (546, 547)
 
@@ -19,8 +22,8 @@ DHCP6_PORTS = (546, 547)
 def dhcp_rows(x: np.ndarray) -> np.ndarray:
     """(..., W) encoded rows -> (...) bool: the row is a DHCPv4 or DHCPv6 flow."""
     x = np.asarray(x)
-    udp = x[..., 9] > 0
-    ports = np.rint(x[..., 6:8] * 65535.0)
+    udp = x[..., UDP] > 0
+    ports = np.rint(x[..., PORTS] * 65535.0)
     hit = np.zeros(x.shape[:-1], bool)
     for p in (*DHCP_PORTS, *DHCP6_PORTS):
         hit |= (ports == p).any(axis=-1)
@@ -52,4 +55,18 @@ def without_dhcp(ds):
     keep, mats = remove_dhcp(ds.matrices, keys, ds.timestamps, ds.layout)
     out = ds.take(keep)
     out.matrices = mats
+    return out
+
+
+def stretched_timing(matrices: np.ndarray, layout, factor: float) -> np.ndarray:
+    """``matrices`` with every packet's time offset ``factor`` times as large (servers
+    farther away, a slower network), re-encoded as
+    :meth:`iotcls.layout.MatrixLayout.encode_rows` encodes offsets. Offsets stretched past
+    the window stay in the flow (a sensor would have split it): harsher than real."""
+    cols = layout.group_slices()["timing"]
+    scale = np.log1p(layout.window_s * 1000.0)
+    v = np.asarray(matrices)[..., cols].astype(np.float64)
+    ms = np.expm1(v * scale) * factor
+    out = np.array(matrices, np.float32, copy=True)
+    out[..., cols] = np.where(v > 0, np.log1p(ms) / scale, 0.0)
     return out
