@@ -21,7 +21,7 @@ from conftest import free_port
 from iotcls import cli
 from iotcls.bridge import records as rc
 from iotcls.commands import zeek_install
-from iotcls.logschema import FIELDS
+from iotcls.logschema import FIELD_NAMES, FIELDS
 from iotcls.schema import FlowRecord
 from iotcls.testing.fake_zeek import zeek_events, zeek_records
 from iotcls.testing.shared import require, sentinel_capture
@@ -600,11 +600,11 @@ def test_zeek_drain_times_out_on_a_silent_bridge(tmp_path, sample):
     assert seen.count(rc.FLOW_EVENT) == 288
 
 
-@needs_zeek
-def test_zeek_and_iotcls_serve_log_what_classify_writes(tmp_path, sample):
-    """The deployment: ``iotcls serve`` (the bundled model, every label logged) and
-    ``zeek -r sample.pcap iotcls``; Zeek's iot_class.log has the labels ``iotcls classify
-    --devices`` writes for the same capture (the offline hold and drain: same matrices)."""
+def _zeek_serve_and_classify(tmp_path: Path, sample, model: str = "") -> tuple[Path, Path]:
+    """``iotcls serve`` (``model``, else the bundled one; every label logged) beside ``zeek
+    -r sample.pcap iotcls``, and ``iotcls classify --devices`` with the same model: the two
+    directories their iot_class.log went to, checked to hold the same 288 labels (label,
+    trust, reason, confidence)."""
     ws_port, zmq_port = free_port(), free_port()
     cfg = tmp_path / "serve.yaml"
     cfg.write_text(
@@ -615,7 +615,7 @@ def test_zeek_and_iotcls_serve_log_what_classify_writes(tmp_path, sample):
                     "reconnect_max_s": 0.5,
                 },
                 "bridge": {"bind": [f"tcp://127.0.0.1:{zmq_port}"]},
-                "scorers": {"count": 1, "device": "cpu"},
+                "scorers": {"count": 1, "device": "cpu", "model": model},
                 "log": {"policy": "all"},
             }
         )
@@ -652,18 +652,14 @@ def test_zeek_and_iotcls_serve_log_what_classify_writes(tmp_path, sample):
     assert next(h for h in head if h.startswith("#fields")).split("\t")[1:] == [
         name for name, _ in FIELDS
     ]
-    assert (
-        cli.main(
-            ["classify", str(sample.pcap), "--devices", ",".join(sample.macs), "-o", str(cdir)]
-        )
-        == 0
-    )
+    argv = ["classify", str(sample.pcap), "--devices", ",".join(sample.macs), "-o", str(cdir)]
+    assert cli.main(argv + (["--model", model] if model else [])) == 0
     col = {name: i for i, (name, _) in enumerate(FIELDS)}
 
     def labels(rows):
-        """Per device, window start and flow count: label, trust and confidence (Zeek
-        prints doubles its own way, so ts and confidence are compared as numbers)."""
-        pick = ("device_mac", "device_ip", "n_flows", "label", "trusted", "strategy")
+        """Per device, window start and flow count: label, trust, reason and confidence
+        (Zeek prints doubles its own way, so ts and confidence are compared as numbers)."""
+        pick = ("device_mac", "device_ip", "n_flows", "label", "trusted", "reason", "strategy")
         return sorted(
             (
                 tuple(r[col[c]] for c in pick[:2]),
@@ -679,6 +675,15 @@ def test_zeek_and_iotcls_serve_log_what_classify_writes(tmp_path, sample):
     assert len(z) == len(c) == 288
     assert [(a, b) for a, _, b, _, _ in z] == [(a, b) for a, _, b, _, _ in c]
     assert np.allclose([x[3:] for x in z], [x[3:] for x in c], rtol=0, atol=2e-6)
+    return zdir, cdir
+
+
+@needs_zeek
+def test_zeek_and_iotcls_serve_log_what_classify_writes(tmp_path, sample):
+    """The deployment: ``iotcls serve`` (the bundled model, every label logged) and
+    ``zeek -r sample.pcap iotcls``; Zeek's iot_class.log has the labels ``iotcls classify
+    --devices`` writes for the same capture (the offline hold and drain: same matrices)."""
+    zdir, _ = _zeek_serve_and_classify(tmp_path, sample)
 
     # the notices and the device log: one New_Device and one iot_devices.log line per device
     notices = _json_or_ascii(zdir / "notice.log")
@@ -689,6 +694,23 @@ def test_zeek_and_iotcls_serve_log_what_classify_writes(tmp_path, sample):
     assert all(d["change"] == "new" for d in devices)
     right = sum(d["label"] == sample.devices[d["device"]] and d["trusted"] == "T" for d in devices)
     assert right >= 6, devices
+
+
+@needs_zeek
+def test_rule_9_reads_the_names_zeek_delivers_as_classify_reads_them(tmp_path, sample):
+    """Trust rule 9 live: with a model whose classes are declared to have used other names
+    than the sample's devices use, the labels after a device's first DNS or mDNS message
+    fail rule 9 in Zeek's log exactly as in classify's: the names reach the bridge intact
+    through Zeek's capture of the first payload bytes."""
+    from iotcls.bundle import ModelBundle, default_model_path
+    from iotcls.trust.dns_names import DNS_MISMATCH
+
+    b = ModelBundle.load(default_model_path())
+    b.trust["dns_names"] = {c: ["example.com", "example.local"] for c in b.classes}
+    model = str(b.save(tmp_path / "names.pt"))
+    zdir, _ = _zeek_serve_and_classify(tmp_path, sample, model)
+    reasons = [r[FIELD_NAMES.index("reason")] for r in _log_rows(zdir / "iot_class.log")]
+    assert reasons.count(DNS_MISMATCH) >= 20, reasons
 
 
 def _json_or_ascii(path: Path) -> list[dict]:
