@@ -17,10 +17,9 @@ On the local link a device announces itself in multicast DNS (UDP 5353): its hos
 (``DCS-930LB1_1C7185.local``, ``Lightify-017b5f6b.local``) and services
 (``Philips hue - 2476FF._hap._tcp.local``, ``_dhnap._tcp.local``), again and again. The first
 name of each mDNS message it sends (question or answer, at byte 12) is kept, lower case,
-with every MAC address and every run of four or more hex digits that holds a digit
-replaced by ``0``
-(``dcs-930lb1_0.local``): as in DHCP host names (:mod:`iotcls.dhcp`), that run names the unit,
-the rest its type. Reverse lookups (``.arpa``) name the network, not the device, and are
+with every MAC address and every run of four or more hex digits that holds a digit replaced
+by ``0`` (``dcs-930lb1_0.local``): as in DHCP host names (:mod:`iotcls.dhcp`), that run
+names the unit, the rest its type. Reverse lookups (``.arpa``) name the network, not the device, and are
 left out. mDNS names keep their ``.local`` ending, which no registered domain has, so the two
 kinds stay apart (:func:`is_mdns_name`).
 """

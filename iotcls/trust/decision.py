@@ -630,7 +630,7 @@ def apply_device_rules(
     """Rules 5, 6 and 9, in place, on labels whose device history is known together (one
     capture, a whole evaluation); ``identities``: each label's device's latest DHCP identity
     (:func:`.dhcp_identity.latest`), for rule 6; ``names``: the names its
-    device asked DNS for so far (:func:`.dns_names.so_far`), for rule 9."""
+    device used in DNS and mDNS so far (:func:`.dns_names.so_far`), for rule 9."""
     agrees = DeviceConsistency.of(state).agrees(pred, confidence, groups, times, len(classes))
     apply_device_rule(trusted, reason, agrees)
     if not len(pred):
