@@ -13,9 +13,10 @@ import pytest
 
 from iotcls.bundle import ModelBundle
 from iotcls.finetune import session_split
+from iotcls.schema import PROTO_UDP, FlowRecord
 from iotcls.store import read_stores, segment_paths
-from iotcls.testing.synth import synthetic_records
-from test_store import record
+from iotcls.testing.synth import device_ip, device_mac, synthetic_records
+from test_store import dns_query, record
 
 
 def iotcls(*args: str) -> subprocess.CompletedProcess:
@@ -26,9 +27,30 @@ def iotcls(*args: str) -> subprocess.CompletedProcess:
 
 def labelled_store(tmp_path):
     """8 devices the default model labelled (devices 0-3 trusted as WeMoSwitch), listed by
-    iotcls inventory; the operator labels device 5 Thermostat, a type the model lacks."""
+    iotcls inventory; the operator labels device 5 Thermostat, a type the model lacks. Device
+    5 also asks DNS for its maker's cloud (``frontdoor.nest.com``)."""
     store = tmp_path / "store"
     recs = synthetic_records(640, devices=8, seed=4)
+    recs.append(
+        FlowRecord(
+            device_mac=device_mac(5),
+            device_ip=device_ip(5),
+            device_port=40000,
+            remote_ip="192.168.0.1",
+            remote_port=53,
+            proto=PROTO_UDP,
+            start=recs[-1].start + 1.0,
+            last=recs[-1].start + 1.0,
+            total_bytes=60,
+            total_packets=1,
+            offsets=[0.0],
+            sizes=[60],
+            directions=[1],
+            payloads=[dns_query("frontdoor.nest.com")],
+            uid="Cnest",
+            device_is_orig=True,
+        )
+    )
     record(store, recs, labels=lambda r: ("WeMoSwitch", int(r.device_mac[-1]) < 4))
     csv_path = tmp_path / "devices.csv"
     assert iotcls("inventory", store, "-o", csv_path).returncode == 0
@@ -69,9 +91,11 @@ def test_finetune_from_the_default_model_adds_a_type_and_says_where_its_data_cam
     assert m["finetuned_from"]["sha256"] == base.sha256 and m["classes_added"] == ["Thermostat"]
     assert m["data"]["labels_file"]["path"] == str(devices.resolve())
     assert m["data"]["stores"][0]["segments"] == [p.name for p in segment_paths(store)]
-    assert m["data"]["class_counts"] == {"Thermostat": 80} and m["data"]["records"] == 640
+    assert m["data"]["class_counts"] == {"Thermostat": 81} and m["data"]["records"] == 641
     assert b.trust is not None and b.trust["classes"] == b.classes  # refitted for 28 classes
     assert b.trust.get("dhcp_needed", []) == base.trust.get("dhcp_needed", [])  # rule 7 kept
+    # rule 9's map: the base's, and the names of the records the operator labelled
+    assert b.trust["dns_names"] == {**base.trust["dns_names"], "Thermostat": ["nest.com"]}
     assert b.trust["fitted_on"] == "fine-tuning sessions"
     # the base model's split is kept (evaluate keeps scoring its held-out captures)
     assert set(base.metadata["split"]["test"]) <= set(m["split"]["test"])
