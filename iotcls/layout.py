@@ -348,15 +348,15 @@ class MatrixLayout:
             mats[other, j] = 0.0
         return mats, order
 
-    def _sent_payloads(self, row: np.ndarray) -> list[bytes]:
-        """The payload bytes of the packets the device sent in an encoded row, in order, as
-        the row holds them (packet mode: up to ``payload_bytes`` each, zero-padded)."""
+    def _sent_payloads(self, rows: np.ndarray, idx: np.ndarray) -> list[list[bytes]]:
+        """Per row ``idx`` of the encoded ``rows``, the payload bytes of the packets the device
+        sent, in order, as the row holds them (packet mode: ``payload_bytes`` each,
+        zero-padded). Decoded for all the rows at once: the bridge calls this per batch."""
         g, p, b = self.group_slices(), self.packets, self.payload_bytes
-        pay = row[g["payload"]].reshape(p, b)
-        return [
-            (np.rint(pay[j] * 256.0) - 1.0).clip(0, 255).astype(np.uint8).tobytes()
-            for j in np.flatnonzero(row[g["directions"]] > 0).tolist()
-        ]
+        pay = rows[idx][:, g["payload"]].reshape(len(idx), p, b)
+        raw = (np.rint(pay * 256.0) - 1.0).clip(0, 255).astype(np.uint8)
+        sent = rows[idx][:, g["directions"]] > 0
+        return [[raw[k, j].tobytes() for j in np.flatnonzero(sent[k])] for k in range(len(idx))]
 
     def _udp_to(self, rows: np.ndarray, port: int) -> np.ndarray:
         """Indices of the encoded UDP rows whose remote port is ``port`` (packet mode only:
@@ -377,8 +377,9 @@ class MatrixLayout:
             return out
         ports = np.rint(rows[:, PORTS] * 65535.0)  # rport, dport
         dhcp = is_dhcp(np.where(rows[:, UDP] > 0, PROTO_UDP, 0), ports[:, 0], ports[:, 1])
-        for i in np.flatnonzero(dhcp).tolist():
-            for view in self._sent_payloads(rows[i]):
+        idx = np.flatnonzero(dhcp)
+        for i, views in zip(idx.tolist(), self._sent_payloads(rows, idx)):
+            for view in views:
                 out[i] = identity_of(view)
                 if out[i] is not None:
                     break
@@ -392,8 +393,9 @@ class MatrixLayout:
         rows = np.asarray(rows)
         out = np.full(len(rows), NO_NAMES, object)
         for port, name_of in ((DNS_PORT, query_domain), (MDNS_PORT, mdns_name)):
-            for i in self._udp_to(rows, port).tolist():
-                names = frozenset(filter(None, map(name_of, self._sent_payloads(rows[i]))))
+            idx = self._udp_to(rows, port)
+            for i, sent in zip(idx.tolist(), self._sent_payloads(rows, idx)):
+                names = frozenset(filter(None, map(name_of, sent)))
                 if names:
                     out[i] = names
         return out
