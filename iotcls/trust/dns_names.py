@@ -32,7 +32,7 @@ from ..dns import is_mdns_name
 from ..layout import NO_NAMES
 
 DNS_MISMATCH = "dns_names_mismatch"  # rule 9: no domain of the device's was seen with the class
-MAX_NAMES = 256  # per device: a device resolving random names cannot grow the state further
+MAX_NAMES = 64  # per device: one resolving random names cannot grow the state further
 
 __all__ = ["DNS_MISMATCH", "DnsNames", "DnsNamesTracker", "fit_names", "so_far"]
 
