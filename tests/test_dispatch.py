@@ -23,7 +23,7 @@ from iotcls.config import Config
 from iotcls.layout import MatrixLayout
 from iotcls.predict import Predictor
 from iotcls.scorer.service import Scorer, ScorerSettings
-from iotcls.testing.shared import require, sentinel_dir
+from iotcls.testing.shared import sentinel_device_table
 from tiny_model import tiny_bundle
 
 LAYOUT = MatrixLayout(history=2, packets=4, payload_bytes=4)
@@ -574,6 +574,16 @@ def test_logged_mode_does_not_reexplain_a_refused_label(trust_model_path, tmp_pa
     assert s.stats.explained == 1
 
 
+def plug_matrices() -> tuple[MatrixLayout, np.ndarray]:
+    """The default model's layout and the matrices of a real TP-Link HS110 setup capture
+    (one device: in start order)."""
+    from iotcls.bundle import default_model_path
+
+    layout = ModelBundle.load(default_model_path()).layout
+    mats, _ = layout.matrices(sentinel_device_table("TP-LinkPlugHS110", "Setup-A-1-STA"))
+    return layout, mats
+
+
 def test_dhcp_identity_live_equals_classify():
     """The DHCP identity refinement and trust rule 6 in serve: a real capture's records, one
     at a time through a real dispatcher and a real scorer with the default model, come back
@@ -583,19 +593,10 @@ def test_dhcp_identity_live_equals_classify():
     declared shared by both plugs and ambiguous: they fail as ambiguous."""
 
     from iotcls.bundle import default_model_path
-    from iotcls.flows import DeviceSelector, capture_flows
     from iotcls.trust.decision import DHCP_AMBIGUOUS, DHCP_MISMATCH
     from iotcls.trust.dhcp_identity import DhcpIdentity
 
-    data = require(sentinel_dir())
-    pcap = data / "TP-LinkPlugHS110" / "Setup-A-1-STA.pcap"
-    if not pcap.exists():
-        pytest.skip(f"IoT Sentinel data not found at {pcap}")
-    mac = (pcap.parent / "_iotdevice-mac.txt").read_text().strip()
-    base = ModelBundle.load(default_model_path())
-    layout = base.layout
-    t = capture_flows(pcap, DeviceSelector.from_lists([mac])).table
-    mats, _ = layout.matrices(t)  # one device: in start order
+    layout, mats = plug_matrices()
     ident = next(x for x in layout.dhcp_identities(mats[:, 0]) if x is not None)
     assert "HS110(EU)" in ident
     first = int(np.flatnonzero(layout.dhcp_identities(mats[:, 0]) != None)[0])  # noqa: E711
@@ -641,17 +642,9 @@ def test_dns_rule_live_equals_classify():
     rule 9 from its first DNS query on; with the domains it asks for, only its labels of
     other types do."""
     from iotcls.bundle import default_model_path
-    from iotcls.flows import DeviceSelector, capture_flows
     from iotcls.trust.dns_names import DNS_MISMATCH, DnsNames
 
-    pcap = require(sentinel_dir()) / "TP-LinkPlugHS110" / "Setup-A-1-STA.pcap"
-    if not pcap.exists():
-        pytest.skip(f"IoT Sentinel data not found at {pcap}")
-    mac = (pcap.parent / "_iotdevice-mac.txt").read_text().strip()
-    base = ModelBundle.load(default_model_path())
-    layout = base.layout
-    t = capture_flows(pcap, DeviceSelector.from_lists([mac])).table
-    mats, _ = layout.matrices(t)  # one device: in start order
+    layout, mats = plug_matrices()
     asked = layout.dns_names(mats[:, 0])
     first = int(np.flatnonzero([bool(a) for a in asked])[0])
     plugs = ("TP-LinkPlugHS100", "TP-LinkPlugHS110")

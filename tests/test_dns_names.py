@@ -11,7 +11,7 @@ import torch
 
 from iotcls.dns import is_mdns_name, mdns_name, query_name, registered_domain
 from iotcls.layout import MatrixLayout
-from iotcls.testing.shared import require, sentinel_dir
+from iotcls.testing.shared import sentinel_device_table
 from iotcls.trust.dns_names import (
     DNS_MISMATCH,
     MAX_NAMES,
@@ -71,13 +71,8 @@ def test_the_layout_reads_the_domains_back_from_a_real_capture():
     """The rows of a real TP-Link plug setup hold its queries; the domains read back from
     them are the registered domains of the names the inventory reads from the records."""
     from iotcls.device_inventory import _sent
-    from iotcls.flows import DeviceSelector, capture_flows
 
-    pcap = require(sentinel_dir()) / "TP-LinkPlugHS110" / "Setup-A-1-STA.pcap"
-    if not pcap.exists():
-        pytest.skip(f"IoT Sentinel data not found at {pcap}")
-    mac = (pcap.parent / "_iotdevice-mac.txt").read_text().strip()
-    t = capture_flows(pcap, DeviceSelector.from_lists([mac])).table
+    t = sentinel_device_table("TP-LinkPlugHS110", "Setup-A-1-STA")
     layout = MatrixLayout()
     mats, order = layout.matrices(t)
     rows = layout.dns_names(mats[:, 0])

@@ -134,13 +134,10 @@ def test_stretched_timing_equals_encoding_the_stretched_offsets():
     column untouched."""
     from dataclasses import replace
 
-    from iotcls.flows import DeviceSelector, capture_flows
-    from iotcls.testing.shared import require, sentinel_dir
+    from iotcls.testing.shared import sentinel_device_table
     from iotcls.trust.shift import stretched_timing
 
-    pcap = require(sentinel_dir()) / "HueBridge" / "Setup-A-1-STA.pcap"
-    mac = (pcap.parent / "_iotdevice-mac.txt").read_text().strip()
-    t = capture_flows(pcap, DeviceSelector.from_lists([mac])).table
+    t = sentinel_device_table("HueBridge", "Setup-A-1-STA")
     layout = MatrixLayout()
     rows = layout.encode_rows(t)
     for factor in (0.5, 4.0, 400.0):  # 400: gaps beyond the window, as the encoding has them

@@ -55,6 +55,16 @@ def sentinel_capture(device: str, capture: str) -> Path:
     return sentinel_dir() / device / f"{capture}.pcap"
 
 
+def sentinel_device_table(device: str, capture: str):
+    """The flow records (a :class:`iotcls.flowtable.FlowTable`) of the labelled device in
+    one IoT Sentinel capture, by the MAC beside it; the caller is skipped without the data."""
+    from iotcls.flows import DeviceSelector, capture_flows
+
+    pcap = require(sentinel_capture(device, capture))
+    mac = (pcap.parent / "_iotdevice-mac.txt").read_text().strip()
+    return capture_flows(pcap, DeviceSelector.from_lists([mac])).table
+
+
 def missing(path: Path) -> str | None:
     """The skip reason when ``path`` is absent, else None."""
     if path.exists():
