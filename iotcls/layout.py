@@ -75,7 +75,8 @@ META_COLUMNS = (
 # the remote IP's four octet columns: the layout writes them, the model reads them as byte
 # symbols, training moves them (iotcls.train.move_remotes)
 REMOTE_IP = slice(META_COLUMNS.index("rip0"), META_COLUMNS.index("rip3") + 1)
-# the ports and the UDP flag, where rules 6 and 9 read a row's protocol back
+# the ports and the UDP flag: the model reads the ports as byte symbols; DHCP dropout and
+# rules 6 and 9 read a row's protocol back from them
 PORTS = slice(META_COLUMNS.index("rport"), META_COLUMNS.index("dport") + 1)
 UDP = META_COLUMNS.index("udp")
 NO_NAMES: frozenset[str] = frozenset()

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layout import META_COLUMNS, REMOTE_IP, MatrixLayout
+from .layout import META_COLUMNS, PORTS, REMOTE_IP, MatrixLayout
 
 N_META = len(META_COLUMNS)
 PACKET_SYMBOLS = 257  # packet mode: 0 = no byte, b + 1 for byte b
@@ -97,7 +97,7 @@ def meta_symbols(meta: torch.Tensor) -> torch.Tensor:
     services (zeroed private addresses become the symbols 0.0.0.0).
     """
     octets = torch.round(meta[:, REMOTE_IP] * 255.0)
-    ports = torch.round(meta[:, 6:8] * 65535.0)
+    ports = torch.round(meta[:, PORTS] * 65535.0)
     hi = torch.div(ports, 256, rounding_mode="floor")
     return torch.cat([octets, hi, ports - hi * 256], dim=1).long().clamp_(0, 255)
 
