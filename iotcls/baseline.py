@@ -48,8 +48,7 @@ def flow_features(matrices: np.ndarray, layout: MatrixLayout) -> np.ndarray:
     g = layout.group_slices()
     present = row[:, g["directions"]] != 0
     sizes = row[:, g["sizes"]] * 1500.0
-    window_ms = layout.window_s * 1000.0
-    offs = np.expm1(row[:, g["timing"]] * np.log1p(window_ms))
+    offs = layout.offset_ms(row[:, g["timing"]])
     up = row[:, g["directions"]] > 0
     n = present.sum(1)
     cnt = np.maximum(n, 1)

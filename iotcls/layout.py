@@ -210,6 +210,15 @@ class MatrixLayout:
             raise LayoutError(f"layout mismatch between model and {what}: {diff}")
 
     # -- columns -----------------------------------------------------------------------
+    def timing_value(self, offsets_ms: np.ndarray) -> np.ndarray:
+        """A packet's time offset (ms) as its ``timing`` column holds it: a log scale on
+        which the window's end is 1."""
+        return np.log1p(offsets_ms) / np.log1p(self.window_s * 1000.0)
+
+    def offset_ms(self, timing: np.ndarray) -> np.ndarray:
+        """The inverse of :meth:`timing_value`: a ``timing`` column back in milliseconds."""
+        return np.expm1(timing * np.log1p(self.window_s * 1000.0))
+
     @property
     def rows(self) -> int:
         return self.history + 1
@@ -292,7 +301,7 @@ class MatrixLayout:
         g = self.group_slices()
         present = np.arange(p)[None, :] < t.n_pkts[:, None]
         offs_ms = np.clip(t.offsets[:, :p] * 1000.0, 0.0, None)
-        out[:, g["timing"]] = np.log1p(offs_ms) / np.log1p(self.window_s * 1000.0) * present
+        out[:, g["timing"]] = self.timing_value(offs_ms) * present
         out[:, g["sizes"]] = t.sizes[:, :p] / 1500.0 * present
         out[:, g["directions"]] = np.where(present, np.where(t.directions[:, :p] == 1, 1, -1), 0)
         payload = blank_unit_identity(t)

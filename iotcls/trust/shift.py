@@ -64,9 +64,7 @@ def stretched_timing(matrices: np.ndarray, layout, factor: float) -> np.ndarray:
     :meth:`iotcls.layout.MatrixLayout.encode_rows` encodes offsets. Offsets stretched past
     the window stay in the flow (a sensor would have split it): harsher than real."""
     cols = layout.group_slices()["timing"]
-    scale = np.log1p(layout.window_s * 1000.0)
     v = np.asarray(matrices)[..., cols].astype(np.float64)
-    ms = np.expm1(v * scale) * factor
     out = np.array(matrices, np.float32, copy=True)
-    out[..., cols] = np.where(v > 0, np.log1p(ms) / scale, 0.0)
+    out[..., cols] = np.where(v > 0, layout.timing_value(layout.offset_ms(v) * factor), 0.0)
     return out
